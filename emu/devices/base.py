@@ -49,8 +49,12 @@ class VirtioDevice:
     name: str = "device"
     queue_max_size: int = 256
 
-    def __init__(self, num_queues: int, device_features: int = 0) -> None:
+    def __init__(
+        self, num_queues: int, device_features: int = 0, queue_max_size: int | None = None
+    ) -> None:
         self.features = RING_FEATURES | device_features
+        if queue_max_size is not None:
+            self.queue_max_size = queue_max_size
         self.queues = [Virtqueue(i, self.queue_max_size) for i in range(num_queues)]
         self.driver_features = 0
         self.mem: GuestMemory | None = None
