@@ -12,6 +12,7 @@ COMMANDS = {
     "demo": "demo",
     "serve": "serve",
     "guest": "guest",
+    "state": "state",
 }
 
 
