@@ -30,7 +30,9 @@ def ring_module(impl: str | None = None) -> Any:
         return pyring
     if impl == "cython":
         if _cring is None:
-            raise RuntimeError("emu._ring is not built; run `pip install -e .` or set EMU_RING=python")
+            raise RuntimeError(
+                "emu._ring is not built; run `pip install -e .` or set EMU_RING=python"
+            )
         return _cring
     raise ValueError(f"unknown ring implementation {impl!r}")
 
