@@ -48,6 +48,8 @@ class VirtioDevice:
     device_id: int = 0
     name: str = "device"
     queue_max_size: int = 256
+    #: device bits only a legacy (v1) transport offers, e.g. net GSO(6); modern hides them
+    legacy_features: int = 0
 
     def __init__(
         self, num_queues: int, device_features: int = 0, queue_max_size: int | None = None
