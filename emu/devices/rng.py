@@ -1,0 +1,62 @@
+"""virtio-rng (entropy device): the driver posts empty buffers, the device fills them.
+
+Each chain must be device-writable only; a readable descriptor is a driver bug and makes
+the device need a reset. At most ``MAX_REQUEST`` bytes go into one chain (the spec lets the
+device use less than the buffer; the driver reads the used length), so a huge buffer cannot
+keep the device thread busy or drain a slow source (``/dev/random``, a hardware RNG) for
+long. There is no rate limit beyond that: the default source, os.urandom, never blocks.
+
+A source that runs dry (a regular file at its end, a callable returning b"") cannot meet
+the spec's "at least one byte" and the device reports NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+from emu.backends.entropy import EntropySource, Source
+from emu.devices.base import DeviceError, VirtioDevice
+from emu.queue import Virtqueue
+from emu.ringdefs import Batch
+
+#: bytes per request at most
+MAX_REQUEST = 64 * 1024
+BATCH = 64
+
+
+class RngDevice(VirtioDevice):
+    device_id = 4
+    name = "rng"
+
+    def __init__(self, source: Source = None, *, queue_max_size: int | None = None) -> None:
+        super().__init__(1, 0, queue_max_size)
+        self.source = EntropySource(source)
+
+    def close(self) -> None:
+        super().close()
+        self.source.close()
+
+    def handle_queue(self, q: Virtqueue) -> None:
+        while True:
+            q.set_kicks(False)
+            while batch := q.pop(BATCH):
+                q.push(batch.heads, [self._fill(batch, i) for i in range(len(batch))])
+            if not q.set_kicks(True):
+                break
+
+    def _fill(self, batch: Batch, i: int) -> int:
+        """Fill chain ``i`` up to MAX_REQUEST bytes; the used length."""
+        addrs, lengths, writable = batch.segments(i)
+        if not writable.all():
+            raise DeviceError(f"rng: chain {int(batch.heads[i])} has a device-readable buffer")
+        views = []
+        room = MAX_REQUEST
+        for a, n in zip(addrs.tolist(), lengths.tolist(), strict=True):
+            n = min(n, room)
+            if n:
+                views.append(self.mem.view(a, n, write=True))
+                room -= n
+        if not views:
+            return 0
+        done = self.source.fill(views)
+        if done == 0:
+            raise DeviceError("rng: the entropy source ran dry")
+        return done
