@@ -1,0 +1,616 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Native ring core: the same SplitRing / PackedRing as ``emu.pyring``, without Python in the loop.
+
+The rules (which error for which guest mistake, and in which order they are checked) are
+documented in ``emu.pyring``; this file must match it exactly, which the differential test
+checks. What is different here is only how memory is reached:
+
+* The guest's regions are copied into a C table at construction (gpa, size, host pointer,
+  dirty map) and every guest address is checked against it in C; the Python objects are
+  kept referenced so the mappings outlive the ring. Regions added later are not seen.
+* The ring areas are translated once, at construction.
+* ``pop`` fills malloc'd scratch arrays and copies them into exactly-sized numpy arrays at
+  the end, so a returned Batch is the caller's to keep (it is not overwritten by the next
+  pop) and no Python object is created per descriptor.
+* Every guest write marks its pages in the region's dirty map, exactly as GuestMemory does.
+* Guest memory is shared with the driver: each descriptor is read once into locals, the
+  avail index / head flags are read before the entries they publish (acquire), used entries
+  are written before the index / head flags that publish them (release), and a full barrier
+  separates publishing from reading the driver's suppression fields (store -> load).
+"""
+
+import sys
+
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
+
+from emu.ringdefs import (
+    MAX_PACKED_SIZE,
+    MAX_SPLIT_SIZE,
+    AvailIndexError,
+    Batch,
+    BufferIdError,
+    ChainLengthError,
+    ChainLoopError,
+    DescriptorIndexError,
+    DescriptorOrderError,
+    IndirectError,
+    RingAddressError,
+    RingAlignmentError,
+    RingState,
+)
+
+cnp.import_array()
+
+if sys.byteorder != "little":
+    raise ImportError("emu._ring reads guest memory as little-endian; use EMU_RING=python")
+
+cdef extern from *:
+    """
+    #include <string.h>
+    static inline uint16_t ring_ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+    static inline uint32_t ring_ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+    static inline uint64_t ring_ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+    static inline void ring_st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+    static inline void ring_st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+    #define ring_acquire() __atomic_thread_fence(__ATOMIC_ACQUIRE)
+    #define ring_release() __atomic_thread_fence(__ATOMIC_RELEASE)
+    #define ring_full_barrier() __atomic_thread_fence(__ATOMIC_SEQ_CST)
+    """
+    uint16_t ring_ld16(const uint8_t *p) noexcept nogil
+    uint32_t ring_ld32(const uint8_t *p) noexcept nogil
+    uint64_t ring_ld64(const uint8_t *p) noexcept nogil
+    void ring_st16(uint8_t *p, uint16_t v) noexcept nogil
+    void ring_st32(uint8_t *p, uint32_t v) noexcept nogil
+    void ring_acquire() noexcept nogil
+    void ring_release() noexcept nogil
+    void ring_full_barrier() noexcept nogil
+
+cdef enum:
+    F_NEXT = 1
+    F_WRITE = 2
+    F_INDIRECT = 4
+    F_AVAIL = 1 << 7
+    F_USED = 1 << 15
+    NO_INTERRUPT = 1
+    NO_NOTIFY = 1
+    EV_ENABLE = 0
+    EV_DISABLE = 1
+    EV_DESC = 2
+    PAGE_SHIFT = 12
+    PUSHING = 1 << 31  # temporary mark on nd[head] while a push is being validated
+
+cdef struct Region:
+    uint64_t gpa
+    uint64_t size
+    uint8_t *data
+    uint8_t *dirty
+
+cdef struct Area:
+    uint8_t *p  # host address of the ring area
+    uint8_t *dirty  # dirty map of its region
+    uint64_t off  # offset of the area inside its region
+
+
+cdef inline bint need_event(uint16_t event, uint16_t new, uint16_t old) noexcept nogil:
+    return <uint16_t>(new - event - 1) < <uint16_t>(new - old)
+
+
+cdef inline void mark(Area *a, uint64_t at, uint64_t n) noexcept nogil:
+    """GuestMemory._mark for a write of n (<= one page) bytes at offset ``at`` of the area."""
+    a.dirty[(a.off + at) >> PAGE_SHIFT] = 1
+    a.dirty[(a.off + at + n - 1) >> PAGE_SHIFT] = 1
+
+
+cdef inline int find(_Ring r, uint64_t addr, uint64_t length) noexcept:
+    """Index of the region holding [addr, addr+length) entirely, or -1 (GuestMemory.translate)."""
+    cdef int k
+    cdef uint64_t off
+    if length > UINT64_MAX - addr:
+        return -1
+    for k in range(r.nregions):
+        if addr >= r.regions[k].gpa:
+            off = addr - r.regions[k].gpa
+            if off <= r.regions[k].size and length <= r.regions[k].size - off:
+                return k
+    return -1
+
+
+cdef inline int add_seg(_Ring r, uint64_t addr, uint32_t length, uint16_t flags) except -1:
+    cdef bint w = (flags & F_WRITE) != 0
+    if r.c_wrote and not w:
+        raise DescriptorOrderError(f"readable buffer {addr:#x} after a writable one")
+    if find(r, addr, length) < 0:
+        raise RingAddressError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
+    r.c_total += length
+    if r.c_total > 0xFFFFFFFF:
+        raise ChainLengthError("chain is longer than 2^32 - 1 bytes")
+    if r.nseg == r.cap_segs:
+        r.grow_segs()
+    r.o_addr[r.nseg] = addr
+    r.o_len[r.nseg] = length
+    r.o_wr[r.nseg] = w
+    r.nseg += 1
+    r.c_wrote = r.c_wrote or w
+    return 0
+
+
+cdef const uint8_t *check_indirect(
+    _Ring r, uint64_t addr, uint32_t length, uint16_t flags, bint nested
+) except NULL:
+    """Host address of a valid indirect table (see pyring._Ring._check_indirect)."""
+    cdef int k
+    if nested:
+        raise IndirectError("indirect descriptor inside an indirect table")
+    if not r.indirect:
+        raise IndirectError("INDIRECT_DESC was not negotiated")
+    if flags & F_NEXT:
+        raise IndirectError("descriptor has both INDIRECT and NEXT")
+    if length == 0 or length % 16 or length // 16 > r.size:
+        raise IndirectError(f"bad indirect table length {length}")
+    k = find(r, addr, length)
+    if k < 0:
+        raise RingAddressError(f"indirect table {addr:#x}+{length:#x} outside RAM")
+    return r.regions[k].data + (addr - r.regions[k].gpa)
+
+
+cdef inline void fetched(_Ring r, uint16_t head, uint32_t ndesc) noexcept:
+    r.o_heads[r.nchains] = head
+    r.nchains += 1
+    r.o_starts[r.nchains] = r.nseg
+    r.nd[head] = ndesc
+    r.seq[head] = r.nfetched
+    r.nfetched += 1
+    r.ninflight += 1
+
+
+cdef cnp.ndarray copy_out(const void *src, cnp.npy_intp n, int typenum, size_t item):
+    cdef cnp.ndarray a = cnp.PyArray_EMPTY(1, &n, typenum, 0)
+    if n:
+        memcpy(cnp.PyArray_DATA(a), src, n * item)
+    return a
+
+
+cdef cnp.ndarray as_1d(object values, int typenum, object dtype):
+    """The caller's array when it already is 1-D contiguous native ``dtype``, else a copy."""
+    cdef cnp.ndarray a
+    if cnp.PyArray_Check(values):
+        a = <cnp.ndarray>values
+        if (cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_NDIM(a) == 1
+                and cnp.PyArray_IS_C_CONTIGUOUS(a) and not cnp.PyArray_ISBYTESWAPPED(a)):
+            return a
+    a = np.ascontiguousarray(values, dtype)
+    if a.ndim != 1:
+        raise ValueError("push takes one-dimensional arrays")
+    return a
+
+
+cdef class _Ring:
+    """Construction, in-flight bookkeeping, scratch output and state for both formats."""
+
+    cdef Region *regions
+    cdef int nregions
+    cdef object _keep  # the region arrays: keeps the mappings alive while we hold pointers
+    cdef Area desc, drv, dev
+    cdef uint32_t size
+    cdef bint indirect, event_idx, in_order
+    cdef uint16_t next_avail, next_used, signalled_used
+    cdef bint avail_wrap, used_wrap
+    # in flight: nd[head] = descriptors it took (0 = not in flight), seq[head] = fetch number
+    cdef uint32_t *nd
+    cdef uint64_t *seq
+    cdef uint64_t nfetched
+    cdef uint32_t ninflight
+    # scratch output of one pop
+    cdef uint16_t *o_heads
+    cdef uint32_t *o_starts
+    cdef uint64_t *o_addr
+    cdef uint32_t *o_len
+    cdef uint8_t *o_wr
+    cdef size_t cap_segs
+    cdef uint32_t nchains, nseg
+    # the chain being walked
+    cdef uint64_t c_total
+    cdef bint c_wrote
+
+    def __dealloc__(self):
+        free(self.regions)
+        free(self.nd)
+        free(self.seq)
+        free(self.o_heads)
+        free(self.o_starts)
+        free(self.o_addr)
+        free(self.o_len)
+        free(self.o_wr)
+
+    cdef _setup(self, mem, size, tuple areas, tuple aligns, tuple lengths, features):
+        cdef int k
+        for addr, align in zip(areas, aligns):
+            if addr % align:
+                raise RingAlignmentError(f"ring area {addr:#x} is not {align}-byte aligned")
+        regions = list(mem.regions)
+        self.regions = <Region *>malloc(max(len(regions), 1) * sizeof(Region))
+        if self.regions == NULL:
+            raise MemoryError()
+        self._keep = [(r.array, r.dirty) for r in regions]
+        for k, r in enumerate(regions):
+            self.regions[k].gpa = r.gpa
+            self.regions[k].size = r.size
+            self.regions[k].data = <uint8_t *>cnp.PyArray_DATA(r.array)
+            self.regions[k].dirty = <uint8_t *>cnp.PyArray_DATA(r.dirty)
+        self.nregions = len(regions)
+        cdef Area *dst[3]
+        dst[0], dst[1], dst[2] = &self.desc, &self.drv, &self.dev
+        for k in range(3):
+            addr, length = areas[k], lengths[k]
+            if not 0 <= addr < 2**64:
+                raise RingAddressError(f"ring area {addr:#x}+{length:#x} outside RAM")
+            i = find(self, addr, length)
+            if i < 0:
+                raise RingAddressError(f"ring area {addr:#x}+{length:#x} outside RAM")
+            dst[k].off = addr - self.regions[i].gpa
+            dst[k].p = self.regions[i].data + dst[k].off
+            dst[k].dirty = self.regions[i].dirty
+        self.size = size
+        self.indirect = features >> 28 & 1
+        self.event_idx = features >> 29 & 1
+        self.in_order = features >> 35 & 1
+        self.avail_wrap = self.used_wrap = True
+        self.nd = <uint32_t *>malloc(self.size * sizeof(uint32_t))
+        self.seq = <uint64_t *>malloc(self.size * sizeof(uint64_t))
+        self.o_heads = <uint16_t *>malloc(self.size * sizeof(uint16_t))
+        self.o_starts = <uint32_t *>malloc((self.size + 1) * sizeof(uint32_t))
+        self.cap_segs = max(256, 2 * self.size)
+        self.o_addr = <uint64_t *>malloc(self.cap_segs * sizeof(uint64_t))
+        self.o_len = <uint32_t *>malloc(self.cap_segs * sizeof(uint32_t))
+        self.o_wr = <uint8_t *>malloc(self.cap_segs)
+        if not (self.nd and self.seq and self.o_heads and self.o_starts and self.o_addr
+                and self.o_len and self.o_wr):
+            raise MemoryError()
+        for k in range(self.size):
+            self.nd[k] = 0
+        self.o_starts[0] = 0
+
+    cdef int grow_segs(self) except -1:
+        cdef size_t cap = 2 * self.cap_segs
+        cdef void *p = realloc(self.o_addr, cap * sizeof(uint64_t))
+        if p == NULL:
+            raise MemoryError()
+        self.o_addr = <uint64_t *>p
+        p = realloc(self.o_len, cap * sizeof(uint32_t))
+        if p == NULL:
+            raise MemoryError()
+        self.o_len = <uint32_t *>p
+        p = realloc(self.o_wr, cap)
+        if p == NULL:
+            raise MemoryError()
+        self.o_wr = <uint8_t *>p
+        self.cap_segs = cap
+        return 0
+
+    cdef inline void begin_chain(self) noexcept:
+        self.c_total = 0
+        self.c_wrote = False
+
+    cdef object batch(self):
+        """Copy this pop's scratch into a Batch the caller owns."""
+        b = Batch.__new__(Batch)
+        b.heads = copy_out(self.o_heads, self.nchains, cnp.NPY_UINT16, 2)
+        b.chain_start = copy_out(self.o_starts, self.nchains + 1, cnp.NPY_UINT32, 4)
+        b.addr = copy_out(self.o_addr, self.nseg, cnp.NPY_UINT64, 8)
+        b.length = copy_out(self.o_len, self.nseg, cnp.NPY_UINT32, 4)
+        b.writable = copy_out(self.o_wr, self.nseg, cnp.NPY_UINT8, 1)
+        return b
+
+    cdef int take(self, const uint16_t *h, Py_ssize_t n) except -1:
+        """Validate a push (all heads in flight, once, in order with IN_ORDER) before writing."""
+        cdef Py_ssize_t i, j
+        cdef uint16_t x
+        cdef uint64_t first = self.nfetched - self.ninflight
+        for i in range(n):
+            x = h[i]
+            if (x >= self.size or self.nd[x] == 0 or self.nd[x] & PUSHING
+                    or (self.in_order and self.seq[x] != first + <uint64_t>i)):
+                for j in range(i):
+                    self.nd[h[j]] &= ~PUSHING
+                if self.in_order:
+                    raise ValueError("IN_ORDER: chains must be pushed in fetch order")
+                raise ValueError("pushing a head that is not in flight")
+            self.nd[x] |= PUSHING
+        return 0
+
+    cdef inline uint32_t release(self, uint16_t head) noexcept:
+        cdef uint32_t n = self.nd[head] & ~PUSHING
+        self.nd[head] = 0
+        self.ninflight -= 1
+        return n
+
+    def inflight(self):
+        return [h for h, _ in self._inflight_pairs()]
+
+    cdef list _inflight_pairs(self):
+        cdef uint32_t h
+        found = [(self.seq[h], h, self.nd[h]) for h in range(self.size) if self.nd[h]]
+        found.sort()
+        return [(h, n) for _, h, n in found]
+
+    def state(self):
+        return RingState(
+            self.next_avail,
+            self.next_used,
+            self.avail_wrap,
+            self.used_wrap,
+            self.signalled_used,
+            self._inflight_pairs(),
+        )
+
+    cdef object _index_limit(self):
+        return 1 << 16
+
+    def set_state(self, state):
+        """Restore device-private state (migration); refuses values that cannot be real."""
+        cdef uint32_t k
+        limit = self._index_limit()
+        for v in (state.next_avail, state.next_used, state.signalled_used):
+            if not 0 <= v < limit:
+                raise ValueError(f"ring index {v} out of range")
+        heads = [h for h, _ in state.inflight]
+        if len(set(heads)) != len(heads):
+            raise ValueError("duplicate in-flight head")
+        for h, n in state.inflight:
+            if not (0 <= h < self.size and 1 <= n <= self.size):
+                raise ValueError(f"bad in-flight entry ({h}, {n})")
+        self.next_avail, self.next_used = state.next_avail, state.next_used
+        self.avail_wrap, self.used_wrap = bool(state.avail_wrap), bool(state.used_wrap)
+        self.signalled_used = state.signalled_used
+        for k in range(self.size):
+            self.nd[k] = 0
+        for k, (h, n) in enumerate(state.inflight):
+            self.nd[h] = n
+            self.seq[h] = k
+        self.nfetched = self.ninflight = len(state.inflight)
+
+
+cdef class SplitRing(_Ring):
+    """Split virtqueue: descriptor table, avail ring (driver area), used ring (device area)."""
+
+    def __init__(self, mem, size, desc, driver, device, features):
+        if not (1 <= size <= MAX_SPLIT_SIZE and size & (size - 1) == 0):
+            raise RingAlignmentError(f"invalid queue size {size}")
+        self._setup(mem, size, (desc, driver, device), (16, 2, 4),
+                    (16 * size, 6 + 2 * size, 6 + 8 * size), features)
+
+    def pending(self):
+        return ring_ld16(self.drv.p + 2) != self.next_avail
+
+    def pop(self, Py_ssize_t max_chains):
+        cdef uint16_t avail, head
+        cdef uint32_t k, count
+        if max_chains <= 0:
+            return Batch.empty()
+        avail = ring_ld16(self.drv.p + 2) - self.next_avail
+        ring_acquire()
+        if avail > self.size:
+            raise AvailIndexError(f"avail idx moved by {avail} > queue size {self.size}")
+        count = avail if avail < max_chains else max_chains
+        self.nchains = self.nseg = 0
+        for k in range(count):
+            head = ring_ld16(self.drv.p + 4 + 2 * (self.next_avail & (self.size - 1)))
+            if head >= self.size:
+                raise DescriptorIndexError(f"head {head} >= queue size {self.size}")
+            if self.nd[head]:
+                raise BufferIdError(f"head {head} is already in flight")
+            self.begin_chain()
+            fetched(self, head, self.walk(head))
+            self.next_avail += 1
+        return self.batch()
+
+    cdef uint32_t walk(self, uint16_t head) except 0:
+        """Follow one chain into the scratch arrays; returns descriptors used in the table."""
+        cdef const uint8_t *table = self.desc.p
+        cdef const uint8_t *d
+        cdef uint32_t limit = self.size, i = head, steps = 0, ndesc = 0, length
+        cdef uint64_t addr
+        cdef uint16_t flags
+        cdef bint nested = False
+        while True:
+            steps += 1
+            if steps > limit:
+                raise ChainLoopError(f"chain from head {head} has more than {limit} descriptors")
+            d = table + 16 * i
+            addr = ring_ld64(d)
+            length = ring_ld32(d + 8)
+            flags = ring_ld16(d + 12)
+            if not nested:
+                ndesc += 1
+            if flags & F_INDIRECT:
+                table = check_indirect(self, addr, length, flags, nested)
+                limit, i, steps, nested = length // 16, 0, 0, True
+                continue
+            add_seg(self, addr, length, flags)
+            if not flags & F_NEXT:
+                return ndesc
+            i = ring_ld16(d + 14)
+            if i >= limit:
+                raise DescriptorIndexError(f"next index {i} >= {limit}")
+
+    def push(self, heads, lengths):
+        cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16, np.uint16)
+        cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32, np.uint32)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(ha, 0)
+        cdef const uint16_t *h = <const uint16_t *>cnp.PyArray_DATA(ha)
+        cdef const uint32_t *ln = <const uint32_t *>cnp.PyArray_DATA(la)
+        cdef uint32_t slot, mask = self.size - 1
+        cdef uint16_t old
+        if cnp.PyArray_DIM(la, 0) != n:
+            raise ValueError("heads and lengths differ in length")
+        if n == 0:
+            return False
+        self.take(h, n)
+        for i in range(n):
+            self.release(h[i])
+            slot = 4 + 8 * (self.next_used & mask)
+            ring_st32(self.dev.p + slot, h[i])
+            ring_st32(self.dev.p + slot + 4, ln[i])
+            mark(&self.dev, slot, 8)
+            self.next_used += 1
+        ring_release()
+        ring_st16(self.dev.p + 2, self.next_used)
+        mark(&self.dev, 2, 2)
+        ring_full_barrier()
+        old, self.signalled_used = self.signalled_used, self.next_used
+        if self.event_idx:
+            return need_event(ring_ld16(self.drv.p + 4 + 2 * self.size), self.next_used, old)
+        return not ring_ld16(self.drv.p) & NO_INTERRUPT
+
+    def set_notify(self, bint enabled):
+        cdef uint32_t at
+        if self.event_idx:
+            if enabled:
+                at = 4 + 8 * self.size
+                ring_st16(self.dev.p + at, self.next_avail)
+                mark(&self.dev, at, 2)
+        else:
+            ring_st16(self.dev.p, 0 if enabled else NO_NOTIFY)
+            mark(&self.dev, 0, 2)
+        ring_full_barrier()
+        return self.pending()
+
+
+cdef class PackedRing(_Ring):
+    """Packed virtqueue: one descriptor ring plus driver and device event suppression areas."""
+
+    def __init__(self, mem, size, desc, driver, device, features):
+        if not 1 <= size <= MAX_PACKED_SIZE:
+            raise RingAlignmentError(f"invalid queue size {size}")
+        self._setup(mem, size, (desc, driver, device), (16, 4, 4), (16 * size, 4, 4), features)
+
+    cdef object _index_limit(self):
+        return self.size
+
+    cdef inline bint avail(self) noexcept:
+        cdef uint16_t flags = ring_ld16(self.desc.p + 16 * self.next_avail + 14)
+        return (((flags & F_AVAIL) != 0) == self.avail_wrap
+                and ((flags & F_USED) != 0) != self.avail_wrap)
+
+    def pending(self):
+        return self.avail()
+
+    def pop(self, Py_ssize_t max_chains):
+        self.nchains = self.nseg = 0
+        while self.nchains < max_chains and self.avail():
+            ring_acquire()
+            self.begin_chain()
+            self.walk()
+        return self.batch()
+
+    cdef int walk(self) except -1:
+        """Follow the chain at next_avail through consecutive slots into the scratch arrays."""
+        cdef uint32_t slot = self.next_avail, steps = 0, k, length
+        cdef bint wrap = self.avail_wrap
+        cdef const uint8_t *d
+        cdef const uint8_t *t
+        cdef uint64_t addr
+        cdef uint16_t flags, buf_id, t_flags
+        while True:
+            steps += 1
+            if steps > self.size:
+                raise ChainLoopError(f"chain has more than {self.size} descriptors")
+            d = self.desc.p + 16 * slot
+            addr = ring_ld64(d)
+            length = ring_ld32(d + 8)
+            buf_id = ring_ld16(d + 12)
+            flags = ring_ld16(d + 14)
+            if flags & F_INDIRECT:
+                t = check_indirect(self, addr, length, flags, False)
+                for k in range(length // 16):
+                    t_flags = ring_ld16(t + 16 * k + 14)
+                    if t_flags & F_INDIRECT:
+                        raise IndirectError("indirect descriptor inside an indirect table")
+                    add_seg(self, ring_ld64(t + 16 * k), ring_ld32(t + 16 * k + 8), t_flags)
+            else:
+                add_seg(self, addr, length, flags)
+            slot += 1
+            if slot == self.size:
+                slot, wrap = 0, not wrap
+            if not flags & F_NEXT:
+                break
+        if buf_id >= self.size:
+            raise BufferIdError(f"buffer id {buf_id} >= queue size {self.size}")
+        if self.nd[buf_id]:
+            raise BufferIdError(f"buffer id {buf_id} is already in flight")
+        fetched(self, buf_id, steps)
+        self.next_avail, self.avail_wrap = slot, wrap
+        return 0
+
+    def push(self, heads, lengths):
+        cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16, np.uint16)
+        cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32, np.uint32)
+        cdef Py_ssize_t i, n = cnp.PyArray_DIM(ha, 0)
+        cdef const uint16_t *h = <const uint16_t *>cnp.PyArray_DATA(ha)
+        cdef const uint32_t *ln = <const uint32_t *>cnp.PyArray_DATA(la)
+        cdef uint32_t at, first_at = 0, used = self.next_used
+        cdef uint16_t flags, first_flags = 0
+        if cnp.PyArray_DIM(la, 0) != n:
+            raise ValueError("heads and lengths differ in length")
+        if n == 0:
+            return False
+        self.take(h, n)
+        for i in range(n):
+            at = 16 * used
+            flags = (F_AVAIL | F_USED if self.used_wrap else 0) | (F_WRITE if ln[i] else 0)
+            ring_st32(self.desc.p + at + 8, ln[i])
+            ring_st16(self.desc.p + at + 12, h[i])
+            mark(&self.desc, at + 8, 6)
+            if i == 0:
+                first_at, first_flags = at, flags
+            else:
+                ring_st16(self.desc.p + at + 14, flags)
+                mark(&self.desc, at + 14, 2)
+            used += self.release(h[i])
+            if used >= self.size:
+                used -= self.size
+                self.used_wrap = not self.used_wrap
+        self.next_used = used
+        ring_release()
+        ring_st16(self.desc.p + first_at + 14, first_flags)  # publishes the whole batch
+        mark(&self.desc, first_at + 14, 2)
+        ring_full_barrier()
+        return self.should_notify()
+
+    cdef bint should_notify(self) noexcept:
+        """Driver event suppression, as Linux's virtqueue_kick_prepare_packed mirrored."""
+        cdef uint16_t new = self.next_used, off_wrap, flags, event
+        cdef uint16_t advanced = (new + self.size - self.signalled_used) % self.size
+        if advanced == 0:
+            advanced = self.size
+        self.signalled_used = new
+        flags = ring_ld16(self.drv.p + 2) & 3
+        if flags == EV_DISABLE:
+            return False
+        if flags != EV_DESC or not self.event_idx:
+            return True  # ENABLE, or a mode we cannot honour: a spurious interrupt is safe
+        off_wrap = ring_ld16(self.drv.p)
+        event = off_wrap & 0x7FFF
+        if ((off_wrap >> 15) != 0) != self.used_wrap:
+            event -= self.size  # the driver's event offset is still in the previous lap
+        return need_event(event, new, new - advanced)
+
+    def set_notify(self, bint enabled):
+        if not enabled:
+            ring_st16(self.dev.p + 2, EV_DISABLE)
+            mark(&self.dev, 2, 2)
+        elif self.event_idx:
+            ring_st16(self.dev.p, self.next_avail | (<uint16_t>self.avail_wrap << 15))
+            mark(&self.dev, 0, 2)
+            ring_st16(self.dev.p + 2, EV_DESC)
+            mark(&self.dev, 2, 2)
+        else:
+            ring_st16(self.dev.p + 2, EV_ENABLE)
+            mark(&self.dev, 2, 2)
+        ring_full_barrier()
+        return self.avail()
