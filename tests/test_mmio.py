@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import pytest
 from conftest import ECHO_DEVICE_ID, EchoDevice
@@ -534,3 +535,27 @@ def test_logging_uses_the_module_logger(h, caplog):
     with caplog.at_level(logging.WARNING, logger=mmio.__name__):
         h.r(0x0F0)
     assert caplog.records[0].levelno == logging.WARNING
+
+
+def test_irq_level_stays_consistent_under_concurrent_notify_and_ack(h, echo):
+    """Device threads raise while the vCPU ACKs: the line must still alternate 1, 0, 1, ..."""
+    h.negotiate()
+    h.w(mmio.STATUS, 0xF)
+    stop = threading.Event()
+
+    def device_side(q):
+        while not stop.is_set():
+            q.notify()
+
+    threads = [threading.Thread(target=device_side, args=(q,)) for q in echo.queues]
+    for t in threads:
+        t.start()
+    for _ in range(5000):
+        if isr := h.r(mmio.INTERRUPT_STATUS):
+            h.w(mmio.INTERRUPT_ACK, isr)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(h.levels) > 2
+    assert h.levels == [1, 0] * (len(h.levels) // 2) + [1] * (len(h.levels) % 2)
+    assert bool(h.r(mmio.INTERRUPT_STATUS)) == (h.levels[-1] == 1)
