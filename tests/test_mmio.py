@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
+import time
 
 import pytest
 from conftest import ECHO_DEVICE_ID, EchoDevice
@@ -548,14 +550,20 @@ def test_irq_level_stays_consistent_under_concurrent_notify_and_ack(h, echo):
             q.notify()
 
     threads = [threading.Thread(target=device_side, args=(q,)) for q in echo.queues]
-    for t in threads:
-        t.start()
-    for _ in range(5000):
-        if isr := h.r(mmio.INTERRUPT_STATUS):
-            h.w(mmio.INTERRUPT_ACK, isr)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert len(h.levels) > 2
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the threads finely
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(h.levels) < 200 and time.monotonic() < deadline:
+            if isr := h.r(mmio.INTERRUPT_STATUS):
+                h.w(mmio.INTERRUPT_ACK, isr)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(interval)
+    assert len(h.levels) >= 200
     assert h.levels == [1, 0] * (len(h.levels) // 2) + [1] * (len(h.levels) % 2)
     assert bool(h.r(mmio.INTERRUPT_STATUS)) == (h.levels[-1] == 1)
