@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 from pathlib import Path
 
 import pytest
 
-from emu.devices.rng import MAX_REQUEST, RngDevice
+from emu.devices.rng import IOV_MAX, MAX_REQUEST, RngDevice
 from emu.queue import _cring
 from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1
 from emu.testing.driver import DeviceNeedsReset, VirtioMmioDriver
@@ -43,8 +44,8 @@ def counter_source():
 def open_rng(mem):
     made: list[tuple[VirtioMmioDriver, RngDevice]] = []
 
-    def _open(source=None, *, mode=None, impl=None, queue_size=None):
-        dev = RngDevice(source)
+    def _open(source=None, *, mode=None, impl=None, queue_size=None, queue_max_size=None):
+        dev = RngDevice(source, queue_max_size=queue_max_size)
         for q in dev.queues:
             q.impl = impl
         drv = VirtioMmioDriver(MmioTransport(dev, mem), mem)
@@ -154,3 +155,21 @@ def test_empty_buffer_completes_with_nothing(open_rng):
     (c,) = r.drv.wait(0)
     assert c.length == 0
     assert r.read(4) == bytes(range(4))  # no byte of the source was spent on it
+
+
+def test_only_iov_max_segments_are_filled(open_rng):
+    # a chain may be as long as the queue: make it longer than one readv takes
+    r, _ = open_rng(counter_source(), queue_max_size=2048, mode=dict(indirect=True))
+    r.drv.submit(0, [], [1] * (IOV_MAX + 50))
+    (c,) = r.drv.wait(0)
+    assert c.length == IOV_MAX and c.data[:IOV_MAX] == bytes(k & 0xFF for k in range(IOV_MAX))
+
+
+def test_failing_source_needs_reset(open_rng):
+    def broken(n: int) -> bytes:
+        raise OSError(errno.EIO, "hwrng gone")
+
+    r, _ = open_rng(broken)
+    r.drv.submit(0, [], [8])
+    with pytest.raises(DeviceNeedsReset):
+        r.drv.wait(0, timeout=2)

@@ -300,6 +300,8 @@ class BlkDevice(VirtioDevice):
         """The serial, NUL-padded to 20 bytes, cut to the space the driver gave."""
         done = 0
         for a, n in r.inp:
+            if done == ID_BYTES:
+                break
             piece = self.serial[done : done + n]
             self.mem.write(a, piece)
             done += len(piece)

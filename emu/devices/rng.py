@@ -4,13 +4,17 @@ Each chain must be device-writable only; a readable descriptor is a driver bug a
 the device need a reset. At most ``MAX_REQUEST`` bytes go into one chain (the spec lets the
 device use less than the buffer; the driver reads the used length), so a huge buffer cannot
 keep the device thread busy or drain a slow source (``/dev/random``, a hardware RNG) for
-long. There is no rate limit beyond that: the default source, os.urandom, never blocks.
+long; only the first IOV_MAX segments of a chain are filled (one readv). There is no rate
+limit beyond that: the default source, os.urandom, never blocks.
 
-A source that runs dry (a regular file at its end, a callable returning b"") cannot meet
-the spec's "at least one byte" and the device reports NEEDS_RESET.
+A source that runs dry (a regular file at its end, a callable returning b"") or fails
+(EIO from a hardware RNG) cannot meet the spec's "at least one byte"; the device reports
+NEEDS_RESET.
 """
 
 from __future__ import annotations
+
+import os
 
 from emu.backends.entropy import EntropySource, Source
 from emu.devices.base import DeviceError, VirtioDevice
@@ -19,6 +23,8 @@ from emu.ringdefs import Batch
 
 #: bytes per request at most
 MAX_REQUEST = 64 * 1024
+#: segments per request at most: one readv takes no more
+IOV_MAX = os.sysconf("SC_IOV_MAX")
 BATCH = 64
 
 
@@ -54,9 +60,14 @@ class RngDevice(VirtioDevice):
             if n:
                 views.append(self.mem.view(a, n, write=True))
                 room -= n
+            if not room or len(views) == IOV_MAX:
+                break
         if not views:
             return 0
-        done = self.source.fill(views)
+        try:
+            done = self.source.fill(views)
+        except OSError as e:
+            raise DeviceError(f"rng: the entropy source failed: {e}") from e
         if done == 0:
             raise DeviceError("rng: the entropy source ran dry")
         return done

@@ -1,0 +1,94 @@
+"""virtio-blk requests per second through the reference driver, on a tmpfs image.
+
+4 KiB reads at queue depth 1 and with 32 requests in flight, for the Cython and the
+pure-Python ring core side by side (one benchmark group per depth). The driver runs in the
+same process, so the figures include its cost, like a guest's CPU time would.
+
+    .venv/bin/python -m pytest bench/test_bench_blk.py --benchmark-enable
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from emu.devices.blk import S_OK, SECTOR, T_IN, BlkDevice
+from emu.memory import GuestMemory
+from emu.queue import _cring
+from emu.testing.blk import BlkDriver, status_of
+from emu.testing.driver import VirtioMmioDriver
+from emu.transport.mmio import MmioTransport
+
+IMAGE_SIZE = 64 << 20
+READ = 4096
+DEPTH = 32
+SHM = Path("/dev/shm")
+
+RING_CORES = [
+    "python",
+    pytest.param(
+        "cython", marks=pytest.mark.skipif(_cring is None, reason="emu._ring is not built")
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def image():
+    base = SHM if SHM.is_dir() else Path("/tmp")
+    path = base / f"emu-bench-blk-{os.getpid()}.img"
+    path.write_bytes(os.urandom(IMAGE_SIZE))
+    yield path
+    path.unlink()
+
+
+@pytest.fixture(params=RING_CORES)
+def blk(request, image):
+    mem = GuestMemory.create(64 << 20)
+    dev = BlkDevice(image, queue_max_size=256)
+    for q in dev.queues:
+        q.impl = request.param
+    drv = VirtioMmioDriver(MmioTransport(dev, mem), mem)
+    b = BlkDriver.open(drv, queue_size=256)
+    yield b
+    drv.reset()
+    dev.close()
+    mem.close()
+
+
+def sectors():
+    """4 KiB-aligned sectors spread over the image, repeating."""
+    blocks = IMAGE_SIZE // READ
+    i = 0
+    while True:
+        yield (i * 7919 % blocks) * (READ // SECTOR)
+        i += 1
+
+
+def test_read_4k_qd1(benchmark, blk):
+    benchmark.group = "blk 4 KiB read, queue depth 1"
+    it = sectors()
+
+    def one() -> None:
+        blk.submit(T_IN, next(it), in_size=READ)
+        (c,) = blk.wait()
+        assert status_of(c) == S_OK
+
+    benchmark.pedantic(one, rounds=3000, warmup_rounds=100)
+    benchmark.extra_info["requests_per_round"] = 1
+
+
+def test_read_4k_qd32(benchmark, blk):
+    benchmark.group = f"blk 4 KiB read, {DEPTH} in flight"
+    it = sectors()
+
+    def burst() -> None:
+        for _ in range(DEPTH):
+            blk.submit(T_IN, next(it), in_size=READ)
+        done = blk.wait(count=DEPTH)
+        assert all(status_of(c) == S_OK for c in done)
+
+    benchmark.pedantic(burst, rounds=200, warmup_rounds=10)
+    benchmark.extra_info["requests_per_round"] = DEPTH
+    benchmark.extra_info["requests_per_second"] = DEPTH / benchmark.stats.stats.mean
