@@ -66,14 +66,14 @@ def image(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def open_blk(mem, image):
-    """open_blk(mode=, impl=, features=, queue_size=, path=, **BlkDevice kwargs) -> (driver, dev)"""
+    """open_blk(mode=, impl=, features=, queue_size=, path=, version=, **BlkDevice kwargs)"""
     made: list[tuple[VirtioMmioDriver, BlkDevice]] = []
 
-    def _open(*, mode=None, impl=None, features=None, queue_size=None, path=image, **kw):
+    def _open(*, mode=None, impl=None, features=None, queue_size=None, path=image, version=2, **kw):
         dev = BlkDevice(path, **kw)
         for q in dev.queues:
             q.impl = impl
-        drv = VirtioMmioDriver(MmioTransport(dev, mem), mem)
+        drv = VirtioMmioDriver(MmioTransport(dev, mem, version=version), mem)
         made.append((drv, dev))
         return BlkDriver.open(drv, features, queue_size=queue_size, **(mode or {})), dev
 
@@ -148,6 +148,14 @@ def test_read_write_round_trip_against_the_file(open_blk, image, mode, impl):
     for i in range(40):
         assert b.write(3000 + i, pattern(100 + i, SECTOR)) == S_OK
     assert file_bytes(image, 3000, 40) == b"".join(pattern(100 + i, SECTOR) for i in range(40))
+
+
+def test_legacy_transport(open_blk, image):
+    b, _ = open_blk(version=1)
+    assert b.drv.config_read(0, 8) == CAPACITY
+    assert b.write(64, pattern(5, 4096)) == S_OK
+    assert file_bytes(image, 64, 8) == pattern(5, 4096) == b.read(64, 8)
+    assert b.flush() == S_OK and b.discard([(64, 8, 0)]) == S_OK
 
 
 @pytest.mark.parametrize("mode", RING_MODES)

@@ -118,6 +118,7 @@ class BlkDevice(VirtioDevice):
         seg_max: int = 254,
         size_max: int = 1 << 20,
     ) -> None:
+        """``size_max`` is only reported: a segment of any size is served."""
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues {num_queues} not in 1..65535")
         lbs = logical_block_size
@@ -184,7 +185,11 @@ class BlkDevice(VirtioDevice):
         )
 
     def write_config(self, offset: int, size: int, value: int) -> None:
-        """Only ``writeback`` is writable (CONFIG_WCE); 0 = writethrough, 1 = writeback."""
+        """Only ``writeback`` is writable (CONFIG_WCE); 0 = writethrough, 1 = writeback.
+
+        The field reads back what was set, not the effective mode: Linux reads it before
+        DRIVER_OK, when the device does not know yet whether FLUSH was negotiated.
+        """
         if offset == CONFIG_WRITEBACK and size == 1 and value in (0, 1):
             self.writeback = value
         else:
@@ -372,15 +377,16 @@ def _parse(
             out.append((addr[j], n))
     if not inp:
         raise DeviceError(f"blk: chain {head}: no device-writable byte for the status")
-    last, n = inp.pop()
-    if n > 1:
-        inp.append((last, n - 1))
+    last_addr, last_len = inp.pop()
+    status_addr = last_addr + last_len - 1
+    if last_len > 1:
+        inp.append((last_addr, last_len - 1))
     header_pieces, out = _split(out, HEADER.size)
-    header = b"".join(mem.read(a, n) for a, n in header_pieces)
+    header = b"".join(mem.read(gpa, size) for gpa, size in header_pieces)
     if len(header) < HEADER.size:
-        return Request(None, 0, out, inp, last + n - 1)
+        return Request(None, 0, out, inp, status_addr)
     rtype, _, sector = HEADER.unpack(header)
-    return Request(rtype, sector, out, inp, last + n - 1)
+    return Request(rtype, sector, out, inp, status_addr)
 
 
 def _split(
