@@ -1,0 +1,506 @@
+"""virtio-net: Ethernet frames between the guest and a backend (cable, TAP).
+
+Queues: receiveq_k = 2k, transmitq_k = 2k+1, controlq = 2N where N is max_virtqueue_pairs
+when MQ is negotiated and 1 otherwise (so the control queue moves with the negotiation).
+
+Receive path: a backend thread calls ``deliver`` (any thread) which only appends to an
+inbox and wakes the device thread. There ``on_wake`` runs the rx filter, picks the pair
+by a per-flow hash (a flow stays in order; this is not RSS) and queues the frame on that
+pair's bounded backlog; frames beyond the bound are dropped and counted, as a NIC whose
+guest posts no buffers drops them. Serving an rx queue copies backlog frames into chains.
+
+The default filter accepts own unicast, broadcast and *all* multicast: a Linux guest
+without CTRL_RX cannot program a multicast list, and IPv6 neighbour discovery needs it.
+Once the guest sends RX/MAC commands, they are honoured (QEMU's semantics, except that
+QEMU starts promiscuous).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from emu.devices._chain import Chain, chains, gather, scatter
+from emu.devices.base import VirtioDevice
+from emu.memory import GuestMemory
+from emu.queue import Virtqueue
+from emu.ringdefs import F_VERSION_1
+
+log = logging.getLogger(__name__)
+
+# feature bits
+F_CTRL_GUEST_OFFLOADS = 2
+F_MAC = 5
+F_GSO = 6  # legacy only
+F_MRG_RXBUF = 15
+F_STATUS = 16
+F_CTRL_VQ = 17
+F_CTRL_RX = 18
+F_CTRL_VLAN = 19
+F_CTRL_RX_EXTRA = 20
+F_GUEST_ANNOUNCE = 21
+F_MQ = 22
+F_CTRL_MAC_ADDR = 23
+#: GUEST_CSUM TSO4 TSO6 ECN UFO USO4 USO6: what GUEST_OFFLOADS SET may switch
+GUEST_OFFLOAD_BITS = sum(1 << b for b in (1, 7, 8, 9, 10, 54, 55))
+
+#: features every NetDevice offers (MQ and MRG_RXBUF depend on the constructor)
+OFFERED = sum(
+    1 << b
+    for b in (
+        F_CTRL_GUEST_OFFLOADS,
+        F_MAC,
+        F_STATUS,
+        F_CTRL_VQ,
+        F_CTRL_RX,
+        F_CTRL_VLAN,
+        F_CTRL_RX_EXTRA,
+        F_GUEST_ANNOUNCE,
+        F_CTRL_MAC_ADDR,
+    )
+)
+#: features meaningless without a control queue (spec 5.1.3.1)
+NEEDS_CTRL_VQ = sum(
+    1 << b
+    for b in (
+        F_CTRL_RX,
+        F_CTRL_VLAN,
+        F_GUEST_ANNOUNCE,
+        F_MQ,
+        F_CTRL_MAC_ADDR,
+        F_CTRL_RX_EXTRA,
+        F_CTRL_GUEST_OFFLOADS,
+    )
+)
+
+# config status bits
+S_LINK_UP = 1
+S_ANNOUNCE = 2
+
+# control queue classes, commands and acks
+CTRL_RX, CTRL_MAC, CTRL_VLAN, CTRL_ANNOUNCE, CTRL_MQ, CTRL_GUEST_OFFLOADS = 0, 1, 2, 3, 4, 5
+RX_PROMISC, RX_ALLMULTI, RX_ALLUNI, RX_NOMULTI, RX_NOUNI, RX_NOBCAST = range(6)
+MAC_TABLE_SET, MAC_ADDR_SET = 0, 1
+VLAN_ADD, VLAN_DEL = 0, 1
+ANNOUNCE_ACK = 0
+MQ_VQ_PAIRS_SET = 0
+GUEST_OFFLOADS_SET = 0
+ACK_OK, ACK_ERR = 0, 1
+
+ETH_HLEN = 14
+BROADCAST = b"\xff" * 6
+#: largest frame either way: a 64 KiB GSO payload plus Ethernet and VLAN headers
+MAX_FRAME = 65536 + 18
+#: MAC table entries kept per table; a longer table means "accept all" of that kind (QEMU)
+MAC_TABLE_ENTRIES = 64
+#: a control command bigger than this is refused unread (two full MAC tables fit easily)
+CTRL_MAX = 64 * 1024
+BATCH = 64
+
+
+class NetBackend(Protocol):
+    """Where frames go. ``attach`` hands over the device whose ``deliver`` takes rx frames."""
+
+    def attach(self, device: NetDevice) -> None: ...
+
+    def send(self, frame: bytes) -> None: ...  # device thread; must not block for long
+
+    def close(self) -> None: ...
+
+
+def parse_mac(mac: str) -> bytes:
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise ValueError(f"bad MAC address {mac!r}")
+    return bytes(int(p, 16) for p in parts)
+
+
+@dataclass
+class NetStats:
+    tx_frames: int = 0
+    tx_errors: int = 0  # chains without a header or frame, or over MAX_FRAME
+    rx_frames: int = 0
+    rx_filtered: int = 0  # refused by the rx filter (or runts)
+    rx_dropped: int = 0  # backlog full: the guest is not posting buffers fast enough
+    rx_too_big: int = 0  # larger than the buffers the guest posted
+
+
+@dataclass
+class RxFilter:
+    """What the guest asked to receive through the control queue."""
+
+    promisc: bool = False
+    allmulti: bool = True
+    alluni: bool = False
+    nomulti: bool = False
+    nouni: bool = False
+    nobcast: bool = False
+    uni: set[bytes] = field(default_factory=set)
+    multi: set[bytes] = field(default_factory=set)
+    uni_overflow: bool = False
+    multi_overflow: bool = False
+    vlans: set[int] | None = None  # None: no VLAN filtering (CTRL_VLAN not negotiated)
+
+    def accepts(self, frame: bytes, own_mac: bytes) -> bool:
+        if len(frame) < ETH_HLEN:
+            return False
+        if self.promisc:
+            return True
+        if self.vlans is not None and frame[12:14] == b"\x81\x00" and len(frame) >= 16:
+            if int.from_bytes(frame[14:16], "big") & 0xFFF not in self.vlans:
+                return False
+        dst = frame[:6]
+        if dst[0] & 1:
+            if dst == BROADCAST:
+                return not self.nobcast
+            if self.nomulti:
+                return False
+            return self.allmulti or self.multi_overflow or dst in self.multi
+        if self.nouni:
+            return False
+        return self.alluni or self.uni_overflow or dst == own_mac or dst in self.uni
+
+
+def flow_hash(frame: bytes) -> int:
+    """A stable per-flow number: IP addresses and L4 ports, else the MAC pair."""
+    ethertype = frame[12:14]
+    if ethertype == b"\x08\x00" and len(frame) >= 34:
+        l4 = ETH_HLEN + (frame[14] & 0xF) * 4
+        key = frame[26:34] + frame[l4 : l4 + 4]
+    elif ethertype == b"\x86\xdd" and len(frame) >= 54:
+        key = frame[22:58]
+    else:
+        key = frame[:12]
+    return zlib.crc32(key)
+
+
+def parse_mac_tables(body: bytes) -> tuple[list[bytes], list[bytes]] | None:
+    """MAC TABLE_SET data: two ``le32 entries; u8 macs[entries][6]``; None if malformed.
+
+    Entry counts come from the guest, so each is checked against the bytes actually there.
+    """
+    tables: list[list[bytes]] = []
+    off = 0
+    for _ in range(2):
+        if len(body) - off < 4:
+            return None
+        (n,) = struct.unpack_from("<I", body, off)
+        off += 4
+        if n > (len(body) - off) // 6:
+            return None
+        tables.append([body[off + 6 * i : off + 6 * i + 6] for i in range(n)])
+        off += 6 * n
+    if off != len(body):
+        return None
+    return tables[0], tables[1]
+
+
+class NetDevice(VirtioDevice):
+    device_id = 1
+    name = "net"
+    legacy_features = 1 << F_GSO
+
+    def __init__(
+        self,
+        backend: NetBackend,
+        *,
+        mac: str = "52:54:00:12:34:56",
+        queue_pairs: int = 1,
+        mrg_rxbuf: bool = True,
+        queue_max_size: int | None = None,
+        backlog: int = 256,
+    ) -> None:
+        if not 1 <= queue_pairs <= 0x8000:
+            raise ValueError(f"queue_pairs {queue_pairs} not in 1..32768")
+        features = OFFERED | (1 << F_MRG_RXBUF if mrg_rxbuf else 0)
+        features |= 1 << F_MQ if queue_pairs > 1 else 0
+        super().__init__(2 * queue_pairs + 1, features, queue_max_size)
+        self.max_pairs = queue_pairs
+        self.default_mac = parse_mac(mac)
+        self.backlog_limit = backlog
+        self.stats = NetStats()
+        self.backend = backend
+        # frames from backend threads; the only state shared with them
+        self._inbox: deque[bytes] = deque()
+        self._clear_state()
+        backend.attach(self)
+
+    def _clear_state(self) -> None:
+        self.mac = self.default_mac
+        self.status = S_LINK_UP
+        self.active_pairs = 1
+        self.filter = RxFilter()
+        self.guest_offloads = 0
+        self._backlog: list[deque[bytes]] = [deque() for _ in range(self.max_pairs)]
+        self._held: list[deque[Chain]] = [deque() for _ in range(self.max_pairs)]
+
+    # -- config space --
+
+    def config_bytes(self) -> bytes:
+        return self.mac + struct.pack("<HH", self.status, self.max_pairs)
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        # a legacy driver without CTRL_MAC_ADDR sets its MAC by writing config space
+        if not self.has(F_VERSION_1) and 0 <= offset and offset + size <= 6:
+            mac = bytearray(self.mac)
+            mac[offset : offset + size] = value.to_bytes(size, "little")
+            self.mac = bytes(mac)
+        else:
+            super().write_config(offset, size, value)
+
+    def accept_features(self, features: int) -> bool:
+        if features & NEEDS_CTRL_VQ and not features >> F_CTRL_VQ & 1:
+            return False
+        return super().accept_features(features)
+
+    # -- lifecycle --
+
+    def activate(self, mem: GuestMemory, features: int) -> None:
+        self.filter.vlans = set() if features >> F_CTRL_VLAN & 1 else None
+        super().activate(mem, features)
+
+    def reset(self) -> None:
+        super().reset()
+        self._inbox.clear()
+        self._clear_state()
+
+    def close(self) -> None:
+        self.backend.close()  # first: its thread calls deliver() and so wake()
+        super().close()
+
+    def announce(self) -> None:
+        """Ask the guest to announce itself (gratuitous ARP), e.g. after migration."""
+        if self.has(F_GUEST_ANNOUNCE):
+            self.status |= S_ANNOUNCE
+            self.on_config_change()
+
+    # -- rx: backend threads hand frames over, the device thread files them --
+
+    def deliver(self, frame: bytes) -> None:
+        """A frame from the backend for the guest; any thread, never blocks."""
+        if len(frame) > MAX_FRAME:
+            self.stats.rx_too_big += 1
+            return
+        if len(self._inbox) >= self.backlog_limit:
+            self.stats.rx_dropped += 1
+            return
+        self._inbox.append(frame)
+        self.wake()
+
+    def on_wake(self) -> None:
+        while self._inbox:
+            self._file(self._inbox.popleft())
+
+    def _file(self, frame: bytes) -> None:
+        if not self.filter.accepts(frame, self.mac):
+            self.stats.rx_filtered += 1
+            return
+        pair = flow_hash(frame) % self.active_pairs if self.active_pairs > 1 else 0
+        backlog = self._backlog[pair]
+        if len(backlog) >= self.backlog_limit:
+            self.stats.rx_dropped += 1
+        else:
+            backlog.append(frame)
+
+    @property
+    def hdr_len(self) -> int:
+        return 12 if self.has(F_VERSION_1) or self.has(F_MRG_RXBUF) else 10
+
+    def _layout_pairs(self) -> int:
+        return self.max_pairs if self.has(F_MQ) else 1
+
+    def wants_poll(self, q: Virtqueue) -> bool:
+        pair, odd = divmod(q.index, 2)
+        return not odd and pair < self.active_pairs and bool(self._backlog[pair])
+
+    def handle_queue(self, q: Virtqueue) -> None:
+        pairs = self._layout_pairs()
+        if q.index < 2 * pairs:
+            if q.index % 2:
+                self._serve_tx(q)
+            else:
+                self._serve_rx(q)
+        elif q.index == 2 * pairs and self.has(F_CTRL_VQ):
+            self._serve_ctrl(q)
+        else:
+            log.info("net: kick on queue %d, not in the negotiated layout", q.index)
+
+    def _serve_rx(self, q: Virtqueue) -> None:
+        pair = q.index // 2
+        backlog, held = self._backlog[pair], self._held[pair]
+        heads: list[int] = []
+        lengths: list[int] = []
+        while backlog:
+            frame = backlog[0]
+            need = self.hdr_len + len(frame)
+            bufs = self._rx_buffers(q, held, need, len(backlog))
+            if bufs is None:  # ring empty: wait for the guest's kick
+                if q.set_kicks(True):
+                    continue
+                break
+            backlog.popleft()
+            if sum(c.in_len for c in bufs) < need:
+                self.stats.rx_too_big += 1
+                # without MRG_RXBUF the too-small buffer goes back empty; with it, a frame
+                # bigger than the whole ring gets [] and the buffers stay for the next one
+                heads.extend(c.head for c in bufs)
+                lengths.extend(0 for _ in bufs)
+                continue
+            hdr = bytearray(self.hdr_len)
+            if self.hdr_len == 12:
+                hdr[10:12] = len(bufs).to_bytes(2, "little")
+            data = memoryview(bytes(hdr) + frame)
+            for c in bufs:
+                n = scatter(self.mem, c, data)
+                data = data[n:]
+                heads.append(c.head)
+                lengths.append(n)
+            self.stats.rx_frames += 1
+        if heads:
+            q.push(heads, lengths)
+
+    def _rx_buffers(
+        self, q: Virtqueue, held: deque[Chain], need: int, frames: int
+    ) -> list[Chain] | None:
+        """Chains for one frame, or None when the ring has too few right now.
+
+        Without MRG_RXBUF that is always one chain (the caller checks it is big enough).
+        Chains popped beyond one frame's need stay held for the next frames.
+        """
+        mrg = self.has(F_MRG_RXBUF)
+        cap = n = 0
+        while True:
+            while n < len(held):
+                cap += held[n].in_len
+                n += 1
+                if cap >= need or not mrg:
+                    return [held.popleft() for _ in range(n)]
+            batch = q.pop(min(BATCH, max(frames, 1)) if not mrg else BATCH)
+            if not len(batch):
+                return [] if mrg and len(held) >= q.size else None
+            held.extend(chains(batch))
+
+    # -- tx --
+
+    def _serve_tx(self, q: Virtqueue) -> None:
+        while True:
+            q.set_kicks(False)
+            while len(batch := q.pop(BATCH)):
+                for c in chains(batch):
+                    self._transmit(c)
+                q.push(batch.heads, [0] * len(batch))
+            if not q.set_kicks(True):
+                return
+
+    def _transmit(self, chain: Chain) -> None:
+        # the header is not looked at: no CSUM/HOST_TSO is offered, and a legacy GSO
+        # frame goes out unsegmented
+        data = gather(self.mem, chain, self.hdr_len + MAX_FRAME)
+        if data is None or len(data) < self.hdr_len + ETH_HLEN:
+            self.stats.tx_errors += 1
+            return
+        self.stats.tx_frames += 1
+        self.backend.send(data[self.hdr_len :])
+
+    # -- control queue --
+
+    def _serve_ctrl(self, q: Virtqueue) -> None:
+        while True:
+            q.set_kicks(False)
+            while len(batch := q.pop(BATCH)):
+                lengths = []
+                for c in chains(batch):
+                    cmd = gather(self.mem, c, CTRL_MAX)
+                    ack = self._command(cmd) if cmd is not None else ACK_ERR
+                    lengths.append(scatter(self.mem, c, bytes([ack])))
+                q.push(batch.heads, lengths)
+            if not q.set_kicks(True):
+                return
+
+    def _command(self, cmd: bytes) -> int:
+        if len(cmd) < 2:
+            log.info("net: control command of %d bytes", len(cmd))
+            return ACK_ERR
+        cls, op, body = cmd[0], cmd[1], cmd[2:]
+        handler = {
+            CTRL_RX: self._cmd_rx,
+            CTRL_MAC: self._cmd_mac,
+            CTRL_VLAN: self._cmd_vlan,
+            CTRL_ANNOUNCE: self._cmd_announce,
+            CTRL_MQ: self._cmd_mq,
+            CTRL_GUEST_OFFLOADS: self._cmd_offloads,
+        }.get(cls)
+        ok = handler is not None and handler(op, body)
+        if not ok:
+            log.info("net: control class %d command %d (%d bytes) refused", cls, op, len(body))
+        return ACK_OK if ok else ACK_ERR
+
+    def _cmd_rx(self, op: int, body: bytes) -> bool:
+        names = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")
+        needs = F_CTRL_RX if op <= RX_ALLMULTI else F_CTRL_RX_EXTRA
+        if op >= len(names) or not self.has(needs) or len(body) != 1:
+            return False
+        setattr(self.filter, names[op], bool(body[0]))
+        return True
+
+    def _cmd_mac(self, op: int, body: bytes) -> bool:
+        if op == MAC_ADDR_SET and self.has(F_CTRL_MAC_ADDR) and len(body) == 6:
+            self.mac = bytes(body)
+            return True
+        if op != MAC_TABLE_SET or not self.has(F_CTRL_RX):
+            return False
+        tables = parse_mac_tables(body)
+        if tables is None:
+            return False
+        uni, multi = tables
+        f = self.filter
+        f.uni_overflow = len(uni) > MAC_TABLE_ENTRIES
+        f.multi_overflow = len(multi) > MAC_TABLE_ENTRIES
+        f.uni = set() if f.uni_overflow else set(uni)
+        f.multi = set() if f.multi_overflow else set(multi)
+        return True
+
+    def _cmd_vlan(self, op: int, body: bytes) -> bool:
+        vlans = self.filter.vlans
+        if vlans is None or op not in (VLAN_ADD, VLAN_DEL) or len(body) != 2:
+            return False
+        vid = int.from_bytes(body, "little")
+        if vid >= 4096:
+            return False
+        if op == VLAN_ADD:
+            vlans.add(vid)
+        else:
+            vlans.discard(vid)
+        return True
+
+    def _cmd_announce(self, op: int, body: bytes) -> bool:
+        if op != ANNOUNCE_ACK or not self.has(F_GUEST_ANNOUNCE) or body:
+            return False
+        self.status &= ~S_ANNOUNCE
+        return True
+
+    def _cmd_mq(self, op: int, body: bytes) -> bool:
+        if op != MQ_VQ_PAIRS_SET or not self.has(F_MQ) or len(body) != 2:
+            return False
+        pairs = int.from_bytes(body, "little")
+        if not 1 <= pairs <= self.max_pairs:
+            return False
+        self.active_pairs = pairs
+        # frames waiting on pairs that just went idle are spread over the active ones
+        for backlog in self._backlog[pairs:]:
+            while backlog:
+                self._file(backlog.popleft())
+        return True
+
+    def _cmd_offloads(self, op: int, body: bytes) -> bool:
+        if op != GUEST_OFFLOADS_SET or not self.has(F_CTRL_GUEST_OFFLOADS) or len(body) != 8:
+            return False
+        offloads = int.from_bytes(body, "little")
+        if offloads & ~(self.driver_features & GUEST_OFFLOAD_BITS):
+            return False
+        self.guest_offloads = offloads
+        return True
