@@ -390,18 +390,24 @@ def test_write_zeroes(open_blk, tmp_path, where, flags):
         path.unlink()
 
 
-@pytest.mark.parametrize("rtype", [blk.T_DISCARD, blk.T_WRITE_ZEROES])
+@pytest.mark.parametrize(
+    "rtype", [blk.T_DISCARD, blk.T_WRITE_ZEROES], ids=["discard", "write-zeroes"]
+)
 @pytest.mark.parametrize(
     "payload,status",
     [
-        (dwz_payload([(0, 8, 2)]), S_UNSUPP),  # unknown flag
-        (dwz_payload([(0, 8, 0x80000000)]), S_UNSUPP),
-        (dwz_payload([(CAPACITY - 4, 8, 0)]), S_IOERR),  # beyond capacity
-        (dwz_payload([(2**64 - 1, 1, 0)]), S_IOERR),
-        (dwz_payload([(0, MAX_DWZ_SECTORS + 1, 0)]), S_IOERR),
-        (dwz_payload([(i, 1, 0) for i in range(MAX_DWZ_SEGMENTS + 1)]), S_UNSUPP),
-        (dwz_payload([(0, 8, 0)])[:15], S_IOERR),  # not whole segments
-        (b"", S_IOERR),  # no segment
+        pytest.param(dwz_payload([(0, 8, 2)]), S_UNSUPP, id="unknown-flag"),
+        pytest.param(dwz_payload([(0, 8, 0x80000000)]), S_UNSUPP, id="high-flag"),
+        pytest.param(dwz_payload([(CAPACITY - 4, 8, 0)]), S_IOERR, id="beyond-capacity"),
+        pytest.param(dwz_payload([(2**64 - 1, 1, 0)]), S_IOERR, id="sector-wraps"),
+        pytest.param(dwz_payload([(0, MAX_DWZ_SECTORS + 1, 0)]), S_IOERR, id="too-long"),
+        pytest.param(
+            dwz_payload([(i, 1, 0) for i in range(MAX_DWZ_SEGMENTS + 1)]),
+            S_UNSUPP,
+            id="too-many-segments",
+        ),
+        pytest.param(dwz_payload([(0, 8, 0)])[:15], S_IOERR, id="partial-segment"),
+        pytest.param(b"", S_IOERR, id="no-segment"),
     ],
 )
 def test_bad_discard_and_write_zeroes_segments(open_blk, image, rtype, payload, status):

@@ -141,8 +141,8 @@ class BlkDevice(VirtioDevice):
             features |= 1 << F_RO
         if num_queues > 1:
             features |= 1 << F_MQ
+        self.file = BlockFile(path, readonly=readonly)  # first: fails before fds are made
         super().__init__(num_queues, features, queue_max_size)
-        self.file = BlockFile(path, readonly=readonly)
         self.readonly = readonly
         self.block_size = lbs
         self.capacity = self.file.size // lbs * (lbs // SECTOR)  # in 512-byte sectors

@@ -33,8 +33,8 @@ class RngDevice(VirtioDevice):
     name = "rng"
 
     def __init__(self, source: Source = None, *, queue_max_size: int | None = None) -> None:
+        self.source = EntropySource(source)  # first: fails before fds are made
         super().__init__(1, 0, queue_max_size)
-        self.source = EntropySource(source)
 
     def close(self) -> None:
         super().close()
