@@ -482,9 +482,12 @@ def test_writeback_does_not_sync_writethrough_syncs_each_batch(open_blk, monkeyp
     assert b.drv.config_read(32, 1) == 0
     assert b.write(0, bytes(512)) == S_OK and syncs == [1]
     assert b.read(0, 1) and syncs == [1]  # reads need no sync
-    tokens = [b.submit(blk.T_OUT, i, out=bytes(512)) for i in range(8)]
-    assert len(b.wait(count=len(tokens))) == 8
-    assert 2 <= syncs[0] <= 9  # once per batch, not per request
+    dq = b.drv.queues[0]  # 8 writes made available with one kick: one batch, one sync
+    for i in range(8):
+        dq.add([header(blk.T_OUT, i), bytes(512)], [1])
+    b.drv.kick(0)
+    assert all(status_of(c) == S_OK for c in b.wait(count=8))
+    assert syncs == [2]
     b.drv.config_write(32, 1, 7)  # not a cache mode: ignored
     b.drv.config_write(32, 4, 1)  # wrong width: ignored
     assert b.drv.config_read(32, 1) == 0
