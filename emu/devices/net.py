@@ -121,11 +121,15 @@ def parse_mac(mac: str) -> bytes:
 
 @dataclass
 class NetStats:
+    """Counters; each has one writer thread (``rx_overrun`` the backend's, the rest the
+    device's), so ``+=`` needs no lock."""
+
     tx_frames: int = 0
     tx_errors: int = 0  # chains without a header or frame, or over MAX_FRAME
     rx_frames: int = 0
     rx_filtered: int = 0  # refused by the rx filter (or runts)
     rx_dropped: int = 0  # backlog full: the guest is not posting buffers fast enough
+    rx_overrun: int = 0  # inbox full: the device thread is not keeping up (or not running)
     rx_too_big: int = 0  # larger than the buffers the guest posted
 
 
@@ -282,11 +286,8 @@ class NetDevice(VirtioDevice):
 
     def deliver(self, frame: bytes) -> None:
         """A frame from the backend for the guest; any thread, never blocks."""
-        if len(frame) > MAX_FRAME:
-            self.stats.rx_too_big += 1
-            return
         if len(self._inbox) >= self.backlog_limit:
-            self.stats.rx_dropped += 1
+            self.stats.rx_overrun += 1
             return
         self._inbox.append(frame)
         self.wake()
@@ -296,6 +297,9 @@ class NetDevice(VirtioDevice):
             self._file(self._inbox.popleft())
 
     def _file(self, frame: bytes) -> None:
+        if len(frame) > MAX_FRAME:
+            self.stats.rx_too_big += 1
+            return
         if not self.filter.accepts(frame, self.mac):
             self.stats.rx_filtered += 1
             return
