@@ -159,6 +159,35 @@ def test_legacy_transport_header_and_gso_offer(rig, mrg):
     assert got == frame and len(hdr) == ga.hdr_len
 
 
+def test_legacy_driver_sets_its_mac_through_config_space(rig):
+    a, b = Cable.pair()
+    _, ga = rig.nic(a, version=1, dev={"mac": MAC_A})
+    db, gb = rig.nic(b, version=1, dev={"mac": MAC_B})
+    new = mac("52:54:00:00:00:bb")
+    for i, byte in enumerate(new):
+        gb.drv.config_write(i, 1, byte)
+    assert gb.mac == new
+    ga.send(ether(mac(MAC_B), ga.mac, b"old address"))
+    ga.send(ether(new, ga.mac, b"new address"))
+    assert gb.recv()[1] == ether(new, ga.mac, b"new address")
+    assert db.stats.rx_filtered == 1
+
+
+def test_modern_driver_cannot_write_the_mac(rig):
+    _, g = rig.nic(Cable(), dev={"mac": MAC_A})
+    g.drv.config_write(0, 1, 0x02)
+    assert g.mac == mac(MAC_A)
+
+
+def test_mrg_frame_bigger_than_the_whole_ring_is_dropped(rig):
+    _, ga, db, gb = rig.cabled(queue_size=4, rx_buffers=4, rx_buf_size=64)
+    ga.send(ether(gb.mac, ga.mac, payload(1, 1000)))  # 4 x 64 bytes can never hold it
+    small = ether(gb.mac, ga.mac, payload(2, 30))
+    ga.send(small)
+    assert gb.recv()[1] == small
+    assert db.stats.rx_too_big == 1 and db.stats.rx_frames == 1
+
+
 def test_modern_transport_hides_gso(rig):
     _, g = rig.nic(Cable())
     assert not g.features >> net.F_GSO & 1

@@ -373,7 +373,10 @@ class NetDevice(VirtioDevice):
         """Chains for one frame, or None when the ring has too few right now.
 
         Without MRG_RXBUF that is always one chain (the caller checks it is big enough).
-        Chains popped beyond one frame's need stay held for the next frames.
+        Chains popped beyond one frame's need stay held for the next frames. With
+        MRG_RXBUF a frame that would need more than every ring entry gets [] (dropped);
+        on a ring of multi-descriptor chains that point is never reached, and such a
+        frame waits, as in QEMU, for buffers the guest may never post.
         """
         mrg = self.has(F_MRG_RXBUF)
         cap = n = 0
