@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from emu.backends.file import FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, BlockFile
 from emu.devices import blk
@@ -23,6 +25,7 @@ from emu.devices.blk import (
     SECTOR,
     BlkDevice,
 )
+from emu.memory import GuestMemory
 from emu.queue import _cring
 from emu.ringdefs import Batch
 from emu.testing.blk import BlkDriver, BlkStatusError, dwz_payload, header, status_of
@@ -557,3 +560,54 @@ def test_block_file_zeroing_falls_back_to_writing_zeros(tmp_path):
     assert data[:512] == b"\xff" * 512
     assert data[512 : 512 + 3072] == bytes(3072)
     assert data[512 + 3072 :] == b"\xff" * (65536 - 3584)
+
+
+# -- whatever the guest sends, the device answers or asks for a reset, and goes on --
+
+_TYPES = st.sampled_from([blk.T_IN, blk.T_OUT, blk.T_FLUSH, blk.T_GET_ID, blk.T_DISCARD])
+_SECTORS = st.one_of(
+    st.integers(0, CAPACITY + 8), st.integers(0, 2**64 - 1), st.sampled_from([0, CAPACITY - 1])
+)
+
+
+@st.composite
+def hostile_requests(draw) -> tuple[list[bytes], list[int]]:
+    rtype = draw(st.one_of(_TYPES, st.integers(0, 2**32 - 1)))
+    hdr = header(rtype, draw(_SECTORS), draw(st.integers(0, 2**32 - 1)))
+    hdr = hdr[: draw(st.sampled_from([16, 16, 16, 0, 5, 15]))]
+    data = draw(st.sampled_from([0, 512, 1024, 100, 16, 32, 4096]))
+    cuts = sorted(draw(st.lists(st.integers(0, len(hdr) + data), max_size=3)))
+    stream = hdr + bytes(data)
+    out = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    in_sizes = draw(st.lists(st.sampled_from([0, 1, 7, 20, 512, 1025]), max_size=4))
+    return [o for o in out if o], in_sizes
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests=st.lists(hostile_requests(), min_size=1, max_size=6))
+def test_hostile_requests_get_a_status_or_needs_reset(tmp_path_factory, requests):
+    path = tmp_path_factory.mktemp("hostile") / "disk.img"
+    path.write_bytes(bytes(IMAGE_SIZE))
+    mem = GuestMemory.create(16 << 20)
+    dev = BlkDevice(path)
+    drv = VirtioMmioDriver(MmioTransport(dev, mem), mem)
+    try:
+        b = BlkDriver.open(drv)
+        for out, in_sizes in requests:
+            if not out and not in_sizes:
+                continue
+            drv.submit(0, out, in_sizes)
+            try:
+                (c,) = drv.wait(0, timeout=5)
+            except DeviceNeedsReset:
+                assert sum(in_sizes) == 0  # only a chain without a status byte may do this
+                b = BlkDriver.open(drv)
+                continue
+            assert sum(in_sizes) > 0
+            assert status_of(c) in (S_OK, S_IOERR, S_UNSUPP)
+            assert 1 <= c.length <= len(c.data)
+        assert b.read(0, 1) is not None  # still serving
+    finally:
+        drv.reset()
+        dev.close()
+        mem.close()
