@@ -46,6 +46,8 @@ from emu.ringdefs import (
 
 cnp.import_array()
 
+cdef type _Batch = Batch
+
 if sys.byteorder != "little":
     raise ImportError("emu._ring reads guest memory as little-endian; use EMU_RING=python")
 
@@ -70,6 +72,9 @@ cdef extern from *:
     void ring_release() noexcept nogil
     void ring_full_barrier() noexcept nogil
 
+cdef extern from "Python.h":
+    object PyType_GenericAlloc(type t, Py_ssize_t nitems)
+
 cdef enum:
     F_NEXT = 1
     F_WRITE = 2
@@ -84,6 +89,8 @@ cdef enum:
     PAGE_SHIFT = 12
     PUSHING = 1 << 31  # temporary mark on nd[head] while a push is being validated
 
+cdef uint64_t MAX_CHAIN_LEN = 0xFFFFFFFF  # typed: a bare literal would be compared as a Python int
+
 cdef struct Region:
     uint64_t gpa
     uint64_t size
@@ -94,6 +101,26 @@ cdef struct Area:
     uint8_t *p  # host address of the ring area
     uint8_t *dirty  # dirty map of its region
     uint64_t off  # offset of the area inside its region
+
+
+cdef enum Err:
+    E_OK = 0
+    E_AVAIL_JUMP  # AvailIndexError
+    E_HEAD  # DescriptorIndexError: head >= size
+    E_NEXT  # DescriptorIndexError: NEXT index past the table
+    E_HEAD_INFLIGHT  # BufferIdError
+    E_ID  # BufferIdError: packed id >= size
+    E_ID_INFLIGHT  # BufferIdError
+    E_LOOP  # ChainLoopError
+    E_NESTED  # IndirectError ...
+    E_NOT_NEGOTIATED
+    E_INDIRECT_NEXT
+    E_TABLE_LEN
+    E_TABLE_ADDR  # RingAddressError
+    E_BUF_ADDR  # RingAddressError
+    E_ORDER  # DescriptorOrderError
+    E_LENGTH  # ChainLengthError
+    E_NOMEM  # MemoryError growing the scratch arrays
 
 
 cdef inline bint need_event(uint16_t event, uint16_t new, uint16_t old) noexcept nogil:
@@ -120,42 +147,93 @@ cdef inline int find(_Ring r, uint64_t addr, uint64_t length) noexcept:
     return -1
 
 
-cdef inline int add_seg(_Ring r, uint64_t addr, uint32_t length, uint16_t flags) except -1:
+cdef inline int fail(_Ring r, int err, uint64_t a, uint64_t b) noexcept:
+    """Record what went wrong for raise_error; returns the error code."""
+    r.err_a, r.err_b = a, b
+    return err
+
+
+cdef int raise_error(_Ring r, int err) except -1:
+    """Turn a walk's error code into the RingError that pyring raises for the same input."""
+    a, b = r.err_a, r.err_b
+    if err == E_AVAIL_JUMP:
+        raise AvailIndexError(f"avail idx moved by {a} > queue size {r.size}")
+    if err == E_HEAD:
+        raise DescriptorIndexError(f"head {a} >= queue size {r.size}")
+    if err == E_NEXT:
+        raise DescriptorIndexError(f"next index {a} >= {b}")
+    if err == E_HEAD_INFLIGHT:
+        raise BufferIdError(f"head {a} is already in flight")
+    if err == E_ID:
+        raise BufferIdError(f"buffer id {a} >= queue size {r.size}")
+    if err == E_ID_INFLIGHT:
+        raise BufferIdError(f"buffer id {a} is already in flight")
+    if err == E_LOOP:
+        raise ChainLoopError(f"chain has more than {a} descriptors")
+    if err == E_NESTED:
+        raise IndirectError("indirect descriptor inside an indirect table")
+    if err == E_NOT_NEGOTIATED:
+        raise IndirectError("INDIRECT_DESC was not negotiated")
+    if err == E_INDIRECT_NEXT:
+        raise IndirectError("descriptor has both INDIRECT and NEXT")
+    if err == E_TABLE_LEN:
+        raise IndirectError(f"bad indirect table length {b}")
+    if err == E_TABLE_ADDR:
+        raise RingAddressError(f"indirect table {a:#x}+{b:#x} outside RAM")
+    if err == E_BUF_ADDR:
+        raise RingAddressError(f"buffer {a:#x}+{b:#x} is outside guest RAM")
+    if err == E_ORDER:
+        raise DescriptorOrderError(f"readable buffer {a:#x} after a writable one")
+    if err == E_LENGTH:
+        raise ChainLengthError("chain is longer than 2^32 - 1 bytes")
+    if err == E_NOMEM:
+        raise MemoryError()
+    raise AssertionError(f"unknown ring error {err}")
+
+
+cdef inline int add_seg(_Ring r, uint64_t addr, uint32_t length, uint16_t flags) noexcept:
+    """Check one buffer (order, bounds, total length) and append it to the scratch arrays."""
     cdef bint w = (flags & F_WRITE) != 0
     if r.c_wrote and not w:
-        raise DescriptorOrderError(f"readable buffer {addr:#x} after a writable one")
+        return fail(r, E_ORDER, addr, 0)
     if find(r, addr, length) < 0:
-        raise RingAddressError(f"buffer {addr:#x}+{length:#x} is outside guest RAM")
+        return fail(r, E_BUF_ADDR, addr, length)
     r.c_total += length
-    if r.c_total > 0xFFFFFFFF:
-        raise ChainLengthError("chain is longer than 2^32 - 1 bytes")
-    if r.nseg == r.cap_segs:
-        r.grow_segs()
+    if r.c_total > MAX_CHAIN_LEN:
+        return fail(r, E_LENGTH, 0, 0)
+    if r.nseg == r.cap_segs and r.grow_segs() < 0:
+        return E_NOMEM
     r.o_addr[r.nseg] = addr
     r.o_len[r.nseg] = length
     r.o_wr[r.nseg] = w
     r.nseg += 1
     r.c_wrote = r.c_wrote or w
-    return 0
+    return E_OK
 
 
-cdef const uint8_t *check_indirect(
-    _Ring r, uint64_t addr, uint32_t length, uint16_t flags, bint nested
-) except NULL:
-    """Host address of a valid indirect table (see pyring._Ring._check_indirect)."""
+cdef int check_indirect(
+    _Ring r, uint64_t addr, uint32_t length, uint16_t flags, bint nested, const uint8_t **table
+) noexcept:
+    """Set ``table`` to the host address of a valid indirect table (pyring._check_indirect)."""
     cdef int k
     if nested:
-        raise IndirectError("indirect descriptor inside an indirect table")
+        return fail(r, E_NESTED, 0, 0)
     if not r.indirect:
-        raise IndirectError("INDIRECT_DESC was not negotiated")
+        return fail(r, E_NOT_NEGOTIATED, 0, 0)
     if flags & F_NEXT:
-        raise IndirectError("descriptor has both INDIRECT and NEXT")
+        return fail(r, E_INDIRECT_NEXT, 0, 0)
     if length == 0 or length % 16 or length // 16 > r.size:
-        raise IndirectError(f"bad indirect table length {length}")
+        return fail(r, E_TABLE_LEN, addr, length)
     k = find(r, addr, length)
     if k < 0:
-        raise RingAddressError(f"indirect table {addr:#x}+{length:#x} outside RAM")
-    return r.regions[k].data + (addr - r.regions[k].gpa)
+        return fail(r, E_TABLE_ADDR, addr, length)
+    table[0] = r.regions[k].data + (addr - r.regions[k].gpa)
+    return E_OK
+
+
+cdef inline void begin_chain(_Ring r) noexcept:
+    r.c_total = 0
+    r.c_wrote = False
 
 
 cdef inline void fetched(_Ring r, uint16_t head, uint32_t ndesc) noexcept:
@@ -175,18 +253,149 @@ cdef cnp.ndarray copy_out(const void *src, cnp.npy_intp n, int typenum, size_t i
     return a
 
 
-cdef cnp.ndarray as_1d(object values, int typenum, object dtype):
-    """The caller's array when it already is 1-D contiguous native ``dtype``, else a copy."""
+cdef cnp.ndarray as_1d(object values, int typenum):
+    """The caller's array when it already is 1-D contiguous native ``typenum``, else a copy."""
     cdef cnp.ndarray a
     if cnp.PyArray_Check(values):
         a = <cnp.ndarray>values
         if (cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_NDIM(a) == 1
                 and cnp.PyArray_IS_C_CONTIGUOUS(a) and not cnp.PyArray_ISBYTESWAPPED(a)):
             return a
-    a = np.ascontiguousarray(values, dtype)
+    a = np.ascontiguousarray(values, cnp.PyArray_DescrFromType(typenum))
     if a.ndim != 1:
         raise ValueError("push takes one-dimensional arrays")
     return a
+
+
+# -- the split ring's hot path --
+
+
+cdef int split_walk(_Ring r, uint16_t head) noexcept:
+    """Follow one chain into the scratch arrays and record it as fetched."""
+    cdef const uint8_t *table = r.desc.p
+    cdef const uint8_t *d
+    cdef uint32_t limit = r.size, i = head, steps = 0, ndesc = 0, length
+    cdef uint64_t addr
+    cdef uint16_t flags
+    cdef bint nested = False
+    cdef int err
+    begin_chain(r)
+    while True:
+        steps += 1
+        if steps > limit:
+            return fail(r, E_LOOP, limit, 0)
+        d = table + 16 * i
+        addr = ring_ld64(d)
+        length = ring_ld32(d + 8)
+        flags = ring_ld16(d + 12)
+        if not nested:
+            ndesc += 1
+        if flags & F_INDIRECT:
+            err = check_indirect(r, addr, length, flags, nested, &table)
+            if err:
+                return err
+            limit, i, steps, nested = length // 16, 0, 0, True
+            continue
+        err = add_seg(r, addr, length, flags)
+        if err:
+            return err
+        if not flags & F_NEXT:
+            fetched(r, head, ndesc)
+            return E_OK
+        i = ring_ld16(d + 14)
+        if i >= limit:
+            return fail(r, E_NEXT, i, limit)
+
+
+cdef int split_pop(_Ring r, Py_ssize_t max_chains) noexcept:
+    cdef uint16_t avail, head
+    cdef uint32_t k, count
+    cdef int err
+    r.nchains = r.nseg = 0
+    avail = ring_ld16(r.drv.p + 2) - r.next_avail
+    ring_acquire()
+    if avail > r.size:
+        return fail(r, E_AVAIL_JUMP, avail, 0)
+    count = avail if avail < max_chains else max_chains
+    for k in range(count):
+        head = ring_ld16(r.drv.p + 4 + 2 * (r.next_avail & (r.size - 1)))
+        if head >= r.size:
+            return fail(r, E_HEAD, head, 0)
+        if r.nd[head]:
+            return fail(r, E_HEAD_INFLIGHT, head, 0)
+        err = split_walk(r, head)
+        if err:
+            return err
+        r.next_avail += 1
+    return E_OK
+
+
+# -- the packed ring's hot path --
+
+
+cdef inline bint packed_avail(_Ring r) noexcept:
+    cdef uint16_t flags = ring_ld16(r.desc.p + 16 * r.next_avail + 14)
+    return (((flags & F_AVAIL) != 0) == r.avail_wrap
+            and ((flags & F_USED) != 0) != r.avail_wrap)
+
+
+cdef int packed_walk(_Ring r) noexcept:
+    """Follow the chain at next_avail through consecutive slots into the scratch arrays."""
+    cdef uint32_t slot = r.next_avail, steps = 0, k, length
+    cdef bint wrap = r.avail_wrap
+    cdef const uint8_t *d
+    cdef const uint8_t *t
+    cdef uint64_t addr
+    cdef uint16_t flags, buf_id, t_flags
+    cdef int err
+    begin_chain(r)
+    while True:
+        steps += 1
+        if steps > r.size:
+            return fail(r, E_LOOP, r.size, 0)
+        d = r.desc.p + 16 * slot
+        addr = ring_ld64(d)
+        length = ring_ld32(d + 8)
+        buf_id = ring_ld16(d + 12)
+        flags = ring_ld16(d + 14)
+        if flags & F_INDIRECT:
+            err = check_indirect(r, addr, length, flags, False, &t)
+            if err:
+                return err
+            for k in range(length // 16):
+                t_flags = ring_ld16(t + 16 * k + 14)
+                if t_flags & F_INDIRECT:
+                    return fail(r, E_NESTED, 0, 0)
+                err = add_seg(r, ring_ld64(t + 16 * k), ring_ld32(t + 16 * k + 8), t_flags)
+                if err:
+                    return err
+        else:
+            err = add_seg(r, addr, length, flags)
+            if err:
+                return err
+        slot += 1
+        if slot == r.size:
+            slot, wrap = 0, not wrap
+        if not flags & F_NEXT:
+            break
+    if buf_id >= r.size:
+        return fail(r, E_ID, buf_id, 0)
+    if r.nd[buf_id]:
+        return fail(r, E_ID_INFLIGHT, buf_id, 0)
+    fetched(r, buf_id, steps)
+    r.next_avail, r.avail_wrap = slot, wrap
+    return E_OK
+
+
+cdef int packed_pop(_Ring r, Py_ssize_t max_chains) noexcept:
+    cdef int err
+    r.nchains = r.nseg = 0
+    while r.nchains < max_chains and packed_avail(r):
+        ring_acquire()
+        err = packed_walk(r)
+        if err:
+            return err
+    return E_OK
 
 
 cdef class _Ring:
@@ -213,9 +422,10 @@ cdef class _Ring:
     cdef uint8_t *o_wr
     cdef size_t cap_segs
     cdef uint32_t nchains, nseg
-    # the chain being walked
+    # the chain being walked, and what the last error was about
     cdef uint64_t c_total
     cdef bint c_wrote
+    cdef uint64_t err_a, err_b
 
     def __dealloc__(self):
         free(self.regions)
@@ -275,30 +485,27 @@ cdef class _Ring:
             self.nd[k] = 0
         self.o_starts[0] = 0
 
-    cdef int grow_segs(self) except -1:
+    cdef int grow_segs(self) noexcept:
+        """Double the segment scratch arrays; -1 when out of memory."""
         cdef size_t cap = 2 * self.cap_segs
         cdef void *p = realloc(self.o_addr, cap * sizeof(uint64_t))
         if p == NULL:
-            raise MemoryError()
+            return -1
         self.o_addr = <uint64_t *>p
         p = realloc(self.o_len, cap * sizeof(uint32_t))
         if p == NULL:
-            raise MemoryError()
+            return -1
         self.o_len = <uint32_t *>p
         p = realloc(self.o_wr, cap)
         if p == NULL:
-            raise MemoryError()
+            return -1
         self.o_wr = <uint8_t *>p
         self.cap_segs = cap
         return 0
 
-    cdef inline void begin_chain(self) noexcept:
-        self.c_total = 0
-        self.c_wrote = False
-
     cdef object batch(self):
         """Copy this pop's scratch into a Batch the caller owns."""
-        b = Batch.__new__(Batch)
+        b = PyType_GenericAlloc(_Batch, 0)  # Batch.__new__ without the attribute lookups
         b.heads = copy_out(self.o_heads, self.nchains, cnp.NPY_UINT16, 2)
         b.chain_start = copy_out(self.o_starts, self.nchains + 1, cnp.NPY_UINT32, 4)
         b.addr = copy_out(self.o_addr, self.nseg, cnp.NPY_UINT64, 8)
@@ -388,59 +595,16 @@ cdef class SplitRing(_Ring):
         return ring_ld16(self.drv.p + 2) != self.next_avail
 
     def pop(self, Py_ssize_t max_chains):
-        cdef uint16_t avail, head
-        cdef uint32_t k, count
         if max_chains <= 0:
             return Batch.empty()
-        avail = ring_ld16(self.drv.p + 2) - self.next_avail
-        ring_acquire()
-        if avail > self.size:
-            raise AvailIndexError(f"avail idx moved by {avail} > queue size {self.size}")
-        count = avail if avail < max_chains else max_chains
-        self.nchains = self.nseg = 0
-        for k in range(count):
-            head = ring_ld16(self.drv.p + 4 + 2 * (self.next_avail & (self.size - 1)))
-            if head >= self.size:
-                raise DescriptorIndexError(f"head {head} >= queue size {self.size}")
-            if self.nd[head]:
-                raise BufferIdError(f"head {head} is already in flight")
-            self.begin_chain()
-            fetched(self, head, self.walk(head))
-            self.next_avail += 1
+        err = split_pop(self, max_chains)
+        if err:
+            raise_error(self, err)
         return self.batch()
 
-    cdef uint32_t walk(self, uint16_t head) except 0:
-        """Follow one chain into the scratch arrays; returns descriptors used in the table."""
-        cdef const uint8_t *table = self.desc.p
-        cdef const uint8_t *d
-        cdef uint32_t limit = self.size, i = head, steps = 0, ndesc = 0, length
-        cdef uint64_t addr
-        cdef uint16_t flags
-        cdef bint nested = False
-        while True:
-            steps += 1
-            if steps > limit:
-                raise ChainLoopError(f"chain from head {head} has more than {limit} descriptors")
-            d = table + 16 * i
-            addr = ring_ld64(d)
-            length = ring_ld32(d + 8)
-            flags = ring_ld16(d + 12)
-            if not nested:
-                ndesc += 1
-            if flags & F_INDIRECT:
-                table = check_indirect(self, addr, length, flags, nested)
-                limit, i, steps, nested = length // 16, 0, 0, True
-                continue
-            add_seg(self, addr, length, flags)
-            if not flags & F_NEXT:
-                return ndesc
-            i = ring_ld16(d + 14)
-            if i >= limit:
-                raise DescriptorIndexError(f"next index {i} >= {limit}")
-
     def push(self, heads, lengths):
-        cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16, np.uint16)
-        cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32, np.uint32)
+        cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16)
+        cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32)
         cdef Py_ssize_t i, n = cnp.PyArray_DIM(ha, 0)
         cdef const uint16_t *h = <const uint16_t *>cnp.PyArray_DATA(ha)
         cdef const uint32_t *ln = <const uint32_t *>cnp.PyArray_DATA(la)
@@ -492,64 +656,18 @@ cdef class PackedRing(_Ring):
     cdef object _index_limit(self):
         return self.size
 
-    cdef inline bint avail(self) noexcept:
-        cdef uint16_t flags = ring_ld16(self.desc.p + 16 * self.next_avail + 14)
-        return (((flags & F_AVAIL) != 0) == self.avail_wrap
-                and ((flags & F_USED) != 0) != self.avail_wrap)
-
     def pending(self):
-        return self.avail()
+        return packed_avail(self)
 
     def pop(self, Py_ssize_t max_chains):
-        self.nchains = self.nseg = 0
-        while self.nchains < max_chains and self.avail():
-            ring_acquire()
-            self.begin_chain()
-            self.walk()
+        err = packed_pop(self, max_chains)
+        if err:
+            raise_error(self, err)
         return self.batch()
 
-    cdef int walk(self) except -1:
-        """Follow the chain at next_avail through consecutive slots into the scratch arrays."""
-        cdef uint32_t slot = self.next_avail, steps = 0, k, length
-        cdef bint wrap = self.avail_wrap
-        cdef const uint8_t *d
-        cdef const uint8_t *t
-        cdef uint64_t addr
-        cdef uint16_t flags, buf_id, t_flags
-        while True:
-            steps += 1
-            if steps > self.size:
-                raise ChainLoopError(f"chain has more than {self.size} descriptors")
-            d = self.desc.p + 16 * slot
-            addr = ring_ld64(d)
-            length = ring_ld32(d + 8)
-            buf_id = ring_ld16(d + 12)
-            flags = ring_ld16(d + 14)
-            if flags & F_INDIRECT:
-                t = check_indirect(self, addr, length, flags, False)
-                for k in range(length // 16):
-                    t_flags = ring_ld16(t + 16 * k + 14)
-                    if t_flags & F_INDIRECT:
-                        raise IndirectError("indirect descriptor inside an indirect table")
-                    add_seg(self, ring_ld64(t + 16 * k), ring_ld32(t + 16 * k + 8), t_flags)
-            else:
-                add_seg(self, addr, length, flags)
-            slot += 1
-            if slot == self.size:
-                slot, wrap = 0, not wrap
-            if not flags & F_NEXT:
-                break
-        if buf_id >= self.size:
-            raise BufferIdError(f"buffer id {buf_id} >= queue size {self.size}")
-        if self.nd[buf_id]:
-            raise BufferIdError(f"buffer id {buf_id} is already in flight")
-        fetched(self, buf_id, steps)
-        self.next_avail, self.avail_wrap = slot, wrap
-        return 0
-
     def push(self, heads, lengths):
-        cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16, np.uint16)
-        cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32, np.uint32)
+        cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16)
+        cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32)
         cdef Py_ssize_t i, n = cnp.PyArray_DIM(ha, 0)
         cdef const uint16_t *h = <const uint16_t *>cnp.PyArray_DATA(ha)
         cdef const uint32_t *ln = <const uint32_t *>cnp.PyArray_DATA(la)
@@ -613,4 +731,4 @@ cdef class PackedRing(_Ring):
             ring_st16(self.dev.p + 2, EV_ENABLE)
             mark(&self.dev, 2, 2)
         ring_full_barrier()
-        return self.avail()
+        return packed_avail(self)
