@@ -27,6 +27,8 @@ CFG_NUM_QUEUES = 34
 
 
 class BlkStatusError(Exception):
+    """A read or GET_ID did not come back OK: there is no data to return."""
+
     def __init__(self, status: int) -> None:
         super().__init__(f"virtio-blk request failed with status {status}")
         self.status = status
