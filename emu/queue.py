@@ -8,6 +8,8 @@ raises the used-buffer notification itself when the ring says the driver wants o
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from emu import pyring
 from emu.memory import GuestMemory
-from emu.ringdefs import F_RING_PACKED, Batch, RingState
+from emu.ringdefs import F_RING_PACKED, Batch, InflightChain, RingState
 
 try:
     from emu import _ring as _cring
@@ -38,6 +40,13 @@ def ring_module(impl: str | None = None) -> Any:
 
 
 class Virtqueue:
+    """Queue configuration plus the ring, and what a stop needs to keep track of.
+
+    Every chain popped is remembered (its Batch and index, not a copy) until it is pushed,
+    so a stopped queue can report its in-flight chains with their segments, and a resumed
+    or restored one hands them to the device again, ahead of anything new, through ``pop``.
+    """
+
     def __init__(self, index: int, max_size: int) -> None:
         self.index = index
         self.max_size = max_size
@@ -45,6 +54,9 @@ class Virtqueue:
         self.notify: Callable[[], None] = lambda: None
         self.ring: Any = None
         self.impl: str | None = None
+        #: completion latency of the "delay" backend model: used entries are published
+        #: this many seconds after the request ran (see VirtioDevice.stop)
+        self.latency = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -53,43 +65,130 @@ class Virtqueue:
         self.ready = False
         self.desc = self.driver = self.device = 0
         self.ring = None
+        self.features = 0
+        self.halted = False
+        self.drop_pushes = False
+        self._chains: dict[int, tuple[Batch, int]] = {}
+        self._resubmit: list[InflightChain] = []
+        self._due: deque[tuple[float, np.ndarray, np.ndarray]] = deque()
 
     @property
     def packed(self) -> bool:
-        return bool(self.features >> F_RING_PACKED & 1) if self.ring is not None else False
+        return bool(self.features >> F_RING_PACKED & 1)
 
-    def start(self, mem: GuestMemory, features: int, state: RingState | None = None) -> None:
+    def start(
+        self,
+        mem: GuestMemory,
+        features: int,
+        state: RingState | None = None,
+        inflight: list[InflightChain] | None = None,
+    ) -> None:
         """Build the ring over guest memory once the driver has set the queue up.
 
-        Raises RingError when the configured areas are not usable (outside RAM, misaligned).
+        ``state`` and ``inflight`` restore a saved queue: the ring continues at the saved
+        indexes, and the in-flight chains come out of ``pop`` first. Raises RingError when
+        the configured areas are not usable (outside RAM, misaligned).
         """
         self.features = features
         mod = ring_module(self.impl)
         cls = mod.PackedRing if features >> F_RING_PACKED & 1 else mod.SplitRing
-        self.ring = cls(mem, self.size, self.desc, self.driver, self.device, features)
+        ring = cls(mem, self.size, self.desc, self.driver, self.device, features)
         if state is not None:
-            self.ring.set_state(state)
+            ring.set_state(state)
+        self.ring = ring
+        self._chains.clear()
+        self._due.clear()
+        self._resubmit = list(inflight or [])
 
     def stop(self) -> None:
         self.ring = None
+        self._chains.clear()
+        self._due.clear()
+        self._resubmit = []
 
     @property
     def started(self) -> bool:
         return self.ring is not None
 
+    # -- the request path --
+
     def pop(self, max_chains: int = 64) -> Batch:
-        return self.ring.pop(max_chains)
+        if self.halted:
+            return Batch.empty()
+        if self._resubmit:
+            return self._take_resubmit(max_chains)
+        batch = self.ring.pop(max_chains)
+        for i, head in enumerate(batch.heads.tolist()):
+            self._chains[head] = (batch, i)
+        return batch
 
     def push(self, heads: np.ndarray | list[int], lengths: np.ndarray | list[int]) -> None:
-        if self.ring.push(np.asarray(heads, np.uint16), np.asarray(lengths, np.uint32)):
+        heads = np.asarray(heads, np.uint16)
+        lengths = np.asarray(lengths, np.uint32)
+        if self.drop_pushes:  # report-mode stop: the chains stay in flight
+            return
+        if self.latency > 0:
+            self._due.append((time.monotonic() + self.latency, heads, lengths))
+            return
+        self._publish(heads, lengths)
+
+    def _publish(self, heads: np.ndarray, lengths: np.ndarray) -> None:
+        notify = self.ring.push(heads, lengths)
+        for head in heads.tolist():
+            self._chains.pop(head, None)
+        if notify:
             self.notify()
 
     def set_kicks(self, enabled: bool) -> bool:
         """Ask the driver to kick (or not); True when chains are waiting already."""
-        return self.ring.set_notify(enabled)
+        if self.halted:
+            return False
+        return bool(self._resubmit) or self.ring.set_notify(enabled)
+
+    # -- delayed completions (the delay backend model) --
+
+    def next_due(self) -> float | None:
+        return self._due[0][0] if self._due else None
+
+    def publish_due(self, now: float) -> None:
+        while self._due and self._due[0][0] <= now:
+            _, heads, lengths = self._due.popleft()
+            self._publish(heads, lengths)
+
+    def drop_due(self) -> None:
+        self._due.clear()
+
+    # -- stop / state --
 
     def state(self) -> RingState:
         return self.ring.state()
+
+    def inflight(self) -> list[InflightChain]:
+        """Chains fetched and not used, in fetch order, with their segments."""
+        chains = []
+        for head, ndesc in self.ring.state().inflight:
+            if head in self._chains:
+                batch, i = self._chains[head]
+                addr, length, writable = batch.segments(i)
+                segs = list(zip(addr.tolist(), length.tolist(), writable.tolist(), strict=True))
+            else:  # restored and not handed out again yet
+                segs = next(c.segments for c in self._resubmit if c.head == head)
+            chains.append(InflightChain(head, ndesc, segs))
+        return chains
+
+    def requeue_inflight(self) -> None:
+        """After a stop: hand every in-flight chain to the device again on the next pops."""
+        self._resubmit = self.inflight()
+        self._chains.clear()
+
+    def _take_resubmit(self, max_chains: int) -> Batch:
+        take, self._resubmit = self._resubmit[:max_chains], self._resubmit[max_chains:]
+        batch = Batch.from_chains([(c.head, c.segments) for c in take])
+        for i, c in enumerate(take):
+            self._chains[c.head] = (batch, i)
+        return batch
+
+    # -- kicks --
 
     def clear_kick(self) -> None:
         try:

@@ -105,6 +105,19 @@ class Batch:
         return self.addr[a:b], self.length[a:b], self.writable[a:b]
 
     @classmethod
+    def from_chains(cls, chains: list[tuple[int, list[tuple[int, int, bool]]]]) -> Batch:
+        """A Batch rebuilt from saved chains (in-flight requests handed out again)."""
+        segs = [s for _, chain in chains for s in chain]
+        starts = np.cumsum([0] + [len(chain) for _, chain in chains], dtype=np.uint32)
+        return cls(
+            np.array([h for h, _ in chains], np.uint16),
+            starts,
+            np.array([s[0] for s in segs], np.uint64),
+            np.array([s[1] for s in segs], np.uint32),
+            np.array([s[2] for s in segs], np.uint8),
+        )
+
+    @classmethod
     def empty(cls) -> Batch:
         return cls(
             np.zeros(0, np.uint16),
@@ -113,6 +126,15 @@ class Batch:
             np.zeros(0, np.uint32),
             np.zeros(0, np.uint8),
         )
+
+
+@dataclass
+class InflightChain:
+    """A chain fetched and not yet used: what a restored device must submit again."""
+
+    head: int
+    ndesc: int
+    segments: list[tuple[int, int, bool]]  # (addr, length, writable)
 
 
 @dataclass
