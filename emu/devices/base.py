@@ -15,7 +15,9 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
+from enum import Enum
 
 from emu.memory import GuestMemory, GuestMemoryError
 from emu.queue import Virtqueue
@@ -25,7 +27,9 @@ from emu.ringdefs import (
     F_RING_PACKED,
     F_RING_RESET,
     F_VERSION_1,
+    InflightChain,
     RingError,
+    RingState,
 )
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,18 @@ RING_FEATURES = (
 
 class DeviceError(Exception):
     """The guest asked for something the device cannot do; the device needs a reset."""
+
+
+class RunState(Enum):
+    IDLE = "idle"  # not activated (before DRIVER_OK, or after reset)
+    RUNNING = "running"
+    STOPPING = "stopping"  # stop requested, the device thread is quiescing
+    STOPPED = "stopped"  # no guest memory written, no interrupt raised until resume
+
+
+#: quiesce policies: finish and publish everything started, or publish nothing more and
+#: report what was fetched as in flight
+POLICIES = ("drain", "report")
 
 
 class VirtioDevice:
@@ -66,6 +82,14 @@ class VirtioDevice:
         self._thread: threading.Thread | None = None
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._running = False
+        self.policy = "drain"
+        self.run_state = RunState.IDLE
+        self._stop_policy = self.policy
+        self._state_lock = threading.Lock()
+        self._stopped = threading.Event()
+        #: held by the device thread while it serves a queue; stop_queue takes it
+        self._serving = threading.Lock()
+        self._restore: dict[int, tuple[RingState, list[InflightChain]]] = {}
 
     # -- config space: subclasses override config_bytes / config_write --
 
@@ -90,8 +114,11 @@ class VirtioDevice:
 
     # -- lifecycle --
 
-    def activate(self, mem: GuestMemory, features: int) -> None:
-        """DRIVER_OK: build the rings of ready queues and start the device thread."""
+    def activate(self, mem: GuestMemory, features: int, stopped: bool = False) -> None:
+        """DRIVER_OK: build the rings of ready queues and start the device thread.
+
+        ``stopped`` brings a restored device up without serving anything until resume().
+        """
         self.mem = mem
         self.driver_features = features
         self.broken = None
@@ -99,14 +126,100 @@ class VirtioDevice:
             if q.ready and not q.started:
                 self.start_queue(q)
         self._running = True
+        if stopped:
+            for q in self.queues:
+                q.halted = True
+            self.run_state = RunState.STOPPED
+            self._stopped.set()
+        else:
+            self.run_state = RunState.RUNNING
         self._thread = threading.Thread(target=self._run, name=f"emu-{self.name}", daemon=True)
         self._thread.start()
 
     def start_queue(self, q: Virtqueue) -> None:
+        state, inflight = self._restore.pop(q.index, (None, None))
         try:
-            q.start(self.mem, self.driver_features)
+            q.start(self.mem, self.driver_features, state, inflight)
         except RingError as e:
             self.fail(f"queue {q.index}: {e}")
+
+    def stop_queue(self, q: Virtqueue) -> None:
+        """Take a queue away (QueueReady=0, queue reset) once the device thread is off it."""
+        with self._serving:
+            q.stop()
+
+    def restore_queue(self, index: int, state: RingState, inflight: list[InflightChain]) -> None:
+        """Saved ring state for a queue the driver (or VMM) is about to start again."""
+        self._restore[index] = (state, inflight)
+
+    # -- stop and resume: the state machine every stop interface drives --
+
+    def request_stop(self, policy: str | None = None) -> None:
+        """Begin quiescing; returns at once (a status write must not block the vCPU)."""
+        policy = policy or self.policy
+        if policy not in POLICIES:
+            raise ValueError(f"unknown quiesce policy {policy!r} (one of {POLICIES})")
+        with self._state_lock:
+            if self.run_state is not RunState.RUNNING:
+                return
+            self._stop_policy = policy
+            self._stopped.clear()
+            for q in self.queues:
+                q.halted = True
+                q.drop_pushes = policy == "report"
+            self.run_state = RunState.STOPPING
+        self.wake()
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        if self.run_state is RunState.IDLE:
+            return True
+        return self._stopped.wait(timeout)
+
+    def stop(self, policy: str | None = None, timeout: float | None = 30.0) -> None:
+        """Quiesce and wait: afterwards nothing touches guest memory until resume()."""
+        self.request_stop(policy)
+        if not self.wait_stopped(timeout):
+            raise TimeoutError(f"{self.name}: not stopped after {timeout} s")
+
+    @property
+    def stopped(self) -> bool:
+        return self.run_state is RunState.STOPPED
+
+    def resume(self) -> None:
+        """Back to work: in-flight chains are handed to the device again before new ones."""
+        with self._state_lock:
+            if self.run_state is not RunState.STOPPED:
+                return
+            for q in self.queues:
+                q.halted = q.drop_pushes = False
+            self.run_state = RunState.RUNNING
+        self.wake()
+
+    def _quiesce(self) -> None:
+        """Device thread, between requests: finish (drain) or abandon (report), then park."""
+        for q in self.queues:
+            if not q.started:
+                continue
+            if self._stop_policy == "drain":
+                while (due := q.next_due()) is not None:
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    q.publish_due(time.monotonic())
+            else:
+                q.drop_due()
+            q.requeue_inflight()
+        self.forget_inflight()
+        with self._state_lock:
+            self.run_state = RunState.STOPPED
+            self._stopped.set()
+
+    # -- device-specific state, saved beside the queues (see emu.state.device) --
+
+    def save_state(self) -> dict:
+        """JSON-able device state a fresh instance needs to carry on (stopped device)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Apply ``save_state``'s output to a fresh device before it is activated."""
 
     def reset(self) -> None:
         """Device reset: stop the thread, forget rings and negotiated state."""
@@ -116,6 +229,10 @@ class VirtioDevice:
             q.clear_kick()
         self.driver_features = 0
         self.broken = None
+        self._restore.clear()
+        with self._state_lock:
+            self.run_state = RunState.IDLE
+            self._stopped.clear()
 
     def close(self) -> None:
         self.reset()
@@ -156,14 +273,21 @@ class VirtioDevice:
         pending = [q for q in self.queues if q.started]
         while self._running:
             for q in pending:
+                if self.run_state is RunState.STOPPING:
+                    break
                 self._serve(q)
             pending = []
-            for fd, _ in poller.poll():
+            state = self.run_state
+            if state is RunState.STOPPING:
+                self._quiesce()
+                continue
+            if state is RunState.STOPPED:  # parked: only a wake (resume, reset) counts
+                self._wait_wake()
+                pending = [q for q in self.queues if q.started]
+                continue
+            for fd, _ in poller.poll(self._due_timeout_ms()):
                 if fd == self._wake:
-                    try:
-                        os.eventfd_read(self._wake)
-                    except BlockingIOError:
-                        pass
+                    self._drain_wake()
                     self.on_wake()
                     pending.extend(q for q in self.queues if q.started and self.wants_poll(q))
                     continue
@@ -171,12 +295,38 @@ class VirtioDevice:
                 q.clear_kick()
                 if q.started:
                     pending.append(q)
+            self._publish_due()
+
+    def _drain_wake(self) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+
+    def _wait_wake(self) -> None:
+        select.select([self._wake], [], [])
+        self._drain_wake()
+
+    def _due_timeout_ms(self) -> int:
+        dues = [d for q in self.queues if q.started and (d := q.next_due()) is not None]
+        if not dues:
+            return -1
+        return max(0, int((min(dues) - time.monotonic()) * 1000 + 0.999))
+
+    def _publish_due(self) -> None:
+        now = time.monotonic()
+        for q in self.queues:
+            if q.started and q.next_due() is not None:
+                q.publish_due(now)
 
     def _serve(self, q: Virtqueue) -> None:
-        try:
-            self.handle_queue(q)
-        except (RingError, GuestMemoryError, DeviceError) as e:
-            self.fail(f"queue {q.index}: {e}")
+        with self._serving:
+            if not q.started:
+                return
+            try:
+                self.handle_queue(q)
+            except (RingError, GuestMemoryError, DeviceError) as e:
+                self.fail(f"queue {q.index}: {e}")
 
     # -- what a device implements --
 
@@ -190,3 +340,6 @@ class VirtioDevice:
     def wants_poll(self, q: Virtqueue) -> bool:
         """Serve ``q`` after a wake-up even without a kick (rx queues waiting for data)."""
         return False
+
+    def forget_inflight(self) -> None:
+        """At stop: drop any chains the device holds itself (they are requeued for it)."""

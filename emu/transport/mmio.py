@@ -321,7 +321,7 @@ class MmioTransport:
 
     def _stop_queue(self, q: Virtqueue) -> None:
         q.ready = False
-        q.stop()
+        self.device.stop_queue(q)
         if self.legacy:
             q.desc = 0  # QueuePFN reads back 0
 
@@ -329,7 +329,7 @@ class MmioTransport:
         if not self._has(F_RING_RESET):
             log.warning("virtio-mmio: QueueReset without VIRTIO_F_RING_RESET ignored")
         elif value == 1:
-            q.stop()
+            self.device.stop_queue(q)
             q.reset()
             q.clear_kick()
         elif value != 0:
