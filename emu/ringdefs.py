@@ -83,7 +83,7 @@ class BufferIdError(RingError):
     """A buffer id (split head or packed id) is out of range or already in flight."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Batch:
     """Chains popped in one call, as flat arrays: no Python object per descriptor.
 
