@@ -52,6 +52,10 @@ class Virtqueue:
         self.max_size = max_size
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.notify: Callable[[], None] = lambda: None
+        #: optional observer of the request path (the vhost-user inflight region):
+        #: ``fetched(batch)`` after a pop from the ring, ``using(heads)`` / ``used(heads)``
+        #: just before and just after used entries are published
+        self.tracker: Any = None
         self.ring: Any = None
         self.impl: str | None = None
         #: completion latency of the "delay" backend model: used entries are published
@@ -120,6 +124,8 @@ class Virtqueue:
         batch = self.ring.pop(max_chains)
         for i, head in enumerate(batch.heads.tolist()):
             self._chains[head] = (batch, i)
+        if self.tracker is not None and len(batch):
+            self.tracker.fetched(batch)
         return batch
 
     def push(self, heads: np.ndarray | list[int], lengths: np.ndarray | list[int]) -> None:
@@ -133,7 +139,12 @@ class Virtqueue:
         self._publish(heads, lengths)
 
     def _publish(self, heads: np.ndarray, lengths: np.ndarray) -> None:
+        tracker = self.tracker
+        if tracker is not None:
+            tracker.using(heads)
         notify = self.ring.push(heads, lengths)
+        if tracker is not None:
+            tracker.used(heads)
         for head in heads.tolist():
             self._chains.pop(head, None)
         if notify:
@@ -198,6 +209,12 @@ class Virtqueue:
 
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)
+
+    def swap_kick_fd(self, fd: int) -> int:
+        """Use ``fd`` (e.g. a vhost-user frontend's eventfd) for kicks; returns the old fd,
+        which the caller closes once nothing polls it (``VirtioDevice.set_kick_fd``)."""
+        old, self.kick_fd = self.kick_fd, fd
+        return old
 
     def close(self) -> None:
         os.close(self.kick_fd)
