@@ -90,6 +90,9 @@ class VirtioDevice:
         #: held by the device thread while it serves a queue; stop_queue takes it
         self._serving = threading.Lock()
         self._restore: dict[int, tuple[RingState, list[InflightChain]]] = {}
+        #: kick fds replaced while the thread may poll them: it closes them when it re-polls
+        self._retired_fds: list[int] = []
+        self._kick_gen = 0
 
     # -- config space: subclasses override config_bytes / config_write --
 
@@ -143,10 +146,35 @@ class VirtioDevice:
         except RingError as e:
             self.fail(f"queue {q.index}: {e}")
 
-    def stop_queue(self, q: Virtqueue) -> None:
-        """Take a queue away (QueueReady=0, queue reset) once the device thread is off it."""
+    def stop_queue(self, q: Virtqueue) -> tuple[RingState, list[InflightChain]] | None:
+        """Take a queue away (QueueReady=0, queue reset) once the device thread is off it.
+
+        Returns the ring state and in-flight chains at that moment (None if the queue was
+        not started): a vhost-user GET_VRING_BASE reports them, stable, as it must.
+        """
         with self._serving:
+            saved = (q.state(), q.inflight()) if q.started else None
             q.stop()
+        return saved
+
+    def set_kick_fd(self, q: Virtqueue, fd: int) -> None:
+        """Make ``fd`` the queue's kick eventfd (vhost-user SET_VRING_KICK); takes the fd.
+
+        The device thread re-registers its poll set; the old fd is closed once it has.
+        """
+        with self._state_lock:
+            self._retired_fds.append(q.swap_kick_fd(fd))
+            self._kick_gen += 1
+        if self._thread is None:
+            self._close_retired()
+        else:
+            self.wake()
+
+    def _close_retired(self) -> None:
+        with self._state_lock:
+            fds, self._retired_fds = self._retired_fds, []
+        for fd in fds:
+            os.close(fd)
 
     def restore_queue(self, index: int, state: RingState, inflight: list[InflightChain]) -> None:
         """Saved ring state for a queue the driver (or VMM) is about to start again."""
@@ -236,6 +264,7 @@ class VirtioDevice:
 
     def close(self) -> None:
         self.reset()
+        self._close_retired()
         for q in self.queues:
             q.close()
         os.close(self._wake)
@@ -262,16 +291,25 @@ class VirtioDevice:
                 self._thread.join()
             self._thread = None
 
+    def _poll_set(self) -> tuple[select.poll, dict[int, Virtqueue], int]:
+        with self._state_lock:
+            gen = self._kick_gen
+            poller = select.poll()
+            poller.register(self._wake, select.POLLIN)
+            by_fd = {}
+            for q in self.queues:
+                poller.register(q.kick_fd, select.POLLIN)
+                by_fd[q.kick_fd] = q
+        self._close_retired()
+        return poller, by_fd, gen
+
     def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self._wake, select.POLLIN)
-        by_fd = {}
-        for q in self.queues:
-            poller.register(q.kick_fd, select.POLLIN)
-            by_fd[q.kick_fd] = q
+        poller, by_fd, gen = self._poll_set()
         # anything made available before DRIVER_OK (or before a restart) is served now
         pending = [q for q in self.queues if q.started]
         while self._running:
+            if gen != self._kick_gen:
+                poller, by_fd, gen = self._poll_set()
             for q in pending:
                 if self.run_state is RunState.STOPPING:
                     break
@@ -292,6 +330,8 @@ class VirtioDevice:
                     pending.extend(q for q in self.queues if q.started and self.wants_poll(q))
                     continue
                 q = by_fd[fd]
+                if q.kick_fd != fd:  # replaced meanwhile: the next loop re-polls
+                    continue
                 q.clear_kick()
                 if q.started:
                     pending.append(q)
