@@ -1,0 +1,153 @@
+"""The guest's /init (busybox ash): mount, load modules, run workloads, power off.
+
+Kept as a string so it ships inside the Python package. Everything the host parses is a
+line starting with a marker (see console.py): EMU-INIT-START, EMU-STEP <workload>,
+EMU-RESULT <key> <value>, EMU-DEV <name> k=v..., EMU-BENCH <name> <value> <unit>,
+EMU-WARN <text>, EMU-DONE rc=<n>. Workloads come from `emu.run=a,b` on the kernel command
+line; their knobs are `emu.<workload>.<knob>=` arguments (defaults below).
+"""
+
+INIT = r"""#!/bin/sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+echo EMU-INIT-START
+mount -t devtmpfs dev /dev 2>/dev/null
+mkdir -p /dev/pts
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmp /tmp
+CMDLINE=$(cat /proc/cmdline)
+
+arg() {  # arg NAME DEFAULT: NAME=value from the kernel command line
+  for w in $CMDLINE; do case "$w" in "$1"=*) echo "${w#*=}"; return;; esac; done
+  echo "$2"
+}
+result() { echo "EMU-RESULT $1 $2"; }
+warn() { echo "EMU-WARN $*"; }
+sha() { sha256sum | cut -d' ' -f1; }
+now_ns() {  # /proc/uptime has 10 ms steps; timer_list has ns
+  awk '/^now at/ {print $3; exit}' /proc/timer_list 2>/dev/null \
+    || awk '{printf "%d\n", $1 * 1e9}' /proc/uptime
+}
+wait_for() {  # wait_for PATH: devices appear asynchronously after the driver binds
+  local i=0
+  while [ ! -e "$1" ]; do
+    i=$((i + 1)); [ $i -gt 100 ] && { warn "$1 did not appear"; return 1; }
+    sleep 0.05
+  done
+}
+timed_dd() {  # timed_dd NAME BYTES mibps|iops DD-ARGS...: run dd, print its rate
+  local name=$1 bytes=$2 kind=$3 t0 t1
+  shift 3
+  t0=$(now_ns)
+  dd "$@" 2>/dev/null || { warn "$name: dd $* failed"; return 1; }
+  t1=$(now_ns)
+  awk -v n="$name" -v b="$bytes" -v k="$kind" -v t=$((t1 - t0)) 'BEGIN {
+    s = t / 1e9
+    if (k == "iops") printf "EMU-BENCH %s %.0f IOPS\n", n, b / 4096 / s
+    else printf "EMU-BENCH %s %.1f MiB/s\n", n, b / 1048576 / s }'
+}
+
+w_none() { :; }
+
+w_devices() {  # every virtio device, its id and the driver bound to it
+  local d n=0 drv
+  for d in /sys/bus/virtio/devices/*; do
+    [ -e "$d/device" ] || continue
+    drv=none
+    [ -e "$d/driver" ] && drv=$(basename "$(readlink "$d/driver")")
+    echo "EMU-DEV $(basename "$d") device=$(cat "$d/device") vendor=$(cat "$d/vendor")" \
+      "driver=$drv features=$(cat "$d/features")"
+    n=$((n + 1))
+  done
+  result devices.count $n
+}
+
+w_blk() {  # read the start of the disk, write random data, read it back
+  local dev mib w r
+  dev=$(arg emu.blk.dev /dev/vda); mib=$(arg emu.blk.mib 4)
+  wait_for "$dev" || return 1
+  result blk.sectors "$(cat "/sys/block/${dev#/dev/}/size")"
+  result blk.read_sha256 "$(dd if="$dev" bs=1M count="$mib" iflag=direct 2>/dev/null | sha)"
+  dd if=/dev/urandom of=/tmp/pattern bs=1M count="$mib" 2>/dev/null
+  w=$(sha < /tmp/pattern)
+  result blk.write_sha256 "$w"
+  result blk.write_md5 "$(md5sum < /tmp/pattern | cut -d' ' -f1)"
+  dd if=/tmp/pattern of="$dev" bs=1M oflag=direct conv=fsync 2>/dev/null || return 1
+  rm -f /tmp/pattern
+  r=$(dd if="$dev" bs=1M count="$mib" iflag=direct 2>/dev/null | sha)
+  result blk.readback_sha256 "$r"
+  [ "$r" = "$w" ]
+}
+
+w_blkbench() {  # O_DIRECT dd: 1 MiB sequential and 4 KiB (QD1) writes and reads
+  local dev mib ops max
+  dev=$(arg emu.blk.dev /dev/vda); mib=$(arg emu.blkbench.mib 64); ops=$(arg emu.blkbench.ops 2048)
+  wait_for "$dev" || return 1
+  max=$(($(cat "/sys/block/${dev#/dev/}/size") / 2048))
+  [ "$mib" -gt "$max" ] && mib=$max
+  [ $((ops / 256)) -gt "$max" ] && ops=$((max * 256))
+  local b1=$((mib << 20)) b4=$((ops * 4096))
+  timed_dd blk_write_1m $b1 mibps if=/dev/zero of="$dev" bs=1M count="$mib" oflag=direct &&
+  timed_dd blk_read_1m $b1 mibps if="$dev" of=/dev/null bs=1M count="$mib" iflag=direct &&
+  timed_dd blk_write_4k $b4 iops if=/dev/zero of="$dev" bs=4k count="$ops" oflag=direct &&
+  timed_dd blk_read_4k $b4 iops if="$dev" of=/dev/null bs=4k count="$ops" iflag=direct
+}
+
+w_hvc() {  # a marker line through virtio-console port 0 (hvc0)
+  local m
+  m=$(arg emu.hvc.marker EMU-HVC-HELLO)
+  wait_for /dev/hvc0 || return 1
+  echo "$m" > /dev/hvc0 || return 1
+  result hvc.wrote "$m"
+}
+
+w_rng() {  # bytes from the hardware RNG, with a checksum and a distinct-byte count
+  local n
+  n=$(($(arg emu.rng.kib 16) * 1024))
+  wait_for /dev/hwrng || return 1
+  result rng.current "$(cat /sys/class/misc/hw_random/rng_current)"
+  head -c "$n" /dev/hwrng > /tmp/rng || return 1
+  result rng.bytes "$(wc -c < /tmp/rng)"
+  result rng.sha256 "$(sha < /tmp/rng)"
+  result rng.distinct "$(od -An -v -tx1 /tmp/rng | tr -s ' ' '\n' | sort -u | grep -c .)"
+  rm -f /tmp/rng
+}
+
+w_net() {  # address eth0 and ping the peer
+  local ifc out rc rtt
+  ifc=$(arg emu.net.if eth0)
+  wait_for "/sys/class/net/$ifc" || return 1
+  ip link set lo up
+  ip link set "$ifc" up && ip addr add "$(arg emu.net.ip 10.0.2.15/24)" dev "$ifc" || return 1
+  result net.mac "$(cat "/sys/class/net/$ifc/address")"
+  out=$(ping -c "$(arg emu.net.count 3)" -W 2 "$(arg emu.net.peer 10.0.2.2)" 2>&1); rc=$?
+  echo "$out" | tail -n 2
+  result net.ping_rc $rc
+  rtt=$(echo "$out" | sed -n 's|.*min/avg/max = [0-9.]*/\([0-9.]*\)/.*|\1|p')
+  [ -n "$rtt" ] && result net.rtt_avg_ms "$rtt"
+  return $rc
+}
+
+w_script() {  # emu.script=<base64>: a host-supplied script, sourced (can use the helpers)
+  arg emu.script '' | base64 -d > /tmp/script.sh && . /tmp/script.sh
+}
+
+w_sh() { setsid cttyhack sh || sh; }
+
+while read -r m; do
+  insmod "/lib/modules/$m" || warn "insmod $m failed"
+done < /etc/emu/modules
+
+rc=0
+for w in $(arg emu.run devices | tr , ' '); do
+  echo "EMU-STEP $w"
+  if type "w_$w" >/dev/null 2>&1; then "w_$w"; r=$?; else warn "no workload $w"; r=127; fi
+  result "$w.rc" $r
+  [ $r = 0 ] || rc=$r
+done
+echo "EMU-DONE rc=$rc"
+sync
+poweroff -f
+echo o > /proc/sysrq-trigger
+"""

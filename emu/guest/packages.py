@@ -1,0 +1,93 @@
+"""Debian packages as unpacked trees in emu's cache, without installing them.
+
+Guest kernels and busybox come from the distribution's archive (`apt-get download`,
+`dpkg-deb -x`), so nothing binary is kept in the repository and the host's own packages
+are left alone. Each package is unpacked once per version under
+`<cache>/pkgs/<name>_<version>/`; anything built from them is keyed by those versions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+class PackageError(RuntimeError):
+    """A package could not be found, downloaded or unpacked."""
+
+
+def cache_dir() -> Path:
+    """$EMU_CACHE, else ~/.cache/emu (created on first use)."""
+    path = Path(os.environ.get("EMU_CACHE") or Path.home() / ".cache" / "emu")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run(*cmd: str, cwd: Path | None = None) -> str:
+    try:
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise PackageError(f"{cmd[0]} is not available: {e}") from None
+    if res.returncode:
+        raise PackageError(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res.stdout
+
+
+def _apt_show(name: str) -> str:
+    """`apt-cache show` of the candidate; updates the package lists once if it is unknown."""
+    try:
+        return _run("apt-cache", "show", "--no-all-versions", name)
+    except PackageError:
+        _run("apt-get", "update", "-qq")
+        return _run("apt-cache", "show", "--no-all-versions", name)
+
+
+def _field(control: str, key: str) -> str:
+    for line in control.splitlines():
+        if line.startswith(key + ":"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def candidate_version(name: str) -> str:
+    version = _field(_apt_show(name), "Version")
+    if not version:
+        raise PackageError(f"no candidate version for {name}")
+    return version
+
+
+def first_dependency(name: str) -> str:
+    """The first Depends: of a metapackage, e.g. linux-image-cloud-amd64's versioned image."""
+    depends = _field(_apt_show(name), "Depends")
+    if not depends:
+        raise PackageError(f"{name} has no Depends")
+    return depends.split(",")[0].split("|")[0].split("(")[0].strip()
+
+
+def unpacked(name: str) -> tuple[Path, str]:
+    """(root of the unpacked package, its version), downloading it if not cached yet."""
+    version = candidate_version(name)
+    root = cache_dir() / "pkgs" / f"{name}_{version.replace(':', '%3a')}"
+    if root.is_dir():
+        return root, version
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Download and unpack beside the final place, then rename: concurrent builders never
+    # see a half-unpacked tree, and a crash leaves only a stray temp dir.
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{name}-") as tmp:
+        # apt's _apt sandbox user cannot write to root-owned caches; the warning is harmless.
+        _run("apt-get", "download", "-q", f"{name}={version}", cwd=Path(tmp))
+        debs = list(Path(tmp).glob("*.deb"))
+        if len(debs) != 1:
+            raise PackageError(f"apt-get download {name} gave {len(debs)} .deb files")
+        tree = Path(tmp) / "root"
+        _run("dpkg-deb", "-x", str(debs[0]), str(tree))
+        try:
+            tree.rename(root)
+        except OSError:
+            if not root.is_dir():  # lost a race with another builder: theirs is as good
+                raise
+            shutil.rmtree(tree, ignore_errors=True)
+    return root, version
