@@ -11,6 +11,12 @@ ignored, as a real device would.
 
 Version 2 is the modern layout; version 1 is the legacy one (GuestPageSize/QueueAlign/
 QueuePFN, no FEATURES_OK, 32 feature bits) that Linux still uses by default under QEMU.
+
+Stopping the device (modern transport only; docs/stop.md has the whole contract): the guest
+can set the experimental STOP status bit (feature VIRTIO_F_EMU_STOP, bit 47 by default) and
+read ring state and in-flight counts through two extension registers, or use virtio 1.4
+SUSPEND (feature 43); the VMM can stop the device behind the guest's back with
+``vmm_stop``/``vmm_resume`` and ``save``/``restore`` it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from emu.devices.base import VirtioDevice
+from emu.devices.base import RunState, VirtioDevice
 from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import (
@@ -29,7 +35,11 @@ from emu.ringdefs import (
     F_VERSION_1,
     MAX_PACKED_SIZE,
     MAX_SPLIT_SIZE,
+    RingState,
 )
+from emu.state import parts
+from emu.state.device import restore_device, save_device
+from emu.state.format import DeviceState, StateError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +51,20 @@ S_ACKNOWLEDGE = 1
 S_DRIVER = 2
 S_DRIVER_OK = 4
 S_FEATURES_OK = 8
+S_SUSPEND = 0x10  # virtio 1.4, with VIRTIO_F_SUSPEND
+S_STOP = 0x20  # emu extension, with VIRTIO_F_EMU_STOP (docs/stop.md)
 S_DEVICE_NEEDS_RESET = 0x40
 S_FAILED = 0x80
 #: bits a driver may set (NEEDS_RESET is the device's to set)
 _DRIVER_BITS = S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK | S_FEATURES_OK | S_FAILED
+_DRIVER_BITS |= S_SUSPEND | S_STOP
+#: the guest's stop requests: while one is set, the guest holds the device stopped
+_GUEST_HOLDS = S_STOP | S_SUSPEND
+
+# transport features of the stop interfaces (modern transport only)
+F_SUSPEND = 43
+#: default bit of VIRTIO_F_EMU_STOP: 44-49 are reserved for future transport features
+F_EMU_STOP = 47
 
 # interrupt status bits
 INT_VRING = 1
@@ -87,6 +107,8 @@ SHM_LEN_HIGH = 0x0B4
 SHM_BASE_LOW = 0x0B8
 SHM_BASE_HIGH = 0x0BC
 QUEUE_RESET = 0x0C0
+QUEUE_RING_STATE = 0x0C4  # emu extension (VIRTIO_F_EMU_STOP): ring indexes, per QueueSel
+QUEUE_INFLIGHT = 0x0C8  # emu extension (VIRTIO_F_EMU_STOP): in-flight chains, per QueueSel
 CONFIG_GENERATION = 0x0FC
 CONFIG = 0x100
 
@@ -97,13 +119,13 @@ _COMMON_WRITE |= {QUEUE_SIZE, QUEUE_NOTIFY, INTERRUPT_ACK, STATUS}
 _READ = {
     2: _COMMON_READ
     | {QUEUE_READY, SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH}
-    | {QUEUE_RESET, CONFIG_GENERATION},
+    | {QUEUE_RESET, CONFIG_GENERATION, QUEUE_RING_STATE, QUEUE_INFLIGHT},
     1: _COMMON_READ | {QUEUE_PFN},
 }
 _WRITE = {
     2: _COMMON_WRITE
     | {QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH}
-    | {QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH, SHM_SEL, QUEUE_RESET},
+    | {QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH, SHM_SEL, QUEUE_RESET, QUEUE_RING_STATE},
     1: _COMMON_WRITE | {GUEST_PAGE_SIZE, QUEUE_ALIGN, QUEUE_PFN},
 }
 #: queue registers a driver must not write while the queue is live
@@ -120,13 +142,53 @@ _ADDR_FIELD = {
 
 _LEGACY_DEFAULT_ALIGN = 4096
 _U32 = 0xFFFFFFFF
+#: transport attributes a snapshot keeps (``save``/``restore``), beside the device's parts
+_SAVED_REGISTERS = (
+    "version",
+    "device_features_sel",
+    "driver_features_sel",
+    "driver_features",
+    "queue_sel",
+    "shm_sel",
+    "queue_align",
+    "guest_page_size",
+    "interrupt_status",
+    "config_generation",
+    "vmm_stopped",
+)
 
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def encode_ring_state(rs: RingState, packed: bool) -> int:
+    """QueueRingState: vhost-user's GET_VRING_BASE encoding, for both ends of the ring.
+
+    split: bits 0-15 next avail index, 16-31 next used index (free-running 16-bit);
+    packed: bits 0-14 next avail slot, 15 avail wrap counter, 16-30 next used slot,
+    31 used wrap counter.
+    """
+    if packed:
+        avail = rs.next_avail | int(rs.avail_wrap) << 15
+        used = rs.next_used | int(rs.used_wrap) << 15
+        return avail | used << 16
+    return rs.next_avail & 0xFFFF | (rs.next_used & 0xFFFF) << 16
+
+
+def decode_ring_state(value: int, packed: bool) -> RingState:
+    """The inverse of ``encode_ring_state``; nothing in flight, nothing signalled since."""
+    if packed:
+        avail, used = value & 0x7FFF, value >> 16 & 0x7FFF
+        return RingState(avail, used, bool(value >> 15 & 1), bool(value >> 31), used)
+    avail, used = value & 0xFFFF, value >> 16
+    return RingState(avail, used, True, True, used)
+
+
 class MmioTransport:
+    """``stop_feature_bit``: the bit VIRTIO_F_EMU_STOP is offered as (None: not offered);
+    ``stop_policy``: how a guest STOP quiesces ("drain"/"report"; None: the device's)."""
+
     def __init__(
         self,
         device: VirtioDevice,
@@ -135,18 +197,34 @@ class MmioTransport:
         version: int = 2,
         irq: Callable[[int], None] | None = None,
         vendor_id: int = VENDOR_EMU,
+        stop_feature_bit: int | None = F_EMU_STOP,
+        stop_policy: str | None = None,
     ) -> None:
         if version not in (1, 2):
             raise ValueError(f"virtio-mmio version must be 1 or 2, not {version}")
+        if stop_feature_bit is not None and (
+            not 0 <= stop_feature_bit < 64
+            or stop_feature_bit == F_SUSPEND
+            or device.features >> stop_feature_bit & 1
+        ):
+            raise ValueError(f"stop feature bit {stop_feature_bit} is taken or out of range")
         self.device = device
         self.mem = mem
         self.version = version
         self.irq = irq
         self.vendor_id = vendor_id
+        self.stop_feature_bit = stop_feature_bit
+        self.stop_policy = stop_policy
         self.status = 0
         self.interrupt_status = 0
         self.config_generation = 0
         self.guest_page_size = 0  # legacy; survives a reset (Linux writes it before one)
+        #: the VMM holds the device stopped (vmm_stop); the guest does not see it
+        self.vmm_stopped = False
+        #: the guest asked for STOP/SUSPEND while the VMM held the device: issued at vmm_resume
+        self._guest_stop_pending = False
+        #: a config change while the device was stopped, announced when it runs again
+        self._config_pending = False
         self._lock = threading.RLock()
         self._reset_registers()
         device.on_config_change = self._config_changed
@@ -159,14 +237,22 @@ class MmioTransport:
         return self.version == 1
 
     @property
+    def transport_features(self) -> int:
+        """Bits the transport itself offers and implements; the device never sees them."""
+        if self.legacy:
+            return _LEGACY_TRANSPORT_FEATURES
+        stop = 0 if self.stop_feature_bit is None else 1 << self.stop_feature_bit
+        return 1 << F_SUSPEND | stop
+
+    @property
     def offered_features(self) -> int:
         if self.legacy:
             device = self.device.features | self.device.legacy_features
             return device & _U32 | _LEGACY_TRANSPORT_FEATURES
-        return self.device.features
+        return self.device.features | self.transport_features
 
-    def _has(self, bit: int) -> bool:
-        return bool(self.driver_features >> bit & 1)
+    def _has(self, bit: int | None) -> bool:
+        return bit is not None and bool(self.driver_features >> bit & 1)
 
     def _reset_registers(self) -> None:
         self.device_features_sel = 0
@@ -230,7 +316,9 @@ class MmioTransport:
         if offset == INTERRUPT_STATUS:
             return self.interrupt_status
         if offset == STATUS:
-            return self.status
+            return self.guest_status()
+        if offset in (QUEUE_RING_STATE, QUEUE_INFLIGHT):
+            return self._read_stopped_queue(offset, q)
         if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
             return _U32  # no shared memory regions
         if offset == QUEUE_RESET:
@@ -277,6 +365,8 @@ class MmioTransport:
             self._write_queue_ready(q, value)
         elif offset == QUEUE_RESET:
             self._write_queue_reset(q, value)
+        elif offset == QUEUE_RING_STATE:
+            self._write_ring_state(q, value)
         elif q.ready and offset in _QUEUE_CONFIG:
             if offset == QUEUE_PFN and value == 0:
                 self._stop_queue(q)
@@ -348,6 +438,35 @@ class MmioTransport:
         q.device = (q.driver + 6 + 2 * q.size + align - 1) & -align
         self._write_queue_ready(q, 1)
 
+    def _read_stopped_queue(self, offset: int, q: Virtqueue | None) -> int:
+        """QueueRingState / QueueInflight: only meaningful while the guest sees STOP/SUSPEND."""
+        if not self._has(self.stop_feature_bit) or not self._guest_sees_stopped():
+            log.warning("virtio-mmio: %#x read while not stopped (or without the feature)", offset)
+            return 0
+        if q is None or not q.started:
+            return 0
+        rs = q.state()
+        if offset == QUEUE_INFLIGHT:
+            return len(rs.inflight)
+        return encode_ring_state(rs, q.packed)
+
+    def _write_ring_state(self, q: Virtqueue, value: int) -> None:
+        """Where a restored queue continues: applied when the queue starts at DRIVER_OK."""
+        if not self._has(self.stop_feature_bit) or not self.status & S_FEATURES_OK:
+            log.warning("virtio-mmio: QueueRingState without VIRTIO_F_EMU_STOP ignored")
+            return
+        if self.status & S_DRIVER_OK or q.started:
+            log.warning("virtio-mmio: queue %d: QueueRingState after DRIVER_OK ignored", q.index)
+            return
+        packed = self._has(F_RING_PACKED)
+        rs = decode_ring_state(value, packed)
+        if packed and not (rs.next_avail < q.size and rs.next_used < q.size):
+            log.warning(
+                "virtio-mmio: queue %d: ring state %#x beyond size %d", q.index, value, q.size
+            )
+            return
+        self.device.restore_queue(q.index, rs, [])
+
     def _write_driver_features(self, value: int) -> None:
         if self.status & S_FEATURES_OK:
             log.warning("virtio-mmio: DriverFeatures written after FEATURES_OK ignored")
@@ -374,28 +493,107 @@ class MmioTransport:
         self.device.queues[index].kick()
 
     # -- device status: the one place the state machine lives --
+    #
+    # ``self.status`` holds what the driver established (DRIVER_OK stays set while
+    # suspended) plus the device's NEEDS_RESET, and the guest's STOP/SUSPEND request while it
+    # holds one. ``guest_status`` derives what a Status read returns. Three holders can keep
+    # the device stopped: the guest's STOP, the guest's SUSPEND, and the VMM (vmm_stop);
+    # the device runs again only when none is left.
+
+    def guest_status(self) -> int:
+        """Status as the guest reads it: STOP reads set only once the device has stopped
+        (the driver polls), a suspended device presents SUSPEND=1 with DRIVER_OK=0, and a
+        VMM stop shows nowhere."""
+        s = self.status
+        if not self._guest_sees_stopped():
+            return s & ~S_STOP
+        return s & ~S_DRIVER_OK if s & S_SUSPEND else s
+
+    def _guest_sees_stopped(self) -> bool:
+        return (
+            bool(self.status & _GUEST_HOLDS)
+            and not self._guest_stop_pending
+            and self.device.stopped
+        )
 
     def _write_status(self, value: int) -> None:
         if value == 0:
             self._reset()
             return
         with self._lock:
-            old = self.status
-            if old & ~value & _DRIVER_BITS:
-                log.warning("virtio-mmio: status %#x would clear bits of %#x; refused", value, old)
+            seen = self.guest_status()  # the no-clear rule is about what the driver can see
+            cleared = seen & ~value & _DRIVER_BITS
+            if cleared & ~S_STOP:
+                log.warning("virtio-mmio: status %#x would clear bits of %#x; refused", value, seen)
                 return
-            new = value & ~old
+            new = value & ~seen
             if new & ~_DRIVER_BITS:
                 log.warning("virtio-mmio: status bits %#x ignored", new & ~_DRIVER_BITS)
                 new &= _DRIVER_BITS
-        if new & S_FEATURES_OK and not self._features_acceptable():
-            new &= ~S_FEATURES_OK  # the driver's read-back tells it we refused
-        if new & S_DRIVER_OK and not self._may_activate(old | new):
-            new &= ~S_DRIVER_OK
-        with self._lock:
+            if cleared:  # STOP, once it read back set: the one bit the driver may clear
+                self._guest_resume()
+            elif new & S_DRIVER_OK and self.status & S_SUSPEND:  # suspended: DRIVER_OK resumes
+                self._guest_resume()
+                new &= ~S_DRIVER_OK
+            new &= ~self._refused_holds(new)
+            if new & S_FEATURES_OK and not self._features_acceptable():
+                new &= ~S_FEATURES_OK  # the driver's read-back tells it we refused
+            if new & S_DRIVER_OK and not self._may_activate(self.status | new):
+                new &= ~S_DRIVER_OK
             self.status |= new
-        if new & S_DRIVER_OK:
-            self.device.activate(self.mem, self._negotiated())
+            if new & S_DRIVER_OK:
+                self._activate(stopped=self.vmm_stopped)
+            if new & _GUEST_HOLDS:
+                self._guest_stop()
+
+    def _activate(self, stopped: bool) -> None:
+        # ``stopped`` only when asked: a device overriding activate() without it still works
+        extra = {"stopped": True} if stopped else {}
+        self.device.activate(self.mem, self._negotiated(), **extra)
+
+    def _refused_holds(self, new: int) -> int:
+        """The STOP/SUSPEND bits of ``new`` the device must ignore (and logs why)."""
+        refused = 0
+        for bit, feature, name in (
+            (S_STOP, self.stop_feature_bit, "STOP"),
+            (S_SUSPEND, F_SUSPEND, "SUSPEND"),
+        ):
+            if not new & bit:
+                continue
+            if not self._has(feature):
+                why = "its feature was not negotiated"
+            elif not self.status & S_DRIVER_OK:
+                why = "DRIVER_OK is not set"
+            elif self.status & (_GUEST_HOLDS | S_DEVICE_NEEDS_RESET) or new & _GUEST_HOLDS != bit:
+                # a broken device cannot suspend: it already presents DEVICE_NEEDS_RESET,
+                # which is what the spec asks of a device that fails to
+                why = "the device is stopped, stopping or needs a reset"
+            else:
+                continue
+            log.warning("virtio-mmio: %s ignored: %s", name, why)
+            refused |= bit
+        return refused
+
+    def _guest_policy(self) -> str | None:
+        """SUSPEND always drains (the spec wants every in-process buffer used)."""
+        return "drain" if self.status & S_SUSPEND else self.stop_policy
+
+    def _guest_stop(self) -> None:
+        if self.vmm_stopped:  # already stopped under the VMM: quiesce the guest's way later
+            self._guest_stop_pending = True
+        else:
+            self.device.request_stop(self._guest_policy())
+
+    def _guest_resume(self) -> None:
+        self.status &= ~_GUEST_HOLDS
+        if not self.vmm_stopped:
+            self._resume_device()
+
+    def _resume_device(self) -> None:
+        self.device.resume()
+        if self._config_pending:  # a config change while stopped is announced now
+            self._config_pending = False
+            self._raise(INT_CONFIG)
 
     def _features_acceptable(self) -> bool:
         features = self.driver_features
@@ -405,7 +603,8 @@ class MmioTransport:
         if not features >> F_VERSION_1 & 1:
             log.warning("virtio-mmio: driver features %#x lack VERSION_1; refused", features)
             return False
-        if features & ~self.offered_features or not self.device.accept_features(features):
+        device_part = features & ~self.transport_features
+        if features & ~self.offered_features or not self.device.accept_features(device_part):
             log.warning("virtio-mmio: %s refused driver features %#x", self.device.name, features)
             return False
         return True
@@ -423,18 +622,104 @@ class MmioTransport:
         return True
 
     def _negotiated(self) -> int:
-        """Features handed to the device; legacy transport-only bits stay here."""
-        transport_only = _LEGACY_TRANSPORT_FEATURES if self.legacy else 0
-        return self.driver_features & self.offered_features & ~transport_only
+        """Features handed to the device; transport-only bits stay here."""
+        return self.driver_features & self.offered_features & ~self.transport_features
 
     def _reset(self) -> None:
         self.device.reset()  # joins the device thread: no lock held here
         self._reset_registers()
         with self._lock:
             self.status = 0
+            self._guest_stop_pending = self._config_pending = False
             if self.interrupt_status:
                 self.interrupt_status = 0
                 self._set_irq(0)
+
+    # -- the VMM's side: stop without the guest seeing it, save, restore --
+
+    def vmm_stop(self, policy: str | None = None, timeout: float | None = 30.0) -> None:
+        """Stop the device behind the guest's back and wait until it has.
+
+        The guest keeps reading the Status it wrote and every register keeps working; a
+        QueueNotify meanwhile stays pending in the queue's eventfd and is served after
+        ``vmm_resume``. ``policy`` defaults to the transport's ``stop_policy``, then the
+        device's. A VMM stop does not survive ``restore``: the restored device runs.
+        """
+        with self._lock:
+            self.device.request_stop(policy or self.stop_policy)
+            self.vmm_stopped = True
+        if not self.device.wait_stopped(timeout):
+            raise TimeoutError(f"{self.device.name}: not stopped after {timeout} s")
+
+    def vmm_resume(self) -> None:
+        """Let the device run again, unless the guest holds it stopped itself."""
+        with self._lock:
+            if not self.vmm_stopped:
+                return
+            self.vmm_stopped = False
+            if self._guest_stop_pending:  # the guest asked meanwhile: now it gets its stop
+                self._guest_stop_pending = False
+                self.device.resume()
+                self.device.request_stop(self._guest_policy())
+            elif not self.status & _GUEST_HOLDS:
+                self._resume_device()
+
+    def save(self) -> DeviceState:
+        """The device's snapshot with this transport's registers in its TRANSPORT part.
+
+        The device must be stopped (by any of the three interfaces) or not started.
+        """
+        with self._lock:
+            regs = {name: getattr(self, name) for name in _SAVED_REGISTERS}
+            regs.update(
+                transport="virtio-mmio",
+                guest_stop_pending=self._guest_stop_pending,
+                config_pending=self._config_pending,
+            )
+            return save_device(self.device, self.status, regs)
+
+    def restore(self, state: DeviceState) -> None:
+        """Carry on from ``save`` on this fresh transport over a fresh device of that type.
+
+        A device saved stopped by the guest (STOP/SUSPEND) comes back stopped, waiting for
+        the guest's resume; one saved under a VMM stop comes back running.
+        """
+        if self.status or self.device.run_state is not RunState.IDLE:
+            raise StateError("restore needs a fresh transport and device")
+        regs = self._saved_registers(state)
+        restored = restore_device(self.device, state)  # checks everything, then applies
+        with self._lock:
+            for name in _SAVED_REGISTERS:
+                setattr(self, name, regs[name])
+            self.queue_align = list(self.queue_align)
+            self._guest_stop_pending = regs["guest_stop_pending"]
+            self._config_pending = regs["config_pending"]
+            self.status = restored.status
+            if self.status & S_DRIVER_OK:
+                self._activate(stopped=bool(self.vmm_stopped or self.status & _GUEST_HOLDS))
+            if self.interrupt_status:
+                self._set_irq(1)
+            self.vmm_resume()
+
+    def _saved_registers(self, state: DeviceState) -> dict:
+        found = [v for p, v in parts.parse(state) if p.type == parts.TRANSPORT]
+        if len(found) != 1 or not isinstance(found[0], dict):
+            raise StateError("the state carries no virtio-mmio registers")
+        regs = found[0]
+        if regs.get("transport") != "virtio-mmio":
+            raise StateError(f"the state is of a {regs.get('transport')!r} transport")
+        missing = {*_SAVED_REGISTERS, "guest_stop_pending", "config_pending"} - set(regs)
+        if missing:
+            raise StateError(f"saved virtio-mmio registers lack {sorted(missing)}")
+        if regs["version"] != self.version:
+            raise StateError(f"saved virtio-mmio version {regs['version']}, this is {self.version}")
+        if regs["driver_features"] & ~self.offered_features:
+            raise StateError(
+                f"saved driver features {regs['driver_features']:#x} are not all offered here"
+            )
+        if len(regs["queue_align"]) != len(self.device.queues):
+            raise StateError("saved queue count differs from this device's")
+        return regs
 
     # -- interrupts (called from the device thread too) --
 
@@ -462,7 +747,11 @@ class MmioTransport:
     def _config_changed(self) -> None:
         with self._lock:
             self.config_generation = self.config_generation + 1 & _U32
-            if self.status & S_DRIVER_OK:
+            if not self.status & S_DRIVER_OK:
+                return
+            if self.device.run_state in (RunState.STOPPING, RunState.STOPPED):
+                self._config_pending = True  # no interrupt while stopped
+            else:
                 self._raise(INT_CONFIG)
 
     def _needs_reset(self, reason: str) -> None:
@@ -489,6 +778,9 @@ class MmioTransport:
 
     def _config_write(self, offset: int, size: int, value: int) -> None:
         if not self._config_access_ok("write", offset, size):
+            return
+        if self.status & _GUEST_HOLDS:  # a stopped or suspended device's config is frozen
+            log.warning("virtio-mmio: config write at +%#x while stopped ignored", offset)
             return
         if size == 8:
             self.device.write_config(offset, 4, value & _U32)
