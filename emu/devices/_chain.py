@@ -1,4 +1,5 @@
-"""One popped chain as the stream devices (net, console) see it, and the copy loops.
+"""One popped chain as the stream devices (net, console) see it, the copy loops, and
+what a stream device must remember about chains a stop may leave in flight.
 
 The ring core already refused segments outside guest RAM; these helpers still go through
 ``GuestMemory`` for every access, so a length the guest lied about fails there, not here.
@@ -7,9 +8,13 @@ The ring core already refused segments outside guest RAM; these helpers still go
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from emu.memory import GuestMemory
+from emu.queue import Virtqueue
 from emu.ringdefs import Batch
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -63,3 +68,66 @@ def scatter(mem: GuestMemory, chain: Chain, data: bytes | bytearray | memoryview
         mem.view(a, k, write=True)[:] = src[off : off + k]
         off += k
     return off
+
+
+def abandoning(q: Virtqueue) -> bool:
+    """A report stop is under way: leave the rest of a batch in flight, not executed.
+
+    A drain stop halts the queue too, but finishes every chain already fetched.
+    """
+    return q.halted and q.drop_pushes
+
+
+@dataclass(slots=True)
+class _Entry(Generic[T]):
+    seq: int
+    heads: list[int]
+    item: T
+
+
+class Unpublished(Generic[T]):
+    """What a device did with chains whose used entries may not have reached the guest.
+
+    A report stop drops pushes and delayed completions, so such chains stay in flight and
+    the queue hands them out again after resume or restore. Whatever they carried must
+    not be lost (rx: the frame or bytes go back to the device's backlog) nor done twice
+    (tx: the chain is completed without sending again). ``popped`` forgets heads the
+    driver has handed over anew (their earlier use was published), so at most one entry
+    per head is kept: the tracker is bounded by the queue size.
+    """
+
+    def __init__(self) -> None:
+        self._by_head: dict[int, _Entry[T]] = {}
+        self._seq = 0
+
+    def popped(self, heads: list[int]) -> None:
+        for h in heads:
+            self._drop(h)
+
+    def record(self, heads: list[int], item: T) -> None:
+        """``item`` went into chains ``heads`` (pushed together, so published together)."""
+        entry = _Entry(self._seq, heads, item)
+        self._seq += 1
+        for h in heads:
+            self._drop(h)
+            self._by_head[h] = entry
+
+    def settle(self, inflight: list[int]) -> list[T]:
+        """At stop: the items of chains still in flight, in the order recorded; clears."""
+        found = {id(e): e for h in inflight if (e := self._by_head.get(h)) is not None}
+        self._by_head.clear()
+        return [e.item for e in sorted(found.values(), key=lambda e: e.seq)]
+
+    def clear(self) -> None:
+        self._by_head.clear()
+
+    def _drop(self, head: int) -> None:
+        old = self._by_head.get(head)
+        if old is not None:
+            for h in old.heads:
+                if self._by_head.get(h) is old:
+                    del self._by_head[h]
+
+
+def inflight_heads(q: Virtqueue) -> list[int]:
+    return [head for head, _ in q.state().inflight]

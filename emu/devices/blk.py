@@ -28,6 +28,16 @@ write is in the host page cache; FLUSH calls ``fdatasync``. In writeback mode (c
 writethrough mode (``writeback`` = 0 through CONFIG_WCE, or FLUSH not negotiated) the
 device ``fdatasync``s after each batch that wrote anything, before the batch is pushed; a
 failing sync turns that batch's write statuses into IOERR.
+
+Stop and snapshot: a report stop is honoured between requests: the device checks before
+executing each request of a batch, so only a syscall already under way finishes and the
+rest of the batch stays in flight, not executed. Requests that ran but whose used entries
+were not published (pushes are dropped, delayed completions discarded) stay in flight too
+and run again after resume or restore. That is safe because a request's effect does not
+depend on having run before: a read fills the same buffer with the same blocks, a write,
+discard or write-zeroes leaves the same blocks behind, a flush syncs again. (A guest that
+has a read and a write of the same blocks in flight at once has no ordering either way.)
+The snapshot keeps the guest-visible config; a restore onto a different disk is refused.
 """
 
 from __future__ import annotations
@@ -38,10 +48,13 @@ import struct
 from dataclasses import dataclass
 
 from emu.backends.file import BlockFile
+from emu.devices._chain import abandoning
+from emu.devices._persist import fields
 from emu.devices.base import DeviceError, VirtioDevice
 from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import Batch
+from emu.state.format import StateError
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +220,58 @@ class BlkDevice(VirtioDevice):
         super().close()
         self.file.close()
 
+    # -- snapshot --
+
+    def save_state(self) -> dict:
+        """What the guest read from config space, so a restore can check the backing."""
+        return {
+            "capacity": self.capacity,
+            "block_size": self.block_size,
+            "readonly": self.readonly,
+            "num_queues": len(self.queues),
+            "seg_max": self.seg_max,
+            "serial": self.serial.hex(),
+            "writeback": self.writeback,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Refuse a snapshot of a different disk; take over the guest-chosen cache mode.
+
+        The guest sized its I/O by capacity, block size, seg_max and queue count, and
+        knows whether it may write: a backing that differs in any of these is refused.
+        The serial is what the guest saw, so it is taken over as well.
+        """
+        s = fields(
+            state,
+            {
+                "capacity": int,
+                "block_size": int,
+                "readonly": bool,
+                "num_queues": int,
+                "seg_max": int,
+                "serial": str,
+                "writeback": int,
+            },
+            "blk state",
+        )
+        mine = self.save_state()
+        for key in ("capacity", "block_size", "readonly", "num_queues", "seg_max"):
+            if s[key] != mine[key]:
+                raise StateError(
+                    f"blk: snapshot has {key} {s[key]!r}, this device's backing has "
+                    f"{mine[key]!r}; refusing to restore onto a different disk"
+                )
+        if s["writeback"] not in (0, 1):
+            raise StateError(f"blk state: writeback {s['writeback']} is not 0 or 1")
+        try:
+            serial = bytes.fromhex(s["serial"])
+        except ValueError:
+            serial = b""
+        if len(serial) != ID_BYTES:
+            raise StateError(f"blk state: serial is not {ID_BYTES} bytes in hex")
+        self.writeback = s["writeback"]
+        self.serial = serial
+
     # -- the request path --
 
     def handle_queue(self, q: Virtqueue) -> None:
@@ -219,7 +284,12 @@ class BlkDevice(VirtioDevice):
 
     def _serve_batch(self, q: Virtqueue, batch: Batch) -> None:
         reqs = _parse_batch(self.mem, batch)  # DeviceError before any of the batch runs
-        statuses = [self._execute(r) for r in reqs]
+        statuses: list[tuple[int, int]] = []
+        for r in reqs:
+            if abandoning(q):  # report stop: the rest stays in flight, not executed
+                reqs = reqs[: len(statuses)]
+                break
+            statuses.append(self._execute(r))
         if self.writethrough:
             self._sync_writes(reqs, statuses)
         mem = self.mem
@@ -227,7 +297,7 @@ class BlkDevice(VirtioDevice):
         for r, (status, written) in zip(reqs, statuses, strict=True):
             mem.write(r.status_addr, bytes((status,)))
             lengths.append(written + 1)
-        q.push(batch.heads, lengths)
+        q.push(batch.heads[: len(reqs)], lengths)
 
     def _execute(self, r: Request) -> tuple[int, int]:
         """(status, data bytes written to the guest) for one request."""

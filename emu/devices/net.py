@@ -13,6 +13,13 @@ The default filter accepts own unicast, broadcast and *all* multicast: a Linux g
 without CTRL_RX cannot program a multicast list, and IPv6 neighbour discovery needs it.
 Once the guest sends RX/MAC commands, they are honoured (QEMU's semantics, except that
 QEMU starts promiscuous).
+
+Stop and snapshot: chains the device holds for rx are handed back to the queue (it
+presents them again). A report stop publishes nothing more, so a frame already copied into
+chains whose used entries did not go out returns to the front of its backlog, and a tx
+chain already sent is completed after resume without being sent again: no frame is lost
+or duplicated by a stop. The snapshot keeps the MAC, rx mode, MAC and VLAN tables, active
+pairs, offloads, status, stats and the backlogs (frames not yet filed are filed on load).
 """
 
 from __future__ import annotations
@@ -21,14 +28,24 @@ import logging
 import struct
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Protocol
 
-from emu.devices._chain import Chain, chains, gather, scatter
+from emu.devices import _persist
+from emu.devices._chain import (
+    Chain,
+    Unpublished,
+    abandoning,
+    chains,
+    gather,
+    inflight_heads,
+    scatter,
+)
 from emu.devices.base import VirtioDevice
 from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import F_VERSION_1
+from emu.state.format import StateError
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +129,10 @@ class NetBackend(Protocol):
     def close(self) -> None: ...
 
 
+#: RxFilter's mode switches, in the order of the CTRL_RX commands
+_RX_MODE = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")
+
+
 def parse_mac(mac: str) -> bytes:
     parts = mac.split(":")
     if len(parts) != 6:
@@ -167,6 +188,16 @@ class RxFilter:
         if self.nouni:
             return False
         return self.alluni or self.uni_overflow or dst == own_mac or dst in self.uni
+
+
+def _mac(value: str, what: str) -> bytes:
+    try:
+        mac = bytes.fromhex(value)
+    except (TypeError, ValueError):
+        mac = b""
+    if len(mac) != 6:
+        raise StateError(f"{what}: {value!r} is not a MAC address in hex")
+    return mac
 
 
 def flow_hash(frame: bytes) -> int:
@@ -241,6 +272,11 @@ class NetDevice(VirtioDevice):
         self.guest_offloads = 0
         self._backlog: list[deque[bytes]] = [deque() for _ in range(self.max_pairs)]
         self._held: list[deque[Chain]] = [deque() for _ in range(self.max_pairs)]
+        # per pair: frames in rx chains and tx chains sent, used entries maybe not out yet
+        self._rx_out: list[Unpublished[bytes]] = [Unpublished() for _ in range(self.max_pairs)]
+        self._tx_out: list[Unpublished[int]] = [Unpublished() for _ in range(self.max_pairs)]
+        #: per pair: in-flight tx heads already sent before a stop; complete, do not resend
+        self._tx_sent: list[set[int]] = [set() for _ in range(self.max_pairs)]
 
     # -- config space --
 
@@ -263,9 +299,12 @@ class NetDevice(VirtioDevice):
 
     # -- lifecycle --
 
-    def activate(self, mem: GuestMemory, features: int) -> None:
-        self.filter.vlans = set() if features >> F_CTRL_VLAN & 1 else None
-        super().activate(mem, features)
+    def activate(self, mem: GuestMemory, features: int, stopped: bool = False) -> None:
+        if not features >> F_CTRL_VLAN & 1:
+            self.filter.vlans = None
+        elif self.filter.vlans is None:  # a restored table is kept
+            self.filter.vlans = set()
+        super().activate(mem, features, stopped)
 
     def reset(self) -> None:
         super().reset()
@@ -363,6 +402,7 @@ class NetDevice(VirtioDevice):
                 data = data[n:]
                 heads.append(c.head)
                 lengths.append(n)
+            self._rx_out[pair].record([c.head for c in bufs], frame)
             self.stats.rx_frames += 1
         if heads:
             q.push(heads, lengths)
@@ -389,17 +429,29 @@ class NetDevice(VirtioDevice):
             batch = q.pop(min(BATCH, max(frames, 1)) if not mrg else BATCH)
             if not len(batch):
                 return [] if mrg and len(held) >= q.size else None
+            self._rx_out[q.index // 2].popped(batch.heads.tolist())
             held.extend(chains(batch))
 
     # -- tx --
 
     def _serve_tx(self, q: Virtqueue) -> None:
+        pair = q.index // 2
+        out, sent = self._tx_out[pair], self._tx_sent[pair]
         while True:
             q.set_kicks(False)
             while len(batch := q.pop(BATCH)):
+                out.popped(batch.heads.tolist())
+                done = 0
                 for c in chains(batch):
-                    self._transmit(c)
-                q.push(batch.heads, [0] * len(batch))
+                    if abandoning(q):  # report stop: the rest stays in flight, unsent
+                        break
+                    if c.head in sent:  # sent before a stop; only the completion is owed
+                        sent.discard(c.head)
+                    else:
+                        self._transmit(c)
+                    out.record([c.head], c.head)
+                    done += 1
+                q.push(batch.heads[:done], [0] * done)
             if not q.set_kicks(True):
                 return
 
@@ -412,6 +464,116 @@ class NetDevice(VirtioDevice):
             return
         self.stats.tx_frames += 1
         self.backend.send(data[self.hdr_len :])
+
+    # -- stop and snapshot --
+
+    def forget_inflight(self) -> None:
+        """Hand held rx chains back; settle what went into chains left in flight."""
+        for pair in range(self.max_pairs):
+            self._held[pair].clear()
+            rxq, txq = self.queues[2 * pair], self.queues[2 * pair + 1]
+            if rxq.started:
+                back = self._rx_out[pair].settle(inflight_heads(rxq))
+                self._backlog[pair].extendleft(reversed(back))
+            if txq.started:
+                self._tx_sent[pair].update(self._tx_out[pair].settle(inflight_heads(txq)))
+
+    def save_state(self) -> dict:
+        f = self.filter
+        return {
+            "mac": self.mac.hex(),
+            "status": self.status,
+            "active_pairs": self.active_pairs,
+            "guest_offloads": self.guest_offloads,
+            "rx_mode": {name: getattr(f, name) for name in _RX_MODE},
+            "uni": sorted(m.hex() for m in f.uni),
+            "multi": sorted(m.hex() for m in f.multi),
+            "uni_overflow": f.uni_overflow,
+            "multi_overflow": f.multi_overflow,
+            "vlans": sorted(f.vlans) if f.vlans is not None else None,
+            "backlog": [[_persist.b64(fr) for fr in b] for b in self._backlog],
+            "inbox": [_persist.b64(fr) for fr in list(self._inbox)],
+            "tx_sent": [sorted(s) for s in self._tx_sent],
+            "stats": asdict(self.stats),
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Check every field first (a refused snapshot changes nothing), then apply."""
+        s = _persist.fields(
+            state,
+            {
+                "mac": str,
+                "status": int,
+                "active_pairs": int,
+                "guest_offloads": int,
+                "rx_mode": dict,
+                "uni": list,
+                "multi": list,
+                "uni_overflow": bool,
+                "multi_overflow": bool,
+                "vlans": (list, type(None)),
+                "backlog": list,
+                "inbox": list,
+                "tx_sent": list,
+                "stats": dict,
+            },
+            "net state",
+        )
+        mac = _mac(s["mac"], "net state mac")
+        rx_mode = _persist.fields(s["rx_mode"], dict.fromkeys(_RX_MODE, bool), "net rx_mode")
+        tables = {}
+        for key in ("uni", "multi"):
+            if len(s[key]) > MAC_TABLE_ENTRIES:
+                raise StateError(f"net state: {key} table longer than {MAC_TABLE_ENTRIES}")
+            tables[key] = {_mac(m, f"net state {key} table") for m in s[key]}
+        vlans = s["vlans"]
+        if vlans is not None:
+            vlans = set(_persist.int_list(vlans, 0, 4095, "net state vlan"))
+        stats = _persist.fields(s["stats"], {x.name: int for x in fields(NetStats)}, "net stats")
+        _persist.in_range(s["status"], 0, S_LINK_UP | S_ANNOUNCE, "net state status")
+        _persist.in_range(s["active_pairs"], 1, self.max_pairs, "net state active_pairs")
+        if s["guest_offloads"] & ~GUEST_OFFLOAD_BITS or s["guest_offloads"] < 0:
+            raise StateError(f"net state: guest offloads {s['guest_offloads']:#x} not allowed")
+        pairs = self.max_pairs
+        if len(s["backlog"]) != pairs or len(s["tx_sent"]) != pairs:
+            raise StateError(
+                f"net state is of a device with {len(s['backlog'])} queue pairs, "
+                f"this one has {pairs}"
+            )
+        # a backlog holds up to its limit, plus frames taken back from in-flight chains
+        most = self.backlog_limit + self.queue_max_size
+        backlogs = []
+        for k, frames in enumerate([*s["backlog"], s["inbox"]]):
+            if not isinstance(frames, list) or len(frames) > most:
+                raise StateError(f"net state: backlog {k} is not a list of at most {most}")
+            got = [_persist.unb64(fr, f"net state backlog {k}") for fr in frames]
+            if any(len(fr) > MAX_FRAME for fr in got):
+                raise StateError(f"net state: backlog {k} has a frame over {MAX_FRAME} bytes")
+            backlogs.append(got)
+        sent = []
+        for heads in s["tx_sent"]:
+            if not isinstance(heads, list):
+                raise StateError("net state: tx_sent must be a list of head lists")
+            sent.append(set(_persist.int_list(heads, 0, self.queue_max_size - 1, "tx head")))
+
+        self.mac = mac
+        self.status = s["status"]
+        self.active_pairs = s["active_pairs"]
+        self.guest_offloads = s["guest_offloads"]
+        self.filter = RxFilter(
+            **rx_mode,
+            uni=tables["uni"],
+            multi=tables["multi"],
+            uni_overflow=s["uni_overflow"],
+            multi_overflow=s["multi_overflow"],
+            vlans=vlans,
+        )
+        self.stats = NetStats(**stats)
+        *pair_backlogs, inbox = backlogs
+        self._backlog = [deque(b) for b in pair_backlogs]
+        self._tx_sent = sent
+        for frame in inbox:  # arrived while stopped: filed as if just delivered
+            self._file(frame)
 
     # -- control queue --
 
@@ -447,11 +609,10 @@ class NetDevice(VirtioDevice):
         return ACK_OK if ok else ACK_ERR
 
     def _cmd_rx(self, op: int, body: bytes) -> bool:
-        names = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")
         needs = F_CTRL_RX if op <= RX_ALLMULTI else F_CTRL_RX_EXTRA
-        if op >= len(names) or not self.has(needs) or len(body) != 1:
+        if op >= len(_RX_MODE) or not self.has(needs) or len(body) != 1:
             return False
-        setattr(self.filter, names[op], bool(body[0]))
+        setattr(self.filter, _RX_MODE[op], bool(body[0]))
         return True
 
     def _cmd_mac(self, op: int, body: bytes) -> bool:
