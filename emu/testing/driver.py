@@ -11,6 +11,11 @@ InterruptStatus and ACKs it, like Linux's ``vm_interrupt``, and polls the used r
 
 Guest RAM for rings and buffers comes from a bump allocator; each queue recycles its
 buffers by size class, so long runs don't exhaust guest memory.
+
+Stopping (docs/stop.md): ``stop``/``resume`` drive the STOP status bit, ``suspend``/``resume``
+virtio 1.4 SUSPEND, ``ring_state``/``inflight``/``set_ring_state`` the extension registers.
+``save``/``load`` carry the driver's own state (a real guest keeps it in its RAM) into a
+fresh transport or another process, after the VMM restored the device there.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from emu.ringdefs import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     USED_F_NO_NOTIFY,
+    RingState,
 )
 from emu.transport import mmio
 from emu.transport.mmio import MmioTransport
@@ -340,14 +346,23 @@ class DriverQueue:
 
 
 class VirtioMmioDriver:
-    """Drives one ``MmioTransport`` the way Linux's virtio_mmio + virtio core do."""
+    """Drives one ``MmioTransport`` the way Linux's virtio_mmio + virtio core do.
+
+    ``stop_feature_bit``: where this driver expects the experimental VIRTIO_F_EMU_STOP.
+    """
 
     def __init__(
-        self, transport: MmioTransport, mem: GuestMemory, alloc: GuestAllocator | None = None
+        self,
+        transport: MmioTransport,
+        mem: GuestMemory,
+        alloc: GuestAllocator | None = None,
+        *,
+        stop_feature_bit: int = mmio.F_EMU_STOP,
     ) -> None:
         self.transport = transport
         self.mem = mem
         self.alloc = alloc or GuestAllocator(mem)
+        self.stop_feature_bit = stop_feature_bit
         self.queues: dict[int, DriverQueue] = {}
         self.features = 0
         self.config_interrupts = 0
@@ -520,6 +535,96 @@ class VirtioMmioDriver:
         if seen & mmio.INT_CONFIG and self.status & mmio.S_DEVICE_NEEDS_RESET:
             raise DeviceNeedsReset("device set DEVICE_NEEDS_RESET")
         return seen
+
+    # -- stop, suspend, resume --
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Set STOP and poll Status until it reads back set (the device has quiesced).
+
+        How it quiesces (drain or report) is the device's policy, not the driver's choice;
+        afterwards ``inflight`` tells how many chains it holds.
+        """
+        if not self._has(self.stop_feature_bit):
+            raise DriverError("VIRTIO_F_EMU_STOP was not negotiated")
+        self._add_status(mmio.S_STOP)
+        self._poll_status(mmio.S_STOP, mmio.S_STOP, timeout)
+
+    def suspend(self, timeout: float = 5.0) -> None:
+        """virtio 1.4: set SUSPEND, then wait for SUSPEND=1 with DRIVER_OK=0."""
+        if not self._has(mmio.F_SUSPEND):
+            raise DriverError("VIRTIO_F_SUSPEND was not negotiated")
+        self._add_status(mmio.S_SUSPEND)
+        self._poll_status(mmio.S_SUSPEND | mmio.S_DRIVER_OK, mmio.S_SUSPEND, timeout)
+
+    def resume(self, timeout: float = 5.0) -> None:
+        """Undo ``stop`` (clear STOP) or ``suspend`` (set DRIVER_OK, wait for SUSPEND=0)."""
+        status = self.status
+        if status & mmio.S_STOP:
+            self._write(mmio.STATUS, status & ~mmio.S_STOP)
+            self._poll_status(mmio.S_STOP, 0, timeout)
+        elif status & mmio.S_SUSPEND:
+            self._write(mmio.STATUS, status | mmio.S_DRIVER_OK)
+            self._poll_status(mmio.S_SUSPEND | mmio.S_DRIVER_OK, mmio.S_DRIVER_OK, timeout)
+        else:
+            raise DriverError(f"device is neither stopped nor suspended (status {status:#x})")
+
+    def _poll_status(self, mask: int, want: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while (status := self.status) & mask != want:
+            if status & mmio.S_DEVICE_NEEDS_RESET:
+                raise DeviceNeedsReset(f"device set DEVICE_NEEDS_RESET (status {status:#x})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"status {status:#x}: bits {mask:#x} not {want:#x}")
+            time.sleep(0.0005)
+
+    def ring_state(self, qidx: int) -> RingState:
+        """QueueRingState of a stopped device, decoded (indexes and wrap counters only)."""
+        self._write(mmio.QUEUE_SEL, qidx)
+        return mmio.decode_ring_state(self._read(mmio.QUEUE_RING_STATE), self._has(F_RING_PACKED))
+
+    def inflight(self, qidx: int) -> int:
+        """QueueInflight of a stopped device: chains it fetched and has not used."""
+        self._write(mmio.QUEUE_SEL, qidx)
+        return self._read(mmio.QUEUE_INFLIGHT)
+
+    def set_ring_state(self, qidx: int, state: RingState) -> None:
+        """Before DRIVER_OK: where the device is to continue on this queue."""
+        self._write(mmio.QUEUE_SEL, qidx)
+        value = mmio.encode_ring_state(state, self._has(F_RING_PACKED))
+        self._write(mmio.QUEUE_RING_STATE, value)
+
+    # -- carrying on elsewhere --
+
+    def save(self) -> dict:
+        """The driver's own state, picklable (no memory or transport in it)."""
+        queues = {
+            i: {k: v for k, v in vars(q).items() if k not in ("mem", "alloc")}
+            for i, q in self.queues.items()
+        }
+        alloc = (self.alloc.start, self.alloc.end, self.alloc.next)
+        return dict(
+            features=self.features,
+            stop_feature_bit=self.stop_feature_bit,
+            alloc=alloc,
+            queues=queues,
+            backlog=self._backlog,
+        )
+
+    @classmethod
+    def load(cls, transport: MmioTransport, mem: GuestMemory, saved: dict) -> VirtioMmioDriver:
+        """Carry on from ``save`` over a restored transport and the same guest RAM."""
+        start, end, nxt = saved["alloc"]
+        alloc = GuestAllocator(mem, start, end)
+        alloc.next = nxt
+        drv = cls(transport, mem, alloc, stop_feature_bit=saved["stop_feature_bit"])
+        drv.features = saved["features"]
+        for i, fields in saved["queues"].items():
+            q = DriverQueue.__new__(DriverQueue)
+            vars(q).update(fields, mem=mem, alloc=alloc)
+            drv.queues[i] = q
+        drv._backlog = saved["backlog"]
+        drv._irq.set()  # an interrupt may be pending from before: look once
+        return drv
 
     # -- configuration space --
 
