@@ -1,0 +1,44 @@
+"""The devices a guest is started with: `TYPE:PATH` pairs.
+
+vhost-user types (PATH is the backend's listening unix socket): blk, net, console, rng,
+vsock, fs. For microvm, QEMU's own (in-process) devices are also available as a baseline:
+qemu-blk:IMAGE, qemu-net:user (slirp), qemu-rng:/dev/urandom, qemu-console:OUTFILE.
+Under microvm, `,key=value` after PATH are passed to QEMU's -device (e.g. `blk:S,packed=on`
+to have the guest use packed rings, `queue-size=256`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: virtio device ids (virtio spec 5), which is what virtio_uml.device= takes
+VIRTIO_ID = {"net": 1, "blk": 2, "console": 3, "rng": 4, "vsock": 19, "fs": 26}
+QEMU_BUILTIN = ("qemu-blk", "qemu-net", "qemu-rng", "qemu-console")
+
+
+@dataclass(frozen=True)
+class Device:
+    type: str
+    path: str
+    options: tuple[str, ...] = ()  # QEMU -device properties (microvm only)
+
+    @classmethod
+    def parse(cls, spec: str | tuple[str, str] | Device) -> Device:
+        """Accepts "blk:/run/blk.sock[,opt=v...]", ("blk", "/run/blk.sock") or a Device."""
+        if isinstance(spec, Device):
+            return spec
+        if isinstance(spec, str):
+            kind, sep, path = spec.partition(":")
+            if not sep or not path:
+                raise ValueError(f"device {spec!r}: expected TYPE:PATH")
+            spec = (kind, path)
+        kind, path = spec
+        path, *options = str(path).split(",")
+        if kind not in VIRTIO_ID and kind not in QEMU_BUILTIN:
+            known = ", ".join([*VIRTIO_ID, *QEMU_BUILTIN])
+            raise ValueError(f"device type {kind!r} unknown (known: {known})")
+        return cls(kind, path, tuple(options))
+
+    @property
+    def vhost_user(self) -> bool:
+        return self.type in VIRTIO_ID

@@ -1,0 +1,166 @@
+"""Boot a guest, stream its console, and hand back what its /init reported.
+
+The guest runs in its own process group so that a timeout can end UML's helper
+processes along with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from emu.guest import microvm, uml
+from emu.guest.console import ConsoleLog
+from emu.guest.devices import Device
+from emu.guest.images import GuestImage, build_image
+
+DeviceSpec = str | tuple[str, str] | Device
+_COMMAND = {"uml": uml.command, "microvm": microvm.command}
+_DEFAULT_MEM_MIB = {"uml": 256, "microvm": 512}
+
+
+@dataclass
+class GuestResult:
+    kind: str
+    command: list[str]
+    exit_status: int | None  # of the guest process; None when it was killed at the timeout
+    timed_out: bool
+    console: str
+    log: ConsoleLog  # everything the markers said
+    boot_s: float | None  # process start -> /init's first line
+    wall_s: float  # process start -> process end
+
+    @property
+    def rc(self) -> int | None:
+        """/init's overall status (EMU-DONE rc=), None if it never got there."""
+        return self.log.rc
+
+    @property
+    def results(self) -> dict[str, str]:
+        return self.log.results
+
+    @property
+    def ok(self) -> bool:
+        return not self.timed_out and self.rc == 0
+
+    def summary(self) -> dict:
+        """A JSON-friendly digest (no console text)."""
+        return {
+            "kind": self.kind,
+            "rc": self.rc,
+            "exit_status": self.exit_status,
+            "timed_out": self.timed_out,
+            "boot_s": self.boot_s,
+            "wall_s": self.wall_s,
+            "steps": self.log.steps,
+            "results": self.log.results,
+            "devices": self.log.devices,
+            "bench": {k: {"value": v, "unit": u} for k, (v, u) in self.log.bench.items()},
+            "warnings": self.log.warnings,
+        }
+
+
+def kernel_args(run: Iterable[str], params: Mapping[str, object], quiet: bool) -> list[str]:
+    """The guest's `emu.*` arguments; `params` keys may omit the `emu.` prefix."""
+    args = ["quiet"] if quiet else []
+    args.append("emu.run=" + ",".join(run))
+    for key, value in params.items():
+        name = key if key.startswith("emu.") else f"emu.{key}"
+        if " " in str(value):
+            raise ValueError(f"kernel argument {name}: spaces cannot be passed ({value!r})")
+        args.append(f"{name}={value}")
+    return args
+
+
+def _pump(stream: IO[bytes], log: ConsoleLog, lines: list[str], on_line, marks: dict) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace").replace("\r", "")
+        lines.append(line)
+        if log.feed(line) == "INIT-START":
+            marks["init"] = time.monotonic()
+        if on_line is not None:
+            on_line(line)
+
+
+def run_guest(
+    kind: str,
+    devices: Iterable[DeviceSpec] = (),
+    run: Iterable[str] = ("devices",),
+    *,
+    timeout: float = 120.0,
+    params: Mapping[str, object] | None = None,
+    image: GuestImage | None = None,
+    mem_mib: int | None = None,
+    quiet: bool = True,
+    interactive: bool = False,
+    on_line: Callable[[str], None] | None = None,
+) -> GuestResult:
+    """Boots a `kind` ("uml" or "microvm") guest and waits for it to power off.
+
+    devices: "blk:/path/sock", ("net", sock) or Device; the backends must already listen.
+    run: workloads for /init (init_script.py), in order. params: their knobs, e.g.
+    {"blk.mib": 8}. image: a prebuilt image (default: build/cached by build_image).
+    interactive: give the guest this process's stdin (for the `sh` workload).
+    on_line: called with each console line as it arrives (e.g. print for live output).
+    """
+    if kind not in _COMMAND:
+        raise ValueError(f"unknown guest kind {kind!r}")
+    image = image or build_image(kind)
+    devs = [Device.parse(d) for d in devices]
+    for dev in devs:
+        if dev.vhost_user and not Path(dev.path).exists():
+            raise FileNotFoundError(f"{dev.type} backend socket {dev.path} does not exist")
+    append = kernel_args(run, params or {}, quiet)
+    cmd = _COMMAND[kind](image, devs, append, mem_mib or _DEFAULT_MEM_MIB[kind])
+
+    log, lines, marks = ConsoleLog(), [], {}
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        stdin=None if interactive else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=not interactive,
+    )
+    pump = threading.Thread(target=_pump, args=(proc.stdout, log, lines, on_line, marks))
+    pump.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        if proc.poll() is None:
+            _kill_group(proc)
+        pump.join(5.0)
+        if pump.is_alive():  # a leftover child still holds the console pipe open
+            _kill_group(proc)
+            pump.join()
+        proc.stdout.close()
+    end = time.monotonic()
+    return GuestResult(
+        kind=kind,
+        command=cmd,
+        exit_status=None if timed_out else proc.returncode,
+        timed_out=timed_out,
+        console="".join(lines),
+        log=log,
+        boot_s=marks["init"] - start if "init" in marks else None,
+        wall_s=end - start,
+    )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """Ends the guest and anything it spawned (UML forks helper processes)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait()

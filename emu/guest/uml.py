@@ -1,0 +1,31 @@
+"""user-mode-linux command lines.
+
+UML is a host program whose built-in virtio_uml driver is a vhost-user frontend: each
+`virtio_uml.device=SOCKET:ID` connects to a backend at boot. The console is the process's
+stdin/stdout (con0=fd:0,fd:1); every other console and serial line is switched off so
+UML opens no ptys or xterms.
+"""
+
+from __future__ import annotations
+
+from emu.guest.devices import VIRTIO_ID, Device
+from emu.guest.images import GuestImage
+
+
+def command(image: GuestImage, devices: list[Device], append: list[str], mem_mib: int) -> list[str]:
+    args = [
+        str(image.kernel),
+        f"mem={mem_mib}M",
+        f"initrd={image.initrd}",
+        "rdinit=/init",
+        "con=null",
+        "ssl=null",
+        "con0=fd:0,fd:1",
+    ]
+    for dev in devices:
+        if not dev.vhost_user:
+            raise ValueError(f"UML attaches vhost-user devices only, not {dev.type}")
+        if dev.options:
+            raise ValueError(f"UML takes no device options ({','.join(dev.options)})")
+        args.append(f"virtio_uml.device={dev.path}:{VIRTIO_ID[dev.type]}")
+    return args + append
