@@ -12,6 +12,14 @@ so nothing is dropped) until the guest has opened that port.
 
 Everything from the guest is untrusted: short messages, ids of ports that do not exist and
 unknown events are logged and ignored.
+
+Stop and snapshot: a report stop publishes nothing more, so input bytes and control
+messages already copied into chains whose used entries did not go out return to the front
+of their backlogs, and a write already passed to the backend is completed after resume
+without being written again. The snapshot keeps each port's handshake state (added, ready,
+guest and host open) so a restored driver is not asked to redo it, the input not yet
+delivered, pending control messages and the console size. Emergency writes go straight to
+the backend and leave no state.
 """
 
 from __future__ import annotations
@@ -22,9 +30,19 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from emu.backends.chardev import CharBackend
-from emu.devices._chain import chains, gather, scatter
+from emu.devices import _persist
+from emu.devices._chain import (
+    Chain,
+    Unpublished,
+    abandoning,
+    chains,
+    gather,
+    inflight_heads,
+    scatter,
+)
 from emu.devices.base import VirtioDevice
 from emu.queue import Virtqueue
+from emu.state.format import StateError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +135,12 @@ class ConsoleDevice(VirtioDevice):
         for pid, (name, be) in sorted(ports.items()):
             self.ports[pid] = Port(pid, be, name)
         self._ctrl_out: deque[bytes] = deque()
+        # what went into chains whose used entries may not be out yet (see forget_inflight)
+        self._ctrl_rx_out: Unpublished[bytes] = Unpublished()
+        self._rx_out: dict[int, Unpublished[bytes]] = {p: Unpublished() for p in self.ports}
+        self._tx_out: dict[int, Unpublished[int]] = {p: Unpublished() for p in self.ports}
+        #: per port: in-flight tx heads written before a stop; complete, do not rewrite
+        self._tx_sent: dict[int, set[int]] = {p: set() for p in self.ports}
         for port in self.ports.values():
             port.backend.attach(self.wake)
 
@@ -153,8 +177,12 @@ class ConsoleDevice(VirtioDevice):
         """Guest-side state goes; input not yet delivered stays for the next driver."""
         super().reset()
         self._ctrl_out.clear()
+        self._ctrl_rx_out.clear()
         for port in self.ports.values():
             port.added = port.ready = port.guest_open = port.host_open = False
+            self._rx_out[port.id].clear()
+            self._tx_out[port.id].clear()
+            self._tx_sent[port.id].clear()
 
     def close(self) -> None:
         for port in self.ports.values():  # first: their threads call wake()
@@ -212,7 +240,8 @@ class ConsoleDevice(VirtioDevice):
     def _serve_rx(self, q: Virtqueue, port: Port) -> None:
         heads: list[int] = []
         lengths: list[int] = []
-        while self._deliverable(port):
+        out = self._rx_out[port.id]
+        while self._deliverable(port) and not q.halted:  # stopped: take nothing more in
             self._pull(port)
             if not port.backlog:
                 break
@@ -221,8 +250,10 @@ class ConsoleDevice(VirtioDevice):
                 if q.set_kicks(True):
                     continue
                 break
+            out.popped(batch.heads.tolist())
             for c in chains(batch):
                 n = scatter(self.mem, c, port.backlog)
+                out.record([c.head], bytes(port.backlog[:n]))
                 del port.backlog[:n]
                 heads.append(c.head)
                 lengths.append(n)
@@ -230,18 +261,124 @@ class ConsoleDevice(VirtioDevice):
             q.push(heads, lengths)
 
     def _serve_tx(self, q: Virtqueue, port: Port) -> None:
+        out, sent = self._tx_out[port.id], self._tx_sent[port.id]
         while True:
             q.set_kicks(False)
             while len(batch := q.pop(BATCH)):
+                out.popped(batch.heads.tolist())
+                done = 0
                 for c in chains(batch):
-                    data = gather(self.mem, c, TX_MAX)
-                    if data is None:
-                        log.info("console: port %d write of %d bytes refused", port.id, c.out_len)
-                    elif data:
-                        port.backend.write(data)
-                q.push(batch.heads, [0] * len(batch))
+                    if abandoning(q):  # report stop: the rest stays in flight, unwritten
+                        break
+                    if c.head in sent:  # written before a stop; only the completion is owed
+                        sent.discard(c.head)
+                    else:
+                        self._write_out(port, c)
+                    out.record([c.head], c.head)
+                    done += 1
+                q.push(batch.heads[:done], [0] * done)
             if not q.set_kicks(True):
                 return
+
+    def _write_out(self, port: Port, c: Chain) -> None:
+        data = gather(self.mem, c, TX_MAX)
+        if data is None:
+            log.info("console: port %d write of %d bytes refused", port.id, c.out_len)
+        elif data:
+            port.backend.write(data)
+
+    # -- stop and snapshot --
+
+    def forget_inflight(self) -> None:
+        """Settle what went into chains a stop left in flight (see the module docstring)."""
+        for port in self.ports.values():
+            rxq, txq = (self.queues[i] for i in (rx_queue(port.id), rx_queue(port.id) + 1))
+            if rxq.started:
+                port.backlog[:0] = b"".join(self._rx_out[port.id].settle(inflight_heads(rxq)))
+            if txq.started:
+                self._tx_sent[port.id].update(self._tx_out[port.id].settle(inflight_heads(txq)))
+        if len(self.queues) > CTRL_RX and self.queues[CTRL_RX].started:
+            back = self._ctrl_rx_out.settle(inflight_heads(self.queues[CTRL_RX]))
+            self._ctrl_out.extendleft(reversed(back))
+
+    def save_state(self) -> dict:
+        return {
+            "cols": self.cols,
+            "rows": self.rows,
+            "max_ports": self.max_ports,
+            "ports": [
+                {
+                    "id": p.id,
+                    "name": p.name,
+                    "added": p.added,
+                    "ready": p.ready,
+                    "guest_open": p.guest_open,
+                    "host_open": p.host_open,
+                    "input": _persist.b64(bytes(p.backlog)),
+                    "tx_sent": sorted(self._tx_sent[p.id]),
+                }
+                for p in self.ports.values()
+            ],
+            "ctrl_out": [_persist.b64(m) for m in self._ctrl_out],
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Check every field first (a refused snapshot changes nothing), then apply.
+
+        The snapshot must have the same ports, with the same names: the guest was told
+        about them. Input waiting for a port is bounded by the backlog plus what each
+        in-flight chain took back (a chain never takes more than the backlog held).
+        """
+        s = _persist.fields(
+            state,
+            {"cols": int, "rows": int, "max_ports": int, "ports": list, "ctrl_out": list},
+            "console state",
+        )
+        if s["max_ports"] != self.max_ports:
+            raise StateError(
+                f"console: snapshot has max_ports {s['max_ports']}, this device {self.max_ports}"
+            )
+        _persist.in_range(s["cols"], 0, 0xFFFF, "console state cols")
+        _persist.in_range(s["rows"], 0, 0xFFFF, "console state rows")
+        spec = {
+            "id": int,
+            "name": str,
+            "added": bool,
+            "ready": bool,
+            "guest_open": bool,
+            "host_open": bool,
+            "input": str,
+            "tx_sent": list,
+        }
+        ports = [_persist.fields(p, spec, "console port state") for p in s["ports"]]
+        saved = {p["id"]: p["name"] for p in ports}
+        mine = {p.id: p.name for p in self.ports.values()}
+        if saved != mine or len(ports) != len(saved):
+            raise StateError(
+                f"console: snapshot has ports {saved}, this device has {mine} (id: name)"
+            )
+        most = BACKLOG * (1 + self.queue_max_size)
+        inputs = {}
+        for p in ports:
+            data = _persist.unb64(p["input"], f"console port {p['id']} input")
+            if len(data) > most:
+                raise StateError(f"console: port {p['id']} input over {most} bytes")
+            inputs[p["id"]] = data
+            _persist.int_list(p["tx_sent"], 0, self.queue_max_size - 1, "console tx head")
+        if len(s["ctrl_out"]) > CTRL_BACKLOG + self.queue_max_size:
+            raise StateError("console state: too many pending control messages")
+        msgs = [_persist.unb64(m, "console control message") for m in s["ctrl_out"]]
+        if any(len(m) < CTRL_MSG.size for m in msgs):
+            raise StateError("console state: control message shorter than its header")
+
+        self.cols, self.rows = s["cols"], s["rows"]
+        for p in ports:
+            port = self.ports[p["id"]]
+            port.added, port.ready = p["added"], p["ready"]
+            port.guest_open, port.host_open = p["guest_open"], p["host_open"]
+            port.backlog = bytearray(inputs[p["id"]])
+            self._tx_sent[p["id"]] = set(p["tx_sent"])
+        self._ctrl_out = deque(msgs)
 
     # -- control queues --
 
@@ -262,9 +399,12 @@ class ConsoleDevice(VirtioDevice):
                 if q.set_kicks(True):
                     continue
                 break
+            self._ctrl_rx_out.popped(batch.heads.tolist())
             for c in chains(batch):
+                msg = self._ctrl_out.popleft()
+                self._ctrl_rx_out.record([c.head], msg)
                 heads.append(c.head)
-                lengths.append(scatter(self.mem, c, self._ctrl_out.popleft()))
+                lengths.append(scatter(self.mem, c, msg))
         if heads:
             q.push(heads, lengths)
 

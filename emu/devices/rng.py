@@ -10,6 +10,10 @@ limit beyond that: the default source, os.urandom, never blocks.
 A source that runs dry (a regular file at its end, a callable returning b"") or fails
 (EIO from a hardware RNG) cannot meet the spec's "at least one byte"; the device reports
 NEEDS_RESET.
+
+Stop and snapshot: the device keeps no state of its own (``save_state`` is the base's
+empty dict). A chain filled but not published before a report stop is filled again with
+fresh bytes after resume or restore; the guest only ever sees the second fill.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 
 from emu.backends.entropy import EntropySource, Source
+from emu.devices._persist import fields
 from emu.devices.base import DeviceError, VirtioDevice
 from emu.queue import Virtqueue
 from emu.ringdefs import Batch
@@ -39,6 +44,9 @@ class RngDevice(VirtioDevice):
     def close(self) -> None:
         super().close()
         self.source.close()
+
+    def load_state(self, state: dict) -> None:
+        fields(state, {}, "rng state")  # refuse anything this version does not know
 
     def handle_queue(self, q: Virtqueue) -> None:
         while True:
