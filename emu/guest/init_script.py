@@ -121,7 +121,7 @@ w_net() {  # address eth0 and ping the peer
   ip link set lo up
   ip link set "$ifc" up && ip addr add "$(arg emu.net.ip 10.0.2.15/24)" dev "$ifc" || return 1
   result net.mac "$(cat "/sys/class/net/$ifc/address")"
-  out=$(ping -c "$(arg emu.net.count 3)" -W 2 "$(arg emu.net.peer 10.0.2.2)" 2>&1); rc=$?
+  out=$(ping -c "$(arg emu.net.count 3)" -i 0.2 -W 2 "$(arg emu.net.peer 10.0.2.2)" 2>&1); rc=$?
   echo "$out" | tail -n 2
   result net.ping_rc $rc
   rtt=$(echo "$out" | sed -n 's|.*min/avg/max = [0-9.]*/\([0-9.]*\)/.*|\1|p')

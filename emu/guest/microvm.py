@@ -37,8 +37,10 @@ def host_tsc_khz() -> int:
         log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.TimeoutExpired):
         log = ""
-    for pattern in (r"tsc: Refined TSC clocksource calibration: ([\d.]+) MHz",
-                    r"tsc: Detected ([\d.]+) MHz"):  # fmt: skip
+    for pattern in (
+        r"tsc: Refined TSC clocksource calibration: ([\d.]+) MHz",
+        r"tsc: Detected ([\d.]+) MHz",
+    ):
         found = re.findall(pattern, log)
         if found:
             return round(float(found[-1]) * 1000)

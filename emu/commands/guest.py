@@ -1,0 +1,134 @@
+"""``emu guest``: build and boot real Linux guests that drive vhost-user devices."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from emu.guest.devices import Device
+from emu.guest.images import KINDS, GuestImage, build_image, export_image
+from emu.guest.packages import PackageError
+from emu.guest.run import run_guest
+
+_kind = click.option(
+    "--kind", type=click.Choice(KINDS), required=True, help="user-mode-linux or QEMU microvm."
+)
+
+
+@click.group("guest")
+def command() -> None:
+    """Real Linux guests (UML, QEMU microvm) on vhost-user devices."""
+
+
+@command.command("build")
+@_kind
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Copy here too.")
+def build(kind: str, out: Path | None) -> None:
+    """Fetch the kernel and busybox packages and build the initramfs (cached)."""
+    try:
+        image = build_image(kind)
+    except PackageError as e:
+        raise click.ClickException(str(e)) from None
+    if out is not None:
+        image = export_image(image, out)
+    click.echo(f"kernel  {image.kernel}\ninitrd  {image.initrd}\nrelease {image.kernel_release}")
+    for name, version in image.packages.items():
+        click.echo(f"package {name} {version}")
+
+
+def _param(ctx: click.Context, opt: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    params = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{v!r}: expected KEY=VALUE")
+        params[key] = value
+    return params
+
+
+@command.command("run")
+@_kind
+@click.option("--kernel", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--initrd", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--run",
+    "workloads",
+    default="devices",
+    show_default=True,
+    help="Comma-separated /init workloads: devices blk blkbench hvc rng net script sh none.",
+)
+@click.option(
+    "--device",
+    "devices",
+    multiple=True,
+    metavar="TYPE:PATH",
+    help="blk|net|console|rng|vsock|fs:SOCKET (a listening vhost-user backend); "
+    "microvm also qemu-blk:IMG, qemu-net:user, qemu-rng:FILE, qemu-console:OUTFILE.",
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    callback=_param,
+    metavar="KEY=VALUE",
+    help="Workload knob on the kernel command line, e.g. blk.mib=16 (becomes emu.blk.mib=16).",
+)
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds before the kill.")
+@click.option("--mem", "mem_mib", type=int, help="Guest RAM in MiB (uml 256, microvm 512).")
+@click.option("--verbose-kernel", is_flag=True, help="Drop `quiet` from the kernel arguments.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the parsed results here.",
+)
+def run(
+    kind: str,
+    kernel: Path | None,
+    initrd: Path | None,
+    workloads: str,
+    devices: tuple[str, ...],
+    params: dict[str, str],
+    timeout: float,
+    mem_mib: int | None,
+    verbose_kernel: bool,
+    json_out: Path | None,
+) -> None:
+    """Boot a guest, stream its console, exit with its /init status."""
+    try:
+        devs = [Device.parse(d) for d in devices]
+        image = build_image(kind)
+    except (ValueError, PackageError) as e:
+        raise click.ClickException(str(e)) from None
+    if kernel or initrd:
+        image = GuestImage(
+            kind, kernel or image.kernel, initrd or image.initrd, image.kernel_release, {}
+        )
+    run_list = [w for w in workloads.split(",") if w]
+    try:
+        res = run_guest(
+            kind,
+            devs,
+            run_list,
+            timeout=timeout,
+            params=params,
+            image=image,
+            mem_mib=mem_mib,
+            quiet=not verbose_kernel,
+            interactive="sh" in run_list,
+            on_line=lambda line: click.echo(line, nl=False),
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    if json_out is not None:
+        json_out.write_text(json.dumps(res.summary(), indent=2) + "\n")
+    boot = f"{res.boot_s:.2f} s" if res.boot_s is not None else "never"
+    click.echo(
+        f"emu guest: {kind} /init after {boot}, done after {res.wall_s:.2f} s, "
+        f"rc={res.rc} exit={res.exit_status}" + (" TIMED OUT" if res.timed_out else ""),
+        err=True,
+    )
+    sys.exit(0 if res.ok else 1)
