@@ -8,6 +8,7 @@ are left alone. Each package is unpacked once per version under
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -36,13 +37,42 @@ def _run(*cmd: str, cwd: Path | None = None) -> str:
     return res.stdout
 
 
-def _apt_show(name: str) -> str:
-    """`apt-cache show` of the candidate; updates the package lists once if it is unknown."""
+def _lists_stamp() -> int:
+    """Changes whenever `apt-get update` changes the package lists."""
+    lists = Path("/var/lib/apt/lists")
     try:
-        return _run("apt-cache", "show", "--no-all-versions", name)
-    except PackageError:
+        return max((p.stat().st_mtime_ns for p in lists.iterdir() if p.is_file()), default=0)
+    except OSError:
+        return 0
+
+
+def _apt_show(name: str) -> str:
+    """`apt-cache show` of the candidate, remembered in the cache until the lists change.
+
+    apt-cache takes about 0.6 s a call here (no binary package cache), which would
+    otherwise double the cost of starting a UML guest.
+    """
+    memo_file = cache_dir() / "apt-show.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    stamp = _lists_stamp()
+    if memo.get("stamp") == stamp and name in memo.get("show", {}):
+        return memo["show"][name]
+    try:
+        text = _run("apt-cache", "show", "--no-all-versions", name)
+    except PackageError:  # unknown: the lists may never have been fetched
         _run("apt-get", "update", "-qq")
-        return _run("apt-cache", "show", "--no-all-versions", name)
+        text = _run("apt-cache", "show", "--no-all-versions", name)
+        stamp = _lists_stamp()
+    if memo.get("stamp") != stamp:
+        memo = {"stamp": stamp, "show": {}}
+    memo["show"][name] = text
+    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    tmp.replace(memo_file)
+    return text
 
 
 def _field(control: str, key: str) -> str:
