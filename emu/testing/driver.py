@@ -469,19 +469,46 @@ class VirtioMmioDriver:
             event_idx=self._has(F_EVENT_IDX),
             indirect=self._has(F_INDIRECT_DESC),
         )
-        self._write(mmio.QUEUE_SIZE, size)
+        self._program_queue(q)
+        self.queues[index] = q
+        return q
+
+    def _program_queue(self, q: DriverQueue, ring_state: RingState | None = None) -> None:
+        self._write(mmio.QUEUE_SEL, q.index)
+        self._write(mmio.QUEUE_SIZE, q.size)
         if self.legacy:
             self._write(mmio.QUEUE_ALIGN, _LEGACY_ALIGN)
             self._write(mmio.QUEUE_PFN, q.desc // PAGE_SIZE)
-        else:
-            for reg, gpa in ((mmio.QUEUE_DESC_LOW, q.desc), (mmio.QUEUE_DRIVER_LOW, q.driver)):
-                self._write(reg, gpa & 0xFFFFFFFF)
-                self._write(reg + 4, gpa >> 32)
-            self._write(mmio.QUEUE_DEVICE_LOW, q.device & 0xFFFFFFFF)
-            self._write(mmio.QUEUE_DEVICE_HIGH, q.device >> 32)
-            self._write(mmio.QUEUE_READY, 1)
-        self.queues[index] = q
-        return q
+            return
+        for reg, gpa in (
+            (mmio.QUEUE_DESC_LOW, q.desc),
+            (mmio.QUEUE_DRIVER_LOW, q.driver),
+            (mmio.QUEUE_DEVICE_LOW, q.device),
+        ):
+            self._write(reg, gpa & 0xFFFFFFFF)
+            self._write(reg + 4, gpa >> 32)
+        if ring_state is not None:
+            self.set_ring_state(q.index, ring_state)
+        self._write(mmio.QUEUE_READY, 1)
+
+    def reinit(self, ring_states: dict[int, RingState]) -> None:
+        """Initialise a fresh device again, keeping this driver's rings and requests.
+
+        Negotiates the same features, points each queue at its areas in guest RAM and tells
+        the device where each ring stands (QueueRingState) before DRIVER_OK: how a driver
+        hands its rings to a device that replaced a stopped one.
+        """
+        queues, backlog = dict(self.queues), dict(self._backlog)  # init() clears both
+        self.init(
+            self.features,
+            packed=self._has(F_RING_PACKED),
+            event_idx=self._has(F_EVENT_IDX),
+            indirect=self._has(F_INDIRECT_DESC),
+        )
+        for q in queues.values():
+            self._program_queue(q, ring_states.get(q.index))
+        self.queues, self._backlog = queues, backlog
+        self.driver_ok()
 
     def driver_ok(self) -> None:
         self._add_status(mmio.S_DRIVER_OK)
