@@ -245,7 +245,8 @@ class ConsoleDevice(VirtioDevice):
             self._pull(port)
             if not port.backlog:
                 break
-            batch = q.pop(BATCH)
+            # one chain at a time: a chain popped beyond the input would go back empty
+            batch = q.pop(1)
             if not len(batch):
                 if q.set_kicks(True):
                     continue

