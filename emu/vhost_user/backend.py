@@ -1,0 +1,595 @@
+"""vhost-user backend: one emu device served over a unix socket to one frontend at a time.
+
+The frontend (QEMU, UML, or emu's own test frontend) shares its RAM by fd; the device
+reads rings and buffers there directly, on its own thread, exactly as in-process:
+
+    frontend writes the kick eventfd -> device thread poll() -> handle_queue -> q.pop ->
+    backend I/O into the mapped RAM -> q.push -> q.notify = Notifier.signal -> call fd
+
+This module only turns messages into queue configuration: ``Session`` handles one
+connection, ``VhostUserServer`` accepts them one after another.
+
+Reply rules (shared/traces/vhost-user/README.md): requests with a reply of their own get
+exactly that; any other request with need_reply gets a u64 (0 ok, 1 refused); nothing else
+is answered. A request that is malformed (size, fds, unknown) closes the connection. A
+well-formed request the backend will not carry out (e.g. a ring address outside the memory
+table) is answered 1 when the frontend asked for an ack, and otherwise also closes the
+connection, since the frontend would carry on believing it worked. The device is reset at
+every disconnect; the server itself never goes down because of what a frontend sent.
+
+Not offered: LOG_SHMFD (dirty logging for live migration), BACKEND_REQ (so config
+changes are not signalled), and DEVICE_STATE, which will carry emu's snapshot format once
+that exists (a later issue).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+from collections.abc import Callable
+
+from emu.devices.base import RunState, VirtioDevice
+from emu.memory import GuestMemoryError
+from emu.queue import Virtqueue
+from emu.ringdefs import F_RING_PACKED, F_RING_RESET, InflightChain, RingError
+from emu.vhost_user.inflight import InflightRegion, reparse, restore_state
+from emu.vhost_user.memtable import MAX_SLOTS, MemoryTable, MemRegion
+from emu.vhost_user.protocol import (
+    CONFIG_HEAD,
+    F_PROTOCOL_FEATURES,
+    INFLIGHT,
+    MAX_CONFIG,
+    MAX_REGIONS,
+    MEM_REGION,
+    MEM_TABLE_HEAD,
+    PF,
+    U64,
+    VRING_ADDR,
+    VRING_IDX_MASK,
+    VRING_NOFD,
+    VRING_STATE,
+    Message,
+    PeerClosed,
+    ProtocolError,
+    Req,
+    fd_kind,
+    recv_message,
+    reply,
+    send_message,
+)
+from emu.vhost_user.vring import Vring, decode_base, encode_base
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_FEATURES = (
+    1 << PF.MQ
+    | 1 << PF.REPLY_ACK
+    | 1 << PF.CONFIG
+    | 1 << PF.INFLIGHT_SHMFD
+    | 1 << PF.RESET_DEVICE
+    | 1 << PF.CONFIGURE_MEM_SLOTS
+    | 1 << PF.STATUS
+)
+#: virtio status bits SET_STATUS/GET_STATUS care about
+S_FEATURES_OK = 8
+S_NEEDS_RESET = 0x40
+
+
+class Refused(Exception):
+    """A well-formed request the backend will not carry out."""
+
+
+#: a handler's answer: a payload of its own (with fds to send), or None (ack if asked)
+Reply = bytes | tuple[bytes, list[int]] | None
+Handler = Callable[["Session", Message], Reply]
+#: request -> (handler, exact payload size or None if the handler checks it, fds min, max)
+HANDLERS: dict[int, tuple[Handler, int | None, int, int]] = {}
+
+
+def handles(req: Req, size: int | None, fds: tuple[int, int] = (0, 0)) -> Callable:
+    def register(fn: Handler) -> Handler:
+        HANDLERS[req] = (fn, size, *fds)
+        return fn
+
+    return register
+
+
+#: requests answered with a payload of their own (never with a bare ack)
+OWN_REPLY = {
+    Req.GET_FEATURES,
+    Req.GET_PROTOCOL_FEATURES,
+    Req.GET_VRING_BASE,
+    Req.GET_QUEUE_NUM,
+    Req.GET_CONFIG,
+    Req.GET_INFLIGHT_FD,
+    Req.GET_MAX_MEM_SLOTS,
+    Req.GET_STATUS,
+}
+
+
+class Session:
+    """One frontend connection driving one device."""
+
+    def __init__(self, device: VirtioDevice, sock: socket.socket) -> None:
+        self.device = device
+        self.sock = sock
+        self.table = MemoryTable()
+        self.vrings = [Vring(i) for i in range(len(device.queues))]
+        self.vu_features = 0  # as SET_FEATURES sent them, bit 30 included
+        self.protocol = 0
+        self.status = 0
+        self.inflight: InflightRegion | None = None
+        for q, vr in zip(device.queues, self.vrings, strict=True):
+            q.notify = vr.call.signal
+        device.on_needs_reset = self._needs_reset
+        device.on_config_change = self._config_changed
+
+    # -- the message loop --
+
+    def run(self) -> None:
+        while True:
+            self.dispatch(recv_message(self.sock))
+
+    def dispatch(self, msg: Message) -> None:
+        status = 0
+        try:
+            try:
+                result = self._handle(msg)
+            except (Refused, GuestMemoryError, RingError) as e:
+                if not msg.need_reply or msg.req in OWN_REPLY:
+                    raise ProtocolError(f"{msg.name} refused: {e}") from e
+                log.warning("vhost-user: %s refused: %s", msg.name, e)
+                result, status = None, 1
+        finally:
+            msg.close_fds()  # whatever a handler did not take
+        if result is not None:
+            payload, fds = result if isinstance(result, tuple) else (result, [])
+            send_message(self.sock, reply(msg, payload, fds))
+        elif msg.need_reply:
+            send_message(self.sock, reply(msg, U64.pack(status)))
+
+    def _handle(self, msg: Message) -> Reply:
+        entry = HANDLERS.get(msg.req)
+        if entry is None:
+            raise ProtocolError(f"unsupported request {msg.name}")
+        fn, size, min_fds, max_fds = entry
+        if size is not None and len(msg.payload) != size:
+            raise ProtocolError(f"{msg.name}: payload of {len(msg.payload)} bytes, not {size}")
+        if not min_fds <= len(msg.fds) <= max_fds:
+            raise ProtocolError(f"{msg.name}: {len(msg.fds)} fds, expected {min_fds}..{max_fds}")
+        return fn(self, msg)
+
+    # -- helpers --
+
+    @property
+    def features(self) -> int:
+        return self.vu_features & ~(1 << F_PROTOCOL_FEATURES)
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.features >> F_RING_PACKED & 1)
+
+    def offered_features(self) -> int:
+        # RING_RESET has no vhost-user counterpart (a ring stops with GET_VRING_BASE)
+        return self.device.features & ~(1 << F_RING_RESET) | 1 << F_PROTOCOL_FEATURES
+
+    def _vring(self, index: int) -> tuple[Vring, Virtqueue]:
+        if not 0 <= index < len(self.vrings):
+            raise ProtocolError(f"vring index {index}, device has {len(self.vrings)}")
+        return self.vrings[index], self.device.queues[index]
+
+    def _vring_fd(self, msg: Message, kinds: tuple[str, ...]) -> tuple[Vring, Virtqueue, int]:
+        """Decode SET_VRING_KICK/CALL/ERR: (vring, queue, fd or -1 for nofd)."""
+        (value,) = U64.unpack(msg.payload)
+        if value & ~(VRING_IDX_MASK | VRING_NOFD):
+            raise ProtocolError(f"{msg.name}: reserved bits set in {value:#x}")
+        vr, q = self._vring(value & VRING_IDX_MASK)
+        if value & VRING_NOFD:
+            if msg.fds:
+                raise ProtocolError(f"{msg.name}: an fd came with the nofd flag")
+            return vr, q, -1
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"{msg.name}: no fd and no nofd flag")
+        kind = fd_kind(msg.fds[0])
+        if kind not in kinds:
+            raise Refused(f"vring {vr.index}: fd is a {kind}, expected {' or '.join(kinds)}")
+        return vr, q, msg.fds.pop()
+
+    def _needs_reset(self, reason: str) -> None:
+        log.error("vhost-user: %s needs a reset: %s", self.device.name, reason)
+        for vr in self.vrings:
+            vr.err.signal()
+
+    def _config_changed(self) -> None:
+        log.info(
+            "vhost-user: %s config changed (no BACKEND_REQ channel to say so)", self.device.name
+        )
+
+    # -- ring start and stop --
+
+    def _may_run(self, vr: Vring) -> bool:
+        enabled = vr.enabled or not self.vu_features >> F_PROTOCOL_FEATURES & 1
+        return vr.kicked and enabled and vr.addr is not None and vr.num > 0
+
+    def _try_start(self, vr: Vring) -> None:
+        q = self.device.queues[vr.index]
+        if q.started or not self._may_run(vr) or not self.table.regions:
+            return
+        assert vr.addr is not None
+        n, packed = vr.num, self.packed
+        desc = self.table.to_gpa(vr.addr[0], 16 * n)
+        driver = self.table.to_gpa(vr.addr[1], 4 if packed else 6 + 2 * n)
+        device = self.table.to_gpa(vr.addr[2], 4 if packed else 6 + 8 * n)
+        used_idx = 0 if packed else self.table.mem.read_int(device + 2, 2)
+        state = decode_base(vr.base, packed, used_idx)
+        if packed and max(state.next_avail, state.next_used) >= n:
+            raise Refused(f"vring {vr.index}: base {vr.base:#x} beyond a ring of {n}")
+        chains: list[InflightChain] = []
+        q.tracker = None
+        if self.inflight is not None and vr.index < self.inflight.num_queues:
+            tracker = self.inflight.queues[vr.index]
+            tracker.queue_size = n
+            if packed:
+                tracker.slots = lambda: dict(q.ring.state().inflight) if q.ring else {}
+                found = tracker.recover(state.next_used)
+                chains = reparse(self.table.mem, self.features, n, None, found)
+            else:
+                heads = tracker.recover(used_idx)
+                found = [InflightChain(h, 0, []) for h in heads]
+                chains = reparse(self.table.mem, self.features, n, desc, found)
+                state.next_avail = (used_idx + len(chains)) & 0xFFFF
+            q.tracker = tracker
+        elif vr.saved is not None and encode_base(vr.saved[0], packed) == vr.base:
+            state, chains = vr.saved
+        if chains:
+            log.info("vhost-user: vring %d resubmits %d in-flight chains", vr.index, len(chains))
+        vr.saved = None
+        q.size, q.desc, q.driver, q.device, q.ready = n, desc, driver, device, True
+        self.device.restore_queue(vr.index, restore_state(state, chains), chains)
+        try:
+            if self.device.run_state is RunState.IDLE:
+                self.device.activate(self.table.mem, self.features)
+            else:
+                self.device.start_queue(q)
+        except ValueError as e:  # set_state refusing a base that cannot be real
+            raise Refused(f"vring {vr.index}: {e}") from e
+        if not q.started:
+            raise Refused(f"vring {vr.index} did not start: {self.device.broken}")
+        q.kick()  # serve whatever the driver made available while the ring was stopped
+
+    def _stop(self, vr: Vring) -> None:
+        q = self.device.queues[vr.index]
+        saved = self.device.stop_queue(q)
+        if saved is not None:
+            vr.saved = saved
+        q.ready = False
+        q.tracker = None
+
+    def _paused(self, change: Callable[[], None]) -> None:
+        """Change the memory table with the device thread off every ring (rings built over
+        the old table would not see new regions), then carry on where each ring stopped."""
+        running = [vr for vr in self.vrings if self.device.queues[vr.index].started]
+        for vr in running:
+            self._stop(vr)
+            assert vr.saved is not None
+            vr.base = encode_base(vr.saved[0], self.packed)
+        try:
+            change()
+        finally:
+            for vr in running:
+                self._try_start(vr)
+
+    def reset(self) -> None:
+        """Device reset (RESET_OWNER, RESET_DEVICE, SET_STATUS 0, disconnect)."""
+        self.device.reset()
+        for q, vr in zip(self.device.queues, self.vrings, strict=True):
+            q.tracker = None
+            self.device.set_kick_fd(q, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            vr.close()
+            self.vrings[vr.index] = fresh = Vring(vr.index)
+            q.notify = fresh.call.signal
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
+        self.vu_features = 0
+        self.status = 0
+
+    def close(self) -> None:
+        self.reset()
+        self.table.clear()
+        self.sock.close()
+
+    # -- features --
+
+    @handles(Req.GET_FEATURES, 0)
+    def get_features(self, msg: Message) -> bytes:
+        return U64.pack(self.offered_features())
+
+    @handles(Req.SET_FEATURES, 8)
+    def set_features(self, msg: Message) -> None:
+        (value,) = U64.unpack(msg.payload)
+        virtio = value & ~(1 << F_PROTOCOL_FEATURES)
+        if value & ~self.offered_features() or not self.device.accept_features(virtio):
+            raise Refused(f"features {value:#x} (offered {self.offered_features():#x})")
+        if self.device.run_state is not RunState.IDLE and virtio != self.features:
+            raise Refused(f"features {value:#x} changed while rings run")
+        self.vu_features = value
+
+    @handles(Req.GET_PROTOCOL_FEATURES, 0)
+    def get_protocol_features(self, msg: Message) -> bytes:
+        return U64.pack(PROTOCOL_FEATURES)
+
+    @handles(Req.SET_PROTOCOL_FEATURES, 8)
+    def set_protocol_features(self, msg: Message) -> None:
+        (value,) = U64.unpack(msg.payload)
+        if value & ~PROTOCOL_FEATURES:
+            raise Refused(f"protocol features {value:#x} (offered {PROTOCOL_FEATURES:#x})")
+        self.protocol = value
+
+    @handles(Req.SET_OWNER, 0)
+    def set_owner(self, msg: Message) -> None:
+        return None
+
+    @handles(Req.RESET_OWNER, 0)
+    def reset_owner(self, msg: Message) -> None:
+        self.reset()
+
+    @handles(Req.RESET_DEVICE, 0)
+    def reset_device(self, msg: Message) -> None:
+        self.reset()
+
+    @handles(Req.GET_QUEUE_NUM, 0)
+    def get_queue_num(self, msg: Message) -> bytes:
+        return U64.pack(len(self.vrings))
+
+    @handles(Req.SET_BACKEND_REQ_FD, 0, (1, 1))
+    def set_backend_req_fd(self, msg: Message) -> None:
+        log.info("vhost-user: backend request channel not used (BACKEND_REQ not offered)")
+
+    @handles(Req.SET_STATUS, 8)
+    def set_status(self, msg: Message) -> None:
+        (value,) = U64.unpack(msg.payload)
+        if value > 0xFF:
+            raise Refused(f"status {value:#x} is not a status byte")
+        if value == 0:
+            self.reset()
+            return
+        if value & S_FEATURES_OK and not self.device.accept_features(self.features):
+            value &= ~S_FEATURES_OK
+        self.status = value
+
+    @handles(Req.GET_STATUS, 0)
+    def get_status(self, msg: Message) -> bytes:
+        return U64.pack(self.status | (S_NEEDS_RESET if self.device.broken else 0))
+
+    # -- memory --
+
+    @handles(Req.GET_MAX_MEM_SLOTS, 0)
+    def get_max_mem_slots(self, msg: Message) -> bytes:
+        return U64.pack(MAX_SLOTS)
+
+    @handles(Req.SET_MEM_TABLE, None, (1, MAX_REGIONS))
+    def set_mem_table(self, msg: Message) -> None:
+        if len(msg.payload) < MEM_TABLE_HEAD.size:
+            raise ProtocolError("SET_MEM_TABLE: payload shorter than its header")
+        n, _ = MEM_TABLE_HEAD.unpack_from(msg.payload)
+        if not 1 <= n <= MAX_REGIONS or len(msg.payload) != MEM_TABLE_HEAD.size + n * 32:
+            raise ProtocolError(f"SET_MEM_TABLE: {n} regions in {len(msg.payload)} bytes")
+        if n != len(msg.fds):
+            raise ProtocolError(f"SET_MEM_TABLE: {n} regions but {len(msg.fds)} fds")
+        regions = [MemRegion.unpack(msg.payload, 8 + 32 * i) for i in range(n)]
+        fds, msg.fds = msg.fds, []
+        self._paused(lambda: self.table.replace(regions, fds))
+
+    @handles(Req.ADD_MEM_REG, 8 + MEM_REGION.size, (1, 1))
+    def add_mem_reg(self, msg: Message) -> None:
+        region = MemRegion.unpack(msg.payload, 8)
+        fd = msg.fds.pop()
+        self._paused(lambda: self.table.add(region, fd))
+
+    @handles(Req.REM_MEM_REG, 8 + MEM_REGION.size, (0, 1))
+    def rem_mem_reg(self, msg: Message) -> None:
+        region = MemRegion.unpack(msg.payload, 8)
+        self._paused(lambda: self.table.remove(region))
+
+    # -- vrings --
+
+    @handles(Req.SET_VRING_NUM, 8)
+    def set_vring_num(self, msg: Message) -> None:
+        index, num = VRING_STATE.unpack(msg.payload)
+        vr, q = self._vring(index)
+        if q.started:
+            raise Refused(f"vring {index} is running")
+        if not 1 <= num <= q.max_size:
+            raise Refused(f"vring {index}: size {num} not in 1..{q.max_size}")
+        vr.num = num
+
+    @handles(Req.SET_VRING_ADDR, VRING_ADDR.size)
+    def set_vring_addr(self, msg: Message) -> None:
+        index, _flags, desc, used, avail, _log = VRING_ADDR.unpack(msg.payload)
+        vr, q = self._vring(index)
+        if q.started:
+            raise Refused(f"vring {index} is running")
+        for addr in (desc, used, avail):
+            self.table.to_gpa(addr, 1)  # GuestMemoryError: refused
+        vr.addr = (desc, avail, used)
+
+    @handles(Req.SET_VRING_BASE, 8)
+    def set_vring_base(self, msg: Message) -> None:
+        index, num = VRING_STATE.unpack(msg.payload)
+        vr, q = self._vring(index)
+        if q.started:
+            raise Refused(f"vring {index} is running")
+        vr.base = num
+
+    @handles(Req.GET_VRING_BASE, 8)
+    def get_vring_base(self, msg: Message) -> bytes:
+        index, _ = VRING_STATE.unpack(msg.payload)
+        vr, q = self._vring(index)
+        if q.started:
+            self._stop(vr)
+        vr.kicked = False  # stopped: only a new kick starts it again
+        base = encode_base(vr.saved[0], self.packed) if vr.saved else vr.base
+        log.info("vhost-user: vring %d stopped at base %#x", index, base)
+        return VRING_STATE.pack(index, base)
+
+    @handles(Req.SET_VRING_KICK, 8, (0, 1))
+    def set_vring_kick(self, msg: Message) -> None:
+        vr, q, fd = self._vring_fd(msg, ("eventfd",))
+        if fd < 0:
+            raise Refused(f"vring {vr.index}: polling mode (kick nofd) is not supported")
+        os.set_blocking(fd, False)  # the device thread drains it; never block on it
+        self.device.set_kick_fd(q, fd)
+        vr.kicked = True
+        self._try_start(vr)
+
+    @handles(Req.SET_VRING_CALL, 8, (0, 1))
+    def set_vring_call(self, msg: Message) -> None:
+        vr, _, fd = self._vring_fd(msg, ("eventfd", "socket"))
+        vr.call.set(fd, fd_kind(fd) if fd >= 0 else "none")
+
+    @handles(Req.SET_VRING_ERR, 8, (0, 1))
+    def set_vring_err(self, msg: Message) -> None:
+        vr, _, fd = self._vring_fd(msg, ("eventfd",))
+        vr.err.set(fd)
+
+    @handles(Req.SET_VRING_ENABLE, 8)
+    def set_vring_enable(self, msg: Message) -> None:
+        index, num = VRING_STATE.unpack(msg.payload)
+        vr, q = self._vring(index)
+        if num not in (0, 1):
+            raise Refused(f"vring {index}: enable {num}")
+        vr.enabled = bool(num)
+        if vr.enabled:
+            self._try_start(vr)
+        elif q.started:
+            self._stop(vr)
+            assert vr.saved is not None
+            vr.base = encode_base(vr.saved[0], self.packed)
+
+    # -- config space --
+
+    def _config_request(self, msg: Message) -> tuple[int, int, int, bytes]:
+        if len(msg.payload) < CONFIG_HEAD.size:
+            raise ProtocolError(f"{msg.name}: payload shorter than its header")
+        offset, size, flags = CONFIG_HEAD.unpack_from(msg.payload)
+        if size > MAX_CONFIG or offset > MAX_CONFIG - size:
+            raise ProtocolError(f"{msg.name}: offset {offset} size {size} beyond {MAX_CONFIG}")
+        if len(msg.payload) != CONFIG_HEAD.size + size:
+            raise ProtocolError(f"{msg.name}: {len(msg.payload)} bytes for {size} of config")
+        return offset, size, flags, msg.payload[CONFIG_HEAD.size :]
+
+    @handles(Req.GET_CONFIG, None)
+    def get_config(self, msg: Message) -> bytes:
+        offset, size, flags, _ = self._config_request(msg)
+        data = bytes(self.device.read_config(offset + i, 1) for i in range(size))
+        return CONFIG_HEAD.pack(offset, size, flags) + data
+
+    @handles(Req.SET_CONFIG, None)
+    def set_config(self, msg: Message) -> None:
+        offset, size, _, data = self._config_request(msg)
+        if size:
+            self.device.write_config(offset, size, int.from_bytes(data, "little"))
+
+    # -- inflight tracking --
+
+    def _inflight_layout(self, payload: bytes) -> tuple[int, int, int, int]:
+        size, offset, num_queues, queue_size = INFLIGHT.unpack(payload)
+        if not 1 <= num_queues <= len(self.vrings) or not 1 <= queue_size <= 32768:
+            raise Refused(f"inflight for {num_queues} queues of {queue_size}")
+        return size, offset, num_queues, max(queue_size, self.device.queue_max_size)
+
+    @handles(Req.GET_INFLIGHT_FD, INFLIGHT.size)
+    def get_inflight_fd(self, msg: Message) -> tuple[bytes, list[int]]:
+        _, _, num_queues, desc_num = self._inflight_layout(msg.payload)
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = InflightRegion.create(num_queues, desc_num, self.packed)
+        queue_size = INFLIGHT.unpack(msg.payload)[3]
+        payload = INFLIGHT.pack(self.inflight.size, 0, num_queues, queue_size)
+        return payload, [self.inflight.fd]
+
+    @handles(Req.SET_INFLIGHT_FD, INFLIGHT.size, (1, 1))
+    def set_inflight_fd(self, msg: Message) -> None:
+        size, offset, num_queues, desc_num = self._inflight_layout(msg.payload)
+        if any(q.started for q in self.device.queues):
+            raise Refused("inflight region replaced while rings run")
+        region = InflightRegion(msg.fds.pop(), size, offset, num_queues, desc_num, self.packed)
+        if self.inflight is not None:
+            self.inflight.close()
+        self.inflight = region
+
+
+class VhostUserServer:
+    """Listens on ``path`` and serves one frontend connection at a time, for ever."""
+
+    def __init__(self, device: VirtioDevice, path: str | os.PathLike) -> None:
+        self.device = device
+        self.path = os.fspath(path)
+        if os.path.exists(self.path) and stat.S_ISSOCK(os.stat(self.path).st_mode):
+            os.unlink(self.path)  # a stale socket from an earlier run
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        self.listener.listen(1)
+        self.connections = 0
+        self._stop = os.eventfd(0, os.EFD_CLOEXEC)
+        self._conn: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> VhostUserServer:
+        self._thread = threading.Thread(
+            target=self.serve_forever, name="emu-vhost-user", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        while (conn := self._accept()) is not None:
+            self.connections += 1
+            self._serve(conn)
+
+    def _accept(self) -> socket.socket | None:
+        ready, _, _ = select.select([self.listener, self._stop], [], [])
+        if self._stop in ready:
+            return None
+        conn, _ = self.listener.accept()
+        self._conn = conn
+        return conn
+
+    def _serve(self, conn: socket.socket) -> None:
+        log.info("vhost-user: %s: frontend connected on %s", self.device.name, self.path)
+        session = Session(self.device, conn)
+        try:
+            session.run()
+        except PeerClosed:
+            log.info("vhost-user: %s: frontend disconnected", self.device.name)
+        except ProtocolError as e:
+            log.warning("vhost-user: %s: closing the connection: %s", self.device.name, e)
+        except Exception:  # a bug here must not take the server down with it
+            log.exception(
+                "vhost-user: %s: internal error, closing the connection", self.device.name
+            )
+        finally:
+            self._conn = None
+            session.close()
+
+    def close(self) -> None:
+        os.eventfd_write(self._stop, 1)
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join()
+        self.listener.close()
+        os.close(self._stop)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

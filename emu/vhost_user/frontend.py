@@ -1,0 +1,314 @@
+"""A vhost-user frontend in Python: plays QEMU's part against any vhost-user backend.
+
+Guest RAM is a memfd-backed ``GuestMemory`` shared with the backend; the guest side of
+the rings is the reference driver's ``DriverQueue``. ``VhostUserFrontend`` has the same
+methods as ``VirtioMmioDriver`` (init, setup_queue, driver_ok, submit, kick, wait,
+config_read, queues), so emu.testing's device helpers (BlkDriver, RngDriver, GuestNet,
+GuestConsole) drive a device through it unchanged. Ring addresses are sent as "user"
+addresses offset from guest-physical ones (as QEMU's are), which checks that a backend
+translates them through the memory table.
+
+Every request that has no reply of its own asks for a REPLY_ACK when the backend offers
+it, so a refusal surfaces at the call that caused it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+
+from emu.memory import GuestMemory
+from emu.ringdefs import F_EVENT_IDX, F_IN_ORDER, F_INDIRECT_DESC, F_RING_PACKED
+from emu.testing.driver import Completion, DriverQueue, GuestAllocator
+from emu.vhost_user.protocol import (
+    CONFIG_HEAD,
+    F_PROTOCOL_FEATURES,
+    FLAG_NEED_REPLY,
+    INFLIGHT,
+    MEM_TABLE_HEAD,
+    PF,
+    REPLY_FLAGS,
+    U64,
+    VERSION,
+    VRING_ADDR,
+    VRING_NOFD,
+    VRING_STATE,
+    Message,
+    ProtocolError,
+    Req,
+    recv_message,
+    send_message,
+)
+
+#: where guest RAM appears in the frontend's own address space (as QEMU's 0x7f.. uvas)
+UVA_OFFSET = 0x7F00_0000_0000
+WANTED_PROTOCOL = (
+    1 << PF.MQ
+    | 1 << PF.REPLY_ACK
+    | 1 << PF.CONFIG
+    | 1 << PF.CONFIGURE_MEM_SLOTS
+    | 1 << PF.INFLIGHT_SHMFD
+    | 1 << PF.RESET_DEVICE
+    | 1 << PF.STATUS
+)
+_WITH_REPLY = {
+    Req.GET_FEATURES,
+    Req.GET_PROTOCOL_FEATURES,
+    Req.GET_VRING_BASE,
+    Req.GET_QUEUE_NUM,
+    Req.GET_CONFIG,
+    Req.GET_INFLIGHT_FD,
+    Req.GET_MAX_MEM_SLOTS,
+    Req.GET_STATUS,
+}
+
+
+class FrontendError(Exception):
+    """The backend refused a request (non-zero ack) or answered nonsense."""
+
+
+def connect(path: str | os.PathLike, timeout: float = 10.0) -> socket.socket:
+    """Connect, retrying while the backend is still starting up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(os.fspath(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class VhostUserFrontend:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        mem_size: int = 16 << 20,
+        *,
+        add_mem_reg: bool | None = None,
+        inflight: bool = False,
+        timeout: float = 10.0,
+    ) -> None:
+        """``add_mem_reg`` shares RAM with ADD_MEM_REG (None: when the backend offers
+        CONFIGURE_MEM_SLOTS) instead of SET_MEM_TABLE; ``inflight`` asks for an
+        INFLIGHT_SHMFD region at start, as QEMU does when it is offered."""
+        self.sock = connect(path, timeout)
+        self.mem = GuestMemory.create(mem_size)
+        self.alloc = GuestAllocator(self.mem)
+        self.queues: dict[int, DriverQueue] = {}
+        self.features = 0
+        self.protocol = 0
+        self.config_interrupts = 0
+        self.add_mem_reg = add_mem_reg
+        self.want_inflight = inflight
+        self.inflight_fd = -1
+        self.inflight_payload = b""
+        self._calls: dict[int, int] = {}
+        self._kicks: dict[int, int] = {}
+        self._backlog: dict[int, list[Completion]] = {}
+
+    # -- messages --
+
+    def request(self, req: Req, payload: bytes = b"", fds: list[int] | None = None) -> Message:
+        """Send one request; returns its reply (or the ack) after checking its header."""
+        ack = req not in _WITH_REPLY and self.protocol >> PF.REPLY_ACK & 1
+        flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
+        send_message(self.sock, Message(req, flags, payload, list(fds or [])))
+        if req not in _WITH_REPLY and not ack:
+            return Message(req)
+        answer = recv_message(self.sock)
+        if answer.req != req or answer.flags != REPLY_FLAGS:
+            answer.close_fds()
+            raise ProtocolError(f"{req.name}: reply {answer.req} flags {answer.flags:#x}")
+        if ack and U64.unpack(answer.payload) != (0,):
+            raise FrontendError(f"backend refused {req.name}: {answer.payload.hex()}")
+        return answer
+
+    def get_u64(self, req: Req) -> int:
+        return U64.unpack(self.request(req).payload)[0]
+
+    def set_u64(self, req: Req, value: int, fds: list[int] | None = None) -> None:
+        self.request(req, U64.pack(value), fds)
+
+    # -- initialisation --
+
+    def init(
+        self,
+        features: int | None = None,
+        *,
+        packed: bool = False,
+        event_idx: bool = True,
+        indirect: bool = True,
+    ) -> int:
+        """Negotiate and share guest RAM; returns the virtio features accepted."""
+        offered = self.get_u64(Req.GET_FEATURES)
+        if offered >> F_PROTOCOL_FEATURES & 1:
+            self.protocol = self.get_u64(Req.GET_PROTOCOL_FEATURES) & WANTED_PROTOCOL
+            self.set_u64(Req.SET_PROTOCOL_FEATURES, self.protocol)
+        self.request(Req.SET_OWNER)
+        wanted = offered & ~(1 << F_IN_ORDER | 1 << F_PROTOCOL_FEATURES)
+        if features is not None:
+            wanted = features
+        for bit, on in (
+            (F_RING_PACKED, packed),
+            (F_EVENT_IDX, event_idx),
+            (F_INDIRECT_DESC, indirect),
+        ):
+            wanted = wanted | 1 << bit if on else wanted & ~(1 << bit)
+        accepted = wanted & offered & ~(1 << F_PROTOCOL_FEATURES)
+        if packed and not accepted >> F_RING_PACKED & 1:
+            raise FrontendError("backend does not offer VIRTIO_F_RING_PACKED")
+        self.set_u64(Req.SET_FEATURES, accepted | (offered & 1 << F_PROTOCOL_FEATURES))
+        self.features = accepted
+        if self.want_inflight and self.protocol >> PF.INFLIGHT_SHMFD & 1:
+            self._get_inflight()
+        self.share_memory()
+        return accepted
+
+    def _get_inflight(self, queue_size: int = 128) -> None:
+        nq = self.get_u64(Req.GET_QUEUE_NUM) if self.protocol >> PF.MQ & 1 else 1
+        answer = self.request(Req.GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, nq, queue_size))
+        if len(answer.fds) != 1:
+            answer.close_fds()
+            raise FrontendError("GET_INFLIGHT_FD came back without an fd")
+        self.inflight_fd, self.inflight_payload = answer.fds[0], answer.payload
+        self.request(Req.SET_INFLIGHT_FD, answer.payload, [self.inflight_fd])
+
+    def region_payload(self, index: int = 0) -> bytes:
+        r = self.mem.regions[index]
+        return U64.pack(r.gpa) + U64.pack(r.size) + U64.pack(r.gpa + UVA_OFFSET) + U64.pack(0)
+
+    def share_memory(self) -> None:
+        add = self.add_mem_reg
+        if add is None:
+            add = bool(self.protocol >> PF.CONFIGURE_MEM_SLOTS & 1)
+        if add:
+            for i, r in enumerate(self.mem.regions):
+                self.request(Req.ADD_MEM_REG, bytes(8) + self.region_payload(i), [r.fd])
+        else:
+            n = len(self.mem.regions)
+            table = MEM_TABLE_HEAD.pack(n, 0) + b"".join(self.region_payload(i) for i in range(n))
+            self.request(Req.SET_MEM_TABLE, table, [r.fd for r in self.mem.regions])
+
+    def setup_queue(self, index: int, size: int | None = None) -> DriverQueue:
+        size = size or 256
+        q = DriverQueue(
+            self.mem,
+            self.alloc,
+            index,
+            size,
+            packed=bool(self.features >> F_RING_PACKED & 1),
+            event_idx=bool(self.features >> F_EVENT_IDX & 1),
+            indirect=bool(self.features >> F_INDIRECT_DESC & 1),
+        )
+        call = self._calls.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        self.set_u64(Req.SET_VRING_CALL, index, [call])
+        self.request(Req.SET_VRING_NUM, VRING_STATE.pack(index, size))
+        # a fresh packed ring starts with both wrap counters set (bits 15 and 31)
+        base = 1 << 15 | 1 << 31 if q.packed else 0
+        self.request(Req.SET_VRING_BASE, VRING_STATE.pack(index, base))
+        self.set_vring_addr(q)
+        self.queues[index] = q
+        return q
+
+    def set_vring_addr(self, q: DriverQueue) -> None:
+        payload = VRING_ADDR.pack(
+            q.index, 0, q.desc + UVA_OFFSET, q.device + UVA_OFFSET, q.driver + UVA_OFFSET, 0
+        )
+        self.request(Req.SET_VRING_ADDR, payload)
+
+    def driver_ok(self) -> None:
+        """Start every ring: SET_VRING_KICK then SET_VRING_ENABLE 1, as QEMU does."""
+        for index in self.queues:
+            self.start_ring(index)
+
+    def start_ring(self, index: int) -> None:
+        kick = self._kicks.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        self.set_u64(Req.SET_VRING_KICK, index, [kick])
+        self.request(Req.SET_VRING_ENABLE, VRING_STATE.pack(index, 1))
+
+    def stop_ring(self, index: int) -> int:
+        """QEMU's stop: SET_VRING_ENABLE 0, then GET_VRING_BASE; returns the base."""
+        self.request(Req.SET_VRING_ENABLE, VRING_STATE.pack(index, 0))
+        answer = self.request(Req.GET_VRING_BASE, VRING_STATE.pack(index, 0))
+        got_index, base = VRING_STATE.unpack(answer.payload)
+        if got_index != index:
+            raise FrontendError(f"GET_VRING_BASE answered for vring {got_index}")
+        return base
+
+    def restart_ring(self, index: int, base: int) -> None:
+        """QEMU's cont: NUM, BASE, ADDR, KICK, ENABLE with the base from the stop."""
+        q = self.queues[index]
+        self.request(Req.SET_VRING_NUM, VRING_STATE.pack(index, q.size))
+        self.request(Req.SET_VRING_BASE, VRING_STATE.pack(index, base))
+        self.set_vring_addr(q)
+        self.start_ring(index)
+
+    def no_interrupts(self, index: int) -> None:
+        self.set_u64(Req.SET_VRING_CALL, index | VRING_NOFD)
+
+    # -- config space --
+
+    def config_read(self, offset: int, size: int) -> int:
+        answer = self.request(Req.GET_CONFIG, CONFIG_HEAD.pack(offset, size, 0) + bytes(size))
+        if answer.payload[: CONFIG_HEAD.size] != CONFIG_HEAD.pack(offset, size, 0):
+            raise FrontendError(f"GET_CONFIG answered {answer.payload[:12].hex()}")
+        if len(answer.payload) != CONFIG_HEAD.size + size:
+            raise FrontendError(f"GET_CONFIG: {len(answer.payload)} bytes for {size}")
+        return int.from_bytes(answer.payload[CONFIG_HEAD.size :], "little")
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        data = value.to_bytes(size, "little")
+        self.request(Req.SET_CONFIG, CONFIG_HEAD.pack(offset, size, 0) + data)
+
+    # -- requests --
+
+    def submit(self, qidx: int, out: list[bytes], in_sizes: list[int]) -> int:
+        q = self.queues[qidx]
+        token = q.add(out, in_sizes)
+        if q.kick_needed():
+            self.kick(qidx)
+        return token
+
+    def kick(self, qidx: int) -> None:
+        os.eventfd_write(self._kicks[qidx], 1)
+
+    def wait(self, qidx: int, count: int = 1, timeout: float = 5.0) -> list[Completion]:
+        """The next ``count`` completions of queue ``qidx``, sleeping on its call eventfd."""
+        q = self.queues[qidx]
+        call = self._calls[qidx]
+        got = self._backlog.pop(qidx, [])
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                got += q.poll()
+                if len(got) >= count:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([call], [], [], left)[0]:
+                    raise TimeoutError(f"queue {qidx}: {len(got)} of {count} completions")
+                try:
+                    os.eventfd_read(call)
+                except BlockingIOError:
+                    pass
+        finally:
+            if len(got) > count:
+                self._backlog[qidx] = got[count:]
+            elif len(got) < count:
+                self._backlog[qidx] = got
+        return got[:count]
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in [*self._calls.values(), *self._kicks.values()]:
+            os.close(fd)
+        if self.inflight_fd >= 0:
+            os.close(self.inflight_fd)
+        self._calls.clear()
+        self._kicks.clear()
+        self.mem.close()
