@@ -1,0 +1,127 @@
+"""``emu serve``: emu devices as vhost-user backends, one unix socket per device.
+
+    emu serve --socket /tmp/blk.sock blk:disk.img
+    emu serve --socket /tmp/a.sock net:cable --socket /tmp/b.sock net:cable --socket /tmp/r.sock rng
+
+Each ``--socket`` pairs with the device spec in the same position:
+
+* ``blk:FILE`` (``blk:FILE:ro`` read-only): virtio-blk on a raw image.
+* ``rng``: virtio-rng from the host's getrandom().
+* ``console`` (stdio), ``console:pty`` (prints the pty path), ``console:socket:PATH``.
+* ``net:tap:NAME``: virtio-net on a host TAP interface.
+* ``net:cable``: virtio-net on one end of an in-process cable; cable specs pair up in
+  order (the 1st with the 2nd, the 3rd with the 4th), joining two guests' NICs.
+
+Every device accepts rings of up to 1024 entries (QEMU on virtio-mmio uses 1024). A
+socket serves one frontend at a time and accepts the next one after a disconnect (the
+device is reset in between: a reconnecting QEMU sets it up again).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import click
+
+from emu.devices.base import VirtioDevice
+
+#: ring size limit for served devices: what frontends ask for (QEMU microvm: 1024)
+QUEUE_MAX = 1024
+
+
+def make_devices(specs: list[str]) -> list[VirtioDevice]:
+    """Devices for ``specs``; click.BadParameter names the spec that is wrong."""
+    from emu.backends.cable import Cable
+    from emu.devices.net import NetDevice
+
+    devices: list[VirtioDevice] = []
+    cable_end = None
+    for i, spec in enumerate(specs):
+        kind, _, arg = spec.partition(":")
+        if spec == "net:cable":
+            if cable_end is None:
+                a, cable_end = Cable.pair()
+                devices.append(
+                    NetDevice(a, mac=f"52:54:00:12:34:{i + 1:02x}", queue_max_size=QUEUE_MAX)
+                )
+            else:
+                devices.append(
+                    NetDevice(
+                        cable_end, mac=f"52:54:00:12:34:{i + 1:02x}", queue_max_size=QUEUE_MAX
+                    )
+                )
+                cable_end = None
+        else:
+            devices.append(_make(kind, arg, spec))
+    if cable_end is not None:
+        raise click.BadParameter("net:cable devices come in pairs", param_hint="DEVICE")
+    return devices
+
+
+def _make(kind: str, arg: str, spec: str) -> VirtioDevice:
+    if kind == "blk" and arg:
+        from emu.devices.blk import BlkDevice
+
+        path, _, mode = arg.partition(":")
+        if mode not in ("", "ro"):
+            raise click.BadParameter(f"{spec}: mode {mode!r} (only 'ro')", param_hint="DEVICE")
+        return BlkDevice(path, readonly=mode == "ro", queue_max_size=QUEUE_MAX)
+    if kind == "rng" and not arg:
+        from emu.devices.rng import RngDevice
+
+        return RngDevice(queue_max_size=QUEUE_MAX)
+    if kind == "console":
+        from emu.backends import chardev
+        from emu.devices.console import ConsoleDevice
+
+        if not arg:
+            backend: chardev.CharBackend = chardev.StdioChar()
+        elif arg == "pty":
+            backend = chardev.PtyChar()
+            click.echo(f"console: {backend.path}")  # type: ignore[attr-defined]
+        elif arg.startswith("socket:"):
+            backend = chardev.SocketChar(arg.removeprefix("socket:"))
+        else:
+            raise click.BadParameter(f"{spec}: unknown console backend", param_hint="DEVICE")
+        return ConsoleDevice(backend, queue_max_size=QUEUE_MAX)
+    if kind == "net" and arg.startswith("tap:"):
+        from emu.backends.tap import Tap
+        from emu.devices.net import NetDevice
+
+        return NetDevice(Tap(arg.removeprefix("tap:")), queue_max_size=QUEUE_MAX)
+    raise click.BadParameter(
+        f"{spec!r}: expected blk:FILE[:ro], rng, console[:pty|:socket:PATH], "
+        "net:tap:NAME or net:cable",
+        param_hint="DEVICE",
+    )
+
+
+@click.command("serve")
+@click.option(
+    "--socket",
+    "sockets",
+    multiple=True,
+    required=True,
+    metavar="PATH",
+    help="Unix socket for the device in the same position (repeatable).",
+)
+@click.argument("specs", nargs=-1, required=True, metavar="DEVICE...")
+def command(sockets: tuple[str, ...], specs: tuple[str, ...]) -> None:
+    """Serve emu devices to vhost-user frontends (QEMU, UML) until interrupted."""
+    from emu.vhost_user.backend import VhostUserServer
+
+    if len(sockets) != len(specs):
+        raise click.UsageError(f"{len(sockets)} --socket for {len(specs)} devices")
+    devices = make_devices(list(specs))
+    servers = [VhostUserServer(d, s).start() for d, s in zip(devices, sockets, strict=True)]
+    for d, s in zip(devices, sockets, strict=True):
+        click.echo(f"{d.name}: listening on {s}")
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    for server in servers:
+        server.close()
+    for d in devices:
+        d.close()
