@@ -13,7 +13,13 @@ round trip, and snapshots that must be refused without touching the device.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +35,8 @@ from emu.devices.net import NetDevice
 from emu.devices.rng import RngDevice
 from emu.memory import GuestMemory
 from emu.state import file as statefile
+from emu.state import parts
+from emu.state.format import DeviceState, Part, StateError, decode, encode
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.console import GuestConsole
 from emu.testing.driver import Completion, VirtioMmioDriver
@@ -349,3 +357,170 @@ def test_cython_state_restores_into_python_and_back(tmp_path, mem, kind, packed)
         stop_restore_cycle(tmp_path, sc, side, "report", 8, impl)
         assert type(side.dev.queues[0].ring).__module__ == module
     side.dev.close()
+
+
+# -- a restore in a fresh process: guest RAM in a file both processes map --
+
+
+def child_main(argv: list[str]) -> None:
+    """The restored side: device, transport and driver come back from files and carry on."""
+    ram, image, state, driver, count, result = argv
+    mem = GuestMemory.create(RAM, backing=ram)
+    dev = BlkDevice(image)
+    tr = MmioTransport(dev, mem)
+    drv = VirtioMmioDriver.load(tr, mem, pickle.loads(Path(driver).read_bytes()))
+    tr.restore(statefile.load(state))
+    done = drv.wait(0, int(count))
+    blk = BlkDriver(drv)
+    status = blk.write(50 * BLOCK // SECTOR, b"\x77" * BLOCK)
+    disk = blk.read(0, IMAGE // SECTOR)
+    out = dict(
+        tokens=[c.token for c in done],
+        statuses=[status_of(c) for c in done] + [status],
+        disk=hashlib.sha256(disk).hexdigest(),
+    )
+    Path(result).write_text(json.dumps(out))
+    dev.close()
+    mem.close()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_restore_in_a_fresh_process(tmp_path, packed):
+    ram = tmp_path / "guest.ram"
+    mem = GuestMemory.create(RAM, backing=ram)
+    sc = BlkScenario(tmp_path)
+    side = Side.create(mem, sc.device())
+    sc.open(side, packed)
+    for q in side.dev.queues:
+        q.latency = HOLD
+    sc.submit(32)
+    wait_until(sc.fetched)
+    side.stop_and_save(tmp_path / "device.state", "report")
+    (tmp_path / "driver.pickle").write_bytes(pickle.dumps(side.drv.save()))
+    side.dev.close()
+    args = [ram, sc.image, tmp_path / "device.state", tmp_path / "driver.pickle", "32"]
+    args.append(tmp_path / "result.json")
+    subprocess.run([sys.executable, __file__, *map(str, args)], check=True, timeout=60, cwd=ROOT)
+    got = json.loads((tmp_path / "result.json").read_text())
+    tokens_once([Completion(t, 0, b"") for t in got["tokens"]], sc.tokens)
+    assert got["statuses"] == [0] * 33
+    sc.model[50 * BLOCK : 51 * BLOCK] = b"\x77" * BLOCK
+    assert got["disk"] == hashlib.sha256(sc.model).hexdigest()
+    assert sc.image.read_bytes() == bytes(sc.model)
+    mem.close()
+
+
+# -- snapshots that must be refused, leaving the fresh device as it was --
+
+
+def fingerprint(tr: MmioTransport) -> tuple:
+    dev = tr.device
+    queues = [(q.size, q.ready, q.desc, q.driver, q.device, q.started) for q in dev.queues]
+    regs = (tr.status, tr.driver_features, tr.interrupt_status)
+    return dev.run_state, dev.save_state(), dict(dev._restore), queues, regs
+
+
+def with_part(state: DeviceState, ptype: int, value: bytes) -> DeviceState:
+    out = [Part(p.type, value, p.selector, p.flags) if p.type == ptype else p for p in state.parts]
+    return DeviceState(state.device_type, out, state.flags)
+
+
+def blk_part(state: DeviceState, version: int = 1, **changes) -> DeviceState:
+    (p,) = state.find(parts.device_part(2))
+    fields = json.loads(p.value[4:]) | changes
+    return with_part(state, p.type, struct.pack("<HH", version, 0) + json.dumps(fields).encode())
+
+
+def unknown_part(state: DeviceState) -> DeviceState:
+    extra = Part(0xE0FF, struct.pack("<HH", 1, 0) + b"whatever")
+    return DeviceState(state.device_type, [*state.parts, extra], state.flags)
+
+
+BAD_STATES = {
+    "corrupt": (lambda d: d[:100] + bytes([d[100] ^ 1]) + d[101:], "checksum mismatch"),
+    "truncated": (lambda d: d[:-7], "truncated"),
+    "unknown required part": (
+        lambda d: encode(unknown_part(decode(d))),
+        "required but unknown",
+    ),
+    "newer device part": (
+        lambda d: encode(blk_part(decode(d), version=2)),
+        "DEVICE_2 version 2 is not supported",
+    ),
+    "bad writeback": (lambda d: encode(blk_part(decode(d), writeback=7)), "writeback 7"),
+    "missing field": (
+        lambda d: encode(blk_part(decode(d), serial=None)),
+        "field 'serial' has the wrong type",
+    ),
+}
+
+
+@pytest.fixture
+def saved_blk(tmp_path, mem):
+    """A blk snapshot with 4 writes in flight, the driver's state, and the scenario."""
+    sc = BlkScenario(tmp_path)
+    side = Side.create(mem, sc.device())
+    sc.open(side, False)
+    for q in side.dev.queues:
+        q.latency = HOLD
+    sc.submit(4)
+    wait_until(sc.fetched)
+    path = tmp_path / "good.state"
+    side.stop_and_save(path, "report")
+    driver = side.drv.save()
+    side.dev.close()
+    return sc, side, path, driver
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_STATES))
+def test_bad_snapshot_refused_device_untouched(tmp_path, mem, saved_blk, bad):
+    sc, side, path, driver = saved_blk
+    change, message = BAD_STATES[bad]
+    bad_path = tmp_path / "bad.state"
+    bad_path.write_bytes(change(path.read_bytes()))
+    dev = sc.device()
+    tr = MmioTransport(dev, mem)
+    before = fingerprint(tr)
+    with pytest.raises(StateError, match=message):
+        tr.restore(statefile.load(bad_path))
+    assert fingerprint(tr) == before
+    # untouched indeed: the good snapshot still restores into it and the guest carries on
+    side.drv = VirtioMmioDriver.load(tr, mem, driver)
+    tr.restore(statefile.load(path))
+    side.dev, side.tr = dev, tr
+    sc.check()
+    dev.close()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp: RngDevice(), "device type 2|not all offered here"),
+        (lambda tmp: NetDevice(Sink()), "device type 2|not all offered here"),
+        (lambda tmp: big_disk(tmp), "capacity 2048, this device's backing has 4096"),
+        (lambda tmp: BlkDevice(tmp / "disk.img", readonly=True), "readonly False"),
+        (lambda tmp: BlkDevice(tmp / "disk.img", num_queues=2), "queue count differs|num_queues 1"),
+        (lambda tmp: BlkDevice(tmp / "disk.img", logical_block_size=4096), "block_size 512"),
+    ],
+    ids=["rng", "net", "capacity", "readonly", "num_queues", "block_size"],
+)
+def test_incompatible_device_refused_untouched(tmp_path, mem, saved_blk, make, message):
+    _, _, path, _ = saved_blk
+    dev = make(tmp_path)
+    tr = MmioTransport(dev, mem)
+    before = fingerprint(tr)
+    with pytest.raises(StateError, match=message):
+        tr.restore(statefile.load(path))
+    assert fingerprint(tr) == before
+    dev.close()
+
+
+def big_disk(tmp: Path) -> BlkDevice:
+    (tmp / "big.img").write_bytes(bytes(2 * IMAGE))
+    return BlkDevice(tmp / "big.img")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+if __name__ == "__main__":
+    child_main(sys.argv[1:])
