@@ -166,8 +166,18 @@ class Virtqueue:
             _, heads, lengths = self._due.popleft()
             self._publish(heads, lengths)
 
+    def publish_all_due(self) -> None:
+        """Drain: wait out the latency of every held completion and publish it."""
+        while (due := self.next_due()) is not None:
+            time.sleep(max(0.0, due - time.monotonic()))
+            self.publish_due(time.monotonic())
+
     def drop_due(self) -> None:
         self._due.clear()
+
+    def held(self) -> int:
+        """Requests executed whose used entries wait for the latency to pass."""
+        return sum(len(heads) for _, heads, _ in self._due)
 
     # -- stop / state --
 

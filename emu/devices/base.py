@@ -146,13 +146,19 @@ class VirtioDevice:
         except RingError as e:
             self.fail(f"queue {q.index}: {e}")
 
-    def stop_queue(self, q: Virtqueue) -> tuple[RingState, list[InflightChain]] | None:
+    def stop_queue(
+        self, q: Virtqueue, drain: bool = False
+    ) -> tuple[RingState, list[InflightChain]] | None:
         """Take a queue away (QueueReady=0, queue reset) once the device thread is off it.
 
-        Returns the ring state and in-flight chains at that moment (None if the queue was
-        not started): a vhost-user GET_VRING_BASE reports them, stable, as it must.
+        ``drain`` first publishes the completions still held back (the delay model), so
+        only chains never executed stay in flight. Returns the ring state and in-flight
+        chains at that moment (None if the queue was not started): a vhost-user
+        GET_VRING_BASE reports them, stable, as it must.
         """
         with self._serving:
+            if drain and q.started:
+                q.publish_all_due()
             saved = (q.state(), q.inflight()) if q.started else None
             q.stop()
         return saved
@@ -229,9 +235,7 @@ class VirtioDevice:
             if not q.started:
                 continue
             if self._stop_policy == "drain":
-                while (due := q.next_due()) is not None:
-                    time.sleep(max(0.0, due - time.monotonic()))
-                    q.publish_due(time.monotonic())
+                q.publish_all_due()
             else:
                 q.drop_due()
             q.requeue_inflight()
