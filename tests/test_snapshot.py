@@ -359,6 +359,25 @@ def test_cython_state_restores_into_python_and_back(tmp_path, mem, kind, packed)
     side.dev.close()
 
 
+@pytest.mark.parametrize("kind", sorted(SCENARIOS))
+def test_report_stop_then_resume_same_device(tmp_path, mem, kind):
+    """No snapshot: the stopped device itself carries on, with the same exactly-once."""
+    sc = SCENARIOS[kind](tmp_path)
+    side = Side.create(mem, sc.device())
+    sc.open(side, False)
+    for q in side.dev.queues:
+        q.latency = HOLD
+    sc.submit(32)
+    wait_until(sc.fetched)
+    side.tr.vmm_stop("report")
+    assert len(side.dev.queues[sc.counted_queue].inflight()) == 32
+    for q in side.dev.queues:
+        q.latency = 0.0
+    side.tr.vmm_resume()
+    sc.check()
+    side.dev.close()
+
+
 # -- a restore in a fresh process: guest RAM in a file both processes map --
 
 
