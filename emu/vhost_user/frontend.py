@@ -242,8 +242,10 @@ class VhostUserFrontend:
         return base
 
     def restart_ring(self, index: int, base: int) -> None:
-        """QEMU's cont: NUM, BASE, ADDR, KICK, ENABLE with the base from the stop."""
+        """QEMU's cont: CALL, NUM, BASE, ADDR, KICK, ENABLE with the base from the stop
+        (libvhost-user closes the call fd at GET_VRING_BASE, so it is sent again)."""
         q = self.queues[index]
+        self.set_u64(Req.SET_VRING_CALL, index, [self._calls[index]])
         self.request(Req.SET_VRING_NUM, VRING_STATE.pack(index, q.size))
         self.request(Req.SET_VRING_BASE, VRING_STATE.pack(index, base))
         self.set_vring_addr(q)
@@ -255,12 +257,15 @@ class VhostUserFrontend:
     # -- config space --
 
     def config_read(self, offset: int, size: int) -> int:
-        answer = self.request(Req.GET_CONFIG, CONFIG_HEAD.pack(offset, size, 0) + bytes(size))
-        if answer.payload[: CONFIG_HEAD.size] != CONFIG_HEAD.pack(offset, size, 0):
+        """Reads from offset 0 up to the field's end, as QEMU and UML do: libvhost-user
+        backends (qemu-storage-daemon) ignore the offset and copy from the start."""
+        end = offset + size
+        answer = self.request(Req.GET_CONFIG, CONFIG_HEAD.pack(0, end, 0) + bytes(end))
+        if answer.payload[: CONFIG_HEAD.size] != CONFIG_HEAD.pack(0, end, 0):
             raise FrontendError(f"GET_CONFIG answered {answer.payload[:12].hex()}")
-        if len(answer.payload) != CONFIG_HEAD.size + size:
-            raise FrontendError(f"GET_CONFIG: {len(answer.payload)} bytes for {size}")
-        return int.from_bytes(answer.payload[CONFIG_HEAD.size :], "little")
+        if len(answer.payload) != CONFIG_HEAD.size + end:
+            raise FrontendError(f"GET_CONFIG: {len(answer.payload)} bytes for {end}")
+        return int.from_bytes(answer.payload[CONFIG_HEAD.size + offset :], "little")
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         data = value.to_bytes(size, "little")
