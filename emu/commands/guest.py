@@ -49,6 +49,11 @@ def _param(ctx: click.Context, opt: click.Parameter, values: tuple[str, ...]) ->
     return params
 
 
+def _echo(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 @command.command("run")
 @_kind
 @click.option("--kernel", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -119,7 +124,7 @@ def run(
             mem_mib=mem_mib,
             quiet=not verbose_kernel,
             interactive="sh" in run_list,
-            on_line=lambda line: click.echo(line, nl=False),
+            on_output=_echo,
         )
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None

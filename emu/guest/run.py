@@ -6,6 +6,7 @@ processes along with it.
 
 from __future__ import annotations
 
+import codecs
 import os
 import signal
 import subprocess
@@ -79,14 +80,22 @@ def kernel_args(run: Iterable[str], params: Mapping[str, object], quiet: bool) -
     return args
 
 
-def _pump(stream: IO[bytes], log: ConsoleLog, lines: list[str], on_line, marks: dict) -> None:
-    for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace").replace("\r", "")
-        lines.append(line)
-        if log.feed(line) == "INIT-START":
-            marks["init"] = time.monotonic()
-        if on_line is not None:
-            on_line(line)
+def _pump(stream: IO[bytes], log: ConsoleLog, lines: list[str], on_output, marks: dict) -> None:
+    """Copies console output as it comes (prompts have no newline) and parses whole lines."""
+    partial = ""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks split chars
+    while chunk := os.read(stream.fileno(), 65536):
+        text = decoder.decode(chunk).replace("\r", "")
+        if on_output is not None:
+            on_output(text)
+        *complete, partial = (partial + text).split("\n")
+        for line in complete:
+            lines.append(line + "\n")
+            if log.feed(line) == "INIT-START":
+                marks["init"] = time.monotonic()
+    if partial:
+        lines.append(partial)
+        log.feed(partial)
 
 
 def run_guest(
@@ -100,7 +109,7 @@ def run_guest(
     mem_mib: int | None = None,
     quiet: bool = True,
     interactive: bool = False,
-    on_line: Callable[[str], None] | None = None,
+    on_output: Callable[[str], None] | None = None,
 ) -> GuestResult:
     """Boots a `kind` ("uml" or "microvm") guest and waits for it to power off.
 
@@ -108,7 +117,7 @@ def run_guest(
     run: workloads for /init (init_script.py), in order. params: their knobs, e.g.
     {"blk.mib": 8}. image: a prebuilt image (default: build/cached by build_image).
     interactive: give the guest this process's stdin (for the `sh` workload).
-    on_line: called with each console line as it arrives (e.g. print for live output).
+    on_output: called with console text as it arrives (e.g. to show it live).
     """
     if kind not in _COMMAND:
         raise ValueError(f"unknown guest kind {kind!r}")
@@ -129,7 +138,7 @@ def run_guest(
         stderr=subprocess.STDOUT,
         start_new_session=not interactive,
     )
-    pump = threading.Thread(target=_pump, args=(proc.stdout, log, lines, on_line, marks))
+    pump = threading.Thread(target=_pump, args=(proc.stdout, log, lines, on_output, marks))
     pump.start()
     timed_out = False
     try:
