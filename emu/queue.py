@@ -74,6 +74,7 @@ class Virtqueue:
         self.drop_pushes = False
         self._chains: dict[int, tuple[Batch, int]] = {}
         self._resubmit: list[InflightChain] = []
+        self._requeue = False
         self._due: deque[tuple[float, np.ndarray, np.ndarray]] = deque()
 
     @property
@@ -103,12 +104,14 @@ class Virtqueue:
         self._chains.clear()
         self._due.clear()
         self._resubmit = list(inflight or [])
+        self._requeue = False
 
     def stop(self) -> None:
         self.ring = None
         self._chains.clear()
         self._due.clear()
         self._resubmit = []
+        self._requeue = False
 
     @property
     def started(self) -> bool:
@@ -119,6 +122,10 @@ class Virtqueue:
     def pop(self, max_chains: int = 64) -> Batch:
         if self.halted:
             return Batch.empty()
+        if self._requeue:
+            self._resubmit = self.inflight()
+            self._chains.clear()
+            self._requeue = False
         if self._resubmit:
             return self._take_resubmit(max_chains)
         batch = self.ring.pop(max_chains)
@@ -154,7 +161,7 @@ class Virtqueue:
         """Ask the driver to kick (or not); True when chains are waiting already."""
         if self.halted:
             return False
-        return bool(self._resubmit) or self.ring.set_notify(enabled)
+        return bool(self._resubmit) or self._requeue or self.ring.set_notify(enabled)
 
     # -- delayed completions (the delay backend model) --
 
@@ -162,7 +169,7 @@ class Virtqueue:
         return self._due[0][0] if self._due else None
 
     def publish_due(self, now: float) -> None:
-        while self._due and self._due[0][0] <= now:
+        while self._due and self._due[0][0] <= now and not self.drop_pushes:
             _, heads, lengths = self._due.popleft()
             self._publish(heads, lengths)
 
@@ -187,20 +194,23 @@ class Virtqueue:
     def inflight(self) -> list[InflightChain]:
         """Chains fetched and not used, in fetch order, with their segments."""
         chains = []
+        waiting = {c.head: c.segments for c in self._resubmit}
         for head, ndesc in self.ring.state().inflight:
             if head in self._chains:
                 batch, i = self._chains[head]
                 addr, length, writable = batch.segments(i)
                 segs = list(zip(addr.tolist(), length.tolist(), writable.tolist(), strict=True))
             else:  # restored and not handed out again yet
-                segs = next(c.segments for c in self._resubmit if c.head == head)
+                segs = waiting[head]
             chains.append(InflightChain(head, ndesc, segs))
         return chains
 
     def requeue_inflight(self) -> None:
-        """After a stop: hand every in-flight chain to the device again on the next pops."""
-        self._resubmit = self.inflight()
-        self._chains.clear()
+        """After a stop: the next pops hand every in-flight chain to the device again.
+
+        Only marked here (a stop must be quick); the list is built on the first pop.
+        """
+        self._requeue = True
 
     def _take_resubmit(self, max_chains: int) -> Batch:
         take, self._resubmit = self._resubmit[:max_chains], self._resubmit[max_chains:]

@@ -325,7 +325,9 @@ class VirtioDevice:
                 continue
             if state is RunState.STOPPED:  # parked: only a wake (resume, reset) counts
                 self._wait_wake()
-                pending = [q for q in self.queues if q.started]
+                if self.run_state is RunState.RUNNING:  # resumed: catch up on everything
+                    self.on_wake()
+                    pending = [q for q in self.queues if q.started]
                 continue
             for fd, _ in poller.poll(self._due_timeout_ms()):
                 if fd == self._wake:
