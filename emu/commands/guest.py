@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -105,13 +106,13 @@ def run(
     """Boot a guest, stream its console, exit with its /init status."""
     try:
         devs = [Device.parse(d) for d in devices]
-        image = build_image(kind)
+        if kernel and initrd:  # a guest built elsewhere: no packages needed
+            image = GuestImage(kind, kernel, initrd, "", {})
+        else:
+            built = build_image(kind)
+            image = replace(built, kernel=kernel or built.kernel, initrd=initrd or built.initrd)
     except (ValueError, PackageError) as e:
         raise click.ClickException(str(e)) from None
-    if kernel or initrd:
-        image = GuestImage(
-            kind, kernel or image.kernel, initrd or image.initrd, image.kernel_release, {}
-        )
     run_list = [w for w in workloads.split(",") if w]
     try:
         res = run_guest(
