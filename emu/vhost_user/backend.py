@@ -17,8 +17,10 @@ table) is answered 1 when the frontend asked for an ack, and otherwise also clos
 connection, since the frontend would carry on believing it worked. The device is reset at
 every disconnect; the server itself never goes down because of what a frontend sent.
 
-Not offered: LOG_SHMFD (dirty logging for live migration), BACKEND_REQ (so config
-changes are not signalled), and DEVICE_STATE, which will carry emu's snapshot format once
+BACKEND_REQ is offered because UML 6.1 needs it (without it virtio_uml puts the vring
+interrupts on irq 0 and fails to probe); the channel is kept but nothing is sent on it
+yet, so config changes are only logged. Not offered: LOG_SHMFD (dirty logging for live
+migration) and DEVICE_STATE, which will carry emu's snapshot format once
 that exists (a later issue).
 """
 
@@ -68,6 +70,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_FEATURES = (
     1 << PF.MQ
     | 1 << PF.REPLY_ACK
+    | 1 << PF.BACKEND_REQ
     | 1 << PF.CONFIG
     | 1 << PF.INFLIGHT_SHMFD
     | 1 << PF.RESET_DEVICE
@@ -123,6 +126,7 @@ class Session:
         self.protocol = 0
         self.status = 0
         self.inflight: InflightRegion | None = None
+        self.backend_req: socket.socket | None = None  # kept; nothing is sent on it yet
         for q, vr in zip(device.queues, self.vrings, strict=True):
             q.notify = vr.call.signal
         device.on_needs_reset = self._needs_reset
@@ -263,7 +267,7 @@ class Session:
 
     def _stop(self, vr: Vring) -> None:
         q = self.device.queues[vr.index]
-        saved = self.device.stop_queue(q)
+        saved = self.device.stop_queue(q, drain=self.device.policy == "drain")
         if saved is not None:
             vr.saved = saved
         q.ready = False
@@ -301,6 +305,8 @@ class Session:
     def close(self) -> None:
         self.reset()
         self.table.clear()
+        if self.backend_req is not None:
+            self.backend_req.close()
         self.sock.close()
 
     # -- features --
@@ -348,7 +354,11 @@ class Session:
 
     @handles(Req.SET_BACKEND_REQ_FD, 0, (1, 1))
     def set_backend_req_fd(self, msg: Message) -> None:
-        log.info("vhost-user: backend request channel not used (BACKEND_REQ not offered)")
+        if fd_kind(msg.fds[0]) != "socket":
+            raise Refused("backend request channel is not a socket")
+        if self.backend_req is not None:
+            self.backend_req.close()
+        self.backend_req = socket.socket(fileno=msg.fds.pop())
 
     @handles(Req.SET_STATUS, 8)
     def set_status(self, msg: Message) -> None:
