@@ -159,7 +159,11 @@ class VirtioDevice:
         with self._serving:
             if drain and q.started:
                 q.publish_all_due()
-            saved = (q.state(), q.inflight()) if q.started else None
+            saved = None
+            if q.started:
+                q.drop_due()
+                self.forget_inflight({q.index})
+                saved = (q.state(), q.inflight())
             q.stop()
         return saved
 
@@ -239,7 +243,7 @@ class VirtioDevice:
             else:
                 q.drop_due()
             q.requeue_inflight()
-        self.forget_inflight()
+        self.forget_inflight({q.index for q in self.queues})
         with self._state_lock:
             self.run_state = RunState.STOPPED
             self._stopped.set()
@@ -387,5 +391,6 @@ class VirtioDevice:
         """Serve ``q`` after a wake-up even without a kick (rx queues waiting for data)."""
         return False
 
-    def forget_inflight(self) -> None:
-        """At stop: drop any chains the device holds itself (they are requeued for it)."""
+    def forget_inflight(self, queues: set[int]) -> None:
+        """At stop of ``queues``: drop chains the device holds itself on them (they are
+        handed to it again, with everything else in flight, when the queues restart)."""

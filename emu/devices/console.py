@@ -290,15 +290,16 @@ class ConsoleDevice(VirtioDevice):
 
     # -- stop and snapshot --
 
-    def forget_inflight(self) -> None:
+    def forget_inflight(self, queues: set[int]) -> None:
         """Settle what went into chains a stop left in flight (see the module docstring)."""
         for port in self.ports.values():
             rxq, txq = (self.queues[i] for i in (rx_queue(port.id), rx_queue(port.id) + 1))
-            if rxq.started:
+            if rxq.started and rxq.index in queues:
                 port.backlog[:0] = b"".join(self._rx_out[port.id].settle(inflight_heads(rxq)))
-            if txq.started:
+            if txq.started and txq.index in queues:
                 self._tx_sent[port.id].update(self._tx_out[port.id].settle(inflight_heads(txq)))
-        if len(self.queues) > CTRL_RX and self.queues[CTRL_RX].started:
+        ctrl = self.queues[CTRL_RX] if len(self.queues) > CTRL_RX else None
+        if ctrl is not None and ctrl.started and CTRL_RX in queues:
             back = self._ctrl_rx_out.settle(inflight_heads(self.queues[CTRL_RX]))
             self._ctrl_out.extendleft(reversed(back))
 

@@ -467,15 +467,15 @@ class NetDevice(VirtioDevice):
 
     # -- stop and snapshot --
 
-    def forget_inflight(self) -> None:
+    def forget_inflight(self, queues: set[int]) -> None:
         """Hand held rx chains back; settle what went into chains left in flight."""
         for pair in range(self.max_pairs):
-            self._held[pair].clear()
             rxq, txq = self.queues[2 * pair], self.queues[2 * pair + 1]
-            if rxq.started:
+            if rxq.started and rxq.index in queues:
+                self._held[pair].clear()
                 back = self._rx_out[pair].settle(inflight_heads(rxq))
                 self._backlog[pair].extendleft(reversed(back))
-            if txq.started:
+            if txq.started and txq.index in queues:
                 self._tx_sent[pair].update(self._tx_out[pair].settle(inflight_heads(txq)))
 
     def save_state(self) -> dict:
