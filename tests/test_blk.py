@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from modes import RING_CORES, RING_MODES
 
 from emu.backends.file import FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, BlockFile
 from emu.devices import blk
@@ -26,7 +27,6 @@ from emu.devices.blk import (
     BlkDevice,
 )
 from emu.memory import GuestMemory
-from emu.queue import _cring
 from emu.ringdefs import Batch
 from emu.testing.blk import BlkDriver, BlkStatusError, dwz_payload, header, status_of
 from emu.testing.driver import DeviceNeedsReset, VirtioMmioDriver
@@ -38,18 +38,6 @@ ALL = (1 << 64) - 1
 IMAGE_SIZE = 4 << 20
 CAPACITY = IMAGE_SIZE // SECTOR
 
-RING_MODES = [
-    pytest.param(dict(packed=p, event_idx=e, indirect=i), id=f"{n}-{en}-{iname}")
-    for p, n in ((False, "split"), (True, "packed"))
-    for e, en in ((True, "evidx"), (False, "noevidx"))
-    for i, iname in ((True, "indirect"), (False, "direct"))
-]
-RING_CORES = [
-    "python",
-    pytest.param(
-        "cython", marks=pytest.mark.skipif(_cring is None, reason="emu._ring is not built")
-    ),
-]
 #: what Linux 6.1 accepted from QEMU's blk (traces/linux-6.1 README section 4)
 QEMU_BLK_BITS = [
     blk.F_SEG_MAX,

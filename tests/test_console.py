@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from modes import RING_MODES
 
 from emu import queue as emu_queue
 from emu.backends.chardev import BufferChar, CharBackend, PtyChar, SocketChar
@@ -18,13 +19,6 @@ from emu.memory import GuestMemory
 from emu.testing.console import BAD_ID, ControlMsg, GuestConsole
 from emu.testing.driver import VirtioMmioDriver
 from emu.transport.mmio import MmioTransport
-
-RING_MODES = [
-    pytest.param(dict(packed=p, event_idx=e, indirect=i), id=f"{n}-{en}-{iname}")
-    for p, n in ((False, "split"), (True, "packed"))
-    for e, en in ((True, "evidx"), (False, "noevidx"))
-    for i, iname in ((True, "indirect"), (False, "direct"))
-]
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 from conftest import EchoDevice
+from modes import RING_MODES
 
 from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_NOTIFICATION_DATA, F_RING_PACKED
 from emu.testing.driver import (
@@ -18,13 +19,6 @@ from emu.testing.driver import (
 )
 from emu.transport import mmio
 from emu.transport.mmio import MmioTransport
-
-RING_MODES = [
-    pytest.param(dict(packed=p, event_idx=e, indirect=i), id=f"{n}-{en}-{iname}")
-    for p, n in ((False, "split"), (True, "packed"))
-    for e, en in ((True, "evidx"), (False, "noevidx"))
-    for i, iname in ((True, "indirect"), (False, "direct"))
-]
 
 
 @pytest.fixture

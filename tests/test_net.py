@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from modes import RING_MODES
 
 from emu import queue as emu_queue
 from emu.backends.cable import Cable
@@ -21,12 +22,6 @@ from emu.testing.driver import VirtioMmioDriver
 from emu.testing.net import GuestNet, ether, mac_tables
 from emu.transport.mmio import MmioTransport
 
-RING_MODES = [
-    pytest.param(dict(packed=p, event_idx=e, indirect=i), id=f"{n}-{en}-{iname}")
-    for p, n in ((False, "split"), (True, "packed"))
-    for e, en in ((True, "evidx"), (False, "noevidx"))
-    for i, iname in ((True, "indirect"), (False, "direct"))
-]
 MAC_A = "52:54:00:00:00:0a"
 MAC_B = "52:54:00:00:00:0b"
 BCAST = b"\xff" * 6

@@ -7,27 +7,14 @@ import itertools
 from pathlib import Path
 
 import pytest
+from modes import RING_CORES, RING_MODES
 
 from emu.devices.rng import IOV_MAX, MAX_REQUEST, RngDevice
-from emu.queue import _cring
 from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1
 from emu.testing.driver import DeviceNeedsReset, VirtioMmioDriver
 from emu.testing.rng import RngDriver
 from emu.transport import mmio
 from emu.transport.mmio import MmioTransport
-
-RING_MODES = [
-    pytest.param(dict(packed=p, event_idx=e, indirect=i), id=f"{n}-{en}-{iname}")
-    for p, n in ((False, "split"), (True, "packed"))
-    for e, en in ((True, "evidx"), (False, "noevidx"))
-    for i, iname in ((True, "indirect"), (False, "direct"))
-]
-RING_CORES = [
-    "python",
-    pytest.param(
-        "cython", marks=pytest.mark.skipif(_cring is None, reason="emu._ring is not built")
-    ),
-]
 
 
 def counter_source():
