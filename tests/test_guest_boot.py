@@ -13,6 +13,8 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +152,44 @@ def test_timeout_kills_guest(tmp_path):
     )
     assert res.timed_out and res.rc is None and res.exit_status is None
     assert res.log.steps == ["script"]
+
+
+def _pids_with(needle: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and needle.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def test_guest_dies_with_killed_parent(tmp_path):
+    """A test runner killed mid-boot leaves no guest, nor any of UML's helpers, behind."""
+    try:
+        build_image("uml")
+    except PackageError as e:
+        pytest.skip(f"guest packages unavailable: {e}")
+    tag = f"emu.tag={tmp_path.name}"
+    code = (
+        "import base64, sys\n"
+        "from emu.guest import run_guest\n"
+        "run_guest('uml', [], ['script'], timeout=60, params={'tag': sys.argv[1],"
+        " 'script': base64.b64encode(b'sleep 30').decode()},"
+        " on_output=lambda t: print(t, end='', flush=True))\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, tag.partition("=")[2]], stdout=subprocess.PIPE, text=True
+    )
+    for line in parent.stdout:
+        if "EMU-STEP script" in line:
+            break
+    assert _pids_with(tag), "the guest is not running"
+    parent.kill()
+    parent.wait()
+    parent.stdout.close()
+    deadline = time.monotonic() + 5
+    while _pids_with(tag):
+        assert time.monotonic() < deadline, f"guest outlived its parent: {_pids_with(tag)}"
+        time.sleep(0.05)

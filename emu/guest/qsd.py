@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from emu.guest.proc import start, stop
+
 QSD = "qemu-storage-daemon"
 _SO_ACCEPTCON = 0x10000
 
@@ -39,7 +41,7 @@ def blk_export(image: Path, sock: Path, timeout: float = 10.0) -> Iterator[subpr
     """Serves `image` (raw, writable) as vhost-user-blk on `sock` while the block runs."""
     sock = Path(sock).absolute()
     sock.unlink(missing_ok=True)
-    proc = subprocess.Popen(
+    proc = start(
         [
             QSD,
             *("--blockdev", f"driver=file,node-name=f0,filename={image}"),
@@ -60,12 +62,6 @@ def blk_export(image: Path, sock: Path, timeout: float = 10.0) -> Iterator[subpr
             time.sleep(0.02)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         proc.stdout.close()
         sock.unlink(missing_ok=True)

@@ -1,14 +1,13 @@
 """Boot a guest, stream its console, and hand back what its /init reported.
 
-The guest runs in its own process group so that a timeout can end UML's helper
-processes along with it.
+The guest runs in its own session so that a timeout can end UML's helper processes
+along with it, and that session dies with the calling thread (proc.py).
 """
 
 from __future__ import annotations
 
 import codecs
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from emu.guest import microvm, uml
 from emu.guest.console import ConsoleLog
 from emu.guest.devices import Device
 from emu.guest.images import GuestImage, build_image
+from emu.guest.proc import start, stop
 
 DeviceSpec = str | tuple[str, str] | Device
 _COMMAND = {"uml": uml.command, "microvm": microvm.command}
@@ -130,15 +130,16 @@ def run_guest(
     cmd = _COMMAND[kind](image, devs, append, mem_mib or _DEFAULT_MEM_MIB[kind])
 
     log, lines, marks = ConsoleLog(), [], {}
-    start = time.monotonic()
-    proc = subprocess.Popen(
+    t0 = time.monotonic()
+    proc = start(
         cmd,
         stdin=None if interactive else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        start_new_session=not interactive,
     )
-    pump = threading.Thread(target=_pump, args=(proc.stdout, log, lines, on_output, marks))
+    pump = threading.Thread(
+        target=_pump, args=(proc.stdout, log, lines, on_output, marks), daemon=True
+    )
     pump.start()
     timed_out = False
     try:
@@ -146,13 +147,9 @@ def run_guest(
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-        pump.join(5.0)
-        if pump.is_alive():  # a leftover child still holds the console pipe open
-            _kill_group(proc)
-            pump.join()
-        proc.stdout.close()
+        stop(proc)
+        pump.join(10.0)  # the reaper leaves nothing behind that holds the pipe open
+    proc.stdout.close()
     end = time.monotonic()
     return GuestResult(
         kind=kind,
@@ -161,15 +158,6 @@ def run_guest(
         timed_out=timed_out,
         console="".join(lines),
         log=log,
-        boot_s=marks["init"] - start if "init" in marks else None,
-        wall_s=end - start,
+        boot_s=marks["init"] - t0 if "init" in marks else None,
+        wall_s=end - t0,
     )
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Ends the guest and anything it spawned (UML forks helper processes)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        proc.kill()
-    proc.wait()
