@@ -24,7 +24,7 @@ from emu.guest.images import GuestImage
 from emu.guest.init_script import INIT
 from emu.guest.modules import Module, canonical, resolve
 from emu.guest.packages import PackageError, first_dependency, unpacked
-from emu.guest.run import kernel_args
+from emu.guest.run import kernel_args, run_guest
 
 
 def read_newc(data: bytes) -> dict[str, dict]:
@@ -243,3 +243,10 @@ def test_microvm_command():
     assert 100_000 < microvm.host_tsc_khz() < 10_000_000
     with pytest.raises(ValueError, match="console"):
         microvm.command(FAKE, [Device("console", "/c")], [], 512)
+
+
+def test_run_guest_refuses_missing_socket_before_booting(tmp_path):
+    with pytest.raises(FileNotFoundError, match="blk backend socket"):
+        run_guest("uml", [("blk", tmp_path / "nobody.sock")], image=FAKE)
+    with pytest.raises(ValueError, match="spaces"):
+        run_guest("uml", [], params={"x": "a b"}, image=FAKE)

@@ -3,7 +3,7 @@
 Guest RAM is a shared memfd because vhost-user backends map it; the modern (v2) mmio
 transport is forced because QEMU 7.2 microvm defaults to legacy, which vhost-user
 backends refuse. `tsc_early_khz`/`tsc=reliable` avoid the TCG boot hang in PIT-based TSC
-calibration (see docs on the microvm facts).
+calibration (shared/reference/qemu-microvm-facts.md, "the TSC calibration trap").
 """
 
 from __future__ import annotations

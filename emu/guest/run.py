@@ -121,12 +121,12 @@ def run_guest(
     """
     if kind not in _COMMAND:
         raise ValueError(f"unknown guest kind {kind!r}")
-    image = image or build_image(kind)
     devs = [Device.parse(d) for d in devices]
     for dev in devs:
         if dev.vhost_user and not Path(dev.path).exists():
             raise FileNotFoundError(f"{dev.type} backend socket {dev.path} does not exist")
     append = kernel_args(run, params or {}, quiet)
+    image = image or build_image(kind)
     cmd = _COMMAND[kind](image, devs, append, mem_mib or _DEFAULT_MEM_MIB[kind])
 
     log, lines, marks = ConsoleLog(), [], {}
