@@ -98,7 +98,19 @@ def first_dependency(name: str) -> str:
 
 
 def unpacked(name: str) -> tuple[Path, str]:
-    """(root of the unpacked package, its version), downloading it if not cached yet."""
+    """(root of the unpacked package, its version), downloading it if not cached yet.
+
+    A failed download is retried once after `apt-get update`: stale lists name versions
+    the archive no longer has.
+    """
+    try:
+        return _unpack(name)
+    except PackageError:
+        _run("apt-get", "update", "-qq")
+        return _unpack(name)
+
+
+def _unpack(name: str) -> tuple[Path, str]:
     version = candidate_version(name)
     root = cache_dir() / "pkgs" / f"{name}_{version.replace(':', '%3a')}"
     if root.is_dir():
