@@ -22,8 +22,8 @@ from emu.testing.console import GuestConsole
 from emu.testing.net import GuestNet, ether
 from emu.testing.rng import RngDriver
 from emu.vhost_user.backend import VhostUserServer
-from emu.vhost_user.frontend import VhostUserFrontend
-from emu.vhost_user.protocol import Req
+from emu.vhost_user.frontend import VhostUserFrontend, connect
+from emu.vhost_user.protocol import Message, Req
 
 RINGS = [pytest.param(False, id="split"), pytest.param(True, id="packed")]
 PATTERN = hashlib.sha256(b"emu vhost-user").digest() * 128  # 4 KiB
@@ -179,3 +179,43 @@ def test_kick_fd_replaced_while_running(disk: Path, tmp_path: Path) -> None:
         fe.start_ring(0)  # a fresh eventfd
         os.close(old)
         assert blk.write(0, PATTERN) == 0
+
+
+class UmlFrontend(VhostUserFrontend):
+    """Sends SET_VRING_BASE 0 for every ring, packed too, as UML 6.1's virtio_uml does."""
+
+    def request(self, req: Req, payload: bytes = b"", fds: list[int] | None = None) -> Message:
+        if req == Req.SET_VRING_BASE:
+            payload = payload[:4] + bytes(4)
+        return super().request(req, payload, fds)
+
+
+@pytest.mark.parametrize("packed", RINGS)
+def test_base_0_starts_a_fresh_ring_as_uml_sends_it(
+    disk: Path, tmp_path: Path, packed: bool
+) -> None:
+    sock = tmp_path / "blk.sock"
+    with served(BlkDevice(disk), sock):
+        fe = UmlFrontend(sock)
+        try:
+            blk = BlkDriver.open(fe, packed=packed)
+            assert blk.write(3, PATTERN) == 0
+            assert blk.read(3, 8) == PATTERN
+        finally:
+            fe.close()
+
+
+def test_packed_base_0_after_a_full_lap_resumes_there(disk: Path, tmp_path: Path) -> None:
+    """Both packed indexes back at 0 with wrap counters clear is a real base of 0: a
+    reconnected frontend (no saved state in the new session) resumes the ring there."""
+    sock = tmp_path / "blk.sock"
+    with served(BlkDevice(disk), sock), frontend(sock) as fe:
+        blk = BlkDriver.open(fe, packed=True, queue_size=8)
+        for i in range(8):  # one slot per request (indirect): exactly one lap
+            assert blk.write(i, PATTERN[:512]) == 0
+        assert fe.stop_ring(0) == 0
+        fe.sock.close()
+        fe.sock = connect(sock)
+        fe.init(packed=True)
+        fe.restart_ring(0, 0)
+        assert blk.read(0, 1) == PATTERN[:512]

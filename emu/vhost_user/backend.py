@@ -37,7 +37,7 @@ from collections.abc import Callable
 from emu.devices.base import RunState, VirtioDevice
 from emu.memory import GuestMemoryError
 from emu.queue import Virtqueue
-from emu.ringdefs import F_RING_PACKED, F_RING_RESET, InflightChain, RingError
+from emu.ringdefs import DESC_F_USED, F_RING_PACKED, F_RING_RESET, InflightChain, RingError
 from emu.vhost_user.inflight import InflightRegion, reparse, restore_state
 from emu.vhost_user.memtable import MAX_SLOTS, MemoryTable, MemRegion
 from emu.vhost_user.protocol import (
@@ -229,7 +229,14 @@ class Session:
         driver = self.table.to_gpa(vr.addr[1], 4 if packed else 6 + 2 * n)
         device = self.table.to_gpa(vr.addr[2], 4 if packed else 6 + 8 * n)
         used_idx = 0 if packed else self.table.mem.read_int(device + 2, 2)
-        state = decode_base(vr.base, packed, used_idx)
+        base = vr.base
+        if packed and base == 0 and not self.table.mem.read_int(desc + 14, 2) & DESC_F_USED:
+            # UML 6.1 (virtio_uml) sends SET_VRING_BASE 0 for every ring, packed too, where
+            # a fresh packed ring starts with both wrap counters set. A real base of 0 (both
+            # indexes back at 0 after one lap) shows in desc[0]: the device marked it used
+            # in that lap, which leaves its USED flag set; a fresh ring's is still clear.
+            base = 1 << 15 | 1 << 31
+        state = decode_base(base, packed, used_idx)
         if packed and max(state.next_avail, state.next_used) >= n:
             raise Refused(f"vring {vr.index}: base {vr.base:#x} beyond a ring of {n}")
         chains: list[InflightChain] = []
