@@ -219,3 +219,18 @@ def test_packed_base_0_after_a_full_lap_resumes_there(disk: Path, tmp_path: Path
         fe.init(packed=True)
         fe.restart_ring(0, 0)
         assert blk.read(0, 1) == PATTERN[:512]
+
+
+@pytest.mark.parametrize("packed", RINGS)
+def test_inflight_region_tracks_requests_over_several_laps(
+    disk: Path, tmp_path: Path, packed: bool
+) -> None:
+    """QEMU asks for an inflight region whenever it is offered: every request is recorded
+    in it and retired again, on both layouts, past the ring's wrap."""
+    sock = tmp_path / "blk.sock"
+    with served(BlkDevice(disk), sock), frontend(sock, inflight=True) as fe:
+        blk = BlkDriver.open(fe, packed=packed, queue_size=16)
+        assert fe.inflight_fd >= 0
+        for i in range(40):
+            assert blk.write(i, PATTERN[:512]) == 0
+            assert blk.read(i, 1) == PATTERN[:512]

@@ -50,8 +50,11 @@ log = logging.getLogger(__name__)
 
 SPLIT_HEAD = struct.Struct("<QHHHH")
 SPLIT_DESC = struct.Struct("<B5xHQ")
-PACKED_HEAD = struct.Struct("<QHHHHHHBB7x")
+PACKED_HEAD = struct.Struct("<QHHHHHHBB10x")  # 7 pad bytes, then C aligns desc[] to 8
 PACKED_DESC = struct.Struct("<BxHHHQHHIQ")
+#: PACKED_HEAD field offsets the request path updates in place
+_FREE_HEAD, _OLD_FREE_HEAD, _USED_IDX, _OLD_USED_IDX = 12, 14, 16, 18
+_USED_WRAP, _OLD_USED_WRAP = 20, 21
 _ALIGN = 64
 _END = 0xFFFF  # free-list terminator
 
@@ -207,8 +210,8 @@ class PackedInflight(QueueInflight):
         for i, buf_id in enumerate(batch.heads.tolist()):
             addr, length, writable = batch.segments(i)
             n = len(addr)
-            free = self._get(10)
-            self._set(12, free)  # old_free_head
+            free = self._get(_FREE_HEAD)
+            self._set(_OLD_FREE_HEAD, free)
             entries = []
             for _ in range(n):
                 if free == _END:
@@ -234,15 +237,15 @@ class PackedInflight(QueueInflight):
                 )
             self.area[self._entry(entries[0])] = 1
             self._first[buf_id] = entries[0]
-            self._set(10, free)
+            self._set(_FREE_HEAD, free)
             self.counter += 1
 
     def using(self, heads: object) -> None:
-        self._set(16, self._get(14))  # old_used_idx
-        self.area[21] = self.area[20]  # old_used_wrap_counter
+        self._set(_OLD_USED_IDX, self._get(_USED_IDX))
+        self.area[_OLD_USED_WRAP] = self.area[_USED_WRAP]
 
     def used(self, heads: object) -> None:
-        used_idx, wrap = self._get(14), self.area[20]
+        used_idx, wrap = self._get(_USED_IDX), self.area[_USED_WRAP]
         for buf_id in heads.tolist():  # type: ignore[attr-defined]
             first = self._first.pop(buf_id, None)
             if first is None:  # not recorded (no room)
@@ -250,15 +253,15 @@ class PackedInflight(QueueInflight):
             off = self._entry(first)
             self.area[off] = 0
             _, _, last, num, *_ = PACKED_DESC.unpack_from(self.area, off)
-            self._set(self._entry(last) + 2, self._get(10))
-            self._set(10, first)
+            self._set(self._entry(last) + 2, self._get(_FREE_HEAD))
+            self._set(_FREE_HEAD, first)
             used_idx += num
             if used_idx >= self.queue_size:
                 used_idx -= self.queue_size
                 wrap ^= 1
-        self._set(14, used_idx)
-        self.area[20] = wrap
-        self._set(12, self._get(10))
+        self._set(_USED_IDX, used_idx)
+        self.area[_USED_WRAP] = wrap
+        self._set(_OLD_FREE_HEAD, self._get(_FREE_HEAD))
 
     def recover(self, ring_used_idx: int) -> list[InflightChain]:
         """Chains in flight, oldest first, with their buffers; rebuilds the free list."""
@@ -294,8 +297,8 @@ class PackedInflight(QueueInflight):
         free = [i for i in range(self.desc_num) if i not in owned]
         for k, e in enumerate(free):
             self._set(self._entry(e) + 2, free[k + 1] if k + 1 < len(free) else _END)
-        self._set(10, free[0] if free else _END)
-        self._set(12, self._get(10))
+        self._set(_FREE_HEAD, free[0] if free else _END)
+        self._set(_OLD_FREE_HEAD, self._get(_FREE_HEAD))
         return [c for _, c in live]
 
     def _reset(self, used_idx: int) -> None:
