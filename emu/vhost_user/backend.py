@@ -76,6 +76,7 @@ PROTOCOL_FEATURES = (
     | 1 << PF.RESET_DEVICE
     | 1 << PF.CONFIGURE_MEM_SLOTS
     | 1 << PF.STATUS
+    | 1 << PF.DEVICE_STATE
 )
 #: virtio status bits SET_STATUS/GET_STATUS care about
 S_FEATURES_OK = 8
@@ -241,7 +242,9 @@ class Session:
             raise Refused(f"vring {vr.index}: base {vr.base:#x} beyond a ring of {n}")
         chains: list[InflightChain] = []
         q.tracker = None
-        if self.inflight is not None and vr.index < self.inflight.num_queues:
+        if (loaded := device_state.take_loaded(self, vr, q)) is not None:
+            state, chains = loaded  # a loaded DEVICE_STATE (or restore file) wins
+        elif self.inflight is not None and vr.index < self.inflight.num_queues:
             tracker = self.inflight.queues[vr.index]
             tracker.queue_size = n
             if packed:
@@ -452,6 +455,7 @@ class Session:
         if q.started:
             self._stop(vr)
         vr.kicked = False  # stopped: only a new kick starts it again
+        device_state.rings_stopped(self)
         base = encode_base(vr.saved[0], self.packed) if vr.saved else vr.base
         log.info("vhost-user: vring %d stopped at base %#x", index, base)
         return VRING_STATE.pack(index, base)
@@ -612,3 +616,7 @@ class VhostUserServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+# registers SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE (it imports this module)
+from emu.vhost_user import device_state  # noqa: E402
