@@ -22,6 +22,7 @@ import time
 from emu.memory import GuestMemory
 from emu.ringdefs import F_EVENT_IDX, F_IN_ORDER, F_INDIRECT_DESC, F_RING_PACKED
 from emu.testing.driver import Completion, DriverQueue, GuestAllocator
+from emu.vhost_user import snapshot
 from emu.vhost_user.protocol import (
     CONFIG_HEAD,
     F_PROTOCOL_FEATURES,
@@ -52,6 +53,7 @@ WANTED_PROTOCOL = (
     | 1 << PF.INFLIGHT_SHMFD
     | 1 << PF.RESET_DEVICE
     | 1 << PF.STATUS
+    | 1 << PF.DEVICE_STATE
 )
 _WITH_REPLY = {
     Req.GET_FEATURES,
@@ -62,6 +64,8 @@ _WITH_REPLY = {
     Req.GET_INFLIGHT_FD,
     Req.GET_MAX_MEM_SLOTS,
     Req.GET_STATUS,
+    Req.SET_DEVICE_STATE_FD,
+    Req.CHECK_DEVICE_STATE,
 }
 
 
@@ -250,6 +254,14 @@ class VhostUserFrontend:
         self.request(Req.SET_VRING_BASE, VRING_STATE.pack(index, base))
         self.set_vring_addr(q)
         self.start_ring(index)
+
+    def save_state(self) -> bytes:
+        """DEVICE_STATE save of a backend whose rings are stopped (emu.vhost_user.snapshot)."""
+        return snapshot.save_state(self)
+
+    def load_state(self, data: bytes) -> None:
+        """DEVICE_STATE load, before the rings are restarted (emu.vhost_user.snapshot)."""
+        snapshot.load_state(self, data)
 
     def no_interrupts(self, index: int) -> None:
         self.set_u64(Req.SET_VRING_CALL, index | VRING_NOFD)
