@@ -106,14 +106,44 @@ def _make(kind: str, arg: str, spec: str) -> VirtioDevice:
     metavar="PATH",
     help="Unix socket for the device in the same position (repeatable).",
 )
+@click.option(
+    "--policy",
+    type=click.Choice(["drain", "report"]),
+    default="drain",
+    help="Quiesce policy when a ring stops (GET_VRING_BASE).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, writable=True),
+    help="Write DIR/<socket name>.state whenever all of a device's rings stop.",
+)
+@click.option(
+    "--restore-dir",
+    type=click.Path(file_okay=False, exists=True),
+    help="Restore DIR/<socket name>.state when the frontend starts the rings.",
+)
 @click.argument("specs", nargs=-1, required=True, metavar="DEVICE...")
-def command(sockets: tuple[str, ...], specs: tuple[str, ...]) -> None:
+def command(
+    sockets: tuple[str, ...],
+    specs: tuple[str, ...],
+    policy: str,
+    state_dir: str | None,
+    restore_dir: str | None,
+) -> None:
     """Serve emu devices to vhost-user frontends (QEMU, UML) until interrupted."""
+    from emu.state.format import StateError
+    from emu.vhost_user import device_state
     from emu.vhost_user.backend import VhostUserServer
 
     if len(sockets) != len(specs):
         raise click.UsageError(f"{len(sockets)} --socket for {len(specs)} devices")
     devices = make_devices(list(specs))
+    for d, s in zip(devices, sockets, strict=True):
+        d.policy = policy
+        try:  # docs/stop.md, "vhost-user: device state"
+            device_state.state_files(d, s, state_dir, restore_dir)
+        except StateError as e:
+            raise click.ClickException(f"{d.name} on {s}: {e}") from e
     servers = [VhostUserServer(d, s).start() for d, s in zip(devices, sockets, strict=True)]
     for d, s in zip(devices, sockets, strict=True):
         click.echo(f"{d.name}: listening on {s}")

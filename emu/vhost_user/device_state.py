@@ -32,7 +32,6 @@ import fcntl
 import logging
 import os
 import select
-import struct
 import threading
 import time
 import weakref
@@ -49,15 +48,11 @@ from emu.state import parts
 from emu.state.format import MAX_STATE_BYTES, DeviceState, StateError, decode, encode
 from emu.vhost_user.backend import OWN_REPLY, Refused, Session, handles
 from emu.vhost_user.protocol import U64, Message, Req, fd_kind
+from emu.vhost_user.snapshot import LOAD, NO_FD, PHASE_STOPPED, SAVE, STATE_FD
 from emu.vhost_user.vring import Vring, encode_base
 
 log = logging.getLogger(__name__)
 
-STATE_FD = struct.Struct("<II")  # direction, phase
-SAVE, LOAD = 0, 1
-PHASE_STOPPED = 0
-#: SET_DEVICE_STATE_FD reply: no fd of the backend's own comes back
-NO_FD = 1 << 8
 #: a transfer the frontend neither drains nor feeds ends after this long
 TRANSFER_TIMEOUT = 30.0
 TRANSPORT = "vhost-user"
@@ -369,6 +364,21 @@ def restore_file(dev: VirtioDevice, path: Path) -> None:
     loaded = check(dev, statefile.load(path))
     dev.load_state(loaded.device_part)  # checks the device part; taken again at apply
     _pending[dev] = loaded
+
+
+def state_files(
+    dev: VirtioDevice, socket: str, state_dir: str | None, restore_dir: str | None
+) -> None:
+    """``emu serve``: DIR/<socket name>.state, saved at each stop and/or restored at start.
+
+    A restore file that is missing or does not fit the device is an error (StateError):
+    starting fresh would silently drop the requests the guest still waits for.
+    """
+    name = f"{Path(socket).name}.state"
+    if restore_dir is not None:
+        restore_file(dev, Path(restore_dir) / name)
+    if state_dir is not None:
+        save_on_stop(dev, Path(state_dir) / name)
 
 
 def rings_stopped(session: Session) -> None:
