@@ -234,3 +234,16 @@ def test_inflight_region_tracks_requests_over_several_laps(
         for i in range(40):
             assert blk.write(i, PATTERN[:512]) == 0
             assert blk.read(i, 1) == PATTERN[:512]
+
+
+def test_net_accepts_qemus_features_without_the_control_queue(tmp_path: Path) -> None:
+    """QEMU keeps virtio-net's control queue and forwards GUEST_ANNOUNCE without CTRL_VQ
+    (what a 7.2 microvm guest's negotiation turns into)."""
+    from emu.devices.net import F_GUEST_ANNOUNCE, F_MRG_RXBUF
+
+    sock = tmp_path / "net.sock"
+    end, _ = Cable.pair()
+    qemu = 1 << F_GUEST_ANNOUNCE | 1 << F_MRG_RXBUF | 1 << 32
+    with served(NetDevice(end), sock) as server, frontend(sock) as fe:
+        assert fe.init(qemu, event_idx=False, indirect=False) == qemu
+        assert server.negotiated == [qemu]

@@ -12,6 +12,11 @@ Each ``--socket`` pairs with the device spec in the same position:
 * ``net:cable``: virtio-net on one end of an in-process cable; cable specs pair up in
   order (the 1st with the 2nd, the 3rd with the 4th), joining two guests' NICs.
 
+Ring features can be withheld per device with options after a comma, e.g.
+``blk:disk.img,packed=off,event_idx=off,indirect=off`` (each ``on`` or ``off``; all are
+offered by default): a frontend then cannot negotiate them, so one backend binary covers
+split and packed rings with and without event suppression and indirect tables.
+
 Every device accepts rings of up to 1024 entries (QEMU on virtio-mmio uses 1024). A
 socket serves one frontend at a time and accepts the next one after a disconnect (the
 device is reset in between: a reconnecting QEMU sets it up again).
@@ -25,9 +30,28 @@ import threading
 import click
 
 from emu.devices.base import VirtioDevice
+from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_RING_PACKED
 
 #: ring size limit for served devices: what frontends ask for (QEMU microvm: 1024)
 QUEUE_MAX = 1024
+#: spec options that withhold a ring feature: name -> feature bit
+RING_OPTIONS = {"packed": F_RING_PACKED, "event_idx": F_EVENT_IDX, "indirect": F_INDIRECT_DESC}
+
+
+def split_options(spec: str) -> tuple[str, int]:
+    """``"blk:d.img,packed=off"`` -> ``("blk:d.img", ring feature bits to withhold)``."""
+    base, *options = spec.split(",")
+    withheld = 0
+    for opt in options:
+        name, _, value = opt.partition("=")
+        if name not in RING_OPTIONS or value not in ("on", "off"):
+            raise click.BadParameter(
+                f"{spec}: option {opt!r} (known: {', '.join(f'{n}=on|off' for n in RING_OPTIONS)})",
+                param_hint="DEVICE",
+            )
+        bit = 1 << RING_OPTIONS[name]
+        withheld = withheld | bit if value == "off" else withheld & ~bit
+    return base, withheld
 
 
 def make_devices(specs: list[str]) -> list[VirtioDevice]:
@@ -38,22 +62,19 @@ def make_devices(specs: list[str]) -> list[VirtioDevice]:
     devices: list[VirtioDevice] = []
     cable_end = None
     for i, spec in enumerate(specs):
-        kind, _, arg = spec.partition(":")
-        if spec == "net:cable":
+        base, withheld = split_options(spec)
+        kind, _, arg = base.partition(":")
+        if base == "net:cable":
             if cable_end is None:
-                a, cable_end = Cable.pair()
-                devices.append(
-                    NetDevice(a, mac=f"52:54:00:12:34:{i + 1:02x}", queue_max_size=QUEUE_MAX)
-                )
+                end, cable_end = Cable.pair()
             else:
-                devices.append(
-                    NetDevice(
-                        cable_end, mac=f"52:54:00:12:34:{i + 1:02x}", queue_max_size=QUEUE_MAX
-                    )
-                )
-                cable_end = None
+                end, cable_end = cable_end, None
+            mac = f"52:54:00:12:34:{i + 1:02x}"
+            dev: VirtioDevice = NetDevice(end, mac=mac, queue_max_size=QUEUE_MAX)
         else:
-            devices.append(_make(kind, arg, spec))
+            dev = _make(kind, arg, spec)
+        dev.features &= ~withheld
+        devices.append(dev)
     if cable_end is not None:
         raise click.BadParameter("net:cable devices come in pairs", param_hint="DEVICE")
     return devices
@@ -92,7 +113,7 @@ def _make(kind: str, arg: str, spec: str) -> VirtioDevice:
         return NetDevice(Tap(arg.removeprefix("tap:")), queue_max_size=QUEUE_MAX)
     raise click.BadParameter(
         f"{spec!r}: expected blk:FILE[:ro], rng, console[:pty|:socket:PATH], "
-        "net:tap:NAME or net:cable",
+        "net:tap:NAME or net:cable, then ,OPTION=on|off...",
         param_hint="DEVICE",
     )
 

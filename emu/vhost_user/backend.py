@@ -78,6 +78,9 @@ PROTOCOL_FEATURES = (
     | 1 << PF.STATUS
     | 1 << PF.DEVICE_STATE
 )
+#: device id -> feature bits a frontend may implement itself rather than forward: QEMU
+#: keeps virtio-net's control queue and forwards GUEST_ANNOUNCE (and MQ) without CTRL_VQ
+FRONTEND_KEPT = {1: 1 << 17}
 #: virtio status bits SET_STATUS/GET_STATUS care about
 S_FEATURES_OK = 8
 S_NEEDS_RESET = 0x40
@@ -118,9 +121,12 @@ OWN_REPLY = {
 class Session:
     """One frontend connection driving one device."""
 
-    def __init__(self, device: VirtioDevice, sock: socket.socket) -> None:
+    def __init__(
+        self, device: VirtioDevice, sock: socket.socket, negotiated: list[int] | None = None
+    ) -> None:
         self.device = device
         self.sock = sock
+        self.negotiated = [] if negotiated is None else negotiated
         self.table = MemoryTable()
         self.vrings = [Vring(i) for i in range(len(device.queues))]
         self.vu_features = 0  # as SET_FEATURES sent them, bit 30 included
@@ -140,6 +146,16 @@ class Session:
             self.dispatch(recv_message(self.sock))
 
     def dispatch(self, msg: Message) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "vhost-user: %s: F>B %s flags=%#x size=%d fds=%d %s",
+                self.device.name,
+                msg.name,
+                msg.flags,
+                len(msg.payload),
+                len(msg.fds),
+                msg.payload[:64].hex(),
+            )
         status = 0
         try:
             try:
@@ -153,9 +169,19 @@ class Session:
             msg.close_fds()  # whatever a handler did not take
         if result is not None:
             payload, fds = result if isinstance(result, tuple) else (result, [])
-            send_message(self.sock, reply(msg, payload, fds))
+            self._reply(reply(msg, payload, fds))
         elif msg.need_reply:
-            send_message(self.sock, reply(msg, U64.pack(status)))
+            self._reply(reply(msg, U64.pack(status)))
+
+    def _reply(self, answer: Message) -> None:
+        log.debug(
+            "vhost-user: %s: B>F %s fds=%d %s",
+            self.device.name,
+            answer.name,
+            len(answer.fds),
+            answer.payload[:64].hex(),
+        )
+        send_message(self.sock, answer)
 
     def _handle(self, msg: Message) -> Reply:
         entry = HANDLERS.get(msg.req)
@@ -181,6 +207,18 @@ class Session:
     def offered_features(self) -> int:
         # RING_RESET has no vhost-user counterpart (a ring stops with GET_VRING_BASE)
         return self.device.features & ~(1 << F_RING_RESET) | 1 << F_PROTOCOL_FEATURES
+
+    def acceptable(self, virtio: int) -> bool:
+        """The device's FEATURES_OK check, with what the frontend keeps to itself counted
+        as negotiated (the device's dependency rules hold for the whole virtio device)."""
+        kept = FRONTEND_KEPT.get(self.device.device_id, 0) & self.device.features
+        return self.device.accept_features(virtio | kept)
+
+    def offered_protocol(self) -> int:
+        # no config space, no CONFIG: QEMU's vhost-user-rng warns that it cannot use it
+        if not self.device.config_bytes():
+            return PROTOCOL_FEATURES & ~(1 << PF.CONFIG)
+        return PROTOCOL_FEATURES
 
     def _vring(self, index: int) -> tuple[Vring, Virtqueue]:
         if not 0 <= index < len(self.vrings):
@@ -329,21 +367,23 @@ class Session:
     def set_features(self, msg: Message) -> None:
         (value,) = U64.unpack(msg.payload)
         virtio = value & ~(1 << F_PROTOCOL_FEATURES)
-        if value & ~self.offered_features() or not self.device.accept_features(virtio):
+        if value & ~self.offered_features() or not self.acceptable(virtio):
             raise Refused(f"features {value:#x} (offered {self.offered_features():#x})")
         if self.device.run_state is not RunState.IDLE and virtio != self.features:
             raise Refused(f"features {value:#x} changed while rings run")
         self.vu_features = value
+        self.negotiated.append(virtio)
+        log.info("vhost-user: %s: frontend set features %#x", self.device.name, virtio)
 
     @handles(Req.GET_PROTOCOL_FEATURES, 0)
     def get_protocol_features(self, msg: Message) -> bytes:
-        return U64.pack(PROTOCOL_FEATURES)
+        return U64.pack(self.offered_protocol())
 
     @handles(Req.SET_PROTOCOL_FEATURES, 8)
     def set_protocol_features(self, msg: Message) -> None:
         (value,) = U64.unpack(msg.payload)
-        if value & ~PROTOCOL_FEATURES:
-            raise Refused(f"protocol features {value:#x} (offered {PROTOCOL_FEATURES:#x})")
+        if value & ~self.offered_protocol():
+            raise Refused(f"protocol features {value:#x} (offered {self.offered_protocol():#x})")
         self.protocol = value
 
     @handles(Req.SET_OWNER, 0)
@@ -378,7 +418,7 @@ class Session:
         if value == 0:
             self.reset()
             return
-        if value & S_FEATURES_OK and not self.device.accept_features(self.features):
+        if value & S_FEATURES_OK and not self.acceptable(self.features):
             value &= ~S_FEATURES_OK
         self.status = value
 
@@ -559,6 +599,8 @@ class VhostUserServer:
         self.listener.bind(self.path)
         self.listener.listen(1)
         self.connections = 0
+        #: virtio features every frontend set (SET_FEATURES), in order: what a guest chose
+        self.negotiated: list[int] = []
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
         self._conn: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -585,7 +627,7 @@ class VhostUserServer:
 
     def _serve(self, conn: socket.socket) -> None:
         log.info("vhost-user: %s: frontend connected on %s", self.device.name, self.path)
-        session = Session(self.device, conn)
+        session = Session(self.device, conn, self.negotiated)
         try:
             session.run()
         except PeerClosed:
