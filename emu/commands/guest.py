@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import click
 
+from emu.guest.backends import BackendError, emu_backends
 from emu.guest.devices import Device
 from emu.guest.images import KINDS, GuestImage, build_image, export_image
 from emu.guest.packages import PackageError
@@ -75,6 +78,15 @@ def _echo(text: str) -> None:
     "microvm also qemu-blk:IMG, qemu-net:user, qemu-rng:FILE, qemu-console:OUTFILE.",
 )
 @click.option(
+    "--emu",
+    "emu_specs",
+    multiple=True,
+    metavar="SPEC",
+    help="One of emu's own devices, served by an `emu serve` this command starts: "
+    "blk:FILE, net:cable (pairs), net:tap:NAME, console (hvc0 to stdout), rng; "
+    "ring options as in emu serve, e.g. blk:FILE,packed=off.",
+)
+@click.option(
     "--param",
     "params",
     multiple=True,
@@ -97,6 +109,7 @@ def run(
     initrd: Path | None,
     workloads: str,
     devices: tuple[str, ...],
+    emu_specs: tuple[str, ...],
     params: dict[str, str],
     timeout: float,
     mem_mib: int | None,
@@ -114,21 +127,28 @@ def run(
     except (ValueError, PackageError) as e:
         raise click.ClickException(str(e)) from None
     run_list = [w for w in workloads.split(",") if w]
-    try:
-        res = run_guest(
-            kind,
-            devs,
-            run_list,
-            timeout=timeout,
-            params=params,
-            image=image,
-            mem_mib=mem_mib,
-            quiet=not verbose_kernel,
-            interactive="sh" in run_list,
-            on_output=_echo,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+    with ExitStack() as stack:
+        if emu_specs:
+            workdir = Path(stack.enter_context(TemporaryDirectory(prefix="emu-guest-")))
+            try:
+                devs += stack.enter_context(emu_backends(kind, emu_specs, workdir))
+            except BackendError as e:
+                raise click.ClickException(str(e)) from None
+        try:
+            res = run_guest(
+                kind,
+                devs,
+                run_list,
+                timeout=timeout,
+                params=params,
+                image=image,
+                mem_mib=mem_mib,
+                quiet=not verbose_kernel,
+                interactive="sh" in run_list,
+                on_output=_echo,
+            )
+        except (ValueError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from None
     if json_out is not None:
         json_out.write_text(json.dumps(res.summary(), indent=2) + "\n")
     boot = f"{res.boot_s:.2f} s" if res.boot_s is not None else "never"

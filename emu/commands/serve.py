@@ -9,6 +9,7 @@ Each ``--socket`` pairs with the device spec in the same position:
 * ``rng``: virtio-rng from the host's getrandom().
 * ``console`` (stdio), ``console:pty`` (prints the pty path), ``console:socket:PATH``.
 * ``net:tap:NAME``: virtio-net on a host TAP interface.
+* Net devices get MAC 52:54:00:12:34:NN, NN = the spec's position (from 01).
 * ``net:cable``: virtio-net on one end of an in-process cable; cable specs pair up in
   order (the 1st with the 2nd, the 3rd with the 4th), joining two guests' NICs.
 
@@ -54,6 +55,12 @@ def split_options(spec: str) -> tuple[str, int]:
     return base, withheld
 
 
+def net_mac(position: int) -> str:
+    """The MAC of the net device at ``position`` among the specs (QEMU's virtio-net keeps
+    its own MAC, so whoever starts QEMU must pass it the same one)."""
+    return f"52:54:00:12:34:{position + 1:02x}"
+
+
 def make_devices(specs: list[str]) -> list[VirtioDevice]:
     """Devices for ``specs``; click.BadParameter names the spec that is wrong."""
     from emu.backends.cable import Cable
@@ -69,8 +76,11 @@ def make_devices(specs: list[str]) -> list[VirtioDevice]:
                 end, cable_end = Cable.pair()
             else:
                 end, cable_end = cable_end, None
-            mac = f"52:54:00:12:34:{i + 1:02x}"
-            dev: VirtioDevice = NetDevice(end, mac=mac, queue_max_size=QUEUE_MAX)
+            dev: VirtioDevice = NetDevice(end, mac=net_mac(i), queue_max_size=QUEUE_MAX)
+        elif kind == "net" and arg.startswith("tap:"):
+            from emu.backends.tap import Tap
+
+            dev = NetDevice(Tap(arg.removeprefix("tap:")), mac=net_mac(i), queue_max_size=QUEUE_MAX)
         else:
             dev = _make(kind, arg, spec)
         dev.features &= ~withheld
@@ -106,11 +116,6 @@ def _make(kind: str, arg: str, spec: str) -> VirtioDevice:
         else:
             raise click.BadParameter(f"{spec}: unknown console backend", param_hint="DEVICE")
         return ConsoleDevice(backend, queue_max_size=QUEUE_MAX)
-    if kind == "net" and arg.startswith("tap:"):
-        from emu.backends.tap import Tap
-        from emu.devices.net import NetDevice
-
-        return NetDevice(Tap(arg.removeprefix("tap:")), queue_max_size=QUEUE_MAX)
     raise click.BadParameter(
         f"{spec!r}: expected blk:FILE[:ro], rng, console[:pty|:socket:PATH], "
         "net:tap:NAME or net:cable, then ,OPTION=on|off...",

@@ -1,0 +1,72 @@
+"""emu's own devices for a guest: `emu serve` started for `emu guest run --emu SPEC`.
+
+All specs go to one `emu serve` process, not one per device, because `net:cable` ends
+pair up inside a process. Its stdout is left to the caller's, so a `console` device's
+hvc0 output shows there. Under QEMU the spec's ring options also become the device's
+own properties: QEMU offers packed rings only with packed=on, and its vhost-user-rng
+offers its guest whatever its properties say without asking the backend; its virtio-net
+keeps its own MAC, which is set to the one `emu serve` gives the device.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from emu.commands.serve import RING_OPTIONS, net_mac, split_options
+from emu.guest.devices import Device
+from emu.guest.proc import start, stop
+
+#: QEMU's -device property for each ring option of a spec
+_QEMU_PROPERTY = {"packed": "packed", "event_idx": "event_idx", "indirect": "indirect_desc"}
+
+
+class BackendError(Exception):
+    """`emu serve` refused the specs or did not come up."""
+
+
+def guest_devices(kind: str, specs: Sequence[str], sockets: Sequence[Path]) -> list[Device]:
+    """What run_guest attaches for `specs` served on `sockets` (click.BadParameter for a
+    bad ring option, as `emu serve` would say)."""
+    devices = []
+    for i, (spec, sock) in enumerate(zip(specs, sockets, strict=True)):
+        base, withheld = split_options(spec)
+        vtype = base.partition(":")[0]
+        options: list[str] = []
+        if kind == "microvm":
+            for name, bit in RING_OPTIONS.items():
+                options.append(f"{_QEMU_PROPERTY[name]}={'off' if withheld >> bit & 1 else 'on'}")
+            if vtype == "net":
+                options.append(f"mac={net_mac(i)}")
+        devices.append(Device.parse((vtype, ",".join([str(sock), *options]))))
+    return devices
+
+
+@contextmanager
+def emu_backends(
+    kind: str, specs: Sequence[str], workdir: Path, timeout: float = 10.0
+) -> Iterator[list[Device]]:
+    """Serves `specs` (emu serve's DEVICE syntax) on sockets in `workdir` until the block
+    ends; yields the devices to hand to run_guest."""
+    kinds = [split_options(spec)[0].partition(":")[0] for spec in specs]
+    sockets = [workdir / f"emu{i}-{k}.sock" for i, k in enumerate(kinds)]
+    devices = guest_devices(kind, specs, sockets)
+    cmd = [sys.executable, "-m", "emu.cli", "serve"]
+    for sock in sockets:
+        cmd += ["--socket", str(sock)]
+    proc = start([*cmd, *specs], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not all(s.exists() for s in sockets):
+            if proc.poll() is not None:
+                raise BackendError(f"emu serve exited with status {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise BackendError(f"emu serve did not listen within {timeout:.0f} s")
+            time.sleep(0.05)
+        yield devices
+    finally:
+        stop(proc)
