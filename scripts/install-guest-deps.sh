@@ -2,11 +2,12 @@
 # Host packages the real-guest layer (emu/guest, tests/test_guest_boot.py) needs:
 # QEMU microvm + qemu-storage-daemon (the reference vhost-user-blk backend) and the
 # dpkg/apt tools used to fetch guest kernels and busybox into emu's cache; cpio(1) only
-# as an independent reader of emu's own cpio writer in the tests.
+# as an independent reader of emu's own cpio writer in the tests; iproute2 (ip) for the
+# host TAP that tests/test_guest_emu.py has a guest ping.
 # Idempotent: installs only what is missing; never fails the caller's job.
 set -uo pipefail
 
-want=(qemu-system-x86 qemu-system-common qemu-utils cpio dpkg apt)
+want=(qemu-system-x86 qemu-system-common qemu-utils cpio dpkg apt iproute2)
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
