@@ -77,10 +77,14 @@ PROTOCOL_FEATURES = (
     | 1 << PF.CONFIGURE_MEM_SLOTS
     | 1 << PF.STATUS
     | 1 << PF.DEVICE_STATE
+    | 1 << PF.LOG_SHMFD
 )
 #: device id -> feature bits a frontend may implement itself rather than forward: QEMU
 #: keeps virtio-net's control queue and forwards GUEST_ANNOUNCE (and MQ) without CTRL_VQ
 FRONTEND_KEPT = {1: 1 << 17}
+#: vhost bits in the virtio feature word, never the device's: protocol features, and
+#: LOG_ALL (26, dirty logging while migrating; emu/vhost_user/dirty_log.py)
+VHOST_BITS = 1 << F_PROTOCOL_FEATURES | 1 << 26
 #: virtio status bits SET_STATUS/GET_STATUS care about
 S_FEATURES_OK = 8
 S_NEEDS_RESET = 0x40
@@ -198,7 +202,7 @@ class Session:
 
     @property
     def features(self) -> int:
-        return self.vu_features & ~(1 << F_PROTOCOL_FEATURES)
+        return self.vu_features & ~VHOST_BITS
 
     @property
     def packed(self) -> bool:
@@ -206,7 +210,7 @@ class Session:
 
     def offered_features(self) -> int:
         # RING_RESET has no vhost-user counterpart (a ring stops with GET_VRING_BASE)
-        return self.device.features & ~(1 << F_RING_RESET) | 1 << F_PROTOCOL_FEATURES
+        return self.device.features & ~(1 << F_RING_RESET) | VHOST_BITS
 
     def acceptable(self, virtio: int) -> bool:
         """The device's FEATURES_OK check, with what the frontend keeps to itself counted
@@ -366,7 +370,7 @@ class Session:
     @handles(Req.SET_FEATURES, 8)
     def set_features(self, msg: Message) -> None:
         (value,) = U64.unpack(msg.payload)
-        virtio = value & ~(1 << F_PROTOCOL_FEATURES)
+        virtio = value & ~VHOST_BITS
         if value & ~self.offered_features() or not self.acceptable(virtio):
             raise Refused(f"features {value:#x} (offered {self.offered_features():#x})")
         if self.device.run_state is not RunState.IDLE and virtio != self.features:

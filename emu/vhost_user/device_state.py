@@ -46,6 +46,7 @@ from emu.ringdefs import F_RING_PACKED, Batch, InflightChain, RingState
 from emu.state import file as statefile
 from emu.state import parts
 from emu.state.format import MAX_STATE_BYTES, DeviceState, StateError, decode, encode
+from emu.vhost_user import dirty_log
 from emu.vhost_user.backend import OWN_REPLY, Refused, Session, handles
 from emu.vhost_user.protocol import U64, Message, Req, fd_kind
 from emu.vhost_user.snapshot import LOAD, NO_FD, PHASE_STOPPED, SAVE, STATE_FD
@@ -382,9 +383,13 @@ def state_files(
 
 
 def rings_stopped(session: Session) -> None:
-    """GET_VRING_BASE hook: the last running ring stopped, write the state file."""
+    """GET_VRING_BASE hook: once the last running ring stopped, report the pages written
+    to the dirty log and write the state file."""
+    if any(q.started for q in session.device.queues):
+        return
+    dirty_log.flush(session)
     path = _state_files.get(session.device)
-    if path is None or any(q.started for q in session.device.queues):
+    if path is None:
         return
     if not any(vr.saved for vr in session.vrings):
         return

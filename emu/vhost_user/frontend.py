@@ -45,6 +45,8 @@ from emu.vhost_user.protocol import (
 
 #: where guest RAM appears in the frontend's own address space (as QEMU's 0x7f.. uvas)
 UVA_OFFSET = 0x7F00_0000_0000
+#: the vhost feature bit a frontend sets only while it migrates (dirty logging)
+F_LOG_ALL = 26
 WANTED_PROTOCOL = (
     1 << PF.MQ
     | 1 << PF.REPLY_ACK
@@ -155,7 +157,7 @@ class VhostUserFrontend:
             self.protocol = self.get_u64(Req.GET_PROTOCOL_FEATURES) & WANTED_PROTOCOL
             self.set_u64(Req.SET_PROTOCOL_FEATURES, self.protocol)
         self.request(Req.SET_OWNER)
-        wanted = offered & ~(1 << F_IN_ORDER | 1 << F_PROTOCOL_FEATURES)
+        wanted = offered & ~(1 << F_IN_ORDER | 1 << F_PROTOCOL_FEATURES | 1 << F_LOG_ALL)
         if features is not None:
             wanted = features
         for bit, on in (

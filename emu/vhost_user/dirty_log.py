@@ -1,0 +1,92 @@
+"""LOG_SHMFD and VHOST_F_LOG_ALL: the dirty log a migrating frontend reads.
+
+QEMU 7.2 refuses to migrate a VM with a vhost-user device unless the backend offers both
+(a migration blocker: "vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD"), even a
+migration of a stopped VM, which is how emu's guests are snapshotted. So they are offered,
+and the log is kept correctly, in the simplest way that is safe:
+
+* SET_LOG_BASE (``u64 mmap_size, u64 mmap_offset`` + memfd) maps the log: one bit per
+  4 KiB guest-physical page. It is answered with a u64 0 (QEMU waits for a reply).
+* Every write emu makes to guest memory marks its pages in ``GuestMemory``'s dirty maps
+  (ring core and devices alike). When a ring stops (GET_VRING_BASE, which QEMU sends
+  before its last dirty-log sync) with LOG_ALL negotiated, every marked page is set in
+  the log. Marks are cleared only then, with the device thread off the ring: a mark made
+  before the data lands (a read into a buffer) is never dropped before the data is there.
+
+Pages are therefore reported at the stop rather than in the live passes: a live
+migration stays correct and sends those pages during the downtime. Setting bits is a
+plain read-modify-write: QEMU only ever clears bits, so a race can only set a bit it
+already took, which costs a page resent, never a page lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+import weakref
+
+import numpy as np
+
+from emu.memory import PAGE_SHIFT
+from emu.vhost_user.backend import OWN_REPLY, Refused, Session, handles
+from emu.vhost_user.protocol import U64, Message, Req, fd_kind
+
+log = logging.getLogger(__name__)
+
+#: the vhost feature bit (in the virtio feature word) that turns logging on
+F_LOG_ALL = 26
+LOG_BASE = struct.Struct("<QQ")  # mmap_size, mmap_offset
+#: a log for 2 TiB of guest RAM; anything larger is not a real frontend's
+MAX_LOG = 64 << 20
+
+_logs: weakref.WeakKeyDictionary[Session, mmap.mmap] = weakref.WeakKeyDictionary()
+
+
+@handles(Req.SET_LOG_BASE, LOG_BASE.size, (1, 1))
+def set_log_base(session: Session, msg: Message) -> bytes:
+    size, offset = LOG_BASE.unpack(msg.payload)
+    kind = fd_kind(msg.fds[0])
+    if kind not in ("memfd", "file"):
+        raise Refused(f"dirty log fd is a {kind}")
+    if not 0 < size <= MAX_LOG or offset % mmap.ALLOCATIONGRANULARITY:
+        raise Refused(f"dirty log of {size:#x} bytes at offset {offset:#x}")
+    fd = msg.fds.pop()
+    try:
+        if os.fstat(fd).st_size < offset + size:
+            raise Refused(f"dirty log fd is smaller than {offset + size:#x} bytes")
+        mapped = mmap.mmap(
+            fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
+        )
+    finally:
+        os.close(fd)
+    old = _logs.pop(session, None)
+    if old is not None:
+        old.close()
+    _logs[session] = mapped
+    log.info("vhost-user: %s: dirty log of %#x bytes", session.device.name, size)
+    return U64.pack(0)
+
+
+def flush(session: Session) -> None:
+    """Set the log bits of every page emu wrote; call with every ring stopped."""
+    mapped = _logs.get(session)
+    if mapped is None or not session.vu_features >> F_LOG_ALL & 1:
+        return
+    bits = np.frombuffer(mapped, dtype=np.uint8)
+    limit = len(bits) * 8
+    for r in session.table.mem.regions:
+        pages = np.flatnonzero(r.dirty)
+        if not len(pages):
+            continue
+        pfns = (r.gpa >> PAGE_SHIFT) + pages
+        if pfns[-1] >= limit:
+            log.warning("vhost-user: dirty pages beyond the log (%d pages)", limit)
+            pfns = pfns[pfns < limit]
+        np.bitwise_or.at(bits, pfns >> 3, (1 << (pfns & 7)).astype(np.uint8))
+        r.dirty[pages] = 0
+    del bits  # the mapping stays closable
+
+
+OWN_REPLY.add(Req.SET_LOG_BASE)
