@@ -420,7 +420,7 @@ class Session:
         if value > 0xFF:
             raise Refused(f"status {value:#x} is not a status byte")
         if value == 0:
-            self.reset()
+            device_state.reset_keeping_rings(self)  # QEMU 7.2 sends it at every stop
             return
         if value & S_FEATURES_OK and not self.acceptable(self.features):
             value &= ~S_FEATURES_OK

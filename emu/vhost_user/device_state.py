@@ -352,6 +352,33 @@ def _seed_region(session: Session, vr: Vring, q: Virtqueue, rs: RingState, chain
     q.tracker = tracker
 
 
+# -- SET_STATUS 0 --
+
+
+def reset_keeping_rings(session: Session) -> None:
+    """Device reset that keeps where the rings stopped, for the GET_VRING_BASE to come.
+
+    QEMU 7.2 (with STATUS negotiated) sends SET_STATUS 0 at every stop *before*
+    GET_VRING_BASE; QEMU 8.1 moved it after ("vhost-user: send SET_STATUS 0 after
+    GET_VRING_BASE"). A plain reset there would answer GET_VRING_BASE with 0 and drop the
+    requests in flight, and QEMU would carry that 0 into ``cont`` and the migration
+    stream. So the running rings are stopped first (under the device's policy), and their
+    saved state, base and the negotiated features outlive the reset; the device itself
+    is reset as the spec says, and set up again by the frontend's start sequence.
+    """
+    for vr in session.vrings:
+        if session.device.queues[vr.index].started:
+            session._stop(vr)
+    kept = {vr.index: (vr.saved, vr.base) for vr in session.vrings if vr.saved is not None}
+    features = session.vu_features
+    session.reset()
+    session.vu_features = features
+    for index, (saved, base) in kept.items():
+        vr = session.vrings[index]
+        vr.saved = saved
+        vr.base = encode_base(saved[0], session.packed) if saved else base
+
+
 # -- state files (emu serve --state-dir / --restore-dir) --
 
 
