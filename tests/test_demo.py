@@ -24,12 +24,14 @@ def test_help_lists_commands():
     assert "demo" in res.output and "state" in res.output
 
 
-def test_guest_demo_boots_microvm_on_emu_devices():
-    """The README's main command: a real kernel on emu's vhost-user blk and rng."""
+def test_guest_demo_boots_real_kernels_on_emu_devices():
+    """The README's main command: UML on emu's blk + console, microvm on blk + rng."""
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is missing (scripts/install-guest-deps.sh installs it)")
-    res = CliRunner().invoke(main, ["demo", "--kind", "microvm"])
+    res = CliRunner().invoke(main, ["demo"])
     assert res.exit_code == 0, res.output
-    assert "virtio-blk, driver virtio_blk" in res.output
-    assert "-> match" in res.output
+    assert res.output.count("virtio-blk, driver virtio_blk") == 2
+    assert res.output.count("-> match") == 2
+    assert "virtio-console, driver virtio_console" in res.output
+    assert "host received 'hello-from-the-guest" in res.output
     assert "virtio-rng, driver virtio_rng" in res.output

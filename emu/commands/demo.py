@@ -191,9 +191,9 @@ def demo_guest(kind: str, mib: int, say: Callable[[str], None]) -> bool:
 @click.option("--in-process", is_flag=True, help="No VM: the reference driver plays the guest.")
 @click.option(
     "--kind",
-    type=click.Choice(["uml", "microvm"]),
-    default="microvm",
-    help="Real guest: user-mode-linux or QEMU microvm (TCG).",
+    type=click.Choice(["all", "uml", "microvm"]),
+    default="all",
+    help="Real guest: user-mode-linux, QEMU microvm (TCG), or one after the other.",
 )
 @click.option("--mib", default=4, show_default=True, help="Data the guest writes to blk.")
 @click.option("--packed", is_flag=True, help="In-process: packed rings instead of split.")
@@ -220,9 +220,11 @@ def command(
     if ring:
         os.environ["EMU_RING"] = ring
     if not in_process:
-        if not demo_guest(kind, mib, click.echo):
-            raise click.ClickException("the guest demo failed (see above)")
-        click.echo("demo: the guest used every device and the host checked the data")
+        kinds = ["uml", "microvm"] if kind == "all" else [kind]
+        failed = [k for k in kinds if not demo_guest(k, mib, click.echo)]
+        if failed:
+            raise click.ClickException(f"the {', '.join(failed)} guest demo failed (see above)")
+        click.echo("demo: the guests used every device and the host checked the data")
         return
     opts = dict(packed=packed, event_idx=not no_event_idx, indirect=not no_indirect)
     for name in devices or DEMOS:
