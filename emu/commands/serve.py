@@ -139,6 +139,12 @@ def _make(kind: str, arg: str, spec: str) -> VirtioDevice:
     help="Quiesce policy when a ring stops (GET_VRING_BASE).",
 )
 @click.option(
+    "--latency",
+    type=click.FloatRange(0, 10),
+    default=0.0,
+    help="Hold each completion back this many seconds (to test stops with requests in flight).",
+)
+@click.option(
     "--state-dir",
     type=click.Path(file_okay=False, writable=True),
     help="Write DIR/<socket name>.state whenever all of a device's rings stop.",
@@ -153,6 +159,7 @@ def command(
     sockets: tuple[str, ...],
     specs: tuple[str, ...],
     policy: str,
+    latency: float,
     state_dir: str | None,
     restore_dir: str | None,
 ) -> None:
@@ -166,6 +173,8 @@ def command(
     devices = make_devices(list(specs))
     for d, s in zip(devices, sockets, strict=True):
         d.policy = policy
+        for q in d.queues:
+            q.latency = latency
         try:  # docs/stop.md, "vhost-user: device state"
             device_state.state_files(d, s, state_dir, restore_dir)
         except StateError as e:
