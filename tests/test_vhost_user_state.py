@@ -96,15 +96,17 @@ class Stopped:
     fe: VhostUserFrontend
     blk: BlkDriver
     base: int
-    state: bytes  # what DEVICE_STATE saved ("" when not asked for)
+    state: bytes  # what DEVICE_STATE saved
     expected: dict[int, bytes | None]  # token -> data a read returns (None: a write)
     inflight: int  # chains in flight in the saved state
 
 
 def stop_with_inflight(
-    disk: Path, sock: Path, packed: bool, policy: str = "report", save: bool = True
+    disk: Path, sock: Path, packed: bool, policy: str = "report", status_0: bool = False
 ) -> Stopped:
-    """Runs the first backend in-process (its queue's latency holds completions back)."""
+    """Runs the first backend in-process (its queue's latency holds completions back).
+
+    ``status_0``: stop as QEMU 7.2 does with STATUS negotiated, SET_STATUS 0 first."""
     dev = BlkDevice(disk, queue_max_size=1024)
     dev.policy = policy
     with in_process(dev, sock):
@@ -120,14 +122,14 @@ def stop_with_inflight(
         for i in range(READS):
             expected[blk.submit(T_IN, 8 * (100 + i), in_size=BLOCK)] = block(100 + i)
         wait_until(lambda: q.held() == WRITES + READS)  # all executed, none published
+        if status_0:
+            fe.set_u64(Req.SET_STATUS, 0)
         base = fe.stop_ring(0)
-        state = fe.save_state() if save else b""
+        state = fe.save_state()
         for i in range(LATER):  # the next backend finds these in the avail ring
             expected[blk.submit(T_OUT, 8 * (200 + i), out=block(200 + i))] = None
-    inflight = 0
-    if state:
-        (p,) = [p for p in decode(state).parts if p.type == parts.INFLIGHT]
-        inflight = len(parts.KINDS[parts.INFLIGHT].decode(p.value[4:]))
+    (p,) = [p for p in decode(state).parts if p.type == parts.INFLIGHT]
+    inflight = len(parts.KINDS[parts.INFLIGHT].decode(p.value[4:]))
     return Stopped(fe, blk, base, state, expected, inflight)
 
 
@@ -155,11 +157,14 @@ def finish_and_verify(s: Stopped, disk: Path) -> None:
 
 @pytest.mark.parametrize("packed", RINGS)
 @pytest.mark.parametrize("policy", ["report", "drain"])
+@pytest.mark.parametrize("status_0", [False, True], ids=["enable-0", "status-0-first"])
 def test_in_flight_requests_move_to_a_new_backend_process(
-    disk: Path, tmp_path: Path, packed: bool, policy: str
+    disk: Path, tmp_path: Path, packed: bool, policy: str, status_0: bool
 ) -> None:
-    s = stop_with_inflight(disk, tmp_path / "a.sock", packed, policy)
+    """status-0-first: QEMU 7.2's stop; its reset must not lose the base or the requests."""
+    s = stop_with_inflight(disk, tmp_path / "a.sock", packed, policy, status_0)
     assert s.inflight == (WRITES + READS if policy == "report" else 0)
+    assert s.base & 0x7FFF == READS + WRITES + READS  # one slot per chain (indirect)
     sock = tmp_path / "b.sock"
     try:
         with emu_serve(sock, f"blk:{disk}"):

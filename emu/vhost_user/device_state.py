@@ -363,20 +363,20 @@ def reset_keeping_rings(session: Session) -> None:
     GET_VRING_BASE"). A plain reset there would answer GET_VRING_BASE with 0 and drop the
     requests in flight, and QEMU would carry that 0 into ``cont`` and the migration
     stream. So the running rings are stopped first (under the device's policy), and their
-    saved state, base and the negotiated features outlive the reset; the device itself
+    saved state, base and size and the negotiated features outlive the reset; the device itself
     is reset as the spec says, and set up again by the frontend's start sequence.
     """
     for vr in session.vrings:
         if session.device.queues[vr.index].started:
             session._stop(vr)
-    kept = {vr.index: (vr.saved, vr.base) for vr in session.vrings if vr.saved is not None}
+    kept = {vr.index: (vr.saved, vr.num) for vr in session.vrings if vr.saved is not None}
     features = session.vu_features
     session.reset()
     session.vu_features = features
-    for index, (saved, base) in kept.items():
+    for index, (saved, num) in kept.items():
         vr = session.vrings[index]
-        vr.saved = saved
-        vr.base = encode_base(saved[0], session.packed) if saved else base
+        vr.saved, vr.num = saved, num
+        vr.base = encode_base(saved[0], session.packed)
 
 
 # -- state files (emu serve --state-dir / --restore-dir) --
