@@ -19,9 +19,9 @@ every disconnect; the server itself never goes down because of what a frontend s
 
 BACKEND_REQ is offered because UML 6.1 needs it (without it virtio_uml puts the vring
 interrupts on irq 0 and fails to probe); the channel is kept but nothing is sent on it
-yet, so config changes are only logged. Not offered: LOG_SHMFD (dirty logging for live
-migration) and DEVICE_STATE, which will carry emu's snapshot format once
-that exists (a later issue).
+yet, so config changes are only logged. DEVICE_STATE (emu's snapshot format) and the
+SET_STATUS 0 that QEMU 7.2 sends at every stop are in device_state.py; LOG_SHMFD and
+LOG_ALL, without which QEMU 7.2 will not migrate, in dirty_log.py (docs/stop.md).
 """
 
 from __future__ import annotations
