@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ from emu.state.format import decode, encode
 from emu.testing.blk import BlkDriver, status_of
 from emu.vhost_user.backend import VhostUserServer
 from emu.vhost_user.frontend import FrontendError, VhostUserFrontend, connect
-from emu.vhost_user.protocol import U64, Req
+from emu.vhost_user.protocol import U64, ProtocolError, Req
 from emu.vhost_user.snapshot import STATE_FD, StateTransferError
 
 RINGS = [pytest.param(False, id="split"), pytest.param(True, id="packed")]
@@ -364,3 +365,54 @@ def test_transfers_the_backend_refuses(disk: Path, tmp_path: Path) -> None:
             assert decode(fe.save_state()).device_type == 2
         finally:
             fe.close()
+
+
+def test_dirty_log_gets_the_pages_the_backend_wrote(disk: Path, tmp_path: Path) -> None:
+    """LOG_SHMFD/LOG_ALL (QEMU 7.2 will not migrate without them): when the ring stops,
+    the pages emu wrote (the used ring, the buffers a read filled) are set in the log."""
+    sock = tmp_path / "blk.sock"
+    with in_process(BlkDevice(disk), sock):
+        fe = VhostUserFrontend(sock)
+        log_fd = os.memfd_create("vhost-log")
+        try:
+            blk = BlkDriver.open(fe)
+            base = fe.stop_ring(0)
+            fe.set_u64(Req.SET_FEATURES, fe.features | 1 << 26 | 1 << 30)
+            pages = fe.mem.size >> 12
+            os.ftruncate(log_fd, pages // 8)
+            answer = fe.request(Req.SET_LOG_BASE, struct.pack("<QQ", pages // 8, 0), [log_fd])
+            assert answer.payload == U64.pack(0)
+            fe.restart_ring(0, base)
+            assert blk.read(0, 8) == bytes(BLOCK)
+            fe.stop_ring(0)
+            bits = int.from_bytes(os.pread(log_fd, pages // 8, 0), "little")
+            used_page = fe.queues[0].device >> 12
+            assert bits >> used_page & 1
+            assert bin(bits).count("1") >= 2  # the used ring and the 4 KiB read buffer
+        finally:
+            os.close(log_fd)
+            fe.close()
+
+
+@pytest.mark.parametrize("bad", ["eventfd", "empty", "too-small"])
+def test_hostile_dirty_log_closes_the_connection(disk: Path, tmp_path: Path, bad: str) -> None:
+    sock = tmp_path / "blk.sock"
+    with in_process(BlkDevice(disk), sock) as server:
+        fe = VhostUserFrontend(sock)
+        try:
+            fe.init()
+            fd = os.eventfd(0) if bad == "eventfd" else os.memfd_create("vhost-log")
+            size = 0 if bad == "empty" else 4096
+            if bad == "too-small":
+                os.ftruncate(fd, 100)
+            with pytest.raises((ConnectionError, ProtocolError)):
+                fe.request(Req.SET_LOG_BASE, struct.pack("<QQ", size, 0), [fd])
+            os.close(fd)
+        finally:
+            fe.close()
+        fe2 = VhostUserFrontend(sock)  # the server serves the next frontend
+        try:
+            assert BlkDriver.open(fe2).write(0, block(0)) == S_OK
+        finally:
+            fe2.close()
+        assert server.connections == 2
