@@ -71,6 +71,10 @@ class Loaded:
     rings: dict[int, Ring] = field(default_factory=dict)
 
 
+class TransferError(Exception):
+    """A transfer cancelled, timed out or too long."""
+
+
 class Transfer:
     """One SET_DEVICE_STATE_FD transfer on its own thread; owns (and closes) the fd."""
 
@@ -86,7 +90,7 @@ class Transfer:
     def _run(self) -> None:
         try:
             self._write() if self.direction == SAVE else self._read()
-        except (OSError, TimeoutError) as e:
+        except (OSError, TransferError) as e:
             self.error = str(e)
         finally:
             os.close(self.fd)
@@ -97,9 +101,9 @@ class Transfer:
         poller.register(self.fd, event)
         while not poller.poll(100):
             if self._cancelled.is_set():
-                raise TimeoutError("transfer cancelled")
+                raise TransferError("transfer cancelled")
             if time.monotonic() > self._deadline:
-                raise TimeoutError(f"transfer not done after {TRANSFER_TIMEOUT} s")
+                raise TransferError(f"transfer not done after {TRANSFER_TIMEOUT} s")
 
     def _write(self) -> None:
         view = memoryview(self.data)
@@ -121,7 +125,7 @@ class Transfer:
                 return
             self.received += chunk
             if len(self.received) > MAX_STATE_BYTES:
-                raise TimeoutError(f"state longer than {MAX_STATE_BYTES} bytes")
+                raise TransferError(f"state longer than {MAX_STATE_BYTES} bytes")
 
     def finish(self) -> str | None:
         """Wait for the end of the transfer; its error, if any."""
