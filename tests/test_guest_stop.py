@@ -213,7 +213,10 @@ class Guest:
     def progress(self, at_least: int = 1) -> None:
         """Wait until the workload has done ``at_least`` more iterations."""
         goal = self.iterations() + at_least
-        wait_until(lambda: self.iterations() >= goal or self.proc.poll() is not None, "I/O")
+        try:
+            wait_until(lambda: self.iterations() >= goal or self.proc.poll() is not None, "I/O")
+        except TimeoutError as e:
+            raise AssertionError(f"{e}\n{self.console()}") from None
         assert self.iterations() >= goal, self.console()
 
     def finish(self) -> dict[str, str]:
