@@ -5,10 +5,10 @@ virtio 1.4 SUSPEND (drain only, as the spec requires; polls until SUSPEND=1, DRI
 the VMM-side stop (``MmioTransport.vmm_stop``) and vhost-user GET_VRING_BASE (emu's Python
 frontend against emu's backend: SET_VRING_ENABLE 0 + GET_VRING_BASE round trip).
 
-Each sample: ``depth`` 4 KiB reads are made available and fetched by the blk device (the
-bench waits until the device has fetched and executed all of them; at 1 ms latency the
-first ones may have completed by then), whose queue publishes completions
-``latency`` seconds after execution (the delay backend model: a report-mode stop withdraws
+Each sample: ``depth`` 4 KiB reads are made available and executed by the blk device (the
+bench waits until every one is either published or held back; at 1 ms latency the first
+ones may have completed by then), whose queue publishes completions ``latency`` seconds
+after execution (the delay backend model: a report-mode stop withdraws
 what is not published yet; a drain-mode stop waits for it). Then the clock starts, the stop
 is requested, and it stops when the stop is visible to the requester. After each sample the
 device is resumed and every request is collected (exactly once) before the next sample.
@@ -61,13 +61,14 @@ def _disk(tmp: str) -> str:
     return path
 
 
-def _wait_fetched(dev: BlkDevice, start: int, depth: int) -> None:
-    """Until the device has fetched (and executed) the ``depth`` requests made available."""
+def _wait_in_flight(dev: BlkDevice, start_used: int, depth: int) -> None:
+    """Until the device has executed all ``depth`` requests: each one is either published
+    already or held back by the latency, i.e. in flight at the "backend"."""
     q = dev.queues[0]
     deadline = time.monotonic() + 10
-    while (q.state().next_avail - start) & 0xFFFF < depth:
+    while ((q.state().next_used - start_used) & 0xFFFF) + q.held() < depth:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"device fetched fewer than {depth}")
+            raise TimeoutError(f"device executed fewer than {depth}")
         time.sleep(0.0001)
 
 
@@ -167,9 +168,9 @@ def measure(iface: str, policy: str, depth: int, latency: float, reps: int) -> l
         try:
             samples = []
             for _ in range(reps):
-                start = case.dev.queues[0].state().next_avail
+                start = case.dev.queues[0].state().next_used
                 case.submit(depth)
-                _wait_fetched(case.dev, start, depth)
+                _wait_in_flight(case.dev, start, depth)
                 samples.append(case.stop(iface))
                 case.resume(iface)
                 case.collect(depth)

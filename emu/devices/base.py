@@ -82,6 +82,7 @@ class VirtioDevice:
         self._thread: threading.Thread | None = None
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._running = False
+        self._resumed = False
         self.policy = "drain"
         self.run_state = RunState.IDLE
         self._stop_policy = self.policy
@@ -206,6 +207,15 @@ class VirtioDevice:
                 q.halted = True
                 q.drop_pushes = policy == "report"
             self.run_state = RunState.STOPPING
+        # The device thread between requests (not serving a queue) has nothing under way:
+        # quiesce right here instead of waiting for it to wake up, unless draining has to
+        # wait out held completions (this call must not block).
+        if self._serving.acquire(blocking=False):
+            try:
+                if policy == "report" or not any(q.next_due() for q in self.queues):
+                    self._quiesce()
+            finally:
+                self._serving.release()
         self.wake()
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
@@ -231,10 +241,13 @@ class VirtioDevice:
             for q in self.queues:
                 q.halted = q.drop_pushes = False
             self.run_state = RunState.RUNNING
+            self._resumed = True  # the thread may never have seen STOPPED: tell it
         self.wake()
 
     def _quiesce(self) -> None:
-        """Device thread, between requests: finish (drain) or abandon (report), then park."""
+        """Between requests, with ``_serving`` held: finish (drain) or abandon (report)."""
+        if self.run_state is not RunState.STOPPING:
+            return
         for q in self.queues:
             if not q.started:
                 continue
@@ -313,7 +326,9 @@ class VirtioDevice:
 
     def _run(self) -> None:
         poller, by_fd, gen = self._poll_set()
-        # anything made available before DRIVER_OK (or before a restart) is served now
+        # anything made available before DRIVER_OK (or before a restart) is served now, and
+        # whatever the backend already holds (input that arrived while nobody listened)
+        self.on_wake()
         pending = [q for q in self.queues if q.started]
         while self._running:
             if gen != self._kick_gen:
@@ -325,18 +340,25 @@ class VirtioDevice:
             pending = []
             state = self.run_state
             if state is RunState.STOPPING:
-                self._quiesce()
+                with self._serving:
+                    self._quiesce()
                 continue
             if state is RunState.STOPPED:  # parked: only a wake (resume, reset) counts
                 self._wait_wake()
-                if self.run_state is RunState.RUNNING:  # resumed: catch up on everything
+                continue
+            if self._resumed:  # catch up on everything held or requeued while stopped
+                self._resumed = False
+                with self._serving:
                     self.on_wake()
-                    pending = [q for q in self.queues if q.started]
+                pending = [q for q in self.queues if q.started]
                 continue
             for fd, _ in poller.poll(self._due_timeout_ms()):
                 if fd == self._wake:
                     self._drain_wake()
-                    self.on_wake()
+                    with self._serving:  # a stop taken meanwhile keeps the backend's data
+                        if self.run_state is not RunState.RUNNING:
+                            continue
+                        self.on_wake()
                     pending.extend(q for q in self.queues if q.started and self.wants_poll(q))
                     continue
                 q = by_fd[fd]
@@ -365,13 +387,14 @@ class VirtioDevice:
 
     def _publish_due(self) -> None:
         now = time.monotonic()
-        for q in self.queues:
-            if q.started and q.next_due() is not None:
-                q.publish_due(now)
+        with self._serving:
+            for q in self.queues:
+                if q.started and q.next_due() is not None:
+                    q.publish_due(now)
 
     def _serve(self, q: Virtqueue) -> None:
         with self._serving:
-            if not q.started:
+            if not q.started or self.run_state is RunState.STOPPED:
                 return
             try:
                 self.handle_queue(q)
