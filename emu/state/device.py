@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emu.devices.base import RunState, VirtioDevice
-from emu.ringdefs import InflightChain, RingState
+from emu.ringdefs import F_RING_PACKED, InflightChain, RingState
 from emu.state import parts
 from emu.state.format import DeviceState, StateError
 
@@ -111,11 +111,12 @@ def restore_device(dev: VirtioDevice, state: DeviceState) -> Restored:
         q = dev.queues[i]
         if not 0 < cfg["size"] <= q.max_size:
             raise StateError(f"queue {i}: size {cfg['size']} outside 1..{q.max_size}")
-        for c in inflight.get(i, []):
-            if c["head"] >= cfg["size"]:
-                raise StateError(f"queue {i}: in-flight head {c['head']} >= size {cfg['size']}")
     if set(rings) != set(inflight) or not set(rings) <= set(cfgs):
         raise StateError("RING_STATE and INFLIGHT parts must come in pairs, for configured queues")
+    packed = bool(acked >> F_RING_PACKED & 1)
+    ring_states = {
+        i: ring_from_parts(i, cfgs[i]["size"], packed, rings[i], inflight[i]) for i in rings
+    }
     dev_part = [v for p, v in decoded if p.type == parts.device_part(dev.device_id)]
     transport = [v for p, v in decoded if p.type == parts.TRANSPORT]
 
@@ -126,15 +127,34 @@ def restore_device(dev: VirtioDevice, state: DeviceState) -> Restored:
         q.size, q.ready = cfg["size"], cfg["enabled"]
         q.desc, q.driver, q.device = cfg["desc"], cfg["driver"], cfg["device"]
         if i in rings:
-            r = rings[i]
-            chains = [InflightChain(c["head"], c["ndesc"], c["segments"]) for c in inflight[i]]
-            rs = RingState(
-                r["next_avail"],
-                r["next_used"],
-                r["avail_wrap"],
-                r["used_wrap"],
-                r["signalled_used"],
-                [(c.head, c.ndesc) for c in chains],
-            )
-            dev.restore_queue(i, rs, chains)
+            dev.restore_queue(i, *ring_states[i])
     return Restored(status, acked, transport[0] if transport else {})
+
+
+def ring_from_parts(
+    i: int, size: int, packed: bool, r: dict, chain_parts: list[dict]
+) -> tuple[RingState, list[InflightChain]]:
+    """Queue ``i``'s RING_STATE and INFLIGHT values, checked against each other and the ring."""
+    chains = [InflightChain(c["head"], c["ndesc"], c["segments"]) for c in chain_parts]
+    heads = [c.head for c in chains]
+    if len(set(heads)) != len(heads) or any(h >= size for h in heads):
+        raise StateError(f"queue {i}: in-flight heads {heads} not unique below {size}")
+    if any(not c.segments or not 1 <= c.ndesc <= size for c in chains):
+        raise StateError(f"queue {i}: an in-flight chain without buffers or slots")
+    if packed:
+        if max(r["next_avail"], r["next_used"]) >= size or sum(c.ndesc for c in chains) > size:
+            raise StateError(f"queue {i}: packed ring state beyond a ring of {size}")
+    elif (r["next_avail"] - r["next_used"]) & 0xFFFF != len(chains):
+        raise StateError(
+            f"queue {i}: avail {r['next_avail']} and used {r['next_used']} "
+            f"do not leave {len(chains)} chains in flight"
+        )
+    rs = RingState(
+        r["next_avail"],
+        r["next_used"],
+        r["avail_wrap"],
+        r["used_wrap"],
+        r["signalled_used"],
+        [(c.head, c.ndesc) for c in chains],
+    )
+    return rs, chains

@@ -45,6 +45,7 @@ from emu.queue import Virtqueue
 from emu.ringdefs import F_RING_PACKED, Batch, InflightChain, RingState
 from emu.state import file as statefile
 from emu.state import parts
+from emu.state.device import ring_from_parts
 from emu.state.format import MAX_STATE_BYTES, DeviceState, StateError, decode, encode
 from emu.vhost_user import dirty_log
 from emu.vhost_user.backend import OWN_REPLY, Refused, Session, handles
@@ -263,34 +264,8 @@ def check(dev: VirtioDevice, state: DeviceState) -> Loaded:
         if not 0 < size <= dev.queues[i].max_size:
             raise StateError(f"queue {i}: size {size} outside 1..{dev.queues[i].max_size}")
         if i in rings:
-            loaded.rings[i] = _check_ring(i, size, packed, rings[i], inflight[i])
+            loaded.rings[i] = ring_from_parts(i, size, packed, rings[i], inflight[i])
     return loaded
-
-
-def _check_ring(i: int, size: int, packed: bool, r: dict, chain_parts: list[dict]) -> Ring:
-    chains = [InflightChain(c["head"], c["ndesc"], c["segments"]) for c in chain_parts]
-    heads = [c.head for c in chains]
-    if len(set(heads)) != len(heads) or any(h >= size for h in heads):
-        raise StateError(f"queue {i}: in-flight heads {heads} not unique below {size}")
-    if any(not c.segments or not 1 <= c.ndesc <= size for c in chains):
-        raise StateError(f"queue {i}: an in-flight chain without buffers or slots")
-    if packed:
-        if max(r["next_avail"], r["next_used"]) >= size or sum(c.ndesc for c in chains) > size:
-            raise StateError(f"queue {i}: packed ring state beyond a ring of {size}")
-    elif (r["next_avail"] - r["next_used"]) & 0xFFFF != len(chains):
-        raise StateError(
-            f"queue {i}: avail {r['next_avail']} and used {r['next_used']} "
-            f"do not leave {len(chains)} chains in flight"
-        )
-    rs = RingState(
-        r["next_avail"],
-        r["next_used"],
-        r["avail_wrap"],
-        r["used_wrap"],
-        r["signalled_used"],
-        [(c.head, c.ndesc) for c in chains],
-    )
-    return rs, chains
 
 
 def apply(session: Session, loaded: Loaded) -> None:
