@@ -195,11 +195,20 @@ class Virtqueue:
         """Chains fetched and not used, in fetch order, with their segments."""
         chains = []
         waiting = {c.head: c.segments for c in self._resubmit}
+        as_lists: dict[int, tuple[list, list]] = {}  # per batch: converted once, not per chain
         for head, ndesc in self.ring.state().inflight:
             if head in self._chains:
                 batch, i = self._chains[head]
-                addr, length, writable = batch.segments(i)
-                segs = list(zip(addr.tolist(), length.tolist(), writable.tolist(), strict=True))
+                if id(batch) not in as_lists:
+                    segs_all = zip(
+                        batch.addr.tolist(),
+                        batch.length.tolist(),
+                        batch.writable.tolist(),
+                        strict=True,
+                    )
+                    as_lists[id(batch)] = (list(segs_all), batch.chain_start.tolist())
+                all_segs, starts = as_lists[id(batch)]
+                segs = all_segs[starts[i] : starts[i + 1]]
             else:  # restored and not handed out again yet
                 segs = waiting[head]
             chains.append(InflightChain(head, ndesc, segs))
