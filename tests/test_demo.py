@@ -35,3 +35,5 @@ def test_guest_demo_boots_real_kernels_on_emu_devices():
     assert "virtio-console, driver virtio_console" in res.output
     assert "host received 'hello-from-the-guest" in res.output
     assert "virtio-rng, driver virtio_rng" in res.output
+    assert "32 requests in flight" in res.output
+    assert "32 completed exactly once, disk matches" in res.output
