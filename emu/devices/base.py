@@ -89,7 +89,7 @@ class VirtioDevice:
         self._state_lock = threading.Lock()
         self._stopped = threading.Event()
         #: held by the device thread while it serves a queue; stop_queue takes it
-        self._serving = threading.Lock()
+        self._serving = threading.RLock()
         self._restore: dict[int, tuple[RingState, list[InflightChain]]] = {}
         #: kick fds replaced while the thread may poll them: it closes them when it re-polls
         self._retired_fds: list[int] = []
@@ -142,9 +142,12 @@ class VirtioDevice:
 
     def start_queue(self, q: Virtqueue) -> None:
         state, inflight = self._restore.pop(q.index, (None, None))
+        if self.broken is not None:
+            log.warning("%s: queue %d not started: the device needs a reset", self.name, q.index)
+            return
         try:
             q.start(self.mem, self.driver_features, state, inflight)
-        except RingError as e:
+        except (RingError, ValueError) as e:  # ValueError: a ring state that cannot be
             self.fail(f"queue {q.index}: {e}")
 
     def stop_queue(
@@ -295,8 +298,9 @@ class VirtioDevice:
         if self.broken is None:
             log.warning("%s: device needs reset: %s", self.name, reason)
             self.broken = reason
-            for q in self.queues:
-                q.stop()
+            with self._serving:  # never pull a ring from under the device thread
+                for q in self.queues:
+                    q.stop()
             self.on_needs_reset(reason)
 
     # -- the device thread --
@@ -328,7 +332,7 @@ class VirtioDevice:
         poller, by_fd, gen = self._poll_set()
         # anything made available before DRIVER_OK (or before a restart) is served now, and
         # whatever the backend already holds (input that arrived while nobody listened)
-        self.on_wake()
+        self._backend_events()
         pending = [q for q in self.queues if q.started]
         while self._running:
             if gen != self._kick_gen:
@@ -349,7 +353,7 @@ class VirtioDevice:
             if self._resumed:  # catch up on everything held or requeued while stopped
                 self._resumed = False
                 with self._serving:
-                    self.on_wake()
+                    self._backend_events()
                 pending = [q for q in self.queues if q.started]
                 continue
             for fd, _ in poller.poll(self._due_timeout_ms()):
@@ -358,7 +362,7 @@ class VirtioDevice:
                     with self._serving:  # a stop taken meanwhile keeps the backend's data
                         if self.run_state is not RunState.RUNNING:
                             continue
-                        self.on_wake()
+                        self._backend_events()
                     pending.extend(q for q in self.queues if q.started and self.wants_poll(q))
                     continue
                 q = by_fd[fd]
@@ -392,6 +396,13 @@ class VirtioDevice:
                 if q.started and q.next_due() is not None:
                     q.publish_due(now)
 
+    def _backend_events(self) -> None:
+        try:
+            self.on_wake()
+        except Exception as e:  # a backend failure must not kill the device thread
+            log.exception("%s: backend event failed", self.name)
+            self.fail(f"backend: {e!r}")
+
     def _serve(self, q: Virtqueue) -> None:
         with self._serving:
             if not q.started or self.run_state is RunState.STOPPED:
@@ -400,6 +411,9 @@ class VirtioDevice:
                 self.handle_queue(q)
             except (RingError, GuestMemoryError, DeviceError) as e:
                 self.fail(f"queue {q.index}: {e}")
+            except Exception as e:  # last line of defence: the thread must not die
+                log.exception("%s: queue %d: unexpected error", self.name, q.index)
+                self.fail(f"queue {q.index}: internal error: {e!r}")
 
     # -- what a device implements --
 

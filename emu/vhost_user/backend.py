@@ -573,6 +573,8 @@ class Session:
     @handles(Req.GET_INFLIGHT_FD, INFLIGHT.size)
     def get_inflight_fd(self, msg: Message) -> tuple[bytes, list[int]]:
         _, _, num_queues, desc_num = self._inflight_layout(msg.payload)
+        if any(q.started for q in self.device.queues):
+            raise Refused("inflight region replaced while rings run")
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = InflightRegion.create(num_queues, desc_num, self.packed)
