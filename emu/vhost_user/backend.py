@@ -472,6 +472,8 @@ class Session:
             raise Refused(f"vring {index} is running")
         if not 1 <= num <= q.max_size:
             raise Refused(f"vring {index}: size {num} not in 1..{q.max_size}")
+        if not self.packed and num & (num - 1):
+            raise Refused(f"vring {index}: split ring size {num} is not a power of 2")
         vr.num = num
 
     @handles(Req.SET_VRING_ADDR, VRING_ADDR.size)

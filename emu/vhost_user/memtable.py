@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: GET_MAX_MEM_SLOTS: how many regions ADD_MEM_REG may build up
 MAX_SLOTS = 32
+#: largest region accepted: bounds the per-page dirty map a frontend can make us allocate
+MAX_REGION = 1 << 40
 _U64 = 1 << 64
 
 
@@ -41,6 +43,8 @@ class MemRegion:
     def check(self) -> None:
         if self.size == 0:
             raise GuestMemoryError(f"empty region at gpa {self.gpa:#x}")
+        if self.size > MAX_REGION:
+            raise GuestMemoryError(f"region of {self.size:#x} bytes is over {MAX_REGION:#x}")
         for what, start in (("gpa", self.gpa), ("uva", self.uva), ("mmap offset", self.offset)):
             if start + self.size > _U64:
                 raise GuestMemoryError(f"region {what} {start:#x} + {self.size:#x} wraps")
