@@ -503,6 +503,23 @@ cdef class _Ring:
         self.cap_segs = cap
         return 0
 
+    def push(self, heads, lengths):
+        """Mark chains used in this order and publish them; True: notify the driver."""
+        cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16)
+        cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(ha, 0)
+        cdef const uint16_t *h = <const uint16_t *>cnp.PyArray_DATA(ha)
+        if cnp.PyArray_DIM(la, 0) != n:
+            raise ValueError("heads and lengths differ in length")
+        if n == 0:
+            return False
+        self.take(h, n)
+        return self.publish(h, <const uint32_t *>cnp.PyArray_DATA(la), n)
+
+    cdef bint publish(self, const uint16_t *h, const uint32_t *ln, Py_ssize_t n) except -1:
+        """Write the used entries of chains already taken out of flight (per format)."""
+        raise NotImplementedError
+
     cdef object batch(self):
         """Copy this pop's scratch into a Batch the caller owns."""
         b = PyType_GenericAlloc(_Batch, 0)  # Batch.__new__ without the attribute lookups
@@ -602,19 +619,10 @@ cdef class SplitRing(_Ring):
             raise_error(self, err)
         return self.batch()
 
-    def push(self, heads, lengths):
-        cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16)
-        cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32)
-        cdef Py_ssize_t i, n = cnp.PyArray_DIM(ha, 0)
-        cdef const uint16_t *h = <const uint16_t *>cnp.PyArray_DATA(ha)
-        cdef const uint32_t *ln = <const uint32_t *>cnp.PyArray_DATA(la)
+    cdef bint publish(self, const uint16_t *h, const uint32_t *ln, Py_ssize_t n) except -1:
+        cdef Py_ssize_t i
         cdef uint32_t slot, mask = self.size - 1
         cdef uint16_t old
-        if cnp.PyArray_DIM(la, 0) != n:
-            raise ValueError("heads and lengths differ in length")
-        if n == 0:
-            return False
-        self.take(h, n)
         for i in range(n):
             self.release(h[i])
             slot = 4 + 8 * (self.next_used & mask)
@@ -665,19 +673,10 @@ cdef class PackedRing(_Ring):
             raise_error(self, err)
         return self.batch()
 
-    def push(self, heads, lengths):
-        cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16)
-        cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32)
-        cdef Py_ssize_t i, n = cnp.PyArray_DIM(ha, 0)
-        cdef const uint16_t *h = <const uint16_t *>cnp.PyArray_DATA(ha)
-        cdef const uint32_t *ln = <const uint32_t *>cnp.PyArray_DATA(la)
+    cdef bint publish(self, const uint16_t *h, const uint32_t *ln, Py_ssize_t n) except -1:
+        cdef Py_ssize_t i
         cdef uint32_t at, first_at = 0, used = self.next_used
         cdef uint16_t flags, first_flags = 0
-        if cnp.PyArray_DIM(la, 0) != n:
-            raise ValueError("heads and lengths differ in length")
-        if n == 0:
-            return False
-        self.take(h, n)
         for i in range(n):
             at = 16 * used
             flags = (F_AVAIL | F_USED if self.used_wrap else 0) | (F_WRITE if ln[i] else 0)
