@@ -1,5 +1,8 @@
-"""Parametrizations every device test shares: ring formats x notification x indirect, and
-the two ring cores."""
+"""What device tests share: ring formats x notification x indirect, the two ring cores,
+and waiting for a condition another thread brings about."""
+
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -17,3 +20,11 @@ RING_CORES = [
         "cython", marks=pytest.mark.skipif(_cring is None, reason="emu._ring is not built")
     ),
 ]
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.001)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from modes import RING_MODES
+from modes import RING_MODES, wait_until
 
 from emu import queue as emu_queue
 from emu.backends.chardev import BufferChar, CharBackend, PtyChar, SocketChar
@@ -19,14 +18,6 @@ from emu.memory import GuestMemory
 from emu.testing.console import BAD_ID, ControlMsg, GuestConsole
 from emu.testing.driver import VirtioMmioDriver
 from emu.transport.mmio import MmioTransport
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.005)
 
 
 class Rig:

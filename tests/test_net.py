@@ -6,11 +6,10 @@ import random
 import shutil
 import struct
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from modes import RING_MODES
+from modes import RING_MODES, wait_until
 
 from emu import queue as emu_queue
 from emu.backends.cable import Cable
@@ -31,14 +30,6 @@ NO_MQ = net.OFFERED | 1 << net.F_MRG_RXBUF | 1 << 32
 
 def mac(s: str) -> bytes:
     return net.parse_mac(s)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.005)
 
 
 class Rig:

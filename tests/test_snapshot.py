@@ -20,12 +20,11 @@ import pickle
 import struct
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from modes import wait_until
 
 from emu.backends.chardev import BufferChar
 from emu.devices.base import VirtioDevice
@@ -53,14 +52,6 @@ PEER = bytes.fromhex("5254000000ff")
 HOLD = 60.0
 #: drain: completions come soon; the stop waits for them
 SHORT = 0.01
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.001)
 
 
 @dataclass

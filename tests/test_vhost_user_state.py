@@ -17,13 +17,13 @@ import os
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from modes import wait_until
 
 from emu.devices.blk import CONFIG_WRITEBACK, S_OK, SECTOR, T_IN, T_OUT, BlkDevice
 from emu.devices.rng import RngDevice
@@ -47,14 +47,6 @@ DRAIN_LATENCY = 0.5  # drain: the stop waits this long for the held completions
 
 def block(i: int) -> bytes:
     return hashlib.sha256(b"block %d" % i).digest() * (BLOCK // 32)
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.005)
 
 
 @pytest.fixture
