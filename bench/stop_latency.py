@@ -40,6 +40,7 @@ from emu.memory import GuestMemory
 from emu.state.format import decode, encode
 from emu.testing.blk import BlkDriver
 from emu.testing.console import GuestConsole
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.net import GuestNet
 from emu.testing.rng import RngDriver
@@ -85,7 +86,7 @@ class MmioCase:
         self.dev = BlkDevice(_disk(tmp))
         self.dev.policy = policy
         for q in self.dev.queues:
-            q.latency = latency
+            hold_completions(q, latency)
         self.tr = MmioTransport(self.dev, self.mem, stop_policy=policy)
         self.drv = VirtioMmioDriver(self.tr, self.mem)
         self.blk = BlkDriver.open(self.drv, queue_size=QUEUE)
@@ -130,7 +131,7 @@ class VhostCase:
         self.dev = BlkDevice(_disk(tmp))
         self.dev.policy = policy
         for q in self.dev.queues:
-            q.latency = latency
+            hold_completions(q, latency)
         self.server = VhostUserServer(self.dev, os.path.join(tmp, "blk.sock")).start()
         self.fe = VhostUserFrontend(self.server.path, 64 << 20)
         self.fe.init()
@@ -249,8 +250,10 @@ def main() -> None:
     reps = 5 if args.quick else args.reps
 
     lines: list[str] = []
-    print(f"{'interface':<11}{'policy':<8}{'depth':>6}{'lat':>7}{'p50 us':>11}{'p99 us':>11}"
-          f"{'max us':>11}")
+    print(
+        f"{'interface':<11}{'policy':<8}{'depth':>6}{'lat':>7}{'p50 us':>11}{'p99 us':>11}"
+        f"{'max us':>11}"
+    )
     for iface in ("stop-bit", "suspend", "vmm", "vhost-user"):
         for policy in ("drain", "report"):
             for depth in DEPTHS:
@@ -260,11 +263,17 @@ def main() -> None:
                         continue  # virtio 1.4 SUSPEND always drains
                     s = [x * 1e6 for x in measure(iface, policy, depth, lat, reps)]
                     p50, p99, mx = statistics.median(s), pct(s, 99), max(s)
-                    print(f"{iface:<11}{policy:<8}{depth:>6}{lat_name:>7}{p50:>11.1f}"
-                          f"{p99:>11.1f}{mx:>11.1f}", flush=True)
+                    print(
+                        f"{iface:<11}{policy:<8}{depth:>6}{lat_name:>7}{p50:>11.1f}"
+                        f"{p99:>11.1f}{mx:>11.1f}",
+                        flush=True,
+                    )
                     key = f"stop_{iface.replace('-', '_')}_{policy}_depth{depth}_lat{lat_name}"
-                    lines += [f"{key}_p50_us {p50:.1f} us", f"{key}_p99_us {p99:.1f} us",
-                              f"{key}_max_us {mx:.1f} us"]
+                    lines += [
+                        f"{key}_p50_us {p50:.1f} us",
+                        f"{key}_p99_us {p99:.1f} us",
+                        f"{key}_max_us {mx:.1f} us",
+                    ]
                     if iface == "vmm" and depth == 128 and lat == 0.01:
                         headline = f"stop_{policy}_depth128_lat10ms_p99_us {p99:.1f} us"
                         lines.append(headline)
@@ -274,8 +283,11 @@ def main() -> None:
         saves, restores, size = save_restore(kind, max(reps, 20))
         s, r = statistics.median(saves) * 1e6, statistics.median(restores) * 1e6
         print(f"{kind:<9}{s:>10.1f}{r:>12.1f}{size:>8}")
-        lines += [f"state_save_{kind}_us {s:.1f} us", f"state_restore_{kind}_us {r:.1f} us",
-                  f"state_bytes_{kind} {size} bytes"]
+        lines += [
+            f"state_save_{kind}_us {s:.1f} us",
+            f"state_restore_{kind}_us {r:.1f} us",
+            f"state_bytes_{kind} {size} bytes",
+        ]
         if kind == "blk":
             lines.append(f"state_save_restore_blk_us {s + r:.1f} us")
     print()

@@ -3,15 +3,18 @@
 The transport fills in the configuration (size, addresses, ready); the device only pops
 chains and pushes used entries. ``pop``/``push`` go straight to the ring core, and ``push``
 raises the used-buffer notification itself when the ring says the driver wants one.
+
+Only the device thread pops and pushes. Other threads speak to a queue through its
+``gate`` alone (a stop or reset asks a pass in progress to end early); every other change
+is a command the device thread carries out between passes (emu.devices.base).
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from enum import Enum
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,6 +42,33 @@ def ring_module(impl: str | None = None) -> Any:
     raise ValueError(f"unknown ring implementation {impl!r}")
 
 
+class Gate(Enum):
+    """What the device may do with a queue right now: one value instead of flags."""
+
+    OPEN = "open"  # serving
+    HALT = "halt"  # drain stop: fetch nothing more, finish and publish what was fetched
+    CLOSED = "closed"  # report stop, reset, queue stop: fetch nothing, publish nothing
+
+
+#: a pass serves at most a queue size of chains and this many descriptors per chain slot,
+#: so a stop or reset waits one bounded pass and no queue starves the others
+PASS_DESCS_PER_SLOT = 4
+
+
+class Deferred(Protocol):
+    """Completions a backend finishes after the pass that started them (used entries
+    published later): the device thread publishes them when due, a drain stop waits for
+    them, a report stop drops them (their chains stay in flight). emu.testing.delay has
+    the delay model; asynchronous backends fit the same shape."""
+
+    def defer(self, heads: np.ndarray, lengths: np.ndarray) -> None: ...
+    def next_due(self) -> float | None: ...
+    def take_due(self, now: float) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+    def take_all(self) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...  # waits for each
+    def drop(self) -> None: ...
+    def count(self) -> int: ...
+
+
 class Virtqueue:
     """Queue configuration plus the ring, and what a stop needs to keep track of.
 
@@ -58,9 +88,8 @@ class Virtqueue:
         self.tracker: Any = None
         self.ring: Any = None
         self.impl: str | None = None
-        #: completion latency of the "delay" backend model: used entries are published
-        #: this many seconds after the request ran (see VirtioDevice.stop)
-        self.latency = 0.0
+        #: where completions go when the backend finishes them later (None: at once)
+        self.deferred: Deferred | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -70,12 +99,15 @@ class Virtqueue:
         self.desc = self.driver = self.device = 0
         self.ring = None
         self.features = 0
-        self.halted = False
-        self.drop_pushes = False
+        self.gate = Gate.OPEN
+        #: the pass budget ran out with chains still available: serve again next pass
+        self.more = False
+        self._chains_left = self._descs_left = 0
         self._chains: dict[int, tuple[Batch, int]] = {}
         self._resubmit: list[InflightChain] = []
         self._requeue = False
-        self._due: deque[tuple[float, np.ndarray, np.ndarray]] = deque()
+        if self.deferred is not None:
+            self.deferred.drop()
 
     @property
     def packed(self) -> bool:
@@ -102,14 +134,14 @@ class Virtqueue:
             ring.set_state(state)
         self.ring = ring
         self._chains.clear()
-        self._due.clear()
+        self.drop_due()
         self._resubmit = list(inflight or [])
         self._requeue = False
 
     def stop(self) -> None:
         self.ring = None
         self._chains.clear()
-        self._due.clear()
+        self.drop_due()
         self._resubmit = []
         self._requeue = False
 
@@ -119,15 +151,31 @@ class Virtqueue:
 
     # -- the request path --
 
+    def begin_pass(self) -> None:
+        """A new pass of the device thread over this queue: a fresh budget."""
+        self.more = False
+        self._chains_left = self.size
+        self._descs_left = PASS_DESCS_PER_SLOT * self.size
+
     def pop(self, max_chains: int = 64) -> Batch:
-        if self.halted:
+        if self.gate is not Gate.OPEN:
+            return Batch.empty()
+        if self._chains_left <= 0 or self._descs_left <= 0:
+            self.more = True
             return Batch.empty()
         if self._requeue:
             self._resubmit = self.inflight()
             self._chains.clear()
             self._requeue = False
         if self._resubmit:
-            return self._take_resubmit(max_chains)
+            batch = self._take_resubmit(min(max_chains, self._chains_left))
+        else:
+            batch = self._pop_ring(min(max_chains, self._chains_left))
+        self._chains_left -= len(batch)
+        self._descs_left -= len(batch.addr)
+        return batch
+
+    def _pop_ring(self, max_chains: int) -> Batch:
         batch = self.ring.pop(max_chains)
         for i, head in enumerate(batch.heads.tolist()):
             self._chains[head] = (batch, i)
@@ -138,10 +186,10 @@ class Virtqueue:
     def push(self, heads: np.ndarray | list[int], lengths: np.ndarray | list[int]) -> None:
         heads = np.asarray(heads, np.uint16)
         lengths = np.asarray(lengths, np.uint32)
-        if self.drop_pushes:  # report-mode stop: the chains stay in flight
+        if self.gate is Gate.CLOSED:  # report stop: the chains stay in flight
             return
-        if self.latency > 0:
-            self._due.append((time.monotonic() + self.latency, heads, lengths))
+        if self.deferred is not None:
+            self.deferred.defer(heads, lengths)
             return
         self._publish(heads, lengths)
 
@@ -158,33 +206,44 @@ class Virtqueue:
             self.notify()
 
     def set_kicks(self, enabled: bool) -> bool:
-        """Ask the driver to kick (or not); True when chains are waiting already."""
-        if self.halted:
+        """Ask the driver to kick (or not); True when chains are waiting already.
+
+        Once the pass budget is spent it answers False without touching the ring: the
+        device thread comes back to this queue after serving the others.
+        """
+        if self.gate is not Gate.OPEN:
+            return False
+        if enabled and self.more:
             return False
         return bool(self._resubmit) or self._requeue or self.ring.set_notify(enabled)
 
-    # -- delayed completions (the delay backend model) --
+    @property
+    def open(self) -> bool:
+        return self.gate is Gate.OPEN
+
+    # -- completions a backend finishes later (Deferred) --
 
     def next_due(self) -> float | None:
-        return self._due[0][0] if self._due else None
+        return self.deferred.next_due() if self.deferred is not None else None
 
     def publish_due(self, now: float) -> None:
-        while self._due and self._due[0][0] <= now and not self.drop_pushes:
-            _, heads, lengths = self._due.popleft()
-            self._publish(heads, lengths)
+        if self.deferred is not None and self.gate is not Gate.CLOSED:
+            for heads, lengths in self.deferred.take_due(now):
+                self._publish(heads, lengths)
 
     def publish_all_due(self) -> None:
-        """Drain: wait out the latency of every held completion and publish it."""
-        while (due := self.next_due()) is not None:
-            time.sleep(max(0.0, due - time.monotonic()))
-            self.publish_due(time.monotonic())
+        """Drain: wait for every deferred completion and publish it."""
+        if self.deferred is not None:
+            for heads, lengths in self.deferred.take_all():
+                self._publish(heads, lengths)
 
     def drop_due(self) -> None:
-        self._due.clear()
+        if self.deferred is not None:
+            self.deferred.drop()
 
     def held(self) -> int:
-        """Requests executed whose used entries wait for the latency to pass."""
-        return sum(len(heads) for _, heads, _ in self._due)
+        """Requests executed whose used entries the backend has not finished."""
+        return self.deferred.count() if self.deferred is not None else 0
 
     # -- stop / state --
 

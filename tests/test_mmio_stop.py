@@ -25,6 +25,7 @@ from emu.memory import GuestMemory
 from emu.ringdefs import F_RING_PACKED, F_VERSION_1
 from emu.state import file as state_file
 from emu.testing.blk import BlkDriver, status_of
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.transport import mmio
 from emu.transport.mmio import MmioTransport
@@ -54,7 +55,7 @@ class Rig:
     def make_transport(self, **kw) -> tuple[BlkDevice, MmioTransport]:
         dev = BlkDevice(self.disk)
         for q in dev.queues:
-            q.latency = LATENCY
+            hold_completions(q, LATENCY)
         return dev, MmioTransport(dev, self.mem, irq=self.levels.append, **kw)
 
     def open(self, features: int | None = None, queue_size: int | None = 8) -> BlkDriver:
@@ -67,7 +68,7 @@ class Rig:
 
     def latency(self, seconds: float) -> None:
         for q in self.dev.queues:
-            q.latency = seconds
+            hold_completions(q, seconds)
 
     def write(self, sector: int, tag: int) -> int:
         """Submit (and kick) a one-sector write of a recognisable pattern; its token."""

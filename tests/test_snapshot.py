@@ -38,6 +38,7 @@ from emu.state import parts
 from emu.state.format import DeviceState, Part, StateError, decode, encode
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.console import GuestConsole
+from emu.testing.delay import hold_completions
 from emu.testing.driver import Completion, VirtioMmioDriver
 from emu.testing.net import GuestNet, ether
 from emu.testing.rng import RngDriver
@@ -308,7 +309,7 @@ def stop_restore_cycle(
 ) -> None:
     """n requests in flight, stop, save to a file, restore into a fresh device, check."""
     for q in side.dev.queues:
-        q.latency = HOLD if policy == "report" else SHORT
+        hold_completions(q, HOLD if policy == "report" else SHORT)
     sc.submit(n)
     if policy == "report":
         wait_until(sc.fetched)
@@ -357,13 +358,13 @@ def test_report_stop_then_resume_same_device(tmp_path, mem, kind):
     side = Side.create(mem, sc.device())
     sc.open(side, False)
     for q in side.dev.queues:
-        q.latency = HOLD
+        hold_completions(q, HOLD)
     sc.submit(32)
     wait_until(sc.fetched)
     side.tr.vmm_stop("report")
     assert len(side.dev.queues[sc.counted_queue].inflight()) == 32
     for q in side.dev.queues:
-        q.latency = 0.0
+        hold_completions(q, 0.0)
     side.tr.vmm_resume()
     sc.check()
     side.dev.close()
@@ -402,7 +403,7 @@ def test_restore_in_a_fresh_process(tmp_path, packed):
     side = Side.create(mem, sc.device())
     sc.open(side, packed)
     for q in side.dev.queues:
-        q.latency = HOLD
+        hold_completions(q, HOLD)
     sc.submit(32)
     wait_until(sc.fetched)
     side.stop_and_save(tmp_path / "device.state", "report")
@@ -472,7 +473,7 @@ def saved_blk(tmp_path, mem):
     side = Side.create(mem, sc.device())
     sc.open(side, False)
     for q in side.dev.queues:
-        q.latency = HOLD
+        hold_completions(q, HOLD)
     sc.submit(4)
     wait_until(sc.fetched)
     path = tmp_path / "good.state"

@@ -30,6 +30,7 @@ from emu.devices.rng import RngDevice
 from emu.state import parts
 from emu.state.format import decode, encode
 from emu.testing.blk import BlkDriver, status_of
+from emu.testing.delay import hold_completions
 from emu.vhost_user.backend import VhostUserServer
 from emu.vhost_user.frontend import FrontendError, VhostUserFrontend, connect
 from emu.vhost_user.protocol import U64, ProtocolError, Req
@@ -108,7 +109,7 @@ def stop_with_inflight(
         for i in range(READS):  # data the in-flight reads will find
             assert blk.write(8 * (100 + i), block(100 + i)) == S_OK
         q = dev.queues[0]
-        q.latency = HOLD if policy == "report" else DRAIN_LATENCY
+        hold_completions(q, HOLD if policy == "report" else DRAIN_LATENCY)
         expected: dict[int, bytes | None] = {}
         for i in range(WRITES):
             expected[blk.submit(T_OUT, 8 * i, out=block(i))] = None

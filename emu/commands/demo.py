@@ -35,6 +35,7 @@ from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_RING_PACKED
 from emu.state import file as statefile
 from emu.testing.blk import BlkDriver
 from emu.testing.console import GuestConsole
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.net import GuestNet, ether
 from emu.testing.rng import RngDriver
@@ -131,7 +132,7 @@ def demo_stop(say: Callable[[str], None], depth: int = 32) -> bool:
         mem = GuestMemory.create(GUEST_RAM)
         dev = BlkDevice(disk)
         for q in dev.queues:
-            q.latency = 3600.0  # completions held back: the requests stay in flight
+            hold_completions(q, 3600.0)  # completions held back: the requests stay in flight
         tr = MmioTransport(dev, mem)
         drv = VirtioMmioDriver(tr, mem)
         blk = BlkDriver.open(drv, packed=True)

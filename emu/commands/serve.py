@@ -32,6 +32,7 @@ import click
 
 from emu.devices.base import VirtioDevice
 from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_RING_PACKED
+from emu.testing.delay import hold_completions
 
 #: ring size limit for served devices: what frontends ask for (QEMU microvm: 1024)
 QUEUE_MAX = 1024
@@ -174,7 +175,7 @@ def command(
     for d, s in zip(devices, sockets, strict=True):
         d.policy = policy
         for q in d.queues:
-            q.latency = latency
+            hold_completions(q, latency)
         try:  # docs/stop.md, "vhost-user: device state"
             device_state.state_files(d, s, state_dir, restore_dir)
         except StateError as e:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from emu.memory import GuestMemory
-from emu.queue import Virtqueue
+from emu.queue import Gate, Virtqueue
 from emu.ringdefs import Batch
 
 T = TypeVar("T")
@@ -71,11 +71,10 @@ def scatter(mem: GuestMemory, chain: Chain, data: bytes | bytearray | memoryview
 
 
 def abandoning(q: Virtqueue) -> bool:
-    """A report stop is under way: leave the rest of a batch in flight, not executed.
-
-    A drain stop halts the queue too, but finishes every chain already fetched.
+    """A report stop (or a reset) is under way: leave the rest of a batch in flight, not
+    executed. A drain stop halts the queue too, but finishes every chain already fetched.
     """
-    return q.halted and q.drop_pushes
+    return q.gate is Gate.CLOSED
 
 
 @dataclass(slots=True)

@@ -5,22 +5,29 @@ vhost-user bridge) configures the queues, calls ``activate`` at DRIVER_OK, forwa
 to ``Virtqueue.kick`` (or hands the device the guest's kick eventfds) and sets
 ``Virtqueue.notify`` / ``on_config_change`` / ``on_needs_reset`` to raise interrupts.
 
-Requests are handled on the device's own thread, never on the caller's (vCPU) thread:
-it sleeps in poll() on the queues' kick eventfds and calls ``handle_queue`` for each.
+The device thread owns the device. Requests are served there, never on the caller's
+(vCPU) thread, and so is every lifecycle change: activate, start and stop of a queue,
+stop, resume, fail, reset and the swap of a kick fd are commands the thread carries out
+between passes. A pass serves one queue with a budget (a queue size of chains), so a
+command waits at most one pass, and a stop or reset also closes the queues' gates so the
+pass in progress ends after the request it is in. No lock is held while the device calls
+out (interrupts take the transport's lock), so there is no lock order to get wrong.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
+import selectors
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 from emu.memory import GuestMemory, GuestMemoryError
-from emu.queue import Virtqueue
+from emu.queue import Gate, Virtqueue
 from emu.ringdefs import (
     F_EVENT_IDX,
     F_INDIRECT_DESC,
@@ -51,13 +58,41 @@ class DeviceError(Exception):
 class RunState(Enum):
     IDLE = "idle"  # not activated (before DRIVER_OK, or after reset)
     RUNNING = "running"
-    STOPPING = "stopping"  # stop requested, the device thread is quiescing
+    STOPPING = "stopping"  # drain stop: waiting for deferred completions
     STOPPED = "stopped"  # no guest memory written, no interrupt raised until resume
+    BROKEN = "broken"  # needs reset: no ring is touched until then
 
 
 #: quiesce policies: finish and publish everything started, or publish nothing more and
 #: report what was fetched as in flight
 POLICIES = ("drain", "report")
+
+
+class Command:
+    """A lifecycle change queued for the device thread; ``wait`` for its outcome."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # handed to the waiter, whatever it is
+            self.error = e
+        self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"device command not carried out after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class VirtioDevice:
@@ -78,22 +113,24 @@ class VirtioDevice:
         self.mem: GuestMemory | None = None
         self.on_config_change: Callable[[], None] = lambda: None
         self.on_needs_reset: Callable[[str], None] = lambda reason: None
-        self.broken: str | None = None
-        self._thread: threading.Thread | None = None
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._running = False
-        self._resumed = False
         self.policy = "drain"
+        #: written by the device thread only; others read it
         self.run_state = RunState.IDLE
+        self.broken: str | None = None  # why, while BROKEN
         self._stop_policy = self.policy
-        self._state_lock = threading.Lock()
-        self._stopped = threading.Event()
-        #: held by the device thread while it serves a queue; stop_queue takes it
-        self._serving = threading.RLock()
         self._restore: dict[int, tuple[RingState, list[InflightChain]]] = {}
-        #: kick fds replaced while the thread may poll them: it closes them when it re-polls
-        self._retired_fds: list[int] = []
-        self._kick_gen = 0
+        # -- the device thread and its command queue --
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._commands: deque[Command] = deque()
+        #: guards the command queue and the stop counters; never held while calling out
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._stops_asked = self._stops_seen = 0
+        #: queues with work for the next pass, in serving order (device thread only)
+        self._pending: dict[int, Virtqueue] = {}
+        self._selector: selectors.BaseSelector | None = None
 
     # -- config space: subclasses override config_bytes / config_write --
 
@@ -116,115 +153,68 @@ class VirtioDevice:
         """FEATURES_OK check: only a subset of what we offer, and VERSION_1 if modern."""
         return features & ~self.features == 0
 
-    # -- lifecycle --
+    # -- lifecycle: each public call is a command for the device thread --
 
-    def activate(self, mem: GuestMemory, features: int, stopped: bool = False) -> None:
-        """DRIVER_OK: build the rings of ready queues and start the device thread.
+    def activate(
+        self, mem: GuestMemory, features: int, stopped: bool = False, wait: bool = True
+    ) -> Command:
+        """DRIVER_OK: build the rings of ready queues and serve them.
 
         ``stopped`` brings a restored device up without serving anything until resume().
+        ``wait=False`` for a caller that holds a lock the device's callbacks take.
         """
-        self.mem = mem
-        self.driver_features = features
-        self.broken = None
-        for q in self.queues:
-            if q.ready and not q.started:
-                self.start_queue(q)
-        self._running = True
-        if stopped:
-            for q in self.queues:
-                q.halted = True
-            self.run_state = RunState.STOPPED
-            self._stopped.set()
-        else:
-            self.run_state = RunState.RUNNING
-        self._thread = threading.Thread(target=self._run, name=f"emu-{self.name}", daemon=True)
-        self._thread.start()
+        return self._post(lambda: self._activate(mem, features, stopped), wait)
 
-    def start_queue(self, q: Virtqueue) -> None:
-        state, inflight = self._restore.pop(q.index, (None, None))
-        if self.broken is not None:
-            log.warning("%s: queue %d not started: the device needs a reset", self.name, q.index)
-            return
-        try:
-            q.start(self.mem, self.driver_features, state, inflight)
-        except (RingError, ValueError) as e:  # ValueError: a ring state that cannot be
-            self.fail(f"queue {q.index}: {e}")
+    def start_queue(self, q: Virtqueue, wait: bool = True) -> Command:
+        return self._post(lambda: self._start_queue(q), wait)
 
     def stop_queue(
         self, q: Virtqueue, drain: bool = False
     ) -> tuple[RingState, list[InflightChain]] | None:
-        """Take a queue away (QueueReady=0, queue reset) once the device thread is off it.
+        """Take a queue away (QueueReady=0, vhost-user GET_VRING_BASE) between passes.
 
-        ``drain`` first publishes the completions still held back (the delay model), so
-        only chains never executed stay in flight. Returns the ring state and in-flight
-        chains at that moment (None if the queue was not started): a vhost-user
-        GET_VRING_BASE reports them, stable, as it must.
+        ``drain`` first publishes the completions a backend still holds, so only chains
+        never executed stay in flight. Returns the ring state and in-flight chains at
+        that moment (None if the queue was not started).
         """
-        with self._serving:
-            if drain and q.started:
-                q.publish_all_due()
-            saved = None
-            if q.started:
-                q.drop_due()
-                self.forget_inflight({q.index})
-                saved = (q.state(), q.inflight())
-            q.stop()
-        return saved
+        return self.request_stop_queue(q, drain).wait()
+
+    def request_stop_queue(self, q: Virtqueue, drain: bool = False, reset: bool = False) -> Command:
+        """``stop_queue`` without waiting; ``reset`` also resets the queue (QueueReset)."""
+        if q.started:
+            q.gate = Gate.HALT if drain else Gate.CLOSED  # end a pass in progress early
+        return self._post(lambda: self._stop_queue(q, drain, reset), wait=False)
 
     def set_kick_fd(self, q: Virtqueue, fd: int) -> None:
-        """Make ``fd`` the queue's kick eventfd (vhost-user SET_VRING_KICK); takes the fd.
-
-        The device thread re-registers its poll set; the old fd is closed once it has.
-        """
-        with self._state_lock:
-            self._retired_fds.append(q.swap_kick_fd(fd))
-            self._kick_gen += 1
-        if self._thread is None:
-            self._close_retired()
-        else:
-            self.wake()
-
-    def _close_retired(self) -> None:
-        with self._state_lock:
-            fds, self._retired_fds = self._retired_fds, []
-        for fd in fds:
-            os.close(fd)
+        """Make ``fd`` the queue's kick eventfd (vhost-user SET_VRING_KICK); takes the fd."""
+        self._post(lambda: self._swap_kick_fd(q, fd), wait=False)
 
     def restore_queue(self, index: int, state: RingState, inflight: list[InflightChain]) -> None:
         """Saved ring state for a queue the driver (or VMM) is about to start again."""
-        self._restore[index] = (state, inflight)
-
-    # -- stop and resume: the state machine every stop interface drives --
+        self._post(lambda: self._restore.__setitem__(index, (state, inflight)))
 
     def request_stop(self, policy: str | None = None) -> None:
         """Begin quiescing; returns at once (a status write must not block the vCPU)."""
         policy = policy or self.policy
         if policy not in POLICIES:
             raise ValueError(f"unknown quiesce policy {policy!r} (one of {POLICIES})")
-        with self._state_lock:
-            if self.run_state is not RunState.RUNNING:
-                return
-            self._stop_policy = policy
-            self._stopped.clear()
+        if self.run_state is RunState.RUNNING:  # end a pass in progress early
+            gate = Gate.HALT if policy == "drain" else Gate.CLOSED
             for q in self.queues:
-                q.halted = True
-                q.drop_pushes = policy == "report"
-            self.run_state = RunState.STOPPING
-        # The device thread between requests (not serving a queue) has nothing under way:
-        # quiesce right here instead of waiting for it to wake up, unless draining has to
-        # wait out held completions (this call must not block).
-        if self._serving.acquire(blocking=False):
-            try:
-                if policy == "report" or not any(q.next_due() for q in self.queues):
-                    self._quiesce()
-            finally:
-                self._serving.release()
-        self.wake()
+                q.gate = gate
+        with self._lock:
+            self._stops_asked += 1
+            seq = self._stops_asked
+        self._post(lambda: self._stop(policy, seq), wait=False)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
-        if self.run_state is RunState.IDLE:
-            return True
-        return self._stopped.wait(timeout)
+        """True once every stop asked so far is carried out and the device is not serving."""
+        with self._changed:
+            return self._changed.wait_for(self._quiet, timeout)
+
+    def _quiet(self) -> bool:
+        busy = (RunState.RUNNING, RunState.STOPPING)
+        return self._stops_seen >= self._stops_asked and self.run_state not in busy
 
     def stop(self, policy: str | None = None, timeout: float | None = 30.0) -> None:
         """Quiesce and wait: afterwards nothing touches guest memory until resume()."""
@@ -238,31 +228,159 @@ class VirtioDevice:
 
     def resume(self) -> None:
         """Back to work: in-flight chains are handed to the device again before new ones."""
-        with self._state_lock:
-            if self.run_state is not RunState.STOPPED:
-                return
-            for q in self.queues:
-                q.halted = q.drop_pushes = False
-            self.run_state = RunState.RUNNING
-            self._resumed = True  # the thread may never have seen STOPPED: tell it
-        self.wake()
+        self._post(self._resume, wait=False)
 
-    def _quiesce(self) -> None:
-        """Between requests, with ``_serving`` held: finish (drain) or abandon (report)."""
+    def reset(self) -> None:
+        """Device reset: forget rings and negotiated state."""
+        self.request_reset().wait()
+
+    def request_reset(self) -> Command:
+        """``reset`` without waiting (a vCPU's Status=0 waits a bounded time, then polls)."""
+        for q in self.queues:
+            q.gate = Gate.CLOSED  # end a pass in progress early
+        return self._post(self._reset, wait=False)
+
+    def fail(self, reason: str, wait: bool = True) -> None:
+        """A hostile or broken driver: stop touching its rings and ask for a reset."""
+        self._post(lambda: self._fail(reason), wait)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.reset()
+        thread = self._thread
+        if thread is not None:
+            self._post(self._exit, wait=False)
+            thread.join()
+        self._closed = True
+        for q in self.queues:
+            q.close()
+        os.close(self._wake)
+
+    # -- the commands, on the device thread --
+
+    def _activate(self, mem: GuestMemory, features: int, stopped: bool) -> None:
+        self.mem = mem
+        self.driver_features = features
+        self.broken = None
+        self.on_activate(features)
+        self._set_state(RunState.STOPPED if stopped else RunState.RUNNING)
+        for q in self.queues:
+            q.gate = Gate.CLOSED if stopped else Gate.OPEN
+            if q.ready and not q.started:
+                self._start_queue(q)
+        if self.run_state is RunState.RUNNING:
+            self._catch_up()
+
+    def _start_queue(self, q: Virtqueue) -> None:
+        state, inflight = self._restore.pop(q.index, (None, None))
+        if self.run_state is RunState.BROKEN:
+            log.warning("%s: queue %d not started: the device needs a reset", self.name, q.index)
+            return
+        q.gate = Gate.OPEN if self.run_state is RunState.RUNNING else Gate.CLOSED
+        try:
+            q.start(self.mem, self.driver_features, state, inflight)
+        except (RingError, ValueError) as e:  # ValueError: a ring state that cannot be
+            self._fail(f"queue {q.index}: {e}")
+            return
+        if q.gate is Gate.OPEN:
+            self._pending[q.index] = q  # anything made available before it started
+
+    def _stop_queue(
+        self, q: Virtqueue, drain: bool, reset: bool
+    ) -> tuple[RingState, list[InflightChain]] | None:
+        saved = None
+        if q.started:
+            if drain:
+                q.gate = Gate.HALT
+                q.publish_all_due()
+            q.drop_due()
+            self.forget_inflight({q.index})
+            saved = (q.state(), q.inflight())
+        q.stop()
+        self._pending.pop(q.index, None)
+        if reset:
+            q.reset()
+            q.clear_kick()
+        return saved
+
+    def _swap_kick_fd(self, q: Virtqueue, fd: int) -> None:
+        old = q.swap_kick_fd(fd)
+        if self._selector is not None:
+            self._selector.unregister(old)
+            self._selector.register(fd, selectors.EVENT_READ, q)
+        os.close(old)
+
+    def _stop(self, policy: str, seq: int) -> None:
+        if self.run_state is RunState.RUNNING:
+            self._stop_policy = policy
+            for q in self.queues:
+                q.gate = Gate.HALT if policy == "drain" else Gate.CLOSED
+            self._set_state(RunState.STOPPING)
+            self._finish_stop()
+        with self._changed:
+            self._stops_seen = max(self._stops_seen, seq)
+            self._changed.notify_all()
+
+    def _finish_stop(self) -> None:
+        """STOPPING -> STOPPED once a drain has nothing deferred left (report: at once)."""
         if self.run_state is not RunState.STOPPING:
             return
-        for q in self.queues:
-            if not q.started:
-                continue
-            if self._stop_policy == "drain":
-                q.publish_all_due()
-            else:
-                q.drop_due()
+        drain = self._stop_policy == "drain"
+        if drain and any(q.started and q.next_due() is not None for q in self.queues):
+            return  # the loop publishes them as they come due
+        started = [q for q in self.queues if q.started]
+        for q in started:
+            q.drop_due()
+            q.gate = Gate.CLOSED
             q.requeue_inflight()
-        self.forget_inflight({q.index for q in self.queues})
-        with self._state_lock:
-            self.run_state = RunState.STOPPED
-            self._stopped.set()
+        self.forget_inflight({q.index for q in started})
+        self._pending.clear()
+        self._set_state(RunState.STOPPED)
+
+    def _resume(self) -> None:
+        if self.run_state is not RunState.STOPPED:
+            return
+        for q in self.queues:
+            q.gate = Gate.OPEN
+        self._set_state(RunState.RUNNING)
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Serve everything made available or held while nobody served (start, resume)."""
+        self._backend_events()
+        self._pending.update((q.index, q) for q in self.queues if q.started)
+
+    def _reset(self) -> None:
+        for q in self.queues:
+            q.reset()
+            q.clear_kick()
+        self._pending.clear()
+        self.driver_features = 0
+        self.broken = None
+        self._restore.clear()
+        self.on_reset()
+        self._set_state(RunState.IDLE)
+
+    def _fail(self, reason: str) -> None:
+        if self.run_state is RunState.BROKEN:
+            return
+        log.warning("%s: device needs reset: %s", self.name, reason)
+        self.broken = reason
+        for q in self.queues:
+            q.gate = Gate.CLOSED
+            q.stop()
+        self._pending.clear()
+        self._set_state(RunState.BROKEN)
+        self.on_needs_reset(reason)
+
+    def _exit(self) -> None:
+        self._closed = True
+
+    def _set_state(self, state: RunState) -> None:
+        with self._changed:
+            self.run_state = state
+            self._changed.notify_all()
 
     # -- device-specific state, saved beside the queues (see emu.state.device) --
 
@@ -273,147 +391,113 @@ class VirtioDevice:
     def load_state(self, state: dict) -> None:
         """Apply ``save_state``'s output to a fresh device before it is activated."""
 
-    def reset(self) -> None:
-        """Device reset: stop the thread, forget rings and negotiated state."""
-        self._stop_thread()
-        for q in self.queues:
-            q.reset()
-            q.clear_kick()
-        self.driver_features = 0
-        self.broken = None
-        self._restore.clear()
-        with self._state_lock:
-            self.run_state = RunState.IDLE
-            self._stopped.clear()
-
-    def close(self) -> None:
-        self.reset()
-        self._close_retired()
-        for q in self.queues:
-            q.close()
-        os.close(self._wake)
-
-    def fail(self, reason: str) -> None:
-        """A hostile or broken driver: stop touching its rings and ask for a reset."""
-        if self.broken is None:
-            log.warning("%s: device needs reset: %s", self.name, reason)
-            self.broken = reason
-            with self._serving:  # never pull a ring from under the device thread
-                for q in self.queues:
-                    q.stop()
-            self.on_needs_reset(reason)
-
     # -- the device thread --
 
     def wake(self) -> None:
         os.eventfd_write(self._wake, 1)
 
-    def _stop_thread(self) -> None:
-        if self._thread is not None:
-            self._running = False
+    def _post(self, fn: Callable[[], Any], wait: bool = True) -> Command:
+        cmd = Command(fn)
+        if threading.current_thread() is self._thread:
+            cmd.run()  # the device thread itself (a device failing its own queue)
+        else:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError(f"{self.name}: device is closed")
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name=f"emu-{self.name}", daemon=True
+                    )
+                    self._thread.start()
+                self._commands.append(cmd)
             self.wake()
-            if self._thread is not threading.current_thread():
-                self._thread.join()
-            self._thread = None
-
-    def _poll_set(self) -> tuple[select.poll, dict[int, Virtqueue], int]:
-        with self._state_lock:
-            gen = self._kick_gen
-            poller = select.poll()
-            poller.register(self._wake, select.POLLIN)
-            by_fd = {}
-            for q in self.queues:
-                poller.register(q.kick_fd, select.POLLIN)
-                by_fd[q.kick_fd] = q
-        self._close_retired()
-        return poller, by_fd, gen
+        if wait:
+            cmd.wait()
+        return cmd
 
     def _run(self) -> None:
-        poller, by_fd, gen = self._poll_set()
-        # anything made available before DRIVER_OK (or before a restart) is served now, and
-        # whatever the backend already holds (input that arrived while nobody listened)
-        self._backend_events()
-        pending = [q for q in self.queues if q.started]
-        while self._running:
-            if gen != self._kick_gen:
-                poller, by_fd, gen = self._poll_set()
-            for q in pending:
-                if self.run_state is RunState.STOPPING:
+        sel = self._selector = selectors.DefaultSelector()  # epoll: any fd number
+        sel.register(self._wake, selectors.EVENT_READ, None)
+        for q in self.queues:
+            sel.register(q.kick_fd, selectors.EVENT_READ, q)
+        try:
+            while not self._closed:
+                self._run_commands()
+                if self._closed:
                     break
-                self._serve(q)
-            pending = []
-            state = self.run_state
-            if state is RunState.STOPPING:
-                with self._serving:
-                    self._quiesce()
-                continue
-            if state is RunState.STOPPED:  # parked: only a wake (resume, reset) counts
-                self._wait_wake()
-                continue
-            if self._resumed:  # catch up on everything held or requeued while stopped
-                self._resumed = False
-                with self._serving:
-                    self._backend_events()
-                pending = [q for q in self.queues if q.started]
-                continue
-            for fd, _ in poller.poll(self._due_timeout_ms()):
-                if fd == self._wake:
-                    self._drain_wake()
-                    with self._serving:  # a stop taken meanwhile keeps the backend's data
-                        if self.run_state is not RunState.RUNNING:
-                            continue
-                        self._backend_events()
-                    pending.extend(q for q in self.queues if q.started and self.wants_poll(q))
-                    continue
-                q = by_fd[fd]
-                if q.kick_fd != fd:  # replaced meanwhile: the next loop re-polls
-                    continue
-                q.clear_kick()
-                if q.started:
-                    pending.append(q)
-            self._publish_due()
+                self._serve_pass()
+                busy = self._pending and self.run_state is RunState.RUNNING
+                for key, _ in sel.select(0 if busy else self._due_timeout()):
+                    q = key.data
+                    if q is None:
+                        self._woken()
+                    elif q.kick_fd == key.fd:
+                        q.clear_kick()
+                        if q.started and q.open:
+                            self._pending[q.index] = q
+                self._publish_due()
+        finally:
+            self._selector = None
+            sel.close()
 
-    def _drain_wake(self) -> None:
+    def _run_commands(self) -> None:
+        while self._commands:
+            with self._lock:
+                cmd = self._commands.popleft()
+            cmd.run()
+            if cmd.error is not None:
+                log.error("%s: device command failed", self.name, exc_info=cmd.error)
+                if not isinstance(cmd.error, Exception):
+                    raise cmd.error  # KeyboardInterrupt and the like end the thread
+
+    def _woken(self) -> None:
         try:
             os.eventfd_read(self._wake)
         except BlockingIOError:
             pass
+        if self.run_state is not RunState.RUNNING:
+            return  # a stopped device leaves backend input with the backend
+        self._backend_events()
+        self._pending.update((q.index, q) for q in self.queues if q.started and self.wants_poll(q))
 
-    def _wait_wake(self) -> None:
-        select.select([self._wake], [], [])
-        self._drain_wake()
+    def _serve_pass(self) -> None:
+        """One budgeted pass per pending queue; commands waiting end the round early."""
+        for q in list(self._pending.values()):
+            if self._commands or self.run_state is not RunState.RUNNING:
+                return
+            del self._pending[q.index]
+            if not q.started or not q.open:
+                continue
+            q.begin_pass()
+            try:
+                self.handle_queue(q)
+            except (RingError, GuestMemoryError, DeviceError) as e:
+                self._fail(f"queue {q.index}: {e}")
+            except Exception as e:  # last line of defence: the thread must not die
+                log.exception("%s: queue %d: unexpected error", self.name, q.index)
+                self._fail(f"queue {q.index}: internal error: {e!r}")
+            if q.more and q.started:  # budget spent: after the other queues
+                self._pending[q.index] = q
 
-    def _due_timeout_ms(self) -> int:
+    def _due_timeout(self) -> float | None:
         dues = [d for q in self.queues if q.started and (d := q.next_due()) is not None]
-        if not dues:
-            return -1
-        return max(0, int((min(dues) - time.monotonic()) * 1000 + 0.999))
+        return max(0.0, min(dues) - time.monotonic()) if dues else None
 
     def _publish_due(self) -> None:
+        if self.run_state not in (RunState.RUNNING, RunState.STOPPING):
+            return
         now = time.monotonic()
-        with self._serving:
-            for q in self.queues:
-                if q.started and q.next_due() is not None:
-                    q.publish_due(now)
+        for q in self.queues:
+            if q.started and q.next_due() is not None:
+                q.publish_due(now)
+        self._finish_stop()
 
     def _backend_events(self) -> None:
         try:
             self.on_wake()
         except Exception as e:  # a backend failure must not kill the device thread
             log.exception("%s: backend event failed", self.name)
-            self.fail(f"backend: {e!r}")
-
-    def _serve(self, q: Virtqueue) -> None:
-        with self._serving:
-            if not q.started or self.run_state is RunState.STOPPED:
-                return
-            try:
-                self.handle_queue(q)
-            except (RingError, GuestMemoryError, DeviceError) as e:
-                self.fail(f"queue {q.index}: {e}")
-            except Exception as e:  # last line of defence: the thread must not die
-                log.exception("%s: queue %d: unexpected error", self.name, q.index)
-                self.fail(f"queue {q.index}: internal error: {e!r}")
+            self._fail(f"backend: {e!r}")
 
     # -- what a device implements --
 
@@ -423,6 +507,12 @@ class VirtioDevice:
 
     def on_wake(self) -> None:
         """A backend event woke the thread (e.g. rx data arrived)."""
+
+    def on_activate(self, features: int) -> None:
+        """DRIVER_OK, before the rings start (device thread)."""
+
+    def on_reset(self) -> None:
+        """Device reset: drop guest-side state (device thread)."""
 
     def wants_poll(self, q: Virtqueue) -> bool:
         """Serve ``q`` after a wake-up even without a kick (rx queues waiting for data)."""

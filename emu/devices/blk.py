@@ -212,8 +212,7 @@ class BlkDevice(VirtioDevice):
     def writethrough(self) -> bool:
         return not self.writeback or not self.has(F_FLUSH)
 
-    def reset(self) -> None:
-        super().reset()
+    def on_reset(self) -> None:
         self.writeback = 1
 
     def close(self) -> None:

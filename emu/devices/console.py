@@ -173,9 +173,8 @@ class ConsoleDevice(VirtioDevice):
 
     # -- lifecycle --
 
-    def reset(self) -> None:
+    def on_reset(self) -> None:
         """Guest-side state goes; input not yet delivered stays for the next driver."""
-        super().reset()
         self._ctrl_out.clear()
         self._ctrl_rx_out.clear()
         for port in self.ports.values():
@@ -241,7 +240,7 @@ class ConsoleDevice(VirtioDevice):
         heads: list[int] = []
         lengths: list[int] = []
         out = self._rx_out[port.id]
-        while self._deliverable(port) and not q.halted:  # stopped: take nothing more in
+        while self._deliverable(port) and q.open:  # stopped: take nothing more in
             self._pull(port)
             if not port.backlog:
                 break

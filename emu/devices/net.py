@@ -42,7 +42,6 @@ from emu.devices._chain import (
     scatter,
 )
 from emu.devices.base import VirtioDevice
-from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import F_VERSION_1
 from emu.state.format import StateError
@@ -299,15 +298,13 @@ class NetDevice(VirtioDevice):
 
     # -- lifecycle --
 
-    def activate(self, mem: GuestMemory, features: int, stopped: bool = False) -> None:
+    def on_activate(self, features: int) -> None:
         if not features >> F_CTRL_VLAN & 1:
             self.filter.vlans = None
         elif self.filter.vlans is None:  # a restored table is kept
             self.filter.vlans = set()
-        super().activate(mem, features, stopped)
 
-    def reset(self) -> None:
-        super().reset()
+    def on_reset(self) -> None:
         self._inbox.clear()
         self._clear_state()
 

@@ -25,7 +25,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from emu.devices.base import RunState, VirtioDevice
+from emu.devices.base import Command, RunState, VirtioDevice
 from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import (
@@ -141,6 +141,10 @@ _ADDR_FIELD = {
 }
 
 _LEGACY_DEFAULT_ALIGN = 4096
+#: how long a vCPU's reset, queue reset or queue stop waits for the device thread before
+#: it returns anyway (the pass in progress ends after its current request, so this is
+#: only reached when a backend call hangs); the driver then polls Status / QueueReset
+PROMPT_S = 0.5
 _U32 = 0xFFFFFFFF
 #: transport attributes a snapshot keeps (``save``/``restore``), beside the device's parts
 _SAVED_REGISTERS = (
@@ -156,6 +160,13 @@ _SAVED_REGISTERS = (
     "config_generation",
     "vmm_stopped",
 )
+
+
+def _wait_prompt(cmd: Command, what: str) -> None:
+    try:
+        cmd.wait(PROMPT_S)
+    except TimeoutError:
+        log.warning("virtio-mmio: %s still under way after %s s; carrying on", what, PROMPT_S)
 
 
 def _pow2(n: int) -> bool:
@@ -226,6 +237,10 @@ class MmioTransport:
         #: a config change while the device was stopped, announced when it runs again
         self._config_pending = False
         self._lock = threading.RLock()
+        #: a device reset the guest asked for and the device thread has not finished
+        self._resetting: Command | None = None
+        #: queue resets under way, by queue index (QueueReset reads 1 until done)
+        self._queue_resets: dict[int, Command] = {}
         self._reset_registers()
         device.on_config_change = self._config_changed
         device.on_needs_reset = self._needs_reset
@@ -322,7 +337,8 @@ class MmioTransport:
         if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
             return _U32  # no shared memory regions
         if offset == QUEUE_RESET:
-            return 0  # a queue reset completes inside the write
+            pending = self._queue_resets.get(self.queue_sel)
+            return int(pending is not None and not pending.done())
         assert offset == CONFIG_GENERATION
         return self.config_generation
 
@@ -403,15 +419,17 @@ class MmioTransport:
         if value == 1 and not q.ready:
             q.ready = True
             if self.status & S_DRIVER_OK:
-                self.device.start_queue(q)
+                _wait_prompt(self.device.start_queue(q, wait=False), f"queue {q.index} start")
         elif value == 0:
             self._stop_queue(q)
         elif value != 1:
             log.warning("virtio-mmio: queue %d: QueueReady %#x ignored", q.index, value)
 
     def _stop_queue(self, q: Virtqueue) -> None:
+        """QueueReady=0: the device must be off the ring before the driver reuses it, so
+        wait for the pass in progress (it ends after its current request)."""
         q.ready = False
-        self.device.stop_queue(q)
+        _wait_prompt(self.device.request_stop_queue(q), f"queue {q.index} stop")
         if self.legacy:
             q.desc = 0  # QueuePFN reads back 0
 
@@ -419,9 +437,9 @@ class MmioTransport:
         if not self._has(F_RING_RESET):
             log.warning("virtio-mmio: QueueReset without VIRTIO_F_RING_RESET ignored")
         elif value == 1:
-            self.device.stop_queue(q)
-            q.reset()
-            q.clear_kick()
+            cmd = self.device.request_stop_queue(q, reset=True)
+            self._queue_resets[q.index] = cmd
+            _wait_prompt(cmd, f"queue {q.index} reset")
         elif value != 0:
             log.warning("virtio-mmio: QueueReset %#x ignored", value)
 
@@ -502,8 +520,10 @@ class MmioTransport:
 
     def guest_status(self) -> int:
         """Status as the guest reads it: STOP reads set only once the device has stopped
-        (the driver polls), a suspended device presents SUSPEND=1 with DRIVER_OK=0, and a
-        VMM stop shows nowhere."""
+        (the driver polls), a suspended device presents SUSPEND=1 with DRIVER_OK=0, a VMM
+        stop shows nowhere, and a reset under way reads nonzero until it is done."""
+        if not self._reset_done():
+            return self.status
         s = self.status
         if not self._guest_sees_stopped():
             return s & ~S_STOP
@@ -521,6 +541,9 @@ class MmioTransport:
             self._reset()
             return
         with self._lock:
+            if not self._reset_done():
+                log.warning("virtio-mmio: status %#x ignored: the reset is not done", value)
+                return
             seen = self.guest_status()  # the no-clear rule is about what the driver can see
             cleared = seen & ~value & _DRIVER_BITS
             if cleared & ~S_STOP:
@@ -541,15 +564,15 @@ class MmioTransport:
             if new & S_DRIVER_OK and not self._may_activate(self.status | new):
                 new &= ~S_DRIVER_OK
             self.status |= new
-            if new & S_DRIVER_OK:
-                self._activate(stopped=self.vmm_stopped)
+            activated = self._activate(self.vmm_stopped) if new & S_DRIVER_OK else None
             if new & _GUEST_HOLDS:
                 self._guest_stop()
+        if activated is not None:  # outside the lock: the device's callbacks take it
+            _wait_prompt(activated, "activation")
 
-    def _activate(self, stopped: bool) -> None:
-        # ``stopped`` only when asked: a device overriding activate() without it still works
-        extra = {"stopped": True} if stopped else {}
-        self.device.activate(self.mem, self._negotiated(), **extra)
+    def _activate(self, stopped: bool) -> Command:
+        """Called with the lock held: the device activates on its thread, unwaited."""
+        return self.device.activate(self.mem, self._negotiated(), stopped, wait=False)
 
     def _refused_holds(self, new: int) -> int:
         """The STOP/SUSPEND bits of ``new`` the device must ignore (and logs why)."""
@@ -626,14 +649,32 @@ class MmioTransport:
         return self.driver_features & self.offered_features & ~self.transport_features
 
     def _reset(self) -> None:
-        self.device.reset()  # joins the device thread: no lock held here
-        self._reset_registers()
+        """Status=0. The device lets go of its rings on its own thread; the vCPU waits a
+        bounded time, and Status reads nonzero until the device is done (spec: the driver
+        waits for 0), so a busy queue never holds the vCPU and a racing DRIVER_OK from
+        another vCPU is refused rather than interleaved with the reset."""
         with self._lock:
-            self.status = 0
+            self._resetting = self.device.request_reset()
+            self._queue_resets.clear()
+            self._reset_registers()
             self._guest_stop_pending = self._config_pending = False
+        _wait_prompt(self._resetting, "reset")
+        self._reset_done()
+
+    def _reset_done(self) -> bool:
+        """True once no reset is under way; the first look after one finishes clears Status
+        and whatever interrupt the device raised meanwhile."""
+        with self._lock:
+            if self._resetting is None:
+                return True
+            if not self._resetting.done():
+                return False
+            self._resetting = None
+            self.status = 0
             if self.interrupt_status:
                 self.interrupt_status = 0
                 self._set_irq(0)
+            return True
 
     # -- the VMM's side: stop without the guest seeing it, save, restore --
 
@@ -695,11 +736,14 @@ class MmioTransport:
             self._guest_stop_pending = regs["guest_stop_pending"]
             self._config_pending = regs["config_pending"]
             self.status = restored.status
+            activated = None
             if self.status & S_DRIVER_OK:
-                self._activate(stopped=bool(self.vmm_stopped or self.status & _GUEST_HOLDS))
+                activated = self._activate(bool(self.vmm_stopped or self.status & _GUEST_HOLDS))
             if self.interrupt_status:
                 self._set_irq(1)
             self.vmm_resume()
+        if activated is not None:
+            activated.wait()
 
     def _saved_registers(self, state: DeviceState) -> dict:
         found = [v for p, v in parts.parse(state) if p.type == parts.TRANSPORT]
