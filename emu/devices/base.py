@@ -131,6 +131,8 @@ class VirtioDevice:
         #: queues with work for the next pass, in serving order (device thread only)
         self._pending: dict[int, Virtqueue] = {}
         self._selector: selectors.BaseSelector | None = None
+        #: held by the device thread except while it is parked in select (see _borrow)
+        self._owner = threading.Lock()
 
     # -- config space: subclasses override config_bytes / config_write --
 
@@ -205,7 +207,7 @@ class VirtioDevice:
         with self._lock:
             self._stops_asked += 1
             seq = self._stops_asked
-        self._post(lambda: self._stop(policy, seq), wait=False)
+        self._post(lambda: self._stop(policy, seq), wait=False, borrow=True)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         """True once every stop asked so far is carried out and the device is not serving."""
@@ -316,13 +318,13 @@ class VirtioDevice:
             self._stop_policy = policy
             for q in self.queues:
                 q.gate = Gate.HALT if policy == "drain" else Gate.CLOSED
-            self._set_state(RunState.STOPPING)
-            self._finish_stop()
+            self.run_state = RunState.STOPPING  # announced with the outcome below
+            self._finish_stop(announce=False)
         with self._changed:
             self._stops_seen = max(self._stops_seen, seq)
             self._changed.notify_all()
 
-    def _finish_stop(self) -> None:
+    def _finish_stop(self, announce: bool = True) -> None:
         """STOPPING -> STOPPED once a drain has nothing deferred left (report: at once)."""
         if self.run_state is not RunState.STOPPING:
             return
@@ -336,7 +338,10 @@ class VirtioDevice:
             q.requeue_inflight()
         self.forget_inflight({q.index for q in started})
         self._pending.clear()
-        self._set_state(RunState.STOPPED)
+        if announce:
+            self._set_state(RunState.STOPPED)
+        else:
+            self.run_state = RunState.STOPPED
 
     def _resume(self) -> None:
         if self.run_state is not RunState.STOPPED:
@@ -396,11 +401,11 @@ class VirtioDevice:
     def wake(self) -> None:
         os.eventfd_write(self._wake, 1)
 
-    def _post(self, fn: Callable[[], Any], wait: bool = True) -> Command:
+    def _post(self, fn: Callable[[], Any], wait: bool = True, borrow: bool = False) -> Command:
         cmd = Command(fn)
         if threading.current_thread() is self._thread:
             cmd.run()  # the device thread itself (a device failing its own queue)
-        else:
+        elif not (borrow and self._borrow(cmd)):
             with self._lock:
                 if self._closed:
                     raise RuntimeError(f"{self.name}: device is closed")
@@ -415,7 +420,26 @@ class VirtioDevice:
             cmd.wait()
         return cmd
 
+    def _borrow(self, cmd: Command) -> bool:
+        """Run ``cmd`` in the caller's thread if the device thread is parked in select with
+        nothing queued: ownership passes to the caller for the call, so a stop costs no
+        thread hand-off. Only for commands that never call out (no interrupt, no backend),
+        so nothing is ever waited for while the token is held."""
+        if not self._owner.acquire(blocking=False):
+            return False
+        try:
+            with self._lock:
+                if self._commands:
+                    return False  # keep the order: queued ones first
+            cmd.run()
+        finally:
+            self._owner.release()
+        if self.run_state is RunState.STOPPING:
+            self.wake()  # the thread publishes what a drain waits for
+        return True
+
     def _run(self) -> None:
+        self._owner.acquire()  # released only while parked in select
         sel = self._selector = selectors.DefaultSelector()  # epoll: any fd number
         sel.register(self._wake, selectors.EVENT_READ, None)
         for q in self.queues:
@@ -427,7 +451,13 @@ class VirtioDevice:
                     break
                 self._serve_pass()
                 busy = self._pending and self.run_state is RunState.RUNNING
-                for key, _ in sel.select(0 if busy else self._due_timeout()):
+                timeout = 0 if busy else self._due_timeout()
+                self._owner.release()
+                try:
+                    events = sel.select(timeout)
+                finally:
+                    self._owner.acquire()
+                for key, _ in events:
                     q = key.data
                     if q is None:
                         self._woken()
@@ -439,6 +469,7 @@ class VirtioDevice:
         finally:
             self._selector = None
             sel.close()
+            self._owner.release()
 
     def _run_commands(self) -> None:
         while self._commands:
