@@ -26,6 +26,16 @@ Rules both cores follow where the spec leaves a choice (checked in this order pe
   broken after any RingError anyway.
 * Packed used descriptors carry WRITE exactly when their length is non-zero (the spec says
   the length is only valid with WRITE).
+* Descriptor budget, ``pop(max_chains, max_descs)``: every 16-byte descriptor read counts
+  (main-table entries and packed slots, an INDIRECT one included, and indirect-table
+  entries). Before each read, and before a split head is read from the avail ring, a pop
+  that already holds a chain and has read ``max_descs`` descriptors stops: the chain under
+  way is dropped and stays available (next_avail does not move), and its later
+  descriptors are checked by a later pop. So the first chain always pops (it is bounded by
+  the per-chain rules above), a batch of two or more chains reads at most ``max_descs``
+  descriptors, and ``Batch.walked`` says how many were read. ``None``: no budget;
+  negative -> ValueError. Chains sharing a tail (legal one by one) or one indirect table
+  cost a walk each, so a full ring of them is quadratic: the budget bounds one pop.
 """
 
 from __future__ import annotations
@@ -80,10 +90,21 @@ def _as_1d(values: object, dtype: type) -> np.ndarray:
     return a
 
 
-class _Segments:
-    """Accumulates one pop's chains as flat lists, checking each buffer as it is added."""
+class _OverBudget(Exception):
+    """Control flow of one pop: the descriptor budget ran out inside a chain after the first."""
 
-    def __init__(self, mem: GuestMemory) -> None:
+
+def _budget(max_descs: int | None) -> int | None:
+    if max_descs is not None and max_descs < 0:
+        raise ValueError(f"max_descs {max_descs} is negative")
+    return max_descs
+
+
+class _Segments:
+    """Accumulates one pop's chains as flat lists, checking each buffer as it is added,
+    and counts the descriptors read against the pop's budget."""
+
+    def __init__(self, mem: GuestMemory, budget: int | None = None) -> None:
         self.mem = mem
         self.heads: list[int] = []
         self.starts = [0]
@@ -92,6 +113,23 @@ class _Segments:
         self.writable: list[int] = []
         self.total = 0
         self.wrote = False
+        self.budget = budget
+        self.walked = 0
+
+    def spent(self) -> bool:
+        """The batch holds a chain and the budget is used up: start or read nothing more."""
+        return self.budget is not None and bool(self.heads) and self.walked >= self.budget
+
+    def count(self) -> None:
+        """One more descriptor is about to be read."""
+        if self.spent():
+            raise _OverBudget
+        self.walked += 1
+
+    def drop_partial(self) -> None:
+        """Forget the segments of a chain that was not finished (it stays available)."""
+        cut = self.starts[-1]
+        del self.addr[cut:], self.length[cut:], self.writable[cut:]
 
     def begin(self) -> None:
         self.total, self.wrote = 0, False
@@ -123,6 +161,7 @@ class _Segments:
             np.array(self.addr, np.uint64),
             np.array(self.length, np.uint32),
             np.array(self.writable, np.uint8),
+            self.walked,
         )
 
 
@@ -251,14 +290,17 @@ class SplitRing(_Ring):
     def pending(self) -> bool:
         return self._avail_idx() != self.next_avail
 
-    def pop(self, max_chains: int) -> Batch:
+    def pop(self, max_chains: int, max_descs: int | None = None) -> Batch:
+        budget = _budget(max_descs)
         if max_chains <= 0:
             return Batch.empty()
         avail = (self._avail_idx() - self.next_avail) & 0xFFFF
         if avail > self.size:
             raise AvailIndexError(f"avail idx moved by {avail} > queue size {self.size}")
-        out = _Segments(self.mem)
+        out = _Segments(self.mem, budget)
         for _ in range(min(avail, max_chains)):
+            if out.spent():
+                break
             slot = self.next_avail % self.size
             head = self.mem.read_int(self.driver + 4 + 2 * slot, 2)
             if head >= self.size:
@@ -266,7 +308,12 @@ class SplitRing(_Ring):
             if head in self._inflight:
                 raise BufferIdError(f"head {head} is already in flight")
             out.begin()
-            self._fetched(out, head, self._walk(head, out))
+            try:
+                ndesc = self._walk(head, out)
+            except _OverBudget:
+                out.drop_partial()
+                break
+            self._fetched(out, head, ndesc)
             self.next_avail = (self.next_avail + 1) & 0xFFFF
         return out.batch()
 
@@ -279,6 +326,7 @@ class SplitRing(_Ring):
             steps += 1
             if steps > limit:
                 raise ChainLoopError(f"chain from head {head} has more than {limit} descriptors")
+            out.count()
             addr, length, flags, nxt = self._desc(table, i)
             ndesc += not nested
             if flags & DESC_F_INDIRECT:
@@ -333,11 +381,15 @@ class PackedRing(_Ring):
         avail, used = bool(flags & DESC_F_AVAIL), bool(flags & DESC_F_USED)
         return avail == self.avail_wrap and used != self.avail_wrap
 
-    def pop(self, max_chains: int) -> Batch:
-        out = _Segments(self.mem)
-        while len(out.heads) < max_chains and self.pending():
+    def pop(self, max_chains: int, max_descs: int | None = None) -> Batch:
+        out = _Segments(self.mem, _budget(max_descs))
+        while len(out.heads) < max_chains and not out.spent() and self.pending():
             out.begin()
-            self._walk(out)
+            try:
+                self._walk(out)
+            except _OverBudget:
+                out.drop_partial()
+                break
         return out.batch()
 
     def _walk(self, out: _Segments) -> None:
@@ -347,10 +399,12 @@ class PackedRing(_Ring):
             steps += 1
             if steps > self.size:
                 raise ChainLoopError(f"chain has more than {self.size} descriptors")
+            out.count()
             addr, length, buf_id, flags = self._desc(self.desc, slot)
             if flags & DESC_F_INDIRECT:
                 self._check_indirect(addr, length, flags, False)
                 for k in range(length // 16):
+                    out.count()
                     t_addr, t_len, _, t_flags = self._desc(addr, k)
                     if t_flags & DESC_F_INDIRECT:
                         raise IndirectError("indirect descriptor inside an indirect table")

@@ -119,7 +119,9 @@ class Virtqueue:
 
     # -- the request path --
 
-    def pop(self, max_chains: int = 64) -> Batch:
+    def pop(self, max_chains: int = 64, max_descs: int | None = None) -> Batch:
+        """Up to ``max_chains`` chains, reading at most ``max_descs`` descriptors once the
+        batch holds one (the ring core's budget; None: no limit)."""
         if self.halted:
             return Batch.empty()
         if self._requeue:
@@ -128,7 +130,7 @@ class Virtqueue:
             self._requeue = False
         if self._resubmit:
             return self._take_resubmit(max_chains)
-        batch = self.ring.pop(max_chains)
+        batch = self.ring.pop(max_chains, max_descs)
         for i, head in enumerate(batch.heads.tolist()):
             self._chains[head] = (batch, i)
         if self.tracker is not None and len(batch):
