@@ -13,10 +13,10 @@ Version 2 is the modern layout; version 1 is the legacy one (GuestPageSize/Queue
 QueuePFN, no FEATURES_OK, 32 feature bits) that Linux still uses by default under QEMU.
 
 Stopping the device (modern transport only; docs/stop.md has the whole contract): the guest
-can set the experimental STOP status bit (feature VIRTIO_F_EMU_STOP, bit 47 by default) and
-read ring state and in-flight counts through two extension registers, or use virtio 1.4
-SUSPEND (feature 43); the VMM can stop the device behind the guest's back with
-``vmm_stop``/``vmm_resume`` and ``save``/``restore`` it.
+can use virtio 1.4 SUSPEND (feature 43), or, only where the VMM asks for the experimental
+extension (``stop_feature_bit``, e.g. 47), set the STOP status bit (VIRTIO_F_EMU_STOP) and
+read ring state and in-flight counts through two extension registers; the VMM can stop the
+device behind the guest's back with ``vmm_stop``/``vmm_resume`` and ``save``/``restore`` it.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ _GUEST_HOLDS = S_STOP | S_SUSPEND
 
 # transport features of the stop interfaces (modern transport only)
 F_SUSPEND = 43
-#: default bit of VIRTIO_F_EMU_STOP: 44-49 are reserved for future transport features
+#: the usual bit of VIRTIO_F_EMU_STOP when asked for (44-49 are reserved for future transport
+#: features); experimental, so not offered unless the transport is built with it
 F_EMU_STOP = 47
 
 # interrupt status bits
@@ -189,7 +190,8 @@ def decode_ring_state(value: int, packed: bool) -> RingState:
 
 
 class MmioTransport:
-    """``stop_feature_bit``: the bit VIRTIO_F_EMU_STOP is offered as (None: not offered);
+    """``stop_feature_bit``: the bit the experimental VIRTIO_F_EMU_STOP (STOP status bit and
+    ring-state registers) is offered as, e.g. ``F_EMU_STOP``; None (default): not offered.
     ``stop_policy``: how a guest STOP quiesces ("drain"/"report"; None: the device's)."""
 
     def __init__(
@@ -200,7 +202,7 @@ class MmioTransport:
         version: int = 2,
         irq: Callable[[int], None] | None = None,
         vendor_id: int = VENDOR_EMU,
-        stop_feature_bit: int | None = F_EMU_STOP,
+        stop_feature_bit: int | None = None,
         stop_policy: str | None = None,
     ) -> None:
         if version not in (1, 2):
