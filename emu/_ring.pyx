@@ -17,6 +17,7 @@ checks. What is different here is only how memory is reached:
   avail index / head flags are read before the entries they publish (acquire), used entries
   are written before the index / head flags that publish them (release), and a full barrier
   separates publishing from reading the driver's suppression fields (store -> load).
+  tests/test_ring_order.py reads this file to keep those fences where they are.
 * The descriptor budget of ``pop`` counts reads in ``count_desc``, the one place both walks
   call before reading a descriptor.
 """

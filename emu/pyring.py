@@ -36,6 +36,28 @@ Rules both cores follow where the spec leaves a choice (checked in this order pe
   descriptors, and ``Batch.walked`` says how many were read. ``None``: no budget;
   negative -> ValueError. Chains sharing a tail (legal one by one) or one indirect table
   cost a walk each, so a full ring of them is quadratic: the budget bounds one pop.
+
+Memory ordering. The Cython core reads and writes guest memory with plain loads and stores
+and puts a fence wherever the driver, on another CPU, must see two accesses in order; the
+same points are marked "fence (...)" in the code below, and tests/test_ring_order.py keeps
+the Cython core's fences where they are. Three kinds:
+
+* acquire: the avail index (split) or the head's flags (packed) are read before what they
+  publish (avail entries, descriptors);
+* release: used elements / used descriptors are written before the index or first flags
+  that publish them;
+* full: a publish (used index, re-enabled kicks) is made before the driver's side is read
+  (used_event / avail flags / event suppression area, the avail index again).
+
+This core has no fences because it cannot issue one and does not need one against the
+drivers it serves: every access is a separate call into GuestMemory (numpy, struct) that no
+compiler can move across the next, and a driver in this process (the reference driver,
+the tests) is a Python thread that runs only while holding the GIL, whose hand-over
+orders everything one thread did before everything the next does. So statement order here
+is the order a Python driver observes. Against a driver outside the interpreter (a real
+guest over vhost-user), x86-64 keeps loads in order and stores in order, which covers the
+acquire and release points, but nothing here guarantees the store -> load order of the
+"full" points: serve real guests with the Cython core (the default when it is built).
 """
 
 from __future__ import annotations
@@ -295,6 +317,7 @@ class SplitRing(_Ring):
         if max_chains <= 0:
             return Batch.empty()
         avail = (self._avail_idx() - self.next_avail) & 0xFFFF
+        # fence (acquire): the avail index is read before the entries it publishes
         if avail > self.size:
             raise AvailIndexError(f"avail idx moved by {avail} > queue size {self.size}")
         out = _Segments(self.mem, budget)
@@ -348,7 +371,9 @@ class SplitRing(_Ring):
             slot = self.next_used % self.size
             self.mem.write_int(self.device + 4 + 8 * slot, 8, head | length << 32)
             self.next_used = (self.next_used + 1) & 0xFFFF
+        # fence (release): the used elements are written before the index that publishes them
         self.mem.write_int(self.device + 2, 2, self.next_used)
+        # fence (full): the index is published before the driver's suppression is read
         old, self.signalled_used = self.signalled_used, self.next_used
         if self.event_idx:
             used_event = self.mem.read_int(self.driver + 4 + 2 * self.size, 2)
@@ -361,6 +386,7 @@ class SplitRing(_Ring):
                 self.mem.write_int(self.device + 4 + 8 * self.size, 2, self.next_avail)
         else:
             self.mem.write_int(self.device, 2, 0 if enabled else USED_F_NO_NOTIFY)
+        # fence (full): kicks are re-enabled before the avail index is read again
         return self.pending()
 
 
@@ -384,6 +410,7 @@ class PackedRing(_Ring):
     def pop(self, max_chains: int, max_descs: int | None = None) -> Batch:
         out = _Segments(self.mem, _budget(max_descs))
         while len(out.heads) < max_chains and not out.spent() and self.pending():
+            # fence (acquire): the head's flags are read before the chain they publish
             out.begin()
             try:
                 self._walk(out)
@@ -443,7 +470,10 @@ class PackedRing(_Ring):
                 self.next_used -= self.size
                 self.used_wrap = not self.used_wrap
         assert first is not None
-        self.mem.write_int(first[0] + 14, 2, first[1])  # publishes the whole batch
+        # fence (release): every used descriptor is written before the first one's flags,
+        # which publish the whole batch
+        self.mem.write_int(first[0] + 14, 2, first[1])
+        # fence (full): published before the driver's event suppression area is read
         return self._should_notify()
 
     def _should_notify(self) -> bool:
@@ -470,4 +500,5 @@ class PackedRing(_Ring):
             self.mem.write_int(self.device + 2, 2, RING_EVENT_FLAGS_DESC)
         else:
             self.mem.write_int(self.device + 2, 2, RING_EVENT_FLAGS_ENABLE)
+        # fence (full): kicks are re-enabled before the next slot is read again
         return self.pending()
