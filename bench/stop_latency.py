@@ -87,7 +87,9 @@ class MmioCase:
         self.dev.policy = policy
         for q in self.dev.queues:
             hold_completions(q, latency)
-        self.tr = MmioTransport(self.dev, self.mem, stop_policy=policy)
+        self.tr = MmioTransport(
+            self.dev, self.mem, stop_policy=policy, stop_feature_bit=mmio.F_EMU_STOP
+        )
         self.drv = VirtioMmioDriver(self.tr, self.mem)
         self.blk = BlkDriver.open(self.drv, queue_size=QUEUE)
         self.policy = policy

@@ -17,6 +17,9 @@ checks. What is different here is only how memory is reached:
   avail index / head flags are read before the entries they publish (acquire), used entries
   are written before the index / head flags that publish them (release), and a full barrier
   separates publishing from reading the driver's suppression fields (store -> load).
+  tests/test_ring_order.py reads this file to keep those fences where they are.
+* The descriptor budget of ``pop`` counts reads in ``count_desc``, the one place both walks
+  call before reading a descriptor.
 """
 
 import sys
@@ -121,6 +124,7 @@ cdef enum Err:
     E_ORDER  # DescriptorOrderError
     E_LENGTH  # ChainLengthError
     E_NOMEM  # MemoryError growing the scratch arrays
+    E_BUDGET  # not an error: the pop's descriptor budget ran out inside a later chain
 
 
 cdef inline bint need_event(uint16_t event, uint16_t new, uint16_t old) noexcept nogil:
@@ -231,6 +235,19 @@ cdef int check_indirect(
     return E_OK
 
 
+cdef inline bint budget_spent(_Ring r) noexcept:
+    """The batch holds a chain and the budget is used up: start or read nothing more."""
+    return r.nchains > 0 and r.walked >= r.budget
+
+
+cdef inline int count_desc(_Ring r) noexcept:
+    """One more descriptor is about to be read (pyring _Segments.count)."""
+    if budget_spent(r):
+        return E_BUDGET
+    r.walked += 1
+    return E_OK
+
+
 cdef inline void begin_chain(_Ring r) noexcept:
     r.c_total = 0
     r.c_wrote = False
@@ -284,6 +301,8 @@ cdef int split_walk(_Ring r, uint16_t head) noexcept:
         steps += 1
         if steps > limit:
             return fail(r, E_LOOP, limit, 0)
+        if count_desc(r):
+            return E_BUDGET
         d = table + 16 * i
         addr = ring_ld64(d)
         length = ring_ld32(d + 8)
@@ -307,23 +326,32 @@ cdef int split_walk(_Ring r, uint16_t head) noexcept:
             return fail(r, E_NEXT, i, limit)
 
 
+cdef inline void drop_partial(_Ring r) noexcept:
+    """Forget the segments of a chain cut by the budget (it stays available)."""
+    r.nseg = r.o_starts[r.nchains]
+
+
 cdef int split_pop(_Ring r, Py_ssize_t max_chains) noexcept:
     cdef uint16_t avail, head
     cdef uint32_t k, count
     cdef int err
-    r.nchains = r.nseg = 0
     avail = ring_ld16(r.drv.p + 2) - r.next_avail
     ring_acquire()
     if avail > r.size:
         return fail(r, E_AVAIL_JUMP, avail, 0)
     count = avail if avail < max_chains else max_chains
     for k in range(count):
+        if budget_spent(r):
+            break
         head = ring_ld16(r.drv.p + 4 + 2 * (r.next_avail & (r.size - 1)))
         if head >= r.size:
             return fail(r, E_HEAD, head, 0)
         if r.nd[head]:
             return fail(r, E_HEAD_INFLIGHT, head, 0)
         err = split_walk(r, head)
+        if err == E_BUDGET:
+            drop_partial(r)
+            break
         if err:
             return err
         r.next_avail += 1
@@ -353,6 +381,8 @@ cdef int packed_walk(_Ring r) noexcept:
         steps += 1
         if steps > r.size:
             return fail(r, E_LOOP, r.size, 0)
+        if count_desc(r):
+            return E_BUDGET
         d = r.desc.p + 16 * slot
         addr = ring_ld64(d)
         length = ring_ld32(d + 8)
@@ -363,6 +393,8 @@ cdef int packed_walk(_Ring r) noexcept:
             if err:
                 return err
             for k in range(length // 16):
+                if count_desc(r):
+                    return E_BUDGET
                 t_flags = ring_ld16(t + 16 * k + 14)
                 if t_flags & F_INDIRECT:
                     return fail(r, E_NESTED, 0, 0)
@@ -389,10 +421,12 @@ cdef int packed_walk(_Ring r) noexcept:
 
 cdef int packed_pop(_Ring r, Py_ssize_t max_chains) noexcept:
     cdef int err
-    r.nchains = r.nseg = 0
-    while r.nchains < max_chains and packed_avail(r):
+    while r.nchains < max_chains and not budget_spent(r) and packed_avail(r):
         ring_acquire()
         err = packed_walk(r)
+        if err == E_BUDGET:
+            drop_partial(r)
+            break
         if err:
             return err
     return E_OK
@@ -422,6 +456,8 @@ cdef class _Ring:
     cdef uint8_t *o_wr
     cdef size_t cap_segs
     cdef uint32_t nchains, nseg
+    # descriptors read by this pop, and how many it may read once it holds a chain
+    cdef uint64_t walked, budget
     # the chain being walked, and what the last error was about
     cdef uint64_t c_total
     cdef bint c_wrote
@@ -528,7 +564,20 @@ cdef class _Ring:
         b.addr = copy_out(self.o_addr, self.nseg, cnp.NPY_UINT64, 8)
         b.length = copy_out(self.o_len, self.nseg, cnp.NPY_UINT32, 4)
         b.writable = copy_out(self.o_wr, self.nseg, cnp.NPY_UINT8, 1)
+        b.walked = self.walked
         return b
+
+    cdef int begin_pop(self, object max_descs) except -1:
+        """Empty scratch, and the budget of this pop (pyring._budget)."""
+        if max_descs is None:
+            self.budget = UINT64_MAX
+        elif max_descs < 0:
+            raise ValueError(f"max_descs {max_descs} is negative")
+        else:
+            self.budget = min(max_descs, UINT64_MAX)
+        self.nchains = self.nseg = 0
+        self.walked = 0
+        return 0
 
     cdef int take(self, const uint16_t *h, Py_ssize_t n) except -1:
         """Validate a push (all heads in flight, once, in order with IN_ORDER) before writing."""
@@ -611,7 +660,8 @@ cdef class SplitRing(_Ring):
     def pending(self):
         return ring_ld16(self.drv.p + 2) != self.next_avail
 
-    def pop(self, Py_ssize_t max_chains):
+    def pop(self, Py_ssize_t max_chains, max_descs=None):
+        self.begin_pop(max_descs)
         if max_chains <= 0:
             return Batch.empty()
         err = split_pop(self, max_chains)
@@ -667,7 +717,8 @@ cdef class PackedRing(_Ring):
     def pending(self):
         return packed_avail(self)
 
-    def pop(self, Py_ssize_t max_chains):
+    def pop(self, Py_ssize_t max_chains, max_descs=None):
+        self.begin_pop(max_descs)
         err = packed_pop(self, max_chains)
         if err:
             raise_error(self, err)

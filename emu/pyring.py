@@ -26,6 +26,38 @@ Rules both cores follow where the spec leaves a choice (checked in this order pe
   broken after any RingError anyway.
 * Packed used descriptors carry WRITE exactly when their length is non-zero (the spec says
   the length is only valid with WRITE).
+* Descriptor budget, ``pop(max_chains, max_descs)``: every 16-byte descriptor read counts
+  (main-table entries and packed slots, an INDIRECT one included, and indirect-table
+  entries). Before each read, and before a split head is read from the avail ring, a pop
+  that already holds a chain and has read ``max_descs`` descriptors stops: the chain under
+  way is dropped and stays available (next_avail does not move), and its later
+  descriptors are checked by a later pop. So the first chain always pops (it is bounded by
+  the per-chain rules above), a batch of two or more chains reads at most ``max_descs``
+  descriptors, and ``Batch.walked`` says how many were read. ``None``: no budget;
+  negative -> ValueError. Chains sharing a tail (legal one by one) or one indirect table
+  cost a walk each, so a full ring of them is quadratic: the budget bounds one pop.
+
+Memory ordering. The Cython core reads and writes guest memory with plain loads and stores
+and puts a fence wherever the driver, on another CPU, must see two accesses in order; the
+same points are marked "fence (...)" in the code below, and tests/test_ring_order.py keeps
+the Cython core's fences where they are. Three kinds:
+
+* acquire: the avail index (split) or the head's flags (packed) are read before what they
+  publish (avail entries, descriptors);
+* release: used elements / used descriptors are written before the index or first flags
+  that publish them;
+* full: a publish (used index, re-enabled kicks) is made before the driver's side is read
+  (used_event / avail flags / event suppression area, the avail index again).
+
+This core has no fences because it cannot issue one and does not need one against the
+drivers it serves: every access is a separate call into GuestMemory (numpy, struct) that no
+compiler can move across the next, and a driver in this process (the reference driver,
+the tests) is a Python thread that runs only while holding the GIL, whose hand-over
+orders everything one thread did before everything the next does. So statement order here
+is the order a Python driver observes. Against a driver outside the interpreter (a real
+guest over vhost-user), x86-64 keeps loads in order and stores in order, which covers the
+acquire and release points, but nothing here guarantees the store -> load order of the
+"full" points: serve real guests with the Cython core (the default when it is built).
 """
 
 from __future__ import annotations
@@ -80,10 +112,21 @@ def _as_1d(values: object, dtype: type) -> np.ndarray:
     return a
 
 
-class _Segments:
-    """Accumulates one pop's chains as flat lists, checking each buffer as it is added."""
+class _OverBudget(Exception):
+    """Control flow of one pop: the descriptor budget ran out inside a chain after the first."""
 
-    def __init__(self, mem: GuestMemory) -> None:
+
+def _budget(max_descs: int | None) -> int | None:
+    if max_descs is not None and max_descs < 0:
+        raise ValueError(f"max_descs {max_descs} is negative")
+    return max_descs
+
+
+class _Segments:
+    """Accumulates one pop's chains as flat lists, checking each buffer as it is added,
+    and counts the descriptors read against the pop's budget."""
+
+    def __init__(self, mem: GuestMemory, budget: int | None = None) -> None:
         self.mem = mem
         self.heads: list[int] = []
         self.starts = [0]
@@ -92,6 +135,23 @@ class _Segments:
         self.writable: list[int] = []
         self.total = 0
         self.wrote = False
+        self.budget = budget
+        self.walked = 0
+
+    def spent(self) -> bool:
+        """The batch holds a chain and the budget is used up: start or read nothing more."""
+        return self.budget is not None and bool(self.heads) and self.walked >= self.budget
+
+    def count(self) -> None:
+        """One more descriptor is about to be read."""
+        if self.spent():
+            raise _OverBudget
+        self.walked += 1
+
+    def drop_partial(self) -> None:
+        """Forget the segments of a chain that was not finished (it stays available)."""
+        cut = self.starts[-1]
+        del self.addr[cut:], self.length[cut:], self.writable[cut:]
 
     def begin(self) -> None:
         self.total, self.wrote = 0, False
@@ -123,6 +183,7 @@ class _Segments:
             np.array(self.addr, np.uint64),
             np.array(self.length, np.uint32),
             np.array(self.writable, np.uint8),
+            self.walked,
         )
 
 
@@ -251,14 +312,18 @@ class SplitRing(_Ring):
     def pending(self) -> bool:
         return self._avail_idx() != self.next_avail
 
-    def pop(self, max_chains: int) -> Batch:
+    def pop(self, max_chains: int, max_descs: int | None = None) -> Batch:
+        budget = _budget(max_descs)
         if max_chains <= 0:
             return Batch.empty()
         avail = (self._avail_idx() - self.next_avail) & 0xFFFF
+        # fence (acquire): the avail index is read before the entries it publishes
         if avail > self.size:
             raise AvailIndexError(f"avail idx moved by {avail} > queue size {self.size}")
-        out = _Segments(self.mem)
+        out = _Segments(self.mem, budget)
         for _ in range(min(avail, max_chains)):
+            if out.spent():
+                break
             slot = self.next_avail % self.size
             head = self.mem.read_int(self.driver + 4 + 2 * slot, 2)
             if head >= self.size:
@@ -266,7 +331,12 @@ class SplitRing(_Ring):
             if head in self._inflight:
                 raise BufferIdError(f"head {head} is already in flight")
             out.begin()
-            self._fetched(out, head, self._walk(head, out))
+            try:
+                ndesc = self._walk(head, out)
+            except _OverBudget:
+                out.drop_partial()
+                break
+            self._fetched(out, head, ndesc)
             self.next_avail = (self.next_avail + 1) & 0xFFFF
         return out.batch()
 
@@ -279,6 +349,7 @@ class SplitRing(_Ring):
             steps += 1
             if steps > limit:
                 raise ChainLoopError(f"chain from head {head} has more than {limit} descriptors")
+            out.count()
             addr, length, flags, nxt = self._desc(table, i)
             ndesc += not nested
             if flags & DESC_F_INDIRECT:
@@ -300,7 +371,9 @@ class SplitRing(_Ring):
             slot = self.next_used % self.size
             self.mem.write_int(self.device + 4 + 8 * slot, 8, head | length << 32)
             self.next_used = (self.next_used + 1) & 0xFFFF
+        # fence (release): the used elements are written before the index that publishes them
         self.mem.write_int(self.device + 2, 2, self.next_used)
+        # fence (full): the index is published before the driver's suppression is read
         old, self.signalled_used = self.signalled_used, self.next_used
         if self.event_idx:
             used_event = self.mem.read_int(self.driver + 4 + 2 * self.size, 2)
@@ -313,6 +386,7 @@ class SplitRing(_Ring):
                 self.mem.write_int(self.device + 4 + 8 * self.size, 2, self.next_avail)
         else:
             self.mem.write_int(self.device, 2, 0 if enabled else USED_F_NO_NOTIFY)
+        # fence (full): kicks are re-enabled before the avail index is read again
         return self.pending()
 
 
@@ -333,11 +407,16 @@ class PackedRing(_Ring):
         avail, used = bool(flags & DESC_F_AVAIL), bool(flags & DESC_F_USED)
         return avail == self.avail_wrap and used != self.avail_wrap
 
-    def pop(self, max_chains: int) -> Batch:
-        out = _Segments(self.mem)
-        while len(out.heads) < max_chains and self.pending():
+    def pop(self, max_chains: int, max_descs: int | None = None) -> Batch:
+        out = _Segments(self.mem, _budget(max_descs))
+        while len(out.heads) < max_chains and not out.spent() and self.pending():
+            # fence (acquire): the head's flags are read before the chain they publish
             out.begin()
-            self._walk(out)
+            try:
+                self._walk(out)
+            except _OverBudget:
+                out.drop_partial()
+                break
         return out.batch()
 
     def _walk(self, out: _Segments) -> None:
@@ -347,10 +426,12 @@ class PackedRing(_Ring):
             steps += 1
             if steps > self.size:
                 raise ChainLoopError(f"chain has more than {self.size} descriptors")
+            out.count()
             addr, length, buf_id, flags = self._desc(self.desc, slot)
             if flags & DESC_F_INDIRECT:
                 self._check_indirect(addr, length, flags, False)
                 for k in range(length // 16):
+                    out.count()
                     t_addr, t_len, _, t_flags = self._desc(addr, k)
                     if t_flags & DESC_F_INDIRECT:
                         raise IndirectError("indirect descriptor inside an indirect table")
@@ -389,7 +470,10 @@ class PackedRing(_Ring):
                 self.next_used -= self.size
                 self.used_wrap = not self.used_wrap
         assert first is not None
-        self.mem.write_int(first[0] + 14, 2, first[1])  # publishes the whole batch
+        # fence (release): every used descriptor is written before the first one's flags,
+        # which publish the whole batch
+        self.mem.write_int(first[0] + 14, 2, first[1])
+        # fence (full): published before the driver's event suppression area is read
         return self._should_notify()
 
     def _should_notify(self) -> bool:
@@ -416,4 +500,5 @@ class PackedRing(_Ring):
             self.mem.write_int(self.device + 2, 2, RING_EVENT_FLAGS_DESC)
         else:
             self.mem.write_int(self.device + 2, 2, RING_EVENT_FLAGS_ENABLE)
+        # fence (full): kicks are re-enabled before the next slot is read again
         return self.pending()

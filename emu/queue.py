@@ -169,14 +169,15 @@ class Virtqueue:
             self._requeue = False
         if self._resubmit:
             batch = self._take_resubmit(min(max_chains, self._chains_left))
+            self._descs_left -= len(batch.addr)
         else:
             batch = self._pop_ring(min(max_chains, self._chains_left))
+            self._descs_left -= batch.walked
         self._chains_left -= len(batch)
-        self._descs_left -= len(batch.addr)
         return batch
 
     def _pop_ring(self, max_chains: int) -> Batch:
-        batch = self.ring.pop(max_chains)
+        batch = self.ring.pop(max_chains, self._descs_left)
         for i, head in enumerate(batch.heads.tolist()):
             self._chains[head] = (batch, i)
         if self.tracker is not None and len(batch):

@@ -96,6 +96,8 @@ class Batch:
     addr: np.ndarray  # uint64[m]
     length: np.ndarray  # uint32[m]
     writable: np.ndarray  # uint8[m]
+    #: descriptors the pop read to build this batch (budget accounting; 0 when not popped)
+    walked: int = 0
 
     def __len__(self) -> int:
         return len(self.heads)

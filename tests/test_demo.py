@@ -18,6 +18,17 @@ def test_demo_drives_every_device(args):
     assert "rng: 64 bytes" in res.output
 
 
+def test_demo_offers_the_stop_bit_only_when_asked():
+    res = CliRunner().invoke(main, ["demo", "--in-process", "--stop-bit", "47", "rng"])
+    assert res.exit_code == 0, res.output
+    assert "STOP offered as feature bit 47; the guest stopped rng" in res.output
+    assert "stop-bit: resumed, 64 more bytes" in res.output
+    res = CliRunner().invoke(main, ["demo", "--in-process", "rng"])
+    assert res.exit_code == 0 and "stop-bit" not in res.output
+    res = CliRunner().invoke(main, ["demo", "--in-process", "--stop-bit", "43", "rng"])
+    assert res.exit_code != 0  # 43 is SUSPEND; only the reserved 44-49
+
+
 def test_help_lists_commands():
     res = CliRunner().invoke(main, ["--help"])
     assert res.exit_code == 0

@@ -38,7 +38,7 @@ def test_impossible_saved_ring_state_fails_the_device_without_raising(mem, tmp_p
     img = tmp_path / "d.img"
     img.write_bytes(bytes(1 << 20))
     dev = BlkDevice(img)
-    tr = MmioTransport(dev, mem)
+    tr = MmioTransport(dev, mem, stop_feature_bit=mmio.F_EMU_STOP)  # QueueRingState
     drv = VirtioMmioDriver(tr, mem)
     drv.init(packed=True)
     drv.setup_queue(0, 256)

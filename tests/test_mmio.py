@@ -459,7 +459,20 @@ def test_legacy_features_hide_the_high_word_and_add_legacy_bits(legacy, echo):
     assert legacy.r(mmio.DEVICE_FEATURES) == 0
     legacy.w(mmio.DEVICE_FEATURES_SEL, 0)
     low = legacy.r(mmio.DEVICE_FEATURES)
-    assert low == echo.features & 0xFFFFFFFF | 1 << 24 | 1 << 27
+    assert low == echo.features & 0xFFFFFFFF | 1 << mmio.F_ANY_LAYOUT
+
+
+def test_legacy_does_not_offer_notify_on_empty(legacy, echo):
+    """The rings never notify on empty, so the feature is not offered, and a driver that
+    sets it anyway does not get it (QEMU offers it; Linux never accepts it)."""
+    legacy.w(mmio.DEVICE_FEATURES_SEL, 0)
+    assert not legacy.r(mmio.DEVICE_FEATURES) >> mmio.F_NOTIFY_ON_EMPTY & 1
+    legacy.w(mmio.STATUS, 3)
+    legacy.w(mmio.DRIVER_FEATURES_SEL, 0)
+    legacy.w(mmio.DRIVER_FEATURES, 1 << mmio.F_NOTIFY_ON_EMPTY | 1 << mmio.F_ANY_LAYOUT)
+    legacy.w(mmio.STATUS, 7)
+    assert legacy.r(mmio.STATUS) == 7
+    assert not echo.driver_features >> mmio.F_NOTIFY_ON_EMPTY & 1
 
 
 def test_legacy_tolerates_linux_writing_the_high_feature_word(legacy, caplog):

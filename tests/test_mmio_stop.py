@@ -53,9 +53,11 @@ class Rig:
         self.blk: BlkDriver | None = None
 
     def make_transport(self, **kw) -> tuple[BlkDevice, MmioTransport]:
+        """The STOP extension is offered here (at its usual bit) unless ``kw`` says not."""
         dev = BlkDevice(self.disk)
         for q in dev.queues:
             hold_completions(q, LATENCY)
+        kw.setdefault("stop_feature_bit", mmio.F_EMU_STOP)
         return dev, MmioTransport(dev, self.mem, irq=self.levels.append, **kw)
 
     def open(self, features: int | None = None, queue_size: int | None = 8) -> BlkDriver:
@@ -267,10 +269,42 @@ def test_stop_refused_without_the_feature_or_before_driver_ok(tmp_path, packed, 
         rig.close()
 
 
+def test_stop_is_offered_only_when_asked(tmp_path, packed, mem, caplog):
+    """The STOP extension is experimental: a transport built without stop_feature_bit
+    offers SUSPEND but neither STOP nor the ring-state registers."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(DISK))
+    dev = BlkDevice(disk)
+    t = MmioTransport(dev, mem)
+    drv = VirtioMmioDriver(t, mem)
+    try:
+        assert t.offered_features >> mmio.F_SUSPEND & 1
+        assert not t.offered_features & 0x3F << 44  # nothing in the future-transport range
+        asked = 1 << F_VERSION_1 | 1 << mmio.F_EMU_STOP  # a driver that insists on STOP
+        for value in (0, 1, 3):
+            t.write(mmio.STATUS, 4, value)
+        for sel in (0, 1):
+            t.write(mmio.DRIVER_FEATURES_SEL, 4, sel)
+            t.write(mmio.DRIVER_FEATURES, 4, asked >> 32 * sel & 0xFFFFFFFF)
+        t.write(mmio.STATUS, 4, 0xB)
+        assert not t.read(mmio.STATUS, 4) & mmio.S_FEATURES_OK
+        BlkDriver.open(drv, packed=packed, queue_size=8)
+        assert not drv.features >> mmio.F_EMU_STOP & 1
+        caplog.clear()
+        t.write(mmio.STATUS, 4, drv.status | mmio.S_STOP)
+        assert any("STOP ignored: its feature was not negotiated" in m for m in warnings(caplog))
+        assert not t.status & mmio.S_STOP and dev.run_state is RunState.RUNNING
+        drv.suspend()  # virtio 1.4 SUSPEND stays on
+        caplog.clear()
+        t.write(mmio.QUEUE_SEL, 4, 0)
+        assert t.read(mmio.QUEUE_RING_STATE, 4) == 0 and warnings(caplog)
+        drv.resume()
+    finally:
+        t.write(mmio.STATUS, 4, 0)
+        dev.close()
+
+
 def test_stop_feature_bit_is_configurable(tmp_path, packed, mem):
-    off = Rig(tmp_path, packed, mem, stop_feature_bit=None)
-    assert not off.t.offered_features >> mmio.F_EMU_STOP & 1
-    off.close()
     rig = Rig(tmp_path, packed, mem, stop_feature_bit=45)
     rig.drv.stop_feature_bit = 45
     try:
@@ -438,7 +472,7 @@ CHILD = textwrap.dedent(
     ram, ram_size, disk, state, guest = sys.argv[1:]
     mem = GuestMemory.create(int(ram_size), backing=ram)
     dev = BlkDevice(disk)
-    t = MmioTransport(dev, mem)
+    t = MmioTransport(dev, mem, stop_feature_bit=47)  # the saved driver accepted it
     t.restore(state_file.load(state))
     with open(guest, "rb") as f:
         drv = VirtioMmioDriver.load(t, mem, pickle.load(f))

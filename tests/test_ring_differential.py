@@ -2,10 +2,11 @@
 
 Hypothesis drives two identical guest memories, one per core, with the same sequence of
 driver writes (mostly valid chains, sometimes hostile bytes) and device operations (pop with
-random batch sizes, push of random in-flight subsets in random order, set_notify, driver
-event settings, a state()/set_state() round trip onto a fresh ring). After every step the
-results, the exception class (if any), every byte of guest memory with its dirty map, and
-the ring state must be identical.
+random batch sizes and descriptor budgets, push of random in-flight subsets in random order,
+set_notify, driver event settings, a state()/set_state() round trip onto a fresh ring).
+After every step the results (with each batch's count of descriptors read), the exception
+class (if any), every byte of guest memory with its dirty map, and the ring state must be
+identical.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def same_memory(a: GuestMemory, b: GuestMemory) -> bool:
 
 def same_result(a: object, b: object) -> bool:
     if isinstance(a, Batch) and isinstance(b, Batch):
-        return all(
+        return a.walked == b.walked and all(
             x.dtype == y.dtype and np.array_equal(x, y)
             for x, y in zip(
                 (a.heads, a.chain_start, a.addr, a.length, a.writable),
@@ -223,9 +224,14 @@ def run(packed: bool, data) -> None:
                     offered.append(offer_split(p, data, free, hostile))
             elif op == "pop":
                 before = dict(p.rings[0].state().inflight)
-                batch = p.call("pop", data.draw(st.integers(0, size + 1)))
+                budget = data.draw(st.one_of(st.none(), st.integers(0, 3 * size)))
+                if data.draw(st.integers(0, 31)) == 0:
+                    budget = -1  # refused: ValueError
+                batch = p.call("pop", data.draw(st.integers(0, size + 1)), budget)
                 if batch is not None:
                     event(f"pop: {min(len(batch), 3)}+ chains")
+                    if budget is not None and len(batch) and batch.walked >= budget:
+                        event("pop: budget reached")
                     offered = offered[len(batch) :]
                     assert not set(batch.heads.tolist()) & set(before)
             elif op == "push":

@@ -325,3 +325,81 @@ def test_indirect_table_of_size_entries_is_fine(impl, mem):
     b.desc(0, TABLE, 16 * SIZE, IND, 0)
     b.offer(0)
     assert ring.pop(SIZE).chain_start.tolist() == [0, SIZE]
+
+
+# -- a full ring whose chains all share descriptors: legal one by one, quadratic together --
+
+
+def _shared_tail(mem: GuestMemory, impl: ModuleType, size: int):
+    """Descriptor i links to i+1, and every head is offered: chain k walks size - k."""
+    b = SplitBuilder(mem, size, desc=0x1000, driver=0x11000, device=0x14000)
+    ring = impl.SplitRing(mem, size, *b.areas(), 0)
+    for i in range(size):
+        b.desc(i, BUF, 1, N if i < size - 1 else 0, i + 1)
+    b.offer(*range(size))
+    return ring, [size - k for k in range(size)]
+
+
+def _shared_table(mem: GuestMemory, impl: ModuleType, size: int):
+    """Every split head points at the same indirect table of ``size`` entries."""
+    b = SplitBuilder(mem, size, desc=0x1000, driver=0x11000, device=0x14000)
+    ring = impl.SplitRing(mem, size, *b.areas(), INDIRECT)
+    b.table(BUF, [(BUF, 1, N, k + 1) for k in range(size - 1)] + [(BUF, 1, 0, 0)])
+    for i in range(size):
+        b.desc(i, BUF, 16 * size, IND)
+    b.offer(*range(size))
+    return ring, [size + 1] * size
+
+
+def _packed_shared_table(mem: GuestMemory, impl: ModuleType, size: int):
+    """Every packed slot is a chain pointing at the same indirect table."""
+    b = PackedBuilder(mem, size, desc=0x1000, driver=0x11000, device=0x11004)
+    ring = impl.PackedRing(mem, size, *b.areas(), INDIRECT)
+    b.table(BUF, [(BUF, 1, 0)] * size)
+    for i in range(size):
+        b.offer(i, [(BUF, 16 * size, IND)])
+    return ring, [size + 1] * size
+
+
+SHARED = {"tail": _shared_tail, "table": _shared_table, "packed-table": _packed_shared_table}
+
+
+def _bounded_pops(ring, cost: list[int], budget: int, pops: int | None = None) -> int:
+    """Pop with a budget; every pop reads at most max(budget, its first chain's cost), takes
+    the chains in ring order, and all of them come out, each once. Returns the pops."""
+    taken = 0
+    n = 0
+    while taken < len(cost) and (pops is None or n < pops):
+        batch = ring.pop(len(cost), max_descs=budget)
+        n += 1
+        assert len(batch) >= 1
+        assert batch.walked <= max(budget, cost[taken])
+        assert sum(cost[taken : taken + len(batch)]) <= max(budget, cost[taken])
+        assert batch.heads.tolist() == list(range(taken, taken + len(batch)))
+        taken += len(batch)
+    return n
+
+
+@pytest.mark.parametrize("kind", sorted(SHARED))
+def test_4096_heads_sharing_descriptors_are_served_in_bounded_pops(impl, kind):
+    """8.4 M descriptors behind one avail index (the review's case): each pop of a queue
+    size budget reads about one queue size, whatever the guest shares."""
+    mem = make_memory()
+    try:
+        ring, cost = SHARED[kind](mem, impl, 4096)
+        assert sum(cost) > 4096 * 4096 // 2
+        _bounded_pops(ring, cost, budget=4096, pops=4)
+    finally:
+        mem.close()
+
+
+@pytest.mark.parametrize("kind", sorted(SHARED))
+def test_a_ring_sharing_descriptors_is_served_to_the_end(impl, kind):
+    mem = make_memory()
+    try:
+        ring, cost = SHARED[kind](mem, impl, 128)
+        pops = _bounded_pops(ring, cost, budget=128)
+        assert ring.pop(128, max_descs=128).walked == 0  # nothing left
+        assert len(ring.inflight()) == 128 and pops >= sum(cost) // (2 * 128)
+    finally:
+        mem.close()

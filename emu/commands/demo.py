@@ -171,6 +171,29 @@ def demo_stop(say: Callable[[str], None], depth: int = 32) -> bool:
         return ok
 
 
+def demo_stop_bit(bit: int, say: Callable[[str], None]) -> None:
+    """In-process: the guest's own STOP (experimental, offered only when asked for)."""
+    mem = GuestMemory.create(GUEST_RAM)
+    dev = RngDevice()
+    try:
+        drv = VirtioMmioDriver(
+            MmioTransport(dev, mem, stop_feature_bit=bit), mem, stop_feature_bit=bit
+        )
+        rng = RngDriver.open(drv)
+        rng.read(64)
+        drv.stop()
+        rs = drv.ring_state(0)
+        say(
+            f"stop-bit: STOP offered as feature bit {bit}; the guest stopped rng: next avail "
+            f"{rs.next_avail}, next used {rs.next_used}, {drv.inflight(0)} in flight"
+        )
+        drv.resume()
+        say(f"stop-bit: resumed, {len(rng.read(64))} more bytes")
+    finally:
+        dev.close()
+        mem.close()
+
+
 DEMOS = {"blk": demo_blk, "net": demo_net, "console": demo_console, "rng": demo_rng}
 
 VIRTIO_NAMES = {"0x0001": "net", "0x0002": "blk", "0x0003": "console", "0x0004": "rng"}
@@ -251,6 +274,13 @@ def demo_guest(kind: str, mib: int, say: Callable[[str], None]) -> bool:
 @click.option("--no-event-idx", is_flag=True, help="In-process: flag-based suppression.")
 @click.option("--no-indirect", is_flag=True, help="In-process: no indirect tables.")
 @click.option(
+    "--stop-bit",
+    type=click.IntRange(44, 49),
+    default=None,
+    help="In-process: also offer the experimental STOP status bit as this feature bit "
+    "(docs/stop.md; e.g. 47) and stop rng through it. Not offered by default.",
+)
+@click.option(
     "--ring",
     type=click.Choice(["cython", "python"]),
     default=None,
@@ -264,6 +294,7 @@ def command(
     packed: bool,
     no_event_idx: bool,
     no_indirect: bool,
+    stop_bit: int | None,
     ring: str | None,
     devices: tuple[str, ...],
 ) -> None:
@@ -285,4 +316,6 @@ def command(
     opts = dict(packed=packed, event_idx=not no_event_idx, indirect=not no_indirect)
     for name in devices or DEMOS:
         DEMOS[name](opts, click.echo)
+    if stop_bit is not None:
+        demo_stop_bit(stop_bit, click.echo)
     click.echo("demo: all devices answered")

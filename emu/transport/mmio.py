@@ -13,10 +13,10 @@ Version 2 is the modern layout; version 1 is the legacy one (GuestPageSize/Queue
 QueuePFN, no FEATURES_OK, 32 feature bits) that Linux still uses by default under QEMU.
 
 Stopping the device (modern transport only; docs/stop.md has the whole contract): the guest
-can set the experimental STOP status bit (feature VIRTIO_F_EMU_STOP, bit 47 by default) and
-read ring state and in-flight counts through two extension registers, or use virtio 1.4
-SUSPEND (feature 43); the VMM can stop the device behind the guest's back with
-``vmm_stop``/``vmm_resume`` and ``save``/``restore`` it.
+can use virtio 1.4 SUSPEND (feature 43), or, only where the VMM asks for the experimental
+extension (``stop_feature_bit``, e.g. 47), set the STOP status bit (VIRTIO_F_EMU_STOP) and
+read ring state and in-flight counts through two extension registers; the VMM can stop the
+device behind the guest's back with ``vmm_stop``/``vmm_resume`` and ``save``/``restore`` it.
 """
 
 from __future__ import annotations
@@ -63,17 +63,21 @@ _GUEST_HOLDS = S_STOP | S_SUSPEND
 
 # transport features of the stop interfaces (modern transport only)
 F_SUSPEND = 43
-#: default bit of VIRTIO_F_EMU_STOP: 44-49 are reserved for future transport features
+#: the usual bit of VIRTIO_F_EMU_STOP when asked for (44-49 are reserved for future transport
+#: features); experimental, so not offered unless the transport is built with it
 F_EMU_STOP = 47
 
 # interrupt status bits
 INT_VRING = 1
 INT_CONFIG = 2
 
-# legacy-only transport features a legacy device offers (QEMU does the same)
+# legacy-only transport features. ANY_LAYOUT: a transitional device must offer it.
+# NOTIFY_ON_EMPTY (a device "may" offer it) is not offered: the rings do not implement it,
+# and Linux never accepts it (its virtio core keeps only the ring features it knows; the
+# blk-legacy trace under QEMU shows QEMU offering it and Linux 6.1 declining).
 F_NOTIFY_ON_EMPTY = 24
 F_ANY_LAYOUT = 27
-_LEGACY_TRANSPORT_FEATURES = 1 << F_NOTIFY_ON_EMPTY | 1 << F_ANY_LAYOUT
+_LEGACY_TRANSPORT_FEATURES = 1 << F_ANY_LAYOUT
 
 # register offsets
 MAGIC_VALUE = 0x000
@@ -197,7 +201,8 @@ def decode_ring_state(value: int, packed: bool) -> RingState:
 
 
 class MmioTransport:
-    """``stop_feature_bit``: the bit VIRTIO_F_EMU_STOP is offered as (None: not offered);
+    """``stop_feature_bit``: the bit the experimental VIRTIO_F_EMU_STOP (STOP status bit and
+    ring-state registers) is offered as, e.g. ``F_EMU_STOP``; None (default): not offered.
     ``stop_policy``: how a guest STOP quiesces ("drain"/"report"; None: the device's)."""
 
     def __init__(
@@ -208,7 +213,7 @@ class MmioTransport:
         version: int = 2,
         irq: Callable[[int], None] | None = None,
         vendor_id: int = VENDOR_EMU,
-        stop_feature_bit: int | None = F_EMU_STOP,
+        stop_feature_bit: int | None = None,
         stop_policy: str | None = None,
     ) -> None:
         if version not in (1, 2):
