@@ -88,6 +88,8 @@ VHOST_BITS = 1 << F_PROTOCOL_FEATURES | 1 << 26
 #: virtio status bits SET_STATUS/GET_STATUS care about
 S_FEATURES_OK = 8
 S_NEEDS_RESET = 0x40
+#: seconds between attempts when accept fails (no free fd): the frontend stays queued
+ACCEPT_RETRY = 0.1
 
 
 class Refused(Exception):
@@ -229,8 +231,9 @@ class Session:
             raise ProtocolError(f"vring index {index}, device has {len(self.vrings)}")
         return self.vrings[index], self.device.queues[index]
 
-    def _vring_fd(self, msg: Message, kinds: tuple[str, ...]) -> tuple[Vring, Virtqueue, int]:
-        """Decode SET_VRING_KICK/CALL/ERR: (vring, queue, fd or -1 for nofd)."""
+    def _vring_fd(self, msg: Message, kinds: tuple[str, ...]) -> tuple[Vring, Virtqueue, bool]:
+        """Decode SET_VRING_KICK/CALL/ERR: (vring, queue, whether an fd came). The fd stays
+        in ``msg`` (closed with it) until the handler hands it on."""
         (value,) = U64.unpack(msg.payload)
         if value & ~(VRING_IDX_MASK | VRING_NOFD):
             raise ProtocolError(f"{msg.name}: reserved bits set in {value:#x}")
@@ -238,13 +241,13 @@ class Session:
         if value & VRING_NOFD:
             if msg.fds:
                 raise ProtocolError(f"{msg.name}: an fd came with the nofd flag")
-            return vr, q, -1
+            return vr, q, False
         if len(msg.fds) != 1:
             raise ProtocolError(f"{msg.name}: no fd and no nofd flag")
         kind = fd_kind(msg.fds[0])
         if kind not in kinds:
             raise Refused(f"vring {vr.index}: fd is a {kind}, expected {' or '.join(kinds)}")
-        return vr, q, msg.fds.pop()
+        return vr, q, True
 
     def _needs_reset(self, reason: str) -> None:
         log.error("vhost-user: %s needs a reset: %s", self.device.name, reason)
@@ -344,22 +347,40 @@ class Session:
         self.device.reset()
         for q, vr in zip(self.device.queues, self.vrings, strict=True):
             q.tracker = None
-            self.device.set_kick_fd(q, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
             vr.close()
             self.vrings[vr.index] = fresh = Vring(vr.index)
             q.notify = fresh.call.signal
+            self._own_kick_fd(q)
         if self.inflight is not None:
-            self.inflight.close()
-            self.inflight = None
+            inflight, self.inflight = self.inflight, None
+            inflight.close()
         self.vu_features = 0
         self.status = 0
 
+    def _own_kick_fd(self, q: Virtqueue) -> None:
+        """Give ``q`` a kick eventfd of emu's own, so the frontend's is closed. Without a
+        free fd the frontend's stays until the next SET_VRING_KICK replaces it: harmless,
+        the queue is stopped, and a reset must not fail for want of an fd."""
+        try:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError as e:
+            log.warning(
+                "vhost-user: %s: queue %d keeps its kick fd: %s", self.device.name, q.index, e
+            )
+            return
+        self.device.set_kick_fd(q, fd)
+
     def close(self) -> None:
-        self.reset()
-        self.table.clear()
+        """End of the connection. Every step runs even when one before it fails (a process
+        out of fds), so that what the connection holds is released all the same."""
+        steps: list[Callable[[], None]] = [self.reset, self.table.clear, self.sock.close]
         if self.backend_req is not None:
-            self.backend_req.close()
-        self.sock.close()
+            steps.append(self.backend_req.close)
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("vhost-user: %s: cleanup step failed", self.device.name)
 
     # -- features --
 
@@ -410,9 +431,11 @@ class Session:
     def set_backend_req_fd(self, msg: Message) -> None:
         if fd_kind(msg.fds[0]) != "socket":
             raise Refused("backend request channel is not a socket")
+        channel = socket.socket(fileno=msg.fds[0])
+        msg.fds.pop()
         if self.backend_req is not None:
             self.backend_req.close()
-        self.backend_req = socket.socket(fileno=msg.fds.pop())
+        self.backend_req = channel
 
     @handles(Req.SET_STATUS, 8)
     def set_status(self, msg: Message) -> None:
@@ -448,14 +471,12 @@ class Session:
         if n != len(msg.fds):
             raise ProtocolError(f"SET_MEM_TABLE: {n} regions but {len(msg.fds)} fds")
         regions = [MemRegion.unpack(msg.payload, 8 + 32 * i) for i in range(n)]
-        fds, msg.fds = msg.fds, []
-        self._paused(lambda: self.table.replace(regions, fds))
+        self._paused(lambda: self.table.replace(regions, msg.take_fds()))
 
     @handles(Req.ADD_MEM_REG, 8 + MEM_REGION.size, (1, 1))
     def add_mem_reg(self, msg: Message) -> None:
         region = MemRegion.unpack(msg.payload, 8)
-        fd = msg.fds.pop()
-        self._paused(lambda: self.table.add(region, fd))
+        self._paused(lambda: self.table.add(region, msg.fds.pop()))
 
     @handles(Req.REM_MEM_REG, 8 + MEM_REGION.size, (0, 1))
     def rem_mem_reg(self, msg: Message) -> None:
@@ -508,23 +529,27 @@ class Session:
 
     @handles(Req.SET_VRING_KICK, 8, (0, 1))
     def set_vring_kick(self, msg: Message) -> None:
-        vr, q, fd = self._vring_fd(msg, ("eventfd",))
-        if fd < 0:
+        vr, q, has_fd = self._vring_fd(msg, ("eventfd",))
+        if not has_fd:
             raise Refused(f"vring {vr.index}: polling mode (kick nofd) is not supported")
-        os.set_blocking(fd, False)  # the device thread drains it; never block on it
-        self.device.set_kick_fd(q, fd)
+        os.set_blocking(msg.fds[0], False)  # the device thread drains it; never block on it
+        self.device.set_kick_fd(q, msg.fds.pop())
         vr.kicked = True
         self._try_start(vr)
 
     @handles(Req.SET_VRING_CALL, 8, (0, 1))
     def set_vring_call(self, msg: Message) -> None:
-        vr, _, fd = self._vring_fd(msg, ("eventfd", "socket"))
-        vr.call.set(fd, fd_kind(fd) if fd >= 0 else "none")
+        vr, _, has_fd = self._vring_fd(msg, ("eventfd", "socket"))
+        if not has_fd:
+            vr.call.set(-1, "none")
+        else:
+            vr.call.set(msg.fds[0], fd_kind(msg.fds[0]))
+            msg.fds.pop()
 
     @handles(Req.SET_VRING_ERR, 8, (0, 1))
     def set_vring_err(self, msg: Message) -> None:
-        vr, _, fd = self._vring_fd(msg, ("eventfd",))
-        vr.err.set(fd)
+        vr, _, has_fd = self._vring_fd(msg, ("eventfd",))
+        vr.err.set(msg.fds.pop() if has_fd else -1)
 
     @handles(Req.SET_VRING_ENABLE, 8)
     def set_vring_enable(self, msg: Message) -> None:
@@ -578,7 +603,8 @@ class Session:
         if any(q.started for q in self.device.queues):
             raise Refused("inflight region replaced while rings run")
         if self.inflight is not None:
-            self.inflight.close()
+            old, self.inflight = self.inflight, None
+            old.close()
         self.inflight = InflightRegion.create(num_queues, desc_num, self.packed)
         queue_size = INFLIGHT.unpack(msg.payload)[3]
         payload = INFLIGHT.pack(self.inflight.size, 0, num_queues, queue_size)
@@ -590,9 +616,9 @@ class Session:
         if any(q.started for q in self.device.queues):
             raise Refused("inflight region replaced while rings run")
         region = InflightRegion(msg.fds.pop(), size, offset, num_queues, desc_num, self.packed)
-        if self.inflight is not None:
-            self.inflight.close()
-        self.inflight = region
+        old, self.inflight = self.inflight, region
+        if old is not None:
+            old.close()
 
 
 class VhostUserServer:
@@ -621,13 +647,32 @@ class VhostUserServer:
         return self
 
     def serve_forever(self) -> None:
-        while (conn := self._accept()) is not None:
+        """Serve connections one after another until ``close``. Nothing that goes wrong
+        with one connection, nor a failed accept (a process out of fds), ends the loop."""
+        while True:
+            try:
+                conn = self._accept()
+            except OSError as e:
+                log.error("vhost-user: %s: cannot accept a connection: %s", self.device.name, e)
+                if self._stopped(ACCEPT_RETRY):  # the frontend waits in the backlog
+                    return
+                continue
+            if conn is None:
+                return
             self.connections += 1
             self._serve(conn)
 
+    def _stopped(self, timeout: float) -> bool:
+        """Whether ``close`` was called, waiting up to ``timeout`` seconds for it."""
+        poller = select.poll()
+        poller.register(self._stop, select.POLLIN)
+        return bool(poller.poll(int(timeout * 1000)))
+
     def _accept(self) -> socket.socket | None:
-        ready, _, _ = select.select([self.listener, self._stop], [], [])
-        if self._stop in ready:
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        poller.register(self._stop, select.POLLIN)
+        if any(fd == self._stop for fd, _ in poller.poll()):
             return None
         conn, _ = self.listener.accept()
         self._conn = conn
@@ -635,8 +680,9 @@ class VhostUserServer:
 
     def _serve(self, conn: socket.socket) -> None:
         log.info("vhost-user: %s: frontend connected on %s", self.device.name, self.path)
-        session = Session(self.device, conn, self.negotiated)
+        session = None
         try:
+            session = Session(self.device, conn, self.negotiated)
             session.run()
         except PeerClosed:
             log.info("vhost-user: %s: frontend disconnected", self.device.name)
@@ -648,7 +694,10 @@ class VhostUserServer:
             )
         finally:
             self._conn = None
-            session.close()
+            if session is not None:
+                session.close()  # never raises
+            else:
+                conn.close()
 
     def close(self) -> None:
         os.eventfd_write(self._stop, 1)

@@ -86,7 +86,11 @@ class Transfer:
         self._cancelled = threading.Event()
         self._deadline = time.monotonic() + TRANSFER_TIMEOUT
         self.thread = threading.Thread(target=self._run, name="emu-device-state", daemon=True)
-        self.thread.start()
+        try:
+            self.thread.start()
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _run(self) -> None:
         try:

@@ -212,8 +212,7 @@ class VhostUserFrontend:
             event_idx=bool(self.features >> F_EVENT_IDX & 1),
             indirect=bool(self.features >> F_INDIRECT_DESC & 1),
         )
-        call = self._calls.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-        self.set_u64(Req.SET_VRING_CALL, index, [call])
+        self.set_u64(Req.SET_VRING_CALL, index, [self._eventfd(self._calls, index)])
         self.request(Req.SET_VRING_NUM, VRING_STATE.pack(index, size))
         # a fresh packed ring starts with both wrap counters set (bits 15 and 31)
         base = 1 << 15 | 1 << 31 if q.packed else 0
@@ -221,6 +220,14 @@ class VhostUserFrontend:
         self.set_vring_addr(q)
         self.queues[index] = q
         return q
+
+    @staticmethod
+    def _eventfd(fds: dict[int, int], index: int) -> int:
+        """Ring ``index``'s eventfd in ``fds``, made once and sent again at every start
+        (as QEMU re-sends the same kick and call eventfds at ``cont``)."""
+        if index not in fds:
+            fds[index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fds[index]
 
     def set_vring_addr(self, q: DriverQueue) -> None:
         payload = VRING_ADDR.pack(
@@ -234,8 +241,7 @@ class VhostUserFrontend:
             self.start_ring(index)
 
     def start_ring(self, index: int) -> None:
-        kick = self._kicks.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-        self.set_u64(Req.SET_VRING_KICK, index, [kick])
+        self.set_u64(Req.SET_VRING_KICK, index, [self._eventfd(self._kicks, index)])
         self.request(Req.SET_VRING_ENABLE, VRING_STATE.pack(index, 1))
 
     def stop_ring(self, index: int) -> int:

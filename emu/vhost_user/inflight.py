@@ -82,7 +82,10 @@ class InflightRegion:
                 )
             if offset % mmap.ALLOCATIONGRANULARITY or os.fstat(fd).st_size < offset + size:
                 raise GuestMemoryError("inflight region offset/size outside its file")
-            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
+            try:
+                self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
+            except (OSError, ValueError) as e:  # e.g. a file open for writing only
+                raise GuestMemoryError(f"inflight region cannot be mapped: {e}") from e
         except BaseException:
             os.close(fd)
             raise
@@ -95,7 +98,11 @@ class InflightRegion:
     def create(cls, num_queues: int, desc_num: int, packed: bool) -> InflightRegion:
         size = queue_area(packed, desc_num) * num_queues
         fd = os.memfd_create("emu-vhost-inflight", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(fd, size, 0, num_queues, desc_num, packed)
 
     def close(self) -> None:

@@ -73,7 +73,7 @@ class MemoryTable:
                     raise GuestMemoryError(f"region gpa {region.gpa:#x} overlaps {r.gpa:#x}")
                 if _overlap(r.uva, r.uva + r.size, region.uva, region.uva + region.size):
                     raise GuestMemoryError(f"region uva {region.uva:#x} overlaps {r.uva:#x}")
-        except GuestMemoryError:
+        except BaseException:
             os.close(fd)
             raise
         try:
@@ -103,7 +103,7 @@ class MemoryTable:
         for i, (region, fd) in enumerate(zip(regions, fds, strict=True)):
             try:
                 self.add(region, fd)
-            except GuestMemoryError:
+            except BaseException:
                 for rest in fds[i + 1 :]:
                     os.close(rest)
                 self.clear()

@@ -128,6 +128,11 @@ class Message:
     def pack(self) -> bytes:
         return HEADER.pack(self.req, self.flags, len(self.payload)) + self.payload
 
+    def take_fds(self) -> list[int]:
+        """The fds, now the caller's to close."""
+        fds, self.fds = self.fds, []
+        return fds
+
     def close_fds(self) -> None:
         for fd in self.fds:
             os.close(fd)
