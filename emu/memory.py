@@ -57,7 +57,8 @@ class Region:
 
 def _map(size: int, backing: str | os.PathLike | None) -> tuple[mmap.mmap, int]:
     if backing is None or backing == "memfd":
-        fd = os.memfd_create("emu-guest-ram", os.MFD_CLOEXEC)
+        # sealable: a vhost-user backend it is shared with seals it against shrinking
+        fd = os.memfd_create("emu-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         return mmap.mmap(fd, size, mmap.MAP_SHARED), fd
     if backing == "anon":

@@ -114,8 +114,8 @@ def send(s: socket.socket, req: int, payload: bytes = b"", fds: list[int] | None
     send_message(s, Message(req, ACK, payload, fds or []))
 
 
-def memfd(name: str, size: int, flags: int = os.MFD_CLOEXEC) -> int:
-    fd = os.memfd_create(name, flags)
+def memfd(name: str, size: int, sealable: bool = True) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
     os.ftruncate(fd, size)
     return fd
 
@@ -181,7 +181,11 @@ def test_refused_region_fd_is_closed_while_connected(server: VhostUserServer, ta
     "req, payload, make",
     [
         pytest.param(Req.SET_LOG_BASE, struct.pack("<QQ", 4096, 100), "memfd", id="log-unaligned"),
+        pytest.param(Req.SET_LOG_BASE, struct.pack("<QQ", 4096, 0), "unsealable", id="log-seal"),
         pytest.param(Req.SET_INFLIGHT_FD, INFLIGHT.pack(4096, 0, 1, 128), "memfd", id="inflight"),
+        pytest.param(
+            Req.SET_INFLIGHT_FD, INFLIGHT.pack(0x840, 0, 1, 128), "unsealable", id="inflight-seal"
+        ),
         pytest.param(Req.SET_VRING_KICK, U64.pack(0), "memfd", id="kick-not-eventfd"),
         pytest.param(Req.SET_VRING_CALL, U64.pack(0), "memfd", id="call-not-eventfd"),
         pytest.param(Req.SET_VRING_ERR, U64.pack(0), "memfd", id="err-not-eventfd"),
@@ -197,8 +201,8 @@ def test_fds_of_refused_messages_are_closed(
 ) -> None:
     fe = VhostUserFrontend(server.path)
     fe.init()
-    fd = memfd(tag, 1 << 20)
-    sent = fd if make == "memfd" else os.eventfd(0)
+    fd = memfd(tag, 1 << 20, sealable=make != "unsealable")
+    sent = os.eventfd(0) if make == "eventfd" else fd
     send_message(fe.sock, Message(req, ACK, payload, [sent]))
     try:
         recv_message(fe.sock).close_fds()

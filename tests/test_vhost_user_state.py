@@ -365,7 +365,7 @@ def test_dirty_log_gets_the_pages_the_backend_wrote(disk: Path, tmp_path: Path) 
     sock = tmp_path / "blk.sock"
     with in_process(BlkDevice(disk), sock):
         fe = VhostUserFrontend(sock)
-        log_fd = os.memfd_create("vhost-log")
+        log_fd = os.memfd_create("vhost-log", os.MFD_ALLOW_SEALING)  # as QEMU's (sealed)
         try:
             blk = BlkDriver.open(fe)
             base = fe.stop_ring(0)

@@ -6,7 +6,9 @@ migration of a stopped VM, which is how emu's guests are snapshotted. So they ar
 and the log is kept correctly, in the simplest way that is safe:
 
 * SET_LOG_BASE (``u64 mmap_size, u64 mmap_offset`` + memfd) maps the log: one bit per
-  4 KiB guest-physical page. It is answered with a u64 0 (QEMU waits for a reply).
+  4 KiB guest-physical page. It is answered with a u64 0 (QEMU waits for a reply). The
+  memfd is sealed against shrinking first, and refused if it cannot be (QEMU's comes
+  sealed; a shrink under the mapping would be a SIGBUS: docs/vhost-user.md).
 * Every write emu makes to guest memory marks its pages in ``GuestMemory``'s dirty maps
   (ring core and devices alike). When a ring stops (GET_VRING_BASE, which QEMU sends
   before its last dirty-log sync) with LOG_ALL negotiated, every marked page is set in
@@ -32,6 +34,7 @@ import numpy as np
 from emu.memory import PAGE_SHIFT
 from emu.vhost_user.backend import OWN_REPLY, Refused, Session, handles
 from emu.vhost_user.protocol import U64, Message, Req, fd_kind
+from emu.vhost_user.sealing import seal_shrink
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ def set_log_base(session: Session, msg: Message) -> bytes:
         raise Refused(f"dirty log of {size:#x} bytes at offset {offset:#x}")
     fd = msg.fds.pop()
     try:
+        if not seal_shrink(fd):  # QEMU's log comes sealed; a shrink would be a SIGBUS
+            raise Refused("dirty log file cannot be sealed against shrinking")
         if os.fstat(fd).st_size < offset + size:
             raise Refused(f"dirty log fd is smaller than {offset + size:#x} bytes")
         mapped = mmap.mmap(

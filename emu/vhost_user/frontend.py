@@ -99,12 +99,14 @@ class VhostUserFrontend:
         add_mem_reg: bool | None = None,
         inflight: bool = False,
         timeout: float = 10.0,
+        ram: str | os.PathLike = "memfd",
     ) -> None:
         """``add_mem_reg`` shares RAM with ADD_MEM_REG (None: when the backend offers
         CONFIGURE_MEM_SLOTS) instead of SET_MEM_TABLE; ``inflight`` asks for an
-        INFLIGHT_SHMFD region at start, as QEMU does when it is offered."""
+        INFLIGHT_SHMFD region at start, as QEMU does when it is offered; ``ram`` is a
+        sealable memfd (as QEMU's memory-backend-memfd) or a file path (as UML's RAM)."""
         self.sock = connect(path, timeout)
-        self.mem = GuestMemory.create(mem_size)
+        self.mem = GuestMemory.create(mem_size, backing=ram)
         self.alloc = GuestAllocator(self.mem)
         self.queues: dict[int, DriverQueue] = {}
         self.features = 0
