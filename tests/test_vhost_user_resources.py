@@ -16,8 +16,8 @@ import pytest
 
 from emu.devices.blk import BlkDevice
 from emu.testing.blk import BlkDriver
+from emu.testing.vhost_user import VhostUserDriver
 from emu.vhost_user.backend import VhostUserServer
-from emu.vhost_user.frontend import VhostUserFrontend
 from emu.vhost_user.protocol import (
     INFLIGHT,
     MEM_TABLE_HEAD,
@@ -53,7 +53,7 @@ def server(tmp_path: Path) -> Iterator[VhostUserServer]:
 
 def served(srv: VhostUserServer, timeout: float = 5.0) -> bool:
     """A fresh frontend gets a block written and read back (within ``timeout``)."""
-    fe = VhostUserFrontend(srv.path)
+    fe = VhostUserDriver(srv.path)
     fe.sock.settimeout(timeout)
     try:
         blk = BlkDriver.open(fe)
@@ -199,7 +199,7 @@ def test_refused_region_fd_is_closed_while_connected(server: VhostUserServer, ta
 def test_fds_of_refused_messages_are_closed(
     server: VhostUserServer, tag: str, req: Req, payload: bytes, make: str
 ) -> None:
-    fe = VhostUserFrontend(server.path)
+    fe = VhostUserDriver(server.path)
     fe.init()
     fd = memfd(tag, 1 << 20, sealable=make != "unsealable")
     sent = os.eventfd(0) if make == "eventfd" else fd
@@ -219,7 +219,7 @@ def test_fds_of_refused_messages_are_closed(
 def test_replaced_fds_are_closed(server: VhostUserServer, tag: str) -> None:
     """Each fd a frontend sends again (log, inflight, call, err, kick, backend channel)
     closes the one it replaces; the connection's end closes the last ones."""
-    fe = VhostUserFrontend(server.path, inflight=True)
+    fe = VhostUserDriver(server.path, inflight=True)
     blk = BlkDriver.open(fe)
     fe.set_u64(Req.SET_PROTOCOL_FEATURES, fe.protocol | 1 << PF.LOG_SHMFD)
     size = INFLIGHT.unpack(fe.inflight_payload)[0]
@@ -261,7 +261,7 @@ def test_replaced_fds_are_closed(server: VhostUserServer, tag: str) -> None:
 
 def test_frontend_stop_restart_keeps_its_eventfds(server: VhostUserServer) -> None:
     """emu's own frontend reuses its kick and call eventfds across ring stops/restarts."""
-    fe = VhostUserFrontend(server.path)
+    fe = VhostUserDriver(server.path)
     try:
         blk = BlkDriver.open(fe)
         assert blk.write(1, PATTERN) == 0
@@ -282,7 +282,7 @@ def test_frontend_stop_restart_keeps_its_eventfds(server: VhostUserServer) -> No
 def test_inflight_fd_that_cannot_be_mapped_is_refused(
     server: VhostUserServer, tmp_path: Path
 ) -> None:
-    fe = VhostUserFrontend(server.path, inflight=True)
+    fe = VhostUserDriver(server.path, inflight=True)
     fe.init()
     size = INFLIGHT.unpack(fe.inflight_payload)[0]
     path = tmp_path / "inflight"
@@ -323,7 +323,7 @@ def test_server_survives_accept_without_fds(server: VhostUserServer) -> None:
 
 
 def test_server_survives_session_cleanup_without_fds(server: VhostUserServer) -> None:
-    fe = VhostUserFrontend(server.path)
+    fe = VhostUserDriver(server.path)
     blk = BlkDriver.open(fe)
     assert blk.write(1, PATTERN) == 0
     with _NoFds():

@@ -18,8 +18,9 @@ from modes import wait_until
 
 from emu.devices.blk import BlkDevice
 from emu.testing.blk import BlkDriver
+from emu.testing.vhost_user import VhostUserDriver
 from emu.vhost_user.backend import VhostUserServer
-from emu.vhost_user.frontend import FrontendError, VhostUserFrontend
+from emu.vhost_user.frontend import FrontendError
 from emu.vhost_user.protocol import INFLIGHT, ProtocolError, Req
 
 PATTERN = bytes(range(256)) * 16
@@ -76,7 +77,7 @@ def test_guest_ram_is_sealed_and_emu_serve_survives_a_shrink(
 ) -> None:
     sock = tmp_path / "blk.sock"
     with emu_serve(sock, disk) as proc:
-        fe = VhostUserFrontend(sock, add_mem_reg=add_mem_reg)
+        fe = VhostUserDriver(sock, add_mem_reg=add_mem_reg)
         try:
             blk = BlkDriver.open(fe)
             assert blk.write(1, PATTERN) == 0
@@ -92,7 +93,7 @@ def test_guest_ram_is_sealed_and_emu_serve_survives_a_shrink(
 
 def test_guest_ram_already_sealed_by_the_frontend(server: VhostUserServer) -> None:
     """QEMU's memory-backend-memfd: GROW|SHRINK|SEAL before emu sees it; no seal to add."""
-    fe = VhostUserFrontend(server.path)
+    fe = VhostUserDriver(server.path)
     try:
         fcntl.fcntl(fe.mem.regions[0].fd, fcntl.F_ADD_SEALS, 0b111)
         blk = BlkDriver.open(fe)
@@ -103,7 +104,7 @@ def test_guest_ram_already_sealed_by_the_frontend(server: VhostUserServer) -> No
 
 def test_unsealable_guest_ram_is_still_served(server: VhostUserServer, tmp_path: Path) -> None:
     """UML's RAM is a plain file, which takes no seal: it is mapped all the same."""
-    fe = VhostUserFrontend(server.path, ram=tmp_path / "ram")
+    fe = VhostUserDriver(server.path, ram=tmp_path / "ram")
     try:
         with pytest.raises(OSError):
             seals(fe.mem.regions[0].fd)
@@ -117,7 +118,7 @@ def test_unsealable_guest_ram_is_still_served(server: VhostUserServer, tmp_path:
 
 
 def test_dirty_log_is_sealed(server: VhostUserServer) -> None:
-    fe = VhostUserFrontend(server.path)
+    fe = VhostUserDriver(server.path)
     fd = memfd(4096)
     try:
         fe.init()
@@ -135,7 +136,7 @@ def test_dirty_log_is_sealed(server: VhostUserServer) -> None:
 def test_unsealable_dirty_log_is_refused(
     server: VhostUserServer, tmp_path: Path, kind: str
 ) -> None:
-    fe = VhostUserFrontend(server.path)
+    fe = VhostUserDriver(server.path)
     if kind == "file":
         (tmp_path / "log").write_bytes(bytes(4096))
         fd = os.open(tmp_path / "log", os.O_RDWR)
@@ -148,7 +149,7 @@ def test_unsealable_dirty_log_is_refused(
     finally:
         os.close(fd)
         fe.close()
-    fe = VhostUserFrontend(server.path)
+    fe = VhostUserDriver(server.path)
     try:
         assert BlkDriver.open(fe).write(0, PATTERN) == 0
     finally:
@@ -159,7 +160,7 @@ def test_unsealable_dirty_log_is_refused(
 
 
 def test_emus_inflight_region_is_sealed(server: VhostUserServer) -> None:
-    fe = VhostUserFrontend(server.path, inflight=True)
+    fe = VhostUserDriver(server.path, inflight=True)
     try:
         fe.init()
         assert fe.inflight_fd >= 0
@@ -175,7 +176,7 @@ def test_emus_inflight_region_is_sealed(server: VhostUserServer) -> None:
 def test_frontend_inflight_region(server: VhostUserServer, sealable: bool) -> None:
     """A region of the frontend's own (another backend's, before a reconnect) is sealed if
     it can be and refused if it cannot."""
-    fe = VhostUserFrontend(server.path, inflight=True)
+    fe = VhostUserDriver(server.path, inflight=True)
     fe.init()
     size = INFLIGHT.unpack(fe.inflight_payload)[0]
     fd = memfd(size, sealable)

@@ -1,12 +1,12 @@
 """A vhost-user frontend in Python: plays QEMU's part against any vhost-user backend.
 
-Guest RAM is a memfd-backed ``GuestMemory`` shared with the backend; the guest side of
-the rings is the reference driver's ``DriverQueue``. ``VhostUserFrontend`` has the same
-methods as ``VirtioMmioDriver`` (init, setup_queue, driver_ok, submit, kick, wait,
-config_read, queues), so emu.testing's device helpers (BlkDriver, RngDriver, GuestNet,
-GuestConsole) drive a device through it unchanged. Ring addresses are sent as "user"
-addresses offset from guest-physical ones (as QEMU's are), which checks that a backend
-translates them through the memory table.
+Guest RAM is a memfd-backed ``GuestMemory`` shared with the backend. The frontend speaks
+the protocol (negotiation, memory, vring setup, start and stop, config, DEVICE_STATE) and
+knows where each ring lies, not what is in it: a driver lays the rings out in ``mem`` and
+adds and completes buffers (``emu.testing.vhost_user.VhostUserDriver`` puts the reference
+driver's rings on top, so emu.testing's device helpers drive a backend through it). Ring
+addresses are sent as "user" addresses offset from guest-physical ones (as QEMU's are),
+which checks that a backend translates them through the memory table.
 
 Every request that has no reply of its own asks for a REPLY_ACK when the backend offers
 it, so a refusal surfaces at the call that caused it.
@@ -18,10 +18,10 @@ import os
 import select
 import socket
 import time
+from typing import Protocol
 
 from emu.memory import GuestMemory
 from emu.ringdefs import F_EVENT_IDX, F_IN_ORDER, F_INDIRECT_DESC, F_RING_PACKED
-from emu.testing.driver import Completion, DriverQueue, GuestAllocator
 from emu.vhost_user import snapshot
 from emu.vhost_user.protocol import (
     CONFIG_HEAD,
@@ -75,6 +75,17 @@ class FrontendError(Exception):
     """The backend refused a request (non-zero ack) or answered nonsense."""
 
 
+class Ring(Protocol):
+    """Where a driver laid out one ring in guest memory (guest-physical addresses)."""
+
+    index: int
+    size: int
+    desc: int
+    driver: int
+    device: int
+    packed: bool
+
+
 def connect(path: str | os.PathLike, timeout: float = 10.0) -> socket.socket:
     """Connect, retrying while the backend is still starting up."""
     deadline = time.monotonic() + timeout
@@ -107,8 +118,7 @@ class VhostUserFrontend:
         sealable memfd (as QEMU's memory-backend-memfd) or a file path (as UML's RAM)."""
         self.sock = connect(path, timeout)
         self.mem = GuestMemory.create(mem_size, backing=ram)
-        self.alloc = GuestAllocator(self.mem)
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, Ring] = {}
         self.features = 0
         self.protocol = 0
         self.config_interrupts = 0
@@ -118,7 +128,6 @@ class VhostUserFrontend:
         self.inflight_payload = b""
         self._calls: dict[int, int] = {}
         self._kicks: dict[int, int] = {}
-        self._backlog: dict[int, list[Completion]] = {}
 
     # -- messages --
 
@@ -203,25 +212,15 @@ class VhostUserFrontend:
             table = MEM_TABLE_HEAD.pack(n, 0) + b"".join(self.region_payload(i) for i in range(n))
             self.request(Req.SET_MEM_TABLE, table, [r.fd for r in self.mem.regions])
 
-    def setup_queue(self, index: int, size: int | None = None) -> DriverQueue:
-        size = size or 256
-        q = DriverQueue(
-            self.mem,
-            self.alloc,
-            index,
-            size,
-            packed=bool(self.features >> F_RING_PACKED & 1),
-            event_idx=bool(self.features >> F_EVENT_IDX & 1),
-            indirect=bool(self.features >> F_INDIRECT_DESC & 1),
-        )
-        self.set_u64(Req.SET_VRING_CALL, index, [self._eventfd(self._calls, index)])
-        self.request(Req.SET_VRING_NUM, VRING_STATE.pack(index, size))
+    def setup_vring(self, q: Ring) -> None:
+        """Hand the backend a ring the driver laid out: CALL, NUM, BASE, ADDR, as QEMU."""
+        self.set_u64(Req.SET_VRING_CALL, q.index, [self._eventfd(self._calls, q.index)])
+        self.request(Req.SET_VRING_NUM, VRING_STATE.pack(q.index, q.size))
         # a fresh packed ring starts with both wrap counters set (bits 15 and 31)
         base = 1 << 15 | 1 << 31 if q.packed else 0
-        self.request(Req.SET_VRING_BASE, VRING_STATE.pack(index, base))
+        self.request(Req.SET_VRING_BASE, VRING_STATE.pack(q.index, base))
         self.set_vring_addr(q)
-        self.queues[index] = q
-        return q
+        self.queues[q.index] = q
 
     @staticmethod
     def _eventfd(fds: dict[int, int], index: int) -> int:
@@ -231,7 +230,7 @@ class VhostUserFrontend:
             fds[index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         return fds[index]
 
-    def set_vring_addr(self, q: DriverQueue) -> None:
+    def set_vring_addr(self, q: Ring) -> None:
         payload = VRING_ADDR.pack(
             q.index, 0, q.desc + UVA_OFFSET, q.device + UVA_OFFSET, q.driver + UVA_OFFSET, 0
         )
@@ -293,42 +292,21 @@ class VhostUserFrontend:
         data = value.to_bytes(size, "little")
         self.request(Req.SET_CONFIG, CONFIG_HEAD.pack(offset, size, 0) + data)
 
-    # -- requests --
-
-    def submit(self, qidx: int, out: list[bytes], in_sizes: list[int]) -> int:
-        q = self.queues[qidx]
-        token = q.add(out, in_sizes)
-        if q.kick_needed():
-            self.kick(qidx)
-        return token
+    # -- notifications --
 
     def kick(self, qidx: int) -> None:
         os.eventfd_write(self._kicks[qidx], 1)
 
-    def wait(self, qidx: int, count: int = 1, timeout: float = 5.0) -> list[Completion]:
-        """The next ``count`` completions of queue ``qidx``, sleeping on its call eventfd."""
-        q = self.queues[qidx]
+    def wait_call(self, qidx: int, timeout: float) -> bool:
+        """Sleep until the backend signals ring ``qidx``'s call eventfd (False: timed out)."""
         call = self._calls[qidx]
-        got = self._backlog.pop(qidx, [])
-        deadline = time.monotonic() + timeout
+        if timeout <= 0 or not select.select([call], [], [], timeout)[0]:
+            return False
         try:
-            while True:
-                got += q.poll()
-                if len(got) >= count:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([call], [], [], left)[0]:
-                    raise TimeoutError(f"queue {qidx}: {len(got)} of {count} completions")
-                try:
-                    os.eventfd_read(call)
-                except BlockingIOError:
-                    pass
-        finally:
-            if len(got) > count:
-                self._backlog[qidx] = got[count:]
-            elif len(got) < count:
-                self._backlog[qidx] = got
-        return got[:count]
+            os.eventfd_read(call)
+        except BlockingIOError:
+            pass
+        return True
 
     def close(self) -> None:
         self.sock.close()
