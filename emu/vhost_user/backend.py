@@ -19,9 +19,10 @@ every disconnect; the server itself never goes down because of what a frontend s
 
 BACKEND_REQ is offered because UML 6.1 needs it (without it virtio_uml puts the vring
 interrupts on irq 0 and fails to probe); the channel is kept but nothing is sent on it
-yet, so config changes are only logged. DEVICE_STATE (emu's snapshot format) and the
-SET_STATUS 0 that QEMU 7.2 sends at every stop are in device_state.py; LOG_SHMFD and
-LOG_ALL, without which QEMU 7.2 will not migrate, in dirty_log.py (docs/stop.md).
+yet, so config changes are only logged. The session owns its extensions, each with its
+own handlers: DEVICE_STATE and state files (emu's snapshot format, ``StateKeeper`` in
+device_state.py), and LOG_SHMFD / LOG_ALL, without which QEMU 7.2 will not migrate
+(``DirtyLog`` in dirty_log.py; docs/stop.md).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from emu.devices.base import RunState, VirtioDevice
 from emu.memory import GuestMemoryError
 from emu.queue import Virtqueue
 from emu.ringdefs import DESC_F_USED, F_RING_PACKED, F_RING_RESET, InflightChain, RingError
+from emu.vhost_user.device_state import StateFiles, StateKeeper
+from emu.vhost_user.dirty_log import F_LOG_ALL, DirtyLog
+from emu.vhost_user.handler import Refused, Reply, handlers_of, handles
 from emu.vhost_user.inflight import InflightRegion, reparse, restore_state
 from emu.vhost_user.memtable import MAX_SLOTS, MemoryTable, MemRegion
 from emu.vhost_user.protocol import (
@@ -48,6 +52,7 @@ from emu.vhost_user.protocol import (
     MAX_REGIONS,
     MEM_REGION,
     MEM_TABLE_HEAD,
+    OWN_REPLY,
     PF,
     U64,
     VRING_ADDR,
@@ -83,8 +88,8 @@ PROTOCOL_FEATURES = (
 #: keeps virtio-net's control queue and forwards GUEST_ANNOUNCE (and MQ) without CTRL_VQ
 FRONTEND_KEPT = {1: 1 << 17}
 #: vhost bits in the virtio feature word, never the device's: protocol features, and
-#: LOG_ALL (26, dirty logging while migrating; emu/vhost_user/dirty_log.py)
-VHOST_BITS = 1 << F_PROTOCOL_FEATURES | 1 << 26
+#: LOG_ALL (dirty logging while migrating)
+VHOST_BITS = 1 << F_PROTOCOL_FEATURES | 1 << F_LOG_ALL
 #: virtio status bits SET_STATUS/GET_STATUS care about
 S_FEATURES_OK = 8
 S_NEEDS_RESET = 0x40
@@ -92,43 +97,15 @@ S_NEEDS_RESET = 0x40
 ACCEPT_RETRY = 0.1
 
 
-class Refused(Exception):
-    """A well-formed request the backend will not carry out."""
-
-
-#: a handler's answer: a payload of its own (with fds to send), or None (ack if asked)
-Reply = bytes | tuple[bytes, list[int]] | None
-Handler = Callable[["Session", Message], Reply]
-#: request -> (handler, exact payload size or None if the handler checks it, fds min, max)
-HANDLERS: dict[int, tuple[Handler, int | None, int, int]] = {}
-
-
-def handles(req: Req, size: int | None, fds: tuple[int, int] = (0, 0)) -> Callable:
-    def register(fn: Handler) -> Handler:
-        HANDLERS[req] = (fn, size, *fds)
-        return fn
-
-    return register
-
-
-#: requests answered with a payload of their own (never with a bare ack)
-OWN_REPLY = {
-    Req.GET_FEATURES,
-    Req.GET_PROTOCOL_FEATURES,
-    Req.GET_VRING_BASE,
-    Req.GET_QUEUE_NUM,
-    Req.GET_CONFIG,
-    Req.GET_INFLIGHT_FD,
-    Req.GET_MAX_MEM_SLOTS,
-    Req.GET_STATUS,
-}
-
-
 class Session:
     """One frontend connection driving one device."""
 
     def __init__(
-        self, device: VirtioDevice, sock: socket.socket, negotiated: list[int] | None = None
+        self,
+        device: VirtioDevice,
+        sock: socket.socket,
+        negotiated: list[int] | None = None,
+        state_files: StateFiles | None = None,
     ) -> None:
         self.device = device
         self.sock = sock
@@ -140,6 +117,13 @@ class Session:
         self.status = 0
         self.inflight: InflightRegion | None = None
         self.backend_req: socket.socket | None = None  # kept; nothing is sent on it yet
+        self.device_state = StateKeeper(self, state_files)
+        self.dirty_log = DirtyLog(device.name)
+        self.handlers = {
+            **handlers_of(self),
+            **handlers_of(self.device_state),
+            **handlers_of(self.dirty_log),
+        }
         for q, vr in zip(device.queues, self.vrings, strict=True):
             q.notify = vr.call.signal
         device.on_needs_reset = self._needs_reset
@@ -190,15 +174,16 @@ class Session:
         send_message(self.sock, answer)
 
     def _handle(self, msg: Message) -> Reply:
-        entry = HANDLERS.get(msg.req)
-        if entry is None:
+        h = self.handlers.get(msg.req)
+        if h is None:
             raise ProtocolError(f"unsupported request {msg.name}")
-        fn, size, min_fds, max_fds = entry
-        if size is not None and len(msg.payload) != size:
-            raise ProtocolError(f"{msg.name}: payload of {len(msg.payload)} bytes, not {size}")
-        if not min_fds <= len(msg.fds) <= max_fds:
-            raise ProtocolError(f"{msg.name}: {len(msg.fds)} fds, expected {min_fds}..{max_fds}")
-        return fn(self, msg)
+        if h.size is not None and len(msg.payload) != h.size:
+            raise ProtocolError(f"{msg.name}: payload of {len(msg.payload)} bytes, not {h.size}")
+        if not h.min_fds <= len(msg.fds) <= h.max_fds:
+            raise ProtocolError(
+                f"{msg.name}: {len(msg.fds)} fds, expected {h.min_fds}..{h.max_fds}"
+            )
+        return h.fn(msg)
 
     # -- helpers --
 
@@ -287,7 +272,7 @@ class Session:
             raise Refused(f"vring {vr.index}: base {vr.base:#x} beyond a ring of {n}")
         chains: list[InflightChain] = []
         q.tracker = None
-        if (loaded := device_state.take_loaded(self, vr, q)) is not None:
+        if (loaded := self.device_state.take_loaded(vr, q)) is not None:
             state, chains = loaded  # a loaded DEVICE_STATE (or restore file) wins
         elif self.inflight is not None and vr.index < self.inflight.num_queues:
             tracker = self.inflight.queues[vr.index]
@@ -342,6 +327,38 @@ class Session:
             for vr in running:
                 self._try_start(vr)
 
+    def _rings_stopped(self) -> None:
+        """GET_VRING_BASE: once the last running ring stopped, report the pages written to
+        the dirty log and write the state file."""
+        if any(q.started for q in self.device.queues):
+            return
+        self.dirty_log.flush(self.vu_features, self.table.mem)
+        self.device_state.rings_stopped()
+
+    def _reset_keeping_rings(self) -> None:
+        """Device reset that keeps where the rings stopped, for the GET_VRING_BASE to come.
+
+        QEMU 7.2 (with STATUS negotiated) sends SET_STATUS 0 at every stop *before*
+        GET_VRING_BASE; QEMU 8.1 moved it after ("vhost-user: send SET_STATUS 0 after
+        GET_VRING_BASE"). A plain reset there would answer GET_VRING_BASE with 0 and drop
+        the requests in flight, and QEMU would carry that 0 into ``cont`` and the migration
+        stream. So the running rings are stopped first (under the device's policy), and
+        their saved state, base and size and the negotiated features outlive the reset;
+        the device itself is reset as the spec says, and set up again by the frontend's
+        start sequence.
+        """
+        for vr in self.vrings:
+            if self.device.queues[vr.index].started:
+                self._stop(vr)
+        kept = {vr.index: (vr.saved, vr.num) for vr in self.vrings if vr.saved is not None}
+        features = self.vu_features
+        self.reset()
+        self.vu_features = features
+        for index, (saved, num) in kept.items():
+            vr = self.vrings[index]
+            vr.saved, vr.num = saved, num
+            vr.base = encode_base(saved[0], self.packed)
+
     def reset(self) -> None:
         """Device reset (RESET_OWNER, RESET_DEVICE, SET_STATUS 0, disconnect)."""
         self.device.reset()
@@ -373,7 +390,13 @@ class Session:
     def close(self) -> None:
         """End of the connection. Every step runs even when one before it fails (a process
         out of fds), so that what the connection holds is released all the same."""
-        steps: list[Callable[[], None]] = [self.reset, self.table.clear, self.sock.close]
+        steps: list[Callable[[], None]] = [
+            self.device_state.close,
+            self.reset,
+            self.dirty_log.close,
+            self.table.clear,
+            self.sock.close,
+        ]
         if self.backend_req is not None:
             steps.append(self.backend_req.close)
         for step in steps:
@@ -443,7 +466,7 @@ class Session:
         if value > 0xFF:
             raise Refused(f"status {value:#x} is not a status byte")
         if value == 0:
-            device_state.reset_keeping_rings(self)  # QEMU 7.2 sends it at every stop
+            self._reset_keeping_rings()  # QEMU 7.2 sends it at every stop
             return
         if value & S_FEATURES_OK and not self.acceptable(self.features):
             value &= ~S_FEATURES_OK
@@ -522,7 +545,7 @@ class Session:
         if q.started:
             self._stop(vr)
         vr.kicked = False  # stopped: only a new kick starts it again
-        device_state.rings_stopped(self)
+        self._rings_stopped()
         base = encode_base(vr.saved[0], self.packed) if vr.saved else vr.base
         log.info("vhost-user: vring %d stopped at base %#x", index, base)
         return VRING_STATE.pack(index, base)
@@ -624,9 +647,16 @@ class Session:
 class VhostUserServer:
     """Listens on ``path`` and serves one frontend connection at a time, for ever."""
 
-    def __init__(self, device: VirtioDevice, path: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        path: str | os.PathLike,
+        state_files: StateFiles | None = None,
+    ) -> None:
+        """``state_files``: ``emu serve --state-dir/--restore-dir`` for the device."""
         self.device = device
         self.path = os.fspath(path)
+        self.state_files = state_files
         if os.path.exists(self.path) and stat.S_ISSOCK(os.stat(self.path).st_mode):
             os.unlink(self.path)  # a stale socket from an earlier run
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -682,7 +712,7 @@ class VhostUserServer:
         log.info("vhost-user: %s: frontend connected on %s", self.device.name, self.path)
         session = None
         try:
-            session = Session(self.device, conn, self.negotiated)
+            session = Session(self.device, conn, self.negotiated, self.state_files)
             session.run()
         except PeerClosed:
             log.info("vhost-user: %s: frontend disconnected", self.device.name)
@@ -715,7 +745,3 @@ class VhostUserServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-# registers SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE (it imports this module)
-from emu.vhost_user import device_state  # noqa: E402

@@ -29,6 +29,7 @@ from emu.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     INFLIGHT,
     MEM_TABLE_HEAD,
+    OWN_REPLY,
     PF,
     REPLY_FLAGS,
     U64,
@@ -57,18 +58,6 @@ WANTED_PROTOCOL = (
     | 1 << PF.STATUS
     | 1 << PF.DEVICE_STATE
 )
-_WITH_REPLY = {
-    Req.GET_FEATURES,
-    Req.GET_PROTOCOL_FEATURES,
-    Req.GET_VRING_BASE,
-    Req.GET_QUEUE_NUM,
-    Req.GET_CONFIG,
-    Req.GET_INFLIGHT_FD,
-    Req.GET_MAX_MEM_SLOTS,
-    Req.GET_STATUS,
-    Req.SET_DEVICE_STATE_FD,
-    Req.CHECK_DEVICE_STATE,
-}
 
 
 class FrontendError(Exception):
@@ -133,10 +122,10 @@ class VhostUserFrontend:
 
     def request(self, req: Req, payload: bytes = b"", fds: list[int] | None = None) -> Message:
         """Send one request; returns its reply (or the ack) after checking its header."""
-        ack = req not in _WITH_REPLY and self.protocol >> PF.REPLY_ACK & 1
+        ack = req not in OWN_REPLY and self.protocol >> PF.REPLY_ACK & 1
         flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
         send_message(self.sock, Message(req, flags, payload, list(fds or [])))
-        if req not in _WITH_REPLY and not ack:
+        if req not in OWN_REPLY and not ack:
             return Message(req)
         answer = recv_message(self.sock)
         if answer.req != req or answer.flags != REPLY_FLAGS:
