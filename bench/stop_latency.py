@@ -44,10 +44,10 @@ from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.net import GuestNet
 from emu.testing.rng import RngDriver
+from emu.testing.vhost_user import VhostUserDriver
 from emu.transport import mmio
 from emu.transport.mmio import MmioTransport
 from emu.vhost_user.backend import VhostUserServer
-from emu.vhost_user.frontend import VhostUserFrontend
 
 DEPTHS = (0, 16, 128)
 LATENCIES = (0.0, 0.001, 0.01)
@@ -135,7 +135,7 @@ class VhostCase:
         for q in self.dev.queues:
             hold_completions(q, latency)
         self.server = VhostUserServer(self.dev, os.path.join(tmp, "blk.sock")).start()
-        self.fe = VhostUserFrontend(self.server.path, 64 << 20)
+        self.fe = VhostUserDriver(self.server.path, 64 << 20)
         self.fe.init()
         self.fe.setup_queue(0, QUEUE)
         self.fe.driver_ok()

@@ -57,7 +57,8 @@ class Region:
 
 def _map(size: int, backing: str | os.PathLike | None) -> tuple[mmap.mmap, int]:
     if backing is None or backing == "memfd":
-        fd = os.memfd_create("emu-guest-ram", os.MFD_CLOEXEC)
+        # sealable: a vhost-user backend it is shared with seals it against shrinking
+        fd = os.memfd_create("emu-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         return mmap.mmap(fd, size, mmap.MAP_SHARED), fd
     if backing == "anon":
@@ -90,20 +91,24 @@ class GuestMemory:
         return self.add_mapped(gpa, size, mm, fd)
 
     def add_fd_region(self, gpa: int, size: int, fd: int, offset: int = 0) -> Region:
-        """Map ``size`` bytes of someone else's fd (vhost-user memory tables); takes the fd."""
-        if offset % mmap.ALLOCATIONGRANULARITY:
-            raise GuestMemoryError(f"mmap offset {offset:#x} is not page aligned")
+        """Map ``size`` bytes of someone else's fd (vhost-user memory tables); takes the fd,
+        which is closed whatever goes wrong."""
+        mm = None
         try:
+            if offset % mmap.ALLOCATIONGRANULARITY:
+                raise GuestMemoryError(f"mmap offset {offset:#x} is not page aligned")
             if os.fstat(fd).st_size < offset + size:
                 raise GuestMemoryError(
                     f"region gpa {gpa:#x} size {size:#x} offset {offset:#x} "
                     "lies beyond the end of its file"
                 )
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
+            return self.add_mapped(gpa, size, mm, fd, offset)
         except BaseException:
+            if mm is not None:
+                mm.close()
             os.close(fd)
             raise
-        return self.add_mapped(gpa, size, mm, fd, offset)
 
     def add_mapped(
         self, gpa: int, size: int, mm: mmap.mmap, fd: int = -1, fd_offset: int = 0

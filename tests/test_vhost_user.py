@@ -21,8 +21,9 @@ from emu.testing.blk import BlkDriver
 from emu.testing.console import GuestConsole
 from emu.testing.net import GuestNet, ether
 from emu.testing.rng import RngDriver
+from emu.testing.vhost_user import VhostUserDriver
 from emu.vhost_user.backend import VhostUserServer
-from emu.vhost_user.frontend import VhostUserFrontend, connect
+from emu.vhost_user.frontend import connect
 from emu.vhost_user.protocol import Message, Req
 
 RINGS = [pytest.param(False, id="split"), pytest.param(True, id="packed")]
@@ -40,8 +41,8 @@ def served(device: VirtioDevice, path: Path) -> Iterator[VhostUserServer]:
 
 
 @contextmanager
-def frontend(path: Path, **kw: object) -> Iterator[VhostUserFrontend]:
-    fe = VhostUserFrontend(path, **kw)  # type: ignore[arg-type]
+def frontend(path: Path, **kw: object) -> Iterator[VhostUserDriver]:
+    fe = VhostUserDriver(path, **kw)  # type: ignore[arg-type]
     try:
         yield fe
     finally:
@@ -181,7 +182,7 @@ def test_kick_fd_replaced_while_running(disk: Path, tmp_path: Path) -> None:
         assert blk.write(0, PATTERN) == 0
 
 
-class UmlFrontend(VhostUserFrontend):
+class UmlFrontend(VhostUserDriver):
     """Sends SET_VRING_BASE 0 for every ring, packed too, as UML 6.1's virtio_uml does."""
 
     def request(self, req: Req, payload: bytes = b"", fds: list[int] | None = None) -> Message:

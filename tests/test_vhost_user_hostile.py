@@ -14,8 +14,9 @@ import pytest
 
 from emu.devices.blk import BlkDevice
 from emu.testing.blk import BlkDriver
+from emu.testing.vhost_user import VhostUserDriver
 from emu.vhost_user.backend import VhostUserServer
-from emu.vhost_user.frontend import UVA_OFFSET, FrontendError, VhostUserFrontend
+from emu.vhost_user.frontend import UVA_OFFSET, FrontendError
 from emu.vhost_user.protocol import (
     HEADER,
     MEM_TABLE_HEAD,
@@ -46,7 +47,7 @@ def server(disk: Path, tmp_path: Path) -> Iterator[VhostUserServer]:
     srv = VhostUserServer(dev, tmp_path / "blk.sock").start()
     yield srv
     # whatever happened, a well-behaved frontend is served afterwards
-    fe = VhostUserFrontend(srv.path)
+    fe = VhostUserDriver(srv.path)
     try:
         blk = BlkDriver.open(fe)
         assert blk.write(1, PATTERN) == 0
@@ -221,8 +222,8 @@ def test_memory_table_fd_count_mismatch(server: VhostUserServer) -> None:
 # -- rings --
 
 
-def _mapped(server: VhostUserServer) -> VhostUserFrontend:
-    fe = VhostUserFrontend(server.path)
+def _mapped(server: VhostUserServer) -> VhostUserDriver:
+    fe = VhostUserDriver(server.path)
     fe.init()
     return fe
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from emu.testing.blk import BlkDriver
-from emu.vhost_user.frontend import VhostUserFrontend
+from emu.testing.vhost_user import VhostUserDriver
 
 QSD = shutil.which("qemu-storage-daemon")
 pytestmark = pytest.mark.skipif(
@@ -54,7 +54,7 @@ def test_blk_round_trip_through_qemu_storage_daemon(
 ) -> None:
     img, sock = qsd
     pattern = hashlib.sha256(b"emu frontend, qsd backend").digest() * 256  # 8 KiB
-    fe = VhostUserFrontend(sock, add_mem_reg=add_mem_reg)
+    fe = VhostUserDriver(sock, add_mem_reg=add_mem_reg)
     try:
         blk = BlkDriver.open(fe)
         assert fe.config_read(0, 8) == 4 << 20 >> 9  # capacity in sectors

@@ -31,8 +31,9 @@ from emu.state import parts
 from emu.state.format import decode, encode
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.delay import hold_completions
+from emu.testing.vhost_user import VhostUserDriver
 from emu.vhost_user.backend import VhostUserServer
-from emu.vhost_user.frontend import FrontendError, VhostUserFrontend, connect
+from emu.vhost_user.frontend import FrontendError, connect
 from emu.vhost_user.protocol import U64, ProtocolError, Req
 from emu.vhost_user.snapshot import STATE_FD, StateTransferError
 
@@ -87,7 +88,7 @@ def emu_serve(sock: Path, spec: str, *options: str) -> Iterator[subprocess.Popen
 class Stopped:
     """A frontend whose only ring is stopped with requests in flight in the backend."""
 
-    fe: VhostUserFrontend
+    fe: VhostUserDriver
     blk: BlkDriver
     base: int
     state: bytes  # what DEVICE_STATE saved
@@ -104,7 +105,7 @@ def stop_with_inflight(
     dev = BlkDevice(disk, queue_max_size=1024)
     dev.policy = policy
     with in_process(dev, sock):
-        fe = VhostUserFrontend(sock)
+        fe = VhostUserDriver(sock)
         blk = BlkDriver.open(fe, packed=packed, queue_size=64)
         for i in range(READS):  # data the in-flight reads will find
             assert blk.write(8 * (100 + i), block(100 + i)) == S_OK
@@ -202,7 +203,7 @@ def test_state_files_for_frontends_without_device_state(
     spec = f"blk:{disk}"
     state_file = state_dir / "blk.sock.state"
     with emu_serve(sock, spec, "--policy", "report", "--state-dir", str(state_dir)):
-        fe = VhostUserFrontend(sock)
+        fe = VhostUserDriver(sock)
         try:
             blk = BlkDriver.open(fe, packed=packed, queue_size=64)
             assert blk.write(0, block(0)) == S_OK
@@ -263,7 +264,7 @@ def _writethrough(state: bytes) -> bytes:
 def _rng_state(tmp_path: Path) -> bytes:
     sock = tmp_path / "rng.sock"
     with in_process(RngDevice(), sock):
-        fe = VhostUserFrontend(sock)
+        fe = VhostUserDriver(sock)
         try:
             fe.init()
             fe.setup_queue(0)
@@ -319,7 +320,7 @@ def test_restart_at_another_base_is_refused(disk: Path, tmp_path: Path) -> None:
         s.fe.close()
 
 
-def _state_fd(fe: VhostUserFrontend, direction: int, phase: int, fd: int) -> int:
+def _state_fd(fe: VhostUserDriver, direction: int, phase: int, fd: int) -> int:
     try:
         answer = fe.request(Req.SET_DEVICE_STATE_FD, STATE_FD.pack(direction, phase), [fd])
     finally:
@@ -331,7 +332,7 @@ def _state_fd(fe: VhostUserFrontend, direction: int, phase: int, fd: int) -> int
 def test_transfers_the_backend_refuses(disk: Path, tmp_path: Path) -> None:
     sock = tmp_path / "blk.sock"
     with in_process(BlkDevice(disk), sock):
-        fe = VhostUserFrontend(sock)
+        fe = VhostUserDriver(sock)
         try:
             blk = BlkDriver.open(fe)
             with pytest.raises(StateTransferError, match="refused"):
@@ -365,8 +366,8 @@ def test_dirty_log_gets_the_pages_the_backend_wrote(disk: Path, tmp_path: Path) 
     the pages emu wrote (the used ring, the buffers a read filled) are set in the log."""
     sock = tmp_path / "blk.sock"
     with in_process(BlkDevice(disk), sock):
-        fe = VhostUserFrontend(sock)
-        log_fd = os.memfd_create("vhost-log")
+        fe = VhostUserDriver(sock)
+        log_fd = os.memfd_create("vhost-log", os.MFD_ALLOW_SEALING)  # as QEMU's (sealed)
         try:
             blk = BlkDriver.open(fe)
             base = fe.stop_ring(0)
@@ -391,7 +392,7 @@ def test_dirty_log_gets_the_pages_the_backend_wrote(disk: Path, tmp_path: Path) 
 def test_hostile_dirty_log_closes_the_connection(disk: Path, tmp_path: Path, bad: str) -> None:
     sock = tmp_path / "blk.sock"
     with in_process(BlkDevice(disk), sock) as server:
-        fe = VhostUserFrontend(sock)
+        fe = VhostUserDriver(sock)
         try:
             fe.init()
             fd = os.eventfd(0) if bad == "eventfd" else os.memfd_create("vhost-log")
@@ -403,7 +404,7 @@ def test_hostile_dirty_log_closes_the_connection(disk: Path, tmp_path: Path, bad
             os.close(fd)
         finally:
             fe.close()
-        fe2 = VhostUserFrontend(sock)  # the server serves the next frontend
+        fe2 = VhostUserDriver(sock)  # the server serves the next frontend
         try:
             assert BlkDriver.open(fe2).write(0, block(0)) == S_OK
         finally:

@@ -24,11 +24,12 @@ from pathlib import Path
 import pytest
 
 from emu.devices.blk import BlkDevice
-from emu.vhost_user.backend import OWN_REPLY, VhostUserServer
+from emu.vhost_user.backend import VhostUserServer
 from emu.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     HEADER,
     INFLIGHT,
+    OWN_REPLY,
     REPLY_FLAGS,
     U64,
     VRING_ADDR,

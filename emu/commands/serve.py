@@ -166,21 +166,24 @@ def command(
 ) -> None:
     """Serve emu devices to vhost-user frontends (QEMU, UML) until interrupted."""
     from emu.state.format import StateError
-    from emu.vhost_user import device_state
     from emu.vhost_user.backend import VhostUserServer
+    from emu.vhost_user.device_state import StateFiles
 
     if len(sockets) != len(specs):
         raise click.UsageError(f"{len(sockets)} --socket for {len(specs)} devices")
     devices = make_devices(list(specs))
+    files = []
     for d, s in zip(devices, sockets, strict=True):
         d.policy = policy
         for q in d.queues:
             hold_completions(q, latency)
         try:  # docs/stop.md, "vhost-user: device state"
-            device_state.state_files(d, s, state_dir, restore_dir)
+            files.append(StateFiles.open(d, s, state_dir, restore_dir))
         except StateError as e:
             raise click.ClickException(f"{d.name} on {s}: {e}") from e
-    servers = [VhostUserServer(d, s).start() for d, s in zip(devices, sockets, strict=True)]
+    servers = [
+        VhostUserServer(d, s, f).start() for d, s, f in zip(devices, sockets, files, strict=True)
+    ]
     for d, s in zip(devices, sockets, strict=True):
         click.echo(f"{d.name}: listening on {s}")
     done = threading.Event()

@@ -19,9 +19,10 @@ every disconnect; the server itself never goes down because of what a frontend s
 
 BACKEND_REQ is offered because UML 6.1 needs it (without it virtio_uml puts the vring
 interrupts on irq 0 and fails to probe); the channel is kept but nothing is sent on it
-yet, so config changes are only logged. DEVICE_STATE (emu's snapshot format) and the
-SET_STATUS 0 that QEMU 7.2 sends at every stop are in device_state.py; LOG_SHMFD and
-LOG_ALL, without which QEMU 7.2 will not migrate, in dirty_log.py (docs/stop.md).
+yet, so config changes are only logged. The session owns its extensions, each with its
+own handlers: DEVICE_STATE and state files (emu's snapshot format, ``StateKeeper`` in
+device_state.py), and LOG_SHMFD / LOG_ALL, without which QEMU 7.2 will not migrate
+(``DirtyLog`` in dirty_log.py; docs/stop.md).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from emu.devices.base import RunState, VirtioDevice
 from emu.memory import GuestMemoryError
 from emu.queue import Virtqueue
 from emu.ringdefs import DESC_F_USED, F_RING_PACKED, F_RING_RESET, InflightChain, RingError
+from emu.vhost_user.device_state import StateFiles, StateKeeper
+from emu.vhost_user.dirty_log import F_LOG_ALL, DirtyLog
+from emu.vhost_user.handler import Refused, Reply, handlers_of, handles
 from emu.vhost_user.inflight import InflightRegion, reparse, restore_state
 from emu.vhost_user.memtable import MAX_SLOTS, MemoryTable, MemRegion
 from emu.vhost_user.protocol import (
@@ -48,6 +52,7 @@ from emu.vhost_user.protocol import (
     MAX_REGIONS,
     MEM_REGION,
     MEM_TABLE_HEAD,
+    OWN_REPLY,
     PF,
     U64,
     VRING_ADDR,
@@ -83,50 +88,24 @@ PROTOCOL_FEATURES = (
 #: keeps virtio-net's control queue and forwards GUEST_ANNOUNCE (and MQ) without CTRL_VQ
 FRONTEND_KEPT = {1: 1 << 17}
 #: vhost bits in the virtio feature word, never the device's: protocol features, and
-#: LOG_ALL (26, dirty logging while migrating; emu/vhost_user/dirty_log.py)
-VHOST_BITS = 1 << F_PROTOCOL_FEATURES | 1 << 26
+#: LOG_ALL (dirty logging while migrating)
+VHOST_BITS = 1 << F_PROTOCOL_FEATURES | 1 << F_LOG_ALL
 #: virtio status bits SET_STATUS/GET_STATUS care about
 S_FEATURES_OK = 8
 S_NEEDS_RESET = 0x40
-
-
-class Refused(Exception):
-    """A well-formed request the backend will not carry out."""
-
-
-#: a handler's answer: a payload of its own (with fds to send), or None (ack if asked)
-Reply = bytes | tuple[bytes, list[int]] | None
-Handler = Callable[["Session", Message], Reply]
-#: request -> (handler, exact payload size or None if the handler checks it, fds min, max)
-HANDLERS: dict[int, tuple[Handler, int | None, int, int]] = {}
-
-
-def handles(req: Req, size: int | None, fds: tuple[int, int] = (0, 0)) -> Callable:
-    def register(fn: Handler) -> Handler:
-        HANDLERS[req] = (fn, size, *fds)
-        return fn
-
-    return register
-
-
-#: requests answered with a payload of their own (never with a bare ack)
-OWN_REPLY = {
-    Req.GET_FEATURES,
-    Req.GET_PROTOCOL_FEATURES,
-    Req.GET_VRING_BASE,
-    Req.GET_QUEUE_NUM,
-    Req.GET_CONFIG,
-    Req.GET_INFLIGHT_FD,
-    Req.GET_MAX_MEM_SLOTS,
-    Req.GET_STATUS,
-}
+#: seconds between attempts when accept fails (no free fd): the frontend stays queued
+ACCEPT_RETRY = 0.1
 
 
 class Session:
     """One frontend connection driving one device."""
 
     def __init__(
-        self, device: VirtioDevice, sock: socket.socket, negotiated: list[int] | None = None
+        self,
+        device: VirtioDevice,
+        sock: socket.socket,
+        negotiated: list[int] | None = None,
+        state_files: StateFiles | None = None,
     ) -> None:
         self.device = device
         self.sock = sock
@@ -138,6 +117,13 @@ class Session:
         self.status = 0
         self.inflight: InflightRegion | None = None
         self.backend_req: socket.socket | None = None  # kept; nothing is sent on it yet
+        self.device_state = StateKeeper(self, state_files)
+        self.dirty_log = DirtyLog(device.name)
+        self.handlers = {
+            **handlers_of(self),
+            **handlers_of(self.device_state),
+            **handlers_of(self.dirty_log),
+        }
         for q, vr in zip(device.queues, self.vrings, strict=True):
             q.notify = vr.call.signal
         device.on_needs_reset = self._needs_reset
@@ -188,15 +174,16 @@ class Session:
         send_message(self.sock, answer)
 
     def _handle(self, msg: Message) -> Reply:
-        entry = HANDLERS.get(msg.req)
-        if entry is None:
+        h = self.handlers.get(msg.req)
+        if h is None:
             raise ProtocolError(f"unsupported request {msg.name}")
-        fn, size, min_fds, max_fds = entry
-        if size is not None and len(msg.payload) != size:
-            raise ProtocolError(f"{msg.name}: payload of {len(msg.payload)} bytes, not {size}")
-        if not min_fds <= len(msg.fds) <= max_fds:
-            raise ProtocolError(f"{msg.name}: {len(msg.fds)} fds, expected {min_fds}..{max_fds}")
-        return fn(self, msg)
+        if h.size is not None and len(msg.payload) != h.size:
+            raise ProtocolError(f"{msg.name}: payload of {len(msg.payload)} bytes, not {h.size}")
+        if not h.min_fds <= len(msg.fds) <= h.max_fds:
+            raise ProtocolError(
+                f"{msg.name}: {len(msg.fds)} fds, expected {h.min_fds}..{h.max_fds}"
+            )
+        return h.fn(msg)
 
     # -- helpers --
 
@@ -229,8 +216,9 @@ class Session:
             raise ProtocolError(f"vring index {index}, device has {len(self.vrings)}")
         return self.vrings[index], self.device.queues[index]
 
-    def _vring_fd(self, msg: Message, kinds: tuple[str, ...]) -> tuple[Vring, Virtqueue, int]:
-        """Decode SET_VRING_KICK/CALL/ERR: (vring, queue, fd or -1 for nofd)."""
+    def _vring_fd(self, msg: Message, kinds: tuple[str, ...]) -> tuple[Vring, Virtqueue, bool]:
+        """Decode SET_VRING_KICK/CALL/ERR: (vring, queue, whether an fd came). The fd stays
+        in ``msg`` (closed with it) until the handler hands it on."""
         (value,) = U64.unpack(msg.payload)
         if value & ~(VRING_IDX_MASK | VRING_NOFD):
             raise ProtocolError(f"{msg.name}: reserved bits set in {value:#x}")
@@ -238,13 +226,13 @@ class Session:
         if value & VRING_NOFD:
             if msg.fds:
                 raise ProtocolError(f"{msg.name}: an fd came with the nofd flag")
-            return vr, q, -1
+            return vr, q, False
         if len(msg.fds) != 1:
             raise ProtocolError(f"{msg.name}: no fd and no nofd flag")
         kind = fd_kind(msg.fds[0])
         if kind not in kinds:
             raise Refused(f"vring {vr.index}: fd is a {kind}, expected {' or '.join(kinds)}")
-        return vr, q, msg.fds.pop()
+        return vr, q, True
 
     def _needs_reset(self, reason: str) -> None:
         log.error("vhost-user: %s needs a reset: %s", self.device.name, reason)
@@ -284,7 +272,7 @@ class Session:
             raise Refused(f"vring {vr.index}: base {vr.base:#x} beyond a ring of {n}")
         chains: list[InflightChain] = []
         q.tracker = None
-        if (loaded := device_state.take_loaded(self, vr, q)) is not None:
+        if (loaded := self.device_state.take_loaded(vr, q)) is not None:
             state, chains = loaded  # a loaded DEVICE_STATE (or restore file) wins
         elif self.inflight is not None and vr.index < self.inflight.num_queues:
             tracker = self.inflight.queues[vr.index]
@@ -339,27 +327,83 @@ class Session:
             for vr in running:
                 self._try_start(vr)
 
+    def _rings_stopped(self) -> None:
+        """GET_VRING_BASE: once the last running ring stopped, report the pages written to
+        the dirty log and write the state file."""
+        if any(q.started for q in self.device.queues):
+            return
+        self.dirty_log.flush(self.vu_features, self.table.mem)
+        self.device_state.rings_stopped()
+
+    def _reset_keeping_rings(self) -> None:
+        """Device reset that keeps where the rings stopped, for the GET_VRING_BASE to come.
+
+        QEMU 7.2 (with STATUS negotiated) sends SET_STATUS 0 at every stop *before*
+        GET_VRING_BASE; QEMU 8.1 moved it after ("vhost-user: send SET_STATUS 0 after
+        GET_VRING_BASE"). A plain reset there would answer GET_VRING_BASE with 0 and drop
+        the requests in flight, and QEMU would carry that 0 into ``cont`` and the migration
+        stream. So the running rings are stopped first (under the device's policy), and
+        their saved state, base and size and the negotiated features outlive the reset;
+        the device itself is reset as the spec says, and set up again by the frontend's
+        start sequence.
+        """
+        for vr in self.vrings:
+            if self.device.queues[vr.index].started:
+                self._stop(vr)
+        kept = {vr.index: (vr.saved, vr.num) for vr in self.vrings if vr.saved is not None}
+        features = self.vu_features
+        self.reset()
+        self.vu_features = features
+        for index, (saved, num) in kept.items():
+            vr = self.vrings[index]
+            vr.saved, vr.num = saved, num
+            vr.base = encode_base(saved[0], self.packed)
+
     def reset(self) -> None:
         """Device reset (RESET_OWNER, RESET_DEVICE, SET_STATUS 0, disconnect)."""
         self.device.reset()
         for q, vr in zip(self.device.queues, self.vrings, strict=True):
             q.tracker = None
-            self.device.set_kick_fd(q, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
             vr.close()
             self.vrings[vr.index] = fresh = Vring(vr.index)
             q.notify = fresh.call.signal
+            self._own_kick_fd(q)
         if self.inflight is not None:
-            self.inflight.close()
-            self.inflight = None
+            inflight, self.inflight = self.inflight, None
+            inflight.close()
         self.vu_features = 0
         self.status = 0
 
+    def _own_kick_fd(self, q: Virtqueue) -> None:
+        """Give ``q`` a kick eventfd of emu's own, so the frontend's is closed. Without a
+        free fd the frontend's stays until the next SET_VRING_KICK replaces it: harmless,
+        the queue is stopped, and a reset must not fail for want of an fd."""
+        try:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError as e:
+            log.warning(
+                "vhost-user: %s: queue %d keeps its kick fd: %s", self.device.name, q.index, e
+            )
+            return
+        self.device.set_kick_fd(q, fd)
+
     def close(self) -> None:
-        self.reset()
-        self.table.clear()
+        """End of the connection. Every step runs even when one before it fails (a process
+        out of fds), so that what the connection holds is released all the same."""
+        steps: list[Callable[[], None]] = [
+            self.device_state.close,
+            self.reset,
+            self.dirty_log.close,
+            self.table.clear,
+            self.sock.close,
+        ]
         if self.backend_req is not None:
-            self.backend_req.close()
-        self.sock.close()
+            steps.append(self.backend_req.close)
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("vhost-user: %s: cleanup step failed", self.device.name)
 
     # -- features --
 
@@ -410,9 +454,11 @@ class Session:
     def set_backend_req_fd(self, msg: Message) -> None:
         if fd_kind(msg.fds[0]) != "socket":
             raise Refused("backend request channel is not a socket")
+        channel = socket.socket(fileno=msg.fds[0])
+        msg.fds.pop()
         if self.backend_req is not None:
             self.backend_req.close()
-        self.backend_req = socket.socket(fileno=msg.fds.pop())
+        self.backend_req = channel
 
     @handles(Req.SET_STATUS, 8)
     def set_status(self, msg: Message) -> None:
@@ -420,7 +466,7 @@ class Session:
         if value > 0xFF:
             raise Refused(f"status {value:#x} is not a status byte")
         if value == 0:
-            device_state.reset_keeping_rings(self)  # QEMU 7.2 sends it at every stop
+            self._reset_keeping_rings()  # QEMU 7.2 sends it at every stop
             return
         if value & S_FEATURES_OK and not self.acceptable(self.features):
             value &= ~S_FEATURES_OK
@@ -448,14 +494,12 @@ class Session:
         if n != len(msg.fds):
             raise ProtocolError(f"SET_MEM_TABLE: {n} regions but {len(msg.fds)} fds")
         regions = [MemRegion.unpack(msg.payload, 8 + 32 * i) for i in range(n)]
-        fds, msg.fds = msg.fds, []
-        self._paused(lambda: self.table.replace(regions, fds))
+        self._paused(lambda: self.table.replace(regions, msg.take_fds()))
 
     @handles(Req.ADD_MEM_REG, 8 + MEM_REGION.size, (1, 1))
     def add_mem_reg(self, msg: Message) -> None:
         region = MemRegion.unpack(msg.payload, 8)
-        fd = msg.fds.pop()
-        self._paused(lambda: self.table.add(region, fd))
+        self._paused(lambda: self.table.add(region, msg.fds.pop()))
 
     @handles(Req.REM_MEM_REG, 8 + MEM_REGION.size, (0, 1))
     def rem_mem_reg(self, msg: Message) -> None:
@@ -501,30 +545,34 @@ class Session:
         if q.started:
             self._stop(vr)
         vr.kicked = False  # stopped: only a new kick starts it again
-        device_state.rings_stopped(self)
+        self._rings_stopped()
         base = encode_base(vr.saved[0], self.packed) if vr.saved else vr.base
         log.info("vhost-user: vring %d stopped at base %#x", index, base)
         return VRING_STATE.pack(index, base)
 
     @handles(Req.SET_VRING_KICK, 8, (0, 1))
     def set_vring_kick(self, msg: Message) -> None:
-        vr, q, fd = self._vring_fd(msg, ("eventfd",))
-        if fd < 0:
+        vr, q, has_fd = self._vring_fd(msg, ("eventfd",))
+        if not has_fd:
             raise Refused(f"vring {vr.index}: polling mode (kick nofd) is not supported")
-        os.set_blocking(fd, False)  # the device thread drains it; never block on it
-        self.device.set_kick_fd(q, fd)
+        os.set_blocking(msg.fds[0], False)  # the device thread drains it; never block on it
+        self.device.set_kick_fd(q, msg.fds.pop())
         vr.kicked = True
         self._try_start(vr)
 
     @handles(Req.SET_VRING_CALL, 8, (0, 1))
     def set_vring_call(self, msg: Message) -> None:
-        vr, _, fd = self._vring_fd(msg, ("eventfd", "socket"))
-        vr.call.set(fd, fd_kind(fd) if fd >= 0 else "none")
+        vr, _, has_fd = self._vring_fd(msg, ("eventfd", "socket"))
+        if not has_fd:
+            vr.call.set(-1, "none")
+        else:
+            vr.call.set(msg.fds[0], fd_kind(msg.fds[0]))
+            msg.fds.pop()
 
     @handles(Req.SET_VRING_ERR, 8, (0, 1))
     def set_vring_err(self, msg: Message) -> None:
-        vr, _, fd = self._vring_fd(msg, ("eventfd",))
-        vr.err.set(fd)
+        vr, _, has_fd = self._vring_fd(msg, ("eventfd",))
+        vr.err.set(msg.fds.pop() if has_fd else -1)
 
     @handles(Req.SET_VRING_ENABLE, 8)
     def set_vring_enable(self, msg: Message) -> None:
@@ -578,7 +626,8 @@ class Session:
         if any(q.started for q in self.device.queues):
             raise Refused("inflight region replaced while rings run")
         if self.inflight is not None:
-            self.inflight.close()
+            old, self.inflight = self.inflight, None
+            old.close()
         self.inflight = InflightRegion.create(num_queues, desc_num, self.packed)
         queue_size = INFLIGHT.unpack(msg.payload)[3]
         payload = INFLIGHT.pack(self.inflight.size, 0, num_queues, queue_size)
@@ -590,17 +639,24 @@ class Session:
         if any(q.started for q in self.device.queues):
             raise Refused("inflight region replaced while rings run")
         region = InflightRegion(msg.fds.pop(), size, offset, num_queues, desc_num, self.packed)
-        if self.inflight is not None:
-            self.inflight.close()
-        self.inflight = region
+        old, self.inflight = self.inflight, region
+        if old is not None:
+            old.close()
 
 
 class VhostUserServer:
     """Listens on ``path`` and serves one frontend connection at a time, for ever."""
 
-    def __init__(self, device: VirtioDevice, path: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        path: str | os.PathLike,
+        state_files: StateFiles | None = None,
+    ) -> None:
+        """``state_files``: ``emu serve --state-dir/--restore-dir`` for the device."""
         self.device = device
         self.path = os.fspath(path)
+        self.state_files = state_files
         if os.path.exists(self.path) and stat.S_ISSOCK(os.stat(self.path).st_mode):
             os.unlink(self.path)  # a stale socket from an earlier run
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -621,13 +677,32 @@ class VhostUserServer:
         return self
 
     def serve_forever(self) -> None:
-        while (conn := self._accept()) is not None:
+        """Serve connections one after another until ``close``. Nothing that goes wrong
+        with one connection, nor a failed accept (a process out of fds), ends the loop."""
+        while True:
+            try:
+                conn = self._accept()
+            except OSError as e:
+                log.error("vhost-user: %s: cannot accept a connection: %s", self.device.name, e)
+                if self._stopped(ACCEPT_RETRY):  # the frontend waits in the backlog
+                    return
+                continue
+            if conn is None:
+                return
             self.connections += 1
             self._serve(conn)
 
+    def _stopped(self, timeout: float) -> bool:
+        """Whether ``close`` was called, waiting up to ``timeout`` seconds for it."""
+        poller = select.poll()
+        poller.register(self._stop, select.POLLIN)
+        return bool(poller.poll(int(timeout * 1000)))
+
     def _accept(self) -> socket.socket | None:
-        ready, _, _ = select.select([self.listener, self._stop], [], [])
-        if self._stop in ready:
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        poller.register(self._stop, select.POLLIN)
+        if any(fd == self._stop for fd, _ in poller.poll()):
             return None
         conn, _ = self.listener.accept()
         self._conn = conn
@@ -635,8 +710,9 @@ class VhostUserServer:
 
     def _serve(self, conn: socket.socket) -> None:
         log.info("vhost-user: %s: frontend connected on %s", self.device.name, self.path)
-        session = Session(self.device, conn, self.negotiated)
+        session = None
         try:
+            session = Session(self.device, conn, self.negotiated, self.state_files)
             session.run()
         except PeerClosed:
             log.info("vhost-user: %s: frontend disconnected", self.device.name)
@@ -648,7 +724,10 @@ class VhostUserServer:
             )
         finally:
             self._conn = None
-            session.close()
+            if session is not None:
+                session.close()  # never raises
+            else:
+                conn.close()
 
     def close(self) -> None:
         os.eventfd_write(self._stop, 1)
@@ -666,7 +745,3 @@ class VhostUserServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-# registers SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE (it imports this module)
-from emu.vhost_user import device_state  # noqa: E402

@@ -17,6 +17,9 @@ re-sends the source's GET_VRING_BASE value); anything else is refused rather tha
 A loaded state wins over an INFLIGHT_SHMFD region, which on a migration destination is
 fresh: the region is seeded with the loaded chains so that tracking goes on.
 
+Each session owns a ``StateKeeper`` (its transfers and loaded state); ``StateFiles`` holds
+what ``emu serve --state-dir/--restore-dir`` asked for one device, shared by its sessions.
+
 SET_DEVICE_STATE_FD: payload ``u32 direction (0 save, 1 load), u32 phase (0 stopped)`` and
 one fd (pipe, socket or file). The reply is a u64 with bit 8 set (emu never returns an fd
 of its own) and 0 in bits 0-7 when the transfer started, 1 when refused (a ring running, a
@@ -34,10 +37,9 @@ import os
 import select
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from emu.devices.base import RunState, VirtioDevice
 from emu.memory import GuestMemoryError
@@ -47,8 +49,9 @@ from emu.state import file as statefile
 from emu.state import parts
 from emu.state.device import ring_from_parts
 from emu.state.format import MAX_STATE_BYTES, DeviceState, StateError, decode, encode
-from emu.vhost_user import dirty_log
-from emu.vhost_user.backend import OWN_REPLY, Refused, Session, handles
+from emu.vhost_user.handler import Refused, handles
+from emu.vhost_user.inflight import InflightRegion
+from emu.vhost_user.memtable import MemoryTable
 from emu.vhost_user.protocol import U64, Message, Req, fd_kind
 from emu.vhost_user.snapshot import LOAD, NO_FD, PHASE_STOPPED, SAVE, STATE_FD
 from emu.vhost_user.vring import Vring, encode_base
@@ -86,7 +89,11 @@ class Transfer:
         self._cancelled = threading.Event()
         self._deadline = time.monotonic() + TRANSFER_TIMEOUT
         self.thread = threading.Thread(target=self._run, name="emu-device-state", daemon=True)
-        self.thread.start()
+        try:
+            self.thread.start()
+        except BaseException:
+            os.close(fd)
+            raise
 
     def _run(self) -> None:
         try:
@@ -138,33 +145,33 @@ class Transfer:
         self.thread.join()
 
 
-@dataclass
-class _SessionState:
-    transfer: Transfer | None = None
-    loaded: Loaded | None = None
+class SessionView(Protocol):
+    """What the state keeper reads of its session (``emu.vhost_user.backend.Session``)."""
 
+    device: VirtioDevice
+    vrings: list[Vring]
+    table: MemoryTable
+    inflight: InflightRegion | None
+    vu_features: int
+    protocol: int
+    status: int
 
-_sessions: weakref.WeakKeyDictionary[Session, _SessionState] = weakref.WeakKeyDictionary()
-#: ``emu serve --restore-dir``: a state for the first session that starts a ring
-_pending: weakref.WeakKeyDictionary[VirtioDevice, Loaded] = weakref.WeakKeyDictionary()
-#: ``emu serve --state-dir``: where each device's state goes when its rings stop
-_state_files: weakref.WeakKeyDictionary[VirtioDevice, Path] = weakref.WeakKeyDictionary()
+    @property
+    def features(self) -> int: ...
 
-
-def _of(session: Session) -> _SessionState:
-    return _sessions.setdefault(session, _SessionState())
+    @property
+    def packed(self) -> bool: ...
 
 
 # -- building and checking a state --
 
 
-def build(session: Session) -> DeviceState:
-    """The state of a device whose rings are all stopped."""
+def build(session: SessionView, waiting: dict[int, Ring]) -> DeviceState:
+    """The state of a device whose rings are all stopped; ``waiting``: rings of a loaded
+    state not started again since, which are still due."""
     dev = session.device
     if any(q.started for q in dev.queues):
         raise StateError(f"{dev.name}: a ring is still running")
-    st = _sessions.get(session)
-    waiting = st.loaded.rings if st is not None and st.loaded is not None else {}
     out = [
         parts.make(parts.DEV_FEATURES, dev.features),
         parts.make(parts.DRV_FEATURES, session.features),
@@ -268,146 +275,185 @@ def check(dev: VirtioDevice, state: DeviceState) -> Loaded:
     return loaded
 
 
-def apply(session: Session, loaded: Loaded) -> None:
-    """Give the device its part now and the rings theirs when they start."""
-    dev = session.device
-    if dev.run_state is not RunState.IDLE or any(vr.saved for vr in session.vrings):
-        raise StateError(f"{dev.name}: a state loads into a device whose rings never ran")
-    dev.load_state(loaded.device_part)  # refuses untouched (StateError)
-    _of(session).loaded = loaded
-
-
-# -- the ring start hook (Session._try_start) --
-
-
-def take_loaded(session: Session, vr: Vring, q: Virtqueue) -> Ring | None:
-    """The loaded (RingState, chains) for a ring about to start, if a state was loaded.
-
-    Refused when the frontend's features or base are not the saved ones, or a chain's
-    buffers are outside the memory it shared.
-    """
-    dev = session.device
-    st = _sessions.get(session)
-    if (st is None or st.loaded is None) and dev in _pending and dev.run_state is RunState.IDLE:
-        apply(session, _pending.pop(dev))
-        log.info("vhost-user: %s: state from the restore file applied", dev.name)
-        st = _sessions.get(session)
-    if st is None or st.loaded is None or vr.index not in st.loaded.rings:
-        return None
-    rs, chains = st.loaded.rings[vr.index]
-    if session.features != st.loaded.driver_features:
-        raise Refused(
-            f"vring {vr.index}: features {session.features:#x}, "
-            f"the loaded state has {st.loaded.driver_features:#x}"
-        )
-    base = encode_base(rs, session.packed)
-    if vr.base != base:
-        raise Refused(f"vring {vr.index}: base {vr.base:#x}, the loaded state has {base:#x}")
-    try:
-        for c in chains:
-            for addr, length, _ in c.segments:
-                session.table.mem.translate(addr, length)
-    except GuestMemoryError as e:
-        raise Refused(f"vring {vr.index}: a loaded in-flight chain is outside memory: {e}") from e
-    if session.inflight is not None and vr.index < session.inflight.num_queues:
-        _seed_region(session, vr, q, rs, chains)
-    del st.loaded.rings[vr.index]
-    return rs, chains
-
-
-def _seed_region(session: Session, vr: Vring, q: Virtqueue, rs: RingState, chains: list) -> None:
-    """Record the loaded chains in the (fresh) INFLIGHT_SHMFD region and track from it."""
-    assert session.inflight is not None
-    tracker: Any = session.inflight.queues[vr.index]
-    tracker.queue_size = vr.num
-    if session.packed:
-        tracker.slots = lambda: {c.head: c.ndesc for c in chains}
-    if tracker.recover(rs.next_used):
-        raise Refused(f"vring {vr.index}: the inflight region has requests of its own")
-    if chains:
-        tracker.fetched(Batch.from_chains([(c.head, c.segments) for c in chains]))
-    if session.packed:
-        tracker.slots = lambda: dict(q.ring.state().inflight) if q.ring else {}
-    q.tracker = tracker
-
-
-# -- SET_STATUS 0 --
-
-
-def reset_keeping_rings(session: Session) -> None:
-    """Device reset that keeps where the rings stopped, for the GET_VRING_BASE to come.
-
-    QEMU 7.2 (with STATUS negotiated) sends SET_STATUS 0 at every stop *before*
-    GET_VRING_BASE; QEMU 8.1 moved it after ("vhost-user: send SET_STATUS 0 after
-    GET_VRING_BASE"). A plain reset there would answer GET_VRING_BASE with 0 and drop the
-    requests in flight, and QEMU would carry that 0 into ``cont`` and the migration
-    stream. So the running rings are stopped first (under the device's policy), and their
-    saved state, base and size and the negotiated features outlive the reset; the device itself
-    is reset as the spec says, and set up again by the frontend's start sequence.
-    """
-    for vr in session.vrings:
-        if session.device.queues[vr.index].started:
-            session._stop(vr)
-    kept = {vr.index: (vr.saved, vr.num) for vr in session.vrings if vr.saved is not None}
-    features = session.vu_features
-    session.reset()
-    session.vu_features = features
-    for index, (saved, num) in kept.items():
-        vr = session.vrings[index]
-        vr.saved, vr.num = saved, num
-        vr.base = encode_base(saved[0], session.packed)
-
-
 # -- state files (emu serve --state-dir / --restore-dir) --
 
 
-def save_on_stop(dev: VirtioDevice, path: Path) -> None:
-    """Write ``dev``'s state to ``path`` whenever all its rings have been stopped."""
-    _state_files[dev] = path
+@dataclass
+class StateFiles:
+    """``emu serve``'s state files for one device, shared by every session of it."""
+
+    #: ``--state-dir``: where the state goes whenever all the device's rings stop
+    save_to: Path | None = None
+    #: ``--restore-dir``: a checked state, for the first session that starts a ring
+    pending: Loaded | None = None
+
+    @classmethod
+    def open(
+        cls, dev: VirtioDevice, socket: str, state_dir: str | None, restore_dir: str | None
+    ) -> StateFiles:
+        """DIR/<socket name>.state, saved at each stop and/or restored at start.
+
+        A restore file that is missing or does not fit the device is an error
+        (StateError): starting fresh would silently drop the requests the guest still
+        waits for. It is checked against the fresh ``dev`` now and applied later.
+        """
+        name = f"{Path(socket).name}.state"
+        files = cls()
+        if restore_dir is not None:
+            loaded = check(dev, statefile.load(Path(restore_dir) / name))
+            dev.load_state(loaded.device_part)  # checks the device part; taken again at apply
+            files.pending = loaded
+        if state_dir is not None:
+            files.save_to = Path(state_dir) / name
+        return files
 
 
-def restore_file(dev: VirtioDevice, path: Path) -> None:
-    """Check ``path`` against the fresh ``dev`` now; apply it when a frontend starts rings."""
-    loaded = check(dev, statefile.load(path))
-    dev.load_state(loaded.device_part)  # checks the device part; taken again at apply
-    _pending[dev] = loaded
+# -- one session's device state --
 
 
-def state_files(
-    dev: VirtioDevice, socket: str, state_dir: str | None, restore_dir: str | None
-) -> None:
-    """``emu serve``: DIR/<socket name>.state, saved at each stop and/or restored at start.
+class StateKeeper:
+    """A session's DEVICE_STATE transfers, the state loaded into it (by a transfer or a
+    restore file) until its rings start, and the state file written at each stop."""
 
-    A restore file that is missing or does not fit the device is an error (StateError):
-    starting fresh would silently drop the requests the guest still waits for.
-    """
-    name = f"{Path(socket).name}.state"
-    if restore_dir is not None:
-        restore_file(dev, Path(restore_dir) / name)
-    if state_dir is not None:
-        save_on_stop(dev, Path(state_dir) / name)
+    def __init__(self, session: SessionView, files: StateFiles | None = None) -> None:
+        self.session = session
+        self.files = files if files is not None else StateFiles()
+        self.transfer: Transfer | None = None
+        self.loaded: Loaded | None = None
 
+    def close(self) -> None:
+        if self.transfer is not None:
+            self.transfer.cancel()
+            self.transfer = None
 
-def rings_stopped(session: Session) -> None:
-    """GET_VRING_BASE hook: once the last running ring stopped, report the pages written
-    to the dirty log and write the state file."""
-    if any(q.started for q in session.device.queues):
-        return
-    dirty_log.flush(session)
-    path = _state_files.get(session.device)
-    if path is None:
-        return
-    if not any(vr.saved for vr in session.vrings):
-        return
-    try:
-        statefile.save(path, build(session))
-    except (OSError, StateError) as e:
-        log.error("vhost-user: %s: cannot write state file %s: %s", session.device.name, path, e)
-        return
-    log.info("vhost-user: %s: state saved to %s", session.device.name, path)
+    def apply(self, loaded: Loaded) -> None:
+        """Give the device its part now and the rings theirs when they start."""
+        dev = self.session.device
+        if dev.run_state is not RunState.IDLE or any(vr.saved for vr in self.session.vrings):
+            raise StateError(f"{dev.name}: a state loads into a device whose rings never ran")
+        dev.load_state(loaded.device_part)  # refuses untouched (StateError)
+        self.loaded = loaded
 
+    # -- the ring start hook (Session._try_start) --
 
-# -- SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE --
+    def take_loaded(self, vr: Vring, q: Virtqueue) -> Ring | None:
+        """The loaded (RingState, chains) for a ring about to start, if a state was loaded.
+
+        Refused when the frontend's features or base are not the saved ones, or a chain's
+        buffers are outside the memory it shared.
+        """
+        session, dev = self.session, self.session.device
+        pending = self.files.pending
+        if self.loaded is None and pending is not None and dev.run_state is RunState.IDLE:
+            self.files.pending = None
+            self.apply(pending)
+            log.info("vhost-user: %s: state from the restore file applied", dev.name)
+        if self.loaded is None or vr.index not in self.loaded.rings:
+            return None
+        rs, chains = self.loaded.rings[vr.index]
+        if session.features != self.loaded.driver_features:
+            raise Refused(
+                f"vring {vr.index}: features {session.features:#x}, "
+                f"the loaded state has {self.loaded.driver_features:#x}"
+            )
+        base = encode_base(rs, session.packed)
+        if vr.base != base:
+            raise Refused(f"vring {vr.index}: base {vr.base:#x}, the loaded state has {base:#x}")
+        try:
+            for c in chains:
+                for addr, length, _ in c.segments:
+                    session.table.mem.translate(addr, length)
+        except GuestMemoryError as e:
+            raise Refused(
+                f"vring {vr.index}: a loaded in-flight chain is outside memory: {e}"
+            ) from e
+        if session.inflight is not None and vr.index < session.inflight.num_queues:
+            self._seed_region(vr, q, rs, chains)
+        del self.loaded.rings[vr.index]
+        return rs, chains
+
+    def _seed_region(self, vr: Vring, q: Virtqueue, rs: RingState, chains: list) -> None:
+        """Record the loaded chains in the (fresh) INFLIGHT_SHMFD region and track from it."""
+        session = self.session
+        assert session.inflight is not None
+        tracker: Any = session.inflight.queues[vr.index]
+        tracker.queue_size = vr.num
+        if session.packed:
+            tracker.slots = lambda: {c.head: c.ndesc for c in chains}
+        if tracker.recover(rs.next_used):
+            raise Refused(f"vring {vr.index}: the inflight region has requests of its own")
+        if chains:
+            tracker.fetched(Batch.from_chains([(c.head, c.segments) for c in chains]))
+        if session.packed:
+            tracker.slots = lambda: dict(q.ring.state().inflight) if q.ring else {}
+        q.tracker = tracker
+
+    # -- the stop hook: the state file --
+
+    def build(self) -> DeviceState:
+        return build(self.session, self.loaded.rings if self.loaded is not None else {})
+
+    def rings_stopped(self) -> None:
+        """Every ring is stopped: write the state file, if ``emu serve`` asked for one."""
+        path, name = self.files.save_to, self.session.device.name
+        if path is None or not any(vr.saved for vr in self.session.vrings):
+            return
+        try:
+            statefile.save(path, self.build())
+        except (OSError, StateError) as e:
+            log.error("vhost-user: %s: cannot write state file %s: %s", name, path, e)
+            return
+        log.info("vhost-user: %s: state saved to %s", name, path)
+
+    # -- SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE --
+
+    def _refuse(self, why: str) -> bytes:
+        log.warning(
+            "vhost-user: %s: SET_DEVICE_STATE_FD refused: %s", self.session.device.name, why
+        )
+        return U64.pack(NO_FD | 1)
+
+    @handles(Req.SET_DEVICE_STATE_FD, STATE_FD.size, (1, 1))
+    def set_device_state_fd(self, msg: Message) -> bytes:
+        direction, phase = STATE_FD.unpack(msg.payload)
+        self.close()  # a new transfer replaces an unfinished one
+        if direction not in (SAVE, LOAD):
+            return self._refuse(f"direction {direction}")
+        if phase != PHASE_STOPPED:
+            return self._refuse(f"phase {phase}")
+        if any(q.started for q in self.session.device.queues):
+            return self._refuse("a ring is still running (stop it with GET_VRING_BASE)")
+        why = _fd_problem(msg.fds[0], direction)
+        if why is not None:
+            return self._refuse(why)
+        data = b""
+        if direction == SAVE:
+            try:
+                data = encode(self.build())
+            except StateError as e:
+                return self._refuse(str(e))
+        self.transfer = Transfer(msg.fds.pop(), direction, data)
+        return U64.pack(NO_FD)
+
+    @handles(Req.CHECK_DEVICE_STATE, 0)
+    def check_device_state(self, msg: Message) -> bytes:
+        transfer, self.transfer = self.transfer, None
+        name = self.session.device.name
+        if transfer is None:
+            log.warning("vhost-user: %s: CHECK_DEVICE_STATE without a transfer", name)
+            return U64.pack(1)
+        error = transfer.finish()
+        if error is not None:
+            log.warning("vhost-user: %s: device state transfer failed: %s", name, error)
+            return U64.pack(1)
+        if transfer.direction == LOAD:
+            try:
+                self.apply(check(self.session.device, decode(bytes(transfer.received))))
+            except StateError as e:
+                log.warning("vhost-user: %s: device state refused: %s", name, e)
+                return U64.pack(1)
+            log.info("vhost-user: %s: device state loaded", name)
+        return U64.pack(0)
 
 
 def _fd_problem(fd: int, direction: int) -> str | None:
@@ -418,59 +464,3 @@ def _fd_problem(fd: int, direction: int) -> str | None:
     if mode == (os.O_RDONLY if direction == SAVE else os.O_WRONLY):
         return f"state fd is not open for {'writing' if direction == SAVE else 'reading'}"
     return None
-
-
-def _refuse(session: Session, why: str) -> bytes:
-    log.warning("vhost-user: %s: SET_DEVICE_STATE_FD refused: %s", session.device.name, why)
-    return U64.pack(NO_FD | 1)
-
-
-@handles(Req.SET_DEVICE_STATE_FD, STATE_FD.size, (1, 1))
-def set_device_state_fd(session: Session, msg: Message) -> bytes:
-    direction, phase = STATE_FD.unpack(msg.payload)
-    st = _of(session)
-    if st.transfer is not None:  # a new transfer replaces an unfinished one
-        st.transfer.cancel()
-        st.transfer = None
-    if direction not in (SAVE, LOAD):
-        return _refuse(session, f"direction {direction}")
-    if phase != PHASE_STOPPED:
-        return _refuse(session, f"phase {phase}")
-    if any(q.started for q in session.device.queues):
-        return _refuse(session, "a ring is still running (stop it with GET_VRING_BASE)")
-    why = _fd_problem(msg.fds[0], direction)
-    if why is not None:
-        return _refuse(session, why)
-    data = b""
-    if direction == SAVE:
-        try:
-            data = encode(build(session))
-        except StateError as e:
-            return _refuse(session, str(e))
-    st.transfer = Transfer(msg.fds.pop(), direction, data)
-    return U64.pack(NO_FD)
-
-
-@handles(Req.CHECK_DEVICE_STATE, 0)
-def check_device_state(session: Session, msg: Message) -> bytes:
-    st = _of(session)
-    transfer, st.transfer = st.transfer, None
-    name = session.device.name
-    if transfer is None:
-        log.warning("vhost-user: %s: CHECK_DEVICE_STATE without a transfer", name)
-        return U64.pack(1)
-    error = transfer.finish()
-    if error is not None:
-        log.warning("vhost-user: %s: device state transfer failed: %s", name, error)
-        return U64.pack(1)
-    if transfer.direction == LOAD:
-        try:
-            apply(session, check(session.device, decode(bytes(transfer.received))))
-        except StateError as e:
-            log.warning("vhost-user: %s: device state refused: %s", name, e)
-            return U64.pack(1)
-        log.info("vhost-user: %s: device state loaded", name)
-    return U64.pack(0)
-
-
-OWN_REPLY.update({Req.SET_DEVICE_STATE_FD, Req.CHECK_DEVICE_STATE})

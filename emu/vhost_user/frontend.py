@@ -1,12 +1,12 @@
 """A vhost-user frontend in Python: plays QEMU's part against any vhost-user backend.
 
-Guest RAM is a memfd-backed ``GuestMemory`` shared with the backend; the guest side of
-the rings is the reference driver's ``DriverQueue``. ``VhostUserFrontend`` has the same
-methods as ``VirtioMmioDriver`` (init, setup_queue, driver_ok, submit, kick, wait,
-config_read, queues), so emu.testing's device helpers (BlkDriver, RngDriver, GuestNet,
-GuestConsole) drive a device through it unchanged. Ring addresses are sent as "user"
-addresses offset from guest-physical ones (as QEMU's are), which checks that a backend
-translates them through the memory table.
+Guest RAM is a memfd-backed ``GuestMemory`` shared with the backend. The frontend speaks
+the protocol (negotiation, memory, vring setup, start and stop, config, DEVICE_STATE) and
+knows where each ring lies, not what is in it: a driver lays the rings out in ``mem`` and
+adds and completes buffers (``emu.testing.vhost_user.VhostUserDriver`` puts the reference
+driver's rings on top, so emu.testing's device helpers drive a backend through it). Ring
+addresses are sent as "user" addresses offset from guest-physical ones (as QEMU's are),
+which checks that a backend translates them through the memory table.
 
 Every request that has no reply of its own asks for a REPLY_ACK when the backend offers
 it, so a refusal surfaces at the call that caused it.
@@ -18,10 +18,10 @@ import os
 import select
 import socket
 import time
+from typing import Protocol
 
 from emu.memory import GuestMemory
 from emu.ringdefs import F_EVENT_IDX, F_IN_ORDER, F_INDIRECT_DESC, F_RING_PACKED
-from emu.testing.driver import Completion, DriverQueue, GuestAllocator
 from emu.vhost_user import snapshot
 from emu.vhost_user.protocol import (
     CONFIG_HEAD,
@@ -29,6 +29,7 @@ from emu.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     INFLIGHT,
     MEM_TABLE_HEAD,
+    OWN_REPLY,
     PF,
     REPLY_FLAGS,
     U64,
@@ -57,22 +58,21 @@ WANTED_PROTOCOL = (
     | 1 << PF.STATUS
     | 1 << PF.DEVICE_STATE
 )
-_WITH_REPLY = {
-    Req.GET_FEATURES,
-    Req.GET_PROTOCOL_FEATURES,
-    Req.GET_VRING_BASE,
-    Req.GET_QUEUE_NUM,
-    Req.GET_CONFIG,
-    Req.GET_INFLIGHT_FD,
-    Req.GET_MAX_MEM_SLOTS,
-    Req.GET_STATUS,
-    Req.SET_DEVICE_STATE_FD,
-    Req.CHECK_DEVICE_STATE,
-}
 
 
 class FrontendError(Exception):
     """The backend refused a request (non-zero ack) or answered nonsense."""
+
+
+class Ring(Protocol):
+    """Where a driver laid out one ring in guest memory (guest-physical addresses)."""
+
+    index: int
+    size: int
+    desc: int
+    driver: int
+    device: int
+    packed: bool
 
 
 def connect(path: str | os.PathLike, timeout: float = 10.0) -> socket.socket:
@@ -99,14 +99,15 @@ class VhostUserFrontend:
         add_mem_reg: bool | None = None,
         inflight: bool = False,
         timeout: float = 10.0,
+        ram: str | os.PathLike = "memfd",
     ) -> None:
         """``add_mem_reg`` shares RAM with ADD_MEM_REG (None: when the backend offers
         CONFIGURE_MEM_SLOTS) instead of SET_MEM_TABLE; ``inflight`` asks for an
-        INFLIGHT_SHMFD region at start, as QEMU does when it is offered."""
+        INFLIGHT_SHMFD region at start, as QEMU does when it is offered; ``ram`` is a
+        sealable memfd (as QEMU's memory-backend-memfd) or a file path (as UML's RAM)."""
         self.sock = connect(path, timeout)
-        self.mem = GuestMemory.create(mem_size)
-        self.alloc = GuestAllocator(self.mem)
-        self.queues: dict[int, DriverQueue] = {}
+        self.mem = GuestMemory.create(mem_size, backing=ram)
+        self.queues: dict[int, Ring] = {}
         self.features = 0
         self.protocol = 0
         self.config_interrupts = 0
@@ -116,16 +117,15 @@ class VhostUserFrontend:
         self.inflight_payload = b""
         self._calls: dict[int, int] = {}
         self._kicks: dict[int, int] = {}
-        self._backlog: dict[int, list[Completion]] = {}
 
     # -- messages --
 
     def request(self, req: Req, payload: bytes = b"", fds: list[int] | None = None) -> Message:
         """Send one request; returns its reply (or the ack) after checking its header."""
-        ack = req not in _WITH_REPLY and self.protocol >> PF.REPLY_ACK & 1
+        ack = req not in OWN_REPLY and self.protocol >> PF.REPLY_ACK & 1
         flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
         send_message(self.sock, Message(req, flags, payload, list(fds or [])))
-        if req not in _WITH_REPLY and not ack:
+        if req not in OWN_REPLY and not ack:
             return Message(req)
         answer = recv_message(self.sock)
         if answer.req != req or answer.flags != REPLY_FLAGS:
@@ -201,28 +201,25 @@ class VhostUserFrontend:
             table = MEM_TABLE_HEAD.pack(n, 0) + b"".join(self.region_payload(i) for i in range(n))
             self.request(Req.SET_MEM_TABLE, table, [r.fd for r in self.mem.regions])
 
-    def setup_queue(self, index: int, size: int | None = None) -> DriverQueue:
-        size = size or 256
-        q = DriverQueue(
-            self.mem,
-            self.alloc,
-            index,
-            size,
-            packed=bool(self.features >> F_RING_PACKED & 1),
-            event_idx=bool(self.features >> F_EVENT_IDX & 1),
-            indirect=bool(self.features >> F_INDIRECT_DESC & 1),
-        )
-        call = self._calls.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-        self.set_u64(Req.SET_VRING_CALL, index, [call])
-        self.request(Req.SET_VRING_NUM, VRING_STATE.pack(index, size))
+    def setup_vring(self, q: Ring) -> None:
+        """Hand the backend a ring the driver laid out: CALL, NUM, BASE, ADDR, as QEMU."""
+        self.set_u64(Req.SET_VRING_CALL, q.index, [self._eventfd(self._calls, q.index)])
+        self.request(Req.SET_VRING_NUM, VRING_STATE.pack(q.index, q.size))
         # a fresh packed ring starts with both wrap counters set (bits 15 and 31)
         base = 1 << 15 | 1 << 31 if q.packed else 0
-        self.request(Req.SET_VRING_BASE, VRING_STATE.pack(index, base))
+        self.request(Req.SET_VRING_BASE, VRING_STATE.pack(q.index, base))
         self.set_vring_addr(q)
-        self.queues[index] = q
-        return q
+        self.queues[q.index] = q
 
-    def set_vring_addr(self, q: DriverQueue) -> None:
+    @staticmethod
+    def _eventfd(fds: dict[int, int], index: int) -> int:
+        """Ring ``index``'s eventfd in ``fds``, made once and sent again at every start
+        (as QEMU re-sends the same kick and call eventfds at ``cont``)."""
+        if index not in fds:
+            fds[index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return fds[index]
+
+    def set_vring_addr(self, q: Ring) -> None:
         payload = VRING_ADDR.pack(
             q.index, 0, q.desc + UVA_OFFSET, q.device + UVA_OFFSET, q.driver + UVA_OFFSET, 0
         )
@@ -234,8 +231,7 @@ class VhostUserFrontend:
             self.start_ring(index)
 
     def start_ring(self, index: int) -> None:
-        kick = self._kicks.setdefault(index, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-        self.set_u64(Req.SET_VRING_KICK, index, [kick])
+        self.set_u64(Req.SET_VRING_KICK, index, [self._eventfd(self._kicks, index)])
         self.request(Req.SET_VRING_ENABLE, VRING_STATE.pack(index, 1))
 
     def stop_ring(self, index: int) -> int:
@@ -285,42 +281,21 @@ class VhostUserFrontend:
         data = value.to_bytes(size, "little")
         self.request(Req.SET_CONFIG, CONFIG_HEAD.pack(offset, size, 0) + data)
 
-    # -- requests --
-
-    def submit(self, qidx: int, out: list[bytes], in_sizes: list[int]) -> int:
-        q = self.queues[qidx]
-        token = q.add(out, in_sizes)
-        if q.kick_needed():
-            self.kick(qidx)
-        return token
+    # -- notifications --
 
     def kick(self, qidx: int) -> None:
         os.eventfd_write(self._kicks[qidx], 1)
 
-    def wait(self, qidx: int, count: int = 1, timeout: float = 5.0) -> list[Completion]:
-        """The next ``count`` completions of queue ``qidx``, sleeping on its call eventfd."""
-        q = self.queues[qidx]
+    def wait_call(self, qidx: int, timeout: float) -> bool:
+        """Sleep until the backend signals ring ``qidx``'s call eventfd (False: timed out)."""
         call = self._calls[qidx]
-        got = self._backlog.pop(qidx, [])
-        deadline = time.monotonic() + timeout
+        if timeout <= 0 or not select.select([call], [], [], timeout)[0]:
+            return False
         try:
-            while True:
-                got += q.poll()
-                if len(got) >= count:
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([call], [], [], left)[0]:
-                    raise TimeoutError(f"queue {qidx}: {len(got)} of {count} completions")
-                try:
-                    os.eventfd_read(call)
-                except BlockingIOError:
-                    pass
-        finally:
-            if len(got) > count:
-                self._backlog[qidx] = got[count:]
-            elif len(got) < count:
-                self._backlog[qidx] = got
-        return got[:count]
+            os.eventfd_read(call)
+        except BlockingIOError:
+            pass
+        return True
 
     def close(self) -> None:
         self.sock.close()

@@ -17,7 +17,9 @@ per queue, each 64-byte aligned:
   from a free list: one per buffer of the chain, the first marked inflight with ``num`` =
   ring slots the chain took. Recovery rebuilds the free list from the in-flight chains.
 
-The region comes from the frontend and is not trusted: every index read from it is bounds
+The region's file is sealed against shrinking before it is mapped, and refused if it
+cannot be (emu's own and libvhost-user's come sealed; docs/vhost-user.md). Its content
+comes from the frontend and is not trusted either: every index read from it is bounds
 checked, and recovered chains go through emu's ring core again (split: the guest's own
 descriptor table; packed: the recorded buffers as a direct chain) before a device sees
 them. ``desc_num`` is the device's largest queue, not the frontend's ``queue_size``, which
@@ -26,6 +28,7 @@ can be smaller than the ring really used (QEMU on virtio-mmio: 128 against 1024)
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import mmap
 import os
@@ -45,6 +48,7 @@ from emu.ringdefs import (
     RingError,
     RingState,
 )
+from emu.vhost_user.sealing import seal_shrink
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ _FREE_HEAD, _OLD_FREE_HEAD, _USED_IDX, _OLD_USED_IDX = 12, 14, 16, 18
 _USED_WRAP, _OLD_USED_WRAP = 20, 21
 _ALIGN = 64
 _END = 0xFFFF  # free-list terminator
+#: emu's own region: its size is fixed for good (as libvhost-user seals its regions)
+_SEALED = fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
 
 
 def queue_area(packed: bool, desc_num: int) -> int:
@@ -80,9 +86,14 @@ class InflightRegion:
                     f"inflight region of {size:#x} bytes, {num_queues} queues of "
                     f"{desc_num} need {area * num_queues:#x}"
                 )
+            if not seal_shrink(fd):  # a shrink under the mapping would be a SIGBUS
+                raise GuestMemoryError("inflight region's file cannot be sealed against shrinking")
             if offset % mmap.ALLOCATIONGRANULARITY or os.fstat(fd).st_size < offset + size:
                 raise GuestMemoryError("inflight region offset/size outside its file")
-            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
+            try:
+                self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=offset)
+            except (OSError, ValueError) as e:  # e.g. a file open for writing only
+                raise GuestMemoryError(f"inflight region cannot be mapped: {e}") from e
         except BaseException:
             os.close(fd)
             raise
@@ -94,8 +105,13 @@ class InflightRegion:
     @classmethod
     def create(cls, num_queues: int, desc_num: int, packed: bool) -> InflightRegion:
         size = queue_area(packed, desc_num) * num_queues
-        fd = os.memfd_create("emu-vhost-inflight", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
+        fd = os.memfd_create("emu-vhost-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALED)
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(fd, size, 0, num_queues, desc_num, packed)
 
     def close(self) -> None:

@@ -5,7 +5,9 @@ A frontend describes each region by guest-physical address, size, its own virtua
 in-process; ring addresses arrive as uvas and are translated here. Every region is checked
 before it is mapped: sizes and ends must not wrap, neither gpa nor uva ranges may overlap
 (the uva->gpa map would be ambiguous), and the fd must really hold ``offset + size`` bytes
-(``GuestMemory.add_fd_region`` fstats it) so no access can fall outside the file.
+(``GuestMemory.add_fd_region`` fstats it) so no access can fall outside the file. The file
+is sealed against shrinking first where it can be (``sealing``); a file that takes no seal
+(UML's RAM) is mapped all the same, and shrinking it would end the process (SIGBUS).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from emu.memory import GuestMemory, GuestMemoryError
 from emu.vhost_user.protocol import MEM_REGION
+from emu.vhost_user.sealing import seal_shrink
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,8 @@ class MemoryTable:
                     raise GuestMemoryError(f"region gpa {region.gpa:#x} overlaps {r.gpa:#x}")
                 if _overlap(r.uva, r.uva + r.size, region.uva, region.uva + region.size):
                     raise GuestMemoryError(f"region uva {region.uva:#x} overlaps {r.uva:#x}")
-        except GuestMemoryError:
+            sealed = seal_shrink(fd)  # before add_fd_region checks the size
+        except BaseException:
             os.close(fd)
             raise
         try:
@@ -82,11 +86,12 @@ class MemoryTable:
             raise GuestMemoryError(f"cannot map region gpa {region.gpa:#x}: {e}") from e
         self.regions.append(region)
         log.info(
-            "vhost-user: mapped gpa %#x size %#x uva %#x offset %#x",
+            "vhost-user: mapped gpa %#x size %#x uva %#x offset %#x%s",
             region.gpa,
             region.size,
             region.uva,
             region.offset,
+            "" if sealed else " (its file cannot be sealed against shrinking)",
         )
 
     def remove(self, region: MemRegion) -> None:
@@ -103,7 +108,7 @@ class MemoryTable:
         for i, (region, fd) in enumerate(zip(regions, fds, strict=True)):
             try:
                 self.add(region, fd)
-            except GuestMemoryError:
+            except BaseException:
                 for rest in fds[i + 1 :]:
                     os.close(rest)
                 self.clear()

@@ -84,6 +84,25 @@ class Req(IntEnum):
     CHECK_DEVICE_STATE = 43
 
 
+#: requests answered with a payload of their own, never with a bare ack. SET_LOG_BASE has
+#: one when LOG_SHMFD is negotiated (QEMU waits for it); emu's backend always answers it.
+OWN_REPLY = frozenset(
+    {
+        Req.GET_FEATURES,
+        Req.GET_PROTOCOL_FEATURES,
+        Req.GET_VRING_BASE,
+        Req.GET_QUEUE_NUM,
+        Req.GET_CONFIG,
+        Req.GET_INFLIGHT_FD,
+        Req.GET_MAX_MEM_SLOTS,
+        Req.GET_STATUS,
+        Req.SET_LOG_BASE,
+        Req.SET_DEVICE_STATE_FD,
+        Req.CHECK_DEVICE_STATE,
+    }
+)
+
+
 class PF(IntEnum):
     """Protocol feature bits."""
 
@@ -127,6 +146,11 @@ class Message:
 
     def pack(self) -> bytes:
         return HEADER.pack(self.req, self.flags, len(self.payload)) + self.payload
+
+    def take_fds(self) -> list[int]:
+        """The fds, now the caller's to close."""
+        fds, self.fds = self.fds, []
+        return fds
 
     def close_fds(self) -> None:
         for fd in self.fds:
