@@ -6,12 +6,10 @@ both ring cores, so tests can build valid rings and also any hostile byte patter
 
 from __future__ import annotations
 
-import struct
-
+from emu import ringlayout
 from emu.memory import GuestMemory
-from emu.ringdefs import DESC_F_AVAIL, DESC_F_NEXT, DESC_F_USED
 
-DESC = struct.Struct("<QIHH")  # split: addr len flags next; packed: addr len id flags
+DESC = ringlayout.DESC
 
 RAM0 = (0x0, 0x20000)  # rings and indirect tables live here
 RAM1 = (0x100000, 0x10000)  # buffers; the gap between the two regions is not RAM
@@ -57,18 +55,13 @@ class SplitBuilder:
 
     def chain(self, head: int, bufs: list[tuple[int, int, int]]) -> int:
         """Descriptors head, head+1, ... (mod size) linked by NEXT; bufs are (addr, len, flags)."""
-        for k, (addr, length, flags) in enumerate(bufs):
-            last = k == len(bufs) - 1
-            i = (head + k) % self.size
-            self.desc(i, addr, length, flags | (0 if last else DESC_F_NEXT), (i + 1) % self.size)
-        return head
+        ids = [(head + k) % self.size for k in range(len(bufs))]
+        return ringlayout.write_split_chain(self.mem, self.desc_addr, ids, bufs)
 
     def offer(self, *heads: int, publish: bool = True) -> None:
-        for h in heads:
-            self.mem.write_int(self.driver + 4 + 2 * (self.avail_idx % self.size), 2, h)
-            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        if publish:
-            self.set_avail_idx(self.avail_idx)
+        self.avail_idx = ringlayout.offer_split(
+            self.mem, self.driver, self.size, self.avail_idx, list(heads), publish
+        )
 
     def set_avail_idx(self, idx: int) -> None:
         self.mem.write_int(self.driver + 2, 2, idx)
@@ -116,24 +109,14 @@ class PackedBuilder:
         self.mem.write(self.desc_addr + 16 * slot, DESC.pack(addr, length, buf_id, flags))
 
     def avail_bits(self, wrap: bool) -> int:
-        return DESC_F_AVAIL if wrap else DESC_F_USED
+        return ringlayout.avail_flags(wrap)
 
     def offer(self, buf_id: int, bufs: list[tuple[int, int, int]]) -> int:
         """Make one chain available at the driver's next slots; the head's flags go last."""
-        slots = []
-        for k, (addr, length, flags) in enumerate(bufs):
-            last = k == len(bufs) - 1
-            f = flags | (0 if last else DESC_F_NEXT) | self.avail_bits(self.wrap)
-            slots.append((self.slot, addr, length, buf_id, f))
-            self.slot += 1
-            if self.slot == self.size:
-                self.slot, self.wrap = 0, not self.wrap
-        for s in slots[1:]:
-            self.raw(*s)
-        head = slots[0]
-        self.raw(head[0], head[1], head[2], head[3], 0)
-        self.mem.write_int(self.desc_addr + 16 * head[0] + 14, 2, head[4])
-        return len(slots)
+        self.slot, self.wrap = ringlayout.offer_packed(
+            self.mem, self.desc_addr, self.size, self.slot, self.wrap, buf_id, bufs
+        )
+        return len(bufs)
 
     def table(self, at: int, entries: list[tuple[int, int, int]]) -> None:
         """A packed indirect table of (addr, len, flags) entries."""

@@ -25,11 +25,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from emu import ringlayout
 from emu.memory import PAGE_SIZE, GuestMemory
 from emu.ringdefs import (
     DESC_F_AVAIL,
     DESC_F_INDIRECT,
-    DESC_F_NEXT,
     DESC_F_USED,
     DESC_F_WRITE,
     F_EVENT_IDX,
@@ -48,7 +48,6 @@ from emu.transport.mmio import MmioTransport
 #: features this driver cannot honour, left out when the caller does not choose features
 _UNSUPPORTED = 1 << F_IN_ORDER | 1 << 39  # NOTIF_CONFIG_DATA
 _LEGACY_ALIGN = PAGE_SIZE
-_DESC = struct.Struct("<QIHH")  # split: addr len flags next / packed: addr len id flags
 _MIN_BUF = 64
 
 __all__ = [
@@ -195,7 +194,7 @@ class DriverQueue:
             segs.append((gpa, size, DESC_F_WRITE))
         if use_indirect:
             table = self._buffer(req, 16 * n)
-            self.mem.write(table, self._indirect_table(segs))
+            self.mem.write(table, ringlayout.indirect_table(segs, self.packed))
             segs = [(table, 16 * n, DESC_F_INDIRECT)]
         if self.packed:
             self._add_packed(req, segs)
@@ -211,48 +210,22 @@ class DriverQueue:
         req.bufs.append((gpa, cls))
         return gpa
 
-    def _indirect_table(self, segs: list[tuple[int, int, int]]) -> bytes:
-        if self.packed:  # only WRITE counts in a packed table; entries are sequential
-            return b"".join(_DESC.pack(a, n, 0, f) for a, n, f in segs)
-        last = len(segs) - 1
-        return b"".join(
-            _DESC.pack(a, n, f | (DESC_F_NEXT if i < last else 0), i + 1 if i < last else 0)
-            for i, (a, n, f) in enumerate(segs)
-        )
-
     def _add_split(self, req: _Request, segs: list[tuple[int, int, int]]) -> None:
         req.descs = [self._free_descs.pop() for _ in segs]
-        for i, (addr, length, flags) in enumerate(segs):
-            more = i + 1 < len(segs)
-            nxt = req.descs[i + 1] if more else 0
-            flags |= DESC_F_NEXT if more else 0
-            self.mem.write(self.desc + 16 * req.descs[i], _DESC.pack(addr, length, flags, nxt))
-        head = req.descs[0]
+        head = ringlayout.write_split_chain(self.mem, self.desc, req.descs, segs)
         self._inflight[head] = req
-        slot = self._avail_idx % self.size
-        self.mem.write_int(self.driver + 4 + 2 * slot, 2, head)
-        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        self.mem.write_int(self.driver + 2, 2, self._avail_idx)  # publish last
+        self._avail_idx = ringlayout.offer_split(
+            self.mem, self.driver, self.size, self._avail_idx, [head]
+        )
 
     def _add_packed(self, req: _Request, segs: list[tuple[int, int, int]]) -> None:
         buf_id = self._free_ids.pop()
         self._inflight[buf_id] = req
-        head_pos, head_flags = self._next_avail, 0
-        for i, (addr, length, flags) in enumerate(segs):
-            flags |= DESC_F_NEXT if i + 1 < len(segs) else 0
-            flags |= DESC_F_AVAIL if self._avail_wrap else DESC_F_USED
-            gpa = self.desc + 16 * self._next_avail
-            if i == 0:
-                head_flags = flags
-                self.mem.write(gpa, _DESC.pack(addr, length, buf_id, 0)[:14])
-            else:
-                self.mem.write(gpa, _DESC.pack(addr, length, buf_id, flags))
-            self._next_avail += 1
-            if self._next_avail == self.size:
-                self._next_avail = 0
-                self._avail_wrap ^= 1
+        slot, wrap = ringlayout.offer_packed(
+            self.mem, self.desc, self.size, self._next_avail, bool(self._avail_wrap), buf_id, segs
+        )
+        self._next_avail, self._avail_wrap = slot, int(wrap)
         self._free_slots -= len(segs)
-        self.mem.write_int(self.desc + 16 * head_pos + 14, 2, head_flags)  # publish last
 
     # -- notifications --
 
@@ -309,7 +282,7 @@ class DriverQueue:
     def _poll_packed(self, done: list[Completion]) -> None:
         while True:
             gpa = self.desc + 16 * self._next_used
-            _, length, buf_id, flags = _DESC.unpack(self.mem.read(gpa, 16))
+            _, length, buf_id, flags = ringlayout.DESC.unpack(self.mem.read(gpa, 16))
             used = bool(flags & DESC_F_USED)
             if used != bool(flags & DESC_F_AVAIL) or used != bool(self._used_wrap):
                 return

@@ -35,11 +35,10 @@ import os
 import struct
 from collections.abc import Callable
 
+from emu import ringlayout
 from emu.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 from emu.queue import ring_module
 from emu.ringdefs import (
-    DESC_F_AVAIL,
-    DESC_F_NEXT,
     DESC_F_WRITE,
     F_EVENT_IDX,
     F_RING_PACKED,
@@ -347,19 +346,15 @@ def reparse(
         drv, dev = scratch_gpa, scratch_gpa + PAGE_SIZE
         tail = scratch_gpa + 2 * PAGE_SIZE
         if packed:
-            table = bytearray()
+            slot, wrap = 0, True
             for c in chains:
-                for k, (addr, length, writable) in enumerate(c.segments):
-                    flags = DESC_F_AVAIL | (DESC_F_WRITE if writable else 0)
-                    flags |= DESC_F_NEXT if k + 1 < len(c.segments) else 0
-                    table += struct.pack("<QIHH", addr, length, c.head, flags)
-            scratch.write(tail, bytes(table))
+                segs = [(a, n, DESC_F_WRITE if w else 0) for a, n, w in c.segments]
+                slot, wrap = ringlayout.offer_packed(scratch, tail, rsize, slot, wrap, c.head, segs)
             ring = ring_module().PackedRing(
                 scratch, rsize, tail, drv, dev, features | 1 << F_RING_PACKED
             )
         else:
-            scratch.write(drv, struct.pack("<HH", 0, len(chains)))
-            scratch.write(drv + 4, struct.pack(f"<{len(chains)}H", *(c.head for c in chains)))
+            ringlayout.offer_split(scratch, drv, size, 0, [c.head for c in chains])
             ring = ring_module().SplitRing(
                 scratch, size, desc, drv, tail, features & ~(1 << F_RING_PACKED)
             )
