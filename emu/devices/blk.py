@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from emu.backends.file import BlockFile
 from emu.devices._chain import abandoning
 from emu.devices.base import DeviceError, VirtioDevice
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import Batch
@@ -477,3 +478,16 @@ def _split(
         head.append((a, n))
         nbytes -= n
     return head, []
+
+
+# -- the device type: ``blk:FILE[:ro]`` --
+
+
+def _from_spec(spec: Spec, build: Build) -> BlkDevice:
+    path, _, mode = spec.arg.partition(":")
+    if not path or mode not in ("", "ro"):
+        raise SpecError("a raw image FILE, then :ro for read-only")
+    return BlkDevice(path, readonly=mode == "ro", queue_max_size=build.queue_max)
+
+
+register(DeviceType(BlkDevice, "blk:FILE[:ro]", _from_spec, "emu.testing.blk"))

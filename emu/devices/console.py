@@ -41,6 +41,7 @@ from emu.devices._chain import (
     scatter,
 )
 from emu.devices.base import VirtioDevice
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.queue import Virtqueue
 from emu.state.format import StateError
 from emu.state.schema import Bool, Bytes, Int, List, Obj, Schema, Str
@@ -476,3 +477,25 @@ class ConsoleDevice(VirtioDevice):
         port.host_open = port.backend.connected
         if port.host_open:
             self._send(port.id, PORT_OPEN, 1)
+
+
+# -- the device type: ``console`` (stdio), ``console:pty``, ``console:socket:PATH`` --
+
+
+def _from_spec(spec: Spec, build: Build) -> ConsoleDevice:
+    from emu.backends import chardev
+
+    if not spec.arg:
+        backend: CharBackend = chardev.StdioChar()
+    elif spec.arg == "pty":
+        pty = chardev.PtyChar()
+        build.say(f"console: {pty.path}")
+        backend = pty
+    elif spec.arg.startswith("socket:"):
+        backend = chardev.SocketChar(spec.arg.removeprefix("socket:"))
+    else:
+        raise SpecError("unknown console backend")
+    return ConsoleDevice(backend, queue_max_size=build.queue_max)
+
+
+register(DeviceType(ConsoleDevice, "console[:pty|:socket:PATH]", _from_spec, "emu.testing.console"))

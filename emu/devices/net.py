@@ -42,6 +42,7 @@ from emu.devices._chain import (
     scatter,
 )
 from emu.devices.base import VirtioDevice
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import F_VERSION_1
@@ -673,3 +674,50 @@ class NetDevice(VirtioDevice):
             return False
         self.guest_offloads = offloads
         return True
+
+
+# -- the device type: ``net:tap:NAME``, ``net:cable`` --
+
+
+def serve_mac(position: int) -> str:
+    """The MAC of the net device at ``position`` among the specs, 52:54:00:12:34:NN with
+    NN = position + 1 (QEMU's virtio-net keeps its own MAC: it must be given this one)."""
+    return f"52:54:00:12:34:{position + 1:02x}"
+
+
+def _from_spec(spec: Spec, build: Build) -> NetDevice:
+    """``net:cable`` ends pair up in order (the 1st with the 2nd, ...), joining two NICs."""
+    mac = serve_mac(spec.position)
+    if spec.arg == "cable":
+        from emu.backends.cable import Cable
+
+        waiting = build.shared.pop("net:cable", None)
+        if waiting is None:
+            end, build.shared["net:cable"] = Cable.pair()
+        else:
+            end = waiting
+        return NetDevice(end, mac=mac, queue_max_size=build.queue_max)
+    if spec.arg.startswith("tap:"):
+        from emu.backends.tap import Tap
+
+        return NetDevice(
+            Tap(spec.arg.removeprefix("tap:")), mac=mac, queue_max_size=build.queue_max
+        )
+    raise SpecError("a backend, tap:NAME or cable")
+
+
+def _finish(build: Build) -> None:
+    if "net:cable" in build.shared:
+        raise SpecError("net:cable devices come in pairs")
+
+
+register(
+    DeviceType(
+        NetDevice,
+        "net:tap:NAME|net:cable",
+        _from_spec,
+        "emu.testing.net",
+        finish=_finish,
+        frontend=lambda spec: {"mac": serve_mac(spec.position)},
+    )
+)

@@ -22,6 +22,7 @@ import os
 
 from emu.backends.entropy import EntropySource, Source
 from emu.devices.base import DeviceError, VirtioDevice
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.queue import Virtqueue
 from emu.ringdefs import Batch
 from emu.state.schema import Schema
@@ -81,3 +82,15 @@ class RngDevice(VirtioDevice):
         if done == 0:
             raise DeviceError("rng: the entropy source ran dry")
         return done
+
+
+# -- the device type: ``rng`` (the host's getrandom()) --
+
+
+def _from_spec(spec: Spec, build: Build) -> RngDevice:
+    if spec.arg:
+        raise SpecError("rng takes no argument")
+    return RngDevice(queue_max_size=build.queue_max)
+
+
+register(DeviceType(RngDevice, "rng", _from_spec, "emu.testing.rng"))
