@@ -133,17 +133,9 @@ def get(name: str) -> DeviceType:
     return _types[name]
 
 
-def by_id(device_id: int) -> DeviceType | None:
-    return next((t for t in types() if t.device_id == device_id), None)
-
-
 def schemas() -> dict[int, Schema]:
     """Every known device part and its schema (to read states of any device type)."""
     return {t.state_part: t.schema for t in types()}
-
-
-def usage() -> str:
-    return ", ".join(t.usage for t in types())
 
 
 def parse_spec(text: str, position: int = 0) -> Spec:
