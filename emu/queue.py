@@ -58,7 +58,7 @@ PASS_DESCS_PER_SLOT = 4
 class Deferred(Protocol):
     """Completions a backend finishes after the pass that started them (used entries
     published later): the device thread publishes them when due, a drain stop waits for
-    them, a report stop drops them (their chains stay in flight). emu.testing.delay has
+    them, a report stop drops them (their chains stay in flight). emu.backends.delay has
     the delay model; asynchronous backends fit the same shape."""
 
     def defer(self, heads: np.ndarray, lengths: np.ndarray) -> None: ...

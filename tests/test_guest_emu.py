@@ -32,10 +32,11 @@ import click
 import pytest
 
 from emu.backends.chardev import BufferChar
-from emu.commands.serve import make_devices, split_options
+from emu.commands.serve import make_devices
 from emu.devices.base import VirtioDevice
 from emu.devices.console import ConsoleDevice
 from emu.devices.net import NetDevice
+from emu.devices.registry import parse_spec
 from emu.guest import GuestImage, GuestResult, build_image, run_guest
 from emu.guest.devices import Device
 from emu.guest.packages import PackageError
@@ -146,7 +147,7 @@ def boot_pair(
     chardev = BufferChar()
     if kind == "uml":
         devices["console"] = console = ConsoleDevice(chardev, queue_max_size=1024)
-        console.features &= ~split_options(f"console{opts}")[1]
+        console.features &= ~parse_spec(f"console{opts}").withheld
     else:
         (devices["rng"],) = make_devices([f"rng{opts}"])
     script = base64.b64encode(PAIR_SCRIPT.encode()).decode()
@@ -244,7 +245,7 @@ def test_serve_spec_options_withhold_ring_features(tmp_path: Path) -> None:
     disk = tmp_path / "d.img"
     disk.write_bytes(bytes(4096))
     plain, some = make_devices([f"blk:{disk}", f"blk:{disk},packed=off,indirect=off"])
-    assert split_options("rng,event_idx=off,event_idx=on") == ("rng", 0)
+    assert parse_spec("rng,event_idx=off,event_idx=on").withheld == 0
     assert plain.features & ~some.features == 1 << F_RING_PACKED | 1 << F_INDIRECT_DESC
     for bad in ("rng,packed", "rng,packed=no", "rng,in_order=off"):
         with pytest.raises(click.BadParameter):

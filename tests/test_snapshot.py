@@ -27,6 +27,7 @@ import pytest
 from modes import wait_until
 
 from emu.backends.chardev import BufferChar
+from emu.backends.delay import hold_completions
 from emu.devices.base import VirtioDevice
 from emu.devices.blk import SECTOR, T_OUT, BlkDevice
 from emu.devices.console import ConsoleDevice
@@ -38,7 +39,6 @@ from emu.state import parts
 from emu.state.format import DeviceState, Part, StateError, decode, encode
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.console import GuestConsole
-from emu.testing.delay import hold_completions
 from emu.testing.driver import Completion, VirtioMmioDriver
 from emu.testing.net import GuestNet, ether
 from emu.testing.rng import RngDriver
@@ -436,10 +436,10 @@ def with_part(state: DeviceState, ptype: int, value: bytes) -> DeviceState:
     return DeviceState(state.device_type, out, state.flags)
 
 
-def blk_part(state: DeviceState, version: int = 1, **changes) -> DeviceState:
+def blk_part(state: DeviceState, version: tuple[int, int] = (1, 0), **changes) -> DeviceState:
     (p,) = state.find(parts.device_part(2))
     fields = json.loads(p.value[4:]) | changes
-    return with_part(state, p.type, struct.pack("<HH", version, 0) + json.dumps(fields).encode())
+    return with_part(state, p.type, struct.pack("<HH", *version) + json.dumps(fields).encode())
 
 
 def unknown_part(state: DeviceState) -> DeviceState:
@@ -455,10 +455,17 @@ BAD_STATES = {
         "required but unknown",
     ),
     "newer device part": (
-        lambda d: encode(blk_part(decode(d), version=2)),
-        "DEVICE_2 version 2 is not supported",
+        lambda d: encode(blk_part(decode(d), version=(2, 0))),
+        r"DEVICE_2 \(blk state\) is version 2.0, of another major version",
     ),
-    "bad writeback": (lambda d: encode(blk_part(decode(d), writeback=7)), "writeback 7"),
+    "newer minor device part": (
+        lambda d: encode(blk_part(decode(d), version=(1, 1))),
+        r"DEVICE_2 \(blk state\) is version 1.1, a newer minor version",
+    ),
+    "bad writeback": (
+        lambda d: encode(blk_part(decode(d), writeback=7)),
+        "'writeback' 7 is outside 0..1",
+    ),
     "missing field": (
         lambda d: encode(blk_part(decode(d), serial=None)),
         "field 'serial' has the wrong type",
@@ -510,7 +517,10 @@ def test_bad_snapshot_refused_device_untouched(tmp_path, mem, saved_blk, bad):
         (lambda tmp: NetDevice(Sink()), "device type 2|not all offered here"),
         (lambda tmp: big_disk(tmp), "capacity 2048, this device's backing has 4096"),
         (lambda tmp: BlkDevice(tmp / "disk.img", readonly=True), "readonly False"),
-        (lambda tmp: BlkDevice(tmp / "disk.img", num_queues=2), "queue count differs|num_queues 1"),
+        (
+            lambda tmp: BlkDevice(tmp / "disk.img", num_queues=2),
+            "queue_align has 1 queues|num_queues 1",
+        ),
         (lambda tmp: BlkDevice(tmp / "disk.img", logical_block_size=4096), "block_size 512"),
     ],
     ids=["rng", "net", "capacity", "readonly", "num_queues", "block_size"],

@@ -22,9 +22,9 @@ from emu.devices.blk import SECTOR, T_OUT, BlkDevice
 from emu.devices.console import ConsoleDevice
 from emu.devices.net import NetDevice, flow_hash
 from emu.devices.rng import RngDevice
+from emu.devices.snapshot import restore_device, save_device
 from emu.memory import GuestMemory
 from emu.state import file as statefile
-from emu.state.device import restore_device, save_device
 from emu.state.format import StateError
 from emu.testing.blk import BlkDriver, header
 from emu.testing.console import ControlMsg, GuestConsole
@@ -238,14 +238,14 @@ NET_BAD = [
     (("mac",), "zz", "not a MAC address"),
     (("rx_mode", "promisc"), "yes", "field 'promisc' has the wrong type"),
     (("uni",), ["52540000"], "uni table"),
-    (("multi",), ["01005e000001"] * 65, "multi table longer than 64"),
-    (("vlans",), [4096], "vlan 4096 is outside"),
+    (("multi",), ["01005e000001"] * 65, "'multi' is longer than 64"),
+    (("vlans",), [4096], r"'vlans'\[0\] 4096 is outside"),
     (("active_pairs",), 2, "active_pairs 2 is outside 1..1"),
-    (("status",), 9, "status 9"),
+    (("status",), 9, "'status' 9 is outside"),
     (("guest_offloads",), 1 << 3, "guest offloads"),
     (("backlog",), [[], []], "2 queue pairs, this one has 1"),
     (("backlog", 0), ["not base64!"], "bad base64"),
-    (("backlog", 0), ["AAAA"] * 600, "not a list of at most"),
+    (("backlog", 0), ["AAAA"] * 600, "holds more than 512 frames"),
     (("tx_sent", 0), [256], "tx head 256"),
     (("stats", "rx_frames"), None, "field 'rx_frames' has the wrong type"),
     (("surprise",), 1, "unknown fields"),
@@ -266,9 +266,9 @@ CONSOLE_BAD = [
     (("ports", 1, "name"), "org.emu.two", "snapshot has ports"),
     (("ports", 0, "input"), "%%%", "bad base64"),
     (("ports", 0, "guest_open"), 1, "field 'guest_open' has the wrong type"),
-    (("ports", 0, "tx_sent"), [-1], "console tx head -1"),
+    (("ports", 0, "tx_sent"), [-1], r"'tx_sent'\[0\] -1 is outside"),
     (("ctrl_out",), ["AAAA"], "shorter than its header"),
-    (("cols",), 1 << 16, "cols 65536"),
+    (("cols",), 1 << 16, "'cols' 65536 is outside"),
 ]
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import struct
 
 import pytest
 from click.testing import CliRunner
@@ -8,6 +9,7 @@ from emu.cli import main
 from emu.state import parts
 from emu.state.file import load, save, write_atomic
 from emu.state.format import PART_F_OPTIONAL, DeviceState, Part, StateError, decode, encode
+from emu.state.schema import Int, Schema, Str
 
 
 def sample() -> DeviceState:
@@ -35,9 +37,20 @@ def sample() -> DeviceState:
                 ],
                 vq=0,
             ),
-            parts.make(parts.device_part(2), {"capacity": 2048, "writeback": 1}),
+            parts.make(parts.device_part(2), BLK_STATE),
         ],
     )
+
+
+BLK_STATE = {
+    "capacity": 2048,
+    "block_size": 512,
+    "readonly": False,
+    "num_queues": 1,
+    "seg_max": 254,
+    "serial": "00" * 20,
+    "writeback": 1,
+}
 
 
 def test_round_trip_decodes_every_part():
@@ -50,7 +63,7 @@ def test_round_trip_decodes_every_part():
     assert values[(parts.RING_STATE, 0)]["used_wrap"] is False
     assert values[(parts.INFLIGHT, 0)][0]["segments"][1] == (0x6000, 512, True)
     assert [c["head"] for c in values[(parts.INFLIGHT, 0)]] == [3, 9]
-    assert values[(parts.device_part(2), 0)] == {"capacity": 2048, "writeback": 1}
+    assert values[(parts.device_part(2), 0)] == BLK_STATE
 
 
 def test_part_header_is_the_virtio_16_byte_layout():
@@ -102,11 +115,66 @@ def test_newer_extension_version_refused_unless_optional():
         dict(next_avail=0, next_used=0, avail_wrap=1, used_wrap=1, signalled_used=0),
         vq=1,
     )
-    future.value = (2).to_bytes(2, "little") + future.value[2:]
-    with pytest.raises(StateError, match="version 2 is not supported"):
-        parts.parse(DeviceState(2, [future]))
-    future.flags = PART_F_OPTIONAL
-    assert parts.parse(DeviceState(2, [future])) == []
+    for major, minor, message in [(2, 0, "another major"), (1, 1, "newer minor")]:
+        future.flags = 0
+        future.value = struct.pack("<HH", major, minor) + future.value[4:]
+        with pytest.raises(StateError, match=f"RING_STATE is version {major}.{minor}, .*{message}"):
+            parts.parse(DeviceState(2, [future]))
+        future.flags = PART_F_OPTIONAL
+        assert parts.parse(DeviceState(2, [future])) == []
+
+
+#: a device part at version 1.2: ``b`` came in 1.1 (a default does), ``a`` was ``old_a``
+#: in 1.0 (an upgrade renames it)
+TOY = Schema(
+    "toy state",
+    1,
+    2,
+    {"a": Int(0, 9), "b": Int(0, 9, default=3), "c": Str(default="x")},
+    upgrades={0: lambda v: {"a": v.pop("old_a"), **v}},
+)
+
+
+def toy_part(value: dict, major: int, minor: int) -> DeviceState:
+    raw = struct.pack("<HH", major, minor) + json.dumps(value).encode()
+    return DeviceState(0x7E, [Part(parts.device_part(0x7E), raw)])
+
+
+@pytest.mark.parametrize(
+    "value, version, loaded",
+    [
+        ({"a": 1, "b": 2, "c": "y"}, (1, 2), {"a": 1, "b": 2, "c": "y"}),
+        ({"a": 1, "b": 2}, (1, 1), {"a": 1, "b": 2, "c": "x"}),
+        ({"old_a": 4}, (1, 0), {"a": 4, "b": 3, "c": "x"}),
+    ],
+)
+def test_older_minor_loads_with_defaults_and_upgrades(value, version, loaded):
+    ((_, got),) = parts.parse(toy_part(value, *version), {parts.device_part(0x7E): TOY})
+    assert got == loaded
+
+
+@pytest.mark.parametrize(
+    "version, message",
+    [
+        (
+            (1, 3),
+            r"DEVICE_126 \(toy state\) is version 1.3, "
+            r"a newer minor version than this emu reads \(up to 1.2\)",
+        ),
+        ((2, 0), r"\(toy state\) is version 2.0, of another major version"),
+        ((0, 9), r"\(toy state\) is version 0.9, of another major version"),
+    ],
+)
+def test_newer_minor_or_other_major_refused_saying_which(version, message):
+    with pytest.raises(StateError, match=message):
+        parts.parse(toy_part({"a": 1}, *version), {parts.device_part(0x7E): TOY})
+
+
+def test_device_part_without_a_schema_is_unknown_to_a_restorer():
+    state = toy_part({"a": 1}, 1, 2)
+    with pytest.raises(StateError, match="required but unknown"):
+        parts.parse(state, {})
+    assert parts.parse(state)[0][1] == {"a": 1}  # shown as plain JSON
 
 
 @pytest.mark.parametrize(

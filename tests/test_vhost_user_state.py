@@ -13,6 +13,7 @@ or inconsistent are refused by CHECK_DEVICE_STATE, with nothing applied.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import struct
 import subprocess
@@ -25,12 +26,12 @@ from pathlib import Path
 import pytest
 from modes import wait_until
 
+from emu.backends.delay import hold_completions
 from emu.devices.blk import CONFIG_WRITEBACK, S_OK, SECTOR, T_IN, T_OUT, BlkDevice
 from emu.devices.rng import RngDevice
 from emu.state import parts
-from emu.state.format import decode, encode
+from emu.state.format import Part, decode, encode
 from emu.testing.blk import BlkDriver, status_of
-from emu.testing.delay import hold_completions
 from emu.testing.vhost_user import VhostUserDriver
 from emu.vhost_user.backend import VhostUserServer
 from emu.vhost_user.frontend import FrontendError, connect
@@ -256,8 +257,17 @@ def _writethrough(state: bytes) -> bytes:
     st = decode(state)
     for i, p in enumerate(st.parts):
         if p.type == parts.device_part(2):
-            value = parts.KINDS[p.type].decode(p.value[4:])
+            value = json.loads(p.value[4:])
             st.parts[i] = parts.make(p.type, dict(value, writeback=0))
+    return encode(st)
+
+
+def _device_json(state: bytes, raw: bytes) -> bytes:
+    """The device part replaced by ``raw`` (hostile JSON), the rest left as it was."""
+    st = decode(state)
+    for i, p in enumerate(st.parts):
+        if p.type == parts.device_part(2):
+            st.parts[i] = Part(p.type, p.value[:4] + raw, p.selector, p.flags)
     return encode(st)
 
 
@@ -281,6 +291,8 @@ BAD_STATES: dict[str, Callable[[bytes, Path], bytes]] = {
     "empty": lambda good, _: b"",
     "another-device": lambda good, tmp: _rng_state(tmp),
     "duplicate-inflight-head": lambda good, _: _writethrough(_inflight_heads_doubled(good)),
+    "json-100000-deep": lambda good, _: _device_json(good, b"[" * 100_000 + b"]" * 100_000),
+    "json-5000-digits": lambda good, _: _device_json(good, b'{"capacity": ' + b"9" * 5000 + b"}"),
 }
 
 

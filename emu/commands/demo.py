@@ -6,7 +6,8 @@ data to virtio-blk and reads it back, writes to the virtio console (and reads vi
 under QEMU); the host then checks the backing file and the console output itself.
 
 ``--in-process`` instead puts each device behind emu's virtio-mmio transport with the
-reference driver playing the guest: the path a VMM embedding emu would take.
+reference driver playing the guest: the path a VMM embedding emu would take. It runs the
+``demo`` of each registered device type's driver helper (``emu.devices.registry``).
 """
 
 from __future__ import annotations
@@ -15,112 +16,29 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
-from emu.backends.cable import Cable
 from emu.backends.chardev import BufferChar
-from emu.commands.serve import QUEUE_MAX
+from emu.backends.delay import hold_completions
+from emu.devices import registry
 from emu.devices.base import VirtioDevice
 from emu.devices.blk import T_OUT, BlkDevice
 from emu.devices.console import ConsoleDevice
-from emu.devices.net import NetDevice
 from emu.devices.rng import RngDevice
 from emu.guest.run import run_guest
 from emu.memory import GuestMemory
-from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_RING_PACKED
 from emu.state import file as statefile
 from emu.testing.blk import BlkDriver
-from emu.testing.console import GuestConsole
-from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
-from emu.testing.net import GuestNet, ether
 from emu.testing.rng import RngDriver
 from emu.transport.mmio import MmioTransport
 from emu.vhost_user.backend import VhostUserServer
 
 GUEST_RAM = 16 << 20
-
-
-@contextmanager
-def _attached(device: VirtioDevice) -> Iterator[VirtioMmioDriver]:
-    """A device behind its own transport and guest RAM, with the reference driver on top."""
-    mem = GuestMemory.create(GUEST_RAM)
-    try:
-        yield VirtioMmioDriver(MmioTransport(device, mem), mem)
-    finally:
-        device.close()
-        mem.close()
-
-
-def _rings(features: int) -> str:
-    fmt = "packed" if features >> F_RING_PACKED & 1 else "split"
-    extra = [
-        n
-        for b, n in ((F_EVENT_IDX, "event-idx"), (F_INDIRECT_DESC, "indirect"))
-        if features >> b & 1
-    ]
-    return "+".join([fmt, *extra])
-
-
-def demo_blk(opts: dict, say: Callable[[str], None]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "disk.img")
-        with open(path, "wb") as f:
-            f.truncate(8 << 20)
-        with _attached(BlkDevice(path, serial="emu-demo")) as drv:
-            blk = BlkDriver.open(drv, **opts)
-            pattern = hashlib.sha256(b"emu").digest() * 128  # 4 KiB
-            blk.write(8, pattern)
-            blk.flush()
-            back = blk.read(8, 8)
-            with open(path, "rb") as f:
-                f.seek(8 * 512)
-                on_disk = f.read(len(pattern))
-            serial = blk.get_id().rstrip(bytes(1)).decode()
-            say(f"blk: serial {serial!r}, rings {_rings(drv.features)}")
-            say(f"blk: wrote 4 KiB at sector 8, sha256 {hashlib.sha256(pattern).hexdigest()[:16]}")
-            say(
-                f"blk: read back sha256 {hashlib.sha256(back).hexdigest()[:16]}, "
-                f"backing file {'matches' if on_disk == pattern == back else 'DIFFERS'}"
-            )
-
-
-def demo_net(opts: dict, say: Callable[[str], None]) -> None:
-    a, b = Cable.pair()
-    mac_a, mac_b = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
-    with _attached(NetDevice(a, mac=mac_a)) as da, _attached(NetDevice(b, mac=mac_b)) as db:
-        na, nb = GuestNet(da, **opts), GuestNet(db, **opts)
-        frame = ether(nb.mac, na.mac, b"hello over emu's cable")
-        na.send(frame)
-        _, got = nb.recv()
-        say(f"net: NICs {mac_a} and {mac_b} joined by a cable, rings {_rings(da.features)}")
-        say(
-            f"net: a -> b {len(frame)}-byte frame "
-            f"{'delivered intact' if got == frame else 'CORRUPTED'}"
-        )
-        nb.send(ether(na.mac, nb.mac, b"and back"))
-        say(f"net: b -> a reply payload {na.recv()[1][14:]!r}")
-
-
-def demo_console(opts: dict, say: Callable[[str], None]) -> None:
-    chardev = BufferChar()
-    with _attached(ConsoleDevice(chardev)) as drv:
-        con = GuestConsole(drv, **opts)
-        con.write(0, b"guest says hi\n")
-        chardev.feed(b"host says hi\n")
-        say(f"console: guest -> host {chardev.wait_output(14)!r}")
-        say(f"console: host -> guest {con.read(0, 13)!r}")
-
-
-def demo_rng(opts: dict, say: Callable[[str], None]) -> None:
-    with _attached(RngDevice()) as drv:
-        rng = RngDriver.open(drv, **opts)
-        data = rng.read(64)
-        say(f"rng: {len(data)} bytes from the host's entropy: {data[:8].hex()}...")
 
 
 def demo_stop(say: Callable[[str], None], depth: int = 32) -> bool:
@@ -194,8 +112,6 @@ def demo_stop_bit(bit: int, say: Callable[[str], None]) -> None:
         mem.close()
 
 
-DEMOS = {"blk": demo_blk, "net": demo_net, "console": demo_console, "rng": demo_rng}
-
 VIRTIO_NAMES = {"0x0001": "net", "0x0002": "blk", "0x0003": "console", "0x0004": "rng"}
 HVC_MARKER = "hello-from-the-guest-over-emu-virtio-console"
 
@@ -208,14 +124,14 @@ def demo_guest(kind: str, mib: int, say: Callable[[str], None]) -> bool:
             f.truncate(64 << 20)
         chardev = BufferChar()
         devices: list[tuple[str, VirtioDevice]] = [
-            ("blk", BlkDevice(disk, serial="emu-demo", queue_max_size=QUEUE_MAX))
+            ("blk", BlkDevice(disk, serial="emu-demo", queue_max_size=registry.QUEUE_MAX))
         ]
         run = ["devices", "blk"]
         if kind == "uml":  # QEMU 7.2 has no vhost-user console; UML has no virtio-rng driver
-            devices.append(("console", ConsoleDevice(chardev, queue_max_size=QUEUE_MAX)))
+            devices.append(("console", ConsoleDevice(chardev, queue_max_size=registry.QUEUE_MAX)))
             run.append("hvc")
         else:
-            devices.append(("rng", RngDevice(queue_max_size=QUEUE_MAX)))
+            devices.append(("rng", RngDevice(queue_max_size=registry.QUEUE_MAX)))
             run.append("rng")
         socks = []
         for name, dev in devices:
@@ -286,7 +202,7 @@ def demo_guest(kind: str, mib: int, say: Callable[[str], None]) -> bool:
     default=None,
     help="Ring core implementation (default: cython when built).",
 )
-@click.argument("devices", nargs=-1, type=click.Choice(sorted(DEMOS)))
+@click.argument("devices", nargs=-1, metavar="[DEVICE]...")
 def command(
     in_process: bool,
     kind: str,
@@ -298,7 +214,9 @@ def command(
     ring: str | None,
     devices: tuple[str, ...],
 ) -> None:
-    """Show emu's devices working: a real guest on them, or (--in-process) the driver."""
+    """Show emu's devices working: a real guest on them, or (--in-process) the driver.
+
+    DEVICE (in-process only): the device types to drive, all by default."""
     if ring:
         os.environ["EMU_RING"] = ring
     if not in_process:
@@ -314,8 +232,12 @@ def command(
         )
         return
     opts = dict(packed=packed, event_idx=not no_event_idx, indirect=not no_indirect)
-    for name in devices or DEMOS:
-        DEMOS[name](opts, click.echo)
+    try:  # every registered device type, through its driver helper's demo
+        chosen = [registry.get(name) for name in devices] or registry.types()
+    except registry.SpecError as e:
+        raise click.BadParameter(str(e), param_hint="DEVICE") from None
+    for t in chosen:
+        t.driver_module().demo(opts, click.echo)
     if stop_bit is not None:
         demo_stop_bit(stop_bit, click.echo)
     click.echo("demo: all devices answered")

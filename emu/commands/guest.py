@@ -132,7 +132,7 @@ def run(
             workdir = Path(stack.enter_context(TemporaryDirectory(prefix="emu-guest-")))
             try:
                 devs += stack.enter_context(emu_backends(kind, emu_specs, workdir))
-            except BackendError as e:
+            except (BackendError, ValueError) as e:  # ValueError: a spec emu serve refuses
                 raise click.ClickException(str(e)) from None
         try:
             res = run_guest(

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from emu.devices import registry
 from emu.state.file import load
 from emu.state.format import StateError
 from emu.state.parts import to_json
@@ -21,6 +22,7 @@ def command() -> None:
 def show(path: str) -> None:
     """Print a state file as JSON (refuses corrupt or incompatible files)."""
     try:
-        click.echo(json.dumps(to_json(load(path)), indent=2))
+        state = load(path)
+        click.echo(json.dumps(to_json(state, registry.schemas()), indent=2))
     except StateError as e:
         raise click.ClickException(str(e)) from None

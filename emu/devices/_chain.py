@@ -1,15 +1,24 @@
 """One popped chain as the stream devices (net, console) see it, the copy loops, and
 what a stream device must remember about chains a stop may leave in flight.
 
+``ChainReader`` and ``ChainWriter`` move bytes out of a chain's device-readable buffers
+and into its device-writable ones, front to back across segment boundaries, for devices
+that parse a byte stream (headers, then payload, then a status). Every read or write is
+checked against what the chain holds first: asking for more is a ``ChainError`` (a
+``DeviceError``: the device needs a reset unless it answers with an error status itself)
+and moves nothing.
+
 The ring core already refused segments outside guest RAM; these helpers still go through
 ``GuestMemory`` for every access, so a length the guest lied about fails there, not here.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from emu.devices.base import DeviceError
 from emu.memory import GuestMemory
 from emu.queue import Gate, Virtqueue
 from emu.ringdefs import Batch
@@ -50,24 +59,121 @@ def chains(batch: Batch) -> list[Chain]:
     return out
 
 
+class ChainError(DeviceError):
+    """The chain holds fewer bytes (or less room) than the request needs."""
+
+
+class _Cursor:
+    """A position in a list of (gpa, length) segments."""
+
+    def __init__(self, segments: list[tuple[int, int]], what: str) -> None:
+        self._segs = segments
+        self._i = 0
+        self._off = 0  # into segment _i
+        self.left = sum(n for _, n in segments)
+        self._what = what
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        """The next ``n`` bytes as (gpa, length) pieces (for preadv/pwritev); ChainError
+        (and nothing taken) when fewer are left."""
+        if n < 0 or n > self.left:
+            raise ChainError(f"chain has {self.left} {self._what} bytes left, {n} needed")
+        out = []
+        while n:
+            gpa, length = self._segs[self._i]
+            k = min(n, length - self._off)
+            if k:
+                out.append((gpa + self._off, k))
+            n -= k
+            self.left -= k
+            self._off += k
+            if self._off == length:
+                self._i, self._off = self._i + 1, 0
+        return out
+
+
+class ChainReader:
+    """Bytes out of a chain's device-readable buffers, front to back."""
+
+    def __init__(self, mem: GuestMemory, chain: Chain) -> None:
+        self.mem = mem
+        self._cur = _Cursor(chain.readable, "readable")
+
+    @property
+    def left(self) -> int:
+        """Readable bytes not read yet."""
+        return self._cur.left
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (ChainError, nothing read, when the chain has fewer)."""
+        return b"".join(self.mem.read(a, k) for a, k in self._cur.take(n))
+
+    def read_upto(self, n: int) -> bytes:
+        return self.read(min(n, self.left))
+
+    def unpack(self, st: struct.Struct) -> tuple:
+        """The next ``st.size`` bytes as ``st`` lays them out."""
+        return st.unpack(self.read(st.size))
+
+    def skip(self, n: int) -> None:
+        self._cur.take(n)
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        """The next ``n`` bytes as (gpa, length) pieces, not copied."""
+        return self._cur.take(n)
+
+
+class ChainWriter:
+    """Bytes into a chain's device-writable buffers, front to back; ``written`` is what
+    the used entry's length must say."""
+
+    def __init__(self, mem: GuestMemory, chain: Chain) -> None:
+        self.mem = mem
+        self._cur = _Cursor(chain.writable, "writable")
+        self.written = 0
+
+    @property
+    def room(self) -> int:
+        """Writable bytes not written yet."""
+        return self._cur.left
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """All of ``data`` (ChainError, nothing written, when it does not fit)."""
+        src = memoryview(data).cast("B")
+        off = 0
+        for a, k in self._cur.take(len(src)):
+            self.mem.view(a, k, write=True)[:] = src[off : off + k]
+            off += k
+        self.written += off
+
+    def write_upto(self, data: bytes | bytearray | memoryview) -> int:
+        """As much of ``data`` as fits; returns how much that was."""
+        n = min(len(data), self.room)
+        self.write(memoryview(data)[:n])
+        return n
+
+    def pack(self, st: struct.Struct, *values: object) -> None:
+        self.write(st.pack(*values))
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        """The next ``n`` bytes as (gpa, length) pieces, for the caller to fill (counted
+        as written)."""
+        pieces = self._cur.take(n)
+        self.written += n
+        return pieces
+
+
 def gather(mem: GuestMemory, chain: Chain, limit: int) -> bytes | None:
     """The chain's readable bytes, or None (nothing copied) when there are more than ``limit``."""
     if chain.out_len > limit:
         return None
-    return b"".join(mem.read(a, n) for a, n in chain.readable)
+    r = ChainReader(mem, chain)
+    return r.read(r.left)
 
 
 def scatter(mem: GuestMemory, chain: Chain, data: bytes | bytearray | memoryview) -> int:
     """Copy as much of ``data`` as fits into the writable segments; returns bytes written."""
-    src = memoryview(data)
-    off = 0
-    for a, n in chain.writable:
-        k = min(n, len(src) - off)
-        if k <= 0:
-            break
-        mem.view(a, k, write=True)[:] = src[off : off + k]
-        off += k
-    return off
+    return ChainWriter(mem, chain).write_upto(data)
 
 
 def abandoning(q: Virtqueue) -> bool:

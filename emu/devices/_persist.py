@@ -1,8 +1,10 @@
 """Checking a device's saved state before any of it is applied.
 
 A device part is JSON from a file that may be corrupt, hand-edited or written by another
-emu; ``load_state`` must refuse it whole rather than apply half. These helpers raise
-``StateError`` with the field's name, so a refusal says what is wrong.
+emu; ``load_state`` must refuse it whole rather than apply half. Types and ranges that
+hold for every instance are the device's schema (``emu.state.schema``); these helpers
+check what depends on the instance (its queue size, its pairs), raising ``StateError``
+with the field's name, so a refusal says what is wrong.
 """
 
 from __future__ import annotations
@@ -12,24 +14,6 @@ import binascii
 from typing import Any
 
 from emu.state.format import StateError
-
-
-def fields(state: Any, spec: dict[str, type | tuple[type, ...]], what: str) -> dict:
-    """``state`` as a dict with exactly the keys of ``spec``, each of the given type."""
-    if not isinstance(state, dict):
-        raise StateError(f"{what}: expected a JSON object, got {type(state).__name__}")
-    missing = sorted(spec.keys() - state.keys())
-    if missing:
-        raise StateError(f"{what}: missing fields {missing}")
-    unknown = sorted(state.keys() - spec.keys())
-    if unknown:
-        raise StateError(f"{what}: unknown fields {unknown}")
-    for key, kind in spec.items():
-        value = state[key]
-        # JSON true/false arrive as bool, which Python also counts as an int
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-            raise StateError(f"{what}: field {key!r} has the wrong type ({value!r})")
-    return state
 
 
 def in_range(value: int, low: int, high: int, what: str) -> int:

@@ -38,6 +38,7 @@ from emu.ringdefs import (
     RingError,
     RingState,
 )
+from emu.state.schema import Schema
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +388,10 @@ class VirtioDevice:
             self.run_state = state
             self._changed.notify_all()
 
-    # -- device-specific state, saved beside the queues (see emu.state.device) --
+    # -- device-specific state, saved beside the queues (see emu.devices.snapshot) --
+
+    #: what ``save_state`` returns and ``load_state`` takes: fields, version, upgrades
+    state_schema = Schema("device state", 1, 0, {})
 
     def save_state(self) -> dict:
         """JSON-able device state a fresh instance needs to carry on (stopped device)."""

@@ -49,12 +49,13 @@ from dataclasses import dataclass
 
 from emu.backends.file import BlockFile
 from emu.devices._chain import abandoning
-from emu.devices._persist import fields
 from emu.devices.base import DeviceError, VirtioDevice
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import Batch
 from emu.state.format import StateError
+from emu.state.schema import Bool, Int, Schema, Str
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,27 @@ class Request:
     status_addr: int
 
 
+#: the device part of a snapshot (``save_state``): what the guest saw in config space
+STATE = Schema(
+    "blk state",
+    1,
+    0,
+    {
+        "capacity": Int(0, 2**64 - 1),
+        "block_size": Int(SECTOR, 2**32 - 1),
+        "readonly": Bool(),
+        "num_queues": Int(1, 0xFFFF),
+        "seg_max": Int(1, 2**32 - 1),
+        "serial": Str(2 * ID_BYTES),
+        "writeback": Int(0, 1),
+    },
+)
+
+
 class BlkDevice(VirtioDevice):
     device_id = 2
     name = "blk"
+    state_schema = STATE
 
     def __init__(
         self,
@@ -240,19 +259,7 @@ class BlkDevice(VirtioDevice):
         knows whether it may write: a backing that differs in any of these is refused.
         The serial is what the guest saw, so it is taken over as well.
         """
-        s = fields(
-            state,
-            {
-                "capacity": int,
-                "block_size": int,
-                "readonly": bool,
-                "num_queues": int,
-                "seg_max": int,
-                "serial": str,
-                "writeback": int,
-            },
-            "blk state",
-        )
+        s = STATE.check(state)
         mine = self.save_state()
         for key in ("capacity", "block_size", "readonly", "num_queues", "seg_max"):
             if s[key] != mine[key]:
@@ -260,8 +267,6 @@ class BlkDevice(VirtioDevice):
                     f"blk: snapshot has {key} {s[key]!r}, this device's backing has "
                     f"{mine[key]!r}; refusing to restore onto a different disk"
                 )
-        if s["writeback"] not in (0, 1):
-            raise StateError(f"blk state: writeback {s['writeback']} is not 0 or 1")
         try:
             serial = bytes.fromhex(s["serial"])
         except ValueError:
@@ -472,3 +477,16 @@ def _split(
         head.append((a, n))
         nbytes -= n
     return head, []
+
+
+# -- the device type: ``blk:FILE[:ro]`` --
+
+
+def _from_spec(spec: Spec, build: Build) -> BlkDevice:
+    path, _, mode = spec.arg.partition(":")
+    if not path or mode not in ("", "ro"):
+        raise SpecError("a raw image FILE, then :ro for read-only")
+    return BlkDevice(path, readonly=mode == "ro", queue_max_size=build.queue_max)
+
+
+register(DeviceType(BlkDevice, "blk:FILE[:ro]", _from_spec, "emu.testing.blk"))

@@ -41,8 +41,10 @@ from emu.devices._chain import (
     scatter,
 )
 from emu.devices.base import VirtioDevice
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.queue import Virtqueue
 from emu.state.format import StateError
+from emu.state.schema import Bool, Bytes, Int, List, Obj, Schema, Str
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +101,40 @@ class Port:
     host_open: bool = False  # last PORT_OPEN value sent
 
 
+#: the device part of a snapshot (``save_state``); bounds that depend on the device
+#: (ports, queue size, backlogs) are checked by ``load_state``
+STATE = Schema(
+    "console state",
+    1,
+    0,
+    {
+        "cols": Int(0, 0xFFFF),
+        "rows": Int(0, 0xFFFF),
+        "max_ports": Int(1, 0x7FFF),
+        "ports": List(
+            Obj(
+                {
+                    "id": Int(0, 0x7FFE),
+                    "name": Str(1 << 16),
+                    "added": Bool(),
+                    "ready": Bool(),
+                    "guest_open": Bool(),
+                    "host_open": Bool(),
+                    "input": Bytes(BACKLOG * (1 + 0x8000)),
+                    "tx_sent": List(Int(0, 0xFFFF), 0x8000),
+                }
+            ),
+            0x7FFF,
+        ),
+        "ctrl_out": List(Bytes(CTRL_MSG.size + (1 << 18)), CTRL_BACKLOG + 0x8000),
+    },
+)
+
+
 class ConsoleDevice(VirtioDevice):
     device_id = 3
     name = "console"
+    state_schema = STATE
 
     def __init__(
         self,
@@ -330,28 +363,12 @@ class ConsoleDevice(VirtioDevice):
         about them. Input waiting for a port is bounded by the backlog plus what each
         in-flight chain took back (a chain never takes more than the backlog held).
         """
-        s = _persist.fields(
-            state,
-            {"cols": int, "rows": int, "max_ports": int, "ports": list, "ctrl_out": list},
-            "console state",
-        )
+        s = STATE.check(state)
         if s["max_ports"] != self.max_ports:
             raise StateError(
                 f"console: snapshot has max_ports {s['max_ports']}, this device {self.max_ports}"
             )
-        _persist.in_range(s["cols"], 0, 0xFFFF, "console state cols")
-        _persist.in_range(s["rows"], 0, 0xFFFF, "console state rows")
-        spec = {
-            "id": int,
-            "name": str,
-            "added": bool,
-            "ready": bool,
-            "guest_open": bool,
-            "host_open": bool,
-            "input": str,
-            "tx_sent": list,
-        }
-        ports = [_persist.fields(p, spec, "console port state") for p in s["ports"]]
+        ports = s["ports"]
         saved = {p["id"]: p["name"] for p in ports}
         mine = {p.id: p.name for p in self.ports.values()}
         if saved != mine or len(ports) != len(saved):
@@ -459,3 +476,25 @@ class ConsoleDevice(VirtioDevice):
         port.host_open = port.backend.connected
         if port.host_open:
             self._send(port.id, PORT_OPEN, 1)
+
+
+# -- the device type: ``console`` (stdio), ``console:pty``, ``console:socket:PATH`` --
+
+
+def _from_spec(spec: Spec, build: Build) -> ConsoleDevice:
+    from emu.backends import chardev
+
+    if not spec.arg:
+        backend: CharBackend = chardev.StdioChar()
+    elif spec.arg == "pty":
+        pty = chardev.PtyChar()
+        build.say(f"console: {pty.path}")
+        backend = pty
+    elif spec.arg.startswith("socket:"):
+        backend = chardev.SocketChar(spec.arg.removeprefix("socket:"))
+    else:
+        raise SpecError("unknown console backend")
+    return ConsoleDevice(backend, queue_max_size=build.queue_max)
+
+
+register(DeviceType(ConsoleDevice, "console[:pty|:socket:PATH]", _from_spec, "emu.testing.console"))

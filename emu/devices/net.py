@@ -42,9 +42,11 @@ from emu.devices._chain import (
     scatter,
 )
 from emu.devices.base import VirtioDevice
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.queue import Virtqueue
 from emu.ringdefs import F_VERSION_1
 from emu.state.format import StateError
+from emu.state.schema import Bool, Bytes, Int, List, Nullable, Obj, Schema, Str
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +235,37 @@ def parse_mac_tables(body: bytes) -> tuple[list[bytes], list[bytes]] | None:
     return tables[0], tables[1]
 
 
+#: frames in one saved backlog at most (the device's bound is smaller; checked on load)
+_FRAMES = 1 << 16
+_FRAME = Bytes(MAX_FRAME)
+#: the device part of a snapshot (``save_state``)
+STATE = Schema(
+    "net state",
+    1,
+    0,
+    {
+        "mac": Str(12),
+        "status": Int(0, S_LINK_UP | S_ANNOUNCE),
+        "active_pairs": Int(1, 0x8000),
+        "guest_offloads": Int(0, GUEST_OFFLOAD_BITS),
+        "rx_mode": Obj(dict.fromkeys(_RX_MODE, Bool())),
+        "uni": List(Str(12), MAC_TABLE_ENTRIES),
+        "multi": List(Str(12), MAC_TABLE_ENTRIES),
+        "uni_overflow": Bool(),
+        "multi_overflow": Bool(),
+        "vlans": Nullable(List(Int(0, 4095), 4096)),
+        "backlog": List(List(_FRAME, _FRAMES), 0x8000),
+        "inbox": List(_FRAME, _FRAMES),
+        "tx_sent": List(List(Int(0, 0xFFFF), 0x8000), 0x8000),
+        "stats": Obj({x.name: Int(0, 2**64 - 1) for x in fields(NetStats)}),
+    },
+)
+
+
 class NetDevice(VirtioDevice):
     device_id = 1
     name = "net"
+    state_schema = STATE
     legacy_features = 1 << F_GSO
 
     def __init__(
@@ -496,40 +526,14 @@ class NetDevice(VirtioDevice):
 
     def load_state(self, state: dict) -> None:
         """Check every field first (a refused snapshot changes nothing), then apply."""
-        s = _persist.fields(
-            state,
-            {
-                "mac": str,
-                "status": int,
-                "active_pairs": int,
-                "guest_offloads": int,
-                "rx_mode": dict,
-                "uni": list,
-                "multi": list,
-                "uni_overflow": bool,
-                "multi_overflow": bool,
-                "vlans": (list, type(None)),
-                "backlog": list,
-                "inbox": list,
-                "tx_sent": list,
-                "stats": dict,
-            },
-            "net state",
-        )
+        s = STATE.check(state)
         mac = _mac(s["mac"], "net state mac")
-        rx_mode = _persist.fields(s["rx_mode"], dict.fromkeys(_RX_MODE, bool), "net rx_mode")
-        tables = {}
-        for key in ("uni", "multi"):
-            if len(s[key]) > MAC_TABLE_ENTRIES:
-                raise StateError(f"net state: {key} table longer than {MAC_TABLE_ENTRIES}")
-            tables[key] = {_mac(m, f"net state {key} table") for m in s[key]}
-        vlans = s["vlans"]
-        if vlans is not None:
-            vlans = set(_persist.int_list(vlans, 0, 4095, "net state vlan"))
-        stats = _persist.fields(s["stats"], {x.name: int for x in fields(NetStats)}, "net stats")
-        _persist.in_range(s["status"], 0, S_LINK_UP | S_ANNOUNCE, "net state status")
+        tables = {
+            key: {_mac(m, f"net state {key} table") for m in s[key]} for key in ("uni", "multi")
+        }
+        vlans = set(s["vlans"]) if s["vlans"] is not None else None
         _persist.in_range(s["active_pairs"], 1, self.max_pairs, "net state active_pairs")
-        if s["guest_offloads"] & ~GUEST_OFFLOAD_BITS or s["guest_offloads"] < 0:
+        if s["guest_offloads"] & ~GUEST_OFFLOAD_BITS:
             raise StateError(f"net state: guest offloads {s['guest_offloads']:#x} not allowed")
         pairs = self.max_pairs
         if len(s["backlog"]) != pairs or len(s["tx_sent"]) != pairs:
@@ -541,16 +545,14 @@ class NetDevice(VirtioDevice):
         most = self.backlog_limit + self.queue_max_size
         backlogs = []
         for k, frames in enumerate([*s["backlog"], s["inbox"]]):
-            if not isinstance(frames, list) or len(frames) > most:
-                raise StateError(f"net state: backlog {k} is not a list of at most {most}")
+            if len(frames) > most:
+                raise StateError(f"net state: backlog {k} holds more than {most} frames")
             got = [_persist.unb64(fr, f"net state backlog {k}") for fr in frames]
             if any(len(fr) > MAX_FRAME for fr in got):
                 raise StateError(f"net state: backlog {k} has a frame over {MAX_FRAME} bytes")
             backlogs.append(got)
         sent = []
         for heads in s["tx_sent"]:
-            if not isinstance(heads, list):
-                raise StateError("net state: tx_sent must be a list of head lists")
             sent.append(set(_persist.int_list(heads, 0, self.queue_max_size - 1, "tx head")))
 
         self.mac = mac
@@ -558,14 +560,14 @@ class NetDevice(VirtioDevice):
         self.active_pairs = s["active_pairs"]
         self.guest_offloads = s["guest_offloads"]
         self.filter = RxFilter(
-            **rx_mode,
+            **s["rx_mode"],
             uni=tables["uni"],
             multi=tables["multi"],
             uni_overflow=s["uni_overflow"],
             multi_overflow=s["multi_overflow"],
             vlans=vlans,
         )
-        self.stats = NetStats(**stats)
+        self.stats = NetStats(**s["stats"])
         *pair_backlogs, inbox = backlogs
         self._backlog = [deque(b) for b in pair_backlogs]
         self._tx_sent = sent
@@ -669,3 +671,50 @@ class NetDevice(VirtioDevice):
             return False
         self.guest_offloads = offloads
         return True
+
+
+# -- the device type: ``net:tap:NAME``, ``net:cable`` --
+
+
+def serve_mac(position: int) -> str:
+    """The MAC of the net device at ``position`` among the specs, 52:54:00:12:34:NN with
+    NN = position + 1 (QEMU's virtio-net keeps its own MAC: it must be given this one)."""
+    return f"52:54:00:12:34:{position + 1:02x}"
+
+
+def _from_spec(spec: Spec, build: Build) -> NetDevice:
+    """``net:cable`` ends pair up in order (the 1st with the 2nd, ...), joining two NICs."""
+    mac = serve_mac(spec.position)
+    if spec.arg == "cable":
+        from emu.backends.cable import Cable
+
+        waiting = build.shared.pop("net:cable", None)
+        if waiting is None:
+            end, build.shared["net:cable"] = Cable.pair()
+        else:
+            end = waiting
+        return NetDevice(end, mac=mac, queue_max_size=build.queue_max)
+    if spec.arg.startswith("tap:"):
+        from emu.backends.tap import Tap
+
+        return NetDevice(
+            Tap(spec.arg.removeprefix("tap:")), mac=mac, queue_max_size=build.queue_max
+        )
+    raise SpecError("a backend, tap:NAME or cable")
+
+
+def _finish(build: Build) -> None:
+    if "net:cable" in build.shared:
+        raise SpecError("net:cable devices come in pairs")
+
+
+register(
+    DeviceType(
+        NetDevice,
+        "net:tap:NAME|net:cable",
+        _from_spec,
+        "emu.testing.net",
+        finish=_finish,
+        frontend=lambda spec: {"mac": serve_mac(spec.position)},
+    )
+)

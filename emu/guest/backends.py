@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from emu.commands.serve import RING_OPTIONS, net_mac, split_options
+from emu.devices import registry
 from emu.guest.devices import Device
 from emu.guest.proc import start, stop
 
@@ -30,19 +30,20 @@ class BackendError(Exception):
 
 
 def guest_devices(kind: str, specs: Sequence[str], sockets: Sequence[Path]) -> list[Device]:
-    """What run_guest attaches for `specs` served on `sockets` (click.BadParameter for a
-    bad ring option, as `emu serve` would say)."""
+    """What run_guest attaches for `specs` served on `sockets` (registry.SpecError for a
+    bad spec, as `emu serve` would say)."""
     devices = []
-    for i, (spec, sock) in enumerate(zip(specs, sockets, strict=True)):
-        base, withheld = split_options(spec)
-        vtype = base.partition(":")[0]
+    for i, (text, sock) in enumerate(zip(specs, sockets, strict=True)):
+        spec = registry.parse_spec(text, i)
         options: list[str] = []
         if kind == "microvm":
-            for name, bit in RING_OPTIONS.items():
-                options.append(f"{_QEMU_PROPERTY[name]}={'off' if withheld >> bit & 1 else 'on'}")
-            if vtype == "net":
-                options.append(f"mac={net_mac(i)}")
-        devices.append(Device.parse((vtype, ",".join([str(sock), *options]))))
+            for name, bit in registry.RING_OPTIONS.items():
+                on = "off" if spec.withheld >> bit & 1 else "on"
+                options.append(f"{_QEMU_PROPERTY[name]}={on}")
+            frontend = registry.get(spec.kind).frontend
+            if frontend is not None:
+                options += [f"{k}={v}" for k, v in frontend(spec).items()]
+        devices.append(Device.parse((spec.kind, ",".join([str(sock), *options]))))
     return devices
 
 
@@ -52,7 +53,7 @@ def emu_backends(
 ) -> Iterator[list[Device]]:
     """Serves `specs` (emu serve's DEVICE syntax) on sockets in `workdir` until the block
     ends; yields the devices to hand to run_guest."""
-    kinds = [split_options(spec)[0].partition(":")[0] for spec in specs]
+    kinds = [registry.parse_spec(spec).kind for spec in specs]
     sockets = [workdir / f"emu{i}-{k}.sock" for i, k in enumerate(kinds)]
     devices = guest_devices(kind, specs, sockets)
     cmd = [sys.executable, "-m", "emu.cli", "serve"]

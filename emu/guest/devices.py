@@ -11,9 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: virtio device ids (virtio spec 5), which is what virtio_uml.device= takes
-VIRTIO_ID = {"net": 1, "blk": 2, "console": 3, "rng": 4, "vsock": 19, "fs": 26}
+from emu.devices import registry
+
+#: virtio device ids (virtio spec 5) of vhost-user types emu does not implement itself
+#: (another backend serves them); emu's own types come from its device registry
+OTHER_VIRTIO_ID = {"vsock": 19, "fs": 26}
 QEMU_BUILTIN = ("qemu-blk", "qemu-net", "qemu-rng", "qemu-console")
+
+
+def virtio_ids() -> dict[str, int]:
+    """vhost-user device type -> virtio device id, which is what virtio_uml.device= takes."""
+    return {**{t.name: t.device_id for t in registry.types()}, **OTHER_VIRTIO_ID}
 
 
 @dataclass(frozen=True)
@@ -34,11 +42,12 @@ class Device:
             spec = (kind, path)
         kind, path = spec
         path, *options = str(path).split(",")
-        if kind not in VIRTIO_ID and kind not in QEMU_BUILTIN:
-            known = ", ".join([*VIRTIO_ID, *QEMU_BUILTIN])
+        ids = virtio_ids()
+        if kind not in ids and kind not in QEMU_BUILTIN:
+            known = ", ".join([*ids, *QEMU_BUILTIN])
             raise ValueError(f"device type {kind!r} unknown (known: {known})")
         return cls(kind, path, tuple(options))
 
     @property
     def vhost_user(self) -> bool:
-        return self.type in VIRTIO_ID
+        return self.type in virtio_ids()

@@ -8,7 +8,7 @@ UML opens no ptys or xterms.
 
 from __future__ import annotations
 
-from emu.guest.devices import VIRTIO_ID, Device
+from emu.guest.devices import Device, virtio_ids
 from emu.guest.images import GuestImage
 
 
@@ -22,10 +22,11 @@ def command(image: GuestImage, devices: list[Device], append: list[str], mem_mib
         "ssl=null",
         "con0=fd:0,fd:1",
     ]
+    ids = virtio_ids()
     for dev in devices:
         if not dev.vhost_user:
             raise ValueError(f"UML attaches vhost-user devices only, not {dev.type}")
         if dev.options:
             raise ValueError(f"UML takes no device options ({','.join(dev.options)})")
-        args.append(f"virtio_uml.device={dev.path}:{VIRTIO_ID[dev.type]}")
+        args.append(f"virtio_uml.device={dev.path}:{ids[dev.type]}")
     return args + append

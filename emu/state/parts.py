@@ -4,24 +4,30 @@ Standard parts (virtio 1.4, device-parts.tex) keep the spec's type numbers and l
 0x0100 DEV_FEATURES, 0x0101 DRV_FEATURES, 0x0103 DEVICE_STATUS and 0x0104 VQ_CFG (selector =
 vq index). Nothing in the spec carries ring indexes or in-flight requests, so emu adds
 extension parts in 0xE000-0xEFFF, a range the spec leaves unassigned. Each extension value
-starts with ``le16 version; le16 reserved``; together with the part header's OPTIONAL flag
-this lets a restorer understand a part, skip it (optional) or refuse it (required):
+starts with ``le16 major; le16 minor`` (its version; docs/stop.md has the rule); together
+with the part header's OPTIONAL flag this lets a restorer understand a part, skip it
+(optional) or refuse it (required):
 
     0xE001 RING_STATE  per vq: next_avail, next_used, wrap counters, signalled used index
     0xE002 INFLIGHT    per vq: chains fetched and not used, in fetch order, with segments
     0xE003 TRANSPORT   transport registers worth keeping (JSON object)
     0xE1nn DEVICE      device-specific state of device type nn (JSON object)
+
+JSON parts are checked against a schema (``emu.state.schema``) where the reader has one:
+the device's own for its DEVICE part, the transport's for TRANSPORT. Any JSON is refused
+before it can hurt: deeper than MAX_JSON_DEPTH, integers too long to convert, NaN.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from emu.state.format import PART_F_OPTIONAL, DeviceState, Part, StateError, vq_selector
+from emu.state.schema import Schema, Version, version_problem
 
 DEV_FEATURES = 0x0100
 DRV_FEATURES = 0x0101
@@ -32,9 +38,20 @@ INFLIGHT = 0xE002
 TRANSPORT = 0xE003
 DEVICE_BASE = 0xE100
 
+#: a state's JSON is a few levels deep; anything deeper is refused, not parsed further
+MAX_JSON_DEPTH = 16
+#: feature bits a part may carry (the spec defines 128 so far)
+MAX_FEATURE_BYTES = 64
+#: chains in flight on one queue at most: one per head of the largest ring
+MAX_INFLIGHT = 32768
+
 
 def device_part(device_type: int) -> int:
     return DEVICE_BASE + device_type
+
+
+def is_device_part(part_type: int) -> bool:
+    return DEVICE_BASE <= part_type <= DEVICE_BASE + 0xFF
 
 
 _VQ_CFG = struct.Struct("<HHHHQQQ")
@@ -49,7 +66,7 @@ class PartKind:
     name: str
     encode: Callable[[Any], bytes]
     decode: Callable[[bytes], Any]
-    version: int | None = None  # extension parts only
+    version: Version | None = None  # extension parts only: (major, minor)
     per_queue: bool = False
 
 
@@ -58,9 +75,9 @@ def _features_enc(v: int) -> bytes:
 
 
 def _features_dec(b: bytes) -> int:
-    if not b or len(b) % 8:
-        raise StateError(f"feature part of {len(b)} bytes is not a list of le64")
-    return sum(w << (64 * i) for i, (w,) in enumerate(struct.iter_unpack("<Q", b)))
+    if not b or len(b) % 8 or len(b) > MAX_FEATURE_BYTES:
+        raise StateError(f"feature part of {len(b)} bytes is not a list of up to 8 le64")
+    return int.from_bytes(b, "little")
 
 
 def _status_dec(b: bytes) -> int:
@@ -79,6 +96,8 @@ def _vq_cfg_dec(b: bytes) -> dict:
     if len(b) != _VQ_CFG.size:
         raise StateError(f"VQ_CFG part must be {_VQ_CFG.size} bytes, got {len(b)}")
     size, vector, enabled, _, desc, driver, device = _VQ_CFG.unpack(b)
+    if enabled > 1:
+        raise StateError(f"VQ_CFG enabled must be 0 or 1, got {enabled}")
     return dict(
         size=size, vector=vector, enabled=bool(enabled), desc=desc, driver=driver, device=device
     )
@@ -113,15 +132,19 @@ def _inflight_enc(chains: list[dict]) -> bytes:
 def _inflight_dec(b: bytes) -> list[dict]:
     try:
         (count,) = struct.unpack_from("<I", b)
+        if count > MAX_INFLIGHT:
+            raise StateError(f"INFLIGHT part: {count} chains, more than any ring holds")
         off, chains = 4, []
         for _ in range(count):
             head, ndesc, nseg = _CHAIN.unpack_from(b, off)
             off += _CHAIN.size
             if off + nseg * _SEG.size > len(b):
                 raise StateError("INFLIGHT part: segment list runs past the part")
-            segs = [
-                (a, n, bool(w)) for a, n, w in _SEG.iter_unpack(b[off : off + nseg * _SEG.size])
-            ]
+            segs = []
+            for a, n, w in _SEG.iter_unpack(b[off : off + nseg * _SEG.size]):
+                if w > 1:
+                    raise StateError(f"INFLIGHT part: segment writable flag {w}")
+                segs.append((a, n, bool(w)))
             off += nseg * _SEG.size
             chains.append(dict(head=head, ndesc=ndesc, segments=segs))
     except struct.error as e:
@@ -135,87 +158,140 @@ def _json_enc(v: Any) -> bytes:
     return json.dumps(v, sort_keys=True, separators=(",", ":")).encode()
 
 
+def _no_constant(name: str) -> Any:
+    raise StateError(f"JSON holds {name}, which no state has")
+
+
 def _json_dec(b: bytes) -> Any:
     try:
-        return json.loads(b)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StateError(f"JSON part does not parse: {e}") from None
+        value = json.loads(b, parse_constant=_no_constant)
+    except RecursionError:
+        raise StateError("JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, int digit limit
+        raise StateError(f"JSON part does not parse: {str(e)[:120]}") from None
+    _check_depth(value)
+    return value
 
+
+def _check_depth(value: Any) -> None:
+    """Refuse JSON deeper than MAX_JSON_DEPTH (without recursing: it may be hostile)."""
+    todo = [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise StateError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        todo.extend((x, depth + 1) for x in v)
+
+
+#: the version of the extension parts emu writes (JSON parts with a schema: the schema's)
+EXT_VERSION: Version = (1, 0)
 
 KINDS: dict[int, PartKind] = {
     DEV_FEATURES: PartKind("DEV_FEATURES", _features_enc, _features_dec),
     DRV_FEATURES: PartKind("DRV_FEATURES", _features_enc, _features_dec),
     DEVICE_STATUS: PartKind("DEVICE_STATUS", lambda v: bytes([v]), _status_dec),
     VQ_CFG: PartKind("VQ_CFG", _vq_cfg_enc, _vq_cfg_dec, per_queue=True),
-    RING_STATE: PartKind("RING_STATE", _ring_enc, _ring_dec, version=1, per_queue=True),
-    INFLIGHT: PartKind("INFLIGHT", _inflight_enc, _inflight_dec, version=1, per_queue=True),
-    TRANSPORT: PartKind("TRANSPORT", _json_enc, _json_dec, version=1),
+    RING_STATE: PartKind("RING_STATE", _ring_enc, _ring_dec, EXT_VERSION, per_queue=True),
+    INFLIGHT: PartKind("INFLIGHT", _inflight_enc, _inflight_dec, EXT_VERSION, per_queue=True),
+    TRANSPORT: PartKind("TRANSPORT", _json_enc, _json_dec, EXT_VERSION),
 }
 
-#: device-specific state parts: virtio device id -> version emu writes and reads
-DEVICE_VERSIONS = {1: 1, 2: 1, 3: 1, 4: 1}
-for _dev, _ver in DEVICE_VERSIONS.items():
-    KINDS[device_part(_dev)] = PartKind(f"DEVICE_{_dev}", _json_enc, _json_dec, version=_ver)
+
+def kind_of(part_type: int) -> PartKind | None:
+    """The kind of a part type; device parts of any device type are JSON."""
+    if is_device_part(part_type):
+        name = f"DEVICE_{part_type - DEVICE_BASE}"
+        return PartKind(name, _json_enc, _json_dec, EXT_VERSION)
+    return KINDS.get(part_type)
 
 
-def make(part_type: int, value: Any, vq: int | None = None, optional: bool = False) -> Part:
-    kind = KINDS[part_type]
+def make(
+    part_type: int,
+    value: Any,
+    vq: int | None = None,
+    optional: bool = False,
+    version: Version | None = None,
+) -> Part:
+    """A part of ``part_type`` holding ``value``; ``version`` overrides the kind's (a
+    JSON part written by a schema carries the schema's version)."""
+    kind = kind_of(part_type)
+    if kind is None:
+        raise ValueError(f"unknown part type {part_type:#x}")
     raw = kind.encode(value)
     if kind.version is not None:
-        raw = _EXT.pack(kind.version, 0) + raw
+        raw = _EXT.pack(*(version or kind.version)) + raw
     selector = vq_selector(vq) if vq is not None else bytes(8)
     return Part(part_type, raw, selector, PART_F_OPTIONAL if optional else 0)
 
 
-def parse(state: DeviceState) -> list[tuple[Part, Any]]:
+def parse(
+    state: DeviceState, schemas: Mapping[int, Schema] | None = None
+) -> list[tuple[Part, Any]]:
     """Decode every part a restorer must understand; skip unknown optional ones.
 
-    Raises StateError for an unknown required part, an unsupported required version or a
-    malformed value, so nothing is applied from a state that is not wholly understood.
+    ``schemas`` maps JSON part types to the schema that checks them (and gives their
+    version). With ``schemas``, a device part without one is unknown; without (to show a
+    file), any device part is decoded as plain JSON. Raises StateError for an unknown
+    required part, a required part whose version this emu does not read, or a malformed
+    value, so nothing is applied from a state that is not wholly understood.
     """
     out = []
     for i, p in enumerate(state.parts):
-        kind = KINDS.get(p.type)
+        schema = schemas.get(p.type) if schemas is not None else None
+        kind = kind_of(p.type)
+        if schemas is not None and is_device_part(p.type) and schema is None:
+            kind = None
         where = f"part {i} (type {p.type:#06x})"
         if kind is None:
             if p.optional:
                 continue
             raise StateError(f"{where} is required but unknown to this emu; refusing the state")
-        raw = p.value
+        raw, have = p.value, EXT_VERSION
         if kind.version is not None:
             if len(raw) < _EXT.size:
                 raise StateError(f"{where} {kind.name}: no version header")
-            (version, _) = _EXT.unpack_from(raw)
-            if version != kind.version:
+            have = _EXT.unpack_from(raw)
+            if schema is not None:
+                problem = version_problem(f"{kind.name} ({schema.name})", have, schema.version)
+            elif is_device_part(p.type):  # only shown: no schema to judge its version by
+                problem = None
+            else:
+                problem = version_problem(kind.name, have, kind.version)
+            if problem is not None:
                 if p.optional:
                     continue
-                raise StateError(
-                    f"{where} {kind.name} version {version} is not supported "
-                    f"(this emu reads version {kind.version}); refusing the state"
-                )
+                raise StateError(f"{where} {problem}; refusing the state")
             raw = raw[_EXT.size :]
         try:
             value = kind.decode(raw)
+            if schema is not None:
+                value = schema.load(value, have)
         except StateError as e:
             raise StateError(f"{where} {kind.name}: {e}") from None
         out.append((p, value))
     return out
 
 
-def to_json(state: DeviceState) -> dict:
+def to_json(state: DeviceState, schemas: Mapping[int, Schema] | None = None) -> dict:
     """A readable rendering for ``emu state show``; unknown parts appear as raw hex."""
     parts = []
-    known = {id(p): v for p, v in parse(state)}
+    known = {id(p): v for p, v in parse(state, schemas)}
     for p in state.parts:
-        kind = KINDS.get(p.type)
+        kind = kind_of(p.type)
         entry: dict[str, Any] = {
             "type": f"{p.type:#06x}",
             "name": kind.name if kind else "unknown",
             "optional": p.optional,
         }
+        if kind and kind.version and len(p.value) >= _EXT.size:
+            entry["version"] = "{}.{}".format(*_EXT.unpack_from(p.value))
         if kind and kind.per_queue:
             entry["vq"] = p.vq_index
-        if id(p) in known:
+        if kind and id(p) in known:
             v = known[id(p)]
             entry["value"] = f"{v:#x}" if kind.name.endswith("FEATURES") else v
         else:

@@ -7,8 +7,10 @@ receive buffers on each port and, with MULTIPORT, on the control receive queue.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from emu.backends.chardev import BufferChar
 from emu.devices.console import (
     CONSOLE_PORT,
     CTRL_MSG,
@@ -19,9 +21,11 @@ from emu.devices.console import (
     F_MULTIPORT,
     PORT_OPEN,
     PORT_READY,
+    ConsoleDevice,
     rx_queue,
 )
 from emu.testing.driver import VirtioMmioDriver
+from emu.testing.inprocess import attached
 
 #: the id Linux puts in DEVICE_READY (VIRTIO_CONSOLE_BAD_ID)
 BAD_ID = 0xFFFFFFFF
@@ -122,3 +126,14 @@ class GuestConsole:
             if m.event == CONSOLE_PORT:
                 self.send_control(m.id, PORT_OPEN, 1)
         return adds + answers
+
+
+def demo(opts: dict, say: Callable[[str], None]) -> None:
+    """``emu demo --in-process console``: a line each way through port 0."""
+    chardev = BufferChar()
+    with attached(ConsoleDevice(chardev)) as drv:
+        con = GuestConsole(drv, **opts)
+        con.write(0, b"guest says hi\n")
+        chardev.feed(b"host says hi\n")
+        say(f"console: guest -> host {chardev.wait_output(14)!r}")
+        say(f"console: host -> guest {con.read(0, 13)!r}")

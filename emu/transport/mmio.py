@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 
 from emu.devices.base import Command, RunState, VirtioDevice
+from emu.devices.snapshot import apply, check_restore, save_device
 from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import (
@@ -37,9 +38,8 @@ from emu.ringdefs import (
     MAX_SPLIT_SIZE,
     RingState,
 )
-from emu.state import parts
-from emu.state.device import restore_device, save_device
 from emu.state.format import DeviceState, StateError
+from emu.state.schema import Bool, Const, Int, List, Schema
 
 log = logging.getLogger(__name__)
 
@@ -150,19 +150,31 @@ _LEGACY_DEFAULT_ALIGN = 4096
 #: only reached when a backend call hangs); the driver then polls Status / QueueReset
 PROMPT_S = 0.5
 _U32 = 0xFFFFFFFF
+#: the TRANSPORT part ``save`` writes and ``restore`` reads: every register, typed and ranged
+REGISTERS = Schema(
+    "virtio-mmio registers",
+    1,
+    0,
+    {
+        "transport": Const("virtio-mmio"),
+        "version": Int(1, 2),
+        "device_features_sel": Int(0, _U32),
+        "driver_features_sel": Int(0, _U32),
+        "driver_features": Int(0, 2**64 - 1),
+        "queue_sel": Int(0, _U32),
+        "shm_sel": Int(0, _U32),
+        "queue_align": List(Int(1, _U32), 0x10000),
+        "guest_page_size": Int(0, _U32),
+        "interrupt_status": Int(0, INT_VRING | INT_CONFIG),
+        "config_generation": Int(0, _U32),
+        "vmm_stopped": Bool(),
+        "guest_stop_pending": Bool(),
+        "config_pending": Bool(),
+    },
+)
 #: transport attributes a snapshot keeps (``save``/``restore``), beside the device's parts
-_SAVED_REGISTERS = (
-    "version",
-    "device_features_sel",
-    "driver_features_sel",
-    "driver_features",
-    "queue_sel",
-    "shm_sel",
-    "queue_align",
-    "guest_page_size",
-    "interrupt_status",
-    "config_generation",
-    "vmm_stopped",
+_SAVED_REGISTERS = tuple(
+    k for k in REGISTERS.fields if k not in ("transport", "guest_stop_pending", "config_pending")
 )
 
 
@@ -722,18 +734,21 @@ class MmioTransport:
                 guest_stop_pending=self._guest_stop_pending,
                 config_pending=self._config_pending,
             )
-            return save_device(self.device, self.status, regs)
+            return save_device(self.device, self.status, regs, REGISTERS)
 
     def restore(self, state: DeviceState) -> None:
         """Carry on from ``save`` on this fresh transport over a fresh device of that type.
 
-        A device saved stopped by the guest (STOP/SUSPEND) comes back stopped, waiting for
-        the guest's resume; one saved under a VMM stop comes back running.
+        Everything is checked (every part, every register, the rings against guest RAM)
+        before anything is applied. A device saved stopped by the guest (STOP/SUSPEND)
+        comes back stopped, waiting for the guest's resume; one saved under a VMM stop
+        comes back running.
         """
         if self.status or self.device.run_state is not RunState.IDLE:
             raise StateError("restore needs a fresh transport and device")
-        regs = self._saved_registers(state)
-        restored = restore_device(self.device, state)  # checks everything, then applies
+        checked = check_restore(self.device, state, REGISTERS, self.mem)
+        regs = self._saved_registers(checked.transport)
+        restored = apply(self.device, checked)
         with self._lock:
             for name in _SAVED_REGISTERS:
                 setattr(self, name, regs[name])
@@ -750,24 +765,28 @@ class MmioTransport:
         if activated is not None:
             activated.wait()
 
-    def _saved_registers(self, state: DeviceState) -> dict:
-        found = [v for p, v in parts.parse(state) if p.type == parts.TRANSPORT]
-        if len(found) != 1 or not isinstance(found[0], dict):
+    def _saved_registers(self, regs: dict | None) -> dict:
+        """The TRANSPORT part (types and ranges already checked by REGISTERS) against
+        this transport and device."""
+        if regs is None:
             raise StateError("the state carries no virtio-mmio registers")
-        regs = found[0]
-        if regs.get("transport") != "virtio-mmio":
-            raise StateError(f"the state is of a {regs.get('transport')!r} transport")
-        missing = {*_SAVED_REGISTERS, "guest_stop_pending", "config_pending"} - set(regs)
-        if missing:
-            raise StateError(f"saved virtio-mmio registers lack {sorted(missing)}")
         if regs["version"] != self.version:
             raise StateError(f"saved virtio-mmio version {regs['version']}, this is {self.version}")
         if regs["driver_features"] & ~self.offered_features:
             raise StateError(
-                f"saved driver features {regs['driver_features']:#x} are not all offered here"
+                f"saved driver_features {regs['driver_features']:#x} are not all offered here"
             )
         if len(regs["queue_align"]) != len(self.device.queues):
-            raise StateError("saved queue count differs from this device's")
+            raise StateError(
+                f"saved queue_align has {len(regs['queue_align'])} queues, "
+                f"this device {len(self.device.queues)}"
+            )
+        if regs["guest_page_size"] and not _pow2(regs["guest_page_size"]):
+            raise StateError(
+                f"saved guest_page_size {regs['guest_page_size']:#x} is not a power of 2"
+            )
+        if not all(_pow2(a) for a in regs["queue_align"]):
+            raise StateError(f"saved queue_align {regs['queue_align']} are not powers of 2")
         return regs
 
     # -- interrupts (called from the device thread too) --

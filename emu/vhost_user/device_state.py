@@ -42,13 +42,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from emu.devices.base import RunState, VirtioDevice
+from emu.devices.snapshot import checked_save, device_part_of, target_of
 from emu.memory import GuestMemoryError
 from emu.queue import Virtqueue
-from emu.ringdefs import F_RING_PACKED, Batch, InflightChain, RingState
+from emu.ringdefs import Batch, InflightChain, RingState
 from emu.state import file as statefile
 from emu.state import parts
-from emu.state.device import ring_from_parts
 from emu.state.format import MAX_STATE_BYTES, DeviceState, StateError, decode, encode
+from emu.state.schema import Const, Int, Map, Schema
+from emu.state.validate import check as check_state
 from emu.vhost_user.handler import Refused, handles
 from emu.vhost_user.inflight import InflightRegion
 from emu.vhost_user.memtable import MemoryTable
@@ -62,6 +64,20 @@ log = logging.getLogger(__name__)
 TRANSFER_TIMEOUT = 30.0
 TRANSPORT = "vhost-user"
 TRANSPORT_VERSION = 1
+_U64 = 2**64 - 1
+#: the TRANSPORT part: what the frontend had negotiated, and each saved ring's base
+TRANSPORT_SCHEMA = Schema(
+    "vhost-user transport",
+    1,
+    0,
+    {
+        "transport": Const(TRANSPORT),
+        "version": Const(TRANSPORT_VERSION),
+        "features": Int(0, _U64),
+        "protocol": Int(0, _U64),
+        "bases": Map(Int(0, 0xFFFFFFFF), 0x10000),
+    },
+)
 
 Ring = tuple[RingState, list[InflightChain]]
 
@@ -198,9 +214,10 @@ def build(session: SessionView, waiting: dict[int, Ring]) -> DeviceState:
         protocol=session.protocol,
         bases=bases,
     )
-    out.append(parts.make(parts.TRANSPORT, transport, optional=True))
-    out.append(parts.make(parts.device_part(dev.device_id), dev.save_state()))
-    return DeviceState(dev.device_id, out)
+    version = TRANSPORT_SCHEMA.version
+    out.append(parts.make(parts.TRANSPORT, transport, optional=True, version=version))
+    out.append(device_part_of(dev))
+    return checked_save(DeviceState(dev.device_id, out), target_of(dev, TRANSPORT_SCHEMA))
 
 
 def _ring_part(rs: RingState) -> dict:
@@ -214,65 +231,10 @@ def _ring_part(rs: RingState) -> dict:
 
 
 def check(dev: VirtioDevice, state: DeviceState) -> Loaded:
-    """Everything a restore needs, checked against ``dev``; StateError names the fault.
-
-    The rules of ``emu.state.device.restore_device``, plus what a ring restarted by a
-    frontend needs: unique in-flight heads inside the ring, and (split) exactly as many
-    chains in flight as the indexes say. Nothing is applied here.
-    """
-    if state.device_type != dev.device_id:
-        raise StateError(
-            f"state is of virtio device type {state.device_type}, "
-            f"this is {dev.name} (type {dev.device_id})"
-        )
-    decoded = parts.parse(state)
-    single: dict[int, Any] = {}
-    per_queue: dict[int, dict[int, Any]] = {
-        parts.VQ_CFG: {},
-        parts.RING_STATE: {},
-        parts.INFLIGHT: {},
-    }
-    for p, value in decoded:
-        name = parts.KINDS[p.type].name
-        if p.type in per_queue:
-            if not 0 <= p.vq_index < len(dev.queues):
-                raise StateError(f"{name} for queue {p.vq_index}: {dev.name} has {len(dev.queues)}")
-            if p.vq_index in per_queue[p.type]:
-                raise StateError(f"two {name} parts for queue {p.vq_index}")
-            per_queue[p.type][p.vq_index] = value
-        else:
-            if p.type in single:
-                raise StateError(f"two {name} parts")
-            single[p.type] = value
-    for need in (parts.DEV_FEATURES, parts.DRV_FEATURES, parts.DEVICE_STATUS):
-        if need not in single:
-            raise StateError(f"state has no {parts.KINDS[need].name} part")
-    offered, acked = single[parts.DEV_FEATURES], single[parts.DRV_FEATURES]
-    if offered & ~dev.features:
-        raise StateError(
-            f"state's device offered features {offered & ~dev.features:#x} this one does not"
-        )
-    if acked & ~offered:
-        raise StateError("state's driver features are not a subset of the device's")
-    transport = single.get(parts.TRANSPORT)
-    if transport is not None and (
-        not isinstance(transport, dict)
-        or transport.get("transport") != TRANSPORT
-        or transport.get("version") != TRANSPORT_VERSION
-    ):
-        raise StateError(f"state's transport is not {TRANSPORT} version {TRANSPORT_VERSION}")
-    cfgs, rings, inflight = (per_queue[t] for t in (parts.VQ_CFG, parts.RING_STATE, parts.INFLIGHT))
-    if set(rings) != set(inflight) or not set(rings) <= set(cfgs):
-        raise StateError("RING_STATE and INFLIGHT parts must come in pairs, for configured queues")
-    packed = bool(acked >> F_RING_PACKED & 1)
-    loaded = Loaded(acked, single.get(parts.device_part(dev.device_id), {}))
-    for i, cfg in cfgs.items():
-        size = cfg["size"]
-        if not 0 < size <= dev.queues[i].max_size:
-            raise StateError(f"queue {i}: size {size} outside 1..{dev.queues[i].max_size}")
-        if i in rings:
-            loaded.rings[i] = ring_from_parts(i, size, packed, rings[i], inflight[i])
-    return loaded
+    """Everything a restore needs, checked against ``dev`` by the validator the
+    virtio-mmio restore uses too (``emu.state.validate``); nothing is applied here."""
+    checked = check_state(state, target_of(dev, TRANSPORT_SCHEMA))
+    return Loaded(checked.acked, checked.device, checked.rings)
 
 
 # -- state files (emu serve --state-dir / --restore-dir) --

@@ -1,7 +1,7 @@
 """The delay model: a backend whose completions arrive ``latency`` seconds after the
 request ran, so stops find requests in flight with exact control over how many.
 
-Fault injection for tests, benchmarks and ``emu serve --latency``; production queues
+A fault-injection backend for tests, benchmarks and ``emu serve --latency``; queues
 publish at once unless a backend defers (emu.queue.Deferred).
 """
 
