@@ -45,7 +45,7 @@ from emu.testing.driver import VirtioMmioDriver
 from emu.testing.net import GuestNet
 from emu.testing.rng import RngDriver
 from emu.testing.vhost_user import VhostUserDriver
-from emu.transport import mmio
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 from emu.vhost_user.backend import VhostUserServer
 
@@ -88,7 +88,7 @@ class MmioCase:
         for q in self.dev.queues:
             hold_completions(q, latency)
         self.tr = MmioTransport(
-            self.dev, self.mem, stop_policy=policy, stop_feature_bit=mmio.F_EMU_STOP
+            self.dev, self.mem, stop_policy=policy, stop_feature_bit=mmio_regs.F_EMU_STOP
         )
         self.drv = VirtioMmioDriver(self.tr, self.mem)
         self.blk = BlkDriver.open(self.drv, queue_size=QUEUE)
@@ -103,14 +103,14 @@ class MmioCase:
             self.drv.wait(0, depth, timeout=30)
 
     def stop(self, iface: str) -> float:
-        status = lambda: self.tr.read(mmio.STATUS, 4)  # noqa: E731
+        status = lambda: self.tr.read(mmio_regs.STATUS, 4)  # noqa: E731
         t0 = time.perf_counter()
         if iface == "stop-bit":
-            self.tr.write(mmio.STATUS, 4, status() | mmio.S_STOP)
-            _poll(status, mmio.S_STOP, mmio.S_STOP)
+            self.tr.write(mmio_regs.STATUS, 4, status() | mmio_regs.S_STOP)
+            _poll(status, mmio_regs.S_STOP, mmio_regs.S_STOP)
         elif iface == "suspend":
-            self.tr.write(mmio.STATUS, 4, status() | mmio.S_SUSPEND)
-            _poll(status, mmio.S_SUSPEND | mmio.S_DRIVER_OK, mmio.S_SUSPEND)
+            self.tr.write(mmio_regs.STATUS, 4, status() | mmio_regs.S_SUSPEND)
+            _poll(status, mmio_regs.S_SUSPEND | mmio_regs.S_DRIVER_OK, mmio_regs.S_SUSPEND)
         else:
             self.tr.vmm_stop(self.policy)
         return time.perf_counter() - t0

@@ -40,7 +40,7 @@ from emu.memory import GuestMemory
 from emu.ringdefs import DESC_F_AVAIL, DESC_F_USED
 from emu.state import file as statefile
 from emu.state.format import encode
-from emu.transport import mmio
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -178,7 +178,7 @@ def replay(case_dir: Path, case: str, work: Path, counts: dict | None = None) ->
         try:
             # the v1 set was saved by a transport that offered STOP at its usual bit (the
             # default then): a VMM restores onto a transport configured like the saving one
-            tr = MmioTransport(dev, mem, stop_feature_bit=mmio.F_EMU_STOP)
+            tr = MmioTransport(dev, mem, stop_feature_bit=mmio_regs.F_EMU_STOP)
             tr.restore(statefile.load(case_dir / f"{case}.state"))
             random_data = meta["kind"] == "rng"
             deadline = time.monotonic() + 10

@@ -30,7 +30,7 @@ from emu.memory import GuestMemory
 from emu.ringdefs import Batch
 from emu.testing.blk import BlkDriver, BlkStatusError, dwz_payload, header, status_of
 from emu.testing.driver import DeviceNeedsReset, VirtioMmioDriver
-from emu.transport import mmio
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 #: every feature the device offers, for tests that then leave some out
@@ -100,7 +100,7 @@ def test_offers_what_linux_accepted_from_qemu_and_config_layout(open_blk):
     for bit in QEMU_BLK_BITS + [blk.F_SIZE_MAX]:
         assert drv.features >> bit & 1, f"feature bit {bit} not negotiated"
     assert not drv.features >> blk.F_RO & 1 and not drv.features >> blk.F_MQ & 1
-    assert drv.transport.read(mmio.DEVICE_ID, 4) == 2
+    assert drv.transport.read(mmio_regs.DEVICE_ID, 4) == 2
     assert drv.config_read(0, 8) == CAPACITY
     assert drv.config_read(8, 4) == dev.size_max
     assert drv.config_read(12, 4) == 100
@@ -317,7 +317,7 @@ def test_missing_status_byte_needs_reset_and_device_recovers(open_blk, image, mo
     drv.submit(0, [header(blk.T_OUT, 0), bytes(512)], in_sizes)
     with pytest.raises(DeviceNeedsReset):
         drv.wait(0, timeout=2)
-    assert drv.status & mmio.S_DEVICE_NEEDS_RESET and dev.broken
+    assert drv.status & mmio_regs.S_DEVICE_NEEDS_RESET and dev.broken
     before = digest(image)
     again = BlkDriver.open(drv, **mode)  # reset and start over: the device works again
     assert again.write(0, pattern(1, 512)) == S_OK

@@ -7,7 +7,7 @@ from conftest import EchoDevice
 
 from emu.devices.blk import BlkDevice
 from emu.testing.driver import DeviceNeedsReset, VirtioMmioDriver
-from emu.transport import mmio
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 
@@ -38,17 +38,18 @@ def test_impossible_saved_ring_state_fails_the_device_without_raising(mem, tmp_p
     img = tmp_path / "d.img"
     img.write_bytes(bytes(1 << 20))
     dev = BlkDevice(img)
-    tr = MmioTransport(dev, mem, stop_feature_bit=mmio.F_EMU_STOP)  # QueueRingState
+    tr = MmioTransport(dev, mem, stop_feature_bit=mmio_regs.F_EMU_STOP)  # QueueRingState
     drv = VirtioMmioDriver(tr, mem)
     drv.init(packed=True)
     drv.setup_queue(0, 256)
-    tr.write(mmio.QUEUE_SEL, 4, 0)
-    tr.write(mmio.QUEUE_READY, 4, 0)
-    tr.write(mmio.QUEUE_RING_STATE, 4, 200 | 200 << 16)
-    tr.write(mmio.QUEUE_SIZE, 4, 64)
-    tr.write(mmio.QUEUE_READY, 4, 1)
-    tr.write(mmio.STATUS, 4, tr.read(mmio.STATUS, 4) | mmio.S_DRIVER_OK)  # must not raise
-    assert tr.read(mmio.STATUS, 4) & mmio.S_DEVICE_NEEDS_RESET
+    tr.write(mmio_regs.QUEUE_SEL, 4, 0)
+    tr.write(mmio_regs.QUEUE_READY, 4, 0)
+    tr.write(mmio_regs.QUEUE_RING_STATE, 4, 200 | 200 << 16)
+    tr.write(mmio_regs.QUEUE_SIZE, 4, 64)
+    tr.write(mmio_regs.QUEUE_READY, 4, 1)
+    # must not raise
+    tr.write(mmio_regs.STATUS, 4, tr.read(mmio_regs.STATUS, 4) | mmio_regs.S_DRIVER_OK)
+    assert tr.read(mmio_regs.STATUS, 4) & mmio_regs.S_DEVICE_NEEDS_RESET
     assert "out of range" in dev.broken
     dev.close()
 
@@ -64,16 +65,16 @@ def test_a_queue_failing_to_start_does_not_pull_rings_from_a_busy_thread(mem, tm
         drv = VirtioMmioDriver(tr, mem)
         drv.init()
         q0 = drv.setup_queue(0, 256)
-        tr.write(mmio.QUEUE_SEL, 4, 1)
-        tr.write(mmio.QUEUE_DESC_HIGH, 4, 0x1000)  # queue 1's ring far outside RAM
+        tr.write(mmio_regs.QUEUE_SEL, 4, 1)
+        tr.write(mmio_regs.QUEUE_DESC_HIGH, 4, 0x1000)  # queue 1's ring far outside RAM
         drv.driver_ok()
         for _ in range(200):
             q0.add([bytes(16)], [64 << 10, 1])
         drv.kick(0)
-        tr.write(mmio.QUEUE_SEL, 4, 1)
-        tr.write(mmio.QUEUE_READY, 4, 1)  # fails the device while queue 0 is being served
-        assert tr.read(mmio.STATUS, 4) & mmio.S_DEVICE_NEEDS_RESET
-        tr.write(mmio.STATUS, 4, 0)
+        tr.write(mmio_regs.QUEUE_SEL, 4, 1)
+        tr.write(mmio_regs.QUEUE_READY, 4, 1)  # fails the device while queue 0 is being served
+        assert tr.read(mmio_regs.STATUS, 4) & mmio_regs.S_DEVICE_NEEDS_RESET
+        tr.write(mmio_regs.STATUS, 4, 0)
         dev.close()
     finally:
         threading.excepthook = old_hook

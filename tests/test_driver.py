@@ -17,7 +17,7 @@ from emu.testing.driver import (
     QueueFullError,
     VirtioMmioDriver,
 )
-from emu.transport import mmio
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 
@@ -82,8 +82,8 @@ def test_legacy_transport_end_to_end(echo, mem):
     assert t.guest_page_size == 4096
     bring_up(d, size=32)
     q = echo.queues[0]
-    t.write(mmio.QUEUE_SEL, 4, 0)
-    assert t.read(mmio.QUEUE_PFN, 4) == d.queues[0].desc // 4096
+    t.write(mmio_regs.QUEUE_SEL, 4, 0)
+    assert t.read(mmio_regs.QUEUE_PFN, 4) == d.queues[0].desc // 4096
     assert (q.driver, q.device) == (d.queues[0].driver, d.queues[0].device)
     for i in range(70):
         out = payload(i)
@@ -175,7 +175,7 @@ def test_irq_callback_is_chained_and_config_interrupts_are_counted(echo, mem):
     d = VirtioMmioDriver(MmioTransport(echo, mem, irq=levels.append), mem)
     bring_up(d)
     d.config_write(4, 4, 7)
-    assert d.handle_interrupt() == mmio.INT_CONFIG and d.config_interrupts == 1
+    assert d.handle_interrupt() == mmio_regs.INT_CONFIG and d.config_interrupts == 1
     assert levels == [1, 0]
     d.reset()
 
@@ -196,7 +196,7 @@ def test_hostile_descriptor_makes_the_device_need_reset(drv, echo, packed):
     drv.kick(0)
     with pytest.raises(DeviceNeedsReset):
         drv.wait(0)
-    assert drv.status & mmio.S_DEVICE_NEEDS_RESET
+    assert drv.status & mmio_regs.S_DEVICE_NEEDS_RESET
     assert echo.broken
     assert drv.config_interrupts == 1
     bring_up(drv, packed=packed)  # a reset brings the device back

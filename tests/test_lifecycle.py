@@ -20,7 +20,7 @@ from emu.backends.delay import hold_completions
 from emu.devices.base import RunState
 from emu.queue import Virtqueue
 from emu.testing.driver import VirtioMmioDriver
-from emu.transport import mmio
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 #: how long the second vCPU keeps its queue full; a register write that waits for it fails
@@ -89,21 +89,21 @@ def busy(mem):
 @pytest.mark.parametrize("write", ["reset", "queue_ready_0", "queue_reset"])
 def test_a_register_write_returns_while_another_vcpu_keeps_the_queue_busy(busy, write):
     tr, drv, dev, refill = busy
-    tr.write(mmio.QUEUE_SEL, 4, 0)
+    tr.write(mmio_regs.QUEUE_SEL, 4, 0)
     if write == "reset":
-        tr.write(mmio.STATUS, 4, 0)
+        tr.write(mmio_regs.STATUS, 4, 0)
     elif write == "queue_ready_0":
-        tr.write(mmio.QUEUE_READY, 4, 0)
+        tr.write(mmio_regs.QUEUE_READY, 4, 0)
     else:
-        tr.write(mmio.QUEUE_RESET, 4, 1)
+        tr.write(mmio_regs.QUEUE_RESET, 4, 1)
     assert refill.is_alive(), "the write waited until the other vCPU gave up"
     if write == "reset":
-        assert tr.read(mmio.STATUS, 4) == 0
+        assert tr.read(mmio_regs.STATUS, 4) == 0
         assert dev.run_state is RunState.IDLE
     elif write == "queue_ready_0":
-        assert tr.read(mmio.QUEUE_READY, 4) == 0 and not dev.queues[0].started
+        assert tr.read(mmio_regs.QUEUE_READY, 4) == 0 and not dev.queues[0].started
     else:
-        assert tr.read(mmio.QUEUE_RESET, 4) == 0 and not dev.queues[0].started
+        assert tr.read(mmio_regs.QUEUE_RESET, 4) == 0 and not dev.queues[0].started
 
 
 def test_a_busy_queue_does_not_starve_the_others(busy):
@@ -142,32 +142,32 @@ def test_driver_ok_racing_a_reset_from_another_vcpu(mem):
     def bring_up() -> None:
         try:
             while not done.is_set():
-                w(mmio.STATUS, 4, 0)
-                w(mmio.STATUS, 4, mmio.S_ACKNOWLEDGE | mmio.S_DRIVER)
+                w(mmio_regs.STATUS, 4, 0)
+                w(mmio_regs.STATUS, 4, mmio_regs.S_ACKNOWLEDGE | mmio_regs.S_DRIVER)
                 for sel in (0, 1):
-                    w(mmio.DEVICE_FEATURES_SEL, 4, sel)
-                    w(mmio.DRIVER_FEATURES_SEL, 4, sel)
-                    w(mmio.DRIVER_FEATURES, 4, tr.read(mmio.DEVICE_FEATURES, 4))
-                w(mmio.STATUS, 4, tr.read(mmio.STATUS, 4) | mmio.S_FEATURES_OK)
-                w(mmio.QUEUE_SEL, 4, 0)
-                w(mmio.QUEUE_SIZE, 4, 64)
+                    w(mmio_regs.DEVICE_FEATURES_SEL, 4, sel)
+                    w(mmio_regs.DRIVER_FEATURES_SEL, 4, sel)
+                    w(mmio_regs.DRIVER_FEATURES, 4, tr.read(mmio_regs.DEVICE_FEATURES, 4))
+                w(mmio_regs.STATUS, 4, tr.read(mmio_regs.STATUS, 4) | mmio_regs.S_FEATURES_OK)
+                w(mmio_regs.QUEUE_SEL, 4, 0)
+                w(mmio_regs.QUEUE_SIZE, 4, 64)
                 for reg, addr in (
-                    (mmio.QUEUE_DESC_LOW, ring.desc),
-                    (mmio.QUEUE_DRIVER_LOW, ring.driver),
-                    (mmio.QUEUE_DEVICE_LOW, ring.device),
+                    (mmio_regs.QUEUE_DESC_LOW, ring.desc),
+                    (mmio_regs.QUEUE_DRIVER_LOW, ring.driver),
+                    (mmio_regs.QUEUE_DEVICE_LOW, ring.device),
                 ):
                     w(reg, 4, addr & 0xFFFFFFFF)
                     w(reg + 4, 4, addr >> 32)
-                w(mmio.QUEUE_READY, 4, 1)
-                w(mmio.STATUS, 4, tr.read(mmio.STATUS, 4) | mmio.S_DRIVER_OK)
-                w(mmio.QUEUE_NOTIFY, 4, 0)
+                w(mmio_regs.QUEUE_READY, 4, 1)
+                w(mmio_regs.STATUS, 4, tr.read(mmio_regs.STATUS, 4) | mmio_regs.S_DRIVER_OK)
+                w(mmio_regs.QUEUE_NOTIFY, 4, 0)
         except BaseException as e:
             errors.append(e)
 
     def reset() -> None:
         try:
             while not done.is_set():
-                tr.write(mmio.STATUS, 4, 0)
+                tr.write(mmio_regs.STATUS, 4, 0)
         except BaseException as e:
             errors.append(e)
 
@@ -180,8 +180,8 @@ def test_driver_ok_racing_a_reset_from_another_vcpu(mem):
         t.join(10)
     assert not any(t.is_alive() for t in threads), "a vCPU is blocked"
     assert errors == []
-    tr.write(mmio.STATUS, 4, 0)
-    assert tr.read(mmio.STATUS, 4) == 0 and dev.run_state is RunState.IDLE
+    tr.write(mmio_regs.STATUS, 4, 0)
+    assert tr.read(mmio_regs.STATUS, 4) == 0 and dev.run_state is RunState.IDLE
     names = [t.name for t in threading.enumerate() if t.name == f"emu-{dev.name}"]
     assert len(names) == 1
     drv.init()  # and it still works
@@ -255,7 +255,7 @@ def test_restored_inflight_chains_come_before_new_ones_under_concurrent_kicks(me
 
     def kick() -> None:
         while not kicking.is_set():
-            tr.write(mmio.QUEUE_NOTIFY, 4, 0)
+            tr.write(mmio_regs.QUEUE_NOTIFY, 4, 0)
 
     kicker = threading.Thread(target=kick, daemon=True)
     kicker.start()

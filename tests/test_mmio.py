@@ -19,7 +19,7 @@ from emu.ringdefs import (
     F_RING_RESET,
     F_VERSION_1,
 )
-from emu.transport import mmio
+from emu.transport import mmio, mmio_regs
 from emu.transport.mmio import MmioTransport
 
 V1 = 1 << F_VERSION_1
@@ -42,37 +42,37 @@ class Harness:
 
     def features(self, value: int) -> None:
         for sel in (0, 1):
-            self.w(mmio.DRIVER_FEATURES_SEL, sel)
-            self.w(mmio.DRIVER_FEATURES, value >> (32 * sel) & 0xFFFFFFFF)
+            self.w(mmio_regs.DRIVER_FEATURES_SEL, sel)
+            self.w(mmio_regs.DRIVER_FEATURES, value >> (32 * sel) & 0xFFFFFFFF)
 
     def negotiate(self, features: int = MODERN) -> None:
-        self.w(mmio.STATUS, 1)
-        self.w(mmio.STATUS, 3)
+        self.w(mmio_regs.STATUS, 1)
+        self.w(mmio_regs.STATUS, 3)
         self.features(features)
-        self.w(mmio.STATUS, 0xB)
-        assert self.r(mmio.STATUS) == 0xB
+        self.w(mmio_regs.STATUS, 0xB)
+        assert self.r(mmio_regs.STATUS) == 0xB
 
     def setup_queue(self, index: int, size: int = 16, base: int = 0x10000) -> None:
-        self.w(mmio.QUEUE_SEL, index)
-        self.w(mmio.QUEUE_SIZE, size)
-        self.w(mmio.QUEUE_DESC_LOW, base)
-        self.w(mmio.QUEUE_DRIVER_LOW, base + 0x1000)
-        self.w(mmio.QUEUE_DEVICE_LOW, base + 0x2000)
-        self.w(mmio.QUEUE_READY, 1)
+        self.w(mmio_regs.QUEUE_SEL, index)
+        self.w(mmio_regs.QUEUE_SIZE, size)
+        self.w(mmio_regs.QUEUE_DESC_LOW, base)
+        self.w(mmio_regs.QUEUE_DRIVER_LOW, base + 0x1000)
+        self.w(mmio_regs.QUEUE_DEVICE_LOW, base + 0x2000)
+        self.w(mmio_regs.QUEUE_READY, 1)
 
 
 @pytest.fixture
 def h(echo, mem):
     harness = Harness(echo, mem)
     yield harness
-    harness.w(mmio.STATUS, 0)
+    harness.w(mmio_regs.STATUS, 0)
 
 
 @pytest.fixture
 def legacy(echo, mem):
     harness = Harness(echo, mem, version=1)
     yield harness
-    harness.w(mmio.STATUS, 0)
+    harness.w(mmio_regs.STATUS, 0)
 
 
 def warned(caplog) -> list[str]:
@@ -85,13 +85,13 @@ def warned(caplog) -> list[str]:
 
 
 def test_identity_registers(h, echo, mem):
-    assert h.r(mmio.MAGIC_VALUE) == 0x74726976
-    assert h.r(mmio.VERSION) == 2
-    assert h.r(mmio.DEVICE_ID) == ECHO_DEVICE_ID
-    assert h.r(mmio.VENDOR_ID) == 0x554D4555
+    assert h.r(mmio_regs.MAGIC_VALUE) == 0x74726976
+    assert h.r(mmio_regs.VERSION) == 2
+    assert h.r(mmio_regs.DEVICE_ID) == ECHO_DEVICE_ID
+    assert h.r(mmio_regs.VENDOR_ID) == 0x554D4555
     other = MmioTransport(echo, mem, version=1, vendor_id=0x1234)
-    assert other.read(mmio.VERSION, 4) == 1
-    assert other.read(mmio.VENDOR_ID, 4) == 0x1234
+    assert other.read(mmio_regs.VERSION, 4) == 1
+    assert other.read(mmio_regs.VENDOR_ID, 4) == 0x1234
     with pytest.raises(ValueError):
         MmioTransport(echo, mem, version=3)
 
@@ -99,20 +99,20 @@ def test_identity_registers(h, echo, mem):
 def test_device_features_are_read_32_bits_at_a_time(h, echo):
     words = []
     for sel in (0, 1, 2, 0xFFFFFFFF):
-        h.w(mmio.DEVICE_FEATURES_SEL, sel)
-        words.append(h.r(mmio.DEVICE_FEATURES))
+        h.w(mmio_regs.DEVICE_FEATURES_SEL, sel)
+        words.append(h.r(mmio_regs.DEVICE_FEATURES))
     assert words[0] | words[1] << 32 == echo.features | h.t.transport_features
     assert words[1] & 1  # VERSION_1 is bit 32
     assert words[2:] == [0, 0]
 
 
 def test_driver_features_are_written_32_bits_at_a_time(h):
-    h.w(mmio.DRIVER_FEATURES_SEL, 1)
-    h.w(mmio.DRIVER_FEATURES, 0x1)
-    h.w(mmio.DRIVER_FEATURES_SEL, 0)
-    h.w(mmio.DRIVER_FEATURES, 1 << F_EVENT_IDX)
+    h.w(mmio_regs.DRIVER_FEATURES_SEL, 1)
+    h.w(mmio_regs.DRIVER_FEATURES, 0x1)
+    h.w(mmio_regs.DRIVER_FEATURES_SEL, 0)
+    h.w(mmio_regs.DRIVER_FEATURES, 1 << F_EVENT_IDX)
     assert h.t.driver_features == V1 | 1 << F_EVENT_IDX
-    h.w(mmio.DRIVER_FEATURES, 0)  # rewriting one word leaves the other alone
+    h.w(mmio_regs.DRIVER_FEATURES, 0)  # rewriting one word leaves the other alone
     assert h.t.driver_features == V1
 
 
@@ -121,19 +121,33 @@ def test_driver_features_are_written_32_bits_at_a_time(h):
 
 @pytest.mark.parametrize(
     "off,size",
-    [(mmio.STATUS, 2), (mmio.STATUS, 1), (mmio.STATUS + 1, 4), (mmio.QUEUE_SEL, 8), (0x072, 2)],
+    [
+        (mmio_regs.STATUS, 2),
+        (mmio_regs.STATUS, 1),
+        (mmio_regs.STATUS + 1, 4),
+        (mmio_regs.QUEUE_SEL, 8),
+        (0x072, 2),
+    ],
 )
 def test_control_registers_need_aligned_32_bit_accesses(h, caplog, off, size):
-    h.w(mmio.STATUS, 1)
+    h.w(mmio_regs.STATUS, 1)
     caplog.clear()
     assert h.t.read(off, size) == 0
     h.t.write(off, size, 0xFF)
-    assert h.r(mmio.STATUS) == 1
+    assert h.r(mmio_regs.STATUS) == 1
     assert len(warned(caplog)) == 2
 
 
 @pytest.mark.parametrize(
-    "off", [mmio.MAGIC_VALUE, mmio.VERSION, mmio.DEVICE_ID, mmio.DEVICE_FEATURES, 0x034, 0x060]
+    "off",
+    [
+        mmio_regs.MAGIC_VALUE,
+        mmio_regs.VERSION,
+        mmio_regs.DEVICE_ID,
+        mmio_regs.DEVICE_FEATURES,
+        0x034,
+        0x060,
+    ],
 )
 def test_writes_to_read_only_registers_are_ignored(h, caplog, off):
     before = h.r(off)
@@ -160,12 +174,12 @@ def test_unknown_offsets_are_ignored(h, caplog, off):
 
 
 def test_init_sequence_and_driver_ok_activates_ready_queues(h, echo):
-    assert h.r(mmio.STATUS) == 0
+    assert h.r(mmio_regs.STATUS) == 0
     h.negotiate()
     h.setup_queue(0)
     assert not echo.queues[0].started  # nothing runs before DRIVER_OK
-    h.w(mmio.STATUS, 0xF)
-    assert h.r(mmio.STATUS) == 0xF
+    h.w(mmio_regs.STATUS, 0xF)
+    assert h.r(mmio_regs.STATUS) == 0xF
     assert echo.driver_features == MODERN
     assert echo.queues[0].started and not echo.queues[1].started
     h.setup_queue(1, base=0x20000)  # QueueReady after DRIVER_OK starts the queue at once
@@ -181,25 +195,25 @@ def test_init_sequence_and_driver_ok_activates_ready_queues(h, echo):
     ],
 )
 def test_features_ok_does_not_stick_when_refused(h, caplog, features, why):
-    h.w(mmio.STATUS, 1)
-    h.w(mmio.STATUS, 3)
+    h.w(mmio_regs.STATUS, 1)
+    h.w(mmio_regs.STATUS, 3)
     h.features(features)
-    h.w(mmio.STATUS, 0xB)
-    assert h.r(mmio.STATUS) == 3, why
+    h.w(mmio_regs.STATUS, 0xB)
+    assert h.r(mmio_regs.STATUS) == 3, why
     assert warned(caplog)
-    h.w(mmio.STATUS, 0x7)  # and DRIVER_OK without FEATURES_OK is refused too
-    assert h.r(mmio.STATUS) == 3
+    h.w(mmio_regs.STATUS, 0x7)  # and DRIVER_OK without FEATURES_OK is refused too
+    assert h.r(mmio_regs.STATUS) == 3
 
 
 def test_features_ok_asks_the_device(echo, mem, monkeypatch):
     h = Harness(echo, mem)
     monkeypatch.setattr(echo, "accept_features", lambda f: not f >> F_INDIRECT_DESC & 1)
     h.negotiate(V1)
-    h.w(mmio.STATUS, 0)
-    h.w(mmio.STATUS, 3)
+    h.w(mmio_regs.STATUS, 0)
+    h.w(mmio_regs.STATUS, 3)
     h.features(MODERN)
-    h.w(mmio.STATUS, 0xB)
-    assert h.r(mmio.STATUS) == 3
+    h.w(mmio_regs.STATUS, 0xB)
+    assert h.r(mmio_regs.STATUS) == 3
 
 
 def test_driver_features_are_frozen_after_features_ok(h, caplog):
@@ -211,41 +225,41 @@ def test_driver_features_are_frozen_after_features_ok(h, caplog):
 
 def test_driver_cannot_clear_status_bits(h, caplog):
     h.negotiate()
-    h.w(mmio.STATUS, 0x9)  # drops DRIVER
-    assert h.r(mmio.STATUS) == 0xB
+    h.w(mmio_regs.STATUS, 0x9)  # drops DRIVER
+    assert h.r(mmio_regs.STATUS) == 0xB
     assert any("refused" in m for m in warned(caplog))
 
 
 def test_unknown_and_device_owned_status_bits_are_ignored(h, caplog):
-    h.w(mmio.STATUS, 1 | 0x10 | 0x20 | mmio.S_DEVICE_NEEDS_RESET)
-    assert h.r(mmio.STATUS) == 1
+    h.w(mmio_regs.STATUS, 1 | 0x10 | 0x20 | mmio_regs.S_DEVICE_NEEDS_RESET)
+    assert h.r(mmio_regs.STATUS) == 1
     assert warned(caplog)
-    h.w(mmio.STATUS, 1 | mmio.S_FAILED)
-    assert h.r(mmio.STATUS) == 1 | mmio.S_FAILED
+    h.w(mmio_regs.STATUS, 1 | mmio_regs.S_FAILED)
+    assert h.r(mmio_regs.STATUS) == 1 | mmio_regs.S_FAILED
 
 
 def test_reset_returns_every_register_to_its_default(h, echo):
     h.negotiate()
     h.setup_queue(0, size=64)
-    h.w(mmio.QUEUE_SEL, 1)
-    h.w(mmio.DEVICE_FEATURES_SEL, 1)
-    h.w(mmio.STATUS, 0xF)
+    h.w(mmio_regs.QUEUE_SEL, 1)
+    h.w(mmio_regs.DEVICE_FEATURES_SEL, 1)
+    h.w(mmio_regs.STATUS, 0xF)
     echo.queues[0].notify()
     echo.on_config_change()
-    assert h.r(mmio.INTERRUPT_STATUS) == 3 and h.levels == [1]
-    h.w(mmio.STATUS, 0)
+    assert h.r(mmio_regs.INTERRUPT_STATUS) == 3 and h.levels == [1]
+    h.w(mmio_regs.STATUS, 0)
     assert h.levels == [1, 0]
-    assert h.r(mmio.STATUS) == 0
-    assert h.r(mmio.INTERRUPT_STATUS) == 0
+    assert h.r(mmio_regs.STATUS) == 0
+    assert h.r(mmio_regs.INTERRUPT_STATUS) == 0
     assert h.t.driver_features == 0 and echo.driver_features == 0
     assert h.t.queue_sel == 0 and h.t.device_features_sel == 0
-    assert h.r(mmio.DEVICE_FEATURES) == echo.features & 0xFFFFFFFF
+    assert h.r(mmio_regs.DEVICE_FEATURES) == echo.features & 0xFFFFFFFF
     q = echo.queues[0]
-    assert h.r(mmio.QUEUE_READY) == 0 and not q.started
+    assert h.r(mmio_regs.QUEUE_READY) == 0 and not q.started
     assert (q.size, q.desc, q.driver, q.device) == (256, 0, 0, 0)
     h.negotiate()  # and the device can be brought up again
     h.setup_queue(0)
-    h.w(mmio.STATUS, 0xF)
+    h.w(mmio_regs.STATUS, 0xF)
     assert q.started
 
 
@@ -254,54 +268,55 @@ def test_reset_returns_every_register_to_its_default(h, echo):
 
 def test_used_buffer_interrupt_and_ack(h, echo):
     h.negotiate()
-    h.w(mmio.STATUS, 0xF)
+    h.w(mmio_regs.STATUS, 0xF)
     echo.queues[0].notify()
     echo.queues[1].notify()
-    assert h.r(mmio.INTERRUPT_STATUS) == mmio.INT_VRING
+    assert h.r(mmio_regs.INTERRUPT_STATUS) == mmio_regs.INT_VRING
     assert h.levels == [1]  # level-triggered: one rising edge
-    h.w(mmio.INTERRUPT_ACK, mmio.INT_VRING)
-    assert h.r(mmio.INTERRUPT_STATUS) == 0 and h.levels == [1, 0]
-    h.w(mmio.INTERRUPT_ACK, mmio.INT_VRING)  # nothing pending: no edge
+    h.w(mmio_regs.INTERRUPT_ACK, mmio_regs.INT_VRING)
+    assert h.r(mmio_regs.INTERRUPT_STATUS) == 0 and h.levels == [1, 0]
+    h.w(mmio_regs.INTERRUPT_ACK, mmio_regs.INT_VRING)  # nothing pending: no edge
     assert h.levels == [1, 0]
 
 
 def test_partial_ack_keeps_the_line_up(h, echo):
     h.negotiate()
-    h.w(mmio.STATUS, 0xF)
+    h.w(mmio_regs.STATUS, 0xF)
     echo.queues[0].notify()
     echo.on_config_change()
-    h.w(mmio.INTERRUPT_ACK, mmio.INT_VRING)
-    assert h.r(mmio.INTERRUPT_STATUS) == mmio.INT_CONFIG and h.levels == [1]
-    h.w(mmio.INTERRUPT_ACK, mmio.INT_CONFIG)
+    h.w(mmio_regs.INTERRUPT_ACK, mmio_regs.INT_VRING)
+    assert h.r(mmio_regs.INTERRUPT_STATUS) == mmio_regs.INT_CONFIG and h.levels == [1]
+    h.w(mmio_regs.INTERRUPT_ACK, mmio_regs.INT_CONFIG)
     assert h.levels == [1, 0]
 
 
 def test_config_change_bumps_generation_and_interrupts_only_after_driver_ok(h, echo):
-    gen = h.r(mmio.CONFIG_GENERATION)
+    gen = h.r(mmio_regs.CONFIG_GENERATION)
     echo.on_config_change()
-    assert h.r(mmio.CONFIG_GENERATION) == gen + 1
-    assert h.r(mmio.INTERRUPT_STATUS) == 0 and h.levels == []
+    assert h.r(mmio_regs.CONFIG_GENERATION) == gen + 1
+    assert h.r(mmio_regs.INTERRUPT_STATUS) == 0 and h.levels == []
     h.negotiate()
-    h.w(mmio.STATUS, 0xF)
-    h.t.write(mmio.CONFIG + 4, 4, 0xAB)  # the echo device reports scratch writes as changes
-    assert h.r(mmio.CONFIG_GENERATION) == gen + 2
-    assert h.r(mmio.INTERRUPT_STATUS) == mmio.INT_CONFIG and h.levels == [1]
+    h.w(mmio_regs.STATUS, 0xF)
+    h.t.write(mmio_regs.CONFIG + 4, 4, 0xAB)  # the echo device reports scratch writes as changes
+    assert h.r(mmio_regs.CONFIG_GENERATION) == gen + 2
+    assert h.r(mmio_regs.INTERRUPT_STATUS) == mmio_regs.INT_CONFIG and h.levels == [1]
 
 
 def test_needs_reset_sets_status_and_raises_config_interrupt(h, echo):
     echo.on_needs_reset("before DRIVER_OK")
-    assert h.r(mmio.STATUS) & mmio.S_DEVICE_NEEDS_RESET
+    assert h.r(mmio_regs.STATUS) & mmio_regs.S_DEVICE_NEEDS_RESET
     assert h.levels == []  # no interrupt before DRIVER_OK
-    h.w(mmio.STATUS, 0)
+    h.w(mmio_regs.STATUS, 0)
     h.negotiate()
-    h.w(mmio.STATUS, 0xF)
+    h.w(mmio_regs.STATUS, 0xF)
     echo.fail("hostile ring")
-    assert h.r(mmio.STATUS) == 0xF | mmio.S_DEVICE_NEEDS_RESET
-    assert h.r(mmio.INTERRUPT_STATUS) == mmio.INT_CONFIG and h.levels == [1]
-    h.w(mmio.STATUS, 0xF | mmio.S_DEVICE_NEEDS_RESET | mmio.S_FAILED)  # driver gives up
-    assert h.r(mmio.STATUS) & mmio.S_FAILED
-    h.w(mmio.STATUS, 0)
-    assert h.r(mmio.STATUS) == 0 and echo.broken is None
+    assert h.r(mmio_regs.STATUS) == 0xF | mmio_regs.S_DEVICE_NEEDS_RESET
+    assert h.r(mmio_regs.INTERRUPT_STATUS) == mmio_regs.INT_CONFIG and h.levels == [1]
+    # the driver gives up
+    h.w(mmio_regs.STATUS, 0xF | mmio_regs.S_DEVICE_NEEDS_RESET | mmio_regs.S_FAILED)
+    assert h.r(mmio_regs.STATUS) & mmio_regs.S_FAILED
+    h.w(mmio_regs.STATUS, 0)
+    assert h.r(mmio_regs.STATUS) == 0 and echo.broken is None
 
 
 # -- queues --
@@ -315,9 +330,9 @@ def kicked(q) -> bool:
 
 
 def test_queue_notify_kicks_the_selected_queue(h, echo, caplog):
-    h.w(mmio.QUEUE_NOTIFY, 1)
+    h.w(mmio_regs.QUEUE_NOTIFY, 1)
     assert kicked(echo.queues[1]) and not kicked(echo.queues[0])
-    h.w(mmio.QUEUE_NOTIFY, 0x10001)  # without NOTIFICATION_DATA the whole value is the index
+    h.w(mmio_regs.QUEUE_NOTIFY, 0x10001)  # without NOTIFICATION_DATA the whole value is the index
     assert not kicked(echo.queues[1])
     assert any("absent queue" in m for m in warned(caplog))
 
@@ -327,49 +342,49 @@ def test_queue_notify_with_notification_data(mem):
     h = Harness(dev, mem)
     try:
         h.negotiate(MODERN | 1 << F_NOTIFICATION_DATA)
-        h.w(mmio.QUEUE_NOTIFY, 0x8005 << 16 | 1)  # next_wrap 1, next_off 5, queue 1
+        h.w(mmio_regs.QUEUE_NOTIFY, 0x8005 << 16 | 1)  # next_wrap 1, next_off 5, queue 1
         assert kicked(dev.queues[1]) and not kicked(dev.queues[0])
     finally:
         dev.close()
 
 
 def test_queue_size_max_ready_and_absent_queues(h, caplog):
-    h.w(mmio.QUEUE_SEL, 1)
-    assert h.r(mmio.QUEUE_SIZE_MAX) == 256
-    assert h.r(mmio.QUEUE_READY) == 0
-    h.w(mmio.QUEUE_SEL, 2)
-    assert h.r(mmio.QUEUE_SIZE_MAX) == 0
-    assert h.r(mmio.QUEUE_READY) == 0
-    h.w(mmio.QUEUE_SIZE, 16)
-    h.w(mmio.QUEUE_READY, 1)
-    assert h.r(mmio.QUEUE_READY) == 0
+    h.w(mmio_regs.QUEUE_SEL, 1)
+    assert h.r(mmio_regs.QUEUE_SIZE_MAX) == 256
+    assert h.r(mmio_regs.QUEUE_READY) == 0
+    h.w(mmio_regs.QUEUE_SEL, 2)
+    assert h.r(mmio_regs.QUEUE_SIZE_MAX) == 0
+    assert h.r(mmio_regs.QUEUE_READY) == 0
+    h.w(mmio_regs.QUEUE_SIZE, 16)
+    h.w(mmio_regs.QUEUE_READY, 1)
+    assert h.r(mmio_regs.QUEUE_READY) == 0
     assert len(warned(caplog)) == 2
 
 
 def test_queue_addresses_take_low_and_high_words(h, echo):
-    h.w(mmio.QUEUE_SEL, 1)
-    regs = [mmio.QUEUE_DESC_LOW, mmio.QUEUE_DRIVER_LOW, mmio.QUEUE_DEVICE_LOW]
+    h.w(mmio_regs.QUEUE_SEL, 1)
+    regs = [mmio_regs.QUEUE_DESC_LOW, mmio_regs.QUEUE_DRIVER_LOW, mmio_regs.QUEUE_DEVICE_LOW]
     for i, off in enumerate(regs):
         h.w(off, 0x1000 * (i + 1))
         h.w(off + 4, i + 1)
     q = echo.queues[1]
     assert (q.desc, q.driver, q.device) == (0x1_00001000, 0x2_00002000, 0x3_00003000)
-    h.w(mmio.QUEUE_DESC_HIGH, 0)
+    h.w(mmio_regs.QUEUE_DESC_HIGH, 0)
     assert q.desc == 0x1000
 
 
 @pytest.mark.parametrize("size,ok", [(1, True), (64, True), (256, True), (48, False), (0, False)])
 def test_split_queue_size_must_be_a_power_of_two_up_to_max(h, echo, size, ok):
-    h.w(mmio.QUEUE_SIZE, 512)
-    h.w(mmio.QUEUE_SIZE, size)
+    h.w(mmio_regs.QUEUE_SIZE, 512)
+    h.w(mmio_regs.QUEUE_SIZE, size)
     assert echo.queues[0].size == (size if ok else 256)
 
 
 def test_packed_queue_size_need_not_be_a_power_of_two(h, echo):
     h.negotiate(MODERN | 1 << F_RING_PACKED)
-    h.w(mmio.QUEUE_SIZE, 48)
+    h.w(mmio_regs.QUEUE_SIZE, 48)
     assert echo.queues[0].size == 48
-    h.w(mmio.QUEUE_SIZE, 257)
+    h.w(mmio_regs.QUEUE_SIZE, 257)
     assert echo.queues[0].size == 48
 
 
@@ -377,32 +392,32 @@ def test_queue_registers_are_frozen_while_ready(h, echo, caplog):
     h.negotiate()
     h.setup_queue(0, size=16)
     for off in (
-        mmio.QUEUE_SIZE,
-        mmio.QUEUE_DESC_LOW,
-        mmio.QUEUE_DRIVER_HIGH,
-        mmio.QUEUE_DEVICE_LOW,
+        mmio_regs.QUEUE_SIZE,
+        mmio_regs.QUEUE_DESC_LOW,
+        mmio_regs.QUEUE_DRIVER_HIGH,
+        mmio_regs.QUEUE_DEVICE_LOW,
     ):
         h.w(off, 32)
     q = echo.queues[0]
     assert (q.size, q.desc, q.driver, q.device) == (16, 0x10000, 0x11000, 0x12000)
     assert len(warned(caplog)) == 4
-    h.w(mmio.QUEUE_READY, 0)  # the driver stops the queue, then may change it
-    assert h.r(mmio.QUEUE_READY) == 0
-    h.w(mmio.QUEUE_SIZE, 32)
+    h.w(mmio_regs.QUEUE_READY, 0)  # the driver stops the queue, then may change it
+    assert h.r(mmio_regs.QUEUE_READY) == 0
+    h.w(mmio_regs.QUEUE_SIZE, 32)
     assert q.size == 32
 
 
 def test_queue_ready_other_values_are_ignored(h, caplog):
-    h.w(mmio.QUEUE_READY, 2)
-    assert h.r(mmio.QUEUE_READY) == 0
+    h.w(mmio_regs.QUEUE_READY, 2)
+    assert h.r(mmio_regs.QUEUE_READY) == 0
     assert warned(caplog)
 
 
 def test_queue_reset_needs_ring_reset(h, echo, caplog):
     h.negotiate()
     h.setup_queue(0)
-    h.w(mmio.QUEUE_RESET, 1)
-    assert h.r(mmio.QUEUE_READY) == 1
+    h.w(mmio_regs.QUEUE_RESET, 1)
+    assert h.r(mmio_regs.QUEUE_READY) == 1
     assert any("RING_RESET" in m for m in warned(caplog))
 
 
@@ -410,21 +425,26 @@ def test_queue_reset_resets_one_queue(h, echo):
     h.negotiate(MODERN | 1 << F_RING_RESET)
     h.setup_queue(0, size=16)
     h.setup_queue(1, size=16, base=0x20000)
-    h.w(mmio.STATUS, 0xF)
-    h.w(mmio.QUEUE_SEL, 0)
-    h.w(mmio.QUEUE_RESET, 1)
-    assert h.r(mmio.QUEUE_RESET) == 0 and h.r(mmio.QUEUE_READY) == 0
+    h.w(mmio_regs.STATUS, 0xF)
+    h.w(mmio_regs.QUEUE_SEL, 0)
+    h.w(mmio_regs.QUEUE_RESET, 1)
+    assert h.r(mmio_regs.QUEUE_RESET) == 0 and h.r(mmio_regs.QUEUE_READY) == 0
     q0, q1 = echo.queues
     assert not q0.started and (q0.size, q0.desc, q0.driver, q0.device) == (256, 0, 0, 0)
-    assert q1.started and h.r(mmio.STATUS) == 0xF
+    assert q1.started and h.r(mmio_regs.STATUS) == 0xF
     h.setup_queue(0, size=32, base=0x30000)  # re-enabled with new parameters
     assert q0.started and q0.size == 32
 
 
 def test_shared_memory_registers_report_no_region(h):
     for sel in (0, 3):
-        h.w(mmio.SHM_SEL, sel)
-        for off in (mmio.SHM_LEN_LOW, mmio.SHM_LEN_HIGH, mmio.SHM_BASE_LOW, mmio.SHM_BASE_HIGH):
+        h.w(mmio_regs.SHM_SEL, sel)
+        for off in (
+            mmio_regs.SHM_LEN_LOW,
+            mmio_regs.SHM_LEN_HIGH,
+            mmio_regs.SHM_BASE_LOW,
+            mmio_regs.SHM_BASE_HIGH,
+        ):
             assert h.r(off) == 0xFFFFFFFF
 
 
@@ -433,20 +453,20 @@ def test_shared_memory_registers_report_no_region(h):
 
 def test_config_space_reads_of_every_width(h):
     magic = EchoDevice.MAGIC
-    assert h.t.read(mmio.CONFIG, 4) == magic
-    assert h.t.read(mmio.CONFIG + 2, 2) == magic >> 16
-    assert h.t.read(mmio.CONFIG + 1, 1) == magic >> 8 & 0xFF
-    h.t.write(mmio.CONFIG + 4, 4, 0x12345678)
-    assert h.t.read(mmio.CONFIG, 8) == 0x12345678 << 32 | magic
-    h.t.write(mmio.CONFIG, 8, 0xCAFEF00D << 32 | 1)  # an 8-byte write is two 4-byte ones
+    assert h.t.read(mmio_regs.CONFIG, 4) == magic
+    assert h.t.read(mmio_regs.CONFIG + 2, 2) == magic >> 16
+    assert h.t.read(mmio_regs.CONFIG + 1, 1) == magic >> 8 & 0xFF
+    h.t.write(mmio_regs.CONFIG + 4, 4, 0x12345678)
+    assert h.t.read(mmio_regs.CONFIG, 8) == 0x12345678 << 32 | magic
+    h.t.write(mmio_regs.CONFIG, 8, 0xCAFEF00D << 32 | 1)  # an 8-byte write is two 4-byte ones
     assert h.dev.scratch == 0xCAFEF00D
-    assert h.t.read(mmio.CONFIG + 0x40, 4) == 0  # beyond the device's config
+    assert h.t.read(mmio_regs.CONFIG + 0x40, 4) == 0  # beyond the device's config
 
 
 @pytest.mark.parametrize("off,size", [(1, 2), (2, 4), (2, 8), (0, 3), (0, 16)])
 def test_config_space_refuses_misaligned_or_odd_widths(h, caplog, off, size):
-    assert h.t.read(mmio.CONFIG + off, size) == 0
-    h.t.write(mmio.CONFIG + off, size, 0xFF)
+    assert h.t.read(mmio_regs.CONFIG + off, size) == 0
+    h.t.write(mmio_regs.CONFIG + off, size, 0xFF)
     assert h.dev.scratch == 0
     assert len(warned(caplog)) == 2
 
@@ -455,36 +475,44 @@ def test_config_space_refuses_misaligned_or_odd_widths(h, caplog, off, size):
 
 
 def test_legacy_features_hide_the_high_word_and_add_legacy_bits(legacy, echo):
-    legacy.w(mmio.DEVICE_FEATURES_SEL, 1)
-    assert legacy.r(mmio.DEVICE_FEATURES) == 0
-    legacy.w(mmio.DEVICE_FEATURES_SEL, 0)
-    low = legacy.r(mmio.DEVICE_FEATURES)
-    assert low == echo.features & 0xFFFFFFFF | 1 << mmio.F_ANY_LAYOUT
+    legacy.w(mmio_regs.DEVICE_FEATURES_SEL, 1)
+    assert legacy.r(mmio_regs.DEVICE_FEATURES) == 0
+    legacy.w(mmio_regs.DEVICE_FEATURES_SEL, 0)
+    low = legacy.r(mmio_regs.DEVICE_FEATURES)
+    assert low == echo.features & 0xFFFFFFFF | 1 << mmio_regs.F_ANY_LAYOUT
 
 
 def test_legacy_does_not_offer_notify_on_empty(legacy, echo):
     """The rings never notify on empty, so the feature is not offered, and a driver that
     sets it anyway does not get it (QEMU offers it; Linux never accepts it)."""
-    legacy.w(mmio.DEVICE_FEATURES_SEL, 0)
-    assert not legacy.r(mmio.DEVICE_FEATURES) >> mmio.F_NOTIFY_ON_EMPTY & 1
-    legacy.w(mmio.STATUS, 3)
-    legacy.w(mmio.DRIVER_FEATURES_SEL, 0)
-    legacy.w(mmio.DRIVER_FEATURES, 1 << mmio.F_NOTIFY_ON_EMPTY | 1 << mmio.F_ANY_LAYOUT)
-    legacy.w(mmio.STATUS, 7)
-    assert legacy.r(mmio.STATUS) == 7
-    assert not echo.driver_features >> mmio.F_NOTIFY_ON_EMPTY & 1
+    legacy.w(mmio_regs.DEVICE_FEATURES_SEL, 0)
+    assert not legacy.r(mmio_regs.DEVICE_FEATURES) >> mmio_regs.F_NOTIFY_ON_EMPTY & 1
+    legacy.w(mmio_regs.STATUS, 3)
+    legacy.w(mmio_regs.DRIVER_FEATURES_SEL, 0)
+    legacy.w(
+        mmio_regs.DRIVER_FEATURES, 1 << mmio_regs.F_NOTIFY_ON_EMPTY | 1 << mmio_regs.F_ANY_LAYOUT
+    )
+    legacy.w(mmio_regs.STATUS, 7)
+    assert legacy.r(mmio_regs.STATUS) == 7
+    assert not echo.driver_features >> mmio_regs.F_NOTIFY_ON_EMPTY & 1
 
 
 def test_legacy_tolerates_linux_writing_the_high_feature_word(legacy, caplog):
-    legacy.w(mmio.DRIVER_FEATURES_SEL, 1)
-    legacy.w(mmio.DRIVER_FEATURES, 0)
+    legacy.w(mmio_regs.DRIVER_FEATURES_SEL, 1)
+    legacy.w(mmio_regs.DRIVER_FEATURES, 0)
     assert warned(caplog) == []
-    legacy.w(mmio.DRIVER_FEATURES, 1)
+    legacy.w(mmio_regs.DRIVER_FEATURES, 1)
     assert warned(caplog) and legacy.t.driver_features == 0
 
 
 def test_legacy_registers_only_exist_on_version_1(legacy, caplog):
-    for off in (mmio.QUEUE_READY, mmio.QUEUE_DESC_LOW, mmio.SHM_LEN_LOW, 0x0C0, 0x0FC):
+    for off in (
+        mmio_regs.QUEUE_READY,
+        mmio_regs.QUEUE_DESC_LOW,
+        mmio_regs.SHM_LEN_LOW,
+        0x0C0,
+        0x0FC,
+    ):
         legacy.w(off, 1)
         assert legacy.r(off) == 0
     assert len(warned(caplog)) == 10
@@ -492,46 +520,46 @@ def test_legacy_registers_only_exist_on_version_1(legacy, caplog):
 
 def test_legacy_queue_pfn_layout_and_driver_ok_without_features_ok(legacy, echo):
     lg = legacy
-    lg.w(mmio.GUEST_PAGE_SIZE, 0x1000)
-    lg.w(mmio.STATUS, 0)  # Linux writes GuestPageSize before the reset: it must survive
-    lg.w(mmio.STATUS, 1)
-    lg.w(mmio.STATUS, 3)
+    lg.w(mmio_regs.GUEST_PAGE_SIZE, 0x1000)
+    lg.w(mmio_regs.STATUS, 0)  # Linux writes GuestPageSize before the reset: it must survive
+    lg.w(mmio_regs.STATUS, 1)
+    lg.w(mmio_regs.STATUS, 3)
     lg.features(1 << F_EVENT_IDX | 1 << F_INDIRECT_DESC | 1 << 27)
-    lg.w(mmio.QUEUE_SEL, 0)
-    assert lg.r(mmio.QUEUE_PFN) == 0
-    assert lg.r(mmio.QUEUE_SIZE_MAX) == 256
-    lg.w(mmio.QUEUE_SIZE, 64)
-    lg.w(mmio.QUEUE_ALIGN, 0x1000)
-    lg.w(mmio.QUEUE_PFN, 0x40)
+    lg.w(mmio_regs.QUEUE_SEL, 0)
+    assert lg.r(mmio_regs.QUEUE_PFN) == 0
+    assert lg.r(mmio_regs.QUEUE_SIZE_MAX) == 256
+    lg.w(mmio_regs.QUEUE_SIZE, 64)
+    lg.w(mmio_regs.QUEUE_ALIGN, 0x1000)
+    lg.w(mmio_regs.QUEUE_PFN, 0x40)
     q = echo.queues[0]
-    assert lg.r(mmio.QUEUE_PFN) == 0x40
+    assert lg.r(mmio_regs.QUEUE_PFN) == 0x40
     assert (q.desc, q.driver, q.device) == (0x40000, 0x40400, 0x41000)
-    lg.w(mmio.STATUS, 7)
-    assert lg.r(mmio.STATUS) == 7
+    lg.w(mmio_regs.STATUS, 7)
+    assert lg.r(mmio_regs.STATUS) == 7
     assert q.started
     assert echo.driver_features == 1 << F_EVENT_IDX | 1 << F_INDIRECT_DESC  # ANY_LAYOUT stays
-    lg.w(mmio.QUEUE_PFN, 0)  # a legacy driver stops a queue by writing 0
-    assert lg.r(mmio.QUEUE_PFN) == 0 and not q.started
-    lg.w(mmio.QUEUE_ALIGN, 0x100)
-    lg.w(mmio.QUEUE_PFN, 0x40)
+    lg.w(mmio_regs.QUEUE_PFN, 0)  # a legacy driver stops a queue by writing 0
+    assert lg.r(mmio_regs.QUEUE_PFN) == 0 and not q.started
+    lg.w(mmio_regs.QUEUE_ALIGN, 0x100)
+    lg.w(mmio_regs.QUEUE_PFN, 0x40)
     assert q.device == 0x40500 and q.started  # 0x40400 + 6 + 2 * 64, aligned up
-    lg.w(mmio.STATUS, 0)
-    assert lg.r(mmio.QUEUE_PFN) == 0 and q.desc == 0
+    lg.w(mmio_regs.STATUS, 0)
+    assert lg.r(mmio_regs.QUEUE_PFN) == 0 and q.desc == 0
     assert lg.t.queue_align[0] == 0x1000
     assert lg.t.guest_page_size == 0x1000
 
 
 def test_legacy_refuses_features_ok_and_bad_queue_setup(legacy, echo, caplog):
     lg = legacy
-    lg.w(mmio.STATUS, 1)
-    lg.w(mmio.STATUS, 3)
-    lg.w(mmio.STATUS, 0xB)
-    assert lg.r(mmio.STATUS) == 3
-    lg.w(mmio.QUEUE_PFN, 0x40)  # before GuestPageSize
-    assert lg.r(mmio.QUEUE_PFN) == 0
-    lg.w(mmio.GUEST_PAGE_SIZE, 3000)
-    lg.w(mmio.QUEUE_ALIGN, 3000)
-    lg.w(mmio.QUEUE_SIZE, 48)
+    lg.w(mmio_regs.STATUS, 1)
+    lg.w(mmio_regs.STATUS, 3)
+    lg.w(mmio_regs.STATUS, 0xB)
+    assert lg.r(mmio_regs.STATUS) == 3
+    lg.w(mmio_regs.QUEUE_PFN, 0x40)  # before GuestPageSize
+    assert lg.r(mmio_regs.QUEUE_PFN) == 0
+    lg.w(mmio_regs.GUEST_PAGE_SIZE, 3000)
+    lg.w(mmio_regs.QUEUE_ALIGN, 3000)
+    lg.w(mmio_regs.QUEUE_SIZE, 48)
     assert lg.t.guest_page_size == 0 and lg.t.queue_align[0] == 0x1000
     assert echo.queues[0].size == 256
     assert len(warned(caplog)) == 5
@@ -555,7 +583,7 @@ def test_logging_uses_the_module_logger(h, caplog):
 def test_irq_level_stays_consistent_under_concurrent_notify_and_ack(h, echo):
     """Device threads raise while the vCPU ACKs: the line must still alternate 1, 0, 1, ..."""
     h.negotiate()
-    h.w(mmio.STATUS, 0xF)
+    h.w(mmio_regs.STATUS, 0xF)
     stop = threading.Event()
 
     def device_side(q):
@@ -570,8 +598,8 @@ def test_irq_level_stays_consistent_under_concurrent_notify_and_ack(h, echo):
             t.start()
         deadline = time.monotonic() + 5
         while len(h.levels) < 200 and time.monotonic() < deadline:
-            if isr := h.r(mmio.INTERRUPT_STATUS):
-                h.w(mmio.INTERRUPT_ACK, isr)
+            if isr := h.r(mmio_regs.INTERRUPT_STATUS):
+                h.w(mmio_regs.INTERRUPT_ACK, isr)
     finally:
         stop.set()
         for t in threads:
@@ -579,4 +607,4 @@ def test_irq_level_stays_consistent_under_concurrent_notify_and_ack(h, echo):
         sys.setswitchinterval(interval)
     assert len(h.levels) >= 200
     assert h.levels == [1, 0] * (len(h.levels) // 2) + [1] * (len(h.levels) % 2)
-    assert bool(h.r(mmio.INTERRUPT_STATUS)) == (h.levels[-1] == 1)
+    assert bool(h.r(mmio_regs.INTERRUPT_STATUS)) == (h.levels[-1] == 1)

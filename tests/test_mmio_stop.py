@@ -27,7 +27,7 @@ from emu.ringdefs import F_RING_PACKED, F_VERSION_1
 from emu.state import file as state_file
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.driver import VirtioMmioDriver
-from emu.transport import mmio
+from emu.transport import mmio, mmio_regs
 from emu.transport.mmio import MmioTransport
 
 LATENCY = 0.01
@@ -57,7 +57,7 @@ class Rig:
         dev = BlkDevice(self.disk)
         for q in dev.queues:
             hold_completions(q, LATENCY)
-        kw.setdefault("stop_feature_bit", mmio.F_EMU_STOP)
+        kw.setdefault("stop_feature_bit", mmio_regs.F_EMU_STOP)
         return dev, MmioTransport(dev, self.mem, irq=self.levels.append, **kw)
 
     def open(self, features: int | None = None, queue_size: int | None = 8) -> BlkDriver:
@@ -87,7 +87,7 @@ class Rig:
         return bytes(self.mem.regions[0].array)
 
     def close(self) -> None:
-        self.t.write(mmio.STATUS, 4, 0)
+        self.t.write(mmio_regs.STATUS, 4, 0)
         self.dev.close()
 
 
@@ -148,12 +148,12 @@ def test_report_stop_is_immediate_and_reports_what_is_in_flight(rig):
     tokens = [rig.write(i, i) for i in range(5)]
     rig.wait_fetched(5)
     rig.drv.stop()  # returns although no request could complete
-    assert rig.drv.status & mmio.S_STOP
+    assert rig.drv.status & mmio_regs.S_STOP
     assert rig.drv.inflight(0) == 5
     assert rig.drv.queues[0].poll() == []  # nothing was used
     rig.latency(LATENCY)
     rig.drv.resume()
-    assert not rig.drv.status & mmio.S_STOP
+    assert not rig.drv.status & mmio_regs.S_STOP
     collect(rig.drv, tokens)
     assert all(on_disk(rig, i) == pattern(i) for i in range(5))
 
@@ -251,18 +251,18 @@ def test_stop_refused_without_the_feature_or_before_driver_ok(tmp_path, packed, 
     rig = Rig(tmp_path, packed, mem)
     try:
         features = 1 << F_VERSION_1 | (1 << F_RING_PACKED if packed else 0)
-        rig.drv.init(features | 1 << mmio.F_EMU_STOP, packed=packed)
-        rig.t.write(mmio.STATUS, 4, rig.drv.status | mmio.S_STOP)  # before DRIVER_OK
-        assert not rig.t.status & mmio.S_STOP
+        rig.drv.init(features | 1 << mmio_regs.F_EMU_STOP, packed=packed)
+        rig.t.write(mmio_regs.STATUS, 4, rig.drv.status | mmio_regs.S_STOP)  # before DRIVER_OK
+        assert not rig.t.status & mmio_regs.S_STOP
         rig.drv.init(features, packed=packed)
         rig.drv.setup_queue(0, 8)
         rig.drv.driver_ok()
         rig.blk = BlkDriver(rig.drv)
-        rig.t.write(mmio.STATUS, 4, rig.drv.status | mmio.S_STOP)  # not negotiated
+        rig.t.write(mmio_regs.STATUS, 4, rig.drv.status | mmio_regs.S_STOP)  # not negotiated
         msgs = warnings(caplog)
         assert any("STOP ignored: DRIVER_OK is not set" in m for m in msgs)
         assert any("STOP ignored: its feature was not negotiated" in m for m in msgs)
-        assert not rig.t.status & mmio.S_STOP
+        assert not rig.t.status & mmio_regs.S_STOP
         assert rig.dev.run_state is RunState.RUNNING
         collect(rig.drv, [rig.write(1, 1)])
     finally:
@@ -278,29 +278,29 @@ def test_stop_is_offered_only_when_asked(tmp_path, packed, mem, caplog):
     t = MmioTransport(dev, mem)
     drv = VirtioMmioDriver(t, mem)
     try:
-        assert t.offered_features >> mmio.F_SUSPEND & 1
+        assert t.offered_features >> mmio_regs.F_SUSPEND & 1
         assert not t.offered_features & 0x3F << 44  # nothing in the future-transport range
-        asked = 1 << F_VERSION_1 | 1 << mmio.F_EMU_STOP  # a driver that insists on STOP
+        asked = 1 << F_VERSION_1 | 1 << mmio_regs.F_EMU_STOP  # a driver that insists on STOP
         for value in (0, 1, 3):
-            t.write(mmio.STATUS, 4, value)
+            t.write(mmio_regs.STATUS, 4, value)
         for sel in (0, 1):
-            t.write(mmio.DRIVER_FEATURES_SEL, 4, sel)
-            t.write(mmio.DRIVER_FEATURES, 4, asked >> 32 * sel & 0xFFFFFFFF)
-        t.write(mmio.STATUS, 4, 0xB)
-        assert not t.read(mmio.STATUS, 4) & mmio.S_FEATURES_OK
+            t.write(mmio_regs.DRIVER_FEATURES_SEL, 4, sel)
+            t.write(mmio_regs.DRIVER_FEATURES, 4, asked >> 32 * sel & 0xFFFFFFFF)
+        t.write(mmio_regs.STATUS, 4, 0xB)
+        assert not t.read(mmio_regs.STATUS, 4) & mmio_regs.S_FEATURES_OK
         BlkDriver.open(drv, packed=packed, queue_size=8)
-        assert not drv.features >> mmio.F_EMU_STOP & 1
+        assert not drv.features >> mmio_regs.F_EMU_STOP & 1
         caplog.clear()
-        t.write(mmio.STATUS, 4, drv.status | mmio.S_STOP)
+        t.write(mmio_regs.STATUS, 4, drv.status | mmio_regs.S_STOP)
         assert any("STOP ignored: its feature was not negotiated" in m for m in warnings(caplog))
-        assert not t.status & mmio.S_STOP and dev.run_state is RunState.RUNNING
+        assert not t.status & mmio_regs.S_STOP and dev.run_state is RunState.RUNNING
         drv.suspend()  # virtio 1.4 SUSPEND stays on
         caplog.clear()
-        t.write(mmio.QUEUE_SEL, 4, 0)
-        assert t.read(mmio.QUEUE_RING_STATE, 4) == 0 and warnings(caplog)
+        t.write(mmio_regs.QUEUE_SEL, 4, 0)
+        assert t.read(mmio_regs.QUEUE_RING_STATE, 4) == 0 and warnings(caplog)
         drv.resume()
     finally:
-        t.write(mmio.STATUS, 4, 0)
+        t.write(mmio_regs.STATUS, 4, 0)
         dev.close()
 
 
@@ -309,14 +309,14 @@ def test_stop_feature_bit_is_configurable(tmp_path, packed, mem):
     rig.drv.stop_feature_bit = 45
     try:
         rig.open()
-        assert rig.drv.features >> 45 & 1 and not rig.drv.features >> mmio.F_EMU_STOP & 1
+        assert rig.drv.features >> 45 & 1 and not rig.drv.features >> mmio_regs.F_EMU_STOP & 1
         rig.drv.stop()
         rig.drv.resume()
         collect(rig.drv, [rig.write(2, 2)])
     finally:
         rig.close()
     with pytest.raises(ValueError):
-        MmioTransport(rig.dev, mem, stop_feature_bit=mmio.F_SUSPEND)
+        MmioTransport(rig.dev, mem, stop_feature_bit=mmio_regs.F_SUSPEND)
 
 
 # -- virtio 1.4 SUSPEND --
@@ -328,19 +328,19 @@ def test_suspend_drains_then_presents_suspend_without_driver_ok(rig, caplog):
     rig.wait_fetched(4)
     rig.drv.suspend()
     status = rig.drv.status
-    assert status & mmio.S_SUSPEND and not status & mmio.S_DRIVER_OK
+    assert status & mmio_regs.S_SUSPEND and not status & mmio_regs.S_DRIVER_OK
     assert sorted(c.token for c in rig.drv.queues[0].poll()) == tokens
     # config writes are ignored while suspended; clearing SUSPEND is not the way back
-    rig.t.write(mmio.CONFIG + CONFIG_WRITEBACK, 1, 0)
-    assert rig.t.read(mmio.CONFIG + CONFIG_WRITEBACK, 1) == 1
-    rig.t.write(mmio.STATUS, 4, status & ~mmio.S_SUSPEND)
+    rig.t.write(mmio_regs.CONFIG + CONFIG_WRITEBACK, 1, 0)
+    assert rig.t.read(mmio_regs.CONFIG + CONFIG_WRITEBACK, 1) == 1
+    rig.t.write(mmio_regs.STATUS, 4, status & ~mmio_regs.S_SUSPEND)
     assert rig.drv.status == status
     assert any("config write" in m for m in warnings(caplog))
     rig.drv.resume()  # DRIVER_OK
     status = rig.drv.status
-    assert status & mmio.S_DRIVER_OK and not status & mmio.S_SUSPEND
-    rig.t.write(mmio.CONFIG + CONFIG_WRITEBACK, 1, 0)
-    assert rig.t.read(mmio.CONFIG + CONFIG_WRITEBACK, 1) == 0
+    assert status & mmio_regs.S_DRIVER_OK and not status & mmio_regs.S_SUSPEND
+    rig.t.write(mmio_regs.CONFIG + CONFIG_WRITEBACK, 1, 0)
+    assert rig.t.read(mmio_regs.CONFIG + CONFIG_WRITEBACK, 1) == 0
     collect(rig.drv, [rig.write(9, 9)])
 
 
@@ -348,14 +348,16 @@ def test_suspend_ignored_without_feature_or_before_driver_ok(tmp_path, packed, m
     rig = Rig(tmp_path, packed, mem)
     try:
         features = 1 << F_VERSION_1 | (1 << F_RING_PACKED if packed else 0)
-        rig.drv.init(features | 1 << mmio.F_SUSPEND, packed=packed)
-        rig.t.write(mmio.STATUS, 4, rig.drv.status | mmio.S_SUSPEND)
-        assert not rig.drv.status & mmio.S_SUSPEND
+        rig.drv.init(features | 1 << mmio_regs.F_SUSPEND, packed=packed)
+        rig.t.write(mmio_regs.STATUS, 4, rig.drv.status | mmio_regs.S_SUSPEND)
+        assert not rig.drv.status & mmio_regs.S_SUSPEND
         rig.drv.init(features, packed=packed)
         rig.drv.setup_queue(0, 8)
         rig.drv.driver_ok()
-        rig.t.write(mmio.STATUS, 4, rig.drv.status | mmio.S_SUSPEND)
-        assert rig.drv.status & (mmio.S_SUSPEND | mmio.S_DRIVER_OK) == mmio.S_DRIVER_OK
+        rig.t.write(mmio_regs.STATUS, 4, rig.drv.status | mmio_regs.S_SUSPEND)
+        assert (
+            rig.drv.status & (mmio_regs.S_SUSPEND | mmio_regs.S_DRIVER_OK) == mmio_regs.S_DRIVER_OK
+        )
         msgs = warnings(caplog)
         assert any("SUSPEND ignored: DRIVER_OK is not set" in m for m in msgs)
         assert any("SUSPEND ignored: its feature was not negotiated" in m for m in msgs)
@@ -371,7 +373,7 @@ def test_config_change_while_suspended_is_announced_on_resume(rig):
     rig.dev.on_config_change()  # e.g. a backend resize
     assert rig.t.interrupt_status == 0
     rig.drv.resume()
-    assert rig.t.interrupt_status & mmio.INT_CONFIG
+    assert rig.t.interrupt_status & mmio_regs.INT_CONFIG
 
 
 # -- the VMM's stop, save and restore --
@@ -398,8 +400,8 @@ def test_guest_stop_during_a_vmm_stop_waits_for_vmm_resume(drain_rig):
     rig = drain_rig
     rig.open()
     rig.t.vmm_stop()
-    rig.t.write(mmio.STATUS, 4, rig.drv.status | mmio.S_STOP)
-    assert not rig.drv.status & mmio.S_STOP  # still "stopping" as far as the guest knows
+    rig.t.write(mmio_regs.STATUS, 4, rig.drv.status | mmio_regs.S_STOP)
+    assert not rig.drv.status & mmio_regs.S_STOP  # still "stopping" as far as the guest knows
     rig.t.vmm_resume()
     rig.drv.stop()  # now the guest's own stop completes
     rig.t.vmm_stop()
@@ -435,7 +437,7 @@ def test_save_and_restore_into_a_fresh_transport_and_device(rig, how):
     if how == "vmm":
         assert rig.dev.run_state is RunState.RUNNING
     else:
-        assert rig.dev.stopped and drv.status & (mmio.S_STOP | mmio.S_SUSPEND)
+        assert rig.dev.stopped and drv.status & (mmio_regs.S_STOP | mmio_regs.S_SUSPEND)
         drv.resume()
     tokens.append(rig.write(10, 10))
     collect(drv, tokens)

@@ -13,7 +13,7 @@ from emu.devices.rng import IOV_MAX, MAX_REQUEST, RngDevice
 from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_RING_PACKED, F_VERSION_1
 from emu.testing.driver import DeviceNeedsReset, VirtioMmioDriver
 from emu.testing.rng import RngDriver
-from emu.transport import mmio
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 
@@ -47,7 +47,7 @@ def open_rng(mem):
 
 def test_device_id_features_and_no_config(open_rng):
     r, _ = open_rng()
-    assert r.drv.transport.read(mmio.DEVICE_ID, 4) == 4
+    assert r.drv.transport.read(mmio_regs.DEVICE_ID, 4) == 4
     assert r.drv.features & 0xFFFFFF == 0  # bits 0-23 are device-type bits: rng has none
     ring_bits = 1 << F_VERSION_1 | 1 << F_INDIRECT_DESC | 1 << F_EVENT_IDX
     assert r.drv.features & ring_bits == ring_bits
@@ -121,7 +121,7 @@ def test_readable_buffer_needs_reset_and_device_recovers(open_rng, mode):
     r.drv.submit(0, [b"not for an rng"], [16])
     with pytest.raises(DeviceNeedsReset):
         r.drv.wait(0, timeout=2)
-    assert r.drv.status & mmio.S_DEVICE_NEEDS_RESET and dev.broken
+    assert r.drv.status & mmio_regs.S_DEVICE_NEEDS_RESET and dev.broken
     again = RngDriver.open(r.drv, **mode)
     assert len(again.read(8)) == 8
 

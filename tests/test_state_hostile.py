@@ -25,7 +25,7 @@ from emu.state import parts
 from emu.state.format import DeviceState, Part, StateError
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.rng import RngDriver
-from emu.transport import mmio
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 DEEP = 100_000
@@ -253,10 +253,10 @@ def test_packed_ring_with_more_descriptors_in_flight_than_slots_round_trips(
 
     chain(0, 3, 0, 1)
     chain(3, 1, 1, 1)
-    tr.write(mmio.QUEUE_NOTIFY, 4, 0)
+    tr.write(mmio_regs.QUEUE_NOTIFY, 4, 0)
     wait_until(lambda: len(dev.queues[0].inflight()) == 2)
     chain(0, 3, 2, 0)  # over the slots of chain 0, still in flight: wrap counter 0
-    tr.write(mmio.QUEUE_NOTIFY, 4, 0)
+    tr.write(mmio_regs.QUEUE_NOTIFY, 4, 0)
     wait_until(lambda: len(dev.queues[0].inflight()) == 3)
     assert sum(c.ndesc for c in dev.queues[0].inflight()) == 7
     tr.vmm_stop("report")

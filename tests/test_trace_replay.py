@@ -20,7 +20,7 @@ import pytest
 
 from emu.devices.base import VirtioDevice
 from emu.memory import GuestMemory
-from emu.transport import mmio
+from emu.transport import mmio, mmio_regs
 from emu.transport.mmio import MmioTransport
 
 TRACES = Path(os.environ.get("EMU_TRACES", "/work/shared/traces/linux-6.1"))
@@ -28,7 +28,13 @@ QUEUE_MAX = 1024  # what QEMU's virtio-mmio reports and Linux then writes as Que
 MIB = 1 << 20
 
 #: registers whose value the spec (or the device type) fixes, compared exactly
-EXACT = {mmio.MAGIC_VALUE, mmio.VERSION, mmio.DEVICE_ID, mmio.STATUS, mmio.QUEUE_READY}
+EXACT = {
+    mmio_regs.MAGIC_VALUE,
+    mmio_regs.VERSION,
+    mmio_regs.DEVICE_ID,
+    mmio_regs.STATUS,
+    mmio_regs.QUEUE_READY,
+}
 #: config bytes that follow from how the test builds the device (same disk size, MAC, limits)
 CONFIG_CHECKED = {
     "blk": {*range(0, 8), *range(0xC, 0x10), *range(0x14, 0x18)},  # capacity seg_max blk_size
@@ -74,11 +80,19 @@ def ram_size(trace: Trace) -> int:
     for _, kind, off, _, value in trace.accesses:
         if kind != "W":
             continue
-        if off in (mmio.QUEUE_DESC_HIGH, mmio.QUEUE_DRIVER_HIGH, mmio.QUEUE_DEVICE_HIGH):
+        if off in (
+            mmio_regs.QUEUE_DESC_HIGH,
+            mmio_regs.QUEUE_DRIVER_HIGH,
+            mmio_regs.QUEUE_DEVICE_HIGH,
+        ):
             high[off] = value
-        elif off in (mmio.QUEUE_DESC_LOW, mmio.QUEUE_DRIVER_LOW, mmio.QUEUE_DEVICE_LOW):
+        elif off in (
+            mmio_regs.QUEUE_DESC_LOW,
+            mmio_regs.QUEUE_DRIVER_LOW,
+            mmio_regs.QUEUE_DEVICE_LOW,
+        ):
             top = max(top, value | high.get(off + 4, 0) << 32)
-        elif off == mmio.QUEUE_PFN and trace.version == 1:
+        elif off == mmio_regs.QUEUE_PFN and trace.version == 1:
             top = max(top, value << 12)
     assert top < 1 << 32, "rings above 4 GiB: the trace is not what this test expects"
     return (top + MIB + MIB - 1) // MIB * MIB  # a 1024-entry ring needs < 64 KiB past its start
@@ -132,33 +146,33 @@ class Replayer:
 
     def write(self, lineno: int, off: int, size: int, value: int) -> None:
         self.t.write(off, size, value)
-        if off == mmio.DEVICE_FEATURES_SEL:
+        if off == mmio_regs.DEVICE_FEATURES_SEL:
             self.features_sel = value
-        elif off == mmio.QUEUE_SEL:
+        elif off == mmio_regs.QUEUE_SEL:
             self.queue_sel = value
-        elif off in (mmio.QUEUE_READY, mmio.QUEUE_PFN) and value:
+        elif off in (mmio_regs.QUEUE_READY, mmio_regs.QUEUE_PFN) and value:
             self.traced_ready.add(self.queue_sel)
         if self.trace.version == 2:
-            bad = self.t.status & (mmio.S_DEVICE_NEEDS_RESET | mmio.S_FAILED)
+            bad = self.t.status & (mmio_regs.S_DEVICE_NEEDS_RESET | mmio_regs.S_FAILED)
             assert not bad, f"line {lineno}: status {self.t.status:#x} after W {off:#x}={value:#x}"
 
     def read(self, lineno: int, off: int, size: int, value: int) -> None:
         got = self.t.read(off, size)
         where = f"line {lineno}: R {off:#05x}/{size}"
-        if off in EXACT or off == mmio.QUEUE_PFN and self.trace.version == 1:
+        if off in EXACT or off == mmio_regs.QUEUE_PFN and self.trace.version == 1:
             assert got == value, f"{where}: emu {got:#x}, Linux saw {value:#x}"
-        elif off == mmio.QUEUE_SIZE_MAX:
+        elif off == mmio_regs.QUEUE_SIZE_MAX:
             assert bool(got) == bool(value), f"{where}: emu {got:#x}, Linux saw {value:#x}"
-        elif off == mmio.DEVICE_FEATURES:
+        elif off == mmio_regs.DEVICE_FEATURES:
             self.offered |= got << (32 * self.features_sel)
-        elif off >= mmio.CONFIG and set(range(off, off + size)) <= {
-            mmio.CONFIG + b for b in CONFIG_CHECKED[self.kind]
+        elif off >= mmio_regs.CONFIG and set(range(off, off + size)) <= {
+            mmio_regs.CONFIG + b for b in CONFIG_CHECKED[self.kind]
         }:
             assert got == value, f"{where} (config): emu {got:#x}, QEMU gave {value:#x}"
 
     def check_running(self) -> None:
         """Just before the guest's final reset: DRIVER_OK, the traced queues live."""
-        assert self.t.status & mmio.S_DRIVER_OK
+        assert self.t.status & mmio_regs.S_DRIVER_OK
         assert self.traced_ready, "the trace set up no queue"
         for i in self.traced_ready:
             assert self.dev.queues[i].started, f"queue {i} not started"
@@ -188,7 +202,9 @@ def test_replay_linux_trace(name, kind, tmp_path, caplog):
     try:
         r = Replayer(trace, kind, device, mem)
         final_reset = max(
-            i for i, a in enumerate(trace.accesses) if a[1:3] == ("W", mmio.STATUS) and a[4] == 0
+            i
+            for i, a in enumerate(trace.accesses)
+            if a[1:3] == ("W", mmio_regs.STATUS) and a[4] == 0
         )
         for i, (lineno, kind_, off, size, value) in enumerate(trace.accesses):
             if i == final_reset:

@@ -42,7 +42,7 @@ from emu.ringdefs import (
     USED_F_NO_NOTIFY,
     RingState,
 )
-from emu.transport import mmio
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 #: features this driver cannot honour, left out when the caller does not choose features
@@ -330,7 +330,7 @@ class VirtioMmioDriver:
         mem: GuestMemory,
         alloc: GuestAllocator | None = None,
         *,
-        stop_feature_bit: int = mmio.F_EMU_STOP,
+        stop_feature_bit: int = mmio_regs.F_EMU_STOP,
     ) -> None:
         self.transport = transport
         self.mem = mem
@@ -364,15 +364,15 @@ class VirtioMmioDriver:
 
     @property
     def status(self) -> int:
-        return self._read(mmio.STATUS)
+        return self._read(mmio_regs.STATUS)
 
     def _add_status(self, bits: int) -> None:
-        self._write(mmio.STATUS, self.status | bits)
+        self._write(mmio_regs.STATUS, self.status | bits)
 
     # -- initialisation --
 
     def reset(self) -> None:
-        self._write(mmio.STATUS, 0)
+        self._write(mmio_regs.STATUS, 0)
         if self.status != 0:
             raise DriverError("device did not reset")
         self.queues.clear()
@@ -389,17 +389,20 @@ class VirtioMmioDriver:
         indirect: bool = True,
     ) -> int:
         """Reset and negotiate features, up to FEATURES_OK; returns the negotiated set."""
-        if self._read(mmio.MAGIC_VALUE) != mmio.MAGIC or self._read(mmio.DEVICE_ID) == 0:
+        if (
+            self._read(mmio_regs.MAGIC_VALUE) != mmio_regs.MAGIC
+            or self._read(mmio_regs.DEVICE_ID) == 0
+        ):
             raise DriverError("no virtio device behind this transport")
         if packed and self.legacy:
             raise DriverError("the legacy transport has no packed rings")
         self.reset()
-        self._add_status(mmio.S_ACKNOWLEDGE)
-        self._add_status(mmio.S_DRIVER)
+        self._add_status(mmio_regs.S_ACKNOWLEDGE)
+        self._add_status(mmio_regs.S_DRIVER)
         offered = 0
         for sel in (1, 0):
-            self._write(mmio.DEVICE_FEATURES_SEL, sel)
-            offered |= self._read(mmio.DEVICE_FEATURES) << (32 * sel)
+            self._write(mmio_regs.DEVICE_FEATURES_SEL, sel)
+            offered |= self._read(mmio_regs.DEVICE_FEATURES) << (32 * sel)
         wanted = offered & ~_UNSUPPORTED if features is None else features
         for bit, on in (
             (F_RING_PACKED, packed),
@@ -411,13 +414,13 @@ class VirtioMmioDriver:
         if packed and not accepted >> F_RING_PACKED & 1:
             raise DriverError("device does not offer VIRTIO_F_RING_PACKED")
         for sel in (1, 0):
-            self._write(mmio.DRIVER_FEATURES_SEL, sel)
-            self._write(mmio.DRIVER_FEATURES, accepted >> (32 * sel) & 0xFFFFFFFF)
+            self._write(mmio_regs.DRIVER_FEATURES_SEL, sel)
+            self._write(mmio_regs.DRIVER_FEATURES, accepted >> (32 * sel) & 0xFFFFFFFF)
         if self.legacy:
-            self._write(mmio.GUEST_PAGE_SIZE, PAGE_SIZE)
+            self._write(mmio_regs.GUEST_PAGE_SIZE, PAGE_SIZE)
         else:
-            self._add_status(mmio.S_FEATURES_OK)
-            if not self.status & mmio.S_FEATURES_OK:
+            self._add_status(mmio_regs.S_FEATURES_OK)
+            if not self.status & mmio_regs.S_FEATURES_OK:
                 raise DriverError(f"device refused features {accepted:#x}")
         self.features = accepted
         return accepted
@@ -426,10 +429,10 @@ class VirtioMmioDriver:
         return bool(self.features >> bit & 1)
 
     def setup_queue(self, index: int, size: int | None = None) -> DriverQueue:
-        self._write(mmio.QUEUE_SEL, index)
-        if self._read(mmio.QUEUE_PFN if self.legacy else mmio.QUEUE_READY):
+        self._write(mmio_regs.QUEUE_SEL, index)
+        if self._read(mmio_regs.QUEUE_PFN if self.legacy else mmio_regs.QUEUE_READY):
             raise DriverError(f"queue {index} is already live")
-        max_size = self._read(mmio.QUEUE_SIZE_MAX)
+        max_size = self._read(mmio_regs.QUEUE_SIZE_MAX)
         if max_size == 0:
             raise DriverError(f"queue {index} does not exist")
         size = size or max_size
@@ -447,22 +450,22 @@ class VirtioMmioDriver:
         return q
 
     def _program_queue(self, q: DriverQueue, ring_state: RingState | None = None) -> None:
-        self._write(mmio.QUEUE_SEL, q.index)
-        self._write(mmio.QUEUE_SIZE, q.size)
+        self._write(mmio_regs.QUEUE_SEL, q.index)
+        self._write(mmio_regs.QUEUE_SIZE, q.size)
         if self.legacy:
-            self._write(mmio.QUEUE_ALIGN, _LEGACY_ALIGN)
-            self._write(mmio.QUEUE_PFN, q.desc // PAGE_SIZE)
+            self._write(mmio_regs.QUEUE_ALIGN, _LEGACY_ALIGN)
+            self._write(mmio_regs.QUEUE_PFN, q.desc // PAGE_SIZE)
             return
         for reg, gpa in (
-            (mmio.QUEUE_DESC_LOW, q.desc),
-            (mmio.QUEUE_DRIVER_LOW, q.driver),
-            (mmio.QUEUE_DEVICE_LOW, q.device),
+            (mmio_regs.QUEUE_DESC_LOW, q.desc),
+            (mmio_regs.QUEUE_DRIVER_LOW, q.driver),
+            (mmio_regs.QUEUE_DEVICE_LOW, q.device),
         ):
             self._write(reg, gpa & 0xFFFFFFFF)
             self._write(reg + 4, gpa >> 32)
         if ring_state is not None:
             self.set_ring_state(q.index, ring_state)
-        self._write(mmio.QUEUE_READY, 1)
+        self._write(mmio_regs.QUEUE_READY, 1)
 
     def reinit(self, ring_states: dict[int, RingState]) -> None:
         """Initialise a fresh device again, keeping this driver's rings and requests.
@@ -484,8 +487,8 @@ class VirtioMmioDriver:
         self.driver_ok()
 
     def driver_ok(self) -> None:
-        self._add_status(mmio.S_DRIVER_OK)
-        if not self.status & mmio.S_DRIVER_OK:
+        self._add_status(mmio_regs.S_DRIVER_OK)
+        if not self.status & mmio_regs.S_DRIVER_OK:
             raise DriverError("device refused DRIVER_OK")
 
     # -- requests --
@@ -501,7 +504,7 @@ class VirtioMmioDriver:
         value = qidx
         if self._has(F_NOTIFICATION_DATA):
             value |= self.queues[qidx].notification_data() << 16
-        self._write(mmio.QUEUE_NOTIFY, value)
+        self._write(mmio_regs.QUEUE_NOTIFY, value)
 
     def wait(self, qidx: int, count: int = 1, timeout: float = 5.0) -> list[Completion]:
         """The next ``count`` completions of queue ``qidx``, sleeping on the interrupt."""
@@ -527,12 +530,12 @@ class VirtioMmioDriver:
     def handle_interrupt(self) -> int:
         """Read and ACK InterruptStatus until it stays clear (a level-triggered line)."""
         seen = 0
-        while isr := self._read(mmio.INTERRUPT_STATUS):
-            self._write(mmio.INTERRUPT_ACK, isr)
+        while isr := self._read(mmio_regs.INTERRUPT_STATUS):
+            self._write(mmio_regs.INTERRUPT_ACK, isr)
             seen |= isr
-            if isr & mmio.INT_CONFIG:
+            if isr & mmio_regs.INT_CONFIG:
                 self.config_interrupts += 1
-        if seen & mmio.INT_CONFIG and self.status & mmio.S_DEVICE_NEEDS_RESET:
+        if seen & mmio_regs.INT_CONFIG and self.status & mmio_regs.S_DEVICE_NEEDS_RESET:
             raise DeviceNeedsReset("device set DEVICE_NEEDS_RESET")
         return seen
 
@@ -546,32 +549,34 @@ class VirtioMmioDriver:
         """
         if not self._has(self.stop_feature_bit):
             raise DriverError("VIRTIO_F_EMU_STOP was not negotiated")
-        self._add_status(mmio.S_STOP)
-        self._poll_status(mmio.S_STOP, mmio.S_STOP, timeout)
+        self._add_status(mmio_regs.S_STOP)
+        self._poll_status(mmio_regs.S_STOP, mmio_regs.S_STOP, timeout)
 
     def suspend(self, timeout: float = 5.0) -> None:
         """virtio 1.4: set SUSPEND, then wait for SUSPEND=1 with DRIVER_OK=0."""
-        if not self._has(mmio.F_SUSPEND):
+        if not self._has(mmio_regs.F_SUSPEND):
             raise DriverError("VIRTIO_F_SUSPEND was not negotiated")
-        self._add_status(mmio.S_SUSPEND)
-        self._poll_status(mmio.S_SUSPEND | mmio.S_DRIVER_OK, mmio.S_SUSPEND, timeout)
+        self._add_status(mmio_regs.S_SUSPEND)
+        self._poll_status(mmio_regs.S_SUSPEND | mmio_regs.S_DRIVER_OK, mmio_regs.S_SUSPEND, timeout)
 
     def resume(self, timeout: float = 5.0) -> None:
         """Undo ``stop`` (clear STOP) or ``suspend`` (set DRIVER_OK, wait for SUSPEND=0)."""
         status = self.status
-        if status & mmio.S_STOP:
-            self._write(mmio.STATUS, status & ~mmio.S_STOP)
-            self._poll_status(mmio.S_STOP, 0, timeout)
-        elif status & mmio.S_SUSPEND:
-            self._write(mmio.STATUS, status | mmio.S_DRIVER_OK)
-            self._poll_status(mmio.S_SUSPEND | mmio.S_DRIVER_OK, mmio.S_DRIVER_OK, timeout)
+        if status & mmio_regs.S_STOP:
+            self._write(mmio_regs.STATUS, status & ~mmio_regs.S_STOP)
+            self._poll_status(mmio_regs.S_STOP, 0, timeout)
+        elif status & mmio_regs.S_SUSPEND:
+            self._write(mmio_regs.STATUS, status | mmio_regs.S_DRIVER_OK)
+            self._poll_status(
+                mmio_regs.S_SUSPEND | mmio_regs.S_DRIVER_OK, mmio_regs.S_DRIVER_OK, timeout
+            )
         else:
             raise DriverError(f"device is neither stopped nor suspended (status {status:#x})")
 
     def _poll_status(self, mask: int, want: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while (status := self.status) & mask != want:
-            if status & mmio.S_DEVICE_NEEDS_RESET:
+            if status & mmio_regs.S_DEVICE_NEEDS_RESET:
                 raise DeviceNeedsReset(f"device set DEVICE_NEEDS_RESET (status {status:#x})")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"status {status:#x}: bits {mask:#x} not {want:#x}")
@@ -579,19 +584,21 @@ class VirtioMmioDriver:
 
     def ring_state(self, qidx: int) -> RingState:
         """QueueRingState of a stopped device, decoded (indexes and wrap counters only)."""
-        self._write(mmio.QUEUE_SEL, qidx)
-        return mmio.decode_ring_state(self._read(mmio.QUEUE_RING_STATE), self._has(F_RING_PACKED))
+        self._write(mmio_regs.QUEUE_SEL, qidx)
+        return mmio_regs.decode_ring_state(
+            self._read(mmio_regs.QUEUE_RING_STATE), self._has(F_RING_PACKED)
+        )
 
     def inflight(self, qidx: int) -> int:
         """QueueInflight of a stopped device: chains it fetched and has not used."""
-        self._write(mmio.QUEUE_SEL, qidx)
-        return self._read(mmio.QUEUE_INFLIGHT)
+        self._write(mmio_regs.QUEUE_SEL, qidx)
+        return self._read(mmio_regs.QUEUE_INFLIGHT)
 
     def set_ring_state(self, qidx: int, state: RingState) -> None:
         """Before DRIVER_OK: where the device is to continue on this queue."""
-        self._write(mmio.QUEUE_SEL, qidx)
-        value = mmio.encode_ring_state(state, self._has(F_RING_PACKED))
-        self._write(mmio.QUEUE_RING_STATE, value)
+        self._write(mmio_regs.QUEUE_SEL, qidx)
+        value = mmio_regs.encode_ring_state(state, self._has(F_RING_PACKED))
+        self._write(mmio_regs.QUEUE_RING_STATE, value)
 
     # -- carrying on elsewhere --
 
@@ -630,17 +637,17 @@ class VirtioMmioDriver:
 
     def config_read(self, offset: int, size: int) -> int:
         if size != 8:
-            return self.transport.read(mmio.CONFIG + offset, size)
+            return self.transport.read(mmio_regs.CONFIG + offset, size)
         while True:  # a 64-bit field is two reads: retry if the device changed it between
-            gen = 0 if self.legacy else self._read(mmio.CONFIG_GENERATION)
-            low = self.transport.read(mmio.CONFIG + offset, 4)
-            high = self.transport.read(mmio.CONFIG + offset + 4, 4)
-            if self.legacy or gen == self._read(mmio.CONFIG_GENERATION):
+            gen = 0 if self.legacy else self._read(mmio_regs.CONFIG_GENERATION)
+            low = self.transport.read(mmio_regs.CONFIG + offset, 4)
+            high = self.transport.read(mmio_regs.CONFIG + offset + 4, 4)
+            if self.legacy or gen == self._read(mmio_regs.CONFIG_GENERATION):
                 return low | high << 32
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         if size == 8:
-            self.transport.write(mmio.CONFIG + offset, 4, value & 0xFFFFFFFF)
-            self.transport.write(mmio.CONFIG + offset + 4, 4, value >> 32)
+            self.transport.write(mmio_regs.CONFIG + offset, 4, value & 0xFFFFFFFF)
+            self.transport.write(mmio_regs.CONFIG + offset + 4, 4, value >> 32)
         else:
-            self.transport.write(mmio.CONFIG + offset, size, value)
+            self.transport.write(mmio_regs.CONFIG + offset, size, value)

@@ -11,6 +11,8 @@ ignored, as a real device would.
 
 Version 2 is the modern layout; version 1 is the legacy one (GuestPageSize/QueueAlign/
 QueuePFN, no FEATURES_OK, 32 feature bits) that Linux still uses by default under QEMU.
+The registers themselves are ``emu.transport.mmio_regs``; what ``save`` keeps of them,
+``emu.transport.mmio_snapshot``.
 
 Stopping the device (modern transport only; docs/stop.md has the whole contract): the guest
 can use virtio 1.4 SUSPEND (feature 43), or, only where the VMM asks for the experimental
@@ -36,103 +38,81 @@ from emu.ringdefs import (
     F_VERSION_1,
     MAX_PACKED_SIZE,
     MAX_SPLIT_SIZE,
-    RingState,
 )
 from emu.state.format import DeviceState, StateError
-from emu.state.schema import Bool, Const, Int, List, Schema
+from emu.transport.mmio_regs import (
+    CONFIG,
+    CONFIG_GENERATION,
+    DEVICE_FEATURES,
+    DEVICE_FEATURES_SEL,
+    DEVICE_ID,
+    DRIVER_FEATURES,
+    DRIVER_FEATURES_SEL,
+    F_ANY_LAYOUT,
+    F_SUSPEND,
+    GUEST_PAGE_SIZE,
+    INT_CONFIG,
+    INT_VRING,
+    INTERRUPT_ACK,
+    INTERRUPT_STATUS,
+    MAGIC,
+    MAGIC_VALUE,
+    QUEUE_ALIGN,
+    QUEUE_DESC_HIGH,
+    QUEUE_DESC_LOW,
+    QUEUE_DEVICE_HIGH,
+    QUEUE_DEVICE_LOW,
+    QUEUE_DRIVER_HIGH,
+    QUEUE_DRIVER_LOW,
+    QUEUE_INFLIGHT,
+    QUEUE_NOTIFY,
+    QUEUE_PFN,
+    QUEUE_READY,
+    QUEUE_RESET,
+    QUEUE_RING_STATE,
+    QUEUE_SEL,
+    QUEUE_SIZE,
+    QUEUE_SIZE_MAX,
+    READABLE,
+    S_ACKNOWLEDGE,
+    S_DEVICE_NEEDS_RESET,
+    S_DRIVER,
+    S_DRIVER_OK,
+    S_FAILED,
+    S_FEATURES_OK,
+    S_STOP,
+    S_SUSPEND,
+    SHM_BASE_HIGH,
+    SHM_BASE_LOW,
+    SHM_LEN_HIGH,
+    SHM_LEN_LOW,
+    SHM_SEL,
+    STATUS,
+    VENDOR_ID,
+    VERSION,
+    WRITABLE,
+    decode_ring_state,
+    encode_ring_state,
+    is_pow2,
+)
+from emu.transport.mmio_snapshot import REGISTERS, SAVED_REGISTERS, check_registers
 
 log = logging.getLogger(__name__)
 
-MAGIC = 0x74726976  # "virt"
 VENDOR_EMU = 0x554D4555  # "EMU"
 
-# device status bits
-S_ACKNOWLEDGE = 1
-S_DRIVER = 2
-S_DRIVER_OK = 4
-S_FEATURES_OK = 8
-S_SUSPEND = 0x10  # virtio 1.4, with VIRTIO_F_SUSPEND
-S_STOP = 0x20  # emu extension, with VIRTIO_F_EMU_STOP (docs/stop.md)
-S_DEVICE_NEEDS_RESET = 0x40
-S_FAILED = 0x80
 #: bits a driver may set (NEEDS_RESET is the device's to set)
 _DRIVER_BITS = S_ACKNOWLEDGE | S_DRIVER | S_DRIVER_OK | S_FEATURES_OK | S_FAILED
 _DRIVER_BITS |= S_SUSPEND | S_STOP
 #: the guest's stop requests: while one is set, the guest holds the device stopped
 _GUEST_HOLDS = S_STOP | S_SUSPEND
 
-# transport features of the stop interfaces (modern transport only)
-F_SUSPEND = 43
-#: the usual bit of VIRTIO_F_EMU_STOP when asked for (44-49 are reserved for future transport
-#: features); experimental, so not offered unless the transport is built with it
-F_EMU_STOP = 47
-
-# interrupt status bits
-INT_VRING = 1
-INT_CONFIG = 2
-
 # legacy-only transport features. ANY_LAYOUT: a transitional device must offer it.
 # NOTIFY_ON_EMPTY (a device "may" offer it) is not offered: the rings do not implement it,
 # and Linux never accepts it (its virtio core keeps only the ring features it knows; the
 # blk-legacy trace under QEMU shows QEMU offering it and Linux 6.1 declining).
-F_NOTIFY_ON_EMPTY = 24
-F_ANY_LAYOUT = 27
 _LEGACY_TRANSPORT_FEATURES = 1 << F_ANY_LAYOUT
 
-# register offsets
-MAGIC_VALUE = 0x000
-VERSION = 0x004
-DEVICE_ID = 0x008
-VENDOR_ID = 0x00C
-DEVICE_FEATURES = 0x010
-DEVICE_FEATURES_SEL = 0x014
-DRIVER_FEATURES = 0x020
-DRIVER_FEATURES_SEL = 0x024
-GUEST_PAGE_SIZE = 0x028  # legacy
-QUEUE_SEL = 0x030
-QUEUE_SIZE_MAX = 0x034
-QUEUE_SIZE = 0x038
-QUEUE_ALIGN = 0x03C  # legacy
-QUEUE_PFN = 0x040  # legacy
-QUEUE_READY = 0x044
-QUEUE_NOTIFY = 0x050
-INTERRUPT_STATUS = 0x060
-INTERRUPT_ACK = 0x064
-STATUS = 0x070
-QUEUE_DESC_LOW = 0x080
-QUEUE_DESC_HIGH = 0x084
-QUEUE_DRIVER_LOW = 0x090
-QUEUE_DRIVER_HIGH = 0x094
-QUEUE_DEVICE_LOW = 0x0A0
-QUEUE_DEVICE_HIGH = 0x0A4
-SHM_SEL = 0x0AC
-SHM_LEN_LOW = 0x0B0
-SHM_LEN_HIGH = 0x0B4
-SHM_BASE_LOW = 0x0B8
-SHM_BASE_HIGH = 0x0BC
-QUEUE_RESET = 0x0C0
-QUEUE_RING_STATE = 0x0C4  # emu extension (VIRTIO_F_EMU_STOP): ring indexes, per QueueSel
-QUEUE_INFLIGHT = 0x0C8  # emu extension (VIRTIO_F_EMU_STOP): in-flight chains, per QueueSel
-CONFIG_GENERATION = 0x0FC
-CONFIG = 0x100
-
-_COMMON_READ = {MAGIC_VALUE, VERSION, DEVICE_ID, VENDOR_ID, DEVICE_FEATURES, QUEUE_SIZE_MAX}
-_COMMON_READ |= {INTERRUPT_STATUS, STATUS}
-_COMMON_WRITE = {DEVICE_FEATURES_SEL, DRIVER_FEATURES, DRIVER_FEATURES_SEL, QUEUE_SEL}
-_COMMON_WRITE |= {QUEUE_SIZE, QUEUE_NOTIFY, INTERRUPT_ACK, STATUS}
-_READ = {
-    2: _COMMON_READ
-    | {QUEUE_READY, SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH}
-    | {QUEUE_RESET, CONFIG_GENERATION, QUEUE_RING_STATE, QUEUE_INFLIGHT},
-    1: _COMMON_READ | {QUEUE_PFN},
-}
-_WRITE = {
-    2: _COMMON_WRITE
-    | {QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH}
-    | {QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH, SHM_SEL, QUEUE_RESET, QUEUE_RING_STATE},
-    1: _COMMON_WRITE | {GUEST_PAGE_SIZE, QUEUE_ALIGN, QUEUE_PFN},
-}
-#: queue registers a driver must not write while the queue is live
 _QUEUE_CONFIG = {QUEUE_SIZE, QUEUE_ALIGN, QUEUE_PFN, QUEUE_DESC_LOW, QUEUE_DESC_HIGH}
 _QUEUE_CONFIG |= {QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH}
 _ADDR_FIELD = {
@@ -150,32 +130,6 @@ _LEGACY_DEFAULT_ALIGN = 4096
 #: only reached when a backend call hangs); the driver then polls Status / QueueReset
 PROMPT_S = 0.5
 _U32 = 0xFFFFFFFF
-#: the TRANSPORT part ``save`` writes and ``restore`` reads: every register, typed and ranged
-REGISTERS = Schema(
-    "virtio-mmio registers",
-    1,
-    0,
-    {
-        "transport": Const("virtio-mmio"),
-        "version": Int(1, 2),
-        "device_features_sel": Int(0, _U32),
-        "driver_features_sel": Int(0, _U32),
-        "driver_features": Int(0, 2**64 - 1),
-        "queue_sel": Int(0, _U32),
-        "shm_sel": Int(0, _U32),
-        "queue_align": List(Int(1, _U32), 0x10000),
-        "guest_page_size": Int(0, _U32),
-        "interrupt_status": Int(0, INT_VRING | INT_CONFIG),
-        "config_generation": Int(0, _U32),
-        "vmm_stopped": Bool(),
-        "guest_stop_pending": Bool(),
-        "config_pending": Bool(),
-    },
-)
-#: transport attributes a snapshot keeps (``save``/``restore``), beside the device's parts
-_SAVED_REGISTERS = tuple(
-    k for k in REGISTERS.fields if k not in ("transport", "guest_stop_pending", "config_pending")
-)
 
 
 def _wait_prompt(cmd: Command, what: str) -> None:
@@ -183,33 +137,6 @@ def _wait_prompt(cmd: Command, what: str) -> None:
         cmd.wait(PROMPT_S)
     except TimeoutError:
         log.warning("virtio-mmio: %s still under way after %s s; carrying on", what, PROMPT_S)
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def encode_ring_state(rs: RingState, packed: bool) -> int:
-    """QueueRingState: vhost-user's GET_VRING_BASE encoding, for both ends of the ring.
-
-    split: bits 0-15 next avail index, 16-31 next used index (free-running 16-bit);
-    packed: bits 0-14 next avail slot, 15 avail wrap counter, 16-30 next used slot,
-    31 used wrap counter.
-    """
-    if packed:
-        avail = rs.next_avail | int(rs.avail_wrap) << 15
-        used = rs.next_used | int(rs.used_wrap) << 15
-        return avail | used << 16
-    return rs.next_avail & 0xFFFF | (rs.next_used & 0xFFFF) << 16
-
-
-def decode_ring_state(value: int, packed: bool) -> RingState:
-    """The inverse of ``encode_ring_state``; nothing in flight, nothing signalled since."""
-    if packed:
-        avail, used = value & 0x7FFF, value >> 16 & 0x7FFF
-        return RingState(avail, used, bool(value >> 15 & 1), bool(value >> 31), used)
-    avail, used = value & 0xFFFF, value >> 16
-    return RingState(avail, used, True, True, used)
 
 
 class MmioTransport:
@@ -301,8 +228,8 @@ class MmioTransport:
             return self._config_read(offset - CONFIG, size)
         if not self._control_access_ok("read", offset, size):
             return 0
-        if offset not in _READ[self.version]:
-            what = "write-only" if offset in _WRITE[self.version] else "unknown"
+        if offset not in READABLE[self.version]:
+            what = "write-only" if offset in WRITABLE[self.version] else "unknown"
             log.warning("virtio-mmio: read of %s register %#x ignored", what, offset)
             return 0
         return self._read_register(offset) & _U32
@@ -313,8 +240,8 @@ class MmioTransport:
             return
         if not self._control_access_ok("write", offset, size):
             return
-        if offset not in _WRITE[self.version]:
-            what = "read-only" if offset in _READ[self.version] else "unknown"
+        if offset not in WRITABLE[self.version]:
+            what = "read-only" if offset in READABLE[self.version] else "unknown"
             log.warning("virtio-mmio: write of %#x to %s register %#x ignored", value, what, offset)
             return
         self._write_register(offset, value & _U32)
@@ -369,7 +296,7 @@ class MmioTransport:
         elif offset == DRIVER_FEATURES:
             self._write_driver_features(value)
         elif offset == GUEST_PAGE_SIZE:
-            if _pow2(value):
+            if is_pow2(value):
                 self.guest_page_size = value
             else:
                 log.warning("virtio-mmio: GuestPageSize %#x is not a power of 2", value)
@@ -408,7 +335,7 @@ class MmioTransport:
         elif offset == QUEUE_SIZE:
             self._write_queue_size(q, value)
         elif offset == QUEUE_ALIGN:
-            if _pow2(value):
+            if is_pow2(value):
                 self.queue_align[q.index] = value
             else:
                 log.warning(
@@ -427,7 +354,7 @@ class MmioTransport:
     def _write_queue_size(self, q: Virtqueue, value: int) -> None:
         packed = self._has(F_RING_PACKED)
         limit = min(q.max_size, MAX_PACKED_SIZE if packed else MAX_SPLIT_SIZE)
-        if not 0 < value <= limit or not (packed or _pow2(value)):
+        if not 0 < value <= limit or not (packed or is_pow2(value)):
             log.warning("virtio-mmio: queue %d: size %d refused (max %d)", q.index, value, limit)
             return
         q.size = value
@@ -728,7 +655,7 @@ class MmioTransport:
         The device must be stopped (by any of the three interfaces) or not started.
         """
         with self._lock:
-            regs = {name: getattr(self, name) for name in _SAVED_REGISTERS}
+            regs = {name: getattr(self, name) for name in SAVED_REGISTERS}
             regs.update(
                 transport="virtio-mmio",
                 guest_stop_pending=self._guest_stop_pending,
@@ -747,10 +674,12 @@ class MmioTransport:
         if self.status or self.device.run_state is not RunState.IDLE:
             raise StateError("restore needs a fresh transport and device")
         checked = check_restore(self.device, state, REGISTERS, self.mem)
-        regs = self._saved_registers(checked.transport)
+        regs = check_registers(
+            checked.transport, self.version, self.offered_features, len(self.device.queues)
+        )
         restored = apply(self.device, checked)
         with self._lock:
-            for name in _SAVED_REGISTERS:
+            for name in SAVED_REGISTERS:
                 setattr(self, name, regs[name])
             self.queue_align = list(self.queue_align)
             self._guest_stop_pending = regs["guest_stop_pending"]
@@ -764,30 +693,6 @@ class MmioTransport:
             self.vmm_resume()
         if activated is not None:
             activated.wait()
-
-    def _saved_registers(self, regs: dict | None) -> dict:
-        """The TRANSPORT part (types and ranges already checked by REGISTERS) against
-        this transport and device."""
-        if regs is None:
-            raise StateError("the state carries no virtio-mmio registers")
-        if regs["version"] != self.version:
-            raise StateError(f"saved virtio-mmio version {regs['version']}, this is {self.version}")
-        if regs["driver_features"] & ~self.offered_features:
-            raise StateError(
-                f"saved driver_features {regs['driver_features']:#x} are not all offered here"
-            )
-        if len(regs["queue_align"]) != len(self.device.queues):
-            raise StateError(
-                f"saved queue_align has {len(regs['queue_align'])} queues, "
-                f"this device {len(self.device.queues)}"
-            )
-        if regs["guest_page_size"] and not _pow2(regs["guest_page_size"]):
-            raise StateError(
-                f"saved guest_page_size {regs['guest_page_size']:#x} is not a power of 2"
-            )
-        if not all(_pow2(a) for a in regs["queue_align"]):
-            raise StateError(f"saved queue_align {regs['queue_align']} are not powers of 2")
-        return regs
 
     # -- interrupts (called from the device thread too) --
 
