@@ -14,7 +14,7 @@ from modes import RING_MODES, wait_until
 from emu import queue as emu_queue
 from emu.backends.cable import Cable
 from emu.backends.tap import Tap, TapError
-from emu.devices import net
+from emu.devices import net, net_ctrl, net_defs
 from emu.devices.net import NetDevice, flow_hash
 from emu.memory import GuestMemory
 from emu.testing.driver import VirtioMmioDriver
@@ -25,7 +25,7 @@ MAC_A = "52:54:00:00:00:0a"
 MAC_B = "52:54:00:00:00:0b"
 BCAST = b"\xff" * 6
 #: what a driver that knows nothing of MQ accepts (VERSION_1 is bit 32)
-NO_MQ = net.OFFERED | 1 << net.F_MRG_RXBUF | 1 << 32
+NO_MQ = net.OFFERED | 1 << net_defs.F_MRG_RXBUF | 1 << 32
 
 
 def mac(s: str) -> bytes:
@@ -82,7 +82,7 @@ def payload(i: int, n: int) -> bytes:
 def test_two_nics_exchange_frames_both_ways(rig, mode, mrg):
     da, ga, db, gb = rig.cabled({"mrg_rxbuf": mrg}, {"mrg_rxbuf": mrg}, **mode)
     assert ga.mac == mac(MAC_A) and gb.mac == mac(MAC_B)
-    assert ga.status & net.S_LINK_UP
+    assert ga.status & net_defs.S_LINK_UP
     assert ga.mrg == mrg and ga.hdr_len == 12
     sizes = [46, 1500, 0, 700, 1]  # Ethernet payload sizes: min, MTU, header-only ...
     for i, n in enumerate(sizes):
@@ -137,7 +137,7 @@ def test_legacy_transport_header_and_gso_offer(rig, mrg):
     a, b = Cable.pair()
     _, ga = rig.nic(a, version=1, dev={"mac": MAC_A, "mrg_rxbuf": mrg})
     _, gb = rig.nic(b, version=1, dev={"mac": MAC_B, "mrg_rxbuf": mrg})
-    assert ga.features >> net.F_GSO & 1  # legacy-only bit, as QEMU offers it
+    assert ga.features >> net_defs.F_GSO & 1  # legacy-only bit, as QEMU offers it
     assert ga.hdr_len == (12 if mrg else 10)
     frame = ether(gb.mac, ga.mac, payload(3, 300))
     ga.send(frame)
@@ -176,7 +176,7 @@ def test_mrg_frame_bigger_than_the_whole_ring_is_dropped(rig):
 
 def test_modern_transport_hides_gso(rig):
     _, g = rig.nic(Cable())
-    assert not g.features >> net.F_GSO & 1
+    assert not g.features >> net_defs.F_GSO & 1
 
 
 def _receive_until(g: GuestNet, marker: bytes) -> list[bytes]:
@@ -190,8 +190,8 @@ def test_rx_filter_honours_rx_mode_and_mac_table(rig):
     _, ga, db, gb = rig.cabled()
     other_uni, other_uni2 = mac("52:54:00:00:00:99"), mac("52:54:00:00:00:98")
     multi, multi2 = mac("01:00:5e:00:00:01"), mac("33:33:00:00:00:01")
-    assert gb.rx_mode(net.RX_ALLMULTI, False) == net.ACK_OK
-    assert gb.mac_table([other_uni], [multi]) == net.ACK_OK
+    assert gb.rx_mode(net_defs.RX_ALLMULTI, False) == net_defs.ACK_OK
+    assert gb.mac_table([other_uni], [multi]) == net_defs.ACK_OK
 
     def burst(dsts: list[bytes], tag: int) -> list[bytes]:
         for i, dst in enumerate(dsts):
@@ -204,17 +204,17 @@ def test_rx_filter_honours_rx_mode_and_mac_table(rig):
     kept = burst(dsts, 1)
     assert [f[:6] for f in kept] == [gb.mac, other_uni, BCAST, multi]
 
-    assert gb.rx_mode(net.RX_NOBCAST, True) == net.ACK_OK
-    assert gb.rx_mode(net.RX_NOMULTI, True) == net.ACK_OK
+    assert gb.rx_mode(net_defs.RX_NOBCAST, True) == net_defs.ACK_OK
+    assert gb.rx_mode(net_defs.RX_NOMULTI, True) == net_defs.ACK_OK
     assert [f[:6] for f in burst(dsts, 2)] == [gb.mac, other_uni]
 
-    assert gb.rx_mode(net.RX_NOUNI, True) == net.ACK_OK
-    assert gb.rx_mode(net.RX_NOBCAST, False) == net.ACK_OK
+    assert gb.rx_mode(net_defs.RX_NOUNI, True) == net_defs.ACK_OK
+    assert gb.rx_mode(net_defs.RX_NOBCAST, False) == net_defs.ACK_OK
     ga.send(ether(gb.mac, ga.mac, b"dropped: NOUNI"))
     ga.send(ether(BCAST, ga.mac, b"marker"))
     assert gb.recv()[1] == ether(BCAST, ga.mac, b"marker")
 
-    assert gb.rx_mode(net.RX_PROMISC, True) == net.ACK_OK
+    assert gb.rx_mode(net_defs.RX_PROMISC, True) == net_defs.ACK_OK
     assert [f[:6] for f in burst(dsts, 3)] == dsts
     assert db.stats.rx_filtered == 2 + 4 + 1
 
@@ -232,8 +232,8 @@ def test_default_filter_accepts_own_broadcast_and_multicast_only(rig):
 
 def test_mac_table_overflow_accepts_all_unicast(rig):
     _, ga, _, gb = rig.cabled()
-    table = [bytes([0x52, 0, 0, 0, 1, i]) for i in range(net.MAC_TABLE_ENTRIES + 1)]
-    assert gb.mac_table(table, []) == net.ACK_OK
+    table = [bytes([0x52, 0, 0, 0, 1, i]) for i in range(net_ctrl.MAC_TABLE_ENTRIES + 1)]
+    assert gb.mac_table(table, []) == net_defs.ACK_OK
     stranger = mac("52:54:00:00:00:77")
     ga.send(ether(stranger, ga.mac, b"x"))
     assert gb.recv()[1][:6] == stranger
@@ -245,11 +245,11 @@ def test_vlan_filter(rig):
     def tagged(vid: int) -> bytes:
         return ether(gb.mac, ga.mac, struct.pack(">HH", vid, 0x88B5) + b"v", 0x8100)
 
-    assert gb.ctrl(net.CTRL_VLAN, net.VLAN_ADD, struct.pack("<H", 5)) == net.ACK_OK
+    assert gb.ctrl(net_defs.CTRL_VLAN, net_defs.VLAN_ADD, struct.pack("<H", 5)) == net_defs.ACK_OK
     ga.send(tagged(7))
     ga.send(tagged(5))
     assert gb.recv()[1] == tagged(5)
-    assert gb.ctrl(net.CTRL_VLAN, net.VLAN_DEL, struct.pack("<H", 5)) == net.ACK_OK
+    assert gb.ctrl(net_defs.CTRL_VLAN, net_defs.VLAN_DEL, struct.pack("<H", 5)) == net_defs.ACK_OK
     ga.send(tagged(5))
     ga.send(ether(gb.mac, ga.mac, b"untagged"))
     assert gb.recv()[1] == ether(gb.mac, ga.mac, b"untagged")
@@ -257,33 +257,41 @@ def test_vlan_filter(rig):
 
 
 GOOD_COMMANDS = [
-    (net.CTRL_RX, net.RX_PROMISC, b"\x01"),
-    (net.CTRL_RX, net.RX_NOBCAST, b"\x00"),
-    (net.CTRL_MAC, net.MAC_TABLE_SET, mac_tables([], [])),
-    (net.CTRL_MAC, net.MAC_ADDR_SET, mac("52:54:00:aa:bb:cc")),
-    (net.CTRL_VLAN, net.VLAN_ADD, struct.pack("<H", 4095)),
-    (net.CTRL_MQ, net.MQ_VQ_PAIRS_SET, struct.pack("<H", 2)),
-    (net.CTRL_GUEST_OFFLOADS, net.GUEST_OFFLOADS_SET, bytes(8)),
+    (net_defs.CTRL_RX, net_defs.RX_PROMISC, b"\x01"),
+    (net_defs.CTRL_RX, net_defs.RX_NOBCAST, b"\x00"),
+    (net_defs.CTRL_MAC, net_defs.MAC_TABLE_SET, mac_tables([], [])),
+    (net_defs.CTRL_MAC, net_defs.MAC_ADDR_SET, mac("52:54:00:aa:bb:cc")),
+    (net_defs.CTRL_VLAN, net_defs.VLAN_ADD, struct.pack("<H", 4095)),
+    (net_defs.CTRL_MQ, net_defs.MQ_VQ_PAIRS_SET, struct.pack("<H", 2)),
+    (net_defs.CTRL_GUEST_OFFLOADS, net_defs.GUEST_OFFLOADS_SET, bytes(8)),
 ]
 BAD_COMMANDS = {
-    "rx-no-data": (net.CTRL_RX, net.RX_PROMISC, b""),
-    "rx-two-bytes": (net.CTRL_RX, net.RX_ALLMULTI, b"\x01\x01"),
-    "rx-unknown": (net.CTRL_RX, 6, b"\x01"),
-    "table-count-huge": (net.CTRL_MAC, net.MAC_TABLE_SET, b"\xff\xff\xff\xff" + bytes(10)),
-    "table-count-short": (net.CTRL_MAC, net.MAC_TABLE_SET, struct.pack("<I", 2) + bytes(6)),
-    "table-no-multi": (net.CTRL_MAC, net.MAC_TABLE_SET, struct.pack("<I", 1) + bytes(6)),
-    "table-trailing": (net.CTRL_MAC, net.MAC_TABLE_SET, mac_tables([], []) + b"\x00"),
-    "table-empty": (net.CTRL_MAC, net.MAC_TABLE_SET, b""),
-    "addr-short": (net.CTRL_MAC, net.MAC_ADDR_SET, bytes(5)),
-    "vlan-4096": (net.CTRL_VLAN, net.VLAN_ADD, struct.pack("<H", 4096)),
-    "vlan-short": (net.CTRL_VLAN, net.VLAN_DEL, b"\x01"),
-    "announce-unasked-data": (net.CTRL_ANNOUNCE, net.ANNOUNCE_ACK, b"\x00"),
-    "pairs-zero": (net.CTRL_MQ, net.MQ_VQ_PAIRS_SET, struct.pack("<H", 0)),
-    "pairs-too-many": (net.CTRL_MQ, net.MQ_VQ_PAIRS_SET, struct.pack("<H", 3)),
-    "mq-rss": (net.CTRL_MQ, 1, bytes(16)),
+    "rx-no-data": (net_defs.CTRL_RX, net_defs.RX_PROMISC, b""),
+    "rx-two-bytes": (net_defs.CTRL_RX, net_defs.RX_ALLMULTI, b"\x01\x01"),
+    "rx-unknown": (net_defs.CTRL_RX, 6, b"\x01"),
+    "table-count-huge": (
+        net_defs.CTRL_MAC,
+        net_defs.MAC_TABLE_SET,
+        b"\xff\xff\xff\xff" + bytes(10),
+    ),
+    "table-count-short": (
+        net_defs.CTRL_MAC,
+        net_defs.MAC_TABLE_SET,
+        struct.pack("<I", 2) + bytes(6),
+    ),
+    "table-no-multi": (net_defs.CTRL_MAC, net_defs.MAC_TABLE_SET, struct.pack("<I", 1) + bytes(6)),
+    "table-trailing": (net_defs.CTRL_MAC, net_defs.MAC_TABLE_SET, mac_tables([], []) + b"\x00"),
+    "table-empty": (net_defs.CTRL_MAC, net_defs.MAC_TABLE_SET, b""),
+    "addr-short": (net_defs.CTRL_MAC, net_defs.MAC_ADDR_SET, bytes(5)),
+    "vlan-4096": (net_defs.CTRL_VLAN, net_defs.VLAN_ADD, struct.pack("<H", 4096)),
+    "vlan-short": (net_defs.CTRL_VLAN, net_defs.VLAN_DEL, b"\x01"),
+    "announce-unasked-data": (net_defs.CTRL_ANNOUNCE, net_defs.ANNOUNCE_ACK, b"\x00"),
+    "pairs-zero": (net_defs.CTRL_MQ, net_defs.MQ_VQ_PAIRS_SET, struct.pack("<H", 0)),
+    "pairs-too-many": (net_defs.CTRL_MQ, net_defs.MQ_VQ_PAIRS_SET, struct.pack("<H", 3)),
+    "mq-rss": (net_defs.CTRL_MQ, 1, bytes(16)),
     "offloads-not-negotiated": (
-        net.CTRL_GUEST_OFFLOADS,
-        net.GUEST_OFFLOADS_SET,
+        net_defs.CTRL_GUEST_OFFLOADS,
+        net_defs.GUEST_OFFLOADS_SET,
         b"\x02" + bytes(7),
     ),
     "unknown-class": (99, 0, b""),
@@ -295,21 +303,21 @@ BAD_COMMANDS = {
 def test_control_commands_and_acks(rig, mode):
     dev, g = rig.nic(Cable(), dev={"queue_pairs": 2}, **mode)
     for cls, cmd, data in GOOD_COMMANDS:
-        assert g.ctrl(cls, cmd, data) == net.ACK_OK, (cls, cmd, data)
+        assert g.ctrl(cls, cmd, data) == net_defs.ACK_OK, (cls, cmd, data)
     assert g.mac == mac("52:54:00:aa:bb:cc")
     assert dev.filter.promisc and dev.active_pairs == 2 and dev.filter.vlans == {4095}
     for name, (cls, cmd, data) in BAD_COMMANDS.items():
-        assert g.ctrl(cls, cmd, data) == net.ACK_ERR, name
+        assert g.ctrl(cls, cmd, data) == net_defs.ACK_ERR, name
     # header split from the data over several buffers, and a one-byte command
-    assert g.ctrl(0, 0, out=[b"\x00", b"\x00", b"\x00"]) == net.ACK_OK
+    assert g.ctrl(0, 0, out=[b"\x00", b"\x00", b"\x00"]) == net_defs.ACK_OK
     assert not dev.filter.promisc
-    assert g.ctrl(0, 0, out=[b"\x00"]) == net.ACK_ERR
+    assert g.ctrl(0, 0, out=[b"\x00"]) == net_defs.ACK_ERR
     assert dev.broken is None and dev.active_pairs == 2
 
 
 def test_control_without_a_writable_ack_byte_is_survived(rig):
     dev, g = rig.nic(Cable())
-    g.drv.submit(g.ctrl_q, [bytes([net.CTRL_RX, net.RX_PROMISC, 1])], [])
+    g.drv.submit(g.ctrl_q, [bytes([net_defs.CTRL_RX, net_defs.RX_PROMISC, 1])], [])
     (c,) = g.drv.wait(g.ctrl_q)
     assert c.length == 0 and dev.filter.promisc and dev.broken is None
 
@@ -329,16 +337,16 @@ def test_announce_and_ack(rig):
     dev, g = rig.nic(Cable())
     before = g.drv.config_interrupts
     dev.announce()
-    assert g.status & net.S_ANNOUNCE
+    assert g.status & net_defs.S_ANNOUNCE
     wait_until(lambda: g.drv.handle_interrupt() or g.drv.config_interrupts > before)
-    assert g.ctrl(net.CTRL_ANNOUNCE, net.ANNOUNCE_ACK) == net.ACK_OK
-    assert g.status == net.S_LINK_UP
+    assert g.ctrl(net_defs.CTRL_ANNOUNCE, net_defs.ANNOUNCE_ACK) == net_defs.ACK_OK
+    assert g.status == net_defs.S_LINK_UP
 
 
 def test_features_needing_ctrl_vq_are_refused_without_it(rig):
     d = NetDevice(Cable())
-    assert not d.accept_features(1 << net.F_CTRL_RX)
-    assert d.accept_features(1 << net.F_CTRL_RX | 1 << net.F_CTRL_VQ)
+    assert not d.accept_features(1 << net_defs.F_CTRL_RX)
+    assert d.accept_features(1 << net_defs.F_CTRL_RX | 1 << net_defs.F_CTRL_VQ)
     d.close()
 
 
@@ -352,7 +360,7 @@ def ipv4_udp(sport: int) -> bytes:
 def test_mq_two_pairs(rig, mode):
     da, ga, db, gb = rig.cabled({"queue_pairs": 2}, {"queue_pairs": 2}, **mode)
     assert ga.max_pairs == gb.max_pairs == 2 and ga.ctrl_q == 4
-    assert gb.set_pairs(2) == net.ACK_OK and ga.set_pairs(2) == net.ACK_OK
+    assert gb.set_pairs(2) == net_defs.ACK_OK and ga.set_pairs(2) == net_defs.ACK_OK
     frames = [ether(gb.mac, ga.mac, ipv4_udp(1000 + i), 0x0800) for i in range(16)]
     expect: dict[int, list[bytes]] = {0: [], 1: []}
     for i, f in enumerate(frames):
@@ -367,8 +375,8 @@ def test_mq_two_pairs(rig, mode):
 def test_mq_not_negotiated_puts_control_queue_at_2(rig):
     dev, g = rig.nic(Cable(), dev={"queue_pairs": 2}, features=NO_MQ)
     assert g.max_pairs == 1 and g.ctrl_q == 2
-    assert g.rx_mode(net.RX_PROMISC, True) == net.ACK_OK and dev.filter.promisc
-    assert g.set_pairs(1) == net.ACK_ERR  # MQ not negotiated
+    assert g.rx_mode(net_defs.RX_PROMISC, True) == net_defs.ACK_OK and dev.filter.promisc
+    assert g.set_pairs(1) == net_defs.ACK_ERR  # MQ not negotiated
 
 
 def test_rx_backlog_is_bounded_and_delivered_once_buffers_come(rig):
@@ -386,7 +394,7 @@ def test_rx_backlog_is_bounded_and_delivered_once_buffers_come(rig):
 
 def test_reset_forgets_ctrl_state_and_backlog(rig):
     dev, g = rig.nic(Cable(), rx_buffers=0)
-    assert g.rx_mode(net.RX_PROMISC, True) == net.ACK_OK
+    assert g.rx_mode(net_defs.RX_PROMISC, True) == net_defs.ACK_OK
     dev.deliver(ether(g.mac, BCAST, b"pending"))
     g.drv.reset()
     assert not dev.filter.promisc and not dev._backlog[0] and not dev._inbox

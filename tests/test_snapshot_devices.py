@@ -16,7 +16,7 @@ import pytest
 
 from emu.backends.chardev import BufferChar
 from emu.devices import console as con
-from emu.devices import net
+from emu.devices import net_defs
 from emu.devices._chain import Unpublished
 from emu.devices.blk import SECTOR, T_OUT, BlkDevice
 from emu.devices.console import ConsoleDevice
@@ -135,10 +135,10 @@ def test_net_filter_tables_pairs_and_backlog_survive(tmp_path, mem):
     dev = NetDevice(Sink(), mac=MAC.hex(":"), queue_pairs=2)
     tr = MmioTransport(dev, mem)
     g = GuestNet(VirtioMmioDriver(tr, mem), rx_buffers=0)  # frames wait in the backlog
-    assert g.set_pairs(2) == net.ACK_OK
-    assert g.rx_mode(net.RX_ALLMULTI, False) == net.ACK_OK
-    assert g.mac_table([UNI_X], [MC_M]) == net.ACK_OK
-    assert g.ctrl(net.CTRL_VLAN, net.VLAN_ADD, struct.pack("<H", 5)) == net.ACK_OK
+    assert g.set_pairs(2) == net_defs.ACK_OK
+    assert g.rx_mode(net_defs.RX_ALLMULTI, False) == net_defs.ACK_OK
+    assert g.mac_table([UNI_X], [MC_M]) == net_defs.ACK_OK
+    assert g.ctrl(net_defs.CTRL_VLAN, net_defs.VLAN_ADD, struct.pack("<H", 5)) == net_defs.ACK_OK
     frames = [
         ether(dst, PEER, b"to %d" % i)
         for i, dst in enumerate([MAC, UNI_X, PEER, MC_M, MC_OTHER, b"\xff" * 6])

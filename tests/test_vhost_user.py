@@ -240,7 +240,7 @@ def test_inflight_region_tracks_requests_over_several_laps(
 def test_net_accepts_qemus_features_without_the_control_queue(tmp_path: Path) -> None:
     """QEMU keeps virtio-net's control queue and forwards GUEST_ANNOUNCE without CTRL_VQ
     (what a 7.2 microvm guest's negotiation turns into)."""
-    from emu.devices.net import F_GUEST_ANNOUNCE, F_MRG_RXBUF
+    from emu.devices.net_defs import F_GUEST_ANNOUNCE, F_MRG_RXBUF
 
     sock = tmp_path / "net.sock"
     end, _ = Cable.pair()

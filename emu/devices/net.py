@@ -9,10 +9,9 @@ by a per-flow hash (a flow stays in order; this is not RSS) and queues the frame
 pair's bounded backlog; frames beyond the bound are dropped and counted, as a NIC whose
 guest posts no buffers drops them. Serving an rx queue copies backlog frames into chains.
 
-The default filter accepts own unicast, broadcast and *all* multicast: a Linux guest
-without CTRL_RX cannot program a multicast list, and IPv6 neighbour discovery needs it.
-Once the guest sends RX/MAC commands, they are honoured (QEMU's semantics, except that
-QEMU starts promiscuous).
+The control queue (rx mode, MAC and VLAN tables, MAC address, active pairs, offloads) and
+the receive filter it programs are ``emu.devices.net_ctrl``; the numbers driver and device
+share, ``emu.devices.net_defs``.
 
 Stop and snapshot: chains the device holds for rx are handed back to the queue (it
 presents them again). A report stop publishes nothing more, so a frame already copied into
@@ -28,10 +27,10 @@ import logging
 import struct
 import zlib
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Protocol
 
-from emu.devices import _persist
+from emu.devices import _persist, net_ctrl
 from emu.devices._chain import (
     Chain,
     Unpublished,
@@ -42,6 +41,27 @@ from emu.devices._chain import (
     scatter,
 )
 from emu.devices.base import VirtioDevice
+from emu.devices.net_ctrl import MAC_TABLE_ENTRIES, RX_MODE, RxFilter
+from emu.devices.net_defs import (
+    BATCH,
+    ETH_HLEN,
+    F_CTRL_GUEST_OFFLOADS,
+    F_CTRL_MAC_ADDR,
+    F_CTRL_RX,
+    F_CTRL_RX_EXTRA,
+    F_CTRL_VLAN,
+    F_CTRL_VQ,
+    F_GSO,
+    F_GUEST_ANNOUNCE,
+    F_MAC,
+    F_MQ,
+    F_MRG_RXBUF,
+    F_STATUS,
+    GUEST_OFFLOAD_BITS,
+    NEEDS_CTRL_VQ,
+    S_ANNOUNCE,
+    S_LINK_UP,
+)
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.queue import Virtqueue
 from emu.ringdefs import F_VERSION_1
@@ -49,22 +69,6 @@ from emu.state.format import StateError
 from emu.state.schema import Bool, Bytes, Int, List, Nullable, Obj, Schema, Str
 
 log = logging.getLogger(__name__)
-
-# feature bits
-F_CTRL_GUEST_OFFLOADS = 2
-F_MAC = 5
-F_GSO = 6  # legacy only
-F_MRG_RXBUF = 15
-F_STATUS = 16
-F_CTRL_VQ = 17
-F_CTRL_RX = 18
-F_CTRL_VLAN = 19
-F_CTRL_RX_EXTRA = 20
-F_GUEST_ANNOUNCE = 21
-F_MQ = 22
-F_CTRL_MAC_ADDR = 23
-#: GUEST_CSUM TSO4 TSO6 ECN UFO USO4 USO6: what GUEST_OFFLOADS SET may switch
-GUEST_OFFLOAD_BITS = sum(1 << b for b in (1, 7, 8, 9, 10, 54, 55))
 
 #: features every NetDevice offers (MQ and MRG_RXBUF depend on the constructor)
 OFFERED = sum(
@@ -81,43 +85,8 @@ OFFERED = sum(
         F_CTRL_MAC_ADDR,
     )
 )
-#: features meaningless without a control queue (spec 5.1.3.1)
-NEEDS_CTRL_VQ = sum(
-    1 << b
-    for b in (
-        F_CTRL_RX,
-        F_CTRL_VLAN,
-        F_GUEST_ANNOUNCE,
-        F_MQ,
-        F_CTRL_MAC_ADDR,
-        F_CTRL_RX_EXTRA,
-        F_CTRL_GUEST_OFFLOADS,
-    )
-)
-
-# config status bits
-S_LINK_UP = 1
-S_ANNOUNCE = 2
-
-# control queue classes, commands and acks
-CTRL_RX, CTRL_MAC, CTRL_VLAN, CTRL_ANNOUNCE, CTRL_MQ, CTRL_GUEST_OFFLOADS = 0, 1, 2, 3, 4, 5
-RX_PROMISC, RX_ALLMULTI, RX_ALLUNI, RX_NOMULTI, RX_NOUNI, RX_NOBCAST = range(6)
-MAC_TABLE_SET, MAC_ADDR_SET = 0, 1
-VLAN_ADD, VLAN_DEL = 0, 1
-ANNOUNCE_ACK = 0
-MQ_VQ_PAIRS_SET = 0
-GUEST_OFFLOADS_SET = 0
-ACK_OK, ACK_ERR = 0, 1
-
-ETH_HLEN = 14
-BROADCAST = b"\xff" * 6
 #: largest frame either way: a 64 KiB GSO payload plus Ethernet and VLAN headers
 MAX_FRAME = 65536 + 18
-#: MAC table entries kept per table; a longer table means "accept all" of that kind (QEMU)
-MAC_TABLE_ENTRIES = 64
-#: a control command bigger than this is refused unread (two full MAC tables fit easily)
-CTRL_MAX = 64 * 1024
-BATCH = 64
 
 
 class NetBackend(Protocol):
@@ -128,10 +97,6 @@ class NetBackend(Protocol):
     def send(self, frame: bytes) -> None: ...  # device thread; must not block for long
 
     def close(self) -> None: ...
-
-
-#: RxFilter's mode switches, in the order of the CTRL_RX commands
-_RX_MODE = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")
 
 
 def parse_mac(mac: str) -> bytes:
@@ -153,42 +118,6 @@ class NetStats:
     rx_dropped: int = 0  # backlog full: the guest is not posting buffers fast enough
     rx_overrun: int = 0  # inbox full: the device thread is not keeping up (or not running)
     rx_too_big: int = 0  # larger than the buffers the guest posted
-
-
-@dataclass
-class RxFilter:
-    """What the guest asked to receive through the control queue."""
-
-    promisc: bool = False
-    allmulti: bool = True
-    alluni: bool = False
-    nomulti: bool = False
-    nouni: bool = False
-    nobcast: bool = False
-    uni: set[bytes] = field(default_factory=set)
-    multi: set[bytes] = field(default_factory=set)
-    uni_overflow: bool = False
-    multi_overflow: bool = False
-    vlans: set[int] | None = None  # None: no VLAN filtering (CTRL_VLAN not negotiated)
-
-    def accepts(self, frame: bytes, own_mac: bytes) -> bool:
-        if len(frame) < ETH_HLEN:
-            return False
-        if self.promisc:
-            return True
-        if self.vlans is not None and frame[12:14] == b"\x81\x00" and len(frame) >= 16:
-            if int.from_bytes(frame[14:16], "big") & 0xFFF not in self.vlans:
-                return False
-        dst = frame[:6]
-        if dst[0] & 1:
-            if dst == BROADCAST:
-                return not self.nobcast
-            if self.nomulti:
-                return False
-            return self.allmulti or self.multi_overflow or dst in self.multi
-        if self.nouni:
-            return False
-        return self.alluni or self.uni_overflow or dst == own_mac or dst in self.uni
 
 
 def _mac(value: str, what: str) -> bytes:
@@ -214,27 +143,6 @@ def flow_hash(frame: bytes) -> int:
     return zlib.crc32(key)
 
 
-def parse_mac_tables(body: bytes) -> tuple[list[bytes], list[bytes]] | None:
-    """MAC TABLE_SET data: two ``le32 entries; u8 macs[entries][6]``; None if malformed.
-
-    Entry counts come from the guest, so each is checked against the bytes actually there.
-    """
-    tables: list[list[bytes]] = []
-    off = 0
-    for _ in range(2):
-        if len(body) - off < 4:
-            return None
-        (n,) = struct.unpack_from("<I", body, off)
-        off += 4
-        if n > (len(body) - off) // 6:
-            return None
-        tables.append([body[off + 6 * i : off + 6 * i + 6] for i in range(n)])
-        off += 6 * n
-    if off != len(body):
-        return None
-    return tables[0], tables[1]
-
-
 #: frames in one saved backlog at most (the device's bound is smaller; checked on load)
 _FRAMES = 1 << 16
 _FRAME = Bytes(MAX_FRAME)
@@ -248,7 +156,7 @@ STATE = Schema(
         "status": Int(0, S_LINK_UP | S_ANNOUNCE),
         "active_pairs": Int(1, 0x8000),
         "guest_offloads": Int(0, GUEST_OFFLOAD_BITS),
-        "rx_mode": Obj(dict.fromkeys(_RX_MODE, Bool())),
+        "rx_mode": Obj(dict.fromkeys(RX_MODE, Bool())),
         "uni": List(Str(12), MAC_TABLE_ENTRIES),
         "multi": List(Str(12), MAC_TABLE_ENTRIES),
         "uni_overflow": Bool(),
@@ -376,6 +284,14 @@ class NetDevice(VirtioDevice):
         else:
             backlog.append(frame)
 
+    def set_active_pairs(self, pairs: int) -> None:
+        """MQ VQ_PAIRS_SET (``net_ctrl``): receive on the first ``pairs`` pairs only."""
+        self.active_pairs = pairs
+        # frames waiting on pairs that just went idle are spread over the active ones
+        for backlog in self._backlog[pairs:]:
+            while backlog:
+                self._file(backlog.popleft())
+
     @property
     def hdr_len(self) -> int:
         return 12 if self.has(F_VERSION_1) or self.has(F_MRG_RXBUF) else 10
@@ -395,7 +311,7 @@ class NetDevice(VirtioDevice):
             else:
                 self._serve_rx(q)
         elif q.index == 2 * pairs and self.has(F_CTRL_VQ):
-            self._serve_ctrl(q)
+            net_ctrl.serve(self, q)
         else:
             log.info("net: kick on queue %d, not in the negotiated layout", q.index)
 
@@ -512,7 +428,7 @@ class NetDevice(VirtioDevice):
             "status": self.status,
             "active_pairs": self.active_pairs,
             "guest_offloads": self.guest_offloads,
-            "rx_mode": {name: getattr(f, name) for name in _RX_MODE},
+            "rx_mode": {name: getattr(f, name) for name in RX_MODE},
             "uni": sorted(m.hex() for m in f.uni),
             "multi": sorted(m.hex() for m in f.multi),
             "uni_overflow": f.uni_overflow,
@@ -573,104 +489,6 @@ class NetDevice(VirtioDevice):
         self._tx_sent = sent
         for frame in inbox:  # arrived while stopped: filed as if just delivered
             self._file(frame)
-
-    # -- control queue --
-
-    def _serve_ctrl(self, q: Virtqueue) -> None:
-        while True:
-            q.set_kicks(False)
-            while len(batch := q.pop(BATCH)):
-                lengths = []
-                for c in chains(batch):
-                    cmd = gather(self.mem, c, CTRL_MAX)
-                    ack = self._command(cmd) if cmd is not None else ACK_ERR
-                    lengths.append(scatter(self.mem, c, bytes([ack])))
-                q.push(batch.heads, lengths)
-            if not q.set_kicks(True):
-                return
-
-    def _command(self, cmd: bytes) -> int:
-        if len(cmd) < 2:
-            log.info("net: control command of %d bytes", len(cmd))
-            return ACK_ERR
-        cls, op, body = cmd[0], cmd[1], cmd[2:]
-        handler = {
-            CTRL_RX: self._cmd_rx,
-            CTRL_MAC: self._cmd_mac,
-            CTRL_VLAN: self._cmd_vlan,
-            CTRL_ANNOUNCE: self._cmd_announce,
-            CTRL_MQ: self._cmd_mq,
-            CTRL_GUEST_OFFLOADS: self._cmd_offloads,
-        }.get(cls)
-        ok = handler is not None and handler(op, body)
-        if not ok:
-            log.info("net: control class %d command %d (%d bytes) refused", cls, op, len(body))
-        return ACK_OK if ok else ACK_ERR
-
-    def _cmd_rx(self, op: int, body: bytes) -> bool:
-        needs = F_CTRL_RX if op <= RX_ALLMULTI else F_CTRL_RX_EXTRA
-        if op >= len(_RX_MODE) or not self.has(needs) or len(body) != 1:
-            return False
-        setattr(self.filter, _RX_MODE[op], bool(body[0]))
-        return True
-
-    def _cmd_mac(self, op: int, body: bytes) -> bool:
-        if op == MAC_ADDR_SET and self.has(F_CTRL_MAC_ADDR) and len(body) == 6:
-            self.mac = bytes(body)
-            return True
-        if op != MAC_TABLE_SET or not self.has(F_CTRL_RX):
-            return False
-        tables = parse_mac_tables(body)
-        if tables is None:
-            return False
-        uni, multi = tables
-        f = self.filter
-        f.uni_overflow = len(uni) > MAC_TABLE_ENTRIES
-        f.multi_overflow = len(multi) > MAC_TABLE_ENTRIES
-        f.uni = set() if f.uni_overflow else set(uni)
-        f.multi = set() if f.multi_overflow else set(multi)
-        return True
-
-    def _cmd_vlan(self, op: int, body: bytes) -> bool:
-        vlans = self.filter.vlans
-        if vlans is None or op not in (VLAN_ADD, VLAN_DEL) or len(body) != 2:
-            return False
-        vid = int.from_bytes(body, "little")
-        if vid >= 4096:
-            return False
-        if op == VLAN_ADD:
-            vlans.add(vid)
-        else:
-            vlans.discard(vid)
-        return True
-
-    def _cmd_announce(self, op: int, body: bytes) -> bool:
-        if op != ANNOUNCE_ACK or not self.has(F_GUEST_ANNOUNCE) or body:
-            return False
-        self.status &= ~S_ANNOUNCE
-        return True
-
-    def _cmd_mq(self, op: int, body: bytes) -> bool:
-        if op != MQ_VQ_PAIRS_SET or not self.has(F_MQ) or len(body) != 2:
-            return False
-        pairs = int.from_bytes(body, "little")
-        if not 1 <= pairs <= self.max_pairs:
-            return False
-        self.active_pairs = pairs
-        # frames waiting on pairs that just went idle are spread over the active ones
-        for backlog in self._backlog[pairs:]:
-            while backlog:
-                self._file(backlog.popleft())
-        return True
-
-    def _cmd_offloads(self, op: int, body: bytes) -> bool:
-        if op != GUEST_OFFLOADS_SET or not self.has(F_CTRL_GUEST_OFFLOADS) or len(body) != 8:
-            return False
-        offloads = int.from_bytes(body, "little")
-        if offloads & ~(self.driver_features & GUEST_OFFLOAD_BITS):
-            return False
-        self.guest_offloads = offloads
-        return True
 
 
 # -- the device type: ``net:tap:NAME``, ``net:cable`` --

@@ -12,7 +12,8 @@ import struct
 from collections.abc import Callable
 
 from emu.backends.cable import Cable
-from emu.devices.net import (
+from emu.devices.net import NetDevice
+from emu.devices.net_defs import (
     CTRL_MAC,
     CTRL_MQ,
     CTRL_RX,
@@ -21,7 +22,6 @@ from emu.devices.net import (
     F_MRG_RXBUF,
     MAC_TABLE_SET,
     MQ_VQ_PAIRS_SET,
-    NetDevice,
 )
 from emu.ringdefs import F_VERSION_1
 from emu.testing.driver import VirtioMmioDriver
