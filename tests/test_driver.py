@@ -10,13 +10,9 @@ from conftest import EchoDevice
 from modes import RING_MODES
 
 from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_NOTIFICATION_DATA, F_RING_PACKED
-from emu.testing.driver import (
-    DeviceNeedsReset,
-    DriverError,
-    GuestAllocator,
-    QueueFullError,
-    VirtioMmioDriver,
-)
+from emu.testing.driver import DeviceNeedsReset, VirtioMmioDriver
+from emu.testing.driver_queue import DriverError, QueueFullError
+from emu.testing.guest_alloc import GuestAllocator
 from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 

@@ -39,7 +39,8 @@ from emu.state import parts
 from emu.state.format import DeviceState, Part, StateError, decode, encode
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.console import GuestConsole
-from emu.testing.driver import Completion, VirtioMmioDriver
+from emu.testing.driver import VirtioMmioDriver
+from emu.testing.driver_queue import Completion
 from emu.testing.net import GuestNet, ether
 from emu.testing.rng import RngDriver
 from emu.transport.mmio import MmioTransport

@@ -27,7 +27,8 @@ from emu.devices.blk import (
     T_WRITE_ZEROES,
     BlkDevice,
 )
-from emu.testing.driver import Completion, VirtioMmioDriver
+from emu.testing.driver import VirtioMmioDriver
+from emu.testing.driver_queue import Completion
 from emu.testing.inprocess import attached, rings
 
 CFG_NUM_QUEUES = 34

@@ -9,8 +9,8 @@ callback already installed, e.g. a test's counter, is still called after it). Wh
 goes high it sets a ``threading.Event``; ``wait`` sleeps on that event, then reads
 InterruptStatus and ACKs it, like Linux's ``vm_interrupt``, and polls the used ring.
 
-Guest RAM for rings and buffers comes from a bump allocator; each queue recycles its
-buffers by size class, so long runs don't exhaust guest memory.
+The rings and buffers are ``DriverQueue``'s (``emu.testing.driver_queue``), in guest RAM
+from a ``GuestAllocator`` (``emu.testing.guest_alloc``); this module is the transport side.
 
 Stopping (docs/stop.md): ``stop``/``resume`` drive the STOP status bit, ``suspend``/``resume``
 virtio 1.4 SUSPEND, ``ring_state``/``inflight``/``set_ring_state`` the extension registers.
@@ -20,302 +20,31 @@ fresh transport or another process, after the VMM restored the device there.
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
-from dataclasses import dataclass, field
 
-from emu import ringlayout
 from emu.memory import PAGE_SIZE, GuestMemory
 from emu.ringdefs import (
-    DESC_F_AVAIL,
-    DESC_F_INDIRECT,
-    DESC_F_USED,
-    DESC_F_WRITE,
     F_EVENT_IDX,
     F_IN_ORDER,
     F_INDIRECT_DESC,
     F_NOTIFICATION_DATA,
     F_RING_PACKED,
-    RING_EVENT_FLAGS_DESC,
-    RING_EVENT_FLAGS_DISABLE,
-    USED_F_NO_NOTIFY,
     RingState,
 )
+from emu.testing.driver_queue import LEGACY_ALIGN, Completion, DriverError, DriverQueue
+from emu.testing.guest_alloc import GuestAllocator
 from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 #: features this driver cannot honour, left out when the caller does not choose features
 _UNSUPPORTED = 1 << F_IN_ORDER | 1 << 39  # NOTIF_CONFIG_DATA
-_LEGACY_ALIGN = PAGE_SIZE
-_MIN_BUF = 64
 
-__all__ = [
-    "Completion",
-    "DeviceNeedsReset",
-    "DriverError",
-    "DriverQueue",
-    "GuestAllocator",
-    "QueueFullError",
-    "VirtioMmioDriver",
-]
-
-
-class DriverError(Exception):
-    """The device did something a driver cannot go on from."""
+__all__ = ["DeviceNeedsReset", "VirtioMmioDriver"]
 
 
 class DeviceNeedsReset(DriverError):
     """The device set DEVICE_NEEDS_RESET (and raised a config interrupt)."""
-
-
-class QueueFullError(DriverError):
-    """Not enough free descriptors for the request; poll completions first."""
-
-
-def _need_event(event: int, new: int, old: int) -> bool:
-    """Did the index move past ``event`` going from ``old`` to ``new`` (16-bit, wrapping)?"""
-    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
-
-
-def _align(value: int, align: int) -> int:
-    return (value + align - 1) & -align
-
-
-class GuestAllocator:
-    """Bump allocator over guest RAM; page 0 is skipped so a zero gpa is always a bug."""
-
-    def __init__(self, mem: GuestMemory, start: int | None = None, end: int | None = None) -> None:
-        region = mem.regions[0]
-        self.start = region.gpa + PAGE_SIZE if start is None else start
-        self.end = region.end if end is None else end
-        self.next = self.start
-
-    def alloc(self, size: int, align: int = 16) -> int:
-        gpa = _align(self.next, align)
-        if gpa + size > self.end:
-            raise MemoryError(f"guest allocator full: {size:#x} bytes wanted at {gpa:#x}")
-        self.next = gpa + size
-        return gpa
-
-
-@dataclass
-class Completion:
-    token: int  # what add()/submit() returned
-    length: int  # used length written by the device
-    data: bytes  # the device-writable buffers' bytes concatenated (full in_sizes)
-
-
-@dataclass
-class _Request:
-    token: int
-    slots: int  # ring descriptors the chain took
-    descs: list[int]  # split: descriptor indices to free
-    bufs: list[tuple[int, int]] = field(default_factory=list)  # (gpa, size class) to recycle
-    ins: list[tuple[int, int]] = field(default_factory=list)  # writable (gpa, size)
-
-
-class DriverQueue:
-    """Guest side of one virtqueue, split or packed."""
-
-    def __init__(
-        self,
-        mem: GuestMemory,
-        alloc: GuestAllocator,
-        index: int,
-        size: int,
-        *,
-        packed: bool,
-        event_idx: bool,
-        indirect: bool,
-    ) -> None:
-        self.mem = mem
-        self.alloc = alloc
-        self.index = index
-        self.size = size
-        self.packed = packed
-        self.event_idx = event_idx
-        self.indirect = indirect
-        self._free_bufs: dict[int, list[int]] = {}
-        self._inflight: dict[int, _Request] = {}
-        self._tokens = 0
-        self._added = 0  # slots made available since the last kick_needed()
-        if packed:
-            self.desc = alloc.alloc(16 * size, 16)
-            self.driver = alloc.alloc(4, 4)
-            self.device = alloc.alloc(4, 4)
-            self._next_avail = self._next_used = 0
-            self._avail_wrap = self._used_wrap = 1
-            self._free_slots = size
-            self._free_ids = list(range(size - 1, -1, -1))
-            mem.write(self.desc, bytes(16 * size))
-            mem.write(self.driver, bytes(4))
-            mem.write(self.device, bytes(4))
-        else:
-            # the legacy layout (one block, used ring page aligned) suits the modern
-            # transport as well, so both share it
-            avail_end = 16 * size + 6 + 2 * size
-            total = _align(avail_end, _LEGACY_ALIGN) + 6 + 8 * size
-            self.desc = alloc.alloc(total, PAGE_SIZE)
-            self.driver = self.desc + 16 * size
-            self.device = self.desc + _align(avail_end, _LEGACY_ALIGN)
-            self._free_descs = list(range(size - 1, -1, -1))
-            self._avail_idx = self._last_used = 0
-            mem.write(self.desc, bytes(total))
-
-    # -- making buffers available --
-
-    def free_slots(self) -> int:
-        return self._free_slots if self.packed else len(self._free_descs)
-
-    def add(self, out: list[bytes], in_sizes: list[int], *, indirect: bool | None = None) -> int:
-        """Queue one request; ``indirect`` forces (True) or forbids (False) an indirect table,
-        None uses one for multi-descriptor chains when INDIRECT_DESC was negotiated."""
-        n = len(out) + len(in_sizes)
-        if n == 0:
-            raise ValueError("a request needs at least one buffer")
-        use_indirect = self.indirect and n > 1 if indirect is None else indirect
-        slots = 1 if use_indirect else n
-        if slots > self.free_slots():
-            raise QueueFullError(
-                f"queue {self.index}: {slots} descriptors wanted, {self.free_slots()} free"
-            )
-        req = _Request(self._tokens, slots, [])
-        self._tokens += 1
-        segs: list[tuple[int, int, int]] = []
-        for data in out:
-            gpa = self._buffer(req, len(data))
-            self.mem.write(gpa, data)
-            segs.append((gpa, len(data), 0))
-        for size in in_sizes:
-            gpa = self._buffer(req, size)
-            self.mem.write(gpa, bytes(size))
-            req.ins.append((gpa, size))
-            segs.append((gpa, size, DESC_F_WRITE))
-        if use_indirect:
-            table = self._buffer(req, 16 * n)
-            self.mem.write(table, ringlayout.indirect_table(segs, self.packed))
-            segs = [(table, 16 * n, DESC_F_INDIRECT)]
-        if self.packed:
-            self._add_packed(req, segs)
-        else:
-            self._add_split(req, segs)
-        self._added += slots
-        return req.token
-
-    def _buffer(self, req: _Request, size: int) -> int:
-        cls = max(_MIN_BUF, 1 << (size - 1).bit_length())
-        free = self._free_bufs.get(cls)
-        gpa = free.pop() if free else self.alloc.alloc(cls, 16)
-        req.bufs.append((gpa, cls))
-        return gpa
-
-    def _add_split(self, req: _Request, segs: list[tuple[int, int, int]]) -> None:
-        req.descs = [self._free_descs.pop() for _ in segs]
-        head = ringlayout.write_split_chain(self.mem, self.desc, req.descs, segs)
-        self._inflight[head] = req
-        self._avail_idx = ringlayout.offer_split(
-            self.mem, self.driver, self.size, self._avail_idx, [head]
-        )
-
-    def _add_packed(self, req: _Request, segs: list[tuple[int, int, int]]) -> None:
-        buf_id = self._free_ids.pop()
-        self._inflight[buf_id] = req
-        slot, wrap = ringlayout.offer_packed(
-            self.mem, self.desc, self.size, self._next_avail, bool(self._avail_wrap), buf_id, segs
-        )
-        self._next_avail, self._avail_wrap = slot, int(wrap)
-        self._free_slots -= len(segs)
-
-    # -- notifications --
-
-    def kick_needed(self) -> bool:
-        """Does the device want a notification for what was added since the last call?"""
-        added, self._added = self._added, 0
-        if self.packed:
-            new = self._next_avail
-            old = (new - added) & 0xFFFF
-            off_wrap, flags = struct.unpack("<HH", self.mem.read(self.device, 4))
-            if flags != RING_EVENT_FLAGS_DESC:
-                return flags != RING_EVENT_FLAGS_DISABLE
-            event = off_wrap & 0x7FFF
-            if off_wrap >> 15 != self._avail_wrap:
-                event -= self.size
-            return _need_event(event & 0xFFFF, new, old)
-        new = self._avail_idx
-        old = (new - added) & 0xFFFF
-        if self.event_idx:
-            avail_event = self.mem.read_int(self.device + 4 + 8 * self.size, 2)
-            return _need_event(avail_event, new, old)
-        return not self.mem.read_int(self.device, 2) & USED_F_NO_NOTIFY
-
-    def notification_data(self) -> int:
-        """The upper 16 bits of a VIRTIO_F_NOTIFICATION_DATA notify: next_off | next_wrap."""
-        if self.packed:
-            return self._next_avail | self._avail_wrap << 15
-        return self._avail_idx
-
-    # -- collecting used buffers --
-
-    def poll(self) -> list[Completion]:
-        """Everything the device has used so far; re-arms the used-buffer interrupt."""
-        done: list[Completion] = []
-        while True:
-            if self.packed:
-                self._poll_packed(done)
-            else:
-                self._poll_split(done)
-            if not self._rearm():
-                return done
-
-    def _poll_split(self, done: list[Completion]) -> None:
-        used_idx = self.mem.read_int(self.device + 2, 2)
-        if (used_idx - self._last_used) & 0xFFFF > self.size:
-            raise DriverError(f"queue {self.index}: used idx jumped to {used_idx}")
-        while self._last_used != used_idx:
-            elem = self.device + 4 + 8 * (self._last_used % self.size)
-            head, length = struct.unpack("<II", self.mem.read(elem, 8))
-            req = self._complete(head, length, done)
-            self._free_descs.extend(reversed(req.descs))
-            self._last_used = (self._last_used + 1) & 0xFFFF
-
-    def _poll_packed(self, done: list[Completion]) -> None:
-        while True:
-            gpa = self.desc + 16 * self._next_used
-            _, length, buf_id, flags = ringlayout.DESC.unpack(self.mem.read(gpa, 16))
-            used = bool(flags & DESC_F_USED)
-            if used != bool(flags & DESC_F_AVAIL) or used != bool(self._used_wrap):
-                return
-            req = self._complete(buf_id, length, done)
-            self._free_ids.append(buf_id)
-            self._free_slots += req.slots
-            self._next_used += req.slots
-            if self._next_used >= self.size:
-                self._next_used -= self.size
-                self._used_wrap ^= 1
-
-    def _complete(self, key: int, length: int, done: list[Completion]) -> _Request:
-        req = self._inflight.pop(key, None)
-        if req is None:
-            raise DriverError(f"queue {self.index}: device used buffer {key}, not in flight")
-        data = b"".join(self.mem.read(gpa, size) for gpa, size in req.ins)
-        done.append(Completion(req.token, length, data))
-        for gpa, cls in req.bufs:
-            self._free_bufs.setdefault(cls, []).append(gpa)
-        return req
-
-    def _rearm(self) -> bool:
-        """Ask for an interrupt at the next used buffer; True if one slipped in meanwhile."""
-        if not self.event_idx:
-            return False
-        if self.packed:
-            off_wrap = self._next_used | self._used_wrap << 15
-            self.mem.write(self.driver, struct.pack("<HH", off_wrap, RING_EVENT_FLAGS_DESC))
-            flags = self.mem.read_int(self.desc + 16 * self._next_used + 14, 2)
-            used = bool(flags & DESC_F_USED)
-            return used == bool(flags & DESC_F_AVAIL) == bool(self._used_wrap)
-        self.mem.write_int(self.driver + 4 + 2 * self.size, 2, self._last_used)
-        return self.mem.read_int(self.device + 2, 2) != self._last_used
 
 
 class VirtioMmioDriver:
@@ -453,7 +182,7 @@ class VirtioMmioDriver:
         self._write(mmio_regs.QUEUE_SEL, q.index)
         self._write(mmio_regs.QUEUE_SIZE, q.size)
         if self.legacy:
-            self._write(mmio_regs.QUEUE_ALIGN, _LEGACY_ALIGN)
+            self._write(mmio_regs.QUEUE_ALIGN, LEGACY_ALIGN)
             self._write(mmio_regs.QUEUE_PFN, q.desc // PAGE_SIZE)
             return
         for reg, gpa in (

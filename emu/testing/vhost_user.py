@@ -13,7 +13,8 @@ import time
 from typing import Any
 
 from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_RING_PACKED
-from emu.testing.driver import Completion, DriverQueue, GuestAllocator
+from emu.testing.driver_queue import Completion, DriverQueue
+from emu.testing.guest_alloc import GuestAllocator
 from emu.vhost_user.frontend import VhostUserFrontend
 
 
