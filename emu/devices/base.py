@@ -233,6 +233,11 @@ class VirtioDevice:
         """Back to work: in-flight chains are handed to the device again before new ones."""
         self._post(self._resume, wait=False)
 
+    def sync(self, timeout: float | None = None) -> None:
+        """Wait until every command posted so far is carried out (a caller that posted
+        without waiting, e.g. under a lock, and now wants the outcome)."""
+        self._post(lambda: None, wait=False).wait(timeout)
+
     def reset(self) -> None:
         """Device reset: forget rings and negotiated state."""
         self.request_reset().wait()

@@ -637,10 +637,15 @@ class MmioTransport:
             raise TimeoutError(f"{self.device.name}: not stopped after {timeout} s")
 
     def vmm_resume(self) -> None:
-        """Let the device run again, unless the guest holds it stopped itself."""
+        """Let the device run again, unless the guest holds it stopped itself; returns once
+        the device has."""
         with self._lock:
-            if not self.vmm_stopped:
-                return
+            self._vmm_release()
+        self.device.sync()
+
+    def _vmm_release(self) -> None:
+        """The VMM's hold goes (lock held: posts commands, never waits)."""
+        if self.vmm_stopped:
             self.vmm_stopped = False
             if self._guest_stop_pending:  # the guest asked meanwhile: now it gets its stop
                 self._guest_stop_pending = False
@@ -685,14 +690,12 @@ class MmioTransport:
             self._guest_stop_pending = regs["guest_stop_pending"]
             self._config_pending = regs["config_pending"]
             self.status = restored.status
-            activated = None
             if self.status & S_DRIVER_OK:
-                activated = self._activate(bool(self.vmm_stopped or self.status & _GUEST_HOLDS))
+                self._activate(bool(self.vmm_stopped or self.status & _GUEST_HOLDS))
             if self.interrupt_status:
                 self._set_irq(1)
-            self.vmm_resume()
-        if activated is not None:
-            activated.wait()
+            self._vmm_release()
+        self.device.sync()  # activation and resume done: the device runs as it was saved
 
     # -- interrupts (called from the device thread too) --
 
