@@ -32,7 +32,13 @@ from emu.ringdefs import (
     F_RING_PACKED,
     RingState,
 )
-from emu.testing.driver_queue import LEGACY_ALIGN, Completion, DriverError, DriverQueue
+from emu.testing.driver_queue import (
+    LEGACY_ALIGN,
+    Completion,
+    DriverError,
+    DriverQueue,
+    QueueUser,
+)
 from emu.testing.guest_alloc import GuestAllocator
 from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
@@ -47,7 +53,7 @@ class DeviceNeedsReset(DriverError):
     """The device set DEVICE_NEEDS_RESET (and raised a config interrupt)."""
 
 
-class VirtioMmioDriver:
+class VirtioMmioDriver(QueueUser):
     """Drives one ``MmioTransport`` the way Linux's virtio_mmio + virtio core do.
 
     ``stop_feature_bit``: where this driver expects the experimental VIRTIO_F_EMU_STOP.
@@ -222,39 +228,19 @@ class VirtioMmioDriver:
 
     # -- requests --
 
-    def submit(self, qidx: int, out: list[bytes], in_sizes: list[int]) -> int:
-        q = self.queues[qidx]
-        token = q.add(out, in_sizes)
-        if q.kick_needed():
-            self.kick(qidx)
-        return token
-
     def kick(self, qidx: int) -> None:
         value = qidx
         if self._has(F_NOTIFICATION_DATA):
             value |= self.queues[qidx].notification_data() << 16
         self._write(mmio_regs.QUEUE_NOTIFY, value)
 
-    def wait(self, qidx: int, count: int = 1, timeout: float = 5.0) -> list[Completion]:
-        """The next ``count`` completions of queue ``qidx``, sleeping on the interrupt."""
-        q = self.queues[qidx]
-        got = self._backlog.pop(qidx, [])
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                got += q.poll()
-                if len(got) >= count:
-                    break
-                if not self._irq.wait(max(0.0, deadline - time.monotonic())):
-                    raise TimeoutError(f"queue {qidx}: {len(got)} of {count} completions")
-                self._irq.clear()
-                self.handle_interrupt()
-        finally:
-            if len(got) > count:
-                self._backlog[qidx] = got[count:]
-            elif len(got) < count:
-                self._backlog[qidx] = got
-        return got[:count]
+    def sleep(self, qidx: int, timeout: float) -> bool:
+        """Until the interrupt line goes high, then read and ACK InterruptStatus."""
+        if not self._irq.wait(timeout):
+            return False
+        self._irq.clear()
+        self.handle_interrupt()
+        return True
 
     def handle_interrupt(self) -> int:
         """Read and ACK InterruptStatus until it stays clear (a level-triggered line)."""

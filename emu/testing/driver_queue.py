@@ -10,6 +10,8 @@ size class.
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from emu import ringlayout
@@ -260,3 +262,41 @@ class DriverQueue:
             return used == bool(flags & DESC_F_AVAIL) == bool(self._used_wrap)
         self.mem.write_int(self.driver + 4 + 2 * self.size, 2, self._last_used)
         return self.mem.read_int(self.device + 2, 2) != self._last_used
+
+
+class QueueUser:
+    """``submit`` and ``wait`` over a driver's queues, whatever carries kicks and
+    interrupts: the transport's driver supplies ``kick`` and ``sleep``."""
+
+    queues: dict[int, DriverQueue]
+    _backlog: dict[int, list[Completion]]
+    #: notify the device of queue ``qidx``
+    kick: Callable[[int], None]
+    #: sleep until queue ``qidx`` may have news (interrupt, call eventfd); False on timeout
+    sleep: Callable[[int, float], bool]
+
+    def submit(self, qidx: int, out: list[bytes], in_sizes: list[int]) -> int:
+        q = self.queues[qidx]
+        token = q.add(out, in_sizes)
+        if q.kick_needed():
+            self.kick(qidx)
+        return token
+
+    def wait(self, qidx: int, count: int = 1, timeout: float = 5.0) -> list[Completion]:
+        """The next ``count`` completions of queue ``qidx``."""
+        q = self.queues[qidx]
+        got = self._backlog.pop(qidx, [])
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                got += q.poll()
+                if len(got) >= count:
+                    break
+                if not self.sleep(qidx, max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"queue {qidx}: {len(got)} of {count} completions")
+        finally:
+            if len(got) > count:
+                self._backlog[qidx] = got[count:]
+            elif len(got) < count:
+                self._backlog[qidx] = got
+        return got[:count]

@@ -9,16 +9,15 @@ exactly as they drive an in-process device. The protocol is the bridge's
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, F_RING_PACKED
-from emu.testing.driver_queue import Completion, DriverQueue
+from emu.testing.driver_queue import Completion, DriverQueue, QueueUser
 from emu.testing.guest_alloc import GuestAllocator
 from emu.vhost_user.frontend import VhostUserFrontend
 
 
-class VhostUserDriver(VhostUserFrontend):
+class VhostUserDriver(QueueUser, VhostUserFrontend):
     queues: dict[int, DriverQueue]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -40,28 +39,5 @@ class VhostUserDriver(VhostUserFrontend):
         self.setup_vring(q)
         return q
 
-    def submit(self, qidx: int, out: list[bytes], in_sizes: list[int]) -> int:
-        q = self.queues[qidx]
-        token = q.add(out, in_sizes)
-        if q.kick_needed():
-            self.kick(qidx)
-        return token
-
-    def wait(self, qidx: int, count: int = 1, timeout: float = 5.0) -> list[Completion]:
-        """The next ``count`` completions of queue ``qidx``, sleeping on its call eventfd."""
-        q = self.queues[qidx]
-        got = self._backlog.pop(qidx, [])
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                got += q.poll()
-                if len(got) >= count:
-                    break
-                if not self.wait_call(qidx, deadline - time.monotonic()):
-                    raise TimeoutError(f"queue {qidx}: {len(got)} of {count} completions")
-        finally:
-            if len(got) > count:
-                self._backlog[qidx] = got[count:]
-            elif len(got) < count:
-                self._backlog[qidx] = got
-        return got[:count]
+    def sleep(self, qidx: int, timeout: float) -> bool:
+        return self.wait_call(qidx, timeout)
