@@ -58,6 +58,11 @@ def checked_save(state: DeviceState, target: Target) -> DeviceState:
     return state
 
 
+#: device status bit DEVICE_NEEDS_RESET: a state saved with it restores as a device that
+#: still needs a reset, never one that runs its rings again
+NEEDS_RESET = 0x40
+
+
 def save_device(
     dev: VirtioDevice,
     status: int,
@@ -68,6 +73,9 @@ def save_device(
         raise StateError(
             f"{dev.name}: stop the device before saving it (it is {dev.run_state.value})"
         )
+    if dev.run_state is RunState.BROKEN and not status & NEEDS_RESET:
+        # its rings are gone: only a state that says "needs a reset" restores it safely
+        raise StateError(f"{dev.name}: the device needs a reset ({dev.broken}); nothing to save")
     out = [
         parts.make(parts.DEV_FEATURES, dev.features),
         parts.make(parts.DRV_FEATURES, dev.driver_features),

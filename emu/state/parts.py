@@ -40,6 +40,8 @@ DEVICE_BASE = 0xE100
 
 #: a state's JSON is a few levels deep; anything deeper is refused, not parsed further
 MAX_JSON_DEPTH = 16
+#: lists and objects in one JSON part (a device part needs a few dozen)
+MAX_JSON_CONTAINERS = 1 << 16
 #: feature bits a part may carry (the spec defines 128 so far)
 MAX_FEATURE_BYTES = 64
 #: chains in flight on one queue at most: one per head of the largest ring
@@ -163,6 +165,9 @@ def _no_constant(name: str) -> Any:
 
 
 def _json_dec(b: bytes) -> Any:
+    # every list or object costs far more in memory than its two bytes: count them first
+    if b.count(b"[") + b.count(b"{") > MAX_JSON_CONTAINERS:
+        raise StateError(f"JSON part holds more than {MAX_JSON_CONTAINERS} lists and objects")
     try:
         value = json.loads(b, parse_constant=_no_constant)
     except RecursionError:

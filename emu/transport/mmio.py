@@ -271,7 +271,8 @@ class MmioTransport:
         if offset == QUEUE_READY:
             return int(q is not None and q.ready)
         if offset == QUEUE_PFN:
-            return q.desc // self.guest_page_size if q is not None and q.ready else 0
+            ready = q is not None and q.ready and self.guest_page_size
+            return q.desc // self.guest_page_size if ready else 0
         if offset == INTERRUPT_STATUS:
             return self.interrupt_status
         if offset == STATUS:
@@ -405,9 +406,10 @@ class MmioTransport:
         if not self._has(self.stop_feature_bit) or not self._guest_sees_stopped():
             log.warning("virtio-mmio: %#x read while not stopped (or without the feature)", offset)
             return 0
-        if q is None or not q.started:
+        ring = q.ring if q is not None else None  # one look: another vCPU may stop it now
+        if ring is None:
             return 0
-        rs = q.state()
+        rs = ring.state()
         if offset == QUEUE_INFLIGHT:
             return len(rs.inflight)
         return encode_ring_state(rs, q.packed)
@@ -425,6 +427,15 @@ class MmioTransport:
         if packed and not (rs.next_avail < q.size and rs.next_used < q.size):
             log.warning(
                 "virtio-mmio: queue %d: ring state %#x beyond size %d", q.index, value, q.size
+            )
+            return
+        # the register carries no in-flight list, so the ring must have nothing in flight:
+        # otherwise the device would run a ring that no snapshot of it could describe
+        if (rs.next_avail, rs.avail_wrap) != (rs.next_used, rs.used_wrap):
+            log.warning(
+                "virtio-mmio: queue %d: ring state %#x leaves chains in flight; refused",
+                q.index,
+                value,
             )
             return
         self.device.restore_queue(q.index, rs, [])
@@ -680,7 +691,11 @@ class MmioTransport:
             raise StateError("restore needs a fresh transport and device")
         checked = check_restore(self.device, state, REGISTERS, self.mem)
         regs = check_registers(
-            checked.transport, self.version, self.offered_features, len(self.device.queues)
+            checked.transport,
+            self.version,
+            self.offered_features,
+            len(self.device.queues),
+            checked.status,
         )
         restored = apply(self.device, checked)
         with self._lock:
@@ -690,7 +705,9 @@ class MmioTransport:
             self._guest_stop_pending = regs["guest_stop_pending"]
             self._config_pending = regs["config_pending"]
             self.status = restored.status
-            if self.status & S_DRIVER_OK:
+            if self.status & S_DEVICE_NEEDS_RESET:  # saved broken: it stays so, rings untouched
+                self.device.fail("restored from a state saved needing a reset", wait=False)
+            elif self.status & S_DRIVER_OK:
                 self._activate(bool(self.vmm_stopped or self.status & _GUEST_HOLDS))
             if self.interrupt_status:
                 self._set_irq(1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from emu.state.format import StateError
 from emu.state.schema import Bool, Const, Int, List, Schema
-from emu.transport.mmio_regs import INT_CONFIG, INT_VRING, is_pow2
+from emu.transport.mmio_regs import INT_CONFIG, INT_VRING, S_STOP, S_SUSPEND, is_pow2
 
 _U32 = 0xFFFFFFFF
 #: the TRANSPORT part ``save`` writes and ``restore`` reads: every register, typed and ranged
@@ -39,11 +39,18 @@ SAVED_REGISTERS = tuple(
 )
 
 
-def check_registers(regs: dict | None, version: int, offered: int, queues: int) -> dict:
+def check_registers(
+    regs: dict | None, version: int, offered: int, queues: int, status: int
+) -> dict:
     """The TRANSPORT part (types and ranges already checked by REGISTERS) against a
-    transport of ``version`` offering ``offered`` over a device with ``queues`` queues."""
+    transport of ``version`` offering ``offered`` over a device with ``queues`` queues, and
+    against the saved device ``status``."""
     if regs is None:
         raise StateError("the state carries no virtio-mmio registers")
+    if regs["guest_stop_pending"] and not (regs["vmm_stopped"] and status & (S_STOP | S_SUSPEND)):
+        raise StateError(
+            "saved guest_stop_pending without a VMM stop and a guest STOP/SUSPEND in the status"
+        )
     if regs["version"] != version:
         raise StateError(f"saved virtio-mmio version {regs['version']}, this is {version}")
     if regs["driver_features"] & ~offered:

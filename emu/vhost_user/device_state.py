@@ -96,10 +96,19 @@ class TransferError(Exception):
 
 
 class Transfer:
-    """One SET_DEVICE_STATE_FD transfer on its own thread; owns (and closes) the fd."""
+    """One SET_DEVICE_STATE_FD transfer on its own thread; owns (and closes) the fd.
+
+    The fd is made non-blocking: a frontend that stops reading a pipe it filled must not
+    hold the thread (and so the session's cleanup) in a write past the deadline.
+    """
 
     def __init__(self, fd: int, direction: int, data: bytes = b"") -> None:
         self.fd, self.direction, self.data = fd, direction, data
+        try:
+            os.set_blocking(fd, False)
+        except OSError:
+            os.close(fd)
+            raise
         self.received = bytearray()
         self.error: str | None = None
         self._cancelled = threading.Event()
