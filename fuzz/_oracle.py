@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 
 class Finding(AssertionError):
@@ -49,6 +50,8 @@ class Watch:
 
     def __init__(self, fds: bool = False, threads: bool = False) -> None:
         self.fds, self.threads = fds, threads
+        #: says what still holds a leaked fd, when a target knows (part of the message)
+        self.hint: Callable[[set[int]], str] = lambda leaked: ""
 
     def __enter__(self) -> Watch:
         quiet_emu_logging()
@@ -70,7 +73,7 @@ class Watch:
             leaked = open_fds() - self.fd0
             if leaked:
                 what = {fd: _describe(fd) for fd in sorted(leaked)}
-                raise Finding(f"fds leaked: {what}")
+                raise Finding(f"fds leaked: {what}{self.hint(leaked)}")
 
     def _threads_left(self) -> list[threading.Thread]:
         deadline = time.monotonic() + 2.0  # a daemon helper may be on its way out

@@ -36,6 +36,21 @@ OPEN: dict[str, tuple[str, str]] = {
         r"emu refused its own snapshot: saved driver features 0x[0-9a-f]+ are not all offered",
         "a snapshot taken while DriverFeatures holds unoffered bits is refused by its restore",
     ),
+    # SET_LOG_BASE, then disconnect: Session.close leaves the dirty log mapped (the mmap
+    # holds a dup of the frontend's fd); the device's callbacks keep the Session, and so
+    # the mapping, alive until the next frontend connects
+    "vhost_user/dirty-log-kept-after-close": (
+        r"fds leaked: .*\(the dirty log is still mapped after Session.close\)",
+        "Session.close does not unmap the dirty log: the frontend's log fd outlives the "
+        "connection",
+    ),
+    # SET_MEM_TABLE with a region whose mmap offset is not page aligned (0x123): refused,
+    # and its fd is never closed (GuestMemory.add_fd_region raises before its try, and
+    # MemoryTable.add only expects OSError/ValueError from it)
+    "vhost_user/refused-region-fd-leak": (
+        r"fds leaked: .*\(a memory-table fd: the shared RAM\)",
+        "each refused memory region (unaligned mmap offset) leaks its fd (issue 8)",
+    ),
 }
 
 

@@ -114,6 +114,7 @@ class Frontend:
         self.ours.setblocking(False)
         self.session = Session(self.dev, theirs)
         self.ram = self._memfd(RAM, sealed=not how & 0x80)
+        self.ram_inode = os.fstat(self.ram).st_ino
         self.kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(4)]
         self.closed = False
         self.kept: list[int] = []
@@ -366,8 +367,9 @@ def _state_for(f: Frontend) -> bytes:
 
 def one_input(data: bytes) -> None:
     d = Draw(data)
-    with Watch(fds=True, threads=True):
+    with Watch(fds=True, threads=True) as watch:
         f = Frontend(d)
+        watch.hint = lambda leaked: _holder(f, leaked)
         try:
             for _ in range(MAX_STEPS):
                 if not d.left or f.closed:
@@ -384,6 +386,21 @@ def one_input(data: bytes) -> None:
                     _message(f, op, p)
         finally:
             f.close()
+
+
+def _holder(f: Frontend, leaked: set[int]) -> str:
+    """Who keeps a leaked fd open, where the target can tell."""
+    from emu.vhost_user import dirty_log
+
+    if f.session in getattr(dirty_log, "_logs", {}):
+        return " (the dirty log is still mapped after Session.close)"
+    for fd in leaked:
+        try:
+            if os.fstat(fd).st_ino == f.ram_inode:
+                return " (a memory-table fd: the shared RAM)"
+        except OSError:
+            pass
+    return ""
 
 
 def _step(op: object, params: bytes = b"") -> bytes:
