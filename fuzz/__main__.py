@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from fuzz import TARGETS
+from fuzz.known import tolerant
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,34 +48,12 @@ def replay(target: str, files: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _tolerant(one_input, target: str):
-    """``one_input`` that counts failures of known open defects (fuzz/known.py) instead."""
-    from fuzz.known import patterns
-
-    known = patterns(target)
-    seen: dict[str, int] = {}
-
-    def run(data: bytes) -> None:
-        try:
-            one_input(data)
-        except Exception as e:
-            text = f"{type(e).__name__}: {e}"
-            match = next((p.pattern for p in known if p.search(text)), None)
-            if match is None:
-                raise
-            if match not in seen:
-                print(f"known open defect (fuzz/known.py): {text[:200]}", file=sys.stderr)
-            seen[match] = seen.get(match, 0) + 1
-
-    return run
-
-
 def fuzz(target: str, args: argparse.Namespace) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["emu", "fuzz"]):
         mod = load(target)
-    one_input = mod.one_input if args.strict else _tolerant(mod.one_input, target)
+    one_input = mod.one_input if args.strict else tolerant(mod.one_input, target)
     work = Path(args.work_dir or HERE / ".work" / target)
     work.mkdir(parents=True, exist_ok=True)
     flags = [

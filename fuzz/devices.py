@@ -21,7 +21,7 @@ import struct
 
 import numpy as np
 
-from emu.devices import blk, console, net
+from emu.devices import blk, console
 from emu.devices.base import DeviceError, VirtioDevice
 from emu.memory import GuestMemory, GuestMemoryError
 from emu.queue import Virtqueue

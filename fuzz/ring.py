@@ -317,3 +317,26 @@ def one_input(data: bytes) -> None:
             else:  # the avail index jumps anywhere
                 p.avail_idx = d.u16()
                 p.write(p.areas[1] + 2, p.avail_idx.to_bytes(2, "little"))
+
+
+def seeds() -> dict[str, bytes]:
+    """Chains offered, popped, pushed back, notified, restored; split and packed, each
+    feature combination; one with an indirect table."""
+    out = {}
+    for packed in (0, 1):
+        for features in (0, 1, 2, 3, 4, 7):
+            prog = bytes([packed, 7 if packed else 3, 0, features, 0])  # size 8
+            for head in range(3):
+                # offer: 2 descriptors, a readable one and a writable one
+                prog += bytes([0, 1, head]) + (b"" if not packed else b"\0")
+                prog += bytes([head * 8, 8, 0, head * 8 + 4, 16, 2])
+            prog += bytes([4, 9])  # pop all
+            prog += bytes([6, 0, 2, 0, 32, 0, 16])  # push the first two, in fetch order
+            prog += bytes([7, 1, 9])  # notify on, restore
+            prog += bytes([6, 0, 1, 0, 0])  # push the last one
+            out[f"{'packed' if packed else 'split'}-f{features}"] = prog
+    # an indirect table of two entries in table slot 0, then a chain of just that table
+    table = bytes([2, 0, 0, 0, 0, 16, 0, 1, 1, 0]) + bytes([2, 0, 0, 1, 8, 16, 2, 0, 0, 0])
+    head = bytes([0, 0, 0, 0xC0, 4, 4])
+    out["split-indirect"] = bytes([0, 3, 0, 1, 0]) + table + head + bytes([4, 9, 6, 0, 1, 0, 8])
+    return out

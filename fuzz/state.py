@@ -39,9 +39,8 @@ def one_input(data: bytes) -> None:
         body += hashlib.sha256(body).digest()
     MEM.regions[0].array[:] = 0
     with Watch(fds=True, threads=True):
-        try:
-            state = decode(body)
-        except StateError:
+        state = _refused_only("decode", decode, body)
+        if state is REFUSED:
             return
         _show(state)
         _vhost_user_check(state, variant)
@@ -159,7 +158,9 @@ def seeds() -> dict[str, bytes]:
                 tag = f"{name}-v{variant}-{'packed' if packed else 'split'}"
                 out[tag] = bytes([1 | variant << 2]) + data[:-32]
                 out[f"{tag}-raw"] = bytes([0 | variant << 2]) + data
-                out[f"{tag}-no-transport"] = bytes([2 | variant << 2]) + _without_transport(data)[:-32]
+                out[f"{tag}-no-transport"] = (
+                    bytes([2 | variant << 2]) + _without_transport(data)[:-32]
+                )
         legacy = _saved(dev_id, 0, False, 1)
         out[f"{name}-legacy"] = bytes([1 | 0x10]) + legacy[:-32]
     return out
