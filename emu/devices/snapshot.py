@@ -35,7 +35,7 @@ def target_of(dev: VirtioDevice, transport: Schema | None = None) -> Target:
     return Target(
         dev.device_id,
         dev.name,
-        dev.features,
+        dev.features | dev.legacy_features,  # a legacy transport also offers those
         tuple(q.max_size for q in dev.queues),
         dev.state_schema,
         transport,
@@ -77,7 +77,7 @@ def save_device(
         # its rings are gone: only a state that says "needs a reset" restores it safely
         raise StateError(f"{dev.name}: the device needs a reset ({dev.broken}); nothing to save")
     out = [
-        parts.make(parts.DEV_FEATURES, dev.features),
+        parts.make(parts.DEV_FEATURES, dev.features | dev.legacy_features),
         parts.make(parts.DRV_FEATURES, dev.driver_features),
         parts.make(parts.DEVICE_STATUS, status & 0xFF),
     ]

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from emu.state.format import StateError
 from emu.state.schema import Bool, Const, Int, List, Schema
-from emu.transport.mmio_regs import INT_CONFIG, INT_VRING, S_STOP, S_SUSPEND, is_pow2
+from emu.transport.mmio_regs import (
+    INT_CONFIG,
+    INT_VRING,
+    S_FEATURES_OK,
+    S_STOP,
+    S_SUSPEND,
+    is_pow2,
+)
 
 _U32 = 0xFFFFFFFF
 #: the TRANSPORT part ``save`` writes and ``restore`` reads: every register, typed and ranged
@@ -53,7 +60,8 @@ def check_registers(
         )
     if regs["version"] != version:
         raise StateError(f"saved virtio-mmio version {regs['version']}, this is {version}")
-    if regs["driver_features"] & ~offered:
+    # before FEATURES_OK the register holds whatever the driver wrote; FEATURES_OK checks it
+    if status & S_FEATURES_OK and regs["driver_features"] & ~offered:
         raise StateError(
             f"saved driver_features {regs['driver_features']:#x} are not all offered here"
         )
