@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,17 @@ from emu.vhost_user.backend import Session
 from fuzz import TARGETS
 from fuzz._oracle import Finding
 from fuzz.known import OPEN, tolerant
+
+
+@pytest.fixture(autouse=True)
+def _emu_logging_back():
+    """The targets quiet emu's logger for the fuzzer; other tests read its records."""
+    emu = logging.getLogger("emu")
+    saved = emu.level, emu.propagate, list(emu.handlers)
+    yield
+    emu.setLevel(saved[0])
+    emu.propagate, emu.handlers[:] = saved[1], saved[2]
+
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = ROOT / "fuzz"
