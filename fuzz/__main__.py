@@ -84,6 +84,8 @@ def run_all(args: argparse.Namespace) -> int:
                 cmd += [f"--{opt}", str(getattr(args, opt))]
         if args.strict:
             cmd.append("--strict")
+        if args.work_dir:
+            cmd += ["--work-dir", str(Path(args.work_dir) / target)]
         start = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
         took = time.monotonic() - start

@@ -42,7 +42,16 @@ def quiet_emu_logging() -> None:
 
 
 def open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
+    """The process's open fds; the one the listing used is closed again by the time its
+    link is read, and left out."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        fds.add(int(name))
+    return fds
 
 
 class Watch:

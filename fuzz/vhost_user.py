@@ -114,7 +114,7 @@ class Frontend:
         self.ours.setblocking(False)
         self.session = Session(self.dev, theirs)
         self.ram = self._memfd(RAM, sealed=not how & 0x80)
-        self.ram_inode = os.fstat(self.ram).st_ino
+        self.brought: dict[int, str] = {}  # fd number in emu's hands -> the message it came with
         self.kicks = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(4)]
         self.closed = False
         self.kept: list[int] = []
@@ -178,6 +178,8 @@ class Frontend:
         except ProtocolError:
             self.closed = True
             return
+        for fd in msg.fds:
+            self.brought[fd] = msg.name
         try:
             self.session.dispatch(msg)
         except ProtocolError:
@@ -394,13 +396,8 @@ def _holder(f: Frontend, leaked: set[int]) -> str:
 
     if f.session in getattr(dirty_log, "_logs", {}):
         return " (the dirty log is still mapped after Session.close)"
-    for fd in leaked:
-        try:
-            if os.fstat(fd).st_ino == f.ram_inode:
-                return " (a memory-table fd: the shared RAM)"
-        except OSError:
-            pass
-    return ""
+    came = sorted({f.brought[fd] for fd in leaked if fd in f.brought})
+    return f" (came with {', '.join(came)})" if came else ""
 
 
 def _step(op: object, params: bytes = b"") -> bytes:

@@ -21,6 +21,9 @@ def _ruff() -> list[str]:
 
 def test_ruff_check_is_clean():
     res = subprocess.run(
-        [*_ruff(), "check", "emu", "tests", "bench"], cwd=ROOT, capture_output=True, text=True
+        [*_ruff(), "check", "emu", "tests", "bench", "fuzz"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stdout + res.stderr
