@@ -191,6 +191,12 @@ class VirtioDevice:
         """Make ``fd`` the queue's kick eventfd (vhost-user SET_VRING_KICK); takes the fd."""
         self._post(lambda: self._swap_kick_fd(q, fd), wait=False)
 
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the device thread between passes and return what it returns: a
+        transport's own change to queues that may be running (vhost-user dirty logging
+        turned on or off), never made while a pass uses them."""
+        return self._post(fn).result
+
     def restore_queue(self, index: int, state: RingState, inflight: list[InflightChain]) -> None:
         """Saved ring state for a queue the driver (or VMM) is about to start again."""
         self._post(lambda: self._restore.__setitem__(index, (state, inflight)))
