@@ -153,7 +153,16 @@ def _make(kind: str, arg: str, spec: str) -> VirtioDevice:
 @click.option(
     "--restore-dir",
     type=click.Path(file_okay=False, exists=True),
-    help="Restore DIR/<socket name>.state when the frontend starts the rings.",
+    help="Restore DIR/<socket name>.state when the frontend starts the rings "
+    "(a live migration's source writes it at its last stop: docs/stop.md).",
+)
+@click.option(
+    "--restore-timeout",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a ring start waits for the --restore-dir file to appear.",
 )
 @click.argument("specs", nargs=-1, required=True, metavar="DEVICE...")
 def command(
@@ -163,6 +172,7 @@ def command(
     latency: float,
     state_dir: str | None,
     restore_dir: str | None,
+    restore_timeout: float,
 ) -> None:
     """Serve emu devices to vhost-user frontends (QEMU, UML) until interrupted."""
     from emu.state.format import StateError
@@ -178,7 +188,7 @@ def command(
         for q in d.queues:
             hold_completions(q, latency)
         try:  # docs/stop.md, "vhost-user: device state"
-            files.append(StateFiles.open(d, s, state_dir, restore_dir))
+            files.append(StateFiles.open(d, s, state_dir, restore_dir, restore_timeout))
         except StateError as e:
             raise click.ClickException(f"{d.name} on {s}: {e}") from e
     servers = [

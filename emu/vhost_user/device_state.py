@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 #: a transfer the frontend neither drains nor feeds ends after this long
 TRANSFER_TIMEOUT = 30.0
+#: how long a ring start waits for ``--restore-dir``'s file, and how often it looks
+RESTORE_TIMEOUT = 60.0
+RESTORE_POLL = 0.05
 TRANSPORT = "vhost-user"
 TRANSPORT_VERSION = 1
 
@@ -284,28 +287,56 @@ class StateFiles:
 
     #: ``--state-dir``: where the state goes whenever all the device's rings stop
     save_to: Path | None = None
-    #: ``--restore-dir``: a checked state, for the first session that starts a ring
-    pending: Loaded | None = None
+    #: ``--restore-dir``: the state to apply when the first session starts a ring
+    restore_from: Path | None = None
+    #: ``--restore-timeout``: how long that ring start waits for the file to appear
+    restore_timeout: float = RESTORE_TIMEOUT
 
     @classmethod
     def open(
-        cls, dev: VirtioDevice, socket: str, state_dir: str | None, restore_dir: str | None
+        cls,
+        dev: VirtioDevice,
+        socket: str,
+        state_dir: str | None,
+        restore_dir: str | None,
+        restore_timeout: float = RESTORE_TIMEOUT,
     ) -> StateFiles:
-        """DIR/<socket name>.state, saved at each stop and/or restored at start.
+        """DIR/<socket name>.state, saved at each stop and/or restored at the first start.
 
-        A restore file that is missing or does not fit the device is an error
-        (StateError): starting fresh would silently drop the requests the guest still
-        waits for. It is checked against the fresh ``dev`` now and applied later.
+        The restore file is read when the frontend starts a ring, not now: a live
+        migration's destination starts before its source has stopped (the source writes
+        the file at its last GET_VRING_BASE, which QEMU sends before the destination can
+        start the device). A file already there is checked now all the same, so one that
+        cannot fit the device is an error at start (StateError).
         """
         name = f"{Path(socket).name}.state"
-        files = cls()
+        files = cls(restore_timeout=restore_timeout)
         if restore_dir is not None:
-            loaded = check(dev, statefile.load(Path(restore_dir) / name))
-            dev.load_state(loaded.device_part)  # checks the device part; taken again at apply
-            files.pending = loaded
+            files.restore_from = Path(restore_dir) / name
+            if files.restore_from.exists():
+                dev.load_state(check(dev, statefile.load(files.restore_from)).device_part)
         if state_dir is not None:
             files.save_to = Path(state_dir) / name
         return files
+
+    def take(self, dev: VirtioDevice) -> Loaded | None:
+        """The restore file's state, checked against ``dev``, waiting for the file up to
+        ``restore_timeout``; None without ``--restore-dir`` or once a state was taken. A
+        missing or unfitting file is a StateError (and stays due: starting fresh would
+        drop the requests the guest still waits for)."""
+        path = self.restore_from
+        if path is None:
+            return None
+        deadline = time.monotonic() + self.restore_timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise StateError(
+                    f"no state file {path} after {self.restore_timeout:g} s (--restore-timeout)"
+                )
+            time.sleep(RESTORE_POLL)
+        loaded = check(dev, statefile.load(path))
+        self.restore_from = None
+        return loaded
 
 
 # -- one session's device state --
@@ -343,11 +374,15 @@ class StateKeeper:
         buffers are outside the memory it shared.
         """
         session, dev = self.session, self.session.device
-        pending = self.files.pending
-        if self.loaded is None and pending is not None and dev.run_state is RunState.IDLE:
-            self.files.pending = None
-            self.apply(pending)
-            log.info("vhost-user: %s: state from the restore file applied", dev.name)
+        if self.loaded is None and self.files.restore_from is not None:
+            if dev.run_state is RunState.IDLE:
+                try:
+                    loaded = self.files.take(dev)
+                except StateError as e:
+                    raise Refused(f"vring {vr.index}: {e}") from e
+                assert loaded is not None
+                self.apply(loaded)
+                log.info("vhost-user: %s: state from the restore file applied", dev.name)
         if self.loaded is None or vr.index not in self.loaded.rings:
             return None
         rs, chains = self.loaded.rings[vr.index]
