@@ -219,6 +219,7 @@ def test_state_files_for_frontends_without_device_state(
             assert blk.write(0, block(0)) == S_OK
             assert not state_file.exists()  # rings running: nothing saved yet
             fe.stop_ring(0)
+            wait_until(state_file.exists)  # written after the answer: not in the downtime
             assert decode(state_file.read_bytes()).device_type == 2
         finally:
             fe.close()

@@ -351,12 +351,17 @@ class Session:
         the device itself is reset as the spec says, and set up again by the frontend's
         start sequence.
         """
-        for vr in self.vrings:
-            if self.device.queues[vr.index].started:
-                self._stop(vr)
+
+        def stop_and_reset() -> None:  # one trip to the device thread: this is downtime
+            for vr in self.vrings:
+                if self.device.queues[vr.index].started:
+                    self._stop(vr)
+            self.device.reset()
+
+        self.device.call(stop_and_reset)
         kept = {vr.index: (vr.saved, vr.num) for vr in self.vrings if vr.saved is not None}
         features = self.vu_features
-        self._reset_device()  # the dirty log goes on: a migration's last stop comes here
+        self._forget_rings()  # the dirty log goes on: a migration's last stop comes here
         self.vu_features = features
         for index, (saved, num) in kept.items():
             vr = self.vrings[index]
@@ -365,11 +370,12 @@ class Session:
 
     def reset(self) -> None:
         """Device reset (RESET_OWNER, RESET_DEVICE, disconnect): logging ends too."""
-        self._reset_device()
+        self.device.reset()
+        self._forget_rings()
         self.dirty_log.update()
 
-    def _reset_device(self) -> None:
-        self.device.reset()
+    def _forget_rings(self) -> None:
+        """What the connection knows of the rings, after the device was reset."""
         for q, vr in zip(self.device.queues, self.vrings, strict=True):
             q.tracker = None
             vr.close()
@@ -765,6 +771,8 @@ class VhostUserServer:
                 pass
         if self._thread is not None:
             self._thread.join()
+        if self.state_files is not None:
+            self.state_files.flush()  # a state file being written is finished first
         self.listener.close()
         os.close(self._stop)
         try:

@@ -6,7 +6,8 @@ INFLIGHT parts taken from ``Vring.saved``, the device's own ``save_state`` part,
 optional TRANSPORT part (``{"transport": "vhost-user", "version": 1, "features",
 "protocol", "bases"}``). It travels either through SET_DEVICE_STATE_FD (protocol feature
 DEVICE_STATE) or, for frontends without it (QEMU 7.2), through a file ``emu serve
---state-dir`` writes whenever a device's last running ring stops.
+--state-dir`` writes whenever a device's last running ring stops (right after answering
+GET_VRING_BASE, so that the disk is not part of a migration's downtime).
 
 Loading checks the whole state against the device before anything is applied; then the
 device takes its part (``load_state``) and each ring's saved (RingState, in-flight chains)
@@ -34,6 +35,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import queue
 import select
 import threading
 import time
@@ -310,14 +312,46 @@ class StateFiles:
         cannot fit the device is an error at start (StateError).
         """
         name = f"{Path(socket).name}.state"
-        files = cls(restore_timeout=restore_timeout)
-        if restore_dir is not None:
-            files.restore_from = Path(restore_dir) / name
-            if files.restore_from.exists():
-                dev.load_state(check(dev, statefile.load(files.restore_from)).device_part)
-        if state_dir is not None:
-            files.save_to = Path(state_dir) / name
-        return files
+        restore_from = None if restore_dir is None else Path(restore_dir) / name
+        if restore_from is not None and restore_from.exists():
+            dev.load_state(check(dev, statefile.load(restore_from)).device_part)
+        save_to = None if state_dir is None else Path(state_dir) / name
+        return cls(save_to, restore_from, restore_timeout)
+
+    def __post_init__(self) -> None:
+        if self.save_to is not None:  # started now: a thread start may take milliseconds
+            self._queue: queue.Queue[tuple[DeviceState, str]] = queue.Queue()
+            threading.Thread(target=self._writer, name="emu-state-file", daemon=True).start()
+
+    def write(self, state: DeviceState, name: str) -> None:
+        """Replace the state file without making GET_VRING_BASE wait for the disk (it is
+        the migration's downtime): the old file goes now, so no reader can take it for
+        the new one, and the new one is written (temp, fsync, rename) by a thread of its
+        own. A restore waits for it to appear; ``flush`` waits for it to be written."""
+        assert self.save_to is not None
+        self.flush()  # a write still under way (stops in quick succession) goes first
+        try:
+            self.save_to.unlink(missing_ok=True)
+        except OSError as e:
+            log.error("vhost-user: %s: cannot remove old state file %s: %s", name, self.save_to, e)
+        self._queue.put((state, name))
+
+    def flush(self) -> None:
+        """Wait until every state file ``write`` asked for is on disk."""
+        if self.save_to is not None:
+            self._queue.join()
+
+    def _writer(self) -> None:
+        assert self.save_to is not None
+        while True:
+            state, name = self._queue.get()
+            try:
+                statefile.save(self.save_to, state)
+                log.info("vhost-user: %s: state saved to %s", name, self.save_to)
+            except (OSError, StateError) as e:
+                log.error("vhost-user: %s: cannot write state file %s: %s", name, self.save_to, e)
+            finally:
+                self._queue.task_done()
 
     def take(self, dev: VirtioDevice) -> Loaded | None:
         """The restore file's state, checked against ``dev``, waiting for the file up to
@@ -430,15 +464,15 @@ class StateKeeper:
 
     def rings_stopped(self) -> None:
         """Every ring is stopped: write the state file, if ``emu serve`` asked for one."""
-        path, name = self.files.save_to, self.session.device.name
-        if path is None or not any(vr.saved for vr in self.session.vrings):
+        name = self.session.device.name
+        if self.files.save_to is None or not any(vr.saved for vr in self.session.vrings):
             return
         try:
-            statefile.save(path, self.build())
-        except (OSError, StateError) as e:
-            log.error("vhost-user: %s: cannot write state file %s: %s", name, path, e)
+            state = self.build()
+        except StateError as e:
+            log.error("vhost-user: %s: cannot build the state: %s", name, e)
             return
-        log.info("vhost-user: %s: state saved to %s", name, path)
+        self.files.write(state, name)
 
     # -- SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE --
 
