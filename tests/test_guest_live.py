@@ -29,7 +29,6 @@ from pathlib import Path
 import pytest
 
 from emu.guest import GuestImage, build_image, livemig, vm
-from emu.guest.devices import Device
 from emu.guest.packages import PackageError
 
 #: low enough that QEMU's first pass over 256 MiB takes a few seconds
@@ -75,29 +74,13 @@ def cleanup() -> Iterator[list[Callable[[], None]]]:
             fn()
 
 
-class Side:
-    """One end of the migration: a directory with emu serve's socket (blk.sock, as on
-    the other side: the state file is named after it) and QEMU's QMP socket."""
-
+class Side(livemig.Side):
     def __init__(self, tmp: Path, name: str, image: GuestImage, disk: Path) -> None:
-        self.dir = tmp / name
-        self.dir.mkdir()
-        self.image, self.disk = image, disk
-        self.sock, self.qmp = self.dir / "blk.sock", self.dir / "qmp.sock"
+        super().__init__(tmp / name, image)
+        self.disk = disk
 
     def serve(self, *options: str, python: str | None = None) -> vm.Serve:
         return vm.Serve(self.sock, self.disk, self.dir / "serve.log", *options, python=python)
-
-    def guest(self, transcript: list[str], incoming: str | None = None) -> vm.Vm:
-        cmd = vm.qemu_command(
-            self.image,
-            [Device("blk", str(self.sock))],
-            self.qmp,
-            livemig.KERNEL_ARGS,
-            livemig.MEM_MIB,
-            incoming=incoming,
-        )
-        return vm.Vm(cmd, self.qmp, transcript)
 
 
 def check(results: dict[str, str], disk: Path) -> None:

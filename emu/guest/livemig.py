@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
+from emu.guest.devices import Device
+from emu.guest.images import GuestImage
 from emu.guest.run import kernel_args
-from emu.guest.vm import Vm, wait_until
+from emu.guest.vm import Vm, qemu_command, wait_until
 
 DISK_MIB = 64
 SLOTS = 256
@@ -63,6 +66,51 @@ def raise_flag(disk: Path, word: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Side:
+    """One end of a migration: a directory of its own with the backend's socket, named
+    blk.sock on both ends (emu serve's state file is named after it), and QMP's."""
+
+    def __init__(self, directory: Path, image: GuestImage) -> None:
+        self.dir = directory
+        self.dir.mkdir()
+        self.image = image
+        self.sock, self.qmp = self.dir / "blk.sock", self.dir / "qmp.sock"
+        self.trace = self.dir / "qemu.trace"
+
+    def guest(self, transcript: list[str], incoming: str | None = None, trace: bool = False) -> Vm:
+        """QEMU with the livemig workload on this side's backend (``incoming``: the
+        destination's -incoming URI); ``transcript`` is shared by both ends' consoles.
+        ``trace``: QEMU logs its vhost-user messages to ``self.trace`` (``stop_us``)."""
+        cmd = qemu_command(
+            self.image,
+            [Device("blk", str(self.sock))],
+            self.qmp,
+            KERNEL_ARGS,
+            MEM_MIB,
+            incoming=incoming,
+            trace=("vhost_user_*", self.trace) if trace else None,
+        )
+        return Vm(cmd, self.qmp, transcript)
+
+
+#: vhost-user requests of a stop: SET_STATUS (0, QEMU 7.2 with STATUS), SET_VRING_ENABLE,
+#: GET_VRING_BASE
+_STOP_REQUESTS = {39, 18, 11}
+_TRACED = re.compile(r"@(\d+\.\d+):vhost_user_(write|read) req:(\d+)")
+
+
+def stop_us(trace: Path) -> float:
+    """The backend's part of the last stop (the migration's downtime), from QEMU's trace:
+    microseconds from the first message of the stop sequence to the answer to its
+    GET_VRING_BASE being read."""
+    events = [(float(t), d, int(r)) for t, d, r in _TRACED.findall(trace.read_text())]
+    end = max(i for i, (_, d, r) in enumerate(events) if d == "read" and r == 11)
+    start = end
+    while start > 0 and events[start - 1][1] == "write" and events[start - 1][2] in _STOP_REQUESTS:
+        start -= 1
+    return (events[end][0] - events[start][0]) * 1e6
 
 
 def syncs(src: Vm) -> int:

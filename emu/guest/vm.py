@@ -80,9 +80,16 @@ class Qmp:
     """QMP over QEMU's unix socket: commands and their answers; events are kept."""
 
     def __init__(self, path: Path) -> None:
-        wait_until(path.exists, "QMP socket")
         self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(path))
+
+        def connected() -> bool:  # the socket file appears before QEMU listens on it
+            try:
+                self.sock.connect(str(path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
+            return True
+
+        wait_until(connected, "QMP socket")
         self.file = self.sock.makefile("rwb")
         self.events: list[dict] = []
         self._read()  # greeting
@@ -243,7 +250,7 @@ def qemu_command(
     extra = ["-qmp", f"unix:{qmp},server=on,wait=off"]
     if incoming is not None:
         extra += ["-incoming", incoming]
-    if trace is not None:
-        extra += ["-trace", trace[0], "-D", str(trace[1])]
+    if trace is not None:  # each event with its time: pid@seconds.micros:event ...
+        extra += ["-trace", trace[0], "-D", str(trace[1]), "-msg", "timestamp=on"]
     at = cmd.index("-append")
     return cmd[:at] + extra + cmd[at:]
