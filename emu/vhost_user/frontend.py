@@ -116,6 +116,7 @@ class VhostUserFrontend:
         self.protocol = 0
         self.log_fd = -1  # the dirty log's memfd while one was given (SET_LOG_BASE)
         self.log: mmap.mmap | None = None
+        self._taken: set[int] = set()  # read from a log since replaced, not yet returned
         self.config_interrupts = 0
         self.add_mem_reg = add_mem_reg
         self.want_inflight = inflight
@@ -297,8 +298,10 @@ class VhostUserFrontend:
             log.close()
             os.close(fd)
             raise
+        old = self.dirty_pages()  # QEMU reads the old log once more after the answer
         self.drop_log()
         self.log_fd, self.log = fd, log
+        self._taken |= old
 
     def start_logging(self, size: int | None = None) -> None:
         """``vhost_log_global_start``: SET_LOG_BASE, SET_FEATURES + LOG_ALL (need_reply),
@@ -319,9 +322,10 @@ class VhostUserFrontend:
     def dirty_pages(self) -> set[int]:
         """QEMU's log sync: the pages logged since the last call (taken atomically, so a
         bit the backend sets meanwhile stays for the next call)."""
-        if self.log is None:
-            return set()
-        return {int(p) for p in log_take(self.log)}
+        taken, self._taken = self._taken, set()
+        if self.log is not None:
+            taken |= {int(p) for p in log_take(self.log)}
+        return taken
 
     def drop_log(self) -> None:
         if self.log is not None:
