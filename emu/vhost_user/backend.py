@@ -116,6 +116,7 @@ class Session:
         self.protocol = 0
         self.status = 0
         self.inflight: InflightRegion | None = None
+        self._later: list[Callable[[], None]] = []  # after_reply
         self.backend_req: socket.socket | None = None  # kept; nothing is sent on it yet
         self.device_state = StateKeeper(self, state_files)
         self.dirty_log = DirtyLog(self)
@@ -157,11 +158,21 @@ class Session:
                 result, status = None, 1
         finally:
             msg.close_fds()  # whatever a handler did not take
-        if result is not None:
-            payload, fds = result if isinstance(result, tuple) else (result, [])
-            self._reply(reply(msg, payload, fds))
-        elif msg.need_reply:
-            self._reply(reply(msg, U64.pack(status)))
+        try:
+            if result is not None:
+                payload, fds = result if isinstance(result, tuple) else (result, [])
+                self._reply(reply(msg, payload, fds))
+            elif msg.need_reply:
+                self._reply(reply(msg, U64.pack(status)))
+        finally:
+            later, self._later = self._later, []
+            for fn in later:
+                fn()
+
+    def after_reply(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the request being handled is answered: work the frontend must
+        not wait for (GET_VRING_BASE is part of a migration's downtime)."""
+        self._later.append(fn)
 
     def _reply(self, answer: Message) -> None:
         log.debug(
@@ -352,16 +363,19 @@ class Session:
         start sequence.
         """
 
-        def stop_and_reset() -> None:  # one trip to the device thread: this is downtime
+        def stop_and_reset() -> dict[int, tuple]:
             for vr in self.vrings:
                 if self.device.queues[vr.index].started:
                     self._stop(vr)
+            kept = {vr.index: (vr.saved, vr.num) for vr in self.vrings if vr.saved is not None}
             self.device.reset()
+            self._forget_rings()  # its kick fd swaps too run here, not as commands of their own
+            return kept
 
-        self.device.call(stop_and_reset)
-        kept = {vr.index: (vr.saved, vr.num) for vr in self.vrings if vr.saved is not None}
+        # at most one trip to the device thread, none if it is parked (this is a
+        # migration's downtime); the dirty log goes on: a migration's last stop comes here
         features = self.vu_features
-        self._forget_rings()  # the dirty log goes on: a migration's last stop comes here
+        kept = self.device.call(stop_and_reset, borrow=True)
         self.vu_features = features
         for index, (saved, num) in kept.items():
             vr = self.vrings[index]

@@ -39,6 +39,7 @@ import queue
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -166,6 +167,8 @@ class SessionView(Protocol):
 
     @property
     def packed(self) -> bool: ...
+
+    def after_reply(self, fn: Callable[[], None]) -> None: ...
 
 
 # -- building and checking a state --
@@ -323,17 +326,20 @@ class StateFiles:
             self._queue: queue.Queue[tuple[DeviceState, str]] = queue.Queue()
             threading.Thread(target=self._writer, name="emu-state-file", daemon=True).start()
 
-    def write(self, state: DeviceState, name: str) -> None:
-        """Replace the state file without making GET_VRING_BASE wait for the disk (it is
-        the migration's downtime): the old file goes now, so no reader can take it for
-        the new one, and the new one is written (temp, fsync, rename) by a thread of its
-        own. A restore waits for it to appear; ``flush`` waits for it to be written."""
+    def retire(self, name: str) -> None:
+        """Before GET_VRING_BASE is answered: the old state file goes, so that no reader
+        takes it for the one ``write`` is about to replace it with."""
         assert self.save_to is not None
         self.flush()  # a write still under way (stops in quick succession) goes first
         try:
             self.save_to.unlink(missing_ok=True)
         except OSError as e:
             log.error("vhost-user: %s: cannot remove old state file %s: %s", name, self.save_to, e)
+
+    def write(self, state: DeviceState, name: str) -> None:
+        """After the answer (the stop is a migration's downtime, the disk is not part of
+        it): the new state file is written (temp, fsync, rename) by a thread of its own.
+        A restore waits for it to appear; ``flush`` waits for it to be written."""
         self._queue.put((state, name))
 
     def flush(self) -> None:
@@ -472,7 +478,8 @@ class StateKeeper:
         except StateError as e:
             log.error("vhost-user: %s: cannot build the state: %s", name, e)
             return
-        self.files.write(state, name)
+        self.files.retire(name)
+        self.session.after_reply(lambda: self.files.write(state, name))
 
     # -- SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE --
 
