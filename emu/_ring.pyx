@@ -782,3 +782,89 @@ cdef class PackedRing(_Ring):
             mark(&self.dev, 2, 2)
         ring_full_barrier()
         return packed_avail(self)
+
+
+# -- the vhost-user dirty log (emu.vhost_user.dirty_log) --
+#
+# One bit per 4 KiB guest-physical page, shared with the frontend (which takes bits with an
+# atomic exchange of 64-bit words, QEMU's sync) and with every other backend of the same
+# frontend (QEMU gives all its vhost-user devices one log): bits are set with atomic ORs,
+# never a read-modify-write that could drop a bit someone else set in the same byte.
+
+cdef extern from *:
+    """
+    static inline void log_set_page(uint8_t *log, uint64_t page) {
+        __atomic_fetch_or(log + (page >> 3), (uint8_t)(1u << (page & 7)), __ATOMIC_RELEASE);
+    }
+    static inline uint8_t log_take_byte(uint8_t *p) { return __atomic_exchange_n(p, 0, __ATOMIC_ACQUIRE); }
+    static const uint8_t log_zeros[1024];
+    static inline int log_block_clear(const uint8_t *p) { return memcmp(p, log_zeros, 1024) == 0; }
+    """
+    void log_set_page(uint8_t *log, uint64_t page) noexcept nogil
+    uint8_t log_take_byte(uint8_t *p) noexcept nogil
+    int log_block_clear(const uint8_t *p) noexcept nogil
+
+
+def log_marks(uint8_t[::1] marks, uint8_t[::1] log, uint64_t gpa):
+    """Set in ``log`` the pages of every marked entry of a region's dirty map (entry i:
+    bytes [i*4 KiB, (i+1)*4 KiB) of the region at ``gpa``), then clear those marks.
+
+    A mark is cleared only after its bit is set, and the data it stands for landed before
+    the mark is looked at (the caller's writes are done), so a frontend that copies the
+    page after seeing the bit copies the new data. Marks whose pages lie beyond the log
+    stay marked; returns how many.
+    """
+    cdef Py_ssize_t n = marks.shape[0], i = 0, beyond = 0
+    cdef uint64_t limit = <uint64_t>log.shape[0] * 8, first, last
+    if n == 0:
+        return 0
+    with nogil:
+        while i < n:
+            if i & 1023 == 0 and i + 1024 <= n and log_block_clear(&marks[i]):
+                i += 1024  # 4 MiB of guest RAM unmarked (memcmp is vectorised)
+                continue
+            if i & 7 == 0 and i + 8 <= n and ring_ld64(&marks[i]) == 0:
+                i += 8
+                continue
+            if marks[i]:
+                first = (gpa + (<uint64_t>i << PAGE_SHIFT)) >> PAGE_SHIFT
+                last = (gpa + (<uint64_t>i << PAGE_SHIFT) + 4095) >> PAGE_SHIFT
+                if last < limit:
+                    log_set_page(&log[0], first)
+                    if last != first:
+                        log_set_page(&log[0], last)
+                    marks[i] = 0
+                else:
+                    beyond += 1
+            i += 1
+    return beyond
+
+
+def log_range(uint8_t[::1] log, uint64_t gpa, uint64_t length):
+    """Set the pages of [gpa, gpa + length) in ``log``; returns how many lie beyond it."""
+    cdef uint64_t limit = <uint64_t>log.shape[0] * 8, page, beyond = 0
+    if length == 0:
+        return 0
+    for page in range(gpa >> PAGE_SHIFT, ((gpa + length - 1) >> PAGE_SHIFT) + 1):
+        if page < limit:
+            log_set_page(&log[0], page)
+        else:
+            beyond += 1
+    return beyond
+
+
+def log_take(uint8_t[::1] log):
+    """A frontend's sync: the pages whose bits are set, each bit taken (cleared) atomically
+    so that a bit a backend sets meanwhile is kept for the next take."""
+    cdef Py_ssize_t n = log.shape[0], i
+    cdef uint8_t b
+    cdef int k
+    pages = []
+    for i in range(n):
+        if log[i] == 0:
+            continue
+        b = log_take_byte(&log[i])
+        for k in range(8):
+            if b >> k & 1:
+                pages.append((i << 3) + k)
+    return np.array(pages, dtype=np.uint64)

@@ -86,6 +86,11 @@ class Virtqueue:
         #: ``fetched(batch)`` after a pop from the ring, ``using(heads)`` / ``used(heads)``
         #: just before and just after used entries are published
         self.tracker: Any = None
+        #: the migration dirty log while a vhost-user frontend asks for one (LOG_ALL),
+        #: else None: ``before_publish()`` logs every page written so far, before the used
+        #: entries that show them are published; ``published(q, count)`` logs the used
+        #: ring's own writes. Set by a command on the device thread; kept across restarts.
+        self.log: Any = None
         self.ring: Any = None
         self.impl: str | None = None
         #: where completions go when the backend finishes them later (None: at once)
@@ -195,10 +200,14 @@ class Virtqueue:
         self._publish(heads, lengths)
 
     def _publish(self, heads: np.ndarray, lengths: np.ndarray) -> None:
-        tracker = self.tracker
+        tracker, log = self.tracker, self.log
+        if log is not None:
+            log.before_publish()
         if tracker is not None:
             tracker.using(heads)
         notify = self.ring.push(heads, lengths)
+        if log is not None:
+            log.published(self, len(heads))
         if tracker is not None:
             tracker.used(heads)
         for head in heads.tolist():

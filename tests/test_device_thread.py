@@ -4,6 +4,7 @@ import threading
 
 import pytest
 from conftest import EchoDevice
+from modes import wait_until
 
 from emu.devices.blk import BlkDevice
 from emu.testing.driver import DeviceNeedsReset, VirtioMmioDriver
@@ -79,3 +80,25 @@ def test_a_queue_failing_to_start_does_not_pull_rings_from_a_busy_thread(mem, tm
     finally:
         threading.excepthook = old_hook
     assert died == []
+
+
+def test_call_runs_on_the_device_thread_or_borrows_it_when_parked(mem):
+    """``call`` is a command of the thread's; with ``borrow`` and the thread parked, it
+    runs in the caller holding the thread's token, and the commands it posts itself (a
+    queue stop here) run inline rather than wait for the thread it holds."""
+    dev = EchoDevice(queue_max_size=64)
+    drv = VirtioMmioDriver(MmioTransport(dev, mem), mem)
+    drv.init()
+    drv.setup_queue(0)
+    drv.driver_ok()
+    q = dev.queues[0]
+    assert dev.call(threading.current_thread) is dev._thread
+
+    def stop_here():
+        return threading.current_thread(), dev.stop_queue(q)
+
+    wait_until(lambda: not dev._owner.locked())  # nothing to serve: it parks in select
+    where, saved = dev.call(stop_here, borrow=True)
+    assert where is threading.current_thread()
+    assert saved is not None and not q.started
+    dev.close()

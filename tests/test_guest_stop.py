@@ -22,14 +22,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,11 +32,11 @@ from pathlib import Path
 
 import pytest
 
-from emu.guest import GuestImage, build_image, microvm
+from emu.guest import GuestImage, build_image, vm
 from emu.guest.devices import Device
 from emu.guest.packages import PackageError
-from emu.guest.proc import start, stop
 from emu.guest.run import kernel_args
+from emu.guest.vm import Vm as Guest
 
 DISK_MIB = 64
 SLOTS = 32  # of 256 KiB (two streams of 16): the first 8 MiB of the disk
@@ -51,7 +46,6 @@ MEM_MIB = 256
 #: emu serve --latency: completions held back, so that stops find requests in flight
 LATENCY = "0.02"
 KILLS = 5
-WAIT = 120.0  # for the guest to get anywhere under TCG; a hang fails, never a slow run
 
 WORKLOAD = r"""
 dev=/dev/vda
@@ -105,167 +99,6 @@ def disk(tmp_path: Path) -> Path:
     return img
 
 
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout} s")
-        time.sleep(0.01)
-
-
-# -- the backend --
-
-
-class Backend:
-    """``emu serve`` for one blk device, in a process of its own (killed by PID)."""
-
-    def __init__(self, sock: Path, disk: Path, log: Path, *options: str) -> None:
-        self.sock = sock
-        cmd = [sys.executable, "-m", "emu.cli", "-v", "serve", "--socket", str(sock)]
-        cmd += ["--latency", LATENCY, *options]
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen([*cmd, f"blk:{disk}"], stdout=self.log, stderr=self.log)
-        wait_until(lambda: self._listening() or self.proc.poll() is not None, "emu serve")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"emu serve exited {self.proc.returncode}: see {log}")
-
-    def _listening(self) -> bool:
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(str(self.sock))
-        except OSError:
-            return False
-        finally:
-            s.close()
-        return True  # (the probe was accepted and dropped: the server serves the next)
-
-    def kill(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        self.proc.wait(30)
-        self.log.close()
-
-
-# -- QEMU and QMP --
-
-
-class Qmp:
-    """The few QMP commands the scenarios need, over QEMU's unix socket."""
-
-    def __init__(self, path: Path) -> None:
-        wait_until(path.exists, "QMP socket")
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rwb")
-        self._read()  # greeting
-        self.execute("qmp_capabilities")
-
-    def _read(self) -> dict:
-        line = self.file.readline()
-        if not line:
-            raise ConnectionError("QMP connection closed")
-        return json.loads(line)
-
-    def execute(self, command: str, **arguments: object) -> object:
-        msg: dict[str, object] = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
-        while True:
-            answer = self._read()
-            if "return" in answer:
-                return answer["return"]
-            if "error" in answer:
-                raise RuntimeError(f"QMP {command}: {answer['error']}")
-            # an event: skip
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
-class Guest:
-    """One QEMU process: console collected line by line, QMP connected."""
-
-    def __init__(self, cmd: list[str], qmp: Path, transcript: list[str]) -> None:
-        self.lines = transcript  # shared across the QEMUs of one guest (migrations)
-        self.proc = start(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        self._pump = threading.Thread(target=self._read, daemon=True)
-        self._pump.start()
-        try:
-            self.qmp = Qmp(qmp)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            self.lines.append(raw.decode(errors="replace").rstrip("\r\n"))
-
-    def iterations(self) -> int:
-        done = [ln for ln in self.lines if ln.startswith("EMU-ITER a ")]
-        return int(done[-1].split()[2]) if done else 0
-
-    def progress(self, at_least: int = 1) -> None:
-        """Wait until the workload has done ``at_least`` more iterations."""
-        goal = self.iterations() + at_least
-        try:
-            wait_until(lambda: self.iterations() >= goal or self.proc.poll() is not None, "I/O")
-        except TimeoutError as e:
-            raise AssertionError(f"{e}\n{self.console()}") from None
-        assert self.iterations() >= goal, self.console()
-
-    def finish(self) -> dict[str, str]:
-        """Wait for /init to end; its EMU-RESULTs."""
-        wait_until(lambda: self.proc.poll() is not None, "guest end")
-        self._pump.join(10)
-        results = {}
-        for ln in self.lines:
-            if "EMU-RESULT " in ln:
-                key, _, value = ln.split("EMU-RESULT ", 1)[1].partition(" ")
-                results[key] = value
-        assert any("EMU-DONE rc=0" in ln for ln in self.lines), self.console()
-        return results
-
-    def console(self) -> str:
-        return "\n".join(self.lines[-60:])
-
-    def stop(self) -> None:
-        self.qmp_close()
-        stop(self.proc)
-        self._pump.join(10)
-
-    def status(self) -> str:
-        return str(self.qmp.execute("query-status")["status"])  # type: ignore[index]
-
-    def wait_status(self, status: str) -> None:
-        wait_until(lambda: self.status() == status, f"VM {status}")
-
-    def migrate_and_quit(self, path: Path) -> None:
-        """As the trace's source QEMU: stop, migrate to a file, quit."""
-        self.qmp.execute("stop")
-        self.qmp.execute("migrate", uri=f"exec:cat > {path}")
-
-        def completed() -> bool:
-            status = self.qmp.execute("query-migrate")["status"]  # type: ignore[index]
-            if status == "failed":
-                raise RuntimeError(f"migration failed:\n{self.console()}")
-            return status == "completed"
-
-        wait_until(completed, "migration")
-        self.qmp.execute("quit")
-        wait_until(lambda: self.proc.poll() is not None, "QEMU quit")
-        self.stop()
-
-    def qmp_close(self) -> None:
-        if hasattr(self, "qmp"):
-            self.qmp.close()
-
-
 def qemu_command(
     image: GuestImage,
     sock: Path,
@@ -276,15 +109,15 @@ def qemu_command(
 ) -> list[str]:
     script = base64.b64encode(WORKLOAD.encode()).decode()
     append = kernel_args(["script"], {"script": script, "stop.sector": STOP_SECTOR}, True)
-    cmd = microvm.command(image, [Device("blk", str(sock))], append, MEM_MIB)
-    if reconnect:
-        i = cmd.index("-chardev") + 1
-        cmd[i] += ",reconnect=1"
-    extra = ["-qmp", f"unix:{qmp},server=on,wait=off"]
-    if incoming is not None:
-        extra += ["-incoming", f"exec:cat {incoming}"]
-    at = cmd.index("-append")
-    return cmd[:at] + extra + cmd[at:]
+    return vm.qemu_command(
+        image,
+        [Device("blk", str(sock))],
+        qmp,
+        append,
+        MEM_MIB,
+        reconnect=reconnect,
+        incoming=None if incoming is None else f"exec:cat {incoming}",
+    )
 
 
 def raise_stop_flag(disk: Path) -> None:
@@ -313,13 +146,18 @@ def cleanup() -> Iterator[list[Callable[[], None]]]:
             fn()
 
 
+def serve(sock: Path, disk: Path, log: Path, *options: str) -> vm.Serve:
+    """``emu serve`` holding each completion back a little (requests sit in flight)."""
+    return vm.Serve(sock, disk, log, "--latency", LATENCY, *options)
+
+
 # -- the scenarios --
 
 
 def stop_cont(image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) -> None:
     sock, qmp = tmp / "blk.sock", tmp / "qmp.sock"
     with cleanup() as undo:
-        backend = Backend(sock, disk, tmp / "serve.log", "--policy", policy)
+        backend = serve(sock, disk, tmp / "serve.log", "--policy", policy)
         undo.append(backend.kill)
         guest = Guest(qemu_command(image, sock, qmp), qmp, [])
         undo.append(guest.stop)
@@ -353,7 +191,7 @@ def migrate(image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) 
     log = tmp / "serve.log"
     opts = ["--policy", policy, "--state-dir", str(state)]
     with cleanup() as undo:
-        backend = Backend(sock, disk, log, *opts)
+        backend = serve(sock, disk, log, *opts)
         undo.append(backend.kill)
         guest = Guest(qemu_command(image, sock, qmp), qmp, transcript)
         undo.append(guest.stop)
@@ -364,7 +202,7 @@ def migrate(image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) 
             backend.kill()
             assert (state / "blk.sock.state").exists()
             qmp.unlink(missing_ok=True)
-            backend = Backend(sock, disk, log, "--restore-dir", str(state), *opts)
+            backend = serve(sock, disk, log, "--restore-dir", str(state), *opts)
             undo.append(backend.kill)
             guest = Guest(qemu_command(image, sock, qmp, incoming=snapshot), qmp, transcript)
             undo.append(guest.stop)
@@ -392,14 +230,14 @@ def test_backend_killed_and_restarted(image: GuestImage, disk: Path, tmp_path: P
     sock, qmp = tmp_path / "blk.sock", tmp_path / "qmp.sock"
     log = tmp_path / "serve.log"
     with cleanup() as undo:
-        backend = Backend(sock, disk, log, "--policy", "report")
+        backend = serve(sock, disk, log, "--policy", "report")
         undo.append(lambda: backend.kill())
         guest = Guest(qemu_command(image, sock, qmp, reconnect=True), qmp, [])
         undo.append(guest.stop)
         guest.progress()
         for _ in range(KILLS):
             backend.kill(signal.SIGKILL)
-            backend = Backend(sock, disk, log, "--policy", "report")
+            backend = serve(sock, disk, log, "--policy", "report")
             guest.progress(2)
         raise_stop_flag(disk)
         results = guest.finish()

@@ -185,10 +185,12 @@ def test_kick_fd_replaced_while_running(disk: Path, tmp_path: Path) -> None:
 class UmlFrontend(VhostUserDriver):
     """Sends SET_VRING_BASE 0 for every ring, packed too, as UML 6.1's virtio_uml does."""
 
-    def request(self, req: Req, payload: bytes = b"", fds: list[int] | None = None) -> Message:
+    def request(
+        self, req: Req, payload: bytes = b"", fds: list[int] | None = None, **kw: bool
+    ) -> Message:
         if req == Req.SET_VRING_BASE:
             payload = payload[:4] + bytes(4)
-        return super().request(req, payload, fds)
+        return super().request(req, payload, fds, **kw)
 
 
 @pytest.mark.parametrize("packed", RINGS)

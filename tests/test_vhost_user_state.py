@@ -18,6 +18,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from emu.state.format import Part, decode, encode
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.vhost_user import VhostUserDriver
 from emu.vhost_user.backend import VhostUserServer
+from emu.vhost_user.device_state import StateFiles
 from emu.vhost_user.frontend import FrontendError, connect
 from emu.vhost_user.protocol import U64, ProtocolError, Req
 from emu.vhost_user.snapshot import STATE_FD, StateTransferError
@@ -60,8 +62,10 @@ def disk(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def in_process(dev: BlkDevice | RngDevice, path: Path) -> Iterator[VhostUserServer]:
-    server = VhostUserServer(dev, path).start()
+def in_process(
+    dev: BlkDevice | RngDevice, path: Path, files: StateFiles | None = None
+) -> Iterator[VhostUserServer]:
+    server = VhostUserServer(dev, path, files).start()
     try:
         yield server
     finally:
@@ -98,14 +102,20 @@ class Stopped:
 
 
 def stop_with_inflight(
-    disk: Path, sock: Path, packed: bool, policy: str = "report", status_0: bool = False
+    disk: Path,
+    sock: Path,
+    packed: bool,
+    policy: str = "report",
+    status_0: bool = False,
+    files: StateFiles | None = None,
 ) -> Stopped:
     """Runs the first backend in-process (its queue's latency holds completions back).
 
-    ``status_0``: stop as QEMU 7.2 does with STATUS negotiated, SET_STATUS 0 first."""
+    ``status_0``: stop as QEMU 7.2 does with STATUS negotiated, SET_STATUS 0 first.
+    ``files``: the backend's ``emu serve --state-dir``."""
     dev = BlkDevice(disk, queue_max_size=1024)
     dev.policy = policy
-    with in_process(dev, sock):
+    with in_process(dev, sock, files):
         fe = VhostUserDriver(sock)
         blk = BlkDriver.open(fe, packed=packed, queue_size=64)
         for i in range(READS):  # data the in-flight reads will find
@@ -210,6 +220,7 @@ def test_state_files_for_frontends_without_device_state(
             assert blk.write(0, block(0)) == S_OK
             assert not state_file.exists()  # rings running: nothing saved yet
             fe.stop_ring(0)
+            wait_until(state_file.exists)  # written after the answer: not in the downtime
             assert decode(state_file.read_bytes()).device_type == 2
         finally:
             fe.close()
@@ -230,6 +241,62 @@ def test_state_files_for_frontends_without_device_state(
         assert base != s.base  # the ring moved on
     finally:
         s.fe.close()
+
+
+@pytest.mark.parametrize("packed", RINGS)
+def test_live_destination_starts_before_the_source_stops(
+    disk: Path, tmp_path: Path, packed: bool
+) -> None:
+    """A live migration's order: the destination ``emu serve --restore-dir`` starts (and
+    its frontend connects) while the source still runs; the source writes the state at
+    its last GET_VRING_BASE; the destination takes it when its frontend starts the ring.
+    Both sockets are named blk.sock, in directories of their own, over one state dir."""
+    state_dir, src_dir, dst_dir = tmp_path / "state", tmp_path / "src", tmp_path / "dst"
+    for d in (state_dir, src_dir, dst_dir):
+        d.mkdir()
+    dst_sock = dst_dir / "blk.sock"
+    opts = ("--restore-dir", str(state_dir), "--state-dir", str(state_dir))
+    with emu_serve(dst_sock, f"blk:{disk}", *opts) as dst:
+        source_files = StateFiles(save_to=state_dir / "blk.sock.state")
+        s = stop_with_inflight(disk, src_dir / "blk.sock", packed, files=source_files)
+        try:
+            assert s.inflight > 0 and dst.poll() is None
+            reconnect(s, dst_sock, packed)
+            s.fe.restart_ring(0, s.base)
+            finish_and_verify(s, disk)
+        finally:
+            s.fe.close()
+
+
+def test_restore_dir_waits_for_the_file_then_gives_up_clearly(disk: Path, tmp_path: Path) -> None:
+    """The ring start waits for a state file that comes late (copied by other means);
+    one that never comes refuses the start after ``--restore-timeout``, saying why."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    sock = tmp_path / "blk.sock"
+    s = stop_with_inflight(disk, tmp_path / "src.sock", False)
+    try:
+        opts = ("--restore-dir", str(state_dir), "--restore-timeout", "20")
+        with emu_serve(sock, f"blk:{disk}", *opts):
+            reconnect(s, sock, False)
+            late = threading.Timer(0.5, (state_dir / "blk.sock.state").write_bytes, [s.state])
+            late.start()
+            s.fe.restart_ring(0, s.base)  # its SET_VRING_KICK is answered once the file came
+            late.join()
+            finish_and_verify(s, disk)
+    finally:
+        s.fe.close()
+    (state_dir / "blk.sock.state").unlink()
+    opts = ("--restore-dir", str(state_dir), "--restore-timeout", "0.3")
+    with emu_serve(sock, f"blk:{disk}", *opts) as proc:
+        fe = VhostUserDriver(sock)
+        try:
+            with pytest.raises((ConnectionError, ProtocolError, FrontendError)):
+                BlkDriver.open(fe)
+        finally:
+            fe.close()
+        proc.terminate()
+        assert b"no state file" in proc.stderr.read()  # type: ignore[union-attr]
 
 
 def test_restore_dir_refuses_a_state_that_does_not_fit(disk: Path, tmp_path: Path) -> None:

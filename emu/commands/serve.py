@@ -53,6 +53,7 @@ def serve(
     latency: float = 0.0,
     state_dir: str | None = None,
     restore_dir: str | None = None,
+    restore_timeout: float = 60.0,
 ) -> None:
     """Serve ``devices`` on ``sockets`` until ``done`` is set; then close them all.
 
@@ -71,7 +72,7 @@ def serve(
             for q in d.queues:
                 hold_completions(q, latency)
             try:  # docs/stop.md, "vhost-user: device state"
-                files.append(StateFiles.open(d, s, state_dir, restore_dir))
+                files.append(StateFiles.open(d, s, state_dir, restore_dir, restore_timeout))
             except StateError as e:
                 raise click.ClickException(f"{d.name} on {s}: {e}") from e
         for d, s, f in zip(devices, sockets, files, strict=True):
@@ -114,7 +115,16 @@ def serve(
 @click.option(
     "--restore-dir",
     type=click.Path(file_okay=False, exists=True),
-    help="Restore DIR/<socket name>.state when the frontend starts the rings.",
+    help="Restore DIR/<socket name>.state when the frontend starts the rings "
+    "(a live migration's source writes it at its last stop: docs/stop.md).",
+)
+@click.option(
+    "--restore-timeout",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long a ring start waits for the --restore-dir file to appear.",
 )
 @click.argument("specs", nargs=-1, required=True, metavar="DEVICE...")
 def command(
@@ -124,6 +134,7 @@ def command(
     latency: float,
     state_dir: str | None,
     restore_dir: str | None,
+    restore_timeout: float,
 ) -> None:
     """Serve emu devices to vhost-user frontends (QEMU, UML) until interrupted."""
     if len(sockets) != len(specs):
@@ -139,4 +150,5 @@ def command(
         latency=latency,
         state_dir=state_dir,
         restore_dir=restore_dir,
+        restore_timeout=restore_timeout,
     )

@@ -134,6 +134,7 @@ class VirtioDevice:
         self._selector: selectors.BaseSelector | None = None
         #: held by the device thread except while it is parked in select (see _borrow)
         self._owner = threading.Lock()
+        self._borrower: threading.Thread | None = None  # the thread holding it instead
 
     # -- config space: subclasses override config_bytes / config_write --
 
@@ -191,6 +192,16 @@ class VirtioDevice:
     def set_kick_fd(self, q: Virtqueue, fd: int) -> None:
         """Make ``fd`` the queue's kick eventfd (vhost-user SET_VRING_KICK); takes the fd."""
         self._post(lambda: self._swap_kick_fd(q, fd), wait=False)
+
+    def call(self, fn: Callable[[], Any], borrow: bool = False) -> Any:
+        """Run ``fn`` on the device thread between passes and return what it returns: a
+        transport's own change to queues that may be running (vhost-user dirty logging
+        turned on or off), never made while a pass uses them.
+
+        ``borrow``: if the thread is parked, run ``fn`` here with its ownership token
+        instead (as a stop does, see ``_borrow``), sparing two thread switches; only for
+        what never waits for another thread."""
+        return self._post(fn, borrow=borrow).result
 
     def restore_queue(self, index: int, state: RingState, inflight: list[InflightChain]) -> None:
         """Saved ring state for a queue the driver (or VMM) is about to start again."""
@@ -412,8 +423,8 @@ class VirtioDevice:
 
     def _post(self, fn: Callable[[], Any], wait: bool = True, borrow: bool = False) -> Command:
         cmd = Command(fn)
-        if threading.current_thread() is self._thread:
-            cmd.run()  # the device thread itself (a device failing its own queue)
+        if threading.current_thread() in (self._thread, self._borrower):
+            cmd.run()  # the owner itself (a device failing its own queue, a borrowed command)
         elif not (borrow and self._borrow(cmd)):
             with self._lock:
                 if self._closed:
@@ -440,7 +451,11 @@ class VirtioDevice:
             with self._lock:
                 if self._commands:
                     return False  # keep the order: queued ones first
-            cmd.run()
+            self._borrower = threading.current_thread()  # its own commands run inline
+            try:
+                cmd.run()
+            finally:
+                self._borrower = None
         finally:
             self._owner.release()
         if self.run_state is RunState.STOPPING:

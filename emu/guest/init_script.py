@@ -94,6 +94,69 @@ w_blkbench() {  # O_DIRECT dd: 1 MiB sequential and 4 KiB (QD1) writes and reads
   timed_dd blk_read_4k $b4 iops if="$dev" of=/dev/null bs=4k count="$ops" iflag=direct
 }
 
+w_livemig() {  # a workload to migrate live, driven by the host through the disk's last 4 KiB
+  # O_DIRECT writes of sequence-numbered 4 KiB blocks (each read back), short-lived
+  # processes all along (QEMU 7.2 under TCG loses guest writes in a live migration of a
+  # guest that only does disk I/O; one that keeps starting processes does not), and a
+  # region read into the page cache when the host writes EMU-FILL into the flag block.
+  # At EMU-STOP: every acknowledged block is checked, the cached region against an
+  # O_DIRECT read, then again after dropping caches; the sha256s go to the host.
+  local dev slots at mib flag n=0 s bad=0 filled=0 f got want
+  dev=$(arg emu.blk.dev /dev/vda); slots=$(arg emu.livemig.slots 256)
+  at=$(arg emu.livemig.cache_at 16); mib=$(arg emu.livemig.cache_mib 8)
+  wait_for "$dev" || return 1
+  exec 7<"$dev"  # held open: the last close of a block device drops its page cache
+  # the flag: the disk's last 4 KiB (busybox dd does O_DIRECT only with buffers of a page
+  # or more; a smaller one falls back to the page cache, which the held fd keeps stale)
+  flag=$(arg emu.livemig.flag $(($(cat "/sys/block/${dev#/dev/}/size") / 8 - 1)))
+  local region="bs=64k skip=$((at * 16)) count=$((mib * 16))"
+  rm -f /tmp/stop /tmp/acks
+  (while [ ! -e /tmp/stop ]; do usleep 2000; done) &
+  while :; do
+    f=$(dd if="$dev" bs=4096 skip="$flag" count=1 iflag=direct 2>/dev/null | head -c 8)
+    [ "$f" = EMU-STOP ] && break
+    if [ "$f" = EMU-FILL ] && [ $filled = 0 ]; then
+      echo 1 > /proc/sys/vm/drop_caches
+      dd if="$dev" of=/dev/null $region 2>/dev/null || bad=$((bad + 1))
+      filled=1; echo "EMU-FILLED $n"
+    fi
+    n=$((n + 1)); s=$((n % slots))
+    printf 'EMU-SEQ %08d %04d\n' $n $s | dd of=/tmp/blk bs=4096 conv=sync 2>/dev/null
+    if dd if=/tmp/blk of="$dev" bs=4096 seek=$s count=1 oflag=direct 2>/dev/null; then
+      echo "$s $n" >> /tmp/acks
+    else
+      bad=$((bad + 1)); warn "write $n failed"
+    fi
+    dd if="$dev" bs=4096 skip=$s count=1 iflag=direct 2>/dev/null | cmp -s - /tmp/blk ||
+      { bad=$((bad + 1)); warn "block $n read back wrong"; }
+    [ $((n % 8)) = 0 ] && echo "EMU-ITER a $n"
+  done
+  touch /tmp/stop; wait
+  local cached direct dropped
+  result livemig.cached_kib "$(awk '/^Buffers:/ {print $2}' /proc/meminfo)"
+  cached=$(dd if="$dev" $region 2>/dev/null | sha)
+  direct=$(dd if="$dev" $region iflag=direct 2>/dev/null | sha)
+  echo 1 > /proc/sys/vm/drop_caches
+  dropped=$(dd if="$dev" $region 2>/dev/null | sha)
+  [ "$cached" = "$direct" ] || { bad=$((bad + 1)); warn "cached region differs from the disk"; }
+  [ "$dropped" = "$direct" ] || { bad=$((bad + 1)); warn "region differs after drop_caches"; }
+  dd if="$dev" of=/tmp/slots bs=4096 count="$slots" iflag=direct 2>/dev/null
+  awk '{last[$1] = $2} END {for (s in last) print s, last[s]}' /tmp/acks > /tmp/last
+  local slot seq
+  while read -r slot seq; do
+    got=$(dd if=/tmp/slots bs=4096 skip="$slot" count=1 2>/dev/null | head -c 21)
+    want=$(printf 'EMU-SEQ %08d %04d' "$seq" "$slot")
+    [ "$got" = "$want" ] || { bad=$((bad + 1)); warn "slot $slot holds '$got', acknowledged $seq"; }
+  done < /tmp/last
+  result livemig.writes $n
+  result livemig.checked "$(wc -l < /tmp/last)"
+  result livemig.filled $filled
+  result livemig.region_sha256 "$direct"
+  result livemig.slots_sha256 "$(sha < /tmp/slots)"
+  result livemig.bad $bad
+  [ $bad = 0 ]
+}
+
 w_hvc() {  # a marker line through virtio-console port 0 (hvc0)
   local m
   m=$(arg emu.hvc.marker EMU-HVC-HELLO)

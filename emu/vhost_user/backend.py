@@ -36,11 +36,11 @@ import threading
 from collections.abc import Callable
 
 from emu.devices.base import RunState, VirtioDevice
-from emu.memory import GuestMemoryError
+from emu.memory import GuestMemory, GuestMemoryError
 from emu.queue import Virtqueue
 from emu.ringdefs import DESC_F_USED, F_RING_PACKED, F_RING_RESET, InflightChain, RingError
 from emu.vhost_user.device_state import StateFiles, StateKeeper
-from emu.vhost_user.dirty_log import F_LOG_ALL, DirtyLog
+from emu.vhost_user.dirty_log import F_LOG_ALL, VRING_F_LOG, DirtyLog
 from emu.vhost_user.handler import Refused, Reply, handlers_of, handles
 from emu.vhost_user.inflight import InflightRegion, reparse, restore_state
 from emu.vhost_user.memtable import MAX_SLOTS, MemoryTable, MemRegion
@@ -116,9 +116,10 @@ class Session:
         self.protocol = 0
         self.status = 0
         self.inflight: InflightRegion | None = None
+        self._later: list[Callable[[], None]] = []  # after_reply
         self.backend_req: socket.socket | None = None  # kept; nothing is sent on it yet
         self.device_state = StateKeeper(self, state_files)
-        self.dirty_log = DirtyLog(device.name)
+        self.dirty_log = DirtyLog(self)
         self.handlers = {
             **handlers_of(self),
             **handlers_of(self.device_state),
@@ -157,11 +158,21 @@ class Session:
                 result, status = None, 1
         finally:
             msg.close_fds()  # whatever a handler did not take
-        if result is not None:
-            payload, fds = result if isinstance(result, tuple) else (result, [])
-            self._reply(reply(msg, payload, fds))
-        elif msg.need_reply:
-            self._reply(reply(msg, U64.pack(status)))
+        try:
+            if result is not None:
+                payload, fds = result if isinstance(result, tuple) else (result, [])
+                self._reply(reply(msg, payload, fds))
+            elif msg.need_reply:
+                self._reply(reply(msg, U64.pack(status)))
+        finally:
+            later, self._later = self._later, []
+            for fn in later:
+                fn()
+
+    def after_reply(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the request being handled is answered: work the frontend must
+        not wait for (GET_VRING_BASE is part of a migration's downtime)."""
+        self._later.append(fn)
 
     def _reply(self, answer: Message) -> None:
         log.debug(
@@ -194,6 +205,10 @@ class Session:
     @property
     def packed(self) -> bool:
         return bool(self.features >> F_RING_PACKED & 1)
+
+    @property
+    def mem(self) -> GuestMemory:
+        return self.table.mem
 
     def offered_features(self) -> int:
         # RING_RESET has no vhost-user counterpart (a ring stops with GET_VRING_BASE)
@@ -332,7 +347,7 @@ class Session:
         the dirty log and write the state file."""
         if any(q.started for q in self.device.queues):
             return
-        self.dirty_log.flush(self.vu_features, self.table.mem)
+        self.dirty_log.rings_stopped()
         self.device_state.rings_stopped()
 
     def _reset_keeping_rings(self) -> None:
@@ -347,12 +362,20 @@ class Session:
         the device itself is reset as the spec says, and set up again by the frontend's
         start sequence.
         """
-        for vr in self.vrings:
-            if self.device.queues[vr.index].started:
-                self._stop(vr)
-        kept = {vr.index: (vr.saved, vr.num) for vr in self.vrings if vr.saved is not None}
+
+        def stop_and_reset() -> dict[int, tuple]:
+            for vr in self.vrings:
+                if self.device.queues[vr.index].started:
+                    self._stop(vr)
+            kept = {vr.index: (vr.saved, vr.num) for vr in self.vrings if vr.saved is not None}
+            self.device.reset()
+            self._forget_rings()  # its kick fd swaps too run here, not as commands of their own
+            return kept
+
+        # at most one trip to the device thread, none if it is parked (this is a
+        # migration's downtime); the dirty log goes on: a migration's last stop comes here
         features = self.vu_features
-        self.reset()
+        kept = self.device.call(stop_and_reset, borrow=True)
         self.vu_features = features
         for index, (saved, num) in kept.items():
             vr = self.vrings[index]
@@ -360,8 +383,13 @@ class Session:
             vr.base = encode_base(saved[0], self.packed)
 
     def reset(self) -> None:
-        """Device reset (RESET_OWNER, RESET_DEVICE, SET_STATUS 0, disconnect)."""
+        """Device reset (RESET_OWNER, RESET_DEVICE, disconnect): logging ends too."""
         self.device.reset()
+        self._forget_rings()
+        self.dirty_log.update()
+
+    def _forget_rings(self) -> None:
+        """What the connection knows of the rings, after the device was reset."""
         for q, vr in zip(self.device.queues, self.vrings, strict=True):
             q.tracker = None
             vr.close()
@@ -419,9 +447,12 @@ class Session:
             raise Refused(f"features {value:#x} (offered {self.offered_features():#x})")
         if self.device.run_state is not RunState.IDLE and virtio != self.features:
             raise Refused(f"features {value:#x} changed while rings run")
+        self.dirty_log.check_features(value)
+        starts_logging = bool(value >> F_LOG_ALL & 1 and not self.vu_features >> F_LOG_ALL & 1)
         self.vu_features = value
+        self.dirty_log.update(started_logging=starts_logging)  # on running rings too
         self.negotiated.append(virtio)
-        log.info("vhost-user: %s: frontend set features %#x", self.device.name, virtio)
+        log.info("vhost-user: %s: frontend set features %#x", self.device.name, value)
 
     @handles(Req.GET_PROTOCOL_FEATURES, 0)
     def get_protocol_features(self, msg: Message) -> bytes:
@@ -494,11 +525,13 @@ class Session:
         if n != len(msg.fds):
             raise ProtocolError(f"SET_MEM_TABLE: {n} regions but {len(msg.fds)} fds")
         regions = [MemRegion.unpack(msg.payload, 8 + 32 * i) for i in range(n)]
+        self.dirty_log.check_memory(max(r.gpa + r.size for r in regions))
         self._paused(lambda: self.table.replace(regions, msg.take_fds()))
 
     @handles(Req.ADD_MEM_REG, 8 + MEM_REGION.size, (1, 1))
     def add_mem_reg(self, msg: Message) -> None:
         region = MemRegion.unpack(msg.payload, 8)
+        self.dirty_log.check_memory(region.gpa + region.size)
         self._paused(lambda: self.table.add(region, msg.fds.pop()))
 
     @handles(Req.REM_MEM_REG, 8 + MEM_REGION.size, (0, 1))
@@ -522,13 +555,26 @@ class Session:
 
     @handles(Req.SET_VRING_ADDR, VRING_ADDR.size)
     def set_vring_addr(self, msg: Message) -> None:
-        index, _flags, desc, used, avail, _log = VRING_ADDR.unpack(msg.payload)
+        """Ring addresses, and whether (and where) the used ring's writes are logged.
+
+        On a running ring only the logging may change (QEMU turns it on and off there
+        when a live migration starts, ends or fails); the addresses must be the ones the
+        ring runs on."""
+        index, flags, desc, used, avail, log_addr = VRING_ADDR.unpack(msg.payload)
         vr, q = self._vring(index)
+        if flags & ~VRING_F_LOG:
+            raise Refused(f"vring {index}: unknown flags {flags:#x}")
+        if flags & VRING_F_LOG:
+            self.dirty_log.check_ring(vr, log_addr)
         if q.started:
-            raise Refused(f"vring {index} is running")
-        for addr in (desc, used, avail):
-            self.table.to_gpa(addr, 1)  # GuestMemoryError: refused
-        vr.addr = (desc, avail, used)
+            if vr.addr != (desc, avail, used):
+                raise Refused(f"vring {index} is running: its addresses cannot change")
+        else:
+            for addr in (desc, used, avail):
+                self.table.to_gpa(addr, 1)  # GuestMemoryError: refused
+            vr.addr = (desc, avail, used)
+        vr.log_addr = log_addr if flags & VRING_F_LOG else None
+        self.dirty_log.update()
 
     @handles(Req.SET_VRING_BASE, 8)
     def set_vring_base(self, msg: Message) -> None:
@@ -739,6 +785,8 @@ class VhostUserServer:
                 pass
         if self._thread is not None:
             self._thread.join()
+        if self.state_files is not None:
+            self.state_files.flush()  # a state file being written is finished first
         self.listener.close()
         os.close(self._stop)
         try:

@@ -6,7 +6,8 @@ INFLIGHT parts taken from ``Vring.saved``, the device's own ``save_state`` part,
 optional TRANSPORT part (``{"transport": "vhost-user", "version": 1, "features",
 "protocol", "bases"}``). It travels either through SET_DEVICE_STATE_FD (protocol feature
 DEVICE_STATE) or, for frontends without it (QEMU 7.2), through a file ``emu serve
---state-dir`` writes whenever a device's last running ring stops.
+--state-dir`` writes whenever a device's last running ring stops (right after answering
+GET_VRING_BASE, so that the disk is not part of a migration's downtime).
 
 Loading checks the whole state against the device before anything is applied; then the
 device takes its part (``load_state``) and each ring's saved (RingState, in-flight chains)
@@ -34,9 +35,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import queue
 import select
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +65,9 @@ log = logging.getLogger(__name__)
 
 #: a transfer the frontend neither drains nor feeds ends after this long
 TRANSFER_TIMEOUT = 30.0
+#: how long a ring start waits for ``--restore-dir``'s file, and how often it looks
+RESTORE_TIMEOUT = 60.0
+RESTORE_POLL = 0.05
 TRANSPORT = "vhost-user"
 TRANSPORT_VERSION = 1
 _U64 = 2**64 - 1
@@ -187,6 +193,8 @@ class SessionView(Protocol):
     @property
     def packed(self) -> bool: ...
 
+    def after_reply(self, fn: Callable[[], None]) -> None: ...
+
 
 # -- building and checking a state --
 
@@ -255,28 +263,91 @@ class StateFiles:
 
     #: ``--state-dir``: where the state goes whenever all the device's rings stop
     save_to: Path | None = None
-    #: ``--restore-dir``: a checked state, for the first session that starts a ring
-    pending: Loaded | None = None
+    #: ``--restore-dir``: the state to apply when the first session starts a ring
+    restore_from: Path | None = None
+    #: ``--restore-timeout``: how long that ring start waits for the file to appear
+    restore_timeout: float = RESTORE_TIMEOUT
 
     @classmethod
     def open(
-        cls, dev: VirtioDevice, socket: str, state_dir: str | None, restore_dir: str | None
+        cls,
+        dev: VirtioDevice,
+        socket: str,
+        state_dir: str | None,
+        restore_dir: str | None,
+        restore_timeout: float = RESTORE_TIMEOUT,
     ) -> StateFiles:
-        """DIR/<socket name>.state, saved at each stop and/or restored at start.
+        """DIR/<socket name>.state, saved at each stop and/or restored at the first start.
 
-        A restore file that is missing or does not fit the device is an error
-        (StateError): starting fresh would silently drop the requests the guest still
-        waits for. It is checked against the fresh ``dev`` now and applied later.
+        The restore file is read when the frontend starts a ring, not now: a live
+        migration's destination starts before its source has stopped (the source writes
+        the file at its last GET_VRING_BASE, which QEMU sends before the destination can
+        start the device). A file already there is checked now all the same, so one that
+        cannot fit the device is an error at start (StateError).
         """
         name = f"{Path(socket).name}.state"
-        files = cls()
-        if restore_dir is not None:
-            loaded = check(dev, statefile.load(Path(restore_dir) / name))
-            dev.load_state(loaded.device_part)  # checks the device part; taken again at apply
-            files.pending = loaded
-        if state_dir is not None:
-            files.save_to = Path(state_dir) / name
-        return files
+        restore_from = None if restore_dir is None else Path(restore_dir) / name
+        if restore_from is not None and restore_from.exists():
+            dev.load_state(check(dev, statefile.load(restore_from)).device_part)
+        save_to = None if state_dir is None else Path(state_dir) / name
+        return cls(save_to, restore_from, restore_timeout)
+
+    def __post_init__(self) -> None:
+        if self.save_to is not None:  # started now: a thread start may take milliseconds
+            self._queue: queue.Queue[tuple[DeviceState, str]] = queue.Queue()
+            threading.Thread(target=self._writer, name="emu-state-file", daemon=True).start()
+
+    def retire(self, name: str) -> None:
+        """Before GET_VRING_BASE is answered: the old state file goes, so that no reader
+        takes it for the one ``write`` is about to replace it with."""
+        assert self.save_to is not None
+        self.flush()  # a write still under way (stops in quick succession) goes first
+        try:
+            self.save_to.unlink(missing_ok=True)
+        except OSError as e:
+            log.error("vhost-user: %s: cannot remove old state file %s: %s", name, self.save_to, e)
+
+    def write(self, state: DeviceState, name: str) -> None:
+        """After the answer (the stop is a migration's downtime, the disk is not part of
+        it): the new state file is written (temp, fsync, rename) by a thread of its own.
+        A restore waits for it to appear; ``flush`` waits for it to be written."""
+        self._queue.put((state, name))
+
+    def flush(self) -> None:
+        """Wait until every state file ``write`` asked for is on disk."""
+        if self.save_to is not None:
+            self._queue.join()
+
+    def _writer(self) -> None:
+        assert self.save_to is not None
+        while True:
+            state, name = self._queue.get()
+            try:
+                statefile.save(self.save_to, state)
+                log.info("vhost-user: %s: state saved to %s", name, self.save_to)
+            except (OSError, StateError) as e:
+                log.error("vhost-user: %s: cannot write state file %s: %s", name, self.save_to, e)
+            finally:
+                self._queue.task_done()
+
+    def take(self, dev: VirtioDevice) -> Loaded | None:
+        """The restore file's state, checked against ``dev``, waiting for the file up to
+        ``restore_timeout``; None without ``--restore-dir`` or once a state was taken. A
+        missing or unfitting file is a StateError (and stays due: starting fresh would
+        drop the requests the guest still waits for)."""
+        path = self.restore_from
+        if path is None:
+            return None
+        deadline = time.monotonic() + self.restore_timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise StateError(
+                    f"no state file {path} after {self.restore_timeout:g} s (--restore-timeout)"
+                )
+            time.sleep(RESTORE_POLL)
+        loaded = check(dev, statefile.load(path))
+        self.restore_from = None
+        return loaded
 
 
 # -- one session's device state --
@@ -314,11 +385,15 @@ class StateKeeper:
         buffers are outside the memory it shared.
         """
         session, dev = self.session, self.session.device
-        pending = self.files.pending
-        if self.loaded is None and pending is not None and dev.run_state is RunState.IDLE:
-            self.files.pending = None
-            self.apply(pending)
-            log.info("vhost-user: %s: state from the restore file applied", dev.name)
+        if self.loaded is None and self.files.restore_from is not None:
+            if dev.run_state is RunState.IDLE:
+                try:
+                    loaded = self.files.take(dev)
+                except StateError as e:
+                    raise Refused(f"vring {vr.index}: {e}") from e
+                assert loaded is not None
+                self.apply(loaded)
+                log.info("vhost-user: %s: state from the restore file applied", dev.name)
         if self.loaded is None or vr.index not in self.loaded.rings:
             return None
         rs, chains = self.loaded.rings[vr.index]
@@ -366,15 +441,16 @@ class StateKeeper:
 
     def rings_stopped(self) -> None:
         """Every ring is stopped: write the state file, if ``emu serve`` asked for one."""
-        path, name = self.files.save_to, self.session.device.name
-        if path is None or not any(vr.saved for vr in self.session.vrings):
+        name = self.session.device.name
+        if self.files.save_to is None or not any(vr.saved for vr in self.session.vrings):
             return
         try:
-            statefile.save(path, self.build())
-        except (OSError, StateError) as e:
-            log.error("vhost-user: %s: cannot write state file %s: %s", name, path, e)
+            state = self.build()
+        except StateError as e:
+            log.error("vhost-user: %s: cannot build the state: %s", name, e)
             return
-        log.info("vhost-user: %s: state saved to %s", name, path)
+        self.files.retire(name)
+        self.session.after_reply(lambda: self.files.write(state, name))
 
     # -- SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE --
 

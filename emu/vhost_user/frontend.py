@@ -14,6 +14,8 @@ it, so a refusal surfaces at the call that caused it.
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import select
 import socket
@@ -23,6 +25,7 @@ from typing import Protocol
 from emu.memory import GuestMemory
 from emu.ringdefs import F_EVENT_IDX, F_IN_ORDER, F_INDIRECT_DESC, F_RING_PACKED
 from emu.vhost_user import snapshot
+from emu.vhost_user.dirty_log import F_LOG_ALL, LOG_BASE, VRING_F_LOG, log_take
 from emu.vhost_user.protocol import (
     CONFIG_HEAD,
     F_PROTOCOL_FEATURES,
@@ -46,8 +49,8 @@ from emu.vhost_user.protocol import (
 
 #: where guest RAM appears in the frontend's own address space (as QEMU's 0x7f.. uvas)
 UVA_OFFSET = 0x7F00_0000_0000
-#: the vhost feature bit a frontend sets only while it migrates (dirty logging)
-F_LOG_ALL = 26
+#: guest bytes per u64 word of the dirty log (QEMU's VHOST_LOG_CHUNK)
+LOG_CHUNK = 64 << 12
 WANTED_PROTOCOL = (
     1 << PF.MQ
     | 1 << PF.REPLY_ACK
@@ -109,7 +112,11 @@ class VhostUserFrontend:
         self.mem = GuestMemory.create(mem_size, backing=ram)
         self.queues: dict[int, Ring] = {}
         self.features = 0
+        self.vhost_bits = 0  # PROTOCOL_FEATURES, sent with every SET_FEATURES
         self.protocol = 0
+        self.log_fd = -1  # the dirty log's memfd while one was given (SET_LOG_BASE)
+        self.log: mmap.mmap | None = None
+        self._taken: set[int] = set()  # read from a log since replaced, not yet returned
         self.config_interrupts = 0
         self.add_mem_reg = add_mem_reg
         self.want_inflight = inflight
@@ -120,9 +127,18 @@ class VhostUserFrontend:
 
     # -- messages --
 
-    def request(self, req: Req, payload: bytes = b"", fds: list[int] | None = None) -> Message:
-        """Send one request; returns its reply (or the ack) after checking its header."""
-        ack = req not in OWN_REPLY and self.protocol >> PF.REPLY_ACK & 1
+    def request(
+        self,
+        req: Req,
+        payload: bytes = b"",
+        fds: list[int] | None = None,
+        *,
+        ack: bool = True,
+    ) -> Message:
+        """Send one request; returns its reply (or the ack) after checking its header.
+
+        ``ack=False`` sends it without need_reply, as QEMU sends most of its requests."""
+        ack = ack and req not in OWN_REPLY and bool(self.protocol >> PF.REPLY_ACK & 1)
         flags = VERSION | (FLAG_NEED_REPLY if ack else 0)
         send_message(self.sock, Message(req, flags, payload, list(fds or [])))
         if req not in OWN_REPLY and not ack:
@@ -169,7 +185,8 @@ class VhostUserFrontend:
         accepted = wanted & offered & ~(1 << F_PROTOCOL_FEATURES)
         if packed and not accepted >> F_RING_PACKED & 1:
             raise FrontendError("backend does not offer VIRTIO_F_RING_PACKED")
-        self.set_u64(Req.SET_FEATURES, accepted | (offered & 1 << F_PROTOCOL_FEATURES))
+        self.vhost_bits = offered & 1 << F_PROTOCOL_FEATURES
+        self.set_u64(Req.SET_FEATURES, accepted | self.vhost_bits)
         self.features = accepted
         if self.want_inflight and self.protocol >> PF.INFLIGHT_SHMFD & 1:
             self._get_inflight()
@@ -219,11 +236,18 @@ class VhostUserFrontend:
             fds[index] = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         return fds[index]
 
-    def set_vring_addr(self, q: Ring) -> None:
+    def set_vring_addr(self, q: Ring, log: bool = False, *, ack: bool = True) -> None:
+        """``log``: VHOST_VRING_F_LOG, used-ring writes logged at its guest-physical address
+        (as QEMU, the address goes with the flag cleared too)."""
         payload = VRING_ADDR.pack(
-            q.index, 0, q.desc + UVA_OFFSET, q.device + UVA_OFFSET, q.driver + UVA_OFFSET, 0
+            q.index,
+            VRING_F_LOG if log else 0,
+            q.desc + UVA_OFFSET,
+            q.device + UVA_OFFSET,
+            q.driver + UVA_OFFSET,
+            q.device,
         )
-        self.request(Req.SET_VRING_ADDR, payload)
+        self.request(Req.SET_VRING_ADDR, payload, ack=ack)
 
     def driver_ok(self) -> None:
         """Start every ring: SET_VRING_KICK then SET_VRING_ENABLE 1, as QEMU does."""
@@ -252,6 +276,62 @@ class VhostUserFrontend:
         self.request(Req.SET_VRING_BASE, VRING_STATE.pack(index, base))
         self.set_vring_addr(q)
         self.start_ring(index)
+
+    # -- dirty logging: QEMU 7.2's live migration (hw/virtio/vhost.c) on running rings --
+
+    def log_size(self) -> int:
+        """QEMU's log size: a bit per page up to the end of guest memory, in u64 words."""
+        end = max(r.end for r in self.mem.regions)
+        return ((end - 1) // LOG_CHUNK + 1) * 8
+
+    def set_log_base(self, size: int | None = None) -> None:
+        """SET_LOG_BASE with a new sealed memfd (QEMU's log, resized or not), which
+        replaces the one before; QEMU waits for the answer (LOG_SHMFD)."""
+        size = size or self.log_size()
+        fd = os.memfd_create("vhost-log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        log = mmap.mmap(fd, size)
+        try:
+            self.request(Req.SET_LOG_BASE, LOG_BASE.pack(size, 0), [fd])
+        except BaseException:
+            log.close()
+            os.close(fd)
+            raise
+        old = self.dirty_pages()  # QEMU reads the old log once more after the answer
+        self.drop_log()
+        self.log_fd, self.log = fd, log
+        self._taken |= old
+
+    def start_logging(self, size: int | None = None) -> None:
+        """``vhost_log_global_start``: SET_LOG_BASE, SET_FEATURES + LOG_ALL (need_reply),
+        then per ring SET_VRING_ADDR with VHOST_VRING_F_LOG (need_reply)."""
+        self.set_log_base(size)
+        self.set_u64(Req.SET_FEATURES, self.features | 1 << F_LOG_ALL | self.vhost_bits)
+        for q in self.queues.values():
+            self.set_vring_addr(q, log=True)
+
+    def stop_logging(self) -> None:
+        """``vhost_log_global_stop`` (a cancelled or failed migration), and the rollback
+        of a refused start: SET_FEATURES without LOG_ALL, SET_VRING_ADDR with the flag
+        cleared, neither asking for a reply. The log stays mapped on both sides."""
+        self.request(Req.SET_FEATURES, U64.pack(self.features | self.vhost_bits), ack=False)
+        for q in self.queues.values():
+            self.set_vring_addr(q, ack=False)
+
+    def dirty_pages(self) -> set[int]:
+        """QEMU's log sync: the pages logged since the last call (taken atomically, so a
+        bit the backend sets meanwhile stays for the next call)."""
+        taken, self._taken = self._taken, set()
+        if self.log is not None:
+            taken |= {int(p) for p in log_take(self.log)}
+        return taken
+
+    def drop_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            os.close(self.log_fd)
+            self.log, self.log_fd = None, -1
 
     def save_state(self) -> bytes:
         """DEVICE_STATE save of a backend whose rings are stopped (emu.vhost_user.snapshot)."""
@@ -303,6 +383,7 @@ class VhostUserFrontend:
             os.close(fd)
         if self.inflight_fd >= 0:
             os.close(self.inflight_fd)
+        self.drop_log()
         self._calls.clear()
         self._kicks.clear()
         self.mem.close()

@@ -74,6 +74,8 @@ class Vring:
     num: int = 0
     base: int = 0  # as SET_VRING_BASE encoded it
     addr: tuple[int, int, int] | None = None  # user addresses: desc, driver (avail), device
+    #: log_guest_addr while VHOST_VRING_F_LOG is set: where the used ring's writes are logged
+    log_addr: int | None = None
     kicked: bool = False  # SET_VRING_KICK came: the ring may start
     enabled: bool = False
     started: bool = False
