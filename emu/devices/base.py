@@ -70,26 +70,35 @@ POLICIES = ("drain", "report")
 
 
 class Command:
-    """A lifecycle change queued for the device thread; ``wait`` for its outcome."""
+    """A lifecycle change queued for the device thread; ``wait`` for its outcome.
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    Waiters sleep on the device's condition, not an Event of their own: most commands
+    (a borrowed stop above all) are never waited for, and a stop is timed in microseconds.
+    """
+
+    def __init__(self, fn: Callable[[], Any], changed: threading.Condition) -> None:
         self.fn = fn
         self.result: Any = None
         self.error: BaseException | None = None
-        self._done = threading.Event()
+        self._changed = changed
+        self._done = False
 
     def run(self) -> None:
         try:
             self.result = self.fn()
         except BaseException as e:  # handed to the waiter, whatever it is
             self.error = e
-        self._done.set()
+        with self._changed:
+            self._done = True
+            self._changed.notify_all()
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._done
 
     def wait(self, timeout: float | None = None) -> Any:
-        if not self._done.wait(timeout):
+        with self._changed:
+            done = self._changed.wait_for(self.done, timeout)
+        if not done:
             raise TimeoutError(f"device command not carried out after {timeout} s")
         if self.error is not None:
             raise self.error
@@ -422,7 +431,7 @@ class VirtioDevice:
         os.eventfd_write(self._wake, 1)
 
     def _post(self, fn: Callable[[], Any], wait: bool = True, borrow: bool = False) -> Command:
-        cmd = Command(fn)
+        cmd = Command(fn, self._changed)
         if threading.current_thread() in (self._thread, self._borrower):
             cmd.run()  # the owner itself (a device failing its own queue, a borrowed command)
         elif not (borrow and self._borrow(cmd)):
