@@ -351,3 +351,32 @@ def test_native_log_marks_matches_numpy(gpa: int) -> None:
             )
         )
     assert ranges[0] == ranges[1] and ranges[0][1] == 3
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_ring_writes_marked_before_a_memory_table_change_reach_the_log(
+    tmp_path: Path, packed: bool
+) -> None:
+    """A live pass took the log; the frontend re-sends its memory table (the backend pauses
+    the rings and drops the old table's page marks), then stops the ring: the page of the
+    ring writes made since the last publish (packed: the used descriptor; split: the
+    avail_event) must still reach the final log."""
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(1 << 20))
+    dev = BlkDevice(img)
+    srv = VhostUserServer(dev, tmp_path / "s").start()
+    drv = VhostUserDriver(tmp_path / "s", add_mem_reg=False)
+    try:
+        blk = BlkDriver.open(drv, packed=packed)
+        drv.start_logging()
+        blk.read(0, 8)
+        drv.dirty_pages()  # the live pass takes what is there
+        q = drv.queues[0]
+        ring_page = (q.desc if packed else q.device + 4 + 8 * q.size) >> PAGE_SHIFT
+        drv.share_memory()  # SET_MEM_TABLE, the same regions
+        drv.stop_ring(0)
+        assert ring_page in drv.dirty_pages()
+    finally:
+        drv.close()
+        srv.close()
+        dev.close()

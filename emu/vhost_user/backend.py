@@ -336,6 +336,9 @@ class Session:
             self._stop(vr)
             assert vr.saved is not None
             vr.base = encode_base(vr.saved[0], self.packed)
+        # the old table's page marks (used descriptors, avail_event) go with its regions:
+        # into the log first, or a live migration loses them
+        self.dirty_log.rings_stopped()
         try:
             change()
         finally:
