@@ -69,3 +69,19 @@ def echo():
     dev = EchoDevice(queue_max_size=256)
     yield dev
     dev.close()
+
+
+@pytest.fixture(scope="session")
+def microvm_image():
+    """The QEMU microvm guest image, built once (skips where QEMU or the packages are not)."""
+    import shutil
+
+    from emu.guest.images import build_image
+    from emu.guest.packages import PackageError
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 missing (scripts/install-guest-deps.sh)")
+    try:
+        return build_image("microvm")
+    except PackageError as e:
+        pytest.skip(f"guest packages unavailable: {e}")

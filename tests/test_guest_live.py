@@ -20,7 +20,6 @@ workload does (shared/reference/guests.md).
 
 from __future__ import annotations
 
-import shutil
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,8 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from emu.guest import GuestImage, build_image, livemig, vm
-from emu.guest.packages import PackageError
+from emu.guest import GuestImage, livemig, vm
 
 #: low enough that QEMU's first pass over 256 MiB takes a few seconds
 BANDWIDTH = 16 << 20
@@ -39,16 +37,6 @@ HIDDEN_LOG = (
     "d.log_marks = lambda marks, bits, gpa: 0; d.log_range = lambda bits, gpa, n: 0; "
     "from emu.cli import main; main()"
 )
-
-
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 missing (scripts/install-guest-deps.sh)")
-    try:
-        return build_image("microvm")
-    except PackageError as e:
-        pytest.skip(f"guest packages unavailable: {e}")
 
 
 @pytest.fixture
@@ -75,8 +63,8 @@ def cleanup() -> Iterator[list[Callable[[], None]]]:
 
 
 class Side(livemig.Side):
-    def __init__(self, tmp: Path, name: str, image: GuestImage, disk: Path) -> None:
-        super().__init__(tmp / name, image)
+    def __init__(self, tmp: Path, name: str, microvm_image: GuestImage, disk: Path) -> None:
+        super().__init__(tmp / name, microvm_image)
         self.disk = disk
 
     def serve(self, *options: str, python: str | None = None) -> vm.Serve:
@@ -91,21 +79,21 @@ def check(results: dict[str, str], disk: Path) -> None:
     assert livemig.disk_problems(results, disk) == []
 
 
-def live_migrations(image: GuestImage, disk: Path, tmp: Path, policy: str) -> None:
+def live_migrations(microvm_image: GuestImage, disk: Path, tmp: Path, policy: str) -> None:
     state = tmp / "state"
     state.mkdir()
     opts = ["--policy", policy, "--state-dir", str(state)]
     restore = ["--restore-dir", str(state)] if policy == "report" else []
     transcript: list[str] = []
     with cleanup() as undo:
-        src = Side(tmp, "src", image, disk)
+        src = Side(tmp, "src", microvm_image, disk)
         backend = src.serve(*opts)
         undo.append(backend.kill)
         guest = src.guest(transcript)
         undo.append(guest.stop)
         guest.progress(2)
         for attempt, end in enumerate(("cancel", "destination dies", "complete")):
-            dst = Side(tmp, f"dst{attempt}", image, disk)
+            dst = Side(tmp, f"dst{attempt}", microvm_image, disk)
             dst_backend = dst.serve(*opts, *restore)
             undo.append(dst_backend.kill)
             uri = f"tcp:127.0.0.1:{free_port()}"
@@ -137,17 +125,20 @@ def live_migrations(image: GuestImage, disk: Path, tmp: Path, policy: str) -> No
 
 @pytest.mark.parametrize("policy", ["drain", "report"])
 def test_live_migration_after_a_cancel_and_a_failed_destination(
-    image: GuestImage, disk: Path, tmp_path: Path, policy: str
+    microvm_image: GuestImage, disk: Path, tmp_path: Path, policy: str
 ) -> None:
-    live_migrations(image, disk, tmp_path, policy)
+    live_migrations(microvm_image, disk, tmp_path, policy)
 
 
 def test_negative_control_hidden_log_fails_the_data_check(
-    image: GuestImage, disk: Path, tmp_path: Path
+    microvm_image: GuestImage, disk: Path, tmp_path: Path
 ) -> None:
     transcript: list[str] = []
     with cleanup() as undo:
-        src, dst = Side(tmp_path, "src", image, disk), Side(tmp_path, "dst", image, disk)
+        src, dst = (
+            Side(tmp_path, "src", microvm_image, disk),
+            Side(tmp_path, "dst", microvm_image, disk),
+        )
         backend = src.serve(python=HIDDEN_LOG)
         undo.append(backend.kill)
         guest = src.guest(transcript)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -32,9 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from emu.guest import GuestImage, build_image, vm
+from emu.guest import GuestImage, vm
 from emu.guest.devices import Device
-from emu.guest.packages import PackageError
 from emu.guest.run import kernel_args
 from emu.guest.vm import Vm as Guest
 
@@ -81,16 +79,6 @@ result stop.sha256 "${sum%% *}"
 """
 
 
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 missing (scripts/install-guest-deps.sh)")
-    try:
-        return build_image("microvm")
-    except PackageError as e:
-        pytest.skip(f"guest packages unavailable: {e}")
-
-
 @pytest.fixture
 def disk(tmp_path: Path) -> Path:
     img = tmp_path / "disk.img"
@@ -100,7 +88,7 @@ def disk(tmp_path: Path) -> Path:
 
 
 def qemu_command(
-    image: GuestImage,
+    microvm_image: GuestImage,
     sock: Path,
     qmp: Path,
     *,
@@ -110,7 +98,7 @@ def qemu_command(
     script = base64.b64encode(WORKLOAD.encode()).decode()
     append = kernel_args(["script"], {"script": script, "stop.sector": STOP_SECTOR}, True)
     return vm.qemu_command(
-        image,
+        microvm_image,
         [Device("blk", str(sock))],
         qmp,
         append,
@@ -154,12 +142,12 @@ def serve(sock: Path, disk: Path, log: Path, *options: str) -> vm.Serve:
 # -- the scenarios --
 
 
-def stop_cont(image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) -> None:
+def stop_cont(microvm_image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) -> None:
     sock, qmp = tmp / "blk.sock", tmp / "qmp.sock"
     with cleanup() as undo:
         backend = serve(sock, disk, tmp / "serve.log", "--policy", policy)
         undo.append(backend.kill)
-        guest = Guest(qemu_command(image, sock, qmp), qmp, [])
+        guest = Guest(qemu_command(microvm_image, sock, qmp), qmp, [])
         undo.append(guest.stop)
         guest.progress()
         for _ in range(cycles):
@@ -175,16 +163,16 @@ def stop_cont(image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int
 
 @pytest.mark.parametrize("policy", ["drain", "report"])
 def test_stop_and_cont_during_io(
-    image: GuestImage, disk: Path, tmp_path: Path, policy: str
+    microvm_image: GuestImage, disk: Path, tmp_path: Path, policy: str
 ) -> None:
-    stop_cont(image, disk, tmp_path, policy, cycles=5)
+    stop_cont(microvm_image, disk, tmp_path, policy, cycles=5)
 
 
-def test_stop_and_cont_50_times(image: GuestImage, disk: Path, tmp_path: Path) -> None:
-    stop_cont(image, disk, tmp_path, "report", cycles=50)
+def test_stop_and_cont_50_times(microvm_image: GuestImage, disk: Path, tmp_path: Path) -> None:
+    stop_cont(microvm_image, disk, tmp_path, "report", cycles=50)
 
 
-def migrate(image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) -> None:
+def migrate(microvm_image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) -> None:
     sock, qmp, state = tmp / "blk.sock", tmp / "qmp.sock", tmp / "state"
     state.mkdir()
     transcript: list[str] = []
@@ -193,7 +181,7 @@ def migrate(image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) 
     with cleanup() as undo:
         backend = serve(sock, disk, log, *opts)
         undo.append(backend.kill)
-        guest = Guest(qemu_command(image, sock, qmp), qmp, transcript)
+        guest = Guest(qemu_command(microvm_image, sock, qmp), qmp, transcript)
         undo.append(guest.stop)
         guest.progress()
         for n in range(cycles):
@@ -204,7 +192,9 @@ def migrate(image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) 
             qmp.unlink(missing_ok=True)
             backend = serve(sock, disk, log, "--restore-dir", str(state), *opts)
             undo.append(backend.kill)
-            guest = Guest(qemu_command(image, sock, qmp, incoming=snapshot), qmp, transcript)
+            guest = Guest(
+                qemu_command(microvm_image, sock, qmp, incoming=snapshot), qmp, transcript
+            )
             undo.append(guest.stop)
             guest.wait_status("paused")  # the incoming migration is complete
             guest.qmp.execute("cont")
@@ -217,22 +207,26 @@ def migrate(image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) 
 
 @pytest.mark.parametrize("policy", ["drain", "report"])
 def test_migrate_to_a_file_and_restore(
-    image: GuestImage, disk: Path, tmp_path: Path, policy: str
+    microvm_image: GuestImage, disk: Path, tmp_path: Path, policy: str
 ) -> None:
-    migrate(image, disk, tmp_path, policy, cycles=2)
+    migrate(microvm_image, disk, tmp_path, policy, cycles=2)
 
 
-def test_migrate_and_restore_20_times(image: GuestImage, disk: Path, tmp_path: Path) -> None:
-    migrate(image, disk, tmp_path, "report", cycles=20)
+def test_migrate_and_restore_20_times(
+    microvm_image: GuestImage, disk: Path, tmp_path: Path
+) -> None:
+    migrate(microvm_image, disk, tmp_path, "report", cycles=20)
 
 
-def test_backend_killed_and_restarted(image: GuestImage, disk: Path, tmp_path: Path) -> None:
+def test_backend_killed_and_restarted(
+    microvm_image: GuestImage, disk: Path, tmp_path: Path
+) -> None:
     sock, qmp = tmp_path / "blk.sock", tmp_path / "qmp.sock"
     log = tmp_path / "serve.log"
     with cleanup() as undo:
         backend = serve(sock, disk, log, "--policy", "report")
         undo.append(lambda: backend.kill())
-        guest = Guest(qemu_command(image, sock, qmp, reconnect=True), qmp, [])
+        guest = Guest(qemu_command(microvm_image, sock, qmp, reconnect=True), qmp, [])
         undo.append(guest.stop)
         guest.progress()
         for _ in range(KILLS):
