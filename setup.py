@@ -1,13 +1,44 @@
-"""Builds the native ring core; everything else is in pyproject.toml."""
+"""Builds the native parts (ring core, blk data plane, storage engines); everything else is
+in pyproject.toml.
+
+The storage engines link Debian's liburing and libnbd: a missing header stops the build
+with the package to install, rather than building an emu whose blk silently runs another
+way (``./emu.sh`` installs them).
+"""
+
+import os
+import sys
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+#: header -> the Debian package that ships it
+NEEDS = {}
+
+
+def native(name: str, libraries: tuple[str, ...] = (), headers: tuple[str, ...] = ()) -> Extension:
+    for header in headers:
+        if not any(os.path.exists(os.path.join(d, header)) for d in ("/usr/include", "/usr/local/include")):
+            sys.exit(
+                f"emu: building {name} needs {header}; install it with "
+                f"`apt-get install {NEEDS[header]}` (./emu.sh does this)"
+            )
+    return Extension(
+        name,
+        [name.replace(".", "/") + ".pyx"],
+        include_dirs=[numpy.get_include()],
+        libraries=list(libraries),
+        extra_compile_args=["-O2"],
+    )
+
+
 setup(
     ext_modules=cythonize(
-        [Extension("emu._ring", ["emu/_ring.pyx"], include_dirs=[numpy.get_include()],
-                   extra_compile_args=["-O2"])],
+        [
+            native("emu._ring"),
+            native("emu.backends.engine"),
+        ],
         compiler_directives={"language_level": "3", "boundscheck": False,
                              "wraparound": False, "cdivision": True},
     )

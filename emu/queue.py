@@ -56,17 +56,26 @@ PASS_DESCS_PER_SLOT = 4
 
 
 class Deferred(Protocol):
-    """Completions a backend finishes after the pass that started them (used entries
-    published later): the device thread publishes them when due, a drain stop waits for
-    them, a report stop drops them (their chains stay in flight). emu.backends.delay has
-    the delay model; asynchronous backends fit the same shape."""
+    """Completions a backend finishes after the pass that started them.
+
+    Two kinds fit: the delay model (emu.backends.delay: requests ran, their used entries
+    are published ``latency`` later, due by time) and an asynchronous backend (requests
+    are outstanding at the backend; ``fd`` turns readable when some finished). The device
+    thread publishes them as they come (``take_due``); a drain stop waits for all of them
+    (``take_all``); a report stop ``cancel``s them (nothing more is published, reads stop
+    writing guest memory) and then waits until ``count`` is 0: writes already handed to a
+    backend are fenced before the device says STOPPED. Their chains stay in flight.
+    """
+
+    fd: int | None  # readable while completions wait (None: due by time, ``next_due``)
 
     def defer(self, heads: np.ndarray, lengths: np.ndarray) -> None: ...
     def next_due(self) -> float | None: ...
     def take_due(self, now: float) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
     def take_all(self) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...  # waits for each
-    def drop(self) -> None: ...
-    def count(self) -> int: ...
+    def cancel(self) -> None: ...  # never blocks; take_due yields nothing afterwards
+    def drop(self) -> None: ...  # cancel, then wait until count() is 0; forgets all
+    def count(self) -> int: ...  # outstanding or held: not published, not fenced yet
 
 
 class Virtqueue:
@@ -237,9 +246,12 @@ class Virtqueue:
         return self.deferred.next_due() if self.deferred is not None else None
 
     def publish_due(self, now: float) -> None:
-        if self.deferred is not None and self.gate is not Gate.CLOSED:
+        """Publish the completions that are ready (a closed gate discards them: the chains
+        stay in flight and are done again after resume or restore)."""
+        if self.deferred is not None:
             for heads, lengths in self.deferred.take_due(now):
-                self._publish(heads, lengths)
+                if self.gate is not Gate.CLOSED:
+                    self._publish(heads, lengths)
 
     def publish_all_due(self) -> None:
         """Drain: wait for every deferred completion and publish it."""
@@ -247,12 +259,18 @@ class Virtqueue:
             for heads, lengths in self.deferred.take_all():
                 self._publish(heads, lengths)
 
+    def cancel_due(self) -> None:
+        """Report stop: publish nothing more (``held`` counts what is still to be fenced)."""
+        if self.deferred is not None:
+            self.deferred.cancel()
+
     def drop_due(self) -> None:
         if self.deferred is not None:
             self.deferred.drop()
 
     def held(self) -> int:
-        """Requests executed whose used entries the backend has not finished."""
+        """Requests whose used entries are not published and that the backend may still
+        be working on (a report stop waits for writes among them to be fenced)."""
         return self.deferred.count() if self.deferred is not None else 0
 
     # -- stop / state --

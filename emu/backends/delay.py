@@ -17,6 +17,8 @@ from emu.queue import Virtqueue
 
 
 class Delay:
+    fd = None  # due by time
+
     def __init__(self, latency: float) -> None:
         self.latency = latency
         self._due: deque[tuple[float, np.ndarray, np.ndarray]] = deque()
@@ -37,6 +39,10 @@ class Delay:
             time.sleep(max(0.0, self._due[0][0] - time.monotonic()))
             _, heads, lengths = self._due.popleft()
             yield heads, lengths
+
+    def cancel(self) -> None:
+        """The requests already ran: nothing to fence."""
+        self._due.clear()
 
     def drop(self) -> None:
         self._due.clear()

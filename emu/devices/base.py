@@ -59,7 +59,7 @@ class DeviceError(Exception):
 class RunState(Enum):
     IDLE = "idle"  # not activated (before DRIVER_OK, or after reset)
     RUNNING = "running"
-    STOPPING = "stopping"  # drain stop: waiting for deferred completions
+    STOPPING = "stopping"  # waiting for the backend: completions (drain), the write fence (report)
     STOPPED = "stopped"  # no guest memory written, no interrupt raised until resume
     BROKEN = "broken"  # needs reset: no ring is touched until then
 
@@ -67,6 +67,10 @@ class RunState(Enum):
 #: quiesce policies: finish and publish everything started, or publish nothing more and
 #: report what was fetched as in flight
 POLICIES = ("drain", "report")
+
+
+#: selector key data of a backend's completion fd (emu.queue.Deferred.fd)
+_COMPLETIONS = object()
 
 
 class Command:
@@ -354,10 +358,12 @@ class VirtioDevice:
         """STOPPING -> STOPPED once a drain has nothing deferred left (report: at once)."""
         if self.run_state is not RunState.STOPPING:
             return
-        drain = self._stop_policy == "drain"
-        if drain and any(q.started and q.next_due() is not None for q in self.queues):
-            return  # the loop publishes them as they come due
         started = [q for q in self.queues if q.started]
+        if self._stop_policy == "report":
+            for q in started:
+                q.cancel_due()
+        if any(q.held() for q in started):
+            return  # the loop publishes (drain) or fences (report) them as they come
         for q in started:
             q.drop_due()
             q.gate = Gate.CLOSED
@@ -477,6 +483,8 @@ class VirtioDevice:
         sel.register(self._wake, selectors.EVENT_READ, None)
         for q in self.queues:
             sel.register(q.kick_fd, selectors.EVENT_READ, q)
+            if q.deferred is not None and q.deferred.fd is not None:
+                sel.register(q.deferred.fd, selectors.EVENT_READ, _COMPLETIONS)
         try:
             while not self._closed:
                 self._run_commands()
@@ -494,6 +502,8 @@ class VirtioDevice:
                     q = key.data
                     if q is None:
                         self._woken()
+                    elif q is _COMPLETIONS:
+                        pass  # published below
                     elif q.kick_fd == key.fd:
                         q.clear_kick()
                         if q.started and q.open:
@@ -552,7 +562,7 @@ class VirtioDevice:
             return
         now = time.monotonic()
         for q in self.queues:
-            if q.started and q.next_due() is not None:
+            if q.started and q.deferred is not None:
                 q.publish_due(now)
         self._finish_stop()
 
