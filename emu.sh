@@ -14,6 +14,9 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v gcc >/dev/null || need_apt+=(gcc)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' 2>/dev/null \
   || need_apt+=(python3-dev)
+# the native blk data plane's storage engines: io_uring files, NBD network storage
+[ -f /usr/include/liburing.h ] || need_apt+=(liburing-dev)
+[ -f /usr/include/libnbd.h ] || need_apt+=(libnbd-dev)
 if ((${#need_apt[@]})); then
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need_apt[@]}"
@@ -22,7 +25,7 @@ fi
 stamp="$VENV/.emu-installed"
 if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-   || [ emu/_ring.pyx -nt "$stamp" ]; then
+   || [ -n "$(find emu \( -name '*.pyx' -o -name '*.pxd' \) -newer "$stamp" -print -quit)" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q -e '.[test]'
   touch "$stamp"
