@@ -162,6 +162,7 @@ cdef struct State:
     # hlock guards ``h``, ``dead`` and the server's capabilities against a reconnect
     pthread_mutex_t hlock
     bint dead
+    bint lost  # a command was answered "not connected": dead, even before the worker saw it
     bint want_reconnect
     bint can_fua, can_flush, can_trim, can_zero
     int64_t last_try_ns
@@ -240,13 +241,14 @@ cdef int _on_reply(void *user_data, int *error) noexcept nogil:
     cdef State *st = s.st
     cdef int err = error[0]
     cdef int64_t result = 0
+    pthread_mutex_lock(&st.qlock)
     if err in (ENOTCONN, ESHUTDOWN, ECONNRESET, EPIPE):
         err = EIO
+        st.lost = True
     if err:
         result = -err
     elif s.op == OP_READ or s.op == OP_WRITE:
         result = <int64_t>s.length
-    pthread_mutex_lock(&st.qlock)
     if s.flush_after and not err:
         s.flush_after = False
         st.followups[st.nfollow] = <int>(s - st.slots)
@@ -334,6 +336,9 @@ cdef void _reconnect(State *st) noexcept nogil:
     _capabilities(st, h)
     st.dead = False
     st.reconnects += 1
+    pthread_mutex_lock(&st.qlock)
+    st.lost = False
+    pthread_mutex_unlock(&st.qlock)
     pthread_mutex_unlock(&st.hlock)
     nbd_close(old)  # dead: libnbd answered all it held when it died
     _log_event(st, EV_BACK)
@@ -559,7 +564,7 @@ cdef class NbdEngine(Engine):
         pthread_mutex_unlock(&st.qlock)
         # -- the command --
         pthread_mutex_lock(&st.hlock)
-        if st.dead:
+        if st.dead or st.lost:
             st.want_reconnect = True
             _poke(st.wake)
             err = EIO
@@ -615,7 +620,7 @@ cdef class NbdEngine(Engine):
         if st == NULL:
             return -EIO
         pthread_mutex_lock(&st.hlock)
-        if st.dead and not st.want_reconnect:
+        if (st.dead or st.lost) and not st.want_reconnect:
             st.want_reconnect = True
             _poke(st.wake)
         pthread_mutex_unlock(&st.hlock)
@@ -707,7 +712,7 @@ cdef class NbdEngine(Engine):
     @property
     def connected(self) -> bool:
         """False from a lost connection until the worker has reconnected."""
-        return self.st != NULL and not self.st.dead
+        return self.st != NULL and not (self.st.dead or self.st.lost)
 
     @property
     def reconnects(self) -> int:
