@@ -181,6 +181,10 @@ cdef struct State:
     int *followups  # F_FUA writes waiting for their flush
     unsigned nfollow
     unsigned writes_pending  # write/flush/trim/zero not answered yet
+    # a submit got -EAGAIN because canceled reads held the slots: ``fd`` is made readable
+    # (with nothing to reap) when one comes back, so the caller knows to retry
+    bint starved
+    bint fd_spurious
 
 
 cdef inline int64_t _now_ns() noexcept nogil:
@@ -230,6 +234,11 @@ cdef inline void _answer(State *st, Slot *s, int64_t result) noexcept nogil:
         # a canceled read: its Done is out already
         if s.reaped:
             _release(st, s)
+            if st.starved:
+                st.starved = False
+                if st.count == 0:
+                    st.fd_spurious = True
+                    _poke(st.fd)
         return
     s.result = result
     _queue_done(st, s)
@@ -433,7 +442,9 @@ cdef class NbdEngine(Engine):
     ``readonly`` refuses writes here (-EROFS); a read-only server makes the engine
     read-only too. ``depth`` caps the commands at the server at once, including reads
     whose Done was already given out by ``cancel_reads`` but which the server has not
-    answered yet. See the module docstring for the threads and the bounce buffers.
+    answered yet: a submit refused -EAGAIN for that reason (``outstanding`` below
+    ``depth``) sees ``fd`` turn readable, with nothing to reap, when a slot comes back.
+    See the module docstring for the threads and the bounce buffers.
     """
 
     cdef State *st
@@ -517,6 +528,7 @@ cdef class NbdEngine(Engine):
             return -EAGAIN
         pthread_mutex_lock(&st.qlock)
         if st.nfree == 0:  # canceled reads still at the server hold the rest
+            st.starved = True
             pthread_mutex_unlock(&st.qlock)
             return -EAGAIN
         st.nfree -= 1
@@ -646,8 +658,9 @@ cdef class NbdEngine(Engine):
                 out[n + j].result = -ECANCELED if s.canceled else s.result
                 taken[j] = s
                 j += 1
-            if st.count == 0:
+            if st.count == 0 and (j or st.fd_spurious):
                 _drain(st.fd)
+                st.fd_spurious = False
             pthread_mutex_unlock(&st.qlock)
             if j == 0:
                 break
