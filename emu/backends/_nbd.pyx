@@ -388,12 +388,13 @@ cdef void *_worker(void *arg) noexcept nogil:
         h = st.h  # only this thread replaces it
         if not st.dead:
             direction = nbd_aio_get_direction(h)
-            pfd[0].fd = nbd_aio_get_fd(h)
             pfd[0].events = 0
             if direction & LIBNBD_AIO_DIRECTION_READ:
                 pfd[0].events |= POLLIN
             if direction & LIBNBD_AIO_DIRECTION_WRITE:
                 pfd[0].events |= POLLOUT
+            # libnbd waiting on nothing: leave its fd out (a hang-up would spin the loop)
+            pfd[0].fd = nbd_aio_get_fd(h) if pfd[0].events else -1
             pfd[0].revents = 0
             pfd[1].fd = st.wake
             pfd[1].events = POLLIN

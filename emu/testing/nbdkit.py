@@ -28,7 +28,9 @@ def nbdkit_missing() -> str | None:
 
 class Nbdkit:
     """One nbdkit process: ``plugin`` is the plugin and its arguments (``["memory",
-    "64M"]``, ``["file", "file=PATH"]``), ``params`` the filters' ones (``rdelay=1ms``)."""
+    "64M"]``, ``["file", "file=PATH"]``), ``params`` the filters' ones (``rdelay=1ms``).
+    It listens on the Unix ``socket``, or on TCP 127.0.0.1:``port`` when that is given
+    (``socket`` then only names the pid file)."""
 
     def __init__(
         self,
@@ -39,15 +41,17 @@ class Nbdkit:
         params: tuple[str, ...] | list[str] = (),
         readonly: bool = False,
         threads: int = 64,
+        port: int | None = None,
     ) -> None:
         self.socket = Path(socket)
         self.pidfile = self.socket.with_suffix(".pid")
+        self.port = port
+        listen = ["-U", str(self.socket)] if port is None else ["-i", "127.0.0.1", "-p", str(port)]
         self.argv = [
             "nbdkit",
             "-f",
             "--exit-with-parent",
-            "-U",
-            str(self.socket),
+            *listen,
             "-P",
             str(self.pidfile),
             "-t",
@@ -61,6 +65,8 @@ class Nbdkit:
 
     @property
     def uri(self) -> str:
+        if self.port is not None:
+            return f"nbd://127.0.0.1:{self.port}/"
         return f"nbd+unix:///?socket={self.socket}"
 
     def start(self, timeout: float = 10.0) -> Nbdkit:
