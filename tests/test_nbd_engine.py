@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 import re
 import select
@@ -105,6 +106,21 @@ def test_round_trip_memory(nbd_server: Server, engines: Callable[..., NbdEngine]
         e.preadv([bytearray(4096)], 16 * MiB - 2048)  # past the end
     assert bad.value.errno == errno.EINVAL
     assert e.outstanding == 0
+
+
+def test_requests_larger_than_the_socket_buffer(
+    nbd_server: Server, engines: Callable[..., NbdEngine]
+) -> None:
+    """Writes that cannot leave in one send (libnbd then waits for POLLOUT, which the
+    worker polls for), many in flight, and a 4 MiB scatter read back."""
+    e = engines(nbd_server(["memory", "64M"]).uri)
+    chunks = [os.urandom(MiB) for _ in range(16)]
+    for i, chunk in enumerate(chunks):
+        assert e.submit_py(OP_WRITE, i, [chunk[:4096], chunk[4096:]], i * MiB) == 0
+    assert reap(e, 16) == dict.fromkeys(range(16), MiB)
+    parts = [bytearray(MiB - 512), bytearray(3 * MiB + 512)]
+    assert e.preadv(parts, 4 * MiB) == 4 * MiB
+    assert b"".join(parts) == b"".join(chunks[4:8])
 
 
 def test_round_trip_file_plugin(
