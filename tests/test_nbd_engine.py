@@ -32,22 +32,7 @@ OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_WRITE_ZEROES = range(5)
 F_FUA, F_MAY_UNMAP = 1, 2
 MiB = 1 << 20
 
-Server = Callable[..., Nbdkit]
-
-
-@pytest.fixture
-def nbd_server(tmp_path: Path) -> Iterator[Server]:
-    """Starts nbdkit servers on sockets in tmp_path; all are stopped at teardown."""
-    started: list[Nbdkit] = []
-
-    def start(plugin: list[str] | None = None, **kw: object) -> Nbdkit:
-        srv = Nbdkit(tmp_path / f"nbd{len(started)}.sock", plugin or ["memory", "64M"], **kw)
-        started.append(srv)
-        return srv.start()
-
-    yield start
-    for srv in started:
-        srv.stop()
+Server = Callable[..., Nbdkit]  # the nbd_server fixture (conftest.py)
 
 
 @pytest.fixture
