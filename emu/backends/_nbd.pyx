@@ -162,7 +162,7 @@ cdef struct State:
     # hlock guards ``h``, ``dead`` and the server's capabilities against a reconnect
     pthread_mutex_t hlock
     bint dead
-    bint lost  # a command was answered "not connected": dead, even before the worker saw it
+    bint lost  # (written under qlock) a command was answered "not connected": as dead
     bint want_reconnect
     bint can_fua, can_flush, can_trim, can_zero
     int64_t last_try_ns
@@ -556,7 +556,7 @@ cdef class NbdEngine(Engine):
             else:
                 memcpy(s.iov, iov, niov * sizeof(iovec))
                 s.niov = niov
-        elif op == OP_WRITE and niov > 1:
+        elif op == OP_WRITE and niov > 1 and length:
             s.bounce = <char *>malloc(length)
             if s.bounce == NULL:
                 err = ENOMEM
