@@ -85,3 +85,23 @@ def microvm_image():
         return build_image("microvm")
     except PackageError as e:
         pytest.skip(f"guest packages unavailable: {e}")
+
+
+@pytest.fixture
+def nbd_server(tmp_path):
+    """Starts nbdkit servers (emu.testing.nbdkit.Nbdkit arguments) on sockets in tmp_path
+    and stops them all at teardown; skips where nbdkit is not installed."""
+    from emu.testing.nbdkit import Nbdkit, nbdkit_missing
+
+    if (why := nbdkit_missing()) is not None:
+        pytest.skip(why)
+    started = []
+
+    def start(plugin=None, **kw):
+        srv = Nbdkit(tmp_path / f"nbd{len(started)}.sock", plugin or ["memory", "64M"], **kw)
+        started.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in started:
+        srv.stop()

@@ -1,0 +1,117 @@
+"""nbdkit as a real NBD server for tests and benches, on a Unix socket they own.
+
+    with Nbdkit(tmp_path / "nbd.sock", ["memory", "64M"], filters=["delay"],
+                params=["rdelay=10ms"]) as srv:
+        engine = NbdEngine(srv.uri)
+
+Readiness is nbdkit's own signal: it writes its pid file once it accepts connections.
+``--exit-with-parent`` takes the server down with the test process if that dies first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+def nbdkit_missing() -> str | None:
+    """Why nbdkit cannot run here (a skip reason), or None."""
+    if shutil.which("nbdkit") is None:
+        return "nbdkit is not installed (Debian package nbdkit; scripts/install-guest-deps.sh)"
+    return None
+
+
+class Nbdkit:
+    """One nbdkit process: ``plugin`` is the plugin and its arguments (``["memory",
+    "64M"]``, ``["file", "file=PATH"]``), ``params`` the filters' ones (``rdelay=1ms``).
+    It listens on the Unix ``socket``, or on TCP 127.0.0.1:``port`` when that is given
+    (``socket`` then only names the pid file)."""
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str],
+        plugin: list[str],
+        *,
+        filters: tuple[str, ...] | list[str] = (),
+        params: tuple[str, ...] | list[str] = (),
+        readonly: bool = False,
+        threads: int = 64,
+        port: int | None = None,
+    ) -> None:
+        self.socket = Path(socket)
+        self.pidfile = self.socket.with_suffix(".pid")
+        self.port = port
+        listen = ["-U", str(self.socket)] if port is None else ["-i", "127.0.0.1", "-p", str(port)]
+        self.argv = [
+            "nbdkit",
+            "-f",
+            "--exit-with-parent",
+            *listen,
+            "-P",
+            str(self.pidfile),
+            "-t",
+            str(threads),
+            *(["-r"] if readonly else []),
+            *(f"--filter={f}" for f in filters),
+            *plugin,
+            *params,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        if self.port is not None:
+            return f"nbd://127.0.0.1:{self.port}/"
+        return f"nbd+unix:///?socket={self.socket}"
+
+    def start(self, timeout: float = 10.0) -> Nbdkit:
+        """Starts the server (again, on the same socket) and waits until it accepts."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("nbdkit is already running")
+        for stale in (self.socket, self.pidfile):
+            stale.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while not (self.pidfile.exists() and self.pidfile.read_text().strip()):
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"nbdkit exited ({self.proc.returncode}): {err.strip()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"nbdkit did not come up within {timeout} s: {self.argv}")
+            time.sleep(0.005)
+        return self
+
+    def kill(self) -> None:
+        """Takes the server away at once (SIGKILL), as a crash or a lost network would."""
+        self._end(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._end(signal.SIGTERM)
+
+    def _end(self, sig: int) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def __enter__(self) -> Nbdkit:
+        return self.start() if self.proc is None else self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
