@@ -14,7 +14,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 #: header -> the Debian package that ships it
-NEEDS = {}
+NEEDS = {"liburing.h": "liburing-dev"}
 
 
 def native(name: str, libraries: tuple[str, ...] = (), headers: tuple[str, ...] = ()) -> Extension:
@@ -38,6 +38,8 @@ setup(
         [
             native("emu._ring"),
             native("emu.backends.engine"),
+            native("emu.backends._uring", ("uring",), ("liburing.h",)),
+            native("emu.devices._blkplane"),
         ],
         compiler_directives={"language_level": "3", "boundscheck": False,
                              "wraparound": False, "cdivision": True},
