@@ -206,9 +206,7 @@ cdef class BlkPlane:
         self.block_size = block_size
         self.seg_max = seg_max
         self.readonly = readonly
-        if len(serial) != ID_BYTES:
-            raise ValueError(f"serial must be {ID_BYTES} bytes")
-        memcpy(self.serial, <const char *>serial, ID_BYTES)
+        self.set_serial(serial)
         self._keep = []
         self._old_keep = []
         self.nslots = q.max_size
@@ -235,6 +233,12 @@ cdef class BlkPlane:
         free(self.backlog)
         free(self.dones)
         free(self.regions)
+
+    def set_serial(self, bytes serial) -> None:
+        """What GET_ID answers (a restore takes over the serial the guest saw)."""
+        if len(serial) != ID_BYTES:
+            raise ValueError(f"serial must be {ID_BYTES} bytes")
+        memcpy(self.serial, <const char *>serial, ID_BYTES)
 
     @property
     def fd(self):
