@@ -113,7 +113,7 @@ except ImportError:  # not built: the Python path still works
 
 
 def plane_kind(plane: str | None = None) -> str:
-    """"native" (default when built) or "python"; EMU_BLK_PLANE overrides the default."""
+    """ "native" (default when built) or "python"; EMU_BLK_PLANE overrides the default."""
     plane = plane or os.environ.get("EMU_BLK_PLANE") or ("native" if _blkplane else "python")
     if plane not in PLANES:
         raise ValueError(f"unknown blk plane {plane!r} (one of {PLANES})")
@@ -598,6 +598,4 @@ def _from_spec(spec: Spec, build: Build) -> BlkDevice:
         raise SpecError(str(e)) from e
 
 
-register(
-    DeviceType(BlkDevice, "blk:TARGET[:ro][:queues=N]", _from_spec, "emu.testing.blk")
-)
+register(DeviceType(BlkDevice, "blk:TARGET[:ro][:queues=N]", _from_spec, "emu.testing.blk"))
