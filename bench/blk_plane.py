@@ -4,12 +4,12 @@
 
 The reference driver makes ``--depth`` random 4 KiB reads of a 64 MiB image (in the host
 page cache) available on one split queue with one kick, waits for all of them, and starts
-the next round (the Python driver is slower than either device: refilling one request at a
-time would measure passes of one chain, i.e. the driver). The figure is the device thread's own CPU time (its thread CPU clock, which
-includes the syscalls it makes: preadv for the Python path, io_uring_enter for the native
-one) divided by the requests served: ring walk, parsing, I/O, status, used ring. The
-driver's work runs on another thread and is not counted. Both planes run in the same
-process, one after the other, best of three.
+the next round (the Python driver is slower than either device: refilling one request at
+a time would measure passes of one chain, i.e. the driver). The figure is the device
+thread's own CPU time (its thread CPU clock, which includes the syscalls it makes: preadv
+for the Python path, io_uring_enter for the native one) divided by the requests served:
+ring walk, parsing, I/O, status, used ring, interrupts. The driver runs on another thread
+and is not counted. Both planes run in the same process, one after the other, best of 3.
 """
 
 from __future__ import annotations
