@@ -1,6 +1,23 @@
-"""virtio-blk: a host file (or block device) as the guest's disk.
+"""virtio-blk: a host file, block device or NBD export as the guest's disk.
 
-One request, kick to interrupt: the device thread pops a batch of chains; ``_parse`` cuts
+Two data planes serve the same requests with the same guest-visible answers (a
+differential test holds them to it); the device picks one (``plane_kind``: native when
+built, EMU_BLK_PLANE or ``plane=`` override) and keeps the control plane (config,
+features, state, errors) in Python either way.
+
+* native (emu.devices._blkplane): one BlkPlane per queue, the queue's ``deferred``, over
+  one asynchronous engine per queue (emu.backends.storage: io_uring for a path, libnbd
+  for an NBD URI), so queues run in parallel and each has up to ``iodepth`` requests
+  outstanding. ``_handle_native`` pops while the engine has room and hands each batch to
+  the plane, which parses, validates, builds iovecs straight onto guest RAM and submits
+  in C without the GIL; completions come back through the engine's eventfd in the
+  device thread's poll loop. Writethrough is per write (FUA) instead of one fdatasync per
+  batch. A report stop cancels reads at the engine and fences the writes before STOPPED.
+  Under the delay model (emu.backends.delay replaces the deferred) the Python path runs.
+* python, the readable reference described below: one request at a time.
+
+The Python path, one request, kick to interrupt: the device thread pops a batch of
+chains; ``_parse`` cuts
 each chain into the 16-byte header (any readable segments), data, and the status byte
 (the last device-writable byte); ``_execute`` runs it: ``preadv``/``pwritev`` between
 the file and memoryviews over guest RAM, so the payload is never copied in Python. The
@@ -38,6 +55,10 @@ depend on having run before: a read fills the same buffer with the same blocks, 
 discard or write-zeroes leaves the same blocks behind, a flush syncs again. (A guest that
 has a read and a write of the same blocks in flight at once has no ordering either way.)
 The snapshot keeps the guest-visible config; a restore onto a different disk is refused.
+
+Where the planes differ (never in what a well-formed or merely wrong request gets): a
+buffer outside guest RAM fails the device before anything of its batch runs (native) or
+after the requests before it in the batch ran (Python).
 """
 
 from __future__ import annotations
