@@ -17,12 +17,11 @@ features, state, errors) in Python either way.
 * python, the readable reference described below: one request at a time.
 
 The Python path, one request, kick to interrupt: the device thread pops a batch of
-chains; ``_parse`` cuts
-each chain into the 16-byte header (any readable segments), data, and the status byte
-(the last device-writable byte); ``_execute`` runs it: ``preadv``/``pwritev`` between
-the file and memoryviews over guest RAM, so the payload is never copied in Python. The
-status bytes are written and all chains of the batch are pushed at once, which raises
-one used-buffer interrupt for the batch.
+chains; ``_parse`` cuts each chain into the 16-byte header (any readable segments), data,
+and the status byte (the last device-writable byte); ``_execute`` runs it: ``preadv`` /
+``pwritev`` between the file and memoryviews over guest RAM, so the payload is never
+copied in Python. The status bytes are written and all chains of the batch are pushed at
+once, which raises one used-buffer interrupt for the batch.
 
 What the guest gets wrong, and the answer:
 
