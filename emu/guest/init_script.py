@@ -96,16 +96,19 @@ w_blkbench() {  # O_DIRECT dd: 1 MiB sequential and 4 KiB (QD1) writes and reads
 }
 
 w_fio() {  # fio on the disk (the image needs the fio layer), its JSON report on the console
-  # emu.fio.<knob>= sets an option for every job: rw bs iodepth numjobs size ioengine
-  # runtime (0: until `size` is done). emu.fio.jobs=NAME[:opt=value...][/NAME...] runs
-  # jobs one after another (stonewall), each with its own options over those.
-  local dev runtime jobs job name opt r line
+  # emu.fio.<knob>= sets an option for every job: rw bs iodepth numjobs size (default:
+  # the whole disk) ioengine runtime (0: until `size` is done).
+  # emu.fio.jobs=NAME[:opt=value...][/NAME...] runs jobs one after another (stonewall),
+  # each with its own options over those.
+  local dev size runtime jobs job name opt r line
   dev=$(arg emu.fio.dev "$(arg emu.blk.dev /dev/vda)")
   wait_for "$dev" || return 1
   set -- --output-format=json --filename="$dev" --direct=1 --group_reporting \
     --rw="$(arg emu.fio.rw randread)" --bs="$(arg emu.fio.bs 4k)" \
     --iodepth="$(arg emu.fio.iodepth 1)" --numjobs="$(arg emu.fio.numjobs 1)" \
-    --size="$(arg emu.fio.size 16m)" --ioengine="$(arg emu.fio.ioengine libaio)"
+    --ioengine="$(arg emu.fio.ioengine libaio)"
+  size=$(arg emu.fio.size '')
+  [ -n "$size" ] && set -- "$@" --size="$size"
   runtime=$(arg emu.fio.runtime 0)
   [ "$runtime" != 0 ] && set -- "$@" --time_based --runtime="$runtime"
   jobs=$(arg emu.fio.jobs fio)
