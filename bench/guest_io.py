@@ -192,15 +192,15 @@ def main() -> None:
     mode = "quick: 1 s per job, 64 MiB disk" if args.quick else f"{runtime} s per job"
     print(f"fio, libaio, O_DIRECT, time based ({mode}); MiB/s for 1m, IOPS for 4k")
     print(f"{'guest':<9}{'backend':<9}" + "".join(f"{p:>18}" for p in PHASES))
-    for (kind, backend), row in table.items():
-        print(f"{kind:<9}{backend:<9}" + "".join(f"{row[p]:>18.1f}" for p in PHASES))
-    for backend, row in nbd.items():
-        cells = (
-            "".join(f"{row[j.name]:>18.1f}" for j in NBD)
-            if isinstance(row, dict)
-            else f"  skipped: {row}"
-        )
-        print(f"{'uml':<9}{backend + '/nbd':<9}{'(nbdkit rdelay=' + NBD_DELAY + ')':>36}" + cells)
+    rows = [(kind, backend, row) for (kind, backend), row in table.items()]
+    rows += [("uml", f"{backend}/nbd", row) for backend, row in nbd.items()]
+    for kind, backend, row in rows:
+        if isinstance(row, str):
+            cells = f"  skipped: {row}"
+        else:
+            cells = "".join(f"{row[p]:>18.1f}" if p in row else f"{'-':>18}" for p in PHASES)
+        print(f"{kind:<9}{backend:<9}{cells}")
+    print(f"nbd: nbdkit file plugin with the delay filter, rdelay={NBD_DELAY}")
     print(f"backend CPU per 4 KiB request: emu {cpu['emu']:.1f} us, qsd {cpu['qsd']:.1f} us")
     print()
     for (kind, backend), row in table.items():
