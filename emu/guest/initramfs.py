@@ -60,10 +60,11 @@ def build(busybox: Path, modules: list[Module], init: str) -> bytes:
 
 
 def layer(files: dict[str, Path]) -> bytes:
-    """A gzipped newc archive of host `files` at the given guest paths, to append to `build`'s.
+    """An uncompressed newc archive of host `files` at the given guest paths, to append to
+    `build`'s (after padding that to 4 bytes).
 
-    Level 1: most of it is already-compact machine code, which a higher level shrinks by
-    a few per cent for several times the build time.
+    Uncompressed because the guest unpacks it on every boot: gunzipping fio's 84 MB took a
+    microvm guest (TCG) 2 s, copying it 0.6 s.
     """
     by_name = {name.strip("/"): path for name, path in files.items()}
     dirs = sorted({d for f in by_name for d in _parents(f)})
@@ -74,4 +75,4 @@ def layer(files: dict[str, Path]) -> bytes:
     for name in sorted(by_name):
         w.file(name, by_name[name].read_bytes(), 0o755)
     w.close()
-    return gzip.compress(raw.getvalue(), compresslevel=1, mtime=0)
+    return raw.getvalue()
