@@ -83,7 +83,7 @@ def _kernel(kind: str) -> tuple[Path, Path, dict[str, str]]:
 
 
 def _builder_digest(*mods) -> str:
-    h = hashlib.sha256(INIT.encode())
+    h = hashlib.sha256()
     for mod in mods:
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
@@ -134,7 +134,8 @@ def build_image(kind: str, fio: bool = False) -> GuestImage:
     bb_root, bb_version = unpacked("busybox-static")
     packages["busybox-static"] = bb_version
     key = json.dumps(
-        [kind, packages, WANTED[kind], _builder_digest(cpio, initramfs, modules)], sort_keys=True
+        [kind, packages, WANTED[kind], INIT, _builder_digest(cpio, initramfs, modules)],
+        sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     initrd = cache_dir() / "images" / f"{kind}-{digest}.cpio.gz"
