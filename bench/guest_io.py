@@ -1,44 +1,56 @@
-"""Real-guest virtio-blk throughput and backend CPU cost, emu against its peers, in one run.
+"""Real-guest virtio-blk throughput and backend CPU cost with fio, emu against its peers.
 
-Guests run /init's `blkbench` workload: O_DIRECT dd, 1 MiB sequential write and read, then
-4 KiB (queue depth 1) write and read, on /dev/vda backed by a disk image on tmpfs.
+Guests run fio (the `fio` workload, emu/guest/fio.py) on /dev/vda with O_DIRECT and
+libaio, time based, one job after another: 1 MiB sequential write and read (QD1), then
+4 KiB random write and read at QD1 and QD32. The disk is an image on tmpfs.
 
-    UML (virtio_uml)    emu's vhost-user backend  vs  qemu-storage-daemon (C, libvhost-user)
-    QEMU microvm (TCG)  emu's vhost-user backend  vs  qemu-storage-daemon  vs  QEMU's built-in
-                        virtio-blk
+    UML (virtio_uml)    emu serve (vhost-user)  vs  qemu-storage-daemon, same file
+    QEMU microvm (TCG)  emu serve (vhost-user)  vs  qemu-storage-daemon  vs  QEMU's
+                        built-in virtio-blk, same file
+    UML, NBD            emu serve blk:nbd+unix://  vs  qemu-storage-daemon driver=nbd, on
+                        one nbdkit (file plugin on the image, delay filter rdelay=1ms):
+                        4 KiB random read at QD1 and QD32 (the emu row needs
+                        emu.backends._nbd; it says "skipped" without it)
 
-Backend CPU time is the backend process's utime + stime (from /proc) over a separate UML run
-whose blkbench does only a 1 MiB of sequential I/O and ``--ops`` 4 KiB writes and reads, so
-almost every request is a 4 KiB one; it is divided by the number of 4 KiB requests
-(2 x ops). Each figure is the median of ``--runs`` guest boots.
+Under UML the sequential and the 4 KiB jobs run in two boots; the backend process's
+utime + stime (/proc, the process and its children) over the 4 KiB boot, divided by the
+4 KiB requests fio completed in it, is the backend CPU per 4 KiB request (boot-time
+requests are counted in the CPU time but not in the divisor: a few dozen against
+thousands). `--quick`: 1 s per job on a 64 MiB disk, for a check that everything runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
-import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from emu.guest import qsd
+from emu.guest.fio import FioJob, FioResult, run_fio
 from emu.guest.images import build_image
 from emu.guest.proc import start, stop
-from emu.guest.run import run_guest
 
-DISK_MIB = 256
-PHASES = ("blk_write_1m", "blk_read_1m", "blk_write_4k", "blk_read_4k")
-UNITS = {
-    "blk_write_1m": "MiB/s",
-    "blk_read_1m": "MiB/s",
-    "blk_write_4k": "IOPS",
-    "blk_read_4k": "IOPS",
-}
+SEQ = [
+    FioJob("seq_write_1m", rw="write", bs="1m", iodepth=1),
+    FioJob("seq_read_1m", rw="read", bs="1m", iodepth=1),
+]
+RAND = [
+    FioJob("randwrite_4k_qd1", rw="randwrite", bs="4k", iodepth=1),
+    FioJob("randwrite_4k_qd32", rw="randwrite", bs="4k", iodepth=32),
+    FioJob("randread_4k_qd1", rw="randread", bs="4k", iodepth=1),
+    FioJob("randread_4k_qd32", rw="randread", bs="4k", iodepth=32),
+]
+NBD = [RAND[2], RAND[3]]
+PHASES = [j.name for j in SEQ + RAND]
+NBD_DELAY = "1ms"
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -55,96 +67,165 @@ def _cpu_seconds(pid: int) -> float:
     return total + sum(_cpu_seconds(c) for c in children)
 
 
-def _wait_socket(sock: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not qsd.listening(sock):
-        if proc.poll() is not None:
-            raise RuntimeError(f"backend exited ({proc.returncode}) before listening on {sock}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no backend listening on {sock}")
-        time.sleep(0.02)
-
-
 @contextmanager
-def emu_backend(image: Path, sock: Path) -> Iterator[subprocess.Popen]:
-    """`emu serve` for the image, as its own process (so its CPU time is its own)."""
+def _listening(cmd: list[str], sock: Path, what: str) -> Iterator[subprocess.Popen]:
+    """Runs `cmd` (which listens on unix socket `sock`) while the block runs."""
     sock.unlink(missing_ok=True)
-    proc = start([sys.executable, "-m", "emu.cli", "serve", "--socket", str(sock), f"blk:{image}"])
+    proc = start(cmd)
     try:
-        _wait_socket(sock, proc)
+        deadline = time.monotonic() + 20.0
+        while not qsd.listening(sock):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited ({proc.returncode}) before listening")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} did not listen on {sock}")
+            time.sleep(0.02)
         yield proc
     finally:
         stop(proc)
         sock.unlink(missing_ok=True)
 
 
-BACKENDS: dict[str, Callable[[Path, Path], object]] = {
-    "emu": emu_backend,
-    "qsd": qsd.blk_export,
-}
+def emu_serve(spec: str, sock: Path) -> AbstractContextManager[subprocess.Popen]:
+    """`emu serve` as its own process (so its CPU time is its own)."""
+    cmd = [sys.executable, "-m", "emu.cli", "serve", "--socket", str(sock), spec]
+    return _listening(cmd, sock, "emu serve")
 
 
-def boot(kind: str, backend: str, tmp: Path, params: dict) -> tuple[dict, float]:
-    """One guest run; returns (bench results, backend CPU seconds)."""
-    image = tmp / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(DISK_MIB << 20)
+def nbdkit(image: Path, sock: Path) -> AbstractContextManager[subprocess.Popen]:
+    """nbdkit serving `image` with every read delayed by NBD_DELAY; threads enough for QD32."""
+    cmd = ["nbdkit", "--foreground", "--unix", str(sock), "--threads", "64"]
+    cmd += ["--filter=delay", "file", str(image), f"rdelay={NBD_DELAY}"]
+    return _listening(cmd, sock, "nbdkit")
+
+
+def _run(kind: str, device: str, jobs: list[FioJob], runtime: int) -> FioResult:
+    jobs = [FioJob(**{**vars(j), "runtime": runtime}) for j in jobs]
+    return run_fio(kind, [device], jobs, timeout=120 + 3 * runtime * len(jobs))
+
+
+def _figures(res: FioResult) -> dict[str, float]:
+    """MiB/s for the 1 MiB jobs, IOPS for the 4 KiB ones."""
+    out = {}
+    for name, job in res.jobs.items():
+        side = job.read if "read" in name else job.write
+        out[name] = side.bw_bytes / (1 << 20) if name.startswith("seq") else side.iops
+    return out
+
+
+def _ios_4k(res: FioResult) -> int:
+    return sum(j.read.ios + j.write.ios for n, j in res.jobs.items() if "_4k_" in n)
+
+
+def measure(kind: str, backend: str, image: Path, tmp: Path, runtime: int) -> tuple[dict, float]:
+    """(figures per phase, backend CPU us per 4 KiB request or nan) for one configuration."""
     if backend == "qemu":
-        res = run_guest(kind, [f"qemu-blk:{image}"], ["blkbench"], params=params, timeout=600)
-        cpu = 0.0
-    else:
-        sock = tmp / f"{backend}.sock"
-        with BACKENDS[backend](image, sock) as proc:
-            before = _cpu_seconds(proc.pid)
-            res = run_guest(kind, [f"blk:{sock}"], ["blkbench"], params=params, timeout=600)
-            cpu = _cpu_seconds(proc.pid) - before
-    if not res.ok:
-        raise RuntimeError(
-            f"{kind} on {backend}: guest failed (rc {res.rc}):\n" + res.console[-2000:]
-        )
-    return {k: float(v) for k, (v, _) in res.log.bench.items()}, cpu
+        res = _run(kind, f"qemu-blk:{image}", SEQ + RAND, runtime)
+        return _figures(res), float("nan")
+    sock = tmp / f"{backend}.sock"
+    serve = emu_serve(f"blk:{image}", sock) if backend == "emu" else qsd.blk_export(image, sock)
+    with serve as proc:
+        if kind != "uml":
+            return _figures(_run(kind, f"blk:{sock}", SEQ + RAND, runtime)), float("nan")
+        figures = _figures(_run(kind, f"blk:{sock}", SEQ, runtime))
+        before = _cpu_seconds(proc.pid)
+        res = _run(kind, f"blk:{sock}", RAND, runtime)
+        cpu = _cpu_seconds(proc.pid) - before
+    return figures | _figures(res), cpu / _ios_4k(res) * 1e6
+
+
+def measure_nbd(image: Path, tmp: Path, runtime: int) -> dict[str, dict[str, float] | str]:
+    """QD1 and QD32 random reads through one delayed nbdkit, per backend (or why skipped)."""
+    nbd_sock = tmp / "nbd.sock"
+    out: dict[str, dict[str, float] | str] = {}
+    with nbdkit(image, nbd_sock):
+        sock = tmp / "nbd-vu.sock"
+        if importlib.util.find_spec("emu.backends._nbd") is None:
+            out["emu"] = "emu.backends._nbd is not built (the NBD engine)"
+        else:
+            with emu_serve(f"blk:nbd+unix:///?socket={nbd_sock}", sock):
+                out["emu"] = _figures(_run("uml", f"blk:{sock}", NBD, runtime))
+        with qsd.nbd_export(nbd_sock, sock):
+            out["qsd"] = _figures(_run("uml", f"blk:{sock}", NBD, runtime))
+    return out
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "nan"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=3, help="guest boots per configuration")
-    ap.add_argument("--mib", type=int, default=128, help="MiB per 1 MiB-block phase")
-    ap.add_argument("--ops", type=int, default=4096, help="requests per 4 KiB phase")
+    ap.add_argument("--quick", action="store_true", help="1 s per job, 64 MiB disk")
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
+    ap.add_argument("--disk-mib", type=int, default=256)
     ap.add_argument("--no-microvm", action="store_true", help="UML only (microvm is slow)")
+    ap.add_argument("--no-nbd", action="store_true", help="skip the NBD rows")
     args = ap.parse_args()
-    for kind in ("uml", "microvm"):
-        build_image(kind)  # fetched and cached once, outside the timings
+    runtime, disk_mib = (1, 64) if args.quick else (args.runtime, args.disk_mib)
+    kinds = ["uml"] if args.no_microvm else ["uml", "microvm"]
+    for kind in kinds:
+        build_image(kind, fio=True)  # fetched and cached once, outside the timings
     configs = [("uml", "emu"), ("uml", "qsd")]
     if not args.no_microvm:
         configs += [("microvm", "emu"), ("microvm", "qsd"), ("microvm", "qemu")]
-    params = {"blkbench.mib": args.mib, "blkbench.ops": args.ops}
-    cpu_params = {"blkbench.mib": 1, "blkbench.ops": args.ops}
 
     table: dict[tuple[str, str], dict[str, float]] = {}
+    cpu: dict[str, float] = {}
+    nbd: dict[str, dict[str, float] | str] = {}
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmpdir:
         tmp = Path(tmpdir)
+        image = tmp / "disk.img"
         for kind, backend in configs:
-            runs = [boot(kind, backend, tmp, params)[0] for _ in range(args.runs)]
-            table[(kind, backend)] = {p: statistics.median(r[p] for r in runs) for p in PHASES}
-        cpu = {}
-        for backend in ("emu", "qsd"):
-            secs = [boot("uml", backend, tmp, cpu_params)[1] for _ in range(args.runs)]
-            cpu[backend] = statistics.median(secs) / (2 * args.ops) * 1e6
+            with open(image, "wb") as f:  # a fresh sparse disk per configuration
+                f.truncate(disk_mib << 20)
+            table[(kind, backend)], us = measure(kind, backend, image, tmp, runtime)
+            if kind == "uml":
+                cpu[backend] = us
+        if args.no_nbd:
+            nbd = {"emu": "--no-nbd", "qsd": "--no-nbd"}
+        elif shutil.which("nbdkit") is None:
+            nbd = {b: "nbdkit is not installed" for b in ("emu", "qsd")}
+        else:
+            nbd = measure_nbd(image, tmp, runtime)
 
-    print(f"{'guest':<9}{'backend':<9}" + "".join(f"{p:>15}" for p in PHASES))
-    for (kind, backend), row in table.items():
-        print(f"{kind:<9}{backend:<9}" + "".join(f"{row[p]:>15.1f}" for p in PHASES))
-    print(f"{'backend CPU per 4 KiB request':<40} emu {cpu['emu']:.1f} us, qsd {cpu['qsd']:.1f} us")
+    mode = "quick: 1 s per job, 64 MiB disk" if args.quick else f"{runtime} s per job"
+    print(f"fio, libaio, O_DIRECT, time based ({mode}); MiB/s for 1m, IOPS for 4k")
+    print(f"{'guest':<9}{'backend':<9}" + "".join(f"{p:>18}" for p in PHASES))
+    rows = [(kind, backend, row) for (kind, backend), row in table.items()]
+    rows += [("uml", f"{backend}/nbd", row) for backend, row in nbd.items()]
+    for kind, backend, row in rows:
+        if isinstance(row, str):
+            cells = f"  skipped: {row}"
+        else:
+            cells = "".join(f"{row[p]:>18.1f}" if p in row else f"{'-':>18}" for p in PHASES)
+        print(f"{kind:<9}{backend:<9}{cells}")
+    print(f"nbd: nbdkit file plugin with the delay filter, rdelay={NBD_DELAY}")
+    print(f"backend CPU per 4 KiB request: emu {cpu['emu']:.1f} us, qsd {cpu['qsd']:.1f} us")
     print()
     for (kind, backend), row in table.items():
         for p in PHASES:
-            print(f"{kind}_{backend}_{p} {row[p]:.1f} {UNITS[p]}")
+            print(f"{kind}_{backend}_{p} {row[p]:.1f} {'MiB/s' if p.startswith('seq') else 'IOPS'}")
     for backend, us in cpu.items():
         print(f"backend_cpu_per_4k_req_{backend} {us:.1f} us")
-    uml_emu, uml_qsd = table[("uml", "emu")], table[("uml", "qsd")]
-    print(f"uml_blk_seq_read_emu_over_qsd {uml_emu['blk_read_1m'] / uml_qsd['blk_read_1m']:.2f} x")
-    print(f"uml_blk_4k_read_emu_over_qsd {uml_emu['blk_read_4k'] / uml_qsd['blk_read_4k']:.2f} x")
-    print(f"backend_cpu_per_4k_req_emu_over_qsd {cpu['emu'] / cpu['qsd']:.2f} x")
+    ratios = [
+        ("uml_blk_seq_read_emu_over_qsd", "uml", "qsd", "seq_read_1m"),
+        ("uml_blk_4k_read_emu_over_qsd", "uml", "qsd", "randread_4k_qd1"),
+        ("uml_blk_randread_qd32_emu_over_qsd", "uml", "qsd", "randread_4k_qd32"),
+        ("microvm_blk_seq_read_emu_over_qemu", "microvm", "qemu", "seq_read_1m"),
+        ("microvm_blk_4k_read_emu_over_qemu", "microvm", "qemu", "randread_4k_qd1"),
+        ("microvm_blk_randread_qd32_emu_over_qemu", "microvm", "qemu", "randread_4k_qd32"),
+    ]
+    for name, kind, peer, phase in ratios:
+        if (kind, peer) in table:
+            print(f"{name} {_ratio(table[(kind, 'emu')][phase], table[(kind, peer)][phase])} x")
+    print(f"backend_cpu_per_4k_req_emu_over_qsd {_ratio(cpu['emu'], cpu['qsd'])} x")
+    for backend, row in nbd.items():
+        name = f"nbd_delay{NBD_DELAY}_randread_qd32_over_qd1_{backend}"
+        if isinstance(row, dict):
+            print(f"{name} {_ratio(row['randread_4k_qd32'], row['randread_4k_qd1'])} x")
+        else:
+            print(f"skipped: {name}: {row}")
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ def command() -> None:
 @command.command("build")
 @_kind
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Copy here too.")
-def build(kind: str, out: Path | None) -> None:
+@click.option("--fio", is_flag=True, help="With fio and its libraries (the fio workload).")
+def build(kind: str, out: Path | None, fio: bool) -> None:
     """Fetch the kernel and busybox packages and build the initramfs (cached)."""
     try:
-        image = build_image(kind)
+        image = build_image(kind, fio=fio)
     except PackageError as e:
         raise click.ClickException(str(e)) from None
     if out is not None:
@@ -117,16 +118,16 @@ def run(
     json_out: Path | None,
 ) -> None:
     """Boot a guest, stream its console, exit with its /init status."""
+    run_list = [w for w in workloads.split(",") if w]
     try:
         devs = [Device.parse(d) for d in devices]
         if kernel and initrd:  # a guest built elsewhere: no packages needed
             image = GuestImage(kind, kernel, initrd, "", {})
         else:
-            built = build_image(kind)
+            built = build_image(kind, fio="fio" in run_list)
             image = replace(built, kernel=kernel or built.kernel, initrd=initrd or built.initrd)
     except (ValueError, PackageError) as e:
         raise click.ClickException(str(e)) from None
-    run_list = [w for w in workloads.split(",") if w]
     with ExitStack() as stack:
         if emu_specs:
             workdir = Path(stack.enter_context(TemporaryDirectory(prefix="emu-guest-")))

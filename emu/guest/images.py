@@ -5,6 +5,11 @@ speaks vhost-user itself). `microvm` is Debian's cloud kernel for QEMU's microvm
 whose virtio-mmio devices are described by ACPI. Initramfs images are cached under
 `<cache>/images/`, keyed by the package versions and by the builder's own source, so a
 change to /init or to the builder gives a new image without a manual version bump.
+
+`build_image(kind, fio=True)` appends a layer with Debian's fio, its shared libraries and
+the loader (84 MB, uncompressed: Debian's fio links every engine's library, Ceph's and
+GlusterFS's included); it is built once for both kinds and only the guests that run fio
+pay for it.
 """
 
 from __future__ import annotations
@@ -16,11 +21,21 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from emu.guest import cpio, initramfs, modules
+from emu.guest import cpio, initramfs, libs, modules
 from emu.guest.init_script import INIT
-from emu.guest.packages import PackageError, cache_dir, first_dependency, unpacked
+from emu.guest.packages import (
+    PackageError,
+    cache_dir,
+    candidate_version,
+    first_dependency,
+    unpacked,
+)
 
 KINDS = ("uml", "microvm")
+
+#: where the fio layer puts fio's libraries; /init runs fio with LD_LIBRARY_PATH set to it
+FIO_LIBDIR = "/usr/lib/emu-fio"
+FIO_BIN = "/usr/bin/fio"
 
 #: modules each guest loads; their dependencies are added and ordered by modules.resolve
 WANTED = {
@@ -67,28 +82,74 @@ def _kernel(kind: str) -> tuple[Path, Path, dict[str, str]]:
     raise ValueError(f"unknown guest kind {kind!r} (want one of {', '.join(KINDS)})")
 
 
-def _builder_digest() -> str:
-    h = hashlib.sha256(INIT.encode())
-    for mod in (cpio, initramfs, modules):
+def _builder_digest(*mods) -> str:
+    h = hashlib.sha256()
+    for mod in mods:
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()
 
 
-def build_image(kind: str) -> GuestImage:
-    """The cached image for `kind`, downloading and building whatever is missing."""
+def _write(path: Path, data: bytes) -> None:
+    """Writes beside and renames, so a concurrent builder never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def fio_files() -> tuple[dict[str, Path], dict[str, str]]:
+    """({guest path: file} for fio, its libraries and loader, {package: version})."""
+    prog = libs.resolve("fio", FIO_BIN)
+    loader = Path(prog.interpreter).name
+    files = {FIO_BIN: prog.path, prog.interpreter: prog.libraries[loader]}
+    for soname, path in prog.libraries.items():
+        if soname != loader:
+            files[f"{FIO_LIBDIR}/{soname}"] = path
+    return files, prog.packages
+
+
+def _fio_layer() -> tuple[Path, dict[str, str]]:
+    """The cached fio layer and the packages it holds, keyed by fio's version.
+
+    Its libraries are those current when it was first built; a new fio version (or a
+    change to the builder) builds it again.
+    """
+    key = json.dumps([candidate_version("fio"), _builder_digest(initramfs, libs)])
+    layer = cache_dir() / "images" / f"fio-{hashlib.sha256(key.encode()).hexdigest()[:16]}.cpio"
+    manifest = layer.with_suffix(".json")
+    if layer.exists() and manifest.exists():
+        return layer, json.loads(manifest.read_text())
+    files, packages = fio_files()
+    _write(layer, initramfs.layer(files))
+    _write(manifest, json.dumps(packages, sort_keys=True).encode())
+    return layer, packages
+
+
+def build_image(kind: str, fio: bool = False) -> GuestImage:
+    """The cached image for `kind`, downloading and building whatever is missing.
+
+    fio: with the fio layer appended (for the `fio` workload).
+    """
     kernel, moddir, packages = _kernel(kind)
     bb_root, bb_version = unpacked("busybox-static")
     packages["busybox-static"] = bb_version
-    key = json.dumps([kind, packages, WANTED[kind], _builder_digest()], sort_keys=True)
+    key = json.dumps(
+        [kind, packages, WANTED[kind], INIT, _builder_digest(cpio, initramfs, modules)],
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     initrd = cache_dir() / "images" / f"{kind}-{digest}.cpio.gz"
     if not initrd.exists():
         mods = modules.resolve(moddir, WANTED[kind], modules.builtin_names(moddir))
-        data = initramfs.build(bb_root / "bin/busybox", mods, INIT)
-        initrd.parent.mkdir(parents=True, exist_ok=True)
-        tmp = initrd.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(initrd)
+        _write(initrd, initramfs.build(bb_root / "bin/busybox", mods, INIT))
+    if fio:
+        layer, fio_packages = _fio_layer()
+        packages.update(fio_packages)
+        combined = initrd.with_name(f"{kind}-{digest}-{layer.stem}.initrd")
+        if not combined.exists():
+            base = initrd.read_bytes()  # an uncompressed archive must start 4-byte aligned
+            _write(combined, base + b"\0" * (-len(base) % 4) + layer.read_bytes())
+        initrd = combined
     return GuestImage(kind, kernel, initrd, moddir.name, packages)
 
 

@@ -3,7 +3,8 @@
 Kept as a string so it ships inside the Python package. Everything the host parses is a
 line starting with a marker (see console.py): EMU-INIT-START, EMU-STEP <workload>,
 EMU-RESULT <key> <value>, EMU-DEV <name> k=v..., EMU-BENCH <name> <value> <unit>,
-EMU-WARN <text>, EMU-DONE rc=<n>. Workloads come from `emu.run=a,b` on the kernel command
+EMU-WARN <text>, EMU-DONE rc=<n>; fio's JSON report comes as the lines between
+EMU-FIO-JSON-BEGIN and EMU-FIO-JSON-END. Workloads come from `emu.run=a,b` on the kernel command
 line; their knobs are `emu.<workload>.<knob>=` arguments (defaults below).
 """
 
@@ -92,6 +93,38 @@ w_blkbench() {  # O_DIRECT dd: 1 MiB sequential and 4 KiB (QD1) writes and reads
   timed_dd blk_read_1m $b1 mibps if="$dev" of=/dev/null bs=1M count="$mib" iflag=direct &&
   timed_dd blk_write_4k $b4 iops if=/dev/zero of="$dev" bs=4k count="$ops" oflag=direct &&
   timed_dd blk_read_4k $b4 iops if="$dev" of=/dev/null bs=4k count="$ops" iflag=direct
+}
+
+w_fio() {  # fio on the disk (the image needs the fio layer), its JSON report on the console
+  # emu.fio.<knob>= sets an option for every job: rw bs iodepth numjobs size (default:
+  # the whole disk) ioengine runtime (0: until `size` is done).
+  # emu.fio.jobs=NAME[:opt=value...][/NAME...] runs jobs one after another (stonewall),
+  # each with its own options over those.
+  local dev size runtime jobs job name opt r line
+  dev=$(arg emu.fio.dev "$(arg emu.blk.dev /dev/vda)")
+  wait_for "$dev" || return 1
+  set -- --output-format=json --filename="$dev" --direct=1 --group_reporting \
+    --rw="$(arg emu.fio.rw randread)" --bs="$(arg emu.fio.bs 4k)" \
+    --iodepth="$(arg emu.fio.iodepth 1)" --numjobs="$(arg emu.fio.numjobs 1)" \
+    --ioengine="$(arg emu.fio.ioengine libaio)"
+  size=$(arg emu.fio.size '')
+  [ -n "$size" ] && set -- "$@" --size="$size"
+  runtime=$(arg emu.fio.runtime 0)
+  [ "$runtime" != 0 ] && set -- "$@" --time_based --runtime="$runtime"
+  jobs=$(arg emu.fio.jobs fio)
+  for job in $(echo "$jobs" | tr / ' '); do
+    name=${job%%:*}
+    set -- "$@" --name="$name" --stonewall
+    [ "$name" = "$job" ] && continue
+    for opt in $(echo "${job#*:}" | tr : ' '); do set -- "$@" "--$opt"; done
+  done
+  LD_LIBRARY_PATH=/usr/lib/emu-fio fio "$@" > /tmp/fio.json 2> /tmp/fio.err; r=$?
+  echo EMU-FIO-JSON-BEGIN
+  cat /tmp/fio.json
+  echo EMU-FIO-JSON-END
+  while read -r line; do warn "fio: $line"; done < /tmp/fio.err
+  rm -f /tmp/fio.json /tmp/fio.err
+  return $r
 }
 
 w_livemig() {  # a workload to migrate live, driven by the host through the disk's last 4 KiB

@@ -1,5 +1,7 @@
 """The guest's initramfs: busybox, its applet links, virtio modules and /init, gzipped.
 
+Optional programs come as further archives (`layer`) appended to that one: the kernel
+unpacks concatenated archives in order, so the base image stays small and is shared.
 Everything is assembled in memory with emu's own cpio writer, so building needs neither
 root (for /dev/console) nor a host cpio, and the same inputs give the same bytes.
 """
@@ -55,3 +57,22 @@ def build(busybox: Path, modules: list[Module], init: str) -> bytes:
         w.file(f"lib/modules/{m.path.name}", m.path.read_bytes())
     w.close()
     return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
+
+
+def layer(files: dict[str, Path]) -> bytes:
+    """An uncompressed newc archive of host `files` at the given guest paths, to append to
+    `build`'s (after padding that to 4 bytes).
+
+    Uncompressed because the guest unpacks it on every boot: gunzipping fio's 84 MB took a
+    microvm guest (TCG) 2 s, copying it 0.6 s.
+    """
+    by_name = {name.strip("/"): path for name, path in files.items()}
+    dirs = sorted({d for f in by_name for d in _parents(f)})
+    raw = io.BytesIO()
+    w = CpioWriter(raw)
+    for d in dirs:
+        w.dir(d, 0o755)
+    for name in sorted(by_name):
+        w.file(name, by_name[name].read_bytes(), 0o755)
+    w.close()
+    return raw.getvalue()

@@ -91,10 +91,20 @@ def candidate_version(name: str) -> str:
 
 def first_dependency(name: str) -> str:
     """The first Depends: of a metapackage, e.g. linux-image-cloud-amd64's versioned image."""
-    depends = _field(_apt_show(name), "Depends")
-    if not depends:
+    deps = dependencies(name)
+    if not deps:
         raise PackageError(f"{name} has no Depends")
-    return depends.split(",")[0].split("|")[0].split("(")[0].strip()
+    return deps[0]
+
+
+def dependencies(name: str) -> list[str]:
+    """Pre-Depends and Depends of the candidate, first alternative of each, no versions."""
+    show = _apt_show(name)
+    names = []
+    for key in ("Pre-Depends", "Depends"):
+        for item in filter(None, (d.strip() for d in _field(show, key).split(","))):
+            names.append(item.split("|")[0].split("(")[0].split(":")[0].strip())
+    return names
 
 
 def unpacked(name: str) -> tuple[Path, str]:
@@ -110,26 +120,49 @@ def unpacked(name: str) -> tuple[Path, str]:
         return _unpack(name)
 
 
+def unpacked_all(names: list[str]) -> dict[str, tuple[Path, str]]:
+    """`unpacked` for many packages, downloading the missing ones with one apt-get call."""
+    try:
+        return _unpack_all(names)
+    except PackageError:
+        _run("apt-get", "update", "-qq")
+        return _unpack_all(names)
+
+
+def _place(name: str, version: str) -> Path:
+    return cache_dir() / "pkgs" / f"{name}_{version.replace(':', '%3a')}"
+
+
 def _unpack(name: str) -> tuple[Path, str]:
-    version = candidate_version(name)
-    root = cache_dir() / "pkgs" / f"{name}_{version.replace(':', '%3a')}"
-    if root.is_dir():
-        return root, version
-    root.parent.mkdir(parents=True, exist_ok=True)
+    return _unpack_all([name])[name]
+
+
+def _unpack_all(names: list[str]) -> dict[str, tuple[Path, str]]:
+    wanted = {name: candidate_version(name) for name in dict.fromkeys(names)}
+    missing = {n: v for n, v in wanted.items() if not _place(n, v).is_dir()}
+    if missing:
+        _download(missing)
+    return {n: (_place(n, v), v) for n, v in wanted.items()}
+
+
+def _download(packages: dict[str, str]) -> None:
+    parent = cache_dir() / "pkgs"
+    parent.mkdir(parents=True, exist_ok=True)
     # Download and unpack beside the final place, then rename: concurrent builders never
     # see a half-unpacked tree, and a crash leaves only a stray temp dir.
-    with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{name}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".dl-") as tmp:
         # apt's _apt sandbox user cannot write to root-owned caches; the warning is harmless.
-        _run("apt-get", "download", "-q", f"{name}={version}", cwd=Path(tmp))
-        debs = list(Path(tmp).glob("*.deb"))
-        if len(debs) != 1:
-            raise PackageError(f"apt-get download {name} gave {len(debs)} .deb files")
-        tree = Path(tmp) / "root"
-        _run("dpkg-deb", "-x", str(debs[0]), str(tree))
-        try:
-            tree.rename(root)
-        except OSError:
-            if not root.is_dir():  # lost a race with another builder: theirs is as good
-                raise
-            shutil.rmtree(tree, ignore_errors=True)
-    return root, version
+        _run("apt-get", "download", "-q", *(f"{n}={v}" for n, v in packages.items()), cwd=Path(tmp))
+        for name, version in packages.items():
+            debs = list(Path(tmp).glob(f"{name}_*.deb"))
+            if len(debs) != 1:
+                raise PackageError(f"apt-get download {name} gave {len(debs)} .deb files")
+            tree = Path(tmp) / f"root-{name}"
+            _run("dpkg-deb", "-x", str(debs[0]), str(tree))
+            root = _place(name, version)
+            try:
+                tree.rename(root)
+            except OSError:
+                if not root.is_dir():  # lost a race with another builder: theirs is as good
+                    raise
+                shutil.rmtree(tree, ignore_errors=True)

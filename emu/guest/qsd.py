@@ -36,15 +36,25 @@ def listening(sock: Path) -> bool:
     return False
 
 
-@contextmanager
-def blk_export(image: Path, sock: Path, timeout: float = 10.0) -> Iterator[subprocess.Popen]:
+def blk_export(image: Path, sock: Path, timeout: float = 10.0):
     """Serves `image` (raw, writable) as vhost-user-blk on `sock` while the block runs."""
+    return export(f"driver=file,node-name=f0,filename={image}", sock, timeout)
+
+
+def nbd_export(nbd_sock: Path, sock: Path, timeout: float = 10.0):
+    """Serves the NBD server on unix socket `nbd_sock` as vhost-user-blk on `sock`."""
+    return export(f"driver=nbd,node-name=f0,server.type=unix,server.path={nbd_sock}", sock, timeout)
+
+
+@contextmanager
+def export(blockdev: str, sock: Path, timeout: float = 10.0) -> Iterator[subprocess.Popen]:
+    """Serves the `--blockdev` spec `blockdev` (node-name f0) as writable vhost-user-blk."""
     sock = Path(sock).absolute()
     sock.unlink(missing_ok=True)
     proc = start(
         [
             QSD,
-            *("--blockdev", f"driver=file,node-name=f0,filename={image}"),
+            *("--blockdev", blockdev),
             "--export",
             f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={sock},writable=on",
         ],

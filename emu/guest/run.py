@@ -115,7 +115,8 @@ def run_guest(
 
     devices: "blk:/path/sock", ("net", sock) or Device; the backends must already listen.
     run: workloads for /init (init_script.py), in order. params: their knobs, e.g.
-    {"blk.mib": 8}. image: a prebuilt image (default: build/cached by build_image).
+    {"blk.mib": 8}. image: a prebuilt image (default: build/cached by build_image, with
+    the fio layer when `run` has fio).
     interactive: give the guest this process's stdin (for the `sh` workload).
     on_output: called with console text as it arrives (e.g. to show it live).
     """
@@ -125,8 +126,9 @@ def run_guest(
     for dev in devs:
         if dev.vhost_user and not Path(dev.path).exists():
             raise FileNotFoundError(f"{dev.type} backend socket {dev.path} does not exist")
+    run = list(run)
     append = kernel_args(run, params or {}, quiet)
-    image = image or build_image(kind)
+    image = image or build_image(kind, fio="fio" in run)
     cmd = _COMMAND[kind](image, devs, append, mem_mib or _DEFAULT_MEM_MIB[kind])
 
     log, lines, marks = ConsoleLog(), [], {}
