@@ -14,7 +14,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 #: header -> the Debian package that ships it
-NEEDS = {"libnbd.h": "libnbd-dev"}
+NEEDS = {"liburing.h": "liburing-dev", "libnbd.h": "libnbd-dev"}
 
 
 def native(name: str, libraries: tuple[str, ...] = (), headers: tuple[str, ...] = ()) -> Extension:
@@ -38,7 +38,9 @@ setup(
         [
             native("emu._ring"),
             native("emu.backends.engine"),
+            native("emu.backends._uring", ("uring",), ("liburing.h",)),
             native("emu.backends._nbd", ("nbd",), ("libnbd.h",)),
+            native("emu.devices._blkplane"),
         ],
         compiler_directives={"language_level": "3", "boundscheck": False,
                              "wraparound": False, "cdivision": True},

@@ -1,5 +1,5 @@
 """What device tests share: ring formats x notification x indirect, the two ring cores,
-and waiting for a condition another thread brings about."""
+the two blk data planes, and waiting for a condition another thread brings about."""
 
 import time
 from collections.abc import Callable
@@ -7,6 +7,11 @@ from collections.abc import Callable
 import pytest
 
 from emu.queue import _cring
+
+try:
+    from emu.devices import _blkplane as blk_native
+except ImportError:
+    blk_native = None
 
 RING_MODES = [
     pytest.param(dict(packed=p, event_idx=e, indirect=i), id=f"{n}-{en}-{iname}")
@@ -18,6 +23,15 @@ RING_CORES = [
     "python",
     pytest.param(
         "cython", marks=pytest.mark.skipif(_cring is None, reason="emu._ring is not built")
+    ),
+]
+
+
+BLK_PLANES = [
+    "python",
+    pytest.param(
+        "native",
+        marks=pytest.mark.skipif(blk_native is None, reason="emu.devices._blkplane is not built"),
     ),
 ]
 

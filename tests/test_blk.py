@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modes import RING_CORES, RING_MODES
+from modes import BLK_PLANES, RING_CORES, RING_MODES
 
 from emu.backends.file import FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, BlockFile
 from emu.devices import blk
@@ -49,6 +49,13 @@ QEMU_BLK_BITS = [
     blk.F_DISCARD,
     blk.F_WRITE_ZEROES,
 ]
+
+
+@pytest.fixture(autouse=True, params=BLK_PLANES)
+def blk_plane(request, monkeypatch) -> str:
+    """Every test here runs on both data planes (the device's default comes from the env)."""
+    monkeypatch.setenv("EMU_BLK_PLANE", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -207,14 +214,14 @@ def test_many_requests_in_flight_complete_in_batches(open_blk, image):
 
 
 def test_flush_and_flush_with_nonzero_sector(open_blk, monkeypatch):
-    b, dev = open_blk()
+    b, dev = open_blk(plane="python")  # counts its fdatasyncs
     syncs = count_syncs(monkeypatch, dev)
     assert b.flush() == S_OK and syncs == [1]
     assert b.flush(sector=8) == S_IOERR and syncs == [1]  # spec: sector must be 0
 
 
 def test_flush_error_is_ioerr(open_blk, monkeypatch):
-    b, dev = open_blk()
+    b, dev = open_blk(plane="python")  # injects into its fdatasync
     monkeypatch.setattr(dev.file, "flush", failing_flush)
     assert b.flush() == S_IOERR
 
@@ -466,7 +473,7 @@ def failing_flush() -> None:
 
 
 def test_writeback_does_not_sync_writethrough_syncs_each_batch(open_blk, monkeypatch):
-    b, dev = open_blk()
+    b, dev = open_blk(plane="python")  # counts its fdatasyncs
     syncs = count_syncs(monkeypatch, dev)
     assert b.write(0, bytes(512)) == S_OK and syncs == [0]  # writeback: FLUSH does it
     b.drv.config_write(32, 1, 0)
@@ -485,7 +492,7 @@ def test_writeback_does_not_sync_writethrough_syncs_each_batch(open_blk, monkeyp
 
 
 def test_writethrough_sync_failure_fails_the_writes(open_blk, monkeypatch):
-    b, dev = open_blk()
+    b, dev = open_blk(plane="python")  # injects into its fdatasync
     b.drv.config_write(32, 1, 0)
     monkeypatch.setattr(dev.file, "flush", failing_flush)
     assert b.write(0, bytes(512)) == S_IOERR
@@ -493,7 +500,7 @@ def test_writethrough_sync_failure_fails_the_writes(open_blk, monkeypatch):
 
 
 def test_without_flush_feature_the_device_writes_through(open_blk, monkeypatch):
-    b, dev = open_blk(features=ALL & ~(1 << blk.F_FLUSH))
+    b, dev = open_blk(features=ALL & ~(1 << blk.F_FLUSH), plane="python")
     syncs = count_syncs(monkeypatch, dev)
     assert b.write(0, bytes(512)) == S_OK and syncs == [1]
 

@@ -130,6 +130,7 @@ def test_devices_target_catches_writes_outside_the_buffers(monkeypatch):
         return execute(self, r)
 
     monkeypatch.setattr(BlkDevice, "_execute", stray)
+    monkeypatch.setenv("EMU_BLK_PLANE", "python")  # the plant is in the Python path
     with pytest.raises(Finding, match="outside the buffers"):
         devices.one_input(_seed("devices", "00-q0-split"))
 
@@ -138,6 +139,7 @@ def test_devices_target_catches_used_lengths_beyond_the_buffer(monkeypatch):
     from fuzz import devices
 
     monkeypatch.setattr(BlkDevice, "_execute", lambda self, r: (0, 1 << 20))
+    monkeypatch.setenv("EMU_BLK_PLANE", "python")  # the plant is in the Python path
     with pytest.raises(Finding, match="used length"):
         devices.one_input(_seed("devices", "00-q0-split"))
 

@@ -61,7 +61,7 @@ def swap_device(
 def test_blk_report_stop_lands_between_requests_of_a_batch(tmp_path, mem):
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(16 * BLOCK))
-    dev = BlkDevice(image)
+    dev = BlkDevice(image, plane="python")  # hooks a handler of the Python path
     tr = MmioTransport(dev, mem)
     blk = BlkDriver.open(VirtioMmioDriver(tr, mem))
     write = dev._handlers[T_OUT]
