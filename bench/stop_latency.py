@@ -32,7 +32,6 @@ from collections.abc import Callable
 
 from emu.backends.cable import Cable
 from emu.backends.chardev import BufferChar
-from emu.backends.delay import hold_completions
 from emu.devices.blk import T_IN, BlkDevice
 from emu.devices.console import ConsoleDevice
 from emu.devices.net import NetDevice
@@ -41,6 +40,7 @@ from emu.memory import GuestMemory
 from emu.state.format import decode, encode
 from emu.testing.blk import BlkDriver
 from emu.testing.console import GuestConsole
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.net import GuestNet
 from emu.testing.rng import RngDriver

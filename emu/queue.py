@@ -58,7 +58,7 @@ PASS_DESCS_PER_SLOT = 4
 class Deferred(Protocol):
     """Completions a backend finishes after the pass that started them.
 
-    Two kinds fit: the delay model (emu.backends.delay: requests ran, their used entries
+    Two kinds fit: the delay model (emu.testing.delay: requests ran, their used entries
     are published ``latency`` later, due by time) and an asynchronous backend (requests
     are outstanding at the backend; ``fd`` turns readable when some finished). The device
     thread publishes them as they come (``take_due``); a drain stop waits for all of them

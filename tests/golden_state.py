@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emu.backends.chardev import BufferChar
-from emu.backends.delay import hold_completions
 from emu.devices.base import VirtioDevice
 from emu.memory import GuestMemory
 from emu.ringdefs import DESC_F_AVAIL, DESC_F_USED
 from emu.state import file as statefile
 from emu.state.format import encode
+from emu.testing.delay import hold_completions
 from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from emu.backends.delay import hold_completions
 from emu.devices.rng import RngDevice
 from emu.memory import GuestMemory
 from emu.state import format as fmt
 from emu.state import parts
 from emu.state.format import StateError
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.vhost_user import VhostUserDriver
 from emu.transport import mmio_regs as R

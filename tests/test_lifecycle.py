@@ -16,9 +16,9 @@ import pytest
 from conftest import EchoDevice
 from modes import wait_until
 
-from emu.backends.delay import hold_completions
 from emu.devices.base import RunState
 from emu.queue import Virtqueue
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport

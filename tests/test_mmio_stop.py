@@ -19,13 +19,13 @@ import time
 
 import pytest
 
-from emu.backends.delay import hold_completions
 from emu.devices.base import RunState
 from emu.devices.blk import SECTOR, T_OUT, BlkDevice
 from emu.memory import GuestMemory
 from emu.ringdefs import F_RING_PACKED, F_VERSION_1
 from emu.state import file as state_file
 from emu.testing.blk import BlkDriver, status_of
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.transport import mmio, mmio_regs
 from emu.transport.mmio import MmioTransport

@@ -16,7 +16,6 @@ import pytest
 from click.testing import CliRunner
 from modes import wait_until
 
-from emu.backends.delay import hold_completions
 from emu.cli import main
 from emu.commands.serve import make_devices, serve
 from emu.devices import registry
@@ -28,6 +27,7 @@ from emu.queue import Virtqueue
 from emu.state import file as statefile
 from emu.state.format import StateError
 from emu.state.schema import Int, List, Schema
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.inprocess import attached
 from emu.testing.vhost_user import VhostUserDriver

@@ -27,7 +27,6 @@ import pytest
 from modes import wait_until
 
 from emu.backends.chardev import BufferChar
-from emu.backends.delay import hold_completions
 from emu.devices.base import VirtioDevice
 from emu.devices.blk import SECTOR, T_OUT, BlkDevice
 from emu.devices.console import ConsoleDevice
@@ -39,6 +38,7 @@ from emu.state import parts
 from emu.state.format import DeviceState, Part, StateError, decode, encode
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.console import GuestConsole
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.driver_queue import Completion
 from emu.testing.net import GuestNet, ether

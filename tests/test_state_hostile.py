@@ -15,7 +15,6 @@ import pytest
 from click.testing import CliRunner
 from modes import wait_until
 
-from emu.backends.delay import hold_completions
 from emu.cli import main
 from emu.devices.rng import RngDevice
 from emu.memory import GuestMemory
@@ -23,6 +22,7 @@ from emu.ringdefs import DESC_F_AVAIL, DESC_F_NEXT, DESC_F_USED, DESC_F_WRITE
 from emu.state import file as statefile
 from emu.state import parts
 from emu.state.format import DeviceState, Part, StateError
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.rng import RngDriver
 from emu.transport import mmio_regs

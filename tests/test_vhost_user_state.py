@@ -27,12 +27,12 @@ from pathlib import Path
 import pytest
 from modes import wait_until
 
-from emu.backends.delay import hold_completions
 from emu.devices.blk import CONFIG_WRITEBACK, S_OK, SECTOR, T_IN, T_OUT, BlkDevice
 from emu.devices.rng import RngDevice
 from emu.state import parts
 from emu.state.format import Part, decode, encode
 from emu.testing.blk import BlkDriver, status_of
+from emu.testing.delay import hold_completions
 from emu.testing.vhost_user import VhostUserDriver
 from emu.vhost_user.backend import VhostUserServer
 from emu.vhost_user.device_state import StateFiles

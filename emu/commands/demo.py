@@ -23,7 +23,6 @@ from pathlib import Path
 import click
 
 from emu.backends.chardev import BufferChar
-from emu.backends.delay import hold_completions
 from emu.devices import registry
 from emu.devices.base import VirtioDevice
 from emu.devices.blk import T_OUT, BlkDevice
@@ -33,6 +32,7 @@ from emu.guest.run import run_guest
 from emu.memory import GuestMemory
 from emu.state import file as statefile
 from emu.testing.blk import BlkDriver
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.rng import RngDriver
 from emu.transport.mmio import MmioTransport

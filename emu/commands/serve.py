@@ -31,7 +31,6 @@ import threading
 
 import click
 
-from emu.backends.delay import hold_completions
 from emu.devices import registry
 from emu.devices.base import VirtioDevice
 
@@ -50,7 +49,6 @@ def serve(
     done: threading.Event,
     *,
     policy: str = "drain",
-    latency: float = 0.0,
     state_dir: str | None = None,
     restore_dir: str | None = None,
     restore_timeout: float = 60.0,
@@ -69,8 +67,6 @@ def serve(
         files = []
         for d, s in zip(devices, sockets, strict=True):
             d.policy = policy
-            for q in d.queues:
-                hold_completions(q, latency)
             try:  # docs/stop.md, "vhost-user: device state"
                 files.append(StateFiles.open(d, s, state_dir, restore_dir, restore_timeout))
             except StateError as e:
@@ -102,12 +98,6 @@ def serve(
     help="Quiesce policy when a ring stops (GET_VRING_BASE).",
 )
 @click.option(
-    "--latency",
-    type=click.FloatRange(0, 10),
-    default=0.0,
-    help="Hold each completion back this many seconds (to test stops with requests in flight).",
-)
-@click.option(
     "--state-dir",
     type=click.Path(file_okay=False, writable=True),
     help="Write DIR/<socket name>.state whenever all of a device's rings stop.",
@@ -131,7 +121,6 @@ def command(
     sockets: tuple[str, ...],
     specs: tuple[str, ...],
     policy: str,
-    latency: float,
     state_dir: str | None,
     restore_dir: str | None,
     restore_timeout: float,
@@ -147,7 +136,6 @@ def command(
         list(sockets),
         done,
         policy=policy,
-        latency=latency,
         state_dir=state_dir,
         restore_dir=restore_dir,
         restore_timeout=restore_timeout,

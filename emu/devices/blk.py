@@ -13,7 +13,7 @@ features, state, errors) in Python either way.
   in C without the GIL; completions come back through the engine's eventfd in the
   device thread's poll loop. Writethrough is per write (FUA) instead of one fdatasync per
   batch. A report stop cancels reads at the engine and fences the writes before STOPPED.
-  Under the delay model (emu.backends.delay replaces the deferred) the Python path runs.
+  Under the delay model (emu.testing.delay replaces the deferred) the Python path runs.
 * python, the readable reference described below: one request at a time.
 
 The Python path, one request, kick to interrupt: the device thread pops a batch of
@@ -361,7 +361,7 @@ class BlkDevice(VirtioDevice):
         if plane is not None and q.deferred is plane:
             self._handle_native(q, plane)
             return
-        # the Python path; also under the delay model (emu.backends.delay), which
+        # the Python path; also under the delay model (emu.testing.delay), which
         # replaces the queue's deferred
         while True:
             q.set_kicks(False)

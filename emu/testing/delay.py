@@ -1,8 +1,9 @@
 """The delay model: a backend whose completions arrive ``latency`` seconds after the
 request ran, so stops find requests in flight with exact control over how many.
 
-A fault-injection backend for tests, benchmarks and ``emu serve --latency``; queues
-publish at once unless a backend defers (emu.queue.Deferred).
+Fault injection for tests, benchmarks and ``emu demo``, not a backend a device runs on:
+real latency comes from real storage (``blk:nbd://...`` on nbdkit's delay filter, see
+emu.testing.nbdkit). Queues publish at once unless a backend defers (emu.queue.Deferred).
 """
 
 from __future__ import annotations
