@@ -73,7 +73,10 @@ class Deferred(Protocol):
     def next_due(self) -> float | None: ...
     def take_due(self, now: float) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
     def take_all(self) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...  # waits for each
-    def cancel(self) -> None: ...  # never blocks; take_due yields nothing afterwards
+    # publish nothing more (take_due yields nothing afterwards); reads stop writing guest
+    # memory before it returns: waits only for reads the backend cannot cancel (local
+    # io_uring reads already under way), never for a write
+    def cancel(self) -> None: ...
     def drop(self) -> None: ...  # cancel, then wait until count() is 0; forgets all
     def count(self) -> int: ...  # outstanding or held: not published, not fenced yet
 
