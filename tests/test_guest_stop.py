@@ -4,8 +4,9 @@ backend crashes, with emu's blk served over vhost-user by ``emu serve``.
 The guest runs two streams at once, each writing random 256 KiB to one of its 16 slots of
 /dev/vda (O_DIRECT, fsync), reading it back and comparing, until the host writes
 ``EMU-STOP`` into the disk's last sector. Then it prints the sha256 of the 32 slots, which
-must be the host file's. The backend holds each completion back a little (``emu serve
---latency``), so stops and crashes find requests in flight. Every iteration of the first
+must be the host file's. The disk is network storage with latency: nbdkit serves the image
+file with its delay filter and ``emu serve`` reaches it as ``blk:nbd+unix://...``, so
+stops and crashes find requests really outstanding at the storage. Every iteration of the first
 stream prints ``EMU-ITER a n``: the host waits for progress between its actions, so each
 one hits a running workload (no timing is asserted).
 
@@ -41,8 +42,8 @@ SLOTS = 32  # of 256 KiB (two streams of 16): the first 8 MiB of the disk
 STOP_SECTOR = (DISK_MIB << 11) - 1
 STOP_FLAG = b"EMU-STOP"
 MEM_MIB = 256
-#: emu serve --latency: completions held back, so that stops find requests in flight
-LATENCY = "0.02"
+#: nbdkit's delay per request: stops find requests outstanding at the storage
+DELAY = "20ms"
 KILLS = 5
 
 WORKLOAD = r"""
@@ -134,18 +135,27 @@ def cleanup() -> Iterator[list[Callable[[], None]]]:
             fn()
 
 
-def serve(sock: Path, disk: Path, log: Path, *options: str) -> vm.Serve:
-    """``emu serve`` holding each completion back a little (requests sit in flight)."""
-    return vm.Serve(sock, disk, log, "--latency", LATENCY, *options)
+@pytest.fixture
+def storage(disk: Path, nbd_server) -> str:
+    """The disk image behind nbdkit with a delay per request: its NBD URI."""
+    delays = [f"rdelay={DELAY}", f"wdelay={DELAY}"]
+    return nbd_server(["file", f"file={disk}"], filters=["delay"], params=delays).uri
+
+
+def serve(sock: Path, storage: str, log: Path, *options: str) -> vm.Serve:
+    """``emu serve`` with the disk on network storage (requests sit outstanding there)."""
+    return vm.Serve(sock, storage, log, *options)
 
 
 # -- the scenarios --
 
 
-def stop_cont(microvm_image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) -> None:
+def stop_cont(
+    microvm_image: GuestImage, disk: Path, storage: str, tmp: Path, policy: str, cycles: int
+) -> None:
     sock, qmp = tmp / "blk.sock", tmp / "qmp.sock"
     with cleanup() as undo:
-        backend = serve(sock, disk, tmp / "serve.log", "--policy", policy)
+        backend = serve(sock, storage, tmp / "serve.log", "--policy", policy)
         undo.append(backend.kill)
         guest = Guest(qemu_command(microvm_image, sock, qmp), qmp, [])
         undo.append(guest.stop)
@@ -163,23 +173,27 @@ def stop_cont(microvm_image: GuestImage, disk: Path, tmp: Path, policy: str, cyc
 
 @pytest.mark.parametrize("policy", ["drain", "report"])
 def test_stop_and_cont_during_io(
-    microvm_image: GuestImage, disk: Path, tmp_path: Path, policy: str
+    microvm_image: GuestImage, disk: Path, storage: str, tmp_path: Path, policy: str
 ) -> None:
-    stop_cont(microvm_image, disk, tmp_path, policy, cycles=5)
+    stop_cont(microvm_image, disk, storage, tmp_path, policy, cycles=5)
 
 
-def test_stop_and_cont_50_times(microvm_image: GuestImage, disk: Path, tmp_path: Path) -> None:
-    stop_cont(microvm_image, disk, tmp_path, "report", cycles=50)
+def test_stop_and_cont_50_times(
+    microvm_image: GuestImage, disk: Path, storage: str, tmp_path: Path
+) -> None:
+    stop_cont(microvm_image, disk, storage, tmp_path, "report", cycles=50)
 
 
-def migrate(microvm_image: GuestImage, disk: Path, tmp: Path, policy: str, cycles: int) -> None:
+def migrate(
+    microvm_image: GuestImage, disk: Path, storage: str, tmp: Path, policy: str, cycles: int
+) -> None:
     sock, qmp, state = tmp / "blk.sock", tmp / "qmp.sock", tmp / "state"
     state.mkdir()
     transcript: list[str] = []
     log = tmp / "serve.log"
     opts = ["--policy", policy, "--state-dir", str(state)]
     with cleanup() as undo:
-        backend = serve(sock, disk, log, *opts)
+        backend = serve(sock, storage, log, *opts)
         undo.append(backend.kill)
         guest = Guest(qemu_command(microvm_image, sock, qmp), qmp, transcript)
         undo.append(guest.stop)
@@ -190,7 +204,7 @@ def migrate(microvm_image: GuestImage, disk: Path, tmp: Path, policy: str, cycle
             backend.kill()
             assert (state / "blk.sock.state").exists()
             qmp.unlink(missing_ok=True)
-            backend = serve(sock, disk, log, "--restore-dir", str(state), *opts)
+            backend = serve(sock, storage, log, "--restore-dir", str(state), *opts)
             undo.append(backend.kill)
             guest = Guest(
                 qemu_command(microvm_image, sock, qmp, incoming=snapshot), qmp, transcript
@@ -207,31 +221,31 @@ def migrate(microvm_image: GuestImage, disk: Path, tmp: Path, policy: str, cycle
 
 @pytest.mark.parametrize("policy", ["drain", "report"])
 def test_migrate_to_a_file_and_restore(
-    microvm_image: GuestImage, disk: Path, tmp_path: Path, policy: str
+    microvm_image: GuestImage, disk: Path, storage: str, tmp_path: Path, policy: str
 ) -> None:
-    migrate(microvm_image, disk, tmp_path, policy, cycles=2)
+    migrate(microvm_image, disk, storage, tmp_path, policy, cycles=2)
 
 
 def test_migrate_and_restore_20_times(
-    microvm_image: GuestImage, disk: Path, tmp_path: Path
+    microvm_image: GuestImage, disk: Path, storage: str, tmp_path: Path
 ) -> None:
-    migrate(microvm_image, disk, tmp_path, "report", cycles=20)
+    migrate(microvm_image, disk, storage, tmp_path, "report", cycles=20)
 
 
 def test_backend_killed_and_restarted(
-    microvm_image: GuestImage, disk: Path, tmp_path: Path
+    microvm_image: GuestImage, disk: Path, storage: str, tmp_path: Path
 ) -> None:
     sock, qmp = tmp_path / "blk.sock", tmp_path / "qmp.sock"
     log = tmp_path / "serve.log"
     with cleanup() as undo:
-        backend = serve(sock, disk, log, "--policy", "report")
+        backend = serve(sock, storage, log, "--policy", "report")
         undo.append(lambda: backend.kill())
         guest = Guest(qemu_command(microvm_image, sock, qmp, reconnect=True), qmp, [])
         undo.append(guest.stop)
         guest.progress()
         for _ in range(KILLS):
             backend.kill(signal.SIGKILL)
-            backend = serve(sock, disk, log, "--policy", "report")
+            backend = serve(sock, storage, log, "--policy", "report")
             guest.progress(2)
         raise_stop_flag(disk)
         results = guest.finish()

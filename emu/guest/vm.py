@@ -53,12 +53,13 @@ def listening(sock: Path) -> bool:
 
 
 class Serve:
-    """``emu serve`` for one blk device, in a process of its own (killed by PID).
+    """``emu serve`` for one blk device on ``disk`` (a path or an NBD URI), in a process of
+    its own (killed by PID).
 
     ``python`` runs the CLI through ``-c``: a test may patch emu before it starts."""
 
     def __init__(
-        self, sock: Path, disk: Path, log: Path, *options: str, python: str | None = None
+        self, sock: Path, disk: Path | str, log: Path, *options: str, python: str | None = None
     ) -> None:
         self.sock = sock
         entry = ["-c", python] if python else ["-m", "emu.cli"]
