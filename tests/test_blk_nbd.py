@@ -194,3 +194,33 @@ def test_queue_of_1024_on_an_engine_of_depth_4(nbd_server, blk_on, tmp_path, pac
     assert [status_of(c) for c in b.drv.wait(0, count=1024, timeout=60)] == [S_OK] * 1024
     got = disk.read_bytes()
     assert all(got[s * SECTOR : s * SECTOR + BLOCK] == d for s, d in data.items())
+
+
+def test_spec_takes_nbd_uris_and_tells_qemu_the_queues(nbd_server, tmp_path):
+    from emu.devices.blk import _parse_arg
+    from emu.devices.registry import SpecError, make_devices
+    from emu.guest.backends import guest_devices
+
+    sock = "/run/n.sock"
+    assert _parse_arg(f"nbd+unix:///?socket={sock}:ro:queues=2") == (
+        f"nbd+unix:///?socket={sock}",
+        True,
+        2,
+    )
+    assert _parse_arg("nbd://127.0.0.1:10809/") == ("nbd://127.0.0.1:10809/", False, 1)
+    assert _parse_arg("nbd://127.0.0.1:10809/x:queues=4") == ("nbd://127.0.0.1:10809/x", False, 4)
+    for bad in ("nbd://h/:queues=0", "nbd://h/:queues=65536", ""):
+        with pytest.raises(SpecError):
+            _parse_arg(bad)
+    srv = nbd_server(["memory", "1M"])
+    (dev,) = make_devices([f"blk:{srv.uri}:queues=2,packed=off"])
+    try:
+        assert len(dev.queues) == 2 and len(dev.engines) == 2 and dev.capacity == 2048
+    finally:
+        dev.close()
+    with pytest.raises(SpecError, match="cannot connect"):
+        make_devices([f"blk:nbd+unix:///?socket={tmp_path / 'nobody.sock'}"])
+    (multi, single) = guest_devices("microvm", [f"blk:{srv.uri}:queues=2", "blk:d.img"], ["a", "b"])
+    assert "num-queues=2" in multi.options and not any("num-queues" in o for o in single.options)
+    (uml,) = guest_devices("uml", [f"blk:{srv.uri}:queues=2"], ["a"])
+    assert uml.options == ()
