@@ -80,7 +80,7 @@ def test_server_killed_with_requests_outstanding_then_back(
     srv = nbd_server(
         ["file", f"file={disk}"], filters=["delay"], params=["rdelay=400ms", "wdelay=400ms"]
     )
-    b, dev = blk_on(srv.uri, plane=plane)
+    b, dev = blk_on(srv.uri, plane=plane, iodepth=8)  # native: 16 at the server, 8 backlogged
     q = b.drv.queues[0]
     for i in range(16):
         q.add([header(T_IN, 8 * i)], [BLOCK, 1])
