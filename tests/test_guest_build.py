@@ -227,6 +227,8 @@ def test_uml_command():
     assert "virtio_uml.device=/b:2" in cmd and "virtio_uml.device=/c:3" in cmd
     with pytest.raises(ValueError):
         uml.command(FAKE, [Device("qemu-blk", "/img")], [], 256)
+    with pytest.raises(ValueError, match="one CPU"):
+        uml.command(FAKE, [], [], 256, cpus=2)
 
 
 def test_microvm_command():
@@ -238,6 +240,7 @@ def test_microvm_command():
     assert "-device vhost-user-blk,chardev=vu0,packed=on" in line
     assert "-netdev vhost-user,id=net1,chardev=vu1" in line
     assert "virtio-rng-device,rng=rng2" in line
+    assert "-smp 1" in line and "-smp 2" in " ".join(microvm.command(FAKE, [], [], 512, cpus=2))
     append = cmd[cmd.index("-append") + 1]
     assert f"tsc_early_khz={microvm.host_tsc_khz()}" in append and append.endswith("emu.run=blk")
     assert 100_000 < microvm.host_tsc_khz() < 10_000_000

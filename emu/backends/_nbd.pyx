@@ -251,9 +251,14 @@ cdef int _on_reply(void *user_data, int *error) noexcept nogil:
     cdef int err = error[0]
     cdef int64_t result = 0
     pthread_mutex_lock(&st.qlock)
-    if err in (ENOTCONN, ESHUTDOWN, ECONNRESET, EPIPE):
+    if err in (ENOTCONN, ECONNRESET, EPIPE):
         err = EIO
         st.lost = True
+    elif err == ESHUTDOWN:
+        # the server's NBD_ESHUTDOWN reply ("shutting down"), on a connection that is still
+        # up: a failed request, not a lost connection. Marking it lost would refuse every
+        # later request with nothing to reconnect (the worker reconnects dead handles only)
+        err = EIO
     if err:
         result = -err
     elif s.op == OP_READ or s.op == OP_WRITE:

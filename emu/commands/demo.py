@@ -3,7 +3,9 @@
 By default a real Linux guest (user-mode-linux, or QEMU microvm with ``--kind microvm``)
 boots on emu's vhost-user backends: it lists the virtio devices it found, writes random
 data to virtio-blk and reads it back, writes to the virtio console (and reads virtio-rng
-under QEMU); the host then checks the backing file and the console output itself.
+under QEMU); the host then checks the backing file and the console output itself. With
+nbdkit installed the disk is NBD network storage: nbdkit's file plugin serves the image
+and emu's blk is its NBD client.
 
 ``--in-process`` instead puts each device behind emu's virtio-mmio transport with the
 reference driver playing the guest: the path a VMM embedding emu would take. It runs the
@@ -34,6 +36,7 @@ from emu.state import file as statefile
 from emu.testing.blk import BlkDriver
 from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
+from emu.testing.nbdkit import Nbdkit, nbdkit_missing
 from emu.testing.rng import RngDriver
 from emu.transport.mmio import MmioTransport
 from emu.vhost_user.backend import VhostUserServer
@@ -122,9 +125,14 @@ def demo_guest(kind: str, mib: int, say: Callable[[str], None]) -> bool:
         disk = Path(tmp) / "disk.img"
         with open(disk, "wb") as f:
             f.truncate(64 << 20)
+        target = str(disk)
+        if nbdkit_missing() is None:  # the disk as network storage, as a remote one would be
+            nbd = stack.enter_context(Nbdkit(Path(tmp) / "nbd.sock", ["file", f"file={disk}"]))
+            target = nbd.uri
+            say(f"blk: nbdkit serves {disk.name}; emu's blk is its NBD client ({target})")
         chardev = BufferChar()
         devices: list[tuple[str, VirtioDevice]] = [
-            ("blk", BlkDevice(disk, serial="emu-demo", queue_max_size=registry.QUEUE_MAX))
+            ("blk", BlkDevice(target, serial="emu-demo", queue_max_size=registry.QUEUE_MAX))
         ]
         run = ["devices", "blk"]
         if kind == "uml":  # QEMU 7.2 has no vhost-user console; UML has no virtio-rng driver

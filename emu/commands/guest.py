@@ -84,7 +84,8 @@ def _echo(text: str) -> None:
     multiple=True,
     metavar="SPEC",
     help="One of emu's own devices, served by an `emu serve` this command starts: "
-    "blk:FILE, net:cable (pairs), net:tap:NAME, console (hvc0 to stdout), rng; "
+    "blk:FILE or blk:nbd://HOST:PORT/ or blk:nbd+unix:///?socket=PATH (then :ro, "
+    ":queues=N), net:cable (pairs), net:tap:NAME, console (hvc0 to stdout), rng; "
     "ring options as in emu serve, e.g. blk:FILE,packed=off.",
 )
 @click.option(
@@ -97,6 +98,13 @@ def _echo(text: str) -> None:
 )
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds before the kill.")
 @click.option("--mem", "mem_mib", type=int, help="Guest RAM in MiB (uml 256, microvm 512).")
+@click.option(
+    "--cpus",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="vCPUs (microvm; UML has one). blk:...:queues=N needs N to use N queues.",
+)
 @click.option("--verbose-kernel", is_flag=True, help="Drop `quiet` from the kernel arguments.")
 @click.option(
     "--json",
@@ -114,6 +122,7 @@ def run(
     params: dict[str, str],
     timeout: float,
     mem_mib: int | None,
+    cpus: int,
     verbose_kernel: bool,
     json_out: Path | None,
 ) -> None:
@@ -144,6 +153,7 @@ def run(
                 params=params,
                 image=image,
                 mem_mib=mem_mib,
+                cpus=cpus,
                 quiet=not verbose_kernel,
                 interactive="sh" in run_list,
                 on_output=_echo,

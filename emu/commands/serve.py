@@ -1,12 +1,18 @@
 """``emu serve``: emu devices as vhost-user backends, one unix socket per device.
 
     emu serve --socket /tmp/blk.sock blk:disk.img
+    emu serve --socket /tmp/blk.sock blk:nbd+unix:///?socket=/tmp/nbd.sock:queues=2
     emu serve --socket /tmp/a.sock net:cable --socket /tmp/b.sock net:cable --socket /tmp/r.sock rng
 
 Each ``--socket`` pairs with the device spec in the same position. A spec is
 ``NAME[:ARG]`` as the device type registered it (``emu.devices.registry``):
 
-* ``blk:FILE`` (``blk:FILE:ro`` read-only): virtio-blk on a raw image.
+* ``blk:TARGET[:ro][:queues=N]``: virtio-blk on TARGET, a raw image file or block
+  device, or NBD network storage: ``nbd://HOST[:PORT]/[EXPORT]`` or
+  ``nbd+unix:///[EXPORT]?socket=PATH`` (e.g. an ``nbdkit -U PATH memory 1G``). ``:ro``
+  makes it read-only, ``:queues=N`` gives it N request queues, served in parallel, each
+  with its own io_uring or NBD connection. An NBD server that goes away fails the
+  requests it held (IOERR, one log line) and the device reconnects when it is back.
 * ``rng``: virtio-rng from the host's getrandom().
 * ``console`` (stdio), ``console:pty`` (prints the pty path), ``console:socket:PATH``.
 * ``net:tap:NAME``: virtio-net on a host TAP interface.
@@ -82,7 +88,12 @@ def serve(
             d.close()
 
 
-@click.command("serve", epilog="DEVICE: NAME[:ARG][,packed|event_idx|indirect=on|off...]")
+@click.command(
+    "serve",
+    epilog="DEVICE: NAME[:ARG][,packed|event_idx|indirect=on|off...], e.g. blk:disk.img, "
+    "blk:disk.img:ro:queues=2, blk:nbd://HOST:PORT/, blk:nbd+unix:///?socket=PATH, rng, "
+    "console, net:tap:NAME, net:cable",
+)
 @click.option(
     "--socket",
     "sockets",

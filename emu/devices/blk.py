@@ -589,11 +589,13 @@ def _split(
 # -- the device type: ``blk:TARGET[:ro][:queues=N]`` --
 
 
-def _from_spec(spec: Spec, build: Build) -> BlkDevice:
-    """TARGET is a raw image FILE (or block device) or an NBD URI, which has ':' of its
-    own: the options are taken off the end, so a TARGET ending in ":ro" or ":queues=N"
-    cannot be named this way."""
-    target, readonly, queues = spec.arg, False, 1
+def _parse_arg(arg: str) -> tuple[str, bool, int]:
+    """``TARGET[:ro][:queues=N]`` -> (TARGET, readonly, queues).
+
+    TARGET is a raw image FILE (or block device) or an NBD URI, which has ':' of its own:
+    the options are taken off the end, so a TARGET ending in ":ro" or ":queues=N" cannot
+    be named this way."""
+    target, readonly, queues = arg, False, 1
     while True:
         rest, _, last = target.rpartition(":")
         if not rest:
@@ -610,6 +612,11 @@ def _from_spec(spec: Spec, build: Build) -> BlkDevice:
             "a raw image FILE or nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH, "
             "then :ro for read-only, :queues=N for N queues"
         )
+    return target, readonly, queues
+
+
+def _from_spec(spec: Spec, build: Build) -> BlkDevice:
+    target, readonly, queues = _parse_arg(spec.arg)
     try:
         return BlkDevice(
             target, readonly=readonly, num_queues=queues, queue_max_size=build.queue_max
@@ -618,4 +625,18 @@ def _from_spec(spec: Spec, build: Build) -> BlkDevice:
         raise SpecError(str(e)) from e
 
 
-register(DeviceType(BlkDevice, "blk:TARGET[:ro][:queues=N]", _from_spec, "emu.testing.blk"))
+def _frontend(spec: Spec) -> dict[str, str]:
+    """QEMU's vhost-user-blk on virtio-mmio sets up one queue unless told how many."""
+    queues = _parse_arg(spec.arg)[2]
+    return {"num-queues": str(queues)} if queues > 1 else {}
+
+
+register(
+    DeviceType(
+        BlkDevice,
+        "blk:TARGET[:ro][:queues=N]",
+        _from_spec,
+        "emu.testing.blk",
+        frontend=_frontend,
+    )
+)

@@ -63,7 +63,7 @@ class Build:
 @dataclass(frozen=True)
 class DeviceType:
     cls: type[VirtioDevice]
-    usage: str  # the spec syntax, e.g. "blk:FILE[:ro]"
+    usage: str  # the spec syntax, e.g. "blk:TARGET[:ro][:queues=N]"
     build: Callable[[Spec, Build], VirtioDevice]
     driver: str | ModuleType  # the reference-driver helper module (dotted path: imported late)
     #: after all specs: complain about what is left unfinished (a net cable without its pair)

@@ -83,12 +83,14 @@ def _device_args(i: int, dev: Device) -> list[str]:
     raise ValueError(f"QEMU 7.2 has no vhost-user {dev.type} device for microvm")
 
 
-def command(image: GuestImage, devices: list[Device], append: list[str], mem_mib: int) -> list[str]:
+def command(
+    image: GuestImage, devices: list[Device], append: list[str], mem_mib: int, cpus: int = 1
+) -> list[str]:
     args = [
         QEMU,
         *("-M", "microvm,acpi=on,memory-backend=mem"),
         *("-object", f"memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
-        *("-m", f"{mem_mib}M", "-accel", "tcg", "-cpu", "max", "-smp", "1"),
+        *("-m", f"{mem_mib}M", "-accel", "tcg", "-cpu", "max", "-smp", str(cpus)),
         *("-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"),
         *("-no-reboot", "-serial", "stdio"),
         *("-global", "virtio-mmio.force-legacy=false"),

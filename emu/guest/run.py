@@ -107,6 +107,7 @@ def run_guest(
     params: Mapping[str, object] | None = None,
     image: GuestImage | None = None,
     mem_mib: int | None = None,
+    cpus: int = 1,
     quiet: bool = True,
     interactive: bool = False,
     on_output: Callable[[str], None] | None = None,
@@ -117,6 +118,7 @@ def run_guest(
     run: workloads for /init (init_script.py), in order. params: their knobs, e.g.
     {"blk.mib": 8}. image: a prebuilt image (default: build/cached by build_image, with
     the fio layer when `run` has fio).
+    cpus: vCPUs (microvm only; a multi-queue disk uses as many queues as the guest has CPUs).
     interactive: give the guest this process's stdin (for the `sh` workload).
     on_output: called with console text as it arrives (e.g. to show it live).
     """
@@ -129,7 +131,7 @@ def run_guest(
     run = list(run)
     append = kernel_args(run, params or {}, quiet)
     image = image or build_image(kind, fio="fio" in run)
-    cmd = _COMMAND[kind](image, devs, append, mem_mib or _DEFAULT_MEM_MIB[kind])
+    cmd = _COMMAND[kind](image, devs, append, mem_mib or _DEFAULT_MEM_MIB[kind], cpus)
 
     log, lines, marks = ConsoleLog(), [], {}
     t0 = time.monotonic()

@@ -12,7 +12,11 @@ from emu.guest.devices import Device, virtio_ids
 from emu.guest.images import GuestImage
 
 
-def command(image: GuestImage, devices: list[Device], append: list[str], mem_mib: int) -> list[str]:
+def command(
+    image: GuestImage, devices: list[Device], append: list[str], mem_mib: int, cpus: int = 1
+) -> list[str]:
+    if cpus != 1:
+        raise ValueError("a UML guest has one CPU (this kernel is built without SMP)")
     args = [
         str(image.kernel),
         f"mem={mem_mib}M",
