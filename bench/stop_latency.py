@@ -1,47 +1,64 @@
-"""Stop latency: from the stop request to "stopped", per interface, policy, depth, latency.
+"""Stop latency: from the stop request to "stopped", per interface, policy, depth, backend.
 
 Interfaces: the STOP status bit (driver writes Status, polls until STOP reads back set),
 virtio 1.4 SUSPEND (drain only, as the spec requires; polls until SUSPEND=1, DRIVER_OK=0),
 the VMM-side stop (``MmioTransport.vmm_stop``) and vhost-user GET_VRING_BASE (emu's Python
 frontend against emu's backend: SET_VRING_ENABLE 0 + GET_VRING_BASE round trip).
 
-Each sample: ``depth`` 4 KiB reads are made available and executed by the blk device (the
-bench waits until every one is either published or held back; at 1 ms latency the first
-ones may have completed by then), whose queue publishes completions ``latency`` seconds
-after execution (the delay backend model: a report-mode stop withdraws
-what is not published yet; a drain-mode stop waits for it). Then the clock starts, the stop
-is requested, and it stops when the stop is visible to the requester. After each sample the
-device is resumed and every request is collected (exactly once) before the next sample.
+Backends:
+
+* ``model``: the delay model (emu.testing.delay) over a tmpfs file: requests run at once
+  and their used entries are published ``lat`` later; nothing is outstanding anywhere, a
+  report stop withdraws what is not published, a drain stop waits for it. Kept beside
+  the real backends so old and new figures sit side by side.
+* ``tmpfs``: the native plane on io_uring over a file in /dev/shm (requests complete as
+  they are submitted: there is hardly ever anything outstanding).
+* ``disk``: the same on a disk-backed file (the filesystem is printed); reads are made
+  cold (fdatasync + POSIX_FADV_DONTNEED) before each sample so they go to the disk;
+  writes land in the page cache.
+* ``nbd0ms`` / ``nbd1ms`` / ``nbd10ms``: the native plane on libnbd against nbdkit's
+  memory plugin, with the delay filter (rdelay = wdelay) for 1 and 10 ms.
+
+Each sample: ``depth`` 4 KiB reads (or writes) at distinct offsets are made available;
+the bench waits until each one is published or held by the queue's deferred (for a
+real backend: outstanding at the engine, or answered and not yet published; the ``at
+eng`` column is the mean number at the engine when the clock starts). Then the clock
+starts, the stop is requested, and it stops when the stop is visible to the requester.
+The device is resumed and every request is collected, each exactly once with status OK,
+before the next sample (anything else is a defect and ends the run).
 
 Polls sleep(0) between register reads, which releases the GIL, as a vCPU thread would be
 outside the interpreter while the guest runs. Save/restore time per device type is the
 VMM-side path: ``transport.save()`` + encode, then decode + ``restore`` on a fresh
 transport and device.
 
-Prints a table, ``name value unit`` lines, and the three headline lines.
+Prints a table, ``name value unit`` lines, and the headline lines last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from emu.backends.cable import Cable
 from emu.backends.chardev import BufferChar
-from emu.devices.blk import T_IN, BlkDevice
+from emu.devices.blk import S_OK, T_IN, T_OUT, BlkDevice
 from emu.devices.console import ConsoleDevice
 from emu.devices.net import NetDevice
 from emu.devices.rng import RngDevice
 from emu.memory import GuestMemory
 from emu.state.format import decode, encode
-from emu.testing.blk import BlkDriver
+from emu.testing.blk import BlkDriver, status_of
 from emu.testing.console import GuestConsole
 from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
+from emu.testing.nbdkit import Nbdkit, nbdkit_missing
 from emu.testing.net import GuestNet
 from emu.testing.rng import RngDriver
 from emu.testing.vhost_user import VhostUserDriver
@@ -51,26 +68,101 @@ from emu.vhost_user.backend import VhostUserServer
 
 DEPTHS = (0, 16, 128)
 LATENCIES = (0.0, 0.001, 0.01)
+NBD_LATENCIES = {"nbd0ms": 0, "nbd1ms": 1, "nbd10ms": 10}
 QUEUE = 256
 DISK = 64 << 20
+BLOCK = 4096
+#: where the disk-backed image goes (the first that is not tmpfs)
+DISK_DIRS = ("/var/tmp", "/tmp", os.getcwd())
 
 
-def _disk(tmp: str) -> str:
+class BenchDefect(Exception):
+    """A stop that lost, doubled or failed a request: the bench found a bug."""
+
+
+def _disk(tmp: str, fill: bool = False) -> str:
     path = os.path.join(tmp, "disk.img")
     with open(path, "wb") as f:
-        f.truncate(DISK)
+        if fill:  # real blocks on the disk, so a cold read reads them
+            chunk = os.urandom(1 << 20)
+            for _ in range(DISK >> 20):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        else:
+            f.truncate(DISK)
     return path
 
 
-def _wait_in_flight(dev: BlkDevice, start_used: int, depth: int) -> None:
-    """Until the device has executed all ``depth`` requests: each one is either published
-    already or held back by the latency, i.e. in flight at the "backend"."""
-    q = dev.queues[0]
-    deadline = time.monotonic() + 10
-    while ((q.state().next_used - start_used) & 0xFFFF) + q.held() < depth:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"device executed fewer than {depth}")
-        time.sleep(0.0001)
+def fs_type(path: str) -> str:
+    """The filesystem type of the mount holding ``path`` (longest mount point prefix)."""
+    path = os.path.realpath(path)
+    best, kind = "", "?"
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, fstype = line.split()[:3]
+            inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) >= len(best):
+                best, kind = mnt, fstype
+    return kind
+
+
+def disk_dir() -> str | None:
+    for d in DISK_DIRS:
+        if os.path.isdir(d) and os.access(d, os.W_OK) and fs_type(d) not in ("tmpfs", "ramfs"):
+            return d
+    return None
+
+
+@dataclass
+class Backend:
+    """Where the blk device's disk is: ``target`` for BlkDevice, ``latency`` for the delay
+    model (model only), ``cold`` to evict the image's pages before a read sample."""
+
+    name: str
+    target: str
+    latency: float = 0.0
+    model: bool = False
+    cold: Callable[[], None] | None = None
+
+
+@contextlib.contextmanager
+def open_backend(name: str, tmp: str, latency: float = 0.0) -> Iterator[Backend]:
+    """The backend ``name`` (model, tmpfs, disk, nbd0ms, nbd1ms, nbd10ms), set up in ``tmp``
+    (the disk one in ``disk_dir()``), torn down afterwards."""
+    if name in ("model", "tmpfs"):
+        yield Backend(name, _disk(tmp), latency, model=name == "model")
+    elif name == "disk":
+        where = disk_dir()
+        assert where is not None
+        with tempfile.TemporaryDirectory(dir=where) as dtmp:
+            path = _disk(dtmp, fill=True)
+            fd = os.open(path, os.O_RDWR)
+
+            def cold() -> None:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+            try:
+                yield Backend(name, path, cold=cold)
+            finally:
+                os.close(fd)
+    else:
+        ms = NBD_LATENCIES[name]
+        delay = {"filters": ["delay"], "params": [f"rdelay={ms}ms", f"wdelay={ms}ms"]}
+        # a thread per request at depth 128, so the server holds them all at once
+        srv = Nbdkit(
+            os.path.join(tmp, "nbd.sock"),
+            ["memory", f"{DISK}"],
+            threads=2 * max(DEPTHS),
+            **(delay if ms else {}),
+        )
+        with srv:
+            yield Backend(name, srv.uri)
+
+
+def _key(iface: str) -> str:
+    return iface.replace("-", "_")
 
 
 def _poll(read: Callable[[], int], mask: int, want: int) -> None:
@@ -78,29 +170,65 @@ def _poll(read: Callable[[], int], mask: int, want: int) -> None:
         time.sleep(0)
 
 
-class MmioCase:
+def _new_device(be: Backend, policy: str) -> BlkDevice:
+    dev = BlkDevice(be.target)
+    dev.policy = policy
+    if be.model:
+        for q in dev.queues:
+            hold_completions(q, be.latency)
+    return dev
+
+
+class Case:
+    """A blk device and a driver for it; ``submit`` / ``stop`` / ``resume`` / ``collect``."""
+
+    dev: BlkDevice
+    blk: BlkDriver
+    model: bool
+
+    def submit(self, depth: int, op: str, rep: int) -> list[int]:
+        if op == "write":
+            data = bytes([rep & 0xFF]) * BLOCK
+            return [self.blk.submit(T_OUT, 8 * i, data) for i in range(depth)]
+        return [self.blk.submit(T_IN, 8 * i, in_size=BLOCK) for i in range(depth)]
+
+    def collect(self, tokens: list[int]) -> None:
+        """Every request of the sample, each exactly once, status OK."""
+        if not tokens:
+            return
+        done = self.blk.drv.wait(0, len(tokens), timeout=30)
+        got = sorted(c.token for c in done)
+        if got != sorted(tokens):
+            raise BenchDefect(f"completions {got} are not the requests made {sorted(tokens)}")
+        bad = [status_of(c) for c in done if status_of(c) != S_OK]
+        if bad:
+            raise BenchDefect(f"{len(bad)} requests failed after resume: statuses {bad}")
+
+    def leftovers(self) -> int:
+        """Completions that arrived beyond those collected (a request answered twice)."""
+        time.sleep(0.05)
+        return len(self.blk.drv._backlog.pop(0, [])) + len(self.blk.drv.queues[0].poll())
+
+    def at_engine(self) -> int:
+        """Requests the backend holds: at the engine (real) or held back (model)."""
+        if self.model or not self.dev.engines:
+            return self.dev.queues[0].held()
+        return self.dev.engines[0].outstanding
+
+
+class MmioCase(Case):
     """blk behind the virtio-mmio transport, driven by the reference driver."""
 
-    def __init__(self, tmp: str, policy: str, latency: float) -> None:
+    def __init__(self, tmp: str, policy: str, be: Backend) -> None:
         self.mem = GuestMemory.create(64 << 20)
-        self.dev = BlkDevice(_disk(tmp))
-        self.dev.policy = policy
-        for q in self.dev.queues:
-            hold_completions(q, latency)
+        self.dev = _new_device(be, policy)
+        self.model = be.model
         self.tr = MmioTransport(
             self.dev, self.mem, stop_policy=policy, stop_feature_bit=mmio_regs.F_EMU_STOP
         )
         self.drv = VirtioMmioDriver(self.tr, self.mem)
         self.blk = BlkDriver.open(self.drv, queue_size=QUEUE)
         self.policy = policy
-
-    def submit(self, depth: int) -> None:
-        for i in range(depth):
-            self.blk.submit(T_IN, 8 * i, in_size=4096)
-
-    def collect(self, depth: int) -> None:
-        if depth:
-            self.drv.wait(0, depth, timeout=30)
 
     def stop(self, iface: str) -> float:
         status = lambda: self.tr.read(mmio_regs.STATUS, 4)  # noqa: E731
@@ -126,14 +254,12 @@ class MmioCase:
         self.mem.close()
 
 
-class VhostCase:
+class VhostCase(Case):
     """blk behind emu's vhost-user backend, driven by emu's Python frontend."""
 
-    def __init__(self, tmp: str, policy: str, latency: float) -> None:
-        self.dev = BlkDevice(_disk(tmp))
-        self.dev.policy = policy
-        for q in self.dev.queues:
-            hold_completions(q, latency)
+    def __init__(self, tmp: str, policy: str, be: Backend) -> None:
+        self.dev = _new_device(be, policy)
+        self.model = be.model
         self.server = VhostUserServer(self.dev, os.path.join(tmp, "blk.sock")).start()
         self.fe = VhostUserDriver(self.server.path, 64 << 20)
         self.fe.init()
@@ -141,14 +267,6 @@ class VhostCase:
         self.fe.driver_ok()
         self.blk = BlkDriver(self.fe)  # the frontend speaks the reference driver's API
         self.base = 0
-
-    def submit(self, depth: int) -> None:
-        for i in range(depth):
-            self.blk.submit(T_IN, 8 * i, in_size=4096)
-
-    def collect(self, depth: int) -> None:
-        if depth:
-            self.fe.wait(0, depth, timeout=30)
 
     def stop(self, iface: str) -> float:
         t0 = time.perf_counter()
@@ -165,19 +283,39 @@ class VhostCase:
         self.dev.close()
 
 
-def measure(iface: str, policy: str, depth: int, latency: float, reps: int) -> list[float]:
+def _wait_in_flight(case: Case, start_used: int, depth: int) -> None:
+    """Until each of the ``depth`` requests is published or held by the queue's deferred
+    (a real backend: outstanding at the engine, or answered and not yet published)."""
+    q = case.dev.queues[0]
+    deadline = time.monotonic() + 10
+    while ((q.state().next_used - start_used) & 0xFFFF) + q.held() < depth:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"device took fewer than {depth} requests")
+        time.sleep(0.0001)
+
+
+def measure(
+    iface: str, policy: str, depth: int, be: Backend, reps: int, op: str = "read"
+) -> tuple[list[float], float]:
+    """Stop latencies (s) of ``reps`` samples, and the mean number at the backend at t0."""
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
-        case = (VhostCase if iface == "vhost-user" else MmioCase)(tmp, policy, latency)
+        case = (VhostCase if iface == "vhost-user" else MmioCase)(tmp, policy, be)
         try:
-            samples = []
-            for _ in range(reps):
+            samples, held = [], []
+            for rep in range(reps):
+                if be.cold is not None and op == "read":
+                    be.cold()
                 start = case.dev.queues[0].state().next_used
-                case.submit(depth)
-                _wait_in_flight(case.dev, start, depth)
+                tokens = case.submit(depth, op, rep)
+                _wait_in_flight(case, start, depth)
+                held.append(case.at_engine())
                 samples.append(case.stop(iface))
                 case.resume(iface)
-                case.collect(depth)
-            return samples
+                case.collect(tokens)
+            extra = case.leftovers()
+            if extra:
+                raise BenchDefect(f"{extra} completions more than requests made")
+            return samples, statistics.mean(held)
         finally:
             case.close()
 
@@ -244,61 +382,172 @@ def save_restore(kind: str, reps: int) -> tuple[list[float], list[float], int]:
     return saves, restores, size
 
 
+@dataclass
+class Plan:
+    """Which cells run: full, or ``--quick`` (a few reps, fewer cells)."""
+
+    reps: int
+    depths: tuple[int, ...]
+    model_lats: tuple[float, ...]
+    model_ifaces: tuple[str, ...]
+    real_ifaces: tuple[str, ...]
+    backends: tuple[str, ...]
+
+    @classmethod
+    def make(cls, quick: bool, reps: int) -> Plan:
+        if quick:
+            return cls(
+                5,
+                (0, 128),
+                (0.01,),
+                ("vmm", "vhost-user"),
+                ("vmm", "vhost-user"),
+                ("tmpfs", "nbd10ms"),
+            )
+        real = ["tmpfs"] + (["disk"] if disk_dir() else []) + list(NBD_LATENCIES)
+        return cls(
+            reps,
+            DEPTHS,
+            LATENCIES,
+            ("stop-bit", "suspend", "vmm", "vhost-user"),
+            ("stop-bit", "vmm", "vhost-user"),
+            tuple(real),
+        )
+
+
+HEADER = (
+    f"{'backend':<10}{'op':<6}{'interface':<11}{'policy':<8}{'depth':>6}{'at eng':>7}"
+    f"{'p50 us':>10}{'p99 us':>10}{'max us':>10}"
+)
+
+
+class Results:
+    """The table rows as they come, and the ``name value unit`` lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.headlines: list[str] = []
+        #: (backend, op, iface, policy, depth) -> (p50, p99) in us
+        self.cells: dict[tuple[str, str, str, str, int], tuple[float, float]] = {}
+
+    def add(
+        self,
+        label: str,
+        op: str,
+        iface: str,
+        policy: str,
+        depth: int,
+        samples: list[float],
+        held: float,
+        key: str,
+    ) -> None:
+        s = [x * 1e6 for x in samples]
+        p50, p99, mx = statistics.median(s), pct(s, 99), max(s)
+        shown = op if depth else "-"
+        print(
+            f"{label:<10}{shown:<6}{iface:<11}{policy:<8}{depth:>6}{held:>7.1f}{p50:>10.1f}"
+            f"{p99:>10.1f}{mx:>10.1f}",
+            flush=True,
+        )
+        self.cells[label, op, iface, policy, depth] = (p50, p99)
+        self.lines += [
+            f"{key}_p50_us {p50:.1f} us",
+            f"{key}_p99_us {p99:.1f} us",
+            f"{key}_max_us {mx:.1f} us",
+        ]
+
+
+def run_model(plan: Plan, res: Results) -> None:
+    """The delay-model rows (as this bench printed them before real backends)."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        for lat in plan.model_lats:
+            lat_name = f"{lat * 1000:g}ms"
+            with open_backend("model", tmp, lat) as be:
+                for iface in plan.model_ifaces:
+                    for policy in ("drain", "report"):
+                        if iface == "suspend" and policy == "report":
+                            continue  # virtio 1.4 SUSPEND always drains
+                        for depth in plan.depths:
+                            samples, held = measure(iface, policy, depth, be, plan.reps)
+                            key = f"stop_{_key(iface)}_{policy}_depth{depth}_lat{lat_name}"
+                            res.add(
+                                f"model{lat_name}", "read", iface, policy, depth, samples, held, key
+                            )
+                            if iface == "vmm" and depth == 128 and lat == 0.01:
+                                p99 = res.cells[f"model{lat_name}", "read", iface, policy, depth][1]
+                                res.headlines.append(
+                                    f"stop_{policy}_depth128_lat10ms_p99_us {p99:.1f} us"
+                                )
+
+
+def run_real(plan: Plan, res: Results) -> None:
+    """io_uring and NBD rows: reads and writes, both policies, every interface."""
+    for name in plan.backends:
+        with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp, open_backend(name, tmp) as be:
+            for op in ("read", "write"):
+                for iface in plan.real_ifaces:
+                    for policy in ("drain", "report"):
+                        for depth in plan.depths:
+                            if depth == 0 and op == "write":
+                                continue  # nothing outstanding: the op makes no difference
+                            samples, held = measure(iface, policy, depth, be, plan.reps, op)
+                            key = f"stop_{_key(iface)}_{policy}_{name}_{op}_depth{depth}"
+                            res.add(name, op, iface, policy, depth, samples, held, key)
+
+
+def summarise(plan: Plan, res: Results) -> None:
+    """Per backend at the deepest depth (VMM stop): p99 of reads and writes per policy, and
+    the write fence: a report stop's p50 with writes outstanding minus with reads."""
+    depth = max(plan.depths)
+    for name in plan.backends:
+        for iface, tag in (("vmm", ""), ("vhost-user", "_vhost_user")):
+            for policy in ("report", "drain"):
+                for op, suffix in (("read", ""), ("write", "_write")):
+                    if (c := res.cells.get((name, op, iface, policy, depth))) is not None:
+                        line = (
+                            f"stop_{policy}_{name}_depth{depth}{suffix}{tag}_p99_us {c[1]:.1f} us"
+                        )
+                        (res.headlines if name == "nbd10ms" and not tag else res.lines).append(line)
+            r = res.cells.get((name, "read", iface, "report", depth))
+            w = res.cells.get((name, "write", iface, "report", depth))
+            if r is not None and w is not None:
+                line = f"stop_report_{name}_depth{depth}_write_fence{tag}_us {w[0] - r[0]:.1f} us"
+                (res.headlines if name == "nbd10ms" and not tag else res.lines).append(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=40, help="samples per cell")
-    ap.add_argument("--quick", action="store_true", help="a few samples per cell")
+    ap.add_argument("--reps", type=int, default=25, help="samples per cell")
+    ap.add_argument("--quick", action="store_true", help="a few samples, fewer cells")
     args = ap.parse_args()
-    reps = 5 if args.quick else args.reps
+    if (why := nbdkit_missing()) is not None:
+        raise SystemExit(f"stop_latency: {why}")
+    plan = Plan.make(args.quick, args.reps)
+    where = disk_dir()
+    if "disk" in plan.backends and where is not None:
+        print(f"disk: a file in {where} ({fs_type(where)}), reads made cold before each sample")
+    res = Results()
+    print(HEADER)
+    run_model(plan, res)
+    run_real(plan, res)
+    summarise(plan, res)
 
-    lines: list[str] = []
-    print(
-        f"{'interface':<11}{'policy':<8}{'depth':>6}{'lat':>7}{'p50 us':>11}{'p99 us':>11}"
-        f"{'max us':>11}"
-    )
-    for iface in ("stop-bit", "suspend", "vmm", "vhost-user"):
-        for policy in ("drain", "report"):
-            for depth in DEPTHS:
-                for lat in LATENCIES:
-                    lat_name = f"{lat * 1000:g}ms"
-                    if iface == "suspend" and policy == "report":
-                        continue  # virtio 1.4 SUSPEND always drains
-                    s = [x * 1e6 for x in measure(iface, policy, depth, lat, reps)]
-                    p50, p99, mx = statistics.median(s), pct(s, 99), max(s)
-                    print(
-                        f"{iface:<11}{policy:<8}{depth:>6}{lat_name:>7}{p50:>11.1f}"
-                        f"{p99:>11.1f}{mx:>11.1f}",
-                        flush=True,
-                    )
-                    key = f"stop_{iface.replace('-', '_')}_{policy}_depth{depth}_lat{lat_name}"
-                    lines += [
-                        f"{key}_p50_us {p50:.1f} us",
-                        f"{key}_p99_us {p99:.1f} us",
-                        f"{key}_max_us {mx:.1f} us",
-                    ]
-                    if iface == "vmm" and depth == 128 and lat == 0.01:
-                        headline = f"stop_{policy}_depth128_lat10ms_p99_us {p99:.1f} us"
-                        lines.append(headline)
     print()
     print(f"{'device':<9}{'save us':>10}{'restore us':>12}{'bytes':>8}")
     for kind in SETUPS:
-        saves, restores, size = save_restore(kind, max(reps, 20))
+        saves, restores, size = save_restore(kind, max(plan.reps, 20))
         s, r = statistics.median(saves) * 1e6, statistics.median(restores) * 1e6
         print(f"{kind:<9}{s:>10.1f}{r:>12.1f}{size:>8}")
-        lines += [
+        res.lines += [
             f"state_save_{kind}_us {s:.1f} us",
             f"state_restore_{kind}_us {r:.1f} us",
             f"state_bytes_{kind} {size} bytes",
         ]
         if kind == "blk":
-            lines.append(f"state_save_restore_blk_us {s + r:.1f} us")
+            res.headlines.append(f"state_save_restore_blk_us {s + r:.1f} us")
     print()
-    for line in lines:
-        if not line.startswith(("stop_report_depth128", "stop_drain_depth128", "state_save_res")):
-            print(line)
-    for line in lines:
-        if line.startswith(("stop_report_depth128", "stop_drain_depth128", "state_save_res")):
-            print(line)
+    for line in res.lines + res.headlines:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -769,13 +769,18 @@ cdef class BlkPlane:
     def cancel(self) -> None:
         """Publish nothing more: reads at the engine are cancelled (they no longer write
         guest memory when this returns), later completions are discarded, the backlog is
-        forgotten (those chains stay in flight, never started)."""
+        forgotten (those chains stay in flight, never started).
+
+        The Dones the engine has ready (the cancelled reads' above all) are reaped here,
+        without blocking, so ``count`` is left with what the backend still holds: a
+        report stop with only reads outstanding is final at once, not one device-thread
+        wake-up later."""
         with nogil:
             self.engine.cancel_reads()
         self.cancelled = True
         self.n_out = 0
         with nogil:
-            self.drop_backlog()
+            self.collect()  # discards (cancelled), and drops the backlog
 
     def drop(self) -> None:
         """Cancel, wait until the engine holds nothing, forget everything."""
