@@ -214,8 +214,6 @@ class BlkDevice(VirtioDevice):
             | 1 << F_DISCARD
             | 1 << F_WRITE_ZEROES
         )
-        if readonly:
-            features |= 1 << F_RO
         if num_queues > 1:
             features |= 1 << F_MQ
         self.plane = plane_kind(plane)
@@ -232,6 +230,11 @@ class BlkDevice(VirtioDevice):
             self.file = self.engines[0]  # size; and the Python path under the delay model
         else:
             self.file = open_sync(target, readonly)
+        # a backend that refuses writes (an NBD export the server offers read-only) makes
+        # a read-only device: the guest is told so rather than failing every write
+        readonly = readonly or bool(getattr(self.file, "readonly", False))
+        if readonly:
+            features |= 1 << F_RO
         super().__init__(num_queues, features, queue_max_size)
         self.readonly = readonly
         self.block_size = lbs
