@@ -142,3 +142,46 @@ def test_a_read_only_nbd_export_makes_a_read_only_device(tmp_path: Path, plane: 
             assert dev.features >> F_RO & 1
     finally:
         srv.stop()
+
+
+def test_a_write_whose_connection_died_is_not_counted_as_fenced(tmp_path: Path) -> None:
+    """The write fence ends on a lost connection: libnbd answers the write EIO, the plane
+    counts it as fenced and the report stop says STOPPED. But the server may still apply
+    it: here nbdkit dies while its plugin (a shell script) is writing A; the script lives
+    on. The destination resubmits, the guest overwrites with B (written straight to the
+    image here), then the stale A lands: the disk loses the newer data, the very thing the
+    fence exists to prevent (docs/stop.md). Nothing can recall it, so the stop must not
+    claim a clean fence: the device should not report STOPPED (e.g. go to needs-reset, or
+    fail the stop) when a write's outcome is unknown. The disk check below shows the
+    damage the current answer allows."""
+    from emu.devices.base import RunState
+
+    img = tmp_path / "img"
+    img.write_bytes(bytes(1 << 20))
+    pwrite = f"sleep 1; dd of={img} oflag=seek_bytes seek=$4 conv=notrunc status=none"
+    pread = f"dd if={img} iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none"
+    plugin = ["eval", "get_size=echo 1048576", f"pread={pread}", f"pwrite={pwrite}"]
+    srv = Nbdkit(tmp_path / "nbd.sock", [*plugin, "can_write=exit 0"]).start()
+    dev = BlkDevice(srv.uri, plane="native")
+    dev.policy = "report"
+    try:
+        with attached(dev) as drv:
+            blk = BlkDriver.open(drv)
+            blk.submit(T_OUT, 0, b"A" * 512)
+            for _ in range(500):
+                if dev.engines[0].outstanding:
+                    break
+                time.sleep(0.01)
+            assert dev.engines[0].outstanding == 1
+            dev.request_stop("report")
+            srv.kill()  # the plugin's script is already writing A, and goes on
+            stopped = dev.wait_stopped(BOUND_S) and dev.run_state is RunState.STOPPED
+            with open(img, "r+b") as f:
+                f.write(b"B" * 512)  # the resubmitted write and the guest's newer one
+            time.sleep(2.0)  # the orphaned script finishes
+            on_disk = img.read_bytes()[:512]
+            assert not stopped or on_disk == b"B" * 512, (
+                "STOPPED with the write fence claimed, yet a stale write landed afterwards"
+            )
+    finally:
+        srv.stop()
