@@ -147,6 +147,18 @@ cdef inline void mark(uint8_t *dirty, uint64_t off, uint64_t length) noexcept no
                ((off + length - 1) >> PAGE_SHIFT) - (off >> PAGE_SHIFT) + 1)
 
 
+cdef cnp.ndarray as_c(object values, int typenum):
+    """The batch's own array when it is already 1-D contiguous ``typenum`` (what both ring
+    cores return), else a converted copy: no numpy call per batch on the hot path."""
+    cdef cnp.ndarray a
+    if cnp.PyArray_Check(values):
+        a = <cnp.ndarray>values
+        if (cnp.PyArray_TYPE(a) == typenum and cnp.PyArray_NDIM(a) == 1
+                and cnp.PyArray_IS_C_CONTIGUOUS(a) and not cnp.PyArray_ISBYTESWAPPED(a)):
+            return a
+    return np.ascontiguousarray(values, cnp.PyArray_DescrFromType(typenum)).reshape(-1)
+
+
 cdef inline uint32_t ld32(const uint8_t *p) noexcept nogil:
     cdef uint32_t v
     memcpy(&v, p, 4)
@@ -255,12 +267,12 @@ cdef class BlkPlane:
     def serve(self, batch, mem) -> None:
         """Answer or submit every chain of ``batch``; DeviceError (nothing of the batch
         run) for a chain without a status byte or with readable after writable."""
-        cdef cnp.ndarray heads = np.ascontiguousarray(batch.heads, np.uint16)
-        cdef cnp.ndarray starts = np.ascontiguousarray(batch.chain_start, np.uint32)
-        cdef cnp.ndarray addr = np.ascontiguousarray(batch.addr, np.uint64)
-        cdef cnp.ndarray length = np.ascontiguousarray(batch.length, np.uint32)
-        cdef cnp.ndarray writable = np.ascontiguousarray(batch.writable, np.uint8)
-        cdef Py_ssize_t n = len(heads)
+        cdef cnp.ndarray heads = as_c(batch.heads, cnp.NPY_UINT16)
+        cdef cnp.ndarray starts = as_c(batch.chain_start, cnp.NPY_UINT32)
+        cdef cnp.ndarray addr = as_c(batch.addr, cnp.NPY_UINT64)
+        cdef cnp.ndarray length = as_c(batch.length, cnp.NPY_UINT32)
+        cdef cnp.ndarray writable = as_c(batch.writable, cnp.NPY_UINT8)
+        cdef Py_ssize_t n = cnp.PyArray_DIM(heads, 0)
         cdef Py_ssize_t bad = -1
         cdef int err = P_OK
         if n == 0:

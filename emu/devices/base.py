@@ -69,8 +69,14 @@ class RunState(Enum):
 POLICIES = ("drain", "report")
 
 
-#: selector key data of a backend's completion fd (emu.queue.Deferred.fd)
-_COMPLETIONS = object()
+class _Completions:
+    """Selector key data of a queue's completion fd (emu.queue.Deferred.fd): only the
+    queues whose fd fired (or that have something due by time) are asked to publish."""
+
+    __slots__ = ("q",)
+
+    def __init__(self, q: Virtqueue) -> None:
+        self.q = q
 
 
 class Command:
@@ -486,7 +492,7 @@ class VirtioDevice:
         for q in self.queues:
             sel.register(q.kick_fd, selectors.EVENT_READ, q)
             if q.deferred is not None and q.deferred.fd is not None:
-                sel.register(q.deferred.fd, selectors.EVENT_READ, _COMPLETIONS)
+                sel.register(q.deferred.fd, selectors.EVENT_READ, _Completions(q))
         try:
             while not self._closed:
                 self._run_commands()
@@ -500,17 +506,18 @@ class VirtioDevice:
                     events = sel.select(timeout)
                 finally:
                     self._owner.acquire()
+                fired = []
                 for key, _ in events:
                     q = key.data
                     if q is None:
                         self._woken()
-                    elif q is _COMPLETIONS:
-                        pass  # published below
+                    elif type(q) is _Completions:
+                        fired.append(q.q)  # published below
                     elif q.kick_fd == key.fd:
                         q.clear_kick()
                         if q.started and q.open:
                             self._pending[q.index] = q
-                self._publish_due()
+                self._publish_due(fired)
         finally:
             self._selector = None
             sel.close()
@@ -559,12 +566,17 @@ class VirtioDevice:
         dues = [d for q in self.queues if q.started and (d := q.next_due()) is not None]
         return max(0.0, min(dues) - time.monotonic()) if dues else None
 
-    def _publish_due(self) -> None:
+    def _publish_due(self, fired: list[Virtqueue]) -> None:
+        """Publish what is ready: queues whose completion fd fired, and those whose
+        deferred is due by time (a completion fd that did not fire has nothing new)."""
         if self.run_state not in (RunState.RUNNING, RunState.STOPPING):
             return
         now = time.monotonic()
         for q in self.queues:
-            if q.started and q.deferred is not None:
+            d = q.deferred
+            if not q.started or d is None:
+                continue
+            if d.fd is None or q in fired or ((due := d.next_due()) is not None and due <= now):
                 q.publish_due(now)
         self._finish_stop()
 

@@ -383,12 +383,18 @@ class BlkDevice(VirtioDevice):
         mem = self.mem
         while True:
             q.set_kicks(False)
-            while (room := plane.room()) and (batch := q.pop(min(BATCH, room))):
+            while room := plane.room():
+                want = min(BATCH, room)
+                batch = q.pop(want)
+                if not len(batch):
+                    break
                 try:
                     plane.serve(batch, mem)
                 except (DeviceError, GuestMemoryError):
                     q.publish_all_due()  # what earlier batches did reaches the guest first
                     raise
+                if len(batch) < want:
+                    break  # the ring ran dry (or the pass budget ran out): set_kicks tells
             if not room:  # the engine is full: the plane kicks the queue when it is not
                 plane.starve()
                 break

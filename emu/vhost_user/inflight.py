@@ -35,6 +35,8 @@ import os
 import struct
 from collections.abc import Callable
 
+import numpy as np
+
 from emu import ringlayout
 from emu.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 from emu.queue import ring_module
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 
 SPLIT_HEAD = struct.Struct("<QHHHH")
 SPLIT_DESC = struct.Struct("<B5xHQ")
+#: SPLIT_DESC as numpy sees it: the request path updates a whole batch per call
+SPLIT_DTYPE = np.dtype([("inflight", "u1"), ("pad", "u1", 5), ("next", "<u2"), ("counter", "<u8")])
 PACKED_HEAD = struct.Struct("<QHHHHHHBB10x")  # 7 pad bytes, then C aligns desc[] to 8
 PACKED_DESC = struct.Struct("<BxHHHQHHIQ")
 #: PACKED_HEAD field offsets the request path updates in place
@@ -143,6 +147,23 @@ class QueueInflight:
 
 
 class SplitInflight(QueueInflight):
+    """Per batch, not per head: the descriptors are a numpy view over the area."""
+
+    def __init__(self, area: memoryview, desc_num: int) -> None:
+        super().__init__(area, desc_num)
+        self._d = np.frombuffer(area, SPLIT_DTYPE, desc_num, SPLIT_HEAD.size)
+
+    def release(self) -> None:
+        self._d = None  # the view holds the area exported
+        super().release()
+
+    def _heads(self, heads: np.ndarray) -> np.ndarray:
+        """``heads`` as indexes, refused if one is beyond the area (as ``_desc``)."""
+        heads = np.asarray(heads, np.intp)
+        if len(heads) and int(heads.max()) >= self.desc_num:
+            raise GuestMemoryError(f"inflight head {int(heads.max())} >= desc_num {self.desc_num}")
+        return heads
+
     def _desc(self, head: int) -> int:
         if not 0 <= head < self.desc_num:
             raise GuestMemoryError(f"inflight head {head} >= desc_num {self.desc_num}")
@@ -152,23 +173,25 @@ class SplitInflight(QueueInflight):
         return SPLIT_HEAD.unpack_from(self.area)
 
     def fetched(self, batch: Batch) -> None:
-        for head in batch.heads.tolist():
-            off = self._desc(head)
-            struct.pack_into("<Q", self.area, off + 8, self.counter)
-            self.counter += 1
-            self.area[off] = 1
+        heads = self._heads(batch.heads)
+        n = len(heads)
+        self._d["counter"][heads] = np.arange(self.counter, self.counter + n, dtype=np.uint64)
+        self.counter += n
+        self._d["inflight"][heads] = 1  # after the counters
 
     def using(self, heads: object) -> None:
-        prev = -1
-        for head in heads.tolist():  # type: ignore[attr-defined]
-            struct.pack_into("<H", self.area, self._desc(head) + 6, head if prev < 0 else prev)
-            prev = head
-        struct.pack_into("<H", self.area, 12, prev)
+        """Link the batch: each head's ``next`` is the head before it (the first: itself)."""
+        heads = self._heads(heads)  # type: ignore[arg-type]
+        if not len(heads):
+            return
+        prev = np.empty_like(heads)
+        prev[0], prev[1:] = heads[0], heads[:-1]
+        self._d["next"][heads] = prev
+        struct.pack_into("<H", self.area, 12, int(heads[-1]))
 
     def used(self, heads: object) -> None:
-        heads = heads.tolist()  # type: ignore[attr-defined]
-        for head in heads:
-            self.area[self._desc(head)] = 0
+        heads = self._heads(heads)  # type: ignore[arg-type]
+        self._d["inflight"][heads] = 0
         used_idx = SPLIT_HEAD.unpack_from(self.area)[4]
         struct.pack_into("<H", self.area, 14, (used_idx + len(heads)) & 0xFFFF)
 
