@@ -13,7 +13,14 @@ Rules every engine keeps:
   no longer touches it.
 * One ``Done`` per submitted request, with the caller's ``tag``; ``result`` is the bytes
   moved (read / write), 0 (flush, discard, write-zeroes) or ``-errno``. A backend that
-  went away answers ``-EIO`` (or ``-ENOTCONN``) for what it held, never nothing.
+  went away answers for what it held, never nothing: ``-ENOTCONN`` when the request may
+  or may not have been carried out (a write sent to a server that vanished before it
+  answered: its fate is unknown, and a stop must not claim it fenced), ``-EIO`` when it
+  surely was not (never sent).
+* ``wait`` and ``fence`` give a backend that stopped answering ``timeout`` seconds; then
+  the engine gives it up (a network engine drops the connection and answers everything
+  it held ``-ENOTCONN``) and returns (fence: ``-ETIMEDOUT``). Local kernel I/O (io_uring)
+  cannot be given up and is waited for.
 * ``fd`` is readable while Dones wait to be reaped (eventfd semantics: ``reap`` clears it
   when it empties the queue).
 * ``cancel_reads`` (a report stop): from its return on, no read still outstanding writes
@@ -50,6 +57,7 @@ cdef class Engine:
     cdef readonly bint readonly
     cdef readonly unsigned depth  # most requests outstanding at once
     cdef readonly unsigned outstanding  # submitted, Done not reaped yet
+    cdef public double timeout  # seconds wait / fence give a silent backend (see above)
 
     # Queue one request; 0, -EAGAIN when ``depth`` are outstanding, or another -errno
     # (the request was not taken: no Done will come).

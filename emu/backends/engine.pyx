@@ -18,6 +18,7 @@ import os
 cdef class Engine:
     def __cinit__(self, *args, **kwargs):
         self.fd = -1
+        self.timeout = 5.0
 
     cdef int submit(self, int op, uint64_t tag, const iovec *iov, int niov,
                     uint64_t offset, uint64_t length, int flags) noexcept nogil:
