@@ -83,6 +83,9 @@ class Deferred(Protocol):
     def cancel(self) -> None: ...
     def drop(self) -> None: ...  # cancel, then wait until count() is 0; forgets all
     def count(self) -> int: ...  # outstanding or held: not published, not fenced yet
+    # writes answered "backend gone" after a cancel since the last call: they may still
+    # reach the disk, so they must not be reported in flight
+    def take_uncertain(self) -> int: ...
 
 
 class Virtqueue:
@@ -307,6 +310,9 @@ class Virtqueue:
     def drop_due(self) -> None:
         if self.deferred is not None:
             self.deferred.drop()
+
+    def take_uncertain(self) -> int:
+        return self.deferred.take_uncertain() if self.deferred is not None else 0
 
     def held(self) -> int:
         """Requests whose used entries are not published and that the backend may still

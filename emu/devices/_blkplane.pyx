@@ -38,7 +38,7 @@ import os
 import numpy as np
 
 cimport numpy as cnp
-from libc.errno cimport EAGAIN
+from libc.errno cimport EAGAIN, ENOTCONN
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
@@ -196,6 +196,7 @@ cdef class BlkPlane:
     cdef uint8_t serial[ID_BYTES]
     cdef public int mode
     cdef bint cancelled
+    cdef unsigned uncertain  # writes answered -ENOTCONN after a cancel (take_uncertain)
     cdef bint starved
     # I/O errors since the last report (logged with the GIL)
     cdef uint64_t nerr
@@ -659,6 +660,8 @@ cdef class BlkPlane:
             for k in range(s.niov):
                 mark(s.seg[k].dirty, s.seg[k].off, s.iov[k].iov_len)
         if self.cancelled:
+            if res == -ENOTCONN and sub.op != OP_READ:
+                self.uncertain += 1  # sent, never answered: it may still land
             self.release(s)
             return
         if res < 0:
@@ -808,6 +811,12 @@ cdef class BlkPlane:
         self.cancelled = False
         self.starved = False
         self._old_keep = []
+
+    def take_uncertain(self) -> int:
+        """Writes the engine gave up on after a cancel (-ENOTCONN: sent, never answered),
+        since the last call."""
+        n, self.uncertain = self.uncertain, 0
+        return n
 
     def count(self) -> int:
         """Outstanding at the engine, waiting for room, or answered and not yet taken."""

@@ -121,6 +121,9 @@ class VirtioDevice:
     queue_max_size: int = 256
     #: device bits only a legacy (v1) transport offers, e.g. net GSO(6); modern hides them
     legacy_features: int = 0
+    #: seconds a stop waits for a backend that stopped answering; then the device needs a
+    #: reset instead of hanging (what the backend held has an unknown fate)
+    stop_timeout: float = 5.0
 
     def __init__(
         self, num_queues: int, device_features: int = 0, queue_max_size: int | None = None
@@ -148,6 +151,7 @@ class VirtioDevice:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stops_asked = self._stops_seen = 0
+        self._stop_deadline = 0.0  # while STOPPING: when the device gives the backend up
         #: queues with work for the next pass, in serving order (device thread only)
         self._pending: dict[int, Virtqueue] = {}
         self._selector: selectors.BaseSelector | None = None
@@ -340,7 +344,19 @@ class VirtioDevice:
         if reset:
             q.reset()
             q.clear_kick()
+        self._fate_unknown([q])
         return saved
+
+    def _fate_unknown(self, queues: list[Virtqueue]) -> bool:
+        """A stop must not report a write in flight whose fate is unknown (the backend
+        went away before answering it: it may still land, after a destination resubmitted
+        it and the guest wrote newer data). The device needs a reset instead."""
+        if lost := sum(q.take_uncertain() for q in queues):
+            self._fail(
+                f"stop: the backend went away with {lost} writes unanswered; whether they "
+                "reached the disk is unknown, so they cannot be reported in flight"
+            )
+        return bool(lost)
 
     def _swap_kick_fd(self, q: Virtqueue, fd: int) -> None:
         old = q.swap_kick_fd(fd)
@@ -355,6 +371,7 @@ class VirtioDevice:
             for q in self.queues:
                 q.gate = Gate.HALT if policy == "drain" else Gate.CLOSED
             self.run_state = RunState.STOPPING  # announced with the outcome below
+            self._stop_deadline = time.monotonic() + self.stop_timeout
             self._finish_stop(announce=False)
         with self._changed:
             self._stops_seen = max(self._stops_seen, seq)
@@ -368,8 +385,15 @@ class VirtioDevice:
         if self._stop_policy == "report":
             for q in started:
                 q.cancel_due()
-        if any(q.held() for q in started):
-            return  # the loop publishes (drain) or fences (report) them as they come
+        if held := sum(q.held() for q in started):
+            if time.monotonic() < self._stop_deadline:
+                return  # the loop publishes (drain) or fences (report) them as they come
+            self._fail(
+                f"stop: the backend left {held} requests unanswered for {self.stop_timeout:g} s"
+            )
+            return
+        if self._fate_unknown(started):
+            return
         for q in started:
             q.drop_due()
             q.gate = Gate.CLOSED
@@ -564,6 +588,8 @@ class VirtioDevice:
 
     def _due_timeout(self) -> float | None:
         dues = [d for q in self.queues if q.started and (d := q.next_due()) is not None]
+        if self.run_state is RunState.STOPPING:
+            dues.append(self._stop_deadline)
         return max(0.0, min(dues) - time.monotonic()) if dues else None
 
     def _publish_due(self, fired: list[Virtqueue]) -> None:

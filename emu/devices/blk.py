@@ -191,11 +191,14 @@ class BlkDevice(VirtioDevice):
         size_max: int = 1 << 20,
         plane: str | None = None,
         iodepth: int = 128,
+        stop_timeout: float = 5.0,
     ) -> None:
         """``target``: a path (file or block device) or an NBD URI (emu.backends.storage).
         ``plane``: "native" or "python" (see ``plane_kind``); ``iodepth``: requests each
-        queue's engine holds outstanding (native plane). ``size_max`` is only reported: a
-        segment of any size is served."""
+        queue's engine holds outstanding (native plane); ``stop_timeout``: how long a stop,
+        reset or close waits for storage that stopped answering before the device gives it
+        up and needs a reset. ``size_max`` is only reported: a segment of any size is
+        served."""
         if not 1 <= num_queues <= 0xFFFF:
             raise ValueError(f"num_queues {num_queues} not in 1..65535")
         lbs = logical_block_size
@@ -235,7 +238,15 @@ class BlkDevice(VirtioDevice):
         readonly = readonly or bool(getattr(self.file, "readonly", False))
         if readonly:
             features |= 1 << F_RO
-        super().__init__(num_queues, features, queue_max_size)
+        try:
+            super().__init__(num_queues, features, queue_max_size)
+        except BaseException:  # out of fds, say: the backends opened above go too
+            for e in self.engines or [self.file]:
+                e.close()
+            raise
+        self.stop_timeout = stop_timeout
+        for e in self.engines:
+            e.timeout = stop_timeout  # a silent backend is given up, not waited for forever
         self.readonly = readonly
         self.block_size = lbs
         self.capacity = self.file.size // lbs * (lbs // SECTOR)  # in 512-byte sectors

@@ -48,6 +48,9 @@ class Delay:
     def drop(self) -> None:
         self._due.clear()
 
+    def take_uncertain(self) -> int:
+        return 0  # the requests ran before their completions were held
+
     def count(self) -> int:
         return sum(len(heads) for _, heads, _ in self._due)
 
