@@ -625,7 +625,8 @@ cdef class NbdEngine(Engine):
     whose Done was already given out by ``cancel_reads`` but which the server has not
     answered yet: a submit refused -EAGAIN for that reason (``outstanding`` below
     ``depth``) sees ``fd`` turn readable, with nothing to reap, when a slot comes back.
-    See the module docstring for the threads and the bounce buffers.
+    ``timeout`` (Engine) also bounds each connect (the first, in the constructor, and
+    every reconnect). See the module docstring for the threads and the bounce buffers.
     """
 
     cdef State *st
