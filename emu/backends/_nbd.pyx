@@ -27,11 +27,26 @@ How it is put together, and why:
 * F_FUA writes carry NBD's FUA flag when the server supports it; otherwise the write is
   followed by a flush issued (by the worker) once the write is answered, and the request's
   Done waits for the flush. Write-zeroes carries NO_HOLE unless F_MAY_UNMAP.
-* A server that goes away: libnbd answers every command it held with an error, which the
-  callback turns into -EIO; the worker logs one line, marks the engine dead, and later
-  submits fail at once with -EIO. The next submit/kick asks the worker to reconnect (a new
-  handle on the same URI, at most once per second, in the worker so a slow connect never
-  stalls the device thread); once it succeeds requests work again.
+* Requests larger than the server takes in one command (its advertised maximum block
+  size; 32 MiB when it advertises none, libnbd's own cap is 64 MiB; 4 GiB - 4 KiB for
+  discard / write-zeroes, NBD's 32-bit length) go out as several commands on one slot;
+  the slot counts its pieces and gives one Done when the last is answered (the worst
+  error wins: -ENOTCONN over another error over success).
+* A server that goes away: libnbd answers every command it held ENOTCONN, both those on
+  the wire and those still queued in libnbd (it aborts both lists alike, so the two cannot
+  be told apart). The engine passes -ENOTCONN on ("fate unknown": a write may still be
+  applied by the server); -EIO stays for what surely was not done (refused at submit while
+  disconnected: no Done) and for the server's own errors. The worker logs one line, marks
+  the engine dead, and later submits fail at once with -EIO. The next submit/kick asks the
+  worker to reconnect (a new handle on the same URI, at most once per second).
+* A server that stops answering (hung, partitioned): ``wait`` and ``fence`` give it
+  ``timeout`` seconds, then give it up: every request libnbd still holds gets its Done
+  (-ENOTCONN) at once, the engine is marked dead, and the worker closes the handle (its
+  buffers are freed only then: libnbd may write into a read's bounce buffer until it is
+  closed) and reconnects later as after a loss; ``fence`` returns -ETIMEDOUT.
+* Connecting is asynchronous (``nbd_aio_connect_uri``) in a poll loop with a deadline
+  (``timeout``) that also watches ``wake``: a server that accepts and never speaks costs a
+  failed attempt, never a worker that ``close`` cannot stop.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
@@ -66,7 +81,10 @@ cdef extern from "<libnbd.h>" nogil:
     int nbd_get_errno()
     int nbd_set_handle_name(nbd_handle *h, const char *name)
     int nbd_set_pread_initialize(nbd_handle *h, bint request)
-    int nbd_connect_uri(nbd_handle *h, const char *uri)
+    int nbd_aio_connect_uri(nbd_handle *h, const char *uri)
+    int nbd_aio_is_ready(nbd_handle *h)
+    int64_t nbd_get_block_size(nbd_handle *h, int size_type)
+    int LIBNBD_SIZE_MINIMUM, LIBNBD_SIZE_MAXIMUM
     int64_t nbd_get_size(nbd_handle *h)
     int nbd_is_read_only(nbd_handle *h)
     int nbd_can_flush(nbd_handle *h)
@@ -90,7 +108,7 @@ cdef extern from "<libnbd.h>" nogil:
     int nbd_aio_is_closed(nbd_handle *h)
 
 cdef extern from "<errno.h>" nogil:
-    int ECANCELED, ECONNRESET, ENOTCONN, EOPNOTSUPP, ESHUTDOWN
+    int ECANCELED, ECONNRESET, ENOTCONN, EOPNOTSUPP, ESHUTDOWN, ETIMEDOUT
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
@@ -110,6 +128,12 @@ cdef extern from "<pthread.h>" nogil:
         pass
     ctypedef struct pthread_cond_t:
         pass
+    ctypedef struct pthread_condattr_t:
+        pass
+    int pthread_condattr_init(pthread_condattr_t *a)
+    int pthread_condattr_setclock(pthread_condattr_t *a, int clock)
+    int pthread_condattr_destroy(pthread_condattr_t *a)
+    int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const timespec *t)
     int pthread_create(pthread_t *t, const void *attr, void *(*start)(void *) noexcept nogil,
                        void *arg)
     int pthread_join(pthread_t t, void **ret)
@@ -117,7 +141,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_destroy(pthread_mutex_t *m)
     int pthread_mutex_lock(pthread_mutex_t *m)
     int pthread_mutex_unlock(pthread_mutex_t *m)
-    int pthread_cond_init(pthread_cond_t *c, const void *attr)
+    int pthread_cond_init(pthread_cond_t *c, const pthread_condattr_t *attr)
     int pthread_cond_destroy(pthread_cond_t *c)
     int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
     int pthread_cond_broadcast(pthread_cond_t *c)
@@ -129,8 +153,14 @@ cdef enum:
     EV_LOST = 1
     EV_BACK = 2
     EV_RETRY_FAILED = 3
+    EV_GAVE_UP = 4
 
 cdef int64_t RECONNECT_NS = 1000000000  # at most one reconnect attempt per second
+# the largest read/write command: libnbd refuses more (ERANGE); when the server advertises
+# no maximum, 32 MiB, above which libnbd's documentation warns some servers disconnect
+cdef uint64_t DATA_CAP = 64 << 20
+cdef uint64_t DATA_DEFAULT = 32 << 20
+cdef uint64_t OTHER_CAP = 0xFFFFFFFF  # discard / write-zeroes: NBD's 32-bit length
 
 
 cdef struct Slot:
@@ -149,6 +179,8 @@ cdef struct Slot:
     bint reaped  # its Done was handed out; the slot is free once also answered
     bint canceled  # a read whose Done said -ECANCELED: its data goes nowhere
     bint flush_after  # an F_FUA write on a server without FUA: flush once written
+    unsigned pieces  # commands at libnbd for this request, not answered yet
+    int err  # the worst error of its pieces so far (ENOTCONN wins), or 0
 
 
 cdef struct State:
@@ -165,6 +197,9 @@ cdef struct State:
     bint lost  # (written under qlock) a command was answered "not connected": as dead
     bint want_reconnect
     bint can_fua, can_flush, can_trim, can_zero
+    uint64_t max_data, max_other  # the largest command (bytes): read/write, discard/zero
+    double *timeout  # the engine's ``timeout`` (seconds), read by the worker to connect
+    bint gave_up  # wait/fence dropped the connection: the worker logs it once
     int64_t last_try_ns
     unsigned reconnects
     char err[ERRLEN]
@@ -191,6 +226,23 @@ cdef inline int64_t _now_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef inline int64_t _deadline(double seconds) noexcept nogil:
+    """``seconds`` from now on the monotonic clock, in ns (NaN is 0; huge is capped)."""
+    if not seconds > 0:
+        seconds = 0
+    elif seconds > 1e9:
+        seconds = 1e9
+    return _now_ns() + <int64_t>(seconds * 1e9)
+
+
+cdef inline int _wait_until(State *st, int64_t deadline) noexcept nogil:
+    """pthread_cond_timedwait on ``cond`` (monotonic clock); qlock held. ETIMEDOUT or 0."""
+    cdef timespec ts
+    ts.tv_sec = deadline // 1000000000
+    ts.tv_nsec = deadline % 1000000000
+    return pthread_cond_timedwait(&st.cond, &st.qlock, &ts)
 
 
 cdef inline void _poke(int fd) noexcept nogil:
@@ -226,12 +278,10 @@ cdef inline void _release(State *st, Slot *s) noexcept nogil:
 
 
 cdef inline void _answer(State *st, Slot *s, int64_t result) noexcept nogil:
-    """The request is over at the server; qlock held."""
+    """libnbd is done with the request (and its buffer); qlock held."""
     s.answered = True
-    if s.op != OP_READ:
-        st.writes_pending -= 1
     if s.queued:
-        # a canceled read: its Done is out already
+        # a canceled read or a request given up: its Done is out already
         if s.reaped:
             _release(st, s)
             if st.starved:
@@ -240,8 +290,16 @@ cdef inline void _answer(State *st, Slot *s, int64_t result) noexcept nogil:
                     st.fd_spurious = True
                     _poke(st.fd)
         return
+    if s.op != OP_READ:
+        st.writes_pending -= 1
     s.result = result
     _queue_done(st, s)
+
+
+cdef inline void _piece_failed(Slot *s, int err) noexcept nogil:
+    """Records a piece's error; a lost connection (fate unknown) outranks the rest."""
+    if s.err == 0 or err == ENOTCONN:
+        s.err = err
 
 
 cdef int _on_reply(void *user_data, int *error) noexcept nogil:
@@ -252,7 +310,9 @@ cdef int _on_reply(void *user_data, int *error) noexcept nogil:
     cdef int64_t result = 0
     pthread_mutex_lock(&st.qlock)
     if err in (ENOTCONN, ECONNRESET, EPIPE):
-        err = EIO
+        # no answer: the connection went (libnbd says ENOTCONN for commands on the wire and
+        # for those it had not sent yet alike), so the server may still carry it out
+        err = ENOTCONN
         st.lost = True
     elif err == ESHUTDOWN:
         # the server's NBD_ESHUTDOWN reply ("shutting down"), on a connection that is still
@@ -260,10 +320,16 @@ cdef int _on_reply(void *user_data, int *error) noexcept nogil:
         # later request with nothing to reconnect (the worker reconnects dead handles only)
         err = EIO
     if err:
-        result = -err
+        _piece_failed(s, err)
+    s.pieces -= 1
+    if s.pieces:
+        pthread_mutex_unlock(&st.qlock)
+        return 1
+    if s.err:
+        result = -s.err
     elif s.op == OP_READ or s.op == OP_WRITE:
         result = <int64_t>s.length
-    if s.flush_after and not err:
+    if s.flush_after and not s.err and not s.queued:
         s.flush_after = False
         st.followups[st.nfollow] = <int>(s - st.slots)
         st.nfollow += 1
@@ -288,8 +354,13 @@ cdef void _log_event(State *st, int event) noexcept with gil:
     why = st.err.decode(errors="replace")
     try:
         if event == EV_LOST:
-            log.warning("nbd %s: connection lost (%s); outstanding requests answered EIO, "
-                        "new ones fail with EIO until it is back", uri, why)
+            log.warning("nbd %s: connection lost (%s); outstanding requests answered "
+                        "ENOTCONN (fate unknown), new ones fail with EIO until it is back",
+                        uri, why)
+        elif event == EV_GAVE_UP:
+            log.warning("nbd %s: connection lost (no answer within %.3g s: dropped); "
+                        "outstanding requests answered ENOTCONN (fate unknown), new ones "
+                        "fail with EIO until it is back", uri, st.timeout[0])
         elif event == EV_BACK:
             log.warning("nbd %s: reconnected", uri)
         else:
@@ -312,22 +383,77 @@ cdef int _capabilities(State *st, nbd_handle *h) noexcept nogil:
     st.can_flush = nbd_can_flush(h) == 1
     st.can_trim = nbd_can_trim(h) == 1
     st.can_zero = nbd_can_zero(h) == 1
+    cdef int64_t bmin = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM)
+    cdef int64_t bmax = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM)
+    cdef uint64_t align = <uint64_t>bmin if bmin > 4096 else 4096
+    st.max_data = DATA_DEFAULT if bmax <= 0 else min(<uint64_t>bmax, DATA_CAP)
+    if st.max_data > align:  # pieces keep the request's alignment
+        st.max_data -= st.max_data % align
+    st.max_other = OTHER_CAP - OTHER_CAP % align
     return 0
 
 
 cdef nbd_handle *_connect(State *st) noexcept nogil:
-    """A new connected handle, or NULL with ``st.err`` set; blocks."""
+    """A new handle, connected within ``timeout``, or NULL with ``st.err`` set.
+
+    Asynchronous (a poll loop on libnbd's fd and ``wake``) so that ``close`` (``stopping``
+    and a poke) ends it at once, whatever the other end does."""
     cdef nbd_handle *h = nbd_create()
+    cdef int64_t deadline = _deadline(st.timeout[0]), left
+    cdef pollfd pfd[2]
+    cdef unsigned direction
+    cdef int r
     if h == NULL:
         _note_error(st)
         return NULL
     nbd_set_handle_name(h, b"emu")
     # the bounce buffers are never read after an error, so libnbd need not zero them
     nbd_set_pread_initialize(h, False)
-    if nbd_connect_uri(h, st.uri) == -1:
+    if nbd_aio_connect_uri(h, st.uri) == -1:
         _note_error(st)
         nbd_close(h)
         return NULL
+    while not nbd_aio_is_ready(h):
+        r = 0
+        left = deadline - _now_ns()
+        if nbd_aio_is_dead(h) or nbd_aio_is_closed(h):
+            strncpy(st.err, b"the server closed the connection during the handshake",
+                    ERRLEN - 1)
+            r = -1
+        elif st.stopping:
+            strncpy(st.err, b"the engine is closing", ERRLEN - 1)
+            r = -1
+        elif left <= 0:
+            strncpy(st.err, b"no handshake within the timeout", ERRLEN - 1)
+            r = -1
+        if r == -1:
+            nbd_close(h)
+            return NULL
+        direction = nbd_aio_get_direction(h)
+        pfd[0].fd = nbd_aio_get_fd(h)
+        pfd[0].events = 0
+        if direction & LIBNBD_AIO_DIRECTION_READ:
+            pfd[0].events |= POLLIN
+        if direction & LIBNBD_AIO_DIRECTION_WRITE:
+            pfd[0].events |= POLLOUT
+        pfd[0].revents = 0
+        pfd[1].fd = st.wake
+        pfd[1].events = POLLIN
+        pfd[1].revents = 0
+        if poll(pfd, 2, <int>(left // 1000000) + 1) <= 0:
+            continue  # the deadline, or EINTR
+        if pfd[1].revents & POLLIN:
+            _drain(st.wake)
+        if (direction & LIBNBD_AIO_DIRECTION_READ) and \
+                pfd[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL):
+            r = nbd_aio_notify_read(h)
+        elif (direction & LIBNBD_AIO_DIRECTION_WRITE) and \
+                pfd[0].revents & (POLLOUT | POLLHUP | POLLERR | POLLNVAL):
+            r = nbd_aio_notify_write(h)
+        if r == -1:
+            _note_error(st)
+            nbd_close(h)
+            return NULL
     return h
 
 
@@ -345,8 +471,7 @@ cdef void _reconnect(State *st) noexcept nogil:
         _log_event(st, EV_RETRY_FAILED)
         return
     pthread_mutex_lock(&st.hlock)
-    old = st.h
-    st.h = h
+    st.h = h  # the old one was closed by _drop
     _capabilities(st, h)
     st.dead = False
     st.reconnects += 1
@@ -354,8 +479,53 @@ cdef void _reconnect(State *st) noexcept nogil:
     st.lost = False
     pthread_mutex_unlock(&st.qlock)
     pthread_mutex_unlock(&st.hlock)
-    nbd_close(old)  # dead: libnbd answered all it held when it died
     _log_event(st, EV_BACK)
+
+
+cdef void _give_up(State *st) noexcept nogil:
+    """``wait`` / ``fence`` ran out of time: every request libnbd holds gets its Done
+    (-ENOTCONN) now and the engine is dead; the worker closes the handle (_drop)."""
+    cdef unsigned i
+    cdef Slot *s
+    pthread_mutex_lock(&st.hlock)
+    if not st.dead:
+        st.dead = True
+        st.gave_up = True
+        strncpy(st.err, b"no answer within the timeout", ERRLEN - 1)
+    pthread_mutex_lock(&st.qlock)
+    for i in range(st.nslots):
+        s = &st.slots[i]
+        if s.in_use and not s.queued:
+            # not answered (answered slots are queued): the slot stays libnbd's until _drop
+            if s.op != OP_READ:
+                st.writes_pending -= 1
+            s.result = -ENOTCONN
+            _queue_done(st, s)
+    pthread_mutex_unlock(&st.qlock)
+    pthread_mutex_unlock(&st.hlock)
+    _poke(st.wake)
+
+
+cdef void _drop(State *st) noexcept nogil:
+    """Closes a dead handle (worker only, no other thread uses a dead handle); what libnbd
+    never answered (given up) is let go, as libnbd runs no callback after nbd_close."""
+    cdef nbd_handle *h
+    cdef unsigned i
+    cdef Slot *s
+    pthread_mutex_lock(&st.hlock)
+    h = st.h
+    st.h = NULL
+    pthread_mutex_unlock(&st.hlock)
+    nbd_close(h)
+    pthread_mutex_lock(&st.qlock)
+    for i in range(st.nslots):
+        s = &st.slots[i]
+        if s.in_use and not s.answered:
+            _answer(st, s, -ENOTCONN)
+    pthread_mutex_unlock(&st.qlock)
+    if st.gave_up:
+        st.gave_up = False
+        _log_event(st, EV_GAVE_UP)
 
 
 cdef void _issue_followups(State *st) noexcept nogil:
@@ -370,12 +540,15 @@ cdef void _issue_followups(State *st) noexcept nogil:
             return
         st.nfollow -= 1
         idx = st.followups[st.nfollow]
-        pthread_mutex_unlock(&st.qlock)
         s = &st.slots[idx]
+        s.pieces = 1
+        pthread_mutex_unlock(&st.qlock)
         pthread_mutex_lock(&st.hlock)
-        cookie = -1 if st.dead else nbd_aio_flush(st.h, _cb(s), 0)
+        cookie = -1 if st.dead or s.queued else nbd_aio_flush(st.h, _cb(s), 0)
         pthread_mutex_unlock(&st.hlock)
         if cookie < 0:
+            # the write landed, its flush was not sent: nothing more can reach the disk,
+            # but the FUA promise failed
             pthread_mutex_lock(&st.qlock)
             _answer(st, s, -EIO)
             pthread_mutex_unlock(&st.qlock)
@@ -427,6 +600,8 @@ cdef void *_worker(void *arg) noexcept nogil:
             _issue_followups(st)
         else:
             _issue_followups(st)  # answers them EIO
+            if st.h != NULL:
+                _drop(st)
             timeout = -1
             if st.want_reconnect:
                 due = st.last_try_ns + RECONNECT_NS - _now_ns()
@@ -450,7 +625,8 @@ cdef class NbdEngine(Engine):
     whose Done was already given out by ``cancel_reads`` but which the server has not
     answered yet: a submit refused -EAGAIN for that reason (``outstanding`` below
     ``depth``) sees ``fd`` turn readable, with nothing to reap, when a slot comes back.
-    See the module docstring for the threads and the bounce buffers.
+    ``timeout`` (Engine) also bounds each connect (the first, in the constructor, and
+    every reconnect). See the module docstring for the threads and the bounce buffers.
     """
 
     cdef State *st
@@ -464,6 +640,7 @@ cdef class NbdEngine(Engine):
         cdef State *st
         cdef nbd_handle *h
         cdef unsigned i
+        cdef pthread_condattr_t cattr
         if depth < 1 or depth > 65536:
             raise ValueError(f"depth must be 1..65536, not {depth}")
         self.uri = uri
@@ -472,9 +649,13 @@ cdef class NbdEngine(Engine):
         if st == NULL:
             raise MemoryError()
         st.fd = st.wake = -1
+        st.timeout = &self.timeout
         pthread_mutex_init(&st.hlock, NULL)
         pthread_mutex_init(&st.qlock, NULL)
-        pthread_cond_init(&st.cond, NULL)
+        pthread_condattr_init(&cattr)
+        pthread_condattr_setclock(&cattr, CLOCK_MONOTONIC)  # wait/fence deadlines
+        pthread_cond_init(&st.cond, &cattr)
+        pthread_condattr_destroy(&cattr)
         st.nslots = depth
         st.slots = <Slot *>calloc(depth, sizeof(Slot))
         st.free_stack = <int *>malloc(depth * sizeof(int))
@@ -487,6 +668,10 @@ cdef class NbdEngine(Engine):
             st.slots[i].st = st
             st.free_stack[i] = depth - 1 - i
         st.nfree = depth
+        st.fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        st.wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if st.fd < 0 or st.wake < 0:
+            raise OSError(errno, os.strerror(errno))
         with nogil:
             h = _connect(st)
         if h == NULL:
@@ -497,10 +682,6 @@ cdef class NbdEngine(Engine):
         self.size = st.size
         self.readonly = bool(readonly) or nbd_is_read_only(h) == 1
         self.depth = depth
-        st.fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        st.wake = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
-        if st.fd < 0 or st.wake < 0:
-            raise OSError(errno, os.strerror(errno))
         self.fd = st.fd
         if pthread_create(&st.worker, NULL, _worker, st) != 0:
             raise OSError(EIO, "nbd: cannot start the worker thread")
@@ -512,11 +693,13 @@ cdef class NbdEngine(Engine):
                     uint64_t offset, uint64_t length, int flags) noexcept nogil:
         cdef State *st = self.st
         cdef Slot *s
-        cdef uint64_t total = 0, done = 0
+        cdef uint64_t total = 0, done = 0, chunk, off, part
         cdef int i, err = 0
+        cdef unsigned n, sent
         cdef int64_t cookie
         cdef uint32_t nflags = 0
         cdef bint data = op == OP_READ or op == OP_WRITE
+        cdef char *buf = NULL
         if st == NULL or st.stopping:
             return -EIO
         if op < OP_READ or op > OP_WRITE_ZEROES or niov < 0:
@@ -548,6 +731,8 @@ cdef class NbdEngine(Engine):
         s.iov = NULL
         s.niov = 0
         s.answered = s.queued = s.reaped = s.canceled = s.flush_after = False
+        s.pieces = 0
+        s.err = 0
         s.in_use = True
         # -- buffers --
         if op == OP_READ and length:
@@ -592,29 +777,54 @@ cdef class NbdEngine(Engine):
         elif op == OP_WRITE_ZEROES and not st.can_zero:
             err = EOPNOTSUPP
         else:
-            if op == OP_READ:
-                cookie = nbd_aio_pread(st.h, s.bounce, length, offset, _cb(s), 0)
-            elif op == OP_WRITE:
+            if op == OP_WRITE:
+                buf = s.bounce if s.bounce != NULL else <char *>iov[0].iov_base
                 if flags & F_FUA:
                     if st.can_fua:
-                        nflags = LIBNBD_CMD_FLAG_FUA
+                        nflags = LIBNBD_CMD_FLAG_FUA  # on every piece
                     elif st.can_flush:
                         s.flush_after = True
-                cookie = nbd_aio_pwrite(st.h, s.bounce if s.bounce != NULL else iov[0].iov_base,
-                                        length, offset, _cb(s), nflags)
-            elif op == OP_FLUSH:
-                cookie = nbd_aio_flush(st.h, _cb(s), 0)
-            elif op == OP_DISCARD:
-                cookie = nbd_aio_trim(st.h, length, offset, _cb(s), 0)
-            else:
-                if not (flags & F_MAY_UNMAP):
-                    nflags = LIBNBD_CMD_FLAG_NO_HOLE
-                cookie = nbd_aio_zero(st.h, length, offset, _cb(s), nflags)
-            if cookie < 0:
+            elif op == OP_WRITE_ZEROES and not (flags & F_MAY_UNMAP):
+                nflags = LIBNBD_CMD_FLAG_NO_HOLE
+            # pieces the server takes; the count is set before the first can be answered
+            chunk = st.max_data if data else st.max_other
+            n = 1 if op == OP_FLUSH or length == 0 else <unsigned>((length - 1) // chunk + 1)
+            pthread_mutex_lock(&st.qlock)
+            s.pieces = n
+            pthread_mutex_unlock(&st.qlock)
+            sent = 0
+            while sent < n:
+                off = <uint64_t>sent * chunk
+                part = min(chunk, length - off)
+                if op == OP_READ:
+                    cookie = nbd_aio_pread(st.h, s.bounce + off, part, offset + off, _cb(s), 0)
+                elif op == OP_WRITE:
+                    cookie = nbd_aio_pwrite(st.h, buf + off, part, offset + off, _cb(s), nflags)
+                elif op == OP_FLUSH:
+                    cookie = nbd_aio_flush(st.h, _cb(s), 0)
+                elif op == OP_DISCARD:
+                    cookie = nbd_aio_trim(st.h, part, offset + off, _cb(s), 0)
+                else:
+                    cookie = nbd_aio_zero(st.h, part, offset + off, _cb(s), nflags)
+                if cookie < 0:
+                    break
+                sent += 1
+            if sent < n:
+                # libnbd refused a piece: nothing was sent for it
                 err = nbd_get_errno()
                 if err == 0 or err == ENOTCONN or nbd_aio_is_dead(st.h):
                     err = EIO
-            elif nbd_aio_get_direction(st.h) & LIBNBD_AIO_DIRECTION_WRITE:
+                if sent:
+                    # earlier pieces are at the server and will be answered: the request
+                    # was taken, and its Done carries the failure
+                    pthread_mutex_lock(&st.qlock)
+                    _piece_failed(s, err)
+                    s.pieces -= n - sent
+                    if s.pieces == 0:
+                        _answer(st, s, -s.err)
+                    pthread_mutex_unlock(&st.qlock)
+                    err = 0
+            if sent and nbd_aio_get_direction(st.h) & LIBNBD_AIO_DIRECTION_WRITE:
                 _poke(st.wake)  # the socket was full: the worker must wait for POLLOUT
         pthread_mutex_unlock(&st.hlock)
         if err:
@@ -689,12 +899,20 @@ cdef class NbdEngine(Engine):
         return n
 
     cdef int wait(self, Done *out, int max) noexcept nogil:
+        """At least one Done; a server silent for ``timeout`` is given up (_give_up)."""
         cdef State *st = self.st
+        cdef int64_t deadline
         if st == NULL or self.outstanding == 0:
             return 0
         pthread_mutex_lock(&st.qlock)
-        while st.count == 0:
-            pthread_cond_wait(&st.cond, &st.qlock)
+        if st.count == 0:
+            deadline = _deadline(self.timeout)
+            while st.count == 0:
+                if _wait_until(st, deadline) == ETIMEDOUT and st.count == 0:
+                    pthread_mutex_unlock(&st.qlock)
+                    _give_up(st)  # answers all it held: count > 0 now
+                    pthread_mutex_lock(&st.qlock)
+                    break
         pthread_mutex_unlock(&st.qlock)
         return self.reap(out, max)
 
@@ -716,13 +934,20 @@ cdef class NbdEngine(Engine):
         return 0
 
     cdef int fence(self) noexcept nogil:
-        """Returns once every write, flush, discard and write-zeroes is answered."""
+        """Returns once every write, flush, discard and write-zeroes is answered; -ETIMEDOUT
+        when the server left them unanswered for ``timeout`` (they are given up: their
+        Dones say -ENOTCONN, the connection is dropped)."""
         cdef State *st = self.st
+        cdef int64_t deadline
         if st == NULL:
             return 0
+        deadline = _deadline(self.timeout)
         pthread_mutex_lock(&st.qlock)
         while st.writes_pending:
-            pthread_cond_wait(&st.cond, &st.qlock)
+            if _wait_until(st, deadline) == ETIMEDOUT and st.writes_pending:
+                pthread_mutex_unlock(&st.qlock)
+                _give_up(st)
+                return -ETIMEDOUT
         pthread_mutex_unlock(&st.qlock)
         return 0
 
