@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -184,5 +185,34 @@ def test_report_stop_waits_only_for_writes(nbd_server, op):
         assert sorted(c.token for c in done) == sorted(tokens)
         assert {status_of(c) for c in done} == {0}
     finally:
+        dev.close()
+        mem.close()
+
+
+@pytest.mark.parametrize("policy", ["report", "drain"])
+def test_a_stop_gives_a_silent_server_up_and_needs_a_reset(nbd_server, tmp_path, policy):
+    """A write outstanding at a server that stops answering (SIGSTOP): the stop does not
+    stay STOPPING for ever; after ``stop_timeout`` the device needs a reset (the write's
+    fate is unknown), and a VMM stop returns with that outcome."""
+    srv = nbd_server(["memory", "16M"])
+    mem = GuestMemory.create(RAM)
+    dev = BlkDevice(srv.uri, plane="native", stop_timeout=0.5)
+    tr = MmioTransport(dev, mem)
+    blk = BlkDriver.open(VirtioMmioDriver(tr, mem))
+    try:
+        assert blk.write(0, b"a" * BLOCK) == 0
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        blk.submit(T_OUT, 8, b"b" * BLOCK)
+        deadline = time.monotonic() + 5
+        while dev.queues[0].held() < 1:
+            assert time.monotonic() < deadline, "the write never reached the engine"
+            time.sleep(0.001)
+        started = time.monotonic()
+        tr.vmm_stop(policy, timeout=10)
+        assert dev.run_state is RunState.BROKEN
+        assert "unanswered" in (dev.broken or "")
+        assert time.monotonic() - started < 5
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
         dev.close()
         mem.close()
