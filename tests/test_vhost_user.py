@@ -250,3 +250,38 @@ def test_net_accepts_qemus_features_without_the_control_queue(tmp_path: Path) ->
     with served(NetDevice(end), sock) as server, frontend(sock) as fe:
         assert fe.init(qemu, event_idx=False, indirect=False) == qemu
         assert server.negotiated == [qemu]
+
+
+def test_split_inflight_small_batches_write_what_the_batch_path_writes() -> None:
+    """A batch of up to SMALL heads is recorded head by head, a bigger one through the
+    numpy view: the region's bytes are the same either way, refusals too."""
+    import numpy as np
+
+    from emu.memory import GuestMemoryError
+    from emu.ringdefs import Batch
+    from emu.vhost_user.inflight import InflightRegion
+
+    regions = [InflightRegion.create(1, 64, False) for _ in range(2)]
+    try:
+        small, batched = regions[0].queues[0], regions[1].queues[0]
+        batched.SMALL = -1  # always the numpy path
+        for heads in ([5], [9, 2, 63], [1, 2, 3, 4], [7, 0, 8, 33, 12, 40], []):
+            hs = np.array(heads, np.uint16)
+            segs = [(0x1000, 16, False), (0x2000, 1, True)]
+            batch = Batch.from_chains([(h, segs) for h in heads])
+            for t in (small, batched):
+                t.fetched(batch)
+            assert regions[0].mm[:] == regions[1].mm[:]
+            for t in (small, batched):
+                t.using(hs)
+            assert regions[0].mm[:] == regions[1].mm[:]
+            for t in (small, batched):
+                t.used(hs[:2])
+            assert regions[0].mm[:] == regions[1].mm[:]
+        for t in (small, batched):
+            with pytest.raises(GuestMemoryError):
+                t.using(np.array([3, 64], np.uint16))
+        assert regions[0].mm[:] == regions[1].mm[:]  # nothing written by a refused batch
+    finally:
+        for r in regions:
+            r.close()
