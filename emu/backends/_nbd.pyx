@@ -859,6 +859,7 @@ cdef class NbdEngine(Engine):
         cdef int n = 0, i, j, k
         cdef Slot *s
         cdef Slot *taken[64]
+        cdef bint mine[64]  # answered when taken: this reap scatters and releases it
         cdef uint64_t off, chunk
         if st == NULL:
             return 0
@@ -873,6 +874,10 @@ cdef class NbdEngine(Engine):
                 out[n + j].tag = s.tag
                 out[n + j].result = -ECANCELED if s.canceled else s.result
                 taken[j] = s
+                # not answered yet (a canceled read, a request given up): _answer releases
+                # it when libnbd lets go, which may be before this reap locks again, so
+                # this reap must not touch it after unlocking (it would release it twice)
+                mine[j] = s.answered
                 j += 1
             if st.count == 0 and (j or st.fd_spurious):
                 _drain(st.fd)
@@ -883,7 +888,7 @@ cdef class NbdEngine(Engine):
             # answered slots are this thread's alone now: scatter the reads unlocked
             for i in range(j):
                 s = taken[i]
-                if s.answered and s.op == OP_READ and not s.canceled and s.result > 0:
+                if mine[i] and s.op == OP_READ and not s.canceled and s.result > 0:
                     off = 0
                     for k in range(s.niov):
                         chunk = s.iov[k].iov_len
@@ -891,7 +896,7 @@ cdef class NbdEngine(Engine):
                         off += chunk
             pthread_mutex_lock(&st.qlock)
             for i in range(j):
-                if taken[i].answered:
+                if mine[i]:
                     _release(st, taken[i])
             pthread_mutex_unlock(&st.qlock)
             self.outstanding -= j
