@@ -179,7 +179,7 @@ cdef struct Slot:
     bint reaped  # its Done was handed out; the slot is free once also answered
     bint canceled  # a read whose Done said -ECANCELED: its data goes nowhere
     bint flush_after  # an F_FUA write on a server without FUA: flush once written
-    unsigned pieces  # commands at libnbd for this request, not answered yet
+    unsigned pieces  # commands at libnbd for this request, not answered yet (0 until sent)
     int err  # the worst error of its pieces so far (ENOTCONN wins), or 0
 
 
@@ -520,7 +520,9 @@ cdef void _drop(State *st) noexcept nogil:
     pthread_mutex_lock(&st.qlock)
     for i in range(st.nslots):
         s = &st.slots[i]
-        if s.in_use and not s.answered:
+        # ``pieces``: commands of it are still at libnbd (a slot a submit took but has not
+        # handed to libnbd is that submit's to answer or let go)
+        if s.in_use and s.pieces and not s.answered:
             _answer(st, s, -ENOTCONN)
     pthread_mutex_unlock(&st.qlock)
     if st.gave_up:
@@ -722,7 +724,8 @@ cdef class NbdEngine(Engine):
             return -EAGAIN
         st.nfree -= 1
         s = &st.slots[st.free_stack[st.nfree]]
-        pthread_mutex_unlock(&st.qlock)
+        # under qlock: the worker's _drop scans the slots; with ``pieces`` 0 it leaves this
+        # one to submit until a command of it is handed to libnbd
         s.tag = tag
         s.op = op
         s.length = length
@@ -734,6 +737,7 @@ cdef class NbdEngine(Engine):
         s.pieces = 0
         s.err = 0
         s.in_use = True
+        pthread_mutex_unlock(&st.qlock)
         # -- buffers --
         if op == OP_READ and length:
             s.bounce = <char *>malloc(length)
@@ -812,22 +816,27 @@ cdef class NbdEngine(Engine):
             if sent < n:
                 # libnbd refused a piece: nothing was sent for it
                 err = nbd_get_errno()
-                if err == 0 or err == ENOTCONN or nbd_aio_is_dead(st.h):
+                # a handle the server hung up on (dead, or CLOSED: libnbd says EINVAL then)
+                # before the worker noticed: not sent, as when the engine is marked dead
+                if err == 0 or err == ENOTCONN or nbd_aio_is_dead(st.h) or \
+                        nbd_aio_is_closed(st.h):
                     err = EIO
+                pthread_mutex_lock(&st.qlock)
+                s.pieces -= n - sent
                 if sent:
                     # earlier pieces are at the server and will be answered: the request
                     # was taken, and its Done carries the failure
-                    pthread_mutex_lock(&st.qlock)
                     _piece_failed(s, err)
-                    s.pieces -= n - sent
                     if s.pieces == 0:
                         _answer(st, s, -s.err)
-                    pthread_mutex_unlock(&st.qlock)
                     err = 0
+                pthread_mutex_unlock(&st.qlock)
             if sent and nbd_aio_get_direction(st.h) & LIBNBD_AIO_DIRECTION_WRITE:
                 _poke(st.wake)  # the socket was full: the worker must wait for POLLOUT
-        pthread_mutex_unlock(&st.hlock)
         if err:
+            # still under hlock (taken before qlock, as everywhere): a live handle cannot be
+            # marked dead, and so dropped, before this slot is settled; a dead one's _drop
+            # skips it (``pieces`` 0: nothing of it reached libnbd)
             pthread_mutex_lock(&st.qlock)
             if err == -1:
                 _answer(st, s, 0)
@@ -840,6 +849,7 @@ cdef class NbdEngine(Engine):
                 _release(st, s)
                 self.outstanding -= 1
             pthread_mutex_unlock(&st.qlock)
+        pthread_mutex_unlock(&st.hlock)
         return -err
 
     cdef int kick(self) noexcept nogil:
