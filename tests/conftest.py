@@ -105,3 +105,20 @@ def nbd_server(tmp_path):
     yield start
     for srv in started:
         srv.stop()
+
+
+@pytest.fixture
+def engines():
+    """Makes NbdEngines (NbdEngine arguments) and closes them all at teardown."""
+    from emu.backends._nbd import NbdEngine
+
+    made = []
+
+    def make(uri, **kw):
+        e = NbdEngine(uri, **kw)
+        made.append(e)
+        return e
+
+    yield make
+    for e in made:
+        e.close()

@@ -17,7 +17,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -34,20 +34,6 @@ F_FUA, F_MAY_UNMAP = 1, 2
 MiB = 1 << 20
 
 Server = Callable[..., Nbdkit]  # the nbd_server fixture (conftest.py)
-
-
-@pytest.fixture
-def engines() -> Iterator[Callable[..., NbdEngine]]:
-    made: list[NbdEngine] = []
-
-    def make(uri: str, **kw: object) -> NbdEngine:
-        e = NbdEngine(uri, **kw)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.close()
 
 
 def reap(engine: NbdEngine, n: int, timeout: float = 10.0) -> dict[int, int]:

@@ -30,20 +30,6 @@ Server = Callable[..., Nbdkit]  # the nbd_server fixture (conftest.py)
 
 
 @pytest.fixture
-def engines() -> Iterator[Callable[..., NbdEngine]]:
-    made: list[NbdEngine] = []
-
-    def make(uri: str, **kw: object) -> NbdEngine:
-        e = NbdEngine(uri, **kw)
-        made.append(e)
-        return e
-
-    yield make
-    for e in made:
-        e.close()
-
-
-@pytest.fixture
 def stopped(nbd_server: Server) -> Iterator[Callable[[Nbdkit], None]]:
     """SIGSTOPs a server; every one stopped is let go again at teardown."""
     held: list[Nbdkit] = []
