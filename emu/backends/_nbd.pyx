@@ -393,6 +393,17 @@ cdef int _capabilities(State *st, nbd_handle *h) noexcept nogil:
     return 0
 
 
+cdef inline int _notify(nbd_handle *h, unsigned direction, short revents) noexcept nogil:
+    """Tell libnbd the socket is ready the way it waits for (read or write); 0 if not."""
+    if (direction & LIBNBD_AIO_DIRECTION_READ) and \
+            revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL):
+        return nbd_aio_notify_read(h)
+    if (direction & LIBNBD_AIO_DIRECTION_WRITE) and \
+            revents & (POLLOUT | POLLHUP | POLLERR | POLLNVAL):
+        return nbd_aio_notify_write(h)
+    return 0
+
+
 cdef nbd_handle *_connect(State *st) noexcept nogil:
     """A new handle, connected within ``timeout``, or NULL with ``st.err`` set.
 
@@ -444,12 +455,7 @@ cdef nbd_handle *_connect(State *st) noexcept nogil:
             continue  # the deadline, or EINTR
         if pfd[1].revents & POLLIN:
             _drain(st.wake)
-        if (direction & LIBNBD_AIO_DIRECTION_READ) and \
-                pfd[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL):
-            r = nbd_aio_notify_read(h)
-        elif (direction & LIBNBD_AIO_DIRECTION_WRITE) and \
-                pfd[0].revents & (POLLOUT | POLLHUP | POLLERR | POLLNVAL):
-            r = nbd_aio_notify_write(h)
+        r = _notify(h, direction, pfd[0].revents)
         if r == -1:
             _note_error(st)
             nbd_close(h)
@@ -583,13 +589,7 @@ cdef void *_worker(void *arg) noexcept nogil:
                 continue  # EINTR
             if pfd[1].revents & POLLIN:
                 _drain(st.wake)
-            r = 0
-            if (direction & LIBNBD_AIO_DIRECTION_READ) and \
-                    pfd[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL):
-                r = nbd_aio_notify_read(h)
-            elif (direction & LIBNBD_AIO_DIRECTION_WRITE) and \
-                    pfd[0].revents & (POLLOUT | POLLHUP | POLLERR | POLLNVAL):
-                r = nbd_aio_notify_write(h)
+            r = _notify(h, direction, pfd[0].revents)
             if r == -1 or nbd_aio_is_dead(h) or nbd_aio_is_closed(h):
                 if r == -1:
                     _note_error(st)
