@@ -417,12 +417,13 @@ cdef class BlkPlane:
         s.queued = s.pending = s.getid = False
         free(s.dwz)
         s.dwz = NULL
-        gpa = ad[last_w] + ln[last_w] - 1
-        s.status_p = self.translate(gpa, 1, &r)
-        if s.status_p == NULL:
+        # the whole last writable segment is checked, so its end cannot wrap the address
+        p = self.translate(ad[last_w], ln[last_w], &r)
+        if p == NULL:
             return P_MEMORY
+        s.status_p = p + ln[last_w] - 1
         s.status_dirty = r.dirty
-        s.status_off = gpa - r.gpa
+        s.status_off = ad[last_w] - r.gpa + ln[last_w] - 1
         # the header: the first 16 readable bytes, over as many segments as they take
         for j in range(a, first_w):
             if ln[j] == 0:
