@@ -21,8 +21,7 @@ workload does (shared/reference/guests.md).
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -52,16 +51,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    undo: list[Callable[[], None]] = []
-    try:
-        yield undo
-    finally:
-        for fn in reversed(undo):
-            fn()
-
-
 class Side(livemig.Side):
     def __init__(self, tmp: Path, name: str, microvm_image: GuestImage, disk: Path) -> None:
         super().__init__(tmp / name, microvm_image)
@@ -85,20 +74,20 @@ def live_migrations(microvm_image: GuestImage, disk: Path, tmp: Path, policy: st
     opts = ["--policy", policy, "--state-dir", str(state)]
     restore = ["--restore-dir", str(state)] if policy == "report" else []
     transcript: list[str] = []
-    with cleanup() as undo:
+    with ExitStack() as undo:  # undo actions, last in first out
         src = Side(tmp, "src", microvm_image, disk)
         backend = src.serve(*opts)
-        undo.append(backend.kill)
+        undo.callback(backend.kill)
         guest = src.guest(transcript)
-        undo.append(guest.stop)
+        undo.callback(guest.stop)
         guest.progress(2)
         for attempt, end in enumerate(("cancel", "destination dies", "complete")):
             dst = Side(tmp, f"dst{attempt}", microvm_image, disk)
             dst_backend = dst.serve(*opts, *restore)
-            undo.append(dst_backend.kill)
+            undo.callback(dst_backend.kill)
             uri = f"tcp:127.0.0.1:{free_port()}"
             target = dst.guest(transcript, incoming=uri)
-            undo.append(target.stop)
+            undo.callback(target.stop)
             if end == "complete":
                 info = livemig.migrate(guest, uri, disk, BANDWIDTH)
                 assert info["status"] == "completed", info
@@ -134,21 +123,21 @@ def test_negative_control_hidden_log_fails_the_data_check(
     microvm_image: GuestImage, disk: Path, tmp_path: Path
 ) -> None:
     transcript: list[str] = []
-    with cleanup() as undo:
+    with ExitStack() as undo:  # undo actions, last in first out
         src, dst = (
             Side(tmp_path, "src", microvm_image, disk),
             Side(tmp_path, "dst", microvm_image, disk),
         )
         backend = src.serve(python=HIDDEN_LOG)
-        undo.append(backend.kill)
+        undo.callback(backend.kill)
         guest = src.guest(transcript)
-        undo.append(guest.stop)
+        undo.callback(guest.stop)
         guest.progress(2)
         dst_backend = dst.serve()
-        undo.append(dst_backend.kill)
+        undo.callback(dst_backend.kill)
         uri = f"tcp:127.0.0.1:{free_port()}"
         target = dst.guest(transcript, incoming=uri)
-        undo.append(target.stop)
+        undo.callback(target.stop)
         assert livemig.migrate(guest, uri, disk, BANDWIDTH)["status"] == "completed"
         guest.quit()
         target.progress(3)

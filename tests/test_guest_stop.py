@@ -26,8 +26,7 @@ import hashlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -124,17 +123,6 @@ def check_data(results: dict[str, str], disk: Path) -> None:
         assert results["stop.sha256"] == hashlib.sha256(f.read(SLOTS << 18)).hexdigest()
 
 
-@contextmanager
-def cleanup() -> Iterator[list[Callable[[], None]]]:
-    """Undo actions, run last-in first-out whatever happens."""
-    undo: list[Callable[[], None]] = []
-    try:
-        yield undo
-    finally:
-        for fn in reversed(undo):
-            fn()
-
-
 @pytest.fixture
 def storage(disk: Path, nbd_server) -> str:
     """The disk image behind nbdkit with a delay per request: its NBD URI."""
@@ -154,11 +142,11 @@ def stop_cont(
     microvm_image: GuestImage, disk: Path, storage: str, tmp: Path, policy: str, cycles: int
 ) -> None:
     sock, qmp = tmp / "blk.sock", tmp / "qmp.sock"
-    with cleanup() as undo:
+    with ExitStack() as undo:  # undo actions, last in first out
         backend = serve(sock, storage, tmp / "serve.log", "--policy", policy)
-        undo.append(backend.kill)
+        undo.callback(backend.kill)
         guest = Guest(qemu_command(microvm_image, sock, qmp), qmp, [])
-        undo.append(guest.stop)
+        undo.callback(guest.stop)
         guest.progress()
         for _ in range(cycles):
             guest.qmp.execute("stop")
@@ -192,11 +180,11 @@ def migrate(
     transcript: list[str] = []
     log = tmp / "serve.log"
     opts = ["--policy", policy, "--state-dir", str(state)]
-    with cleanup() as undo:
+    with ExitStack() as undo:  # undo actions, last in first out
         backend = serve(sock, storage, log, *opts)
-        undo.append(backend.kill)
+        undo.callback(backend.kill)
         guest = Guest(qemu_command(microvm_image, sock, qmp), qmp, transcript)
-        undo.append(guest.stop)
+        undo.callback(guest.stop)
         guest.progress()
         for n in range(cycles):
             snapshot = tmp / f"vm-{n}.mig"
@@ -205,11 +193,11 @@ def migrate(
             assert (state / "blk.sock.state").exists()
             qmp.unlink(missing_ok=True)
             backend = serve(sock, storage, log, "--restore-dir", str(state), *opts)
-            undo.append(backend.kill)
+            undo.callback(backend.kill)
             guest = Guest(
                 qemu_command(microvm_image, sock, qmp, incoming=snapshot), qmp, transcript
             )
-            undo.append(guest.stop)
+            undo.callback(guest.stop)
             guest.wait_status("paused")  # the incoming migration is complete
             guest.qmp.execute("cont")
             guest.progress()
@@ -237,11 +225,11 @@ def test_backend_killed_and_restarted(
 ) -> None:
     sock, qmp = tmp_path / "blk.sock", tmp_path / "qmp.sock"
     log = tmp_path / "serve.log"
-    with cleanup() as undo:
+    with ExitStack() as undo:  # undo actions, last in first out
         backend = serve(sock, storage, log, "--policy", "report")
-        undo.append(lambda: backend.kill())
+        undo.callback(lambda: backend.kill())
         guest = Guest(qemu_command(microvm_image, sock, qmp, reconnect=True), qmp, [])
-        undo.append(guest.stop)
+        undo.callback(guest.stop)
         guest.progress()
         for _ in range(KILLS):
             backend.kill(signal.SIGKILL)

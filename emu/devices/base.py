@@ -378,7 +378,9 @@ class VirtioDevice:
             self._changed.notify_all()
 
     def _finish_stop(self, announce: bool = True) -> None:
-        """STOPPING -> STOPPED once a drain has nothing deferred left (report: at once)."""
+        """STOPPING -> STOPPED once the backend holds nothing more: a drain has published
+        everything, a report has cancelled reads and its writes are fenced. A backend that
+        stays silent past the deadline, or a write whose fate is unknown, fails the device."""
         if self.run_state is not RunState.STOPPING:
             return
         started = [q for q in self.queues if q.started]
@@ -594,7 +596,7 @@ class VirtioDevice:
 
     def _publish_due(self, fired: list[Virtqueue]) -> None:
         """Publish what is ready: queues whose completion fd fired, and those whose
-        deferred is due by time (a completion fd that did not fire has nothing new)."""
+        deferred is due by time (no fd: ``take_due`` looks at the clock)."""
         if self.run_state not in (RunState.RUNNING, RunState.STOPPING):
             return
         now = time.monotonic()
@@ -602,7 +604,7 @@ class VirtioDevice:
             d = q.deferred
             if not q.started or d is None:
                 continue
-            if d.fd is None or q in fired or ((due := d.next_due()) is not None and due <= now):
+            if d.fd is None or q in fired:
                 q.publish_due(now)
         self._finish_stop()
 
