@@ -10,13 +10,19 @@ thread's own CPU time (its thread CPU clock, which includes the syscalls it make
 for the Python path, io_uring_enter for the native one) divided by the requests served:
 ring walk, parsing, I/O, status, used ring, interrupts. The driver runs on another thread
 and is not counted. Both planes run in the same process, one after the other, best of 3.
+
+Beside them, the floor: bench/c_uring_reads.c (built here with gcc and liburing) makes the
+same reads, ``--depth`` at a time, through one io_uring with no device at all; its thread
+CPU per read is the kernel's price for the read, which both planes' figures include.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +38,21 @@ from emu.transport.mmio import MmioTransport  # noqa: E402
 
 IMAGE = 64 << 20
 BS = 4096
+HERE = Path(__file__).resolve().parent
+
+
+def c_floor_us_per_read(path: str, tmp: str, requests: int, depth: int) -> float:
+    """Thread CPU per read of the plain C io_uring loop (bench/c_uring_reads.c)."""
+    so = os.path.join(tmp, "c_uring_reads.so")
+    cmd = ["gcc", "-O2", "-shared", "-fPIC", "-o", so, str(HERE / "c_uring_reads.c"), "-luring"]
+    subprocess.run(cmd, check=True)
+    fn = ctypes.CDLL(so).uring_reads_us
+    fn.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint64, ctypes.c_uint64]
+    fn.restype = ctypes.c_double
+    us = fn(path.encode(), depth, requests, IMAGE // BS)
+    if us < 0:
+        raise OSError(f"c_uring_reads failed ({us:.0f})")
+    return us
 
 
 def device_us_per_read(path: str, plane: str, requests: int, depth: int) -> float:
@@ -74,16 +95,22 @@ def main() -> None:
         path = os.path.join(tmp, "disk.img")
         with open(path, "wb") as f:
             f.write(os.urandom(IMAGE))
-        figures = {}
+        figures = {
+            "c_uring": min(
+                c_floor_us_per_read(path, tmp, args.requests, args.depth) for _ in range(3)
+            )
+        }
         for plane in ("python", "native"):
             figures[plane] = min(
                 device_us_per_read(path, plane, args.requests, args.depth) for _ in range(3)
             )
-    print(f"{'plane':<8} {'device us per 4 KiB read':>26}")
+    print(f"{'plane':<8} {'device us per 4 KiB read':>26}   (c_uring: the reads alone)")
     for plane, us in figures.items():
         print(f"{plane:<8} {us:>26.2f}")
+    floor = figures.pop("c_uring")
     for plane, us in figures.items():
         print(f"blk_device_us_per_4k_read_{plane} {us:.2f} us")
+    print(f"blk_read_floor_us_per_4k_c_uring {floor:.2f} us")
 
 
 if __name__ == "__main__":
