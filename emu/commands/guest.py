@@ -11,11 +11,12 @@ from tempfile import TemporaryDirectory
 
 import click
 
+from emu.guest import virtiofsd
 from emu.guest.backends import BackendError, emu_backends
 from emu.guest.devices import Device
 from emu.guest.images import KINDS, GuestImage, build_image, export_image
 from emu.guest.packages import PackageError
-from emu.guest.run import run_guest
+from emu.guest.run import needs_fio, run_guest
 
 _kind = click.option(
     "--kind", type=click.Choice(KINDS), required=True, help="user-mode-linux or QEMU microvm."
@@ -68,7 +69,7 @@ def _echo(text: str) -> None:
     "workloads",
     default="devices",
     show_default=True,
-    help="Comma-separated /init workloads: devices blk blkbench hvc rng net script sh none.",
+    help="Comma-separated /init workloads: devices blk blkbench fio fs hvc rng net script sh none.",
 )
 @click.option(
     "--device",
@@ -85,8 +86,17 @@ def _echo(text: str) -> None:
     metavar="SPEC",
     help="One of emu's own devices, served by an `emu serve` this command starts: "
     "blk:FILE or blk:nbd://HOST:PORT/ or blk:nbd+unix:///?socket=PATH (then :ro, "
-    ":queues=N), net:cable (pairs), net:tap:NAME, console (hvc0 to stdout), rng; "
+    ":queues=N), net:cable (pairs), net:tap:NAME, console (hvc0 to stdout), rng, "
+    "fs:DIR[,tag=NAME][,ro]; "
     "ring options as in emu serve, e.g. blk:FILE,packed=off.",
+)
+@click.option(
+    "--virtiofsd",
+    "virtiofsd_dirs",
+    multiple=True,
+    metavar="DIR[,tag=NAME]",
+    help="Share DIR through Debian's C virtiofsd, started for this guest (microvm only: "
+    "UML needs the fs config from its backend, which virtiofsd does not serve).",
 )
 @click.option(
     "--param",
@@ -125,6 +135,7 @@ def run(
     cpus: int,
     verbose_kernel: bool,
     json_out: Path | None,
+    virtiofsd_dirs: tuple[str, ...],
 ) -> None:
     """Boot a guest, stream its console, exit with its /init status."""
     run_list = [w for w in workloads.split(",") if w]
@@ -133,7 +144,7 @@ def run(
         if kernel and initrd:  # a guest built elsewhere: no packages needed
             image = GuestImage(kind, kernel, initrd, "", {})
         else:
-            built = build_image(kind, fio="fio" in run_list)
+            built = build_image(kind, fio=needs_fio(run_list, params))
             image = replace(built, kernel=kernel or built.kernel, initrd=initrd or built.initrd)
     except (ValueError, PackageError) as e:
         raise click.ClickException(str(e)) from None
@@ -144,6 +155,18 @@ def run(
                 devs += stack.enter_context(emu_backends(kind, emu_specs, workdir))
             except (BackendError, ValueError) as e:  # ValueError: a spec emu serve refuses
                 raise click.ClickException(str(e)) from None
+        if virtiofsd_dirs:
+            if kind != "microvm":
+                raise click.ClickException("virtiofsd serves QEMU only (no fs config for UML)")
+            workdir = Path(stack.enter_context(TemporaryDirectory(prefix="emu-vfsd-")))
+            for i, text in enumerate(virtiofsd_dirs):
+                source, *options = text.split(",")
+                sock = workdir / f"virtiofsd{i}.sock"
+                try:
+                    stack.enter_context(virtiofsd.serve(Path(source), sock))
+                except (OSError, RuntimeError) as e:
+                    raise click.ClickException(str(e)) from None
+                devs.append(Device("fs", str(sock), tuple(options)))
         try:
             res = run_guest(
                 kind,

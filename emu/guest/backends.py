@@ -5,7 +5,9 @@ pair up inside a process. Its stdout is left to the caller's, so a `console` dev
 hvc0 output shows there. Under QEMU the spec's ring options also become the device's
 own properties: QEMU offers packed rings only with packed=on, and its vhost-user-rng
 offers its guest whatever its properties say without asking the backend; its virtio-net
-keeps its own MAC, which is set to the one `emu serve` gives the device.
+keeps its own MAC, which is set to the one `emu serve` gives the device. An fs device's
+tag (`fs:DIR,tag=NAME`, default emu) goes to QEMU's vhost-user-fs-device, which puts it in
+the config space itself, and under both kinds tells the guest's fs workload what to mount.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from emu.devices import registry
 from emu.guest.devices import Device
+from emu.guest.microvm import DEFAULT_FS_TAG
 from emu.guest.proc import start, stop
 
 #: QEMU's -device property for each ring option of a spec
@@ -27,6 +30,12 @@ _QEMU_PROPERTY = {"packed": "packed", "event_idx": "event_idx", "indirect": "ind
 
 class BackendError(Exception):
     """`emu serve` refused the specs or did not come up."""
+
+
+def spec_option(text: str, name: str) -> str | None:
+    """The value of a spec's `,name=value` option (the last one), None without."""
+    values = [o.partition("=")[2] for o in text.split(",")[1:] if o.startswith(f"{name}=")]
+    return values[-1] if values else None
 
 
 def guest_devices(kind: str, specs: Sequence[str], sockets: Sequence[Path]) -> list[Device]:
@@ -43,6 +52,8 @@ def guest_devices(kind: str, specs: Sequence[str], sockets: Sequence[Path]) -> l
             frontend = registry.get(spec.kind).frontend
             if frontend is not None:
                 options += [f"{k}={v}" for k, v in frontend(spec).items()]
+        if spec.kind == "fs" and not any(o.startswith("tag=") for o in options):
+            options.append(f"tag={spec_option(text, 'tag') or DEFAULT_FS_TAG}")
         devices.append(Device.parse((spec.kind, ",".join([str(sock), *options]))))
     return devices
 

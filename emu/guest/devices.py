@@ -4,7 +4,9 @@ vhost-user types (PATH is the backend's listening unix socket): blk, net, consol
 vsock, fs. For microvm, QEMU's own (in-process) devices are also available as a baseline:
 qemu-blk:IMAGE, qemu-net:user (slirp), qemu-rng:/dev/urandom, qemu-console:OUTFILE.
 Under microvm, `,key=value` after PATH are passed to QEMU's -device (e.g. `blk:S,packed=on`
-to have the guest use packed rings, `queue-size=256`).
+to have the guest use packed rings, `queue-size=256`). An fs device's `tag=NAME` is the
+tag the guest mounts: QEMU puts it in the device's config space; under UML the backend's
+config has it, so there it only tells the guest's `fs` workload what to mount.
 """
 
 from __future__ import annotations
@@ -51,3 +53,9 @@ class Device:
     @property
     def vhost_user(self) -> bool:
         return self.type in virtio_ids()
+
+    @property
+    def tag(self) -> str | None:
+        """An fs device's `tag=` option (None: not given)."""
+        tags = [o.partition("=")[2] for o in self.options if o.startswith("tag=")]
+        return tags[-1] if self.type == "fs" and tags else None

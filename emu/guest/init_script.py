@@ -5,10 +5,13 @@ line starting with a marker (see console.py): EMU-INIT-START, EMU-STEP <workload
 EMU-RESULT <key> <value>, EMU-DEV <name> k=v..., EMU-BENCH <name> <value> <unit>,
 EMU-WARN <text>, EMU-DONE rc=<n>; fio's JSON report comes as the lines between
 EMU-FIO-JSON-BEGIN and EMU-FIO-JSON-END. Workloads come from `emu.run=a,b` on the kernel command
-line; their knobs are `emu.<workload>.<knob>=` arguments (defaults below).
+line; their knobs are `emu.<workload>.<knob>=` arguments (defaults below). The `fs`
+workload lives in init_fs.py.
 """
 
-INIT = r"""#!/bin/sh
+from emu.guest.init_fs import FS_WORKLOAD
+
+_WORKLOADS = r"""#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 echo EMU-INIT-START
 mount -t devtmpfs dev /dev 2>/dev/null
@@ -230,7 +233,9 @@ w_script() {  # emu.script=<base64>: a host-supplied script, sourced (can use th
 }
 
 w_sh() { setsid cttyhack sh || sh; }
+"""
 
+_MAIN = r"""
 while read -r m; do
   insmod "/lib/modules/$m" || warn "insmod $m failed"
 done < /etc/emu/modules
@@ -247,3 +252,5 @@ sync
 poweroff -f
 echo o > /proc/sysrq-trigger
 """
+
+INIT = _WORKLOADS + FS_WORKLOAD + _MAIN

@@ -21,8 +21,10 @@ _VHOST_USER_DEVICE = {
     "blk": "vhost-user-blk",
     "rng": "vhost-user-rng",
     "vsock": "vhost-user-vsock-device",
-    "fs": "vhost-user-fs-device,tag=emu",
+    "fs": "vhost-user-fs-device",
 }
+#: the tag of an fs device given none (what /init's fs workload mounts by default)
+DEFAULT_FS_TAG = "emu"
 
 
 @functools.cache
@@ -53,6 +55,8 @@ def host_tsc_khz() -> int:
 
 def _device_args(i: int, dev: Device) -> list[str]:
     opts = "".join("," + o for o in dev.options)
+    if dev.type == "fs" and dev.tag is None:
+        opts += f",tag={DEFAULT_FS_TAG}"
     chardev = ["-chardev", f"socket,id=vu{i},path={dev.path}"]
     if dev.type in _VHOST_USER_DEVICE:
         return [*chardev, "-device", f"{_VHOST_USER_DEVICE[dev.type]},chardev=vu{i}{opts}"]

@@ -80,6 +80,23 @@ def kernel_args(run: Iterable[str], params: Mapping[str, object], quiet: bool) -
     return args
 
 
+def needs_fio(run: Iterable[str], params: Mapping[str, object]) -> bool:
+    """Whether the image needs the fio layer: the fio workload, or fs's `rand` pass."""
+    passes = str(params.get("fs.do", params.get("emu.fs.do", ""))).split(",")
+    return "fio" in run or ("fs" in run and "rand" in passes)
+
+
+def with_fs_tag(devices: Iterable[Device], params: Mapping[str, object]) -> dict[str, object]:
+    """`params` plus `fs.tag` from the first fs device's `tag=`, unless given: the guest
+    mounts the tag its device was attached with."""
+    out = dict(params)
+    if "fs.tag" not in out and "emu.fs.tag" not in out:
+        tags = [d.tag for d in devices if d.tag is not None]
+        if tags:
+            out["fs.tag"] = tags[0]
+    return out
+
+
 def _pump(stream: IO[bytes], log: ConsoleLog, lines: list[str], on_output, marks: dict) -> None:
     """Copies console output as it comes (prompts have no newline) and parses whole lines."""
     partial = ""
@@ -117,7 +134,7 @@ def run_guest(
     devices: "blk:/path/sock", ("net", sock) or Device; the backends must already listen.
     run: workloads for /init (init_script.py), in order. params: their knobs, e.g.
     {"blk.mib": 8}. image: a prebuilt image (default: build/cached by build_image, with
-    the fio layer when `run` has fio).
+    the fio layer when `run` has fio or fs's rand pass).
     cpus: vCPUs (microvm only; a multi-queue disk uses as many queues as the guest has CPUs).
     interactive: give the guest this process's stdin (for the `sh` workload).
     on_output: called with console text as it arrives (e.g. to show it live).
@@ -129,8 +146,9 @@ def run_guest(
         if dev.vhost_user and not Path(dev.path).exists():
             raise FileNotFoundError(f"{dev.type} backend socket {dev.path} does not exist")
     run = list(run)
-    append = kernel_args(run, params or {}, quiet)
-    image = image or build_image(kind, fio="fio" in run)
+    params = with_fs_tag(devs, params or {})
+    append = kernel_args(run, params, quiet)
+    image = image or build_image(kind, fio=needs_fio(run, params))
     cmd = _COMMAND[kind](image, devs, append, mem_mib or _DEFAULT_MEM_MIB[kind], cpus)
 
     log, lines, marks = ConsoleLog(), [], {}

@@ -30,7 +30,8 @@ def command(
     for dev in devices:
         if not dev.vhost_user:
             raise ValueError(f"UML attaches vhost-user devices only, not {dev.type}")
-        if dev.options:
-            raise ValueError(f"UML takes no device options ({','.join(dev.options)})")
+        others = [o for o in dev.options if dev.type != "fs" or not o.startswith("tag=")]
+        if others:  # an fs tag is the backend's (its config); the fs workload mounts it
+            raise ValueError(f"UML takes no device options ({','.join(others)})")
         args.append(f"virtio_uml.device={dev.path}:{ids[dev.type]}")
     return args + append
