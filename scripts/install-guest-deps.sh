@@ -3,9 +3,10 @@
 # QEMU microvm, qemu-storage-daemon (the reference vhost-user-blk backend) and the C
 # virtiofsd at /usr/lib/qemu/virtiofsd (the reference virtio-fs backend; both ship in
 # qemu-system-common), the dpkg/apt tools used to fetch guest kernels and busybox into
-# emu's cache; cpio(1) only as an independent reader of emu's own cpio writer in the tests; iproute2 (ip) for the
-# host TAP that tests/test_guest_emu.py has a guest ping; nbdkit, the NBD server that
-# tests/test_nbd_engine.py and bench/nbd.py start as remote storage.
+# emu's cache; cpio(1) only as an independent reader of emu's own cpio writer in the
+# tests; iproute2 (ip) for the host TAP that tests/test_guest_emu.py has a guest ping;
+# nbdkit, the NBD server that tests/test_nbd_engine.py and bench/nbd.py start as remote
+# storage.
 # Idempotent: installs only what is missing; never fails the caller's job.
 set -uo pipefail
 
