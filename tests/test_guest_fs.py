@@ -111,24 +111,30 @@ def _checked(results: dict[str, str], share: Path, data: bytes) -> dict[str, str
 
 @pytest.fixture(scope="module")
 def virtiofsd_run(tmp_path_factory, data) -> tuple[dict[str, str], dict[str, str]]:
-    """The check pass under microvm on virtiofsd: (its results, its listing)."""
+    """The check pass under microvm on virtiofsd, through `emu guest run --virtiofsd
+    DIR,tag=NAME`: (its results, its listing)."""
     if not virtiofsd.available():
         pytest.skip(f"{virtiofsd.VIRTIOFSD} missing (scripts/install-guest-deps.sh)")
-    image = _image("microvm")
+    _image("microvm")
     tmp = tmp_path_factory.mktemp("virtiofsd")
     share = _share(tmp, data)
-    sock = tmp / "virtiofsd.sock"
-    with virtiofsd.serve(share, sock):
-        res = run_guest(
-            "microvm", [Device("fs", str(sock))], ["fs"], image=image, timeout=TIMEOUT["microvm"]
-        )
-    assert res.ok, _explain(res)
-    return res.results, _checked(res.results, share, data)
+    results = _cli(["--kind", "microvm", "--virtiofsd", f"{share},tag=vfsd"], tmp)
+    assert results["fs.mounted"] == "vfsd"
+    return results, _checked(results, share, data)
+
+
+def _cli(args: list[str], tmp: Path) -> dict[str, str]:
+    """`emu guest run ARGS --run fs`: the guest's results."""
+    out = tmp / "res.json"
+    kind = args[args.index("--kind") + 1]
+    args = ["guest", "run", *args, "--run", "fs", "--timeout", str(TIMEOUT[kind])]
+    cli = CliRunner().invoke(main, [*args, "--json", str(out)])
+    assert cli.exit_code == 0, cli.output[-4000:]
+    return json.loads(out.read_text())["results"]
 
 
 def test_virtiofsd_microvm_check(virtiofsd_run):
     results, listing = virtiofsd_run
-    assert results["fs.mounted"] == "emu"
     assert "f3000000" in listing
 
 
@@ -154,12 +160,7 @@ def test_emu_uml_check_through_cli(tmp_path, data, virtiofsd_run):
     _need_emu_fs()
     _image("uml")
     share = _share(tmp_path, data)
-    out = tmp_path / "res.json"
-    args = ["guest", "run", "--kind", "uml", "--emu", f"fs:{share},tag=uml-share"]
-    args += ["--run", "fs", "--timeout", str(TIMEOUT["uml"]), "--json", str(out)]
-    cli = CliRunner().invoke(main, args)
-    assert cli.exit_code == 0, cli.output[-4000:]
-    results = json.loads(out.read_text())["results"]
+    results = _cli(["--kind", "uml", "--emu", f"fs:{share},tag=uml-share"], tmp_path)
     assert results["fs.mounted"] == "uml-share"
     _agrees(results, _checked(results, share, data), virtiofsd_run)
 
@@ -211,6 +212,11 @@ def test_rand_pass_needs_the_fio_layer():
     assert not needs_fio(["fs"], {"fs.do": "check,seq"})
     assert not needs_fio(["blk"], {"fs.do": "rand"})
     assert needs_fio(["fio"], {})
+
+
+def test_virtiofsd_refused_for_uml(tmp_path):
+    cli = CliRunner().invoke(main, ["guest", "run", "--kind", "uml", "--virtiofsd", str(tmp_path)])
+    assert cli.exit_code != 0 and "virtiofsd serves QEMU only" in cli.output
 
 
 def test_virtiofsd_command_and_refusals(tmp_path):

@@ -139,6 +139,8 @@ def run(
 ) -> None:
     """Boot a guest, stream its console, exit with its /init status."""
     run_list = [w for w in workloads.split(",") if w]
+    if virtiofsd_dirs and kind != "microvm":
+        raise click.ClickException("virtiofsd serves QEMU only (no fs config for UML)")
     try:
         devs = [Device.parse(d) for d in devices]
         if kernel and initrd:  # a guest built elsewhere: no packages needed
@@ -156,8 +158,6 @@ def run(
             except (BackendError, ValueError) as e:  # ValueError: a spec emu serve refuses
                 raise click.ClickException(str(e)) from None
         if virtiofsd_dirs:
-            if kind != "microvm":
-                raise click.ClickException("virtiofsd serves QEMU only (no fs config for UML)")
             workdir = Path(stack.enter_context(TemporaryDirectory(prefix="emu-vfsd-")))
             for i, text in enumerate(virtiofsd_dirs):
                 source, *options = text.split(",")
