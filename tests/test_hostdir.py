@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from emu.backends.hostdir import ROOT, HostDir
+from emu.backends.hostdir import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    ROOT,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    HostDir,
+)
 
 
 @contextlib.contextmanager
@@ -302,3 +313,290 @@ def test_close_closes_every_fd(tree: Path) -> None:
     assert len(os.listdir("/proc/self/fd")) == before
     with err(errno.ESTALE):
         h.getattr(ROOT)
+
+
+# -- attributes -------------------------------------------------------------------------
+
+
+def test_setattr_mode_owner_size(hd: HostDir, tree: Path) -> None:
+    node, _ = hd.lookup(ROOT, b"f")
+    st = hd.setattr(node, None, mode=0o100640)
+    assert stat.S_IMODE(st.st_mode) == 0o640 == stat.S_IMODE(os.stat(tree / "f").st_mode)
+    st = hd.setattr(node, None, uid=1234, gid=5678)
+    assert (st.st_uid, st.st_gid) == (1234, 5678) == (os.stat(tree / "f").st_uid, st.st_gid)
+    st = hd.setattr(node, None, gid=42)  # uid unchanged
+    assert (st.st_uid, st.st_gid) == (1234, 42)
+    st = hd.setattr(node, None, size=2)
+    assert st.st_size == 2 and (tree / "f").read_bytes() == b"he"
+    st = hd.setattr(node, None, size=1 << 20)
+    assert os.stat(tree / "f").st_size == 1 << 20
+    with err(errno.EINVAL):
+        hd.setattr(node, None, size=-1)
+    with err(errno.EINVAL):
+        hd.setattr(node, None, size=1 << 64)
+    with err(errno.EINVAL):
+        hd.setattr(node, None, uid=1 << 32)
+    d, _ = hd.lookup(ROOT, b"d")
+    with err(errno.EISDIR):
+        hd.setattr(d, None, size=0)
+    assert hd.setattr(node, None).st_size == 1 << 20  # nothing asked: the attributes
+
+
+def test_setattr_truncate_through_a_handle_of_an_unlinked_file(hd: HostDir, tree: Path) -> None:
+    node, _ = hd.lookup(ROOT, b"f")
+    fh = hd.open(node, os.O_RDWR)
+    hd.unlink(ROOT, b"f")
+    assert hd.setattr(node, fh, size=3).st_size == 3
+    assert os.pread(hd.fd(fh), 10, 0) == b"hel"
+    other = hd.opendir(ROOT)
+    with err(errno.EBADF):  # a handle of another node
+        hd.setattr(node, other, size=0)
+    with err(errno.EBADF):
+        hd.setattr(node, 999, size=0)
+    ro = hd.open(node, os.O_RDONLY)
+    with err(errno.EINVAL):  # the host's answer for ftruncate of a read-only fd
+        hd.setattr(node, ro, size=0)
+    for h in (fh, ro):
+        hd.release(h)
+    hd.releasedir(other)
+
+
+def test_setattr_times_explicit_now_and_omitted(hd: HostDir, tree: Path) -> None:
+    node, _ = hd.lookup(ROOT, b"f")
+    st = hd.setattr(node, None, atime_ns=1_000_000_123, mtime_ns=2_000_000_456)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+    st = hd.setattr(node, None, mtime_ns=5_000_000_000)  # atime left alone
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 5_000_000_000)
+    before = time.time_ns()
+    st = hd.setattr(node, None, atime_now=True)  # the host kernel's clock
+    assert st.st_atime_ns >= before - 20_000_000 and st.st_mtime_ns == 5_000_000_000
+    st = hd.setattr(node, None, mtime_ns=-1_500_000_000)  # before 1970
+    assert st.st_mtime_ns == -1_500_000_000 == os.stat(tree / "f").st_mtime_ns
+    fh = hd.open(node, os.O_RDONLY)
+    st = hd.setattr(node, fh, atime_ns=7, mtime_now=True)
+    assert st.st_atime_ns == 7 and st.st_mtime_ns >= before - 20_000_000
+    hd.release(fh)
+    with err(errno.EINVAL):
+        hd.setattr(node, None, atime_ns=1 << 100)
+
+
+def test_setattr_on_a_symlink_changes_the_link(hd: HostDir, tree: Path) -> None:
+    os.symlink("f", tree / "link")
+    link, _ = hd.lookup(ROOT, b"link")
+    target = os.stat(tree / "f")
+    st = hd.setattr(link, None, uid=77, mtime_ns=3_000_000_000)
+    assert stat.S_ISLNK(st.st_mode) and st.st_uid == 77 and st.st_mtime_ns == 3_000_000_000
+    after = os.stat(tree / "f")
+    assert (after.st_uid, after.st_mtime_ns) == (target.st_uid, target.st_mtime_ns)
+    with err(errno.EOPNOTSUPP):
+        hd.setattr(link, None, mode=0o600)
+    with err(errno.EINVAL):
+        hd.setattr(link, None, size=0)
+
+
+# -- links and special files ------------------------------------------------------------
+
+
+def test_symlink_and_readlink(hd: HostDir, tree: Path) -> None:
+    node, st = hd.symlink(ROOT, b"s", b"/etc/passwd")
+    assert stat.S_ISLNK(st.st_mode)
+    assert os.readlink(tree / "s") == "/etc/passwd"
+    assert hd.readlink(node) == b"/etc/passwd"
+    assert hd.lookup(ROOT, b"s")[0] == node
+    with err(errno.EINVAL):
+        hd.readlink(hd.lookup(ROOT, b"f")[0])
+    with err(errno.EEXIST):
+        hd.symlink(ROOT, b"f", b"x")
+    with err(errno.EINVAL):
+        hd.symlink(ROOT, b"t", b"a\0b")
+    with err(errno.ENOENT):
+        hd.symlink(ROOT, b"t", b"")
+
+
+def test_mknod_kinds(hd: HostDir, tree: Path) -> None:
+    _, st = hd.mknod(ROOT, b"fifo", stat.S_IFIFO | 0o640, 0)
+    assert stat.S_ISFIFO(os.lstat(tree / "fifo").st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    _, st = hd.mknod(ROOT, b"reg", 0o600, 0)  # type 0 is a regular file
+    assert stat.S_ISREG(st.st_mode)
+    _, st = hd.mknod(ROOT, b"sock", stat.S_IFSOCK | 0o600, 0)
+    assert stat.S_ISSOCK(st.st_mode)
+    with err(errno.EPERM):  # a host device node: never
+        hd.mknod(ROOT, b"sda", stat.S_IFBLK | 0o666, os.makedev(8, 0))
+    with err(errno.EPERM):
+        hd.mknod(ROOT, b"mem", stat.S_IFCHR | 0o666, os.makedev(1, 1))
+    with err(errno.EINVAL):
+        hd.mknod(ROOT, b"dir", stat.S_IFDIR | 0o755, 0)
+    assert not (tree / "sda").exists() and not (tree / "mem").exists()
+
+
+def test_rename_plain_noreplace_exchange(hd: HostDir, tree: Path) -> None:
+    d, _ = hd.lookup(ROOT, b"d")
+    f, _ = hd.lookup(ROOT, b"f")
+    hd.rename(ROOT, b"f", d, b"moved")
+    assert (tree / "d" / "moved").read_bytes() == b"hello\n" and not (tree / "f").exists()
+    assert hd.lookup(d, b"moved")[0] == f  # same inode, same node
+    with err(errno.EEXIST):
+        hd.rename(d, b"moved", d, b"inner", RENAME_NOREPLACE)
+    hd.rename(d, b"moved", d, b"inner", RENAME_EXCHANGE)
+    assert (tree / "d" / "inner").read_bytes() == b"hello\n"
+    assert (tree / "d" / "moved").read_bytes() == b"inner\n"
+    hd.rename(d, b"moved", ROOT, b"back", RENAME_NOREPLACE)
+    assert (tree / "back").read_bytes() == b"inner\n"
+    hd.rename(ROOT, b"back", d, b"inner")  # replaces
+    assert (tree / "d" / "inner").read_bytes() == b"inner\n"
+    for bad in (4, 8, RENAME_NOREPLACE | RENAME_EXCHANGE):  # 4 is RENAME_WHITEOUT
+        with err(errno.EINVAL):
+            hd.rename(d, b"inner", ROOT, b"x", bad)
+    with err(errno.EINVAL):  # a directory into itself
+        hd.rename(ROOT, b"d", d, b"loop")
+    with err(errno.ENOTDIR):
+        hd.rename(ROOT, b"d", f, b"x")
+
+
+def test_link_shares_the_node(hd: HostDir, tree: Path) -> None:
+    f, _ = hd.lookup(ROOT, b"f")
+    d, _ = hd.lookup(ROOT, b"d")
+    node, st = hd.link(f, d, b"again")
+    assert node == f and st.st_nlink == 2
+    assert os.stat(tree / "d" / "again").st_ino == os.stat(tree / "f").st_ino
+    hd.forget(f, 3)  # lookup, link, and nothing more: gone
+    with err(errno.ESTALE):
+        hd.getattr(f)
+    with err(errno.EPERM):
+        hd.link(d, ROOT, b"dirlink")
+    with err(errno.EEXIST):
+        hd.link(hd.lookup(ROOT, b"f")[0], ROOT, b"d")
+
+
+def test_access_as_this_process(hd: HostDir, tree: Path) -> None:
+    f, _ = hd.lookup(ROOT, b"f")
+    os.chmod(tree / "f", 0o644)
+    hd.access(f, os.R_OK | os.W_OK)
+    hd.access(f, os.F_OK)
+    if os.geteuid() == 0:  # root passes R and W always; X needs some x bit
+        with err(errno.EACCES):
+            hd.access(f, os.X_OK)
+        os.chmod(tree / "f", 0o100)
+        hd.access(f, os.R_OK | os.W_OK | os.X_OK)
+    else:
+        os.chmod(tree / "f", 0o000)
+        with err(errno.EACCES):
+            hd.access(f, os.R_OK)
+    hd.access(ROOT, os.X_OK)
+    with err(errno.EINVAL):
+        hd.access(f, 8)
+
+
+# -- file operations --------------------------------------------------------------------
+
+
+def test_flush_drops_this_processs_posix_locks(hd: HostDir, tree: Path) -> None:
+    fh = hd.open(hd.lookup(ROOT, b"f")[0], os.O_RDWR)
+    fcntl.lockf(hd.fd(fh), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    probe = [
+        sys.executable,
+        "-c",
+        "import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)",
+        str(tree / "f"),
+    ]
+    assert subprocess.run(probe, capture_output=True).returncode != 0  # locked
+    hd.flush(fh)
+    assert subprocess.run(probe, capture_output=True).returncode == 0
+    os.pwrite(hd.fd(fh), b"still open", 0)  # the handle itself stays usable
+    hd.fsync(fh, False)
+    hd.fsync(fh, True)
+    hd.release(fh)
+    dh = hd.opendir(ROOT)
+    hd.fsyncdir(dh, True)
+    with err(errno.EBADF):
+        hd.fsync(dh, False)
+    with err(errno.EBADF):
+        hd.flush(12345)
+    hd.releasedir(dh)
+
+
+def test_fallocate_and_seek_data_hole(hd: HostDir, tree: Path) -> None:
+    node, _, fh = hd.create(ROOT, b"sparse", 0o644, os.O_RDWR)
+    hd.fallocate(fh, 0, 0, 8192)
+    assert os.stat(tree / "sparse").st_size == 8192
+    hd.fallocate(fh, 1, 8192, 1 << 20)  # KEEP_SIZE
+    assert os.stat(tree / "sparse").st_size == 8192
+    assert os.stat(tree / "sparse").st_blocks * 512 >= 8192 + (1 << 20)
+    blocks = os.stat(tree / "sparse").st_blocks
+    hd.fallocate(fh, 3, 0, 4096)  # PUNCH_HOLE | KEEP_SIZE
+    assert os.stat(tree / "sparse").st_blocks == blocks - 4096 // 512
+    hd.setattr(node, fh, size=4 << 20)
+    os.pwrite(hd.fd(fh), b"x" * 4096, 0)
+    os.pwrite(hd.fd(fh), b"x" * 4096, 3 << 20)
+    assert hd.lseek(fh, 0, os.SEEK_DATA) == 0
+    hole = hd.lseek(fh, 0, os.SEEK_HOLE)
+    assert 4096 <= hole < 3 << 20  # unwritten (fallocated) ranges read as holes
+    assert hd.lseek(fh, hole, os.SEEK_DATA) == 3 << 20
+    assert hd.lseek(fh, 0, os.SEEK_END) == 4 << 20
+    with err(errno.ENXIO):
+        hd.lseek(fh, 5 << 20, os.SEEK_DATA)
+    for bad in ((0, 99), (-1 << 64, os.SEEK_SET)):
+        with err(errno.EINVAL):
+            hd.lseek(fh, *bad)
+    for offset, length in ((0, 0), (-1, 10), (1 << 63, 1), (1, (1 << 63) - 1)):
+        with err(errno.EINVAL):
+            hd.fallocate(fh, 0, offset, length)
+    hd.release(fh)
+
+
+def test_copy_file_range(hd: HostDir, tree: Path) -> None:
+    src = hd.open(hd.lookup(ROOT, b"f")[0], os.O_RDONLY)
+    _, _, dst = hd.create(ROOT, b"copy", 0o644, os.O_WRONLY)
+    assert hd.copy_file_range(src, 1, dst, 10, 1 << 40, 0) == 5  # up to the end of src
+    assert (tree / "copy").read_bytes() == b"\0" * 10 + b"ello\n"
+    with err(errno.EINVAL):
+        hd.copy_file_range(src, 0, dst, 0, 1, 1)
+    with err(errno.EINVAL):
+        hd.copy_file_range(src, -1, dst, 0, 1, 0)
+    with err(errno.EBADF):  # the host refuses to write through a read-only handle
+        hd.copy_file_range(dst, 0, src, 0, 1, 0)
+    hd.release(src)
+    hd.release(dst)
+
+
+def test_xattrs(hd: HostDir, tree: Path) -> None:
+    f, _ = hd.lookup(ROOT, b"f")
+    hd.setxattr(f, b"user.colour", b"blue", 0)
+    assert os.getxattr(tree / "f", "user.colour") == b"blue"
+    assert hd.getxattr(f, b"user.colour") == b"blue"
+    assert b"user.colour" in hd.listxattr(f)
+    with err(errno.EEXIST):
+        hd.setxattr(f, b"user.colour", b"red", XATTR_CREATE)
+    with err(errno.ENODATA):
+        hd.setxattr(f, b"user.size", b"1", XATTR_REPLACE)
+    hd.removexattr(f, b"user.colour")
+    with err(errno.ENODATA):
+        hd.getxattr(f, b"user.colour")
+    for ns in (b"trusted.x", b"security.capability", b"system.posix_acl_access"):
+        with err(errno.EPERM):
+            hd.setxattr(f, ns, b"\x01", 0)
+        with err(errno.EPERM):
+            hd.removexattr(f, ns)
+    with err(errno.EINVAL):
+        hd.setxattr(f, b"user.x", b"", 4)
+    with err(errno.EINVAL):
+        hd.getxattr(f, b"user.\0x")
+    with err(errno.ERANGE):
+        hd.getxattr(f, b"")
+    with err(errno.ERANGE):
+        hd.getxattr(f, b"user." + b"x" * 300)
+
+
+def test_forget_all_drops_every_node_and_handle_but_root(hd: HostDir) -> None:
+    f, _ = hd.lookup(ROOT, b"f")
+    fh = hd.open(f, os.O_RDONLY)
+    dh = hd.opendir(ROOT)
+    hd.forget_all()
+    with err(errno.ESTALE):
+        hd.getattr(f)
+    with err(errno.EBADF):
+        hd.fd(fh)
+    with err(errno.EBADF):
+        hd.releasedir(dh)
+    assert hd.getattr(ROOT).st_ino
+    assert hd.lookup(ROOT, b"f")[0] not in (f, ROOT)

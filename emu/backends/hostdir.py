@@ -20,6 +20,12 @@ Sandbox decisions
 - Only regular files are opened for I/O (EISDIR for a directory, ENXIO for FIFOs,
   sockets and devices): a Linux guest serves special files itself, and a host open
   could block (FIFO) or reach a host device.
+- No host device nodes: mknod of a character or block device is EPERM (a device node
+  the guest made would open a host device for any host user who can reach the tree),
+  and so is RENAME_WHITEOUT (EINVAL: it makes one).
+- xattrs are read and listed in every namespace but written (set / remove) only in
+  ``user.``: EPERM for the others, whose values the host acts on (``security.capability``
+  grants capabilities, ``trusted.*``, ACLs).
 - Unknown node ids, and node ids whose inode could not be reopened after a restore:
   ESTALE. Unknown file handles, or a handle of the wrong kind (a directory handle for a
   file call and back): EBADF.
@@ -46,6 +52,7 @@ Not thread-safe: one device thread calls it.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -66,6 +73,38 @@ _OPEN_FLAGS = (
 #: how far ``..`` may walk up looking for ROOT before giving up
 _MAX_DEPTH = 4096
 _DOTS = (b".", b"..")
+_OFF_MAX = (1 << 63) - 1
+#: the most one read/write/copy moves in Linux (MAX_RW_COUNT)
+_RW_MAX = 0x7FFFF000
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+#: the only xattr namespace a guest may write: others carry host meaning (file
+#: capabilities in security.capability, trusted.*, ACLs the host enforces)
+_XATTR_WRITABLE = b"user."
+_AT_FDCWD = -100
+_UTIME_NOW = (1 << 30) - 1
+_UTIME_OMIT = (1 << 30) - 2
+
+# ctypes only where the os module has no equivalent: renameat2 (flags), fallocate
+# (modes), utimensat / futimens with UTIME_NOW / UTIME_OMIT (os.utime always sets both
+# times itself)
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_utimensat = _libc.utimensat
+_utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_futimens = _libc.futimens
+_futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
 
 Key = tuple[int, int]
 
@@ -86,6 +125,37 @@ def _check_name(name: bytes) -> None:
         raise _error(errno.EINVAL)
     if len(name) > NAME_MAX:
         raise _error(errno.ENAMETOOLONG)
+
+
+def _libc_check(ret: int) -> None:
+    if ret != 0:
+        raise _error(ctypes.get_errno())
+
+
+def _check_off(value: int, low: int = 0) -> int:
+    """A guest's offset or size for a 64-bit signed host argument (EINVAL outside)."""
+    if not low <= value <= _OFF_MAX:
+        raise _error(errno.EINVAL)
+    return value
+
+
+def _timespec(ns: int | None, now: bool) -> tuple[int, int]:
+    if now:
+        return 0, _UTIME_NOW
+    if ns is None:
+        return 0, _UTIME_OMIT
+    sec, nsec = divmod(ns, 1_000_000_000)
+    _check_off(sec, -_OFF_MAX - 1)
+    return sec, nsec
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if not isinstance(name, bytes):
+        raise TypeError(f"xattr names are bytes, not {type(name).__name__}")
+    if b"\0" in name:
+        raise _error(errno.EINVAL)
+    if not name or len(name) > NAME_MAX:  # the kernel's XATTR_NAME_MAX answer
+        raise _error(errno.ERANGE)
 
 
 def _check_entry(name: bytes) -> None:
@@ -270,8 +340,7 @@ class HostDir:
             key = _key(st)
             node = self._inodes.get(key)
             if node is None:
-                if len(self._nodes) >= self.max_nodes:
-                    raise _error(errno.ENFILE)
+                self._node_room()
                 node = self._next_node
                 self._next_node += 1
                 self._nodes[node] = _Node(fd, key, stat.S_IFMT(st.st_mode))
@@ -299,6 +368,19 @@ class HostDir:
         self._handles[fh] = _Handle(fd, node, flags, scan)
         self._nodes[node].nopen += 1
         return fh
+
+    def _handle_of(self, node: int, fh: int) -> _Handle:
+        """A handle of either kind that must belong to ``node``."""
+        h = self._handles.get(fh)
+        if h is None or h.node != node:
+            raise _error(errno.EBADF)
+        if h.fd < 0:
+            raise _error(errno.ESTALE)
+        return h
+
+    def _node_room(self) -> None:
+        if len(self._nodes) >= self.max_nodes:
+            raise _error(errno.ENFILE)
 
     def _handle_room(self) -> None:
         if len(self._handles) >= self.max_handles:
@@ -388,8 +470,7 @@ class HostDir:
         p = self._dir(parent)
         _check_entry(name)
         self._writable()
-        if len(self._nodes) >= self.max_nodes:
-            raise _error(errno.ENFILE)
+        self._node_room()
         os.mkdir(name, mode & 0o7777, dir_fd=p.fd)
         node, _ = self._add(os.open(name, _PATH, dir_fd=p.fd))
         self._fix_mode(self._nodes[node], mode)
@@ -406,6 +487,141 @@ class HostDir:
         _check_entry(name)
         self._writable()
         os.rmdir(name, dir_fd=p.fd)
+
+    def setattr(
+        self,
+        node: int,
+        fh: int | None,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        atime_now: bool = False,
+        mtime_now: bool = False,
+    ) -> os.stat_result:
+        """chmod, chown, truncate, utimens, in that order; on ``fh``'s fd when given.
+
+        ``fh`` must be a handle of this node (EBADF otherwise): the guest's ftruncate
+        of a file it may no longer reach by name. Without one, the node's own inode is
+        reached through /proc/self/fd (for a symlink: the link itself).
+        """
+        n = self._node(node)
+        fd = None if fh is None else self._handle_of(node, fh).fd
+        times = atime_ns is not None or mtime_ns is not None or atime_now or mtime_now
+        if mode is None and uid is None and gid is None and size is None and not times:
+            return os.fstat(n.fd)
+        self._writable()
+        path = self._proc(n)
+        if mode is not None:
+            if n.kind == stat.S_IFLNK:  # what Linux answers for a symlink's mode
+                raise _error(errno.EOPNOTSUPP)
+            os.chmod(path if fd is None else fd, mode & 0o7777)
+        if uid is not None or gid is not None:
+            ids = [-1 if v is None else v for v in (uid, gid)]
+            if not all(-1 <= v <= 0xFFFFFFFF for v in ids):
+                raise _error(errno.EINVAL)
+            os.chown(path if fd is None else fd, *ids)
+        if size is not None:
+            _check_off(size)
+            if fd is not None:
+                os.ftruncate(fd, size)
+            elif n.kind == stat.S_IFREG:
+                os.truncate(path, size)
+            else:
+                raise _error(errno.EISDIR if n.kind == stat.S_IFDIR else errno.EINVAL)
+        if times:
+            ts = (_Timespec * 2)(
+                _Timespec(*_timespec(atime_ns, atime_now)),
+                _Timespec(*_timespec(mtime_ns, mtime_now)),
+            )
+            if fd is None:
+                _libc_check(_utimensat(_AT_FDCWD, os.fsencode(path), ts, 0))
+            else:
+                _libc_check(_futimens(fd, ts))
+        return os.fstat(n.fd)
+
+    def readlink(self, node: int) -> bytes:
+        n = self._node(node)
+        if n.kind != stat.S_IFLNK:
+            raise _error(errno.EINVAL)
+        return os.readlink(b"", dir_fd=n.fd)  # the O_PATH link itself: never followed
+
+    def symlink(self, parent: int, name: bytes, target: bytes) -> tuple[int, os.stat_result]:
+        """A symlink holding ``target`` as given: only the guest ever resolves it."""
+        p = self._dir(parent)
+        _check_entry(name)
+        if not isinstance(target, bytes):
+            raise TypeError(f"a symlink target is bytes, not {type(target).__name__}")
+        if b"\0" in target:
+            raise _error(errno.EINVAL)
+        self._writable()
+        self._node_room()
+        os.symlink(target, name, dir_fd=p.fd)
+        return self._add(os.open(name, _PATH, dir_fd=p.fd))
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int) -> tuple[int, os.stat_result]:
+        """A regular file, FIFO or socket; device nodes are EPERM (see the module doc)."""
+        p = self._dir(parent)
+        _check_entry(name)
+        self._writable()
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
+            raise _error(errno.EPERM)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise _error(errno.EINVAL)
+        self._node_room()
+        os.mknod(name, kind | (mode & 0o7777), dir_fd=p.fd)
+        node, _ = self._add(os.open(name, _PATH, dir_fd=p.fd))
+        self._fix_mode(self._nodes[node], mode)
+        return node, os.fstat(self._nodes[node].fd)
+
+    def rename(
+        self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int = 0
+    ) -> None:
+        """renameat2 between two directory nodes: NOREPLACE or EXCHANGE, nothing else."""
+        p, q = self._dir(parent), self._dir(newparent)
+        _check_entry(name)
+        _check_entry(newname)
+        self._writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+            RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
+            raise _error(errno.EINVAL)  # RENAME_WHITEOUT would make a host device node
+        if flags:
+            _libc_check(_renameat2(p.fd, name, q.fd, newname, flags))
+        else:
+            os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=q.fd)
+
+    def link(self, node: int, newparent: int, newname: bytes) -> tuple[int, os.stat_result]:
+        """A new name for ``node``'s inode (a symlink node links the link itself)."""
+        n = self._node(node)
+        q = self._dir(newparent)
+        _check_entry(newname)
+        self._writable()
+        if n.kind == stat.S_IFDIR:
+            raise _error(errno.EPERM)
+        # the magic link followed is the node's inode, never a path of the guest's
+        os.link(self._proc(n), newname, dst_dir_fd=q.fd, follow_symlinks=True)
+        return self._add(os.open(newname, _PATH, dir_fd=q.fd))
+
+    def access(self, node: int, mask: int) -> None:
+        """faccessat(AT_EACCESS) as this process: EACCES if refused, EROFS for W_OK when
+        read-only.
+
+        The device runs as one host user (root here, for whom only X_OK can fail: on a
+        file without any x bit). A Linux virtio-fs guest mounts with default_permissions
+        and checks mode bits itself, so it does not send ACCESS.
+        """
+        n = self._node(node)
+        if mask & ~(os.R_OK | os.W_OK | os.X_OK):
+            raise _error(errno.EINVAL)
+        if mask & os.W_OK and (self.readonly or os.fstatvfs(n.fd).f_flag & os.ST_RDONLY):
+            raise _error(errno.EROFS)
+        if not os.access(self._proc(n), mask, effective_ids=True):
+            raise _error(errno.EACCES)
 
     # -- files --------------------------------------------------------------------------
 
@@ -440,8 +656,7 @@ class HostDir:
         exclusive = flags & os.O_EXCL
         flags = self._open_flags(flags)
         self._handle_room()
-        if len(self._nodes) >= self.max_nodes:
-            raise _error(errno.ENFILE)
+        self._node_room()
         try:
             fd = os.open(
                 name,
@@ -489,6 +704,45 @@ class HostDir:
     def release(self, fh: int) -> None:
         self._close_handle(fh, directory=False)
 
+    def flush(self, fh: int) -> None:
+        """Close a duplicate of the fd: drops this process's POSIX locks on the file and
+        reports a deferred write error, as a close in the guest expects (as virtiofsd)."""
+        os.close(os.dup(self._handle(fh, directory=False).fd))
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh, directory=False).fd
+        (os.fdatasync if datasync else os.fsync)(fd)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        fd = self._handle(fh, directory=False).fd
+        self._writable()
+        _check_off(offset)
+        if not 0 < length <= _OFF_MAX - offset:
+            raise _error(errno.EINVAL)
+        _libc_check(_fallocate(fd, mode, offset, length))
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE (and SET / CUR / END) on the host file."""
+        fd = self._handle(fh, directory=False).fd
+        _check_off(offset, -_OFF_MAX - 1)
+        if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+            raise _error(errno.EINVAL)
+        return os.lseek(fd, offset, whence)
+
+    def copy_file_range(
+        self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int
+    ) -> int:
+        """Copy on the host (no bytes through Python); at most MAX_RW_COUNT per call."""
+        src = self._handle(fh_in, directory=False).fd
+        dst = self._handle(fh_out, directory=False).fd
+        self._writable()
+        _check_off(off_in)
+        _check_off(off_out)
+        _check_off(length)
+        if flags:
+            raise _error(errno.EINVAL)
+        return os.copy_file_range(src, dst, min(length, _RW_MAX), off_in, off_out)
+
     # -- directories --------------------------------------------------------------------
 
     def opendir(self, node: int) -> int:
@@ -526,3 +780,50 @@ class HostDir:
 
     def releasedir(self, fh: int) -> None:
         self._close_handle(fh, directory=True)
+
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh, directory=True).fd
+        (os.fdatasync if datasync else os.fsync)(fd)
+
+    # -- xattrs (on the node's own inode, through /proc/self/fd) ------------------------
+
+    def getxattr(self, node: int, name: bytes) -> bytes:
+        n = self._node(node)
+        _check_xattr_name(name)
+        return os.getxattr(self._proc(n), name)
+
+    def setxattr(self, node: int, name: bytes, value: bytes, flags: int) -> None:
+        n = self._node(node)
+        _check_xattr_name(name)
+        self._writable()
+        if not name.startswith(_XATTR_WRITABLE):
+            raise _error(errno.EPERM)
+        if flags & ~(XATTR_CREATE | XATTR_REPLACE):
+            raise _error(errno.EINVAL)
+        os.setxattr(self._proc(n), name, value, flags)
+
+    def listxattr(self, node: int) -> list[bytes]:
+        return [os.fsencode(x) for x in os.listxattr(self._proc(self._node(node)))]
+
+    def removexattr(self, node: int, name: bytes) -> None:
+        n = self._node(node)
+        _check_xattr_name(name)
+        self._writable()
+        if not name.startswith(_XATTR_WRITABLE):
+            raise _error(errno.EPERM)
+        os.removexattr(self._proc(n), name)
+
+    # -- the whole instance -------------------------------------------------------------
+
+    def forget_all(self) -> None:
+        """FUSE DESTROY or a device reset: every handle and every node but ROOT goes."""
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()
+        root = self._nodes[ROOT]
+        for node, n in list(self._nodes.items()):
+            if node != ROOT and n.fd >= 0:
+                os.close(n.fd)
+        self._nodes = {ROOT: root}
+        self._inodes = {root.key: ROOT}
+        root.nlookup, root.nopen = 1, 0
