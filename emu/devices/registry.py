@@ -35,6 +35,7 @@ BUILTIN = (
     "emu.devices.net",
     "emu.devices.console",
     "emu.devices.rng",
+    "emu.devices.fs",
 )
 #: ring size limit for served devices: what frontends ask for (QEMU microvm: 1024)
 QUEUE_MAX = 1024
