@@ -5,7 +5,8 @@ A device module registers its type once, at import (``register(DeviceType(...))`
 * its class, which carries the virtio device id, the name and the state schema (the
   device part DEVICE_<id> of a snapshot, ``emu.state.schema``);
 * how it is built from a CLI spec, ``NAME[:ARG][,OPTION=on|off...]`` (``emu serve``,
-  ``emu guest run --emu``); the ring OPTIONs are common to all types;
+  ``emu guest run --emu``); the ring OPTIONs are common to all types, and a type may
+  accept options of its own (``fs:DIR,tag=NAME,ro``: ``NAME`` or ``NAME=VALUE``);
 * its reference-driver helper, a module of ``emu.testing`` named by its dotted path so
   that production code never imports it: the driver side of the device for tests, and
   its ``demo(ring_options, say)`` for ``emu demo --in-process``;
@@ -29,7 +30,13 @@ from emu.state.parts import device_part
 from emu.state.schema import Schema
 
 #: the device types emu ships; each module registers its own at import
-BUILTIN = ("emu.devices.blk", "emu.devices.net", "emu.devices.console", "emu.devices.rng")
+BUILTIN = (
+    "emu.devices.blk",
+    "emu.devices.net",
+    "emu.devices.console",
+    "emu.devices.rng",
+    "emu.devices.fs",
+)
 #: ring size limit for served devices: what frontends ask for (QEMU microvm: 1024)
 QUEUE_MAX = 1024
 #: spec options that withhold a ring feature: name -> feature bit
@@ -42,13 +49,16 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class Spec:
-    """One parsed ``NAME[:ARG][,OPTION=on|off...]`` at ``position`` among the specs."""
+    """One parsed ``NAME[:ARG][,OPTION...]`` at ``position`` among the specs."""
 
     text: str
     kind: str
     arg: str  # after the first ':' ("" without)
     withheld: int  # ring feature bits the options switch off
     position: int = 0
+    #: options that are not ring options, in order: NAME -> VALUE ("" for a bare NAME);
+    #: the device type says which it accepts (``DeviceType.options``)
+    options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +80,8 @@ class DeviceType:
     finish: Callable[[Build], None] | None = None
     #: properties the frontend's own device needs to match this backend (QEMU -device)
     frontend: Callable[[Spec], dict[str, str]] | None = None
+    #: names of the type's own spec options (``Spec.options``); others are refused
+    options: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -139,18 +151,27 @@ def schemas() -> dict[int, Schema]:
 
 
 def parse_spec(text: str, position: int = 0) -> Spec:
-    """``"blk:d.img,packed=off"`` -> Spec("blk", "d.img", withheld=packed bit)."""
+    """``"blk:d.img,packed=off"`` -> Spec("blk", "d.img", withheld=packed bit).
+
+    Ring options must say on or off; any other option is kept in ``options`` for the
+    device type to accept or refuse (``make_devices``)."""
     base, *options = text.split(",")
     withheld = 0
+    own: dict[str, str] = {}
     for opt in options:
         name, _, value = opt.partition("=")
-        if name not in RING_OPTIONS or value not in ("on", "off"):
+        if name not in RING_OPTIONS:
+            if not name or name in own:
+                raise SpecError(f"{text}: option {opt!r} is empty or given twice")
+            own[name] = value
+            continue
+        if value not in ("on", "off"):
             known = ", ".join(f"{n}=on|off" for n in RING_OPTIONS)
             raise SpecError(f"{text}: option {opt!r} (known: {known})")
         bit = 1 << RING_OPTIONS[name]
         withheld = withheld | bit if value == "off" else withheld & ~bit
     kind, _, arg = base.partition(":")
-    return Spec(text, kind, arg, withheld, position)
+    return Spec(text, kind, arg, withheld, position, own)
 
 
 def make_devices(specs: list[str], build: Build | None = None) -> list[VirtioDevice]:
@@ -163,6 +184,10 @@ def make_devices(specs: list[str], build: Build | None = None) -> list[VirtioDev
         for i, text in enumerate(specs):
             spec = parse_spec(text, i)
             t = get(spec.kind)
+            unknown = [name for name in spec.options if name not in t.options]
+            if unknown:
+                known = [f"{n}=on|off" for n in RING_OPTIONS] + list(t.options)
+                raise SpecError(f"{text!r}: option {unknown[0]!r} (known: {', '.join(known)})")
             try:
                 dev = t.build(spec, build)
             except SpecError as e:

@@ -1,0 +1,829 @@
+"""One host directory shared with a guest, in FUSE terms: node ids, lookup counts, handles.
+
+virtio-fs passes a guest's file system calls through to a host directory. The guest is
+hostile and the directory is the sandbox, so nothing here ever resolves a path the guest
+wrote: every node (a host inode the guest looked up) holds an ``O_PATH | O_NOFOLLOW`` fd,
+and every call is an ``*at`` call on a node's fd with one checked name component, or acts
+on the node's own inode through ``/proc/self/fd/N``. The device (emu/devices/fs.py) speaks
+FUSE and maps every ``OSError`` raised here to ``-errno`` for the guest.
+
+Sandbox decisions
+- Names are bytes. Empty, containing ``/`` or NUL: EINVAL; longer than NAME_MAX (255):
+  ENAMETOOLONG. ``.`` and ``..`` are accepted only by ``lookup`` (and
+  ``readdirplus_entry``); every call that creates, removes or renames an entry refuses
+  them with EINVAL.
+- ``..`` at ROOT is ROOT. Below ROOT it is the host parent, taken only after walking up
+  from it on the host meets ROOT (else EACCES): a directory moved out of the tree on the
+  host cannot lead the guest further out.
+- Host symlinks are never followed: lookups open the link itself (a node of type
+  symlink); open of a symlink node is ELOOP, and a lookup under it is ENOTDIR.
+- Only regular files are opened for I/O (EISDIR for a directory, ENXIO for FIFOs,
+  sockets and devices): a Linux guest serves special files itself, and a host open
+  could block (FIFO) or reach a host device.
+- No host device nodes: mknod of a character or block device is EPERM (a device node
+  the guest made would open a host device for any host user who can reach the tree),
+  and so is RENAME_WHITEOUT (EINVAL: it makes one).
+- xattrs are read and listed in every namespace but written (set / remove) only in
+  ``user.``: EPERM for the others, whose values the host acts on (``security.capability``
+  grants capabilities, ``trusted.*``, ACLs).
+- Unknown node ids, and node ids whose inode could not be reopened after a restore:
+  ESTALE. Unknown file handles, or a handle of the wrong kind (a directory handle for a
+  file call and back): EBADF.
+- At most ``max_nodes`` nodes and ``max_handles`` handles at once (ENFILE beyond), so a
+  guest cannot exhaust the host's fds: a node holds one fd, a file handle one, a
+  directory handle two while it is being listed. Keep ``max_nodes + 2 * max_handles``
+  under RLIMIT_NOFILE.
+- ``readonly``: every call that would change the tree or a file raises EROFS.
+- O_DIRECT is dropped from open flags (the guest's page cache is not the host's, and
+  tmpfs refuses it), as the C virtiofsd does by default.
+
+What a held node still does: a node keeps its inode, so a directory a host user moves
+out of the tree stays reachable through a node the guest already holds (as with the C
+virtiofsd). The guest itself cannot move anything out: every target is a node of this
+tree.
+
+Credentials: the device runs as one host user and does not switch to the guest's
+uid/gid (no setfsuid); files it creates belong to that user. Modes are the guest's: the
+guest kernel applied its umask before sending, so bits the host umask removed are put
+back.
+
+Not thread-safe: one device thread calls it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+ROOT = 1
+NAME_MAX = 255
+#: default bounds on what one guest can hold open at once (ENFILE beyond)
+MAX_NODES = 16384
+MAX_HANDLES = 2048
+
+_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+#: open flags a guest may pass through (access mode and flags with a file meaning only)
+_OPEN_FLAGS = (
+    os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_NONBLOCK
+)
+#: how far ``..`` may walk up looking for ROOT before giving up
+_MAX_DEPTH = 4096
+_DOTS = (b".", b"..")
+_OFF_MAX = (1 << 63) - 1
+#: the most one read/write/copy moves in Linux (MAX_RW_COUNT)
+_RW_MAX = 0x7FFFF000
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+#: the only xattr namespace a guest may write: others carry host meaning (file
+#: capabilities in security.capability, trusted.*, ACLs the host enforces)
+_XATTR_WRITABLE = b"user."
+_AT_FDCWD = -100
+_UTIME_NOW = (1 << 30) - 1
+_UTIME_OMIT = (1 << 30) - 2
+
+# ctypes only where the os module has no equivalent: renameat2 (flags), fallocate
+# (modes), utimensat / futimens with UTIME_NOW / UTIME_OMIT (os.utime always sets both
+# times itself)
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_utimensat = _libc.utimensat
+_utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_futimens = _libc.futimens
+_futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
+
+Key = tuple[int, int]
+
+
+def _error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _key(st: os.stat_result) -> Key:
+    return (st.st_dev, st.st_ino)
+
+
+def _check_name(name: bytes) -> None:
+    """One path component the host may resolve: no separator, no NUL, not too long."""
+    if not isinstance(name, bytes):
+        raise TypeError(f"names are bytes, not {type(name).__name__}")
+    if not name or b"/" in name or b"\0" in name:
+        raise _error(errno.EINVAL)
+    if len(name) > NAME_MAX:
+        raise _error(errno.ENAMETOOLONG)
+
+
+def _libc_check(ret: int) -> None:
+    if ret != 0:
+        raise _error(ctypes.get_errno())
+
+
+def _check_off(value: int, low: int = 0) -> int:
+    """A guest's offset or size for a 64-bit signed host argument (EINVAL outside)."""
+    if not low <= value <= _OFF_MAX:
+        raise _error(errno.EINVAL)
+    return value
+
+
+def _timespec(ns: int | None, now: bool) -> tuple[int, int]:
+    if now:
+        return 0, _UTIME_NOW
+    if ns is None:
+        return 0, _UTIME_OMIT
+    sec, nsec = divmod(ns, 1_000_000_000)
+    _check_off(sec, -_OFF_MAX - 1)
+    return sec, nsec
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if not isinstance(name, bytes):
+        raise TypeError(f"xattr names are bytes, not {type(name).__name__}")
+    if b"\0" in name:
+        raise _error(errno.EINVAL)
+    if not name or len(name) > NAME_MAX:  # the kernel's XATTR_NAME_MAX answer
+        raise _error(errno.ERANGE)
+
+
+def _check_entry(name: bytes) -> None:
+    """A name to create, remove or rename: a component, and not ``.`` or ``..``."""
+    _check_name(name)
+    if name in _DOTS:
+        raise _error(errno.EINVAL)
+
+
+def _dtype(entry: os.DirEntry) -> int:
+    """The d_type of a listed entry (DT_* is the S_IFMT value shifted down by 12)."""
+    try:
+        if entry.is_symlink():
+            return stat.S_IFLNK >> 12
+        if entry.is_dir(follow_symlinks=False):
+            return stat.S_IFDIR >> 12
+        if entry.is_file(follow_symlinks=False):
+            return stat.S_IFREG >> 12
+        return stat.S_IFMT(entry.stat(follow_symlinks=False).st_mode) >> 12
+    except OSError:  # gone meanwhile: DT_UNKNOWN, the kernel then asks
+        return 0
+
+
+class _Node:
+    """A host inode the guest holds: its O_PATH fd (-1: stale after a restore)."""
+
+    __slots__ = ("fd", "key", "kind", "nlookup", "nopen")
+
+    def __init__(self, fd: int, key: Key, kind: int) -> None:
+        self.fd = fd
+        self.key = key
+        self.kind = kind  # S_IFMT bits: an inode's type never changes
+        self.nlookup = 0
+        self.nopen = 0  # handles on it: the node outlives its last FORGET until they close
+
+
+class _DirScan:
+    """A directory listing read lazily, with offsets stable while the directory is.
+
+    Entry ``i`` of the listing has offset ``i``. The kernel asks again from the offset
+    after the last entry it kept, so entries read but not yet kept stay in ``window``;
+    an earlier offset, or a rewind to the start, reads the directory afresh.
+    """
+
+    __slots__ = ("it", "base", "window")
+
+    def __init__(self) -> None:
+        self.it: Iterator[os.DirEntry] | None = None
+        self.base = 0  # index of window[0]
+        self.window: list[tuple[int, int, bytes]] = []
+
+    def close(self) -> None:
+        if self.it is not None:
+            self.it.close()  # type: ignore[attr-defined]
+            self.it = None
+
+    def _restart(self, fd: int) -> None:
+        self.close()
+        os.lseek(fd, 0, os.SEEK_SET)  # scandir dups fd: the position is shared
+        self.it = os.scandir(fd)
+        self.base = 0
+        self.window = []
+
+    def _read(self) -> tuple[int, int, bytes] | None:
+        assert self.it is not None
+        entry = next(self.it, None)
+        if entry is None:
+            return None
+        got = (entry.inode(), _dtype(entry), os.fsencode(entry.name))
+        self.window.append(got)
+        return got
+
+    def entries(self, fd: int, start: int, rewind: bool) -> Iterator[tuple[int, int, int, bytes]]:
+        """(index, ino, d_type, name) from entry ``start`` on; ``rewind`` reads afresh."""
+        if rewind or self.it is None or start < self.base:
+            self._restart(fd)
+        kept = min(start - self.base, len(self.window))
+        del self.window[:kept]
+        self.base += kept
+        while self.base < start:  # a seek past what was read: read and drop
+            if self._read() is None:
+                return
+            self.window.clear()
+            self.base += 1
+        index = start
+        while True:
+            at = index - self.base
+            got = self.window[at] if at < len(self.window) else self._read()
+            if got is None:
+                return
+            yield (index, *got)
+            index += 1
+
+
+class _Handle:
+    """An open file or directory (fd -1: stale after a restore)."""
+
+    __slots__ = ("fd", "node", "flags", "scan")
+
+    def __init__(self, fd: int, node: int, flags: int, scan: _DirScan | None) -> None:
+        self.fd = fd
+        self.node = node
+        self.flags = flags  # as reopened after a restore (no O_TRUNC)
+        self.scan = scan  # None for a file
+
+    def close(self) -> None:
+        if self.scan is not None:
+            self.scan.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class HostDir:
+    """The shared directory ``root`` as FUSE sees it (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        readonly: bool = False,
+        max_nodes: int = MAX_NODES,
+        max_handles: int = MAX_HANDLES,
+    ) -> None:
+        if not os.path.isdir("/proc/self/fd"):
+            raise RuntimeError("HostDir reopens nodes through /proc/self/fd: mount /proc")
+        self.readonly = readonly
+        self.max_nodes = max_nodes
+        self.max_handles = max_handles
+        # the operator names the tree: a symlink in that path is theirs to follow
+        fd = os.open(root, _DIR_PATH)
+        st = os.fstat(fd)
+        root_node = _Node(fd, _key(st), stat.S_IFDIR)
+        root_node.nlookup = 1
+        self._nodes: dict[int, _Node] = {ROOT: root_node}
+        self._inodes: dict[Key, int] = {root_node.key: ROOT}
+        self._handles: dict[int, _Handle] = {}
+        self._next_node = ROOT + 1
+        self._next_fh = 1
+
+    def close(self) -> None:
+        """Close every fd held; every later call fails (ESTALE / EBADF)."""
+        for h in self._handles.values():
+            h.close()
+        for n in self._nodes.values():
+            if n.fd >= 0:
+                os.close(n.fd)
+        self._handles.clear()
+        self._nodes.clear()
+        self._inodes.clear()
+
+    # -- tables -------------------------------------------------------------------------
+
+    def _node(self, node: int) -> _Node:
+        n = self._nodes.get(node)
+        if n is None or n.fd < 0:
+            raise _error(errno.ESTALE)
+        return n
+
+    def _dir(self, node: int) -> _Node:
+        n = self._node(node)
+        if n.kind != stat.S_IFDIR:
+            raise _error(errno.ENOTDIR)
+        return n
+
+    def _handle(self, fh: int, *, directory: bool) -> _Handle:
+        h = self._handles.get(fh)
+        if h is None or (h.scan is not None) != directory:
+            raise _error(errno.EBADF)
+        if h.fd < 0:
+            raise _error(errno.ESTALE)
+        return h
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise _error(errno.EROFS)
+
+    def _add(self, fd: int) -> tuple[int, os.stat_result]:
+        """The node of the inode ``fd`` holds (taking ``fd``), one lookup more."""
+        try:
+            st = os.fstat(fd)
+            key = _key(st)
+            node = self._inodes.get(key)
+            if node is None:
+                self._node_room()
+                node = self._next_node
+                self._next_node += 1
+                self._nodes[node] = _Node(fd, key, stat.S_IFMT(st.st_mode))
+                self._inodes[key] = node
+                fd = -1  # the node owns it now
+            self._nodes[node].nlookup += 1
+            return node, st
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _drop_if_unused(self, node: int) -> None:
+        n = self._nodes[node]
+        if node == ROOT or n.nlookup > 0 or n.nopen > 0:
+            return
+        del self._nodes[node]
+        if self._inodes.get(n.key) == node:
+            del self._inodes[n.key]
+        if n.fd >= 0:
+            os.close(n.fd)
+
+    def _new_handle(self, fd: int, node: int, flags: int, scan: _DirScan | None) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(fd, node, flags, scan)
+        self._nodes[node].nopen += 1
+        return fh
+
+    def _handle_of(self, node: int, fh: int) -> _Handle:
+        """A handle of either kind that must belong to ``node``."""
+        h = self._handles.get(fh)
+        if h is None or h.node != node:
+            raise _error(errno.EBADF)
+        if h.fd < 0:
+            raise _error(errno.ESTALE)
+        return h
+
+    def _node_room(self) -> None:
+        if len(self._nodes) >= self.max_nodes:
+            raise _error(errno.ENFILE)
+
+    def _handle_room(self) -> None:
+        if len(self._handles) >= self.max_handles:
+            raise _error(errno.ENFILE)
+
+    def _inside(self, fd: int) -> bool:
+        """Whether ROOT is the directory ``fd`` or one of its ancestors on the host."""
+        root = self._nodes[ROOT].key
+        cur = os.open(b".", _DIR_PATH, dir_fd=fd)  # an fd of its own for the walk
+        try:
+            key = _key(os.fstat(cur))
+            for _ in range(_MAX_DEPTH):
+                if key == root:
+                    return True
+                up = os.open(b"..", _DIR_PATH, dir_fd=cur)
+                os.close(cur)
+                cur = up
+                up_key = _key(os.fstat(cur))
+                if up_key == key:  # the host's "/": nowhere further up
+                    return False
+                key = up_key
+            return False
+        finally:
+            os.close(cur)
+
+    @staticmethod
+    def _proc(n: _Node) -> str:
+        """The node's own inode as a path (a magic link: never resolves a name)."""
+        return f"/proc/self/fd/{n.fd}"
+
+    def _fix_mode(self, n: _Node, mode: int) -> None:
+        """Put back permission bits the host umask took from a new entry."""
+        st = os.fstat(n.fd)
+        missing = mode & 0o777 & ~st.st_mode
+        if missing:
+            os.chmod(self._proc(n), (st.st_mode & 0o7777) | missing)
+
+    # -- nodes --------------------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> tuple[int, os.stat_result]:
+        """The entry ``name`` of directory ``parent`` (a symlink is the link itself)."""
+        p = self._node(parent)
+        if name in _DOTS:
+            if p.kind != stat.S_IFDIR:
+                raise _error(errno.ENOTDIR)
+            if name == b"." or parent == ROOT:
+                p.nlookup += 1
+                return parent, os.fstat(p.fd)
+            fd = os.open(b"..", _DIR_PATH, dir_fd=p.fd)
+            try:
+                inside = self._inside(fd)
+            except OSError:
+                os.close(fd)
+                raise
+            if not inside:
+                os.close(fd)
+                raise _error(errno.EACCES)
+            return self._add(fd)
+        _check_name(name)
+        return self._add(os.open(name, _PATH, dir_fd=p.fd))
+
+    def readdirplus_entry(self, parent: int, name: bytes) -> tuple[int, os.stat_result] | None:
+        """A lookup for READDIRPLUS: None for ``.``/``..`` and for an entry gone meanwhile."""
+        self._node(parent)
+        if name in _DOTS:
+            return None
+        try:
+            return self.lookup(parent, name)
+        except FileNotFoundError:
+            return None
+
+    def forget(self, node: int, nlookup: int) -> None:
+        """Drop ``nlookup`` lookups; harmless for ROOT, unknown nodes and too large counts."""
+        n = self._nodes.get(node)
+        if n is None or node == ROOT or nlookup <= 0:
+            return
+        n.nlookup = max(0, n.nlookup - nlookup)
+        self._drop_if_unused(node)
+
+    def getattr(self, node: int) -> os.stat_result:
+        return os.fstat(self._node(node).fd)
+
+    def statfs(self, node: int) -> os.statvfs_result:
+        return os.fstatvfs(self._node(node).fd)
+
+    def mkdir(self, parent: int, name: bytes, mode: int) -> tuple[int, os.stat_result]:
+        p = self._dir(parent)
+        _check_entry(name)
+        self._writable()
+        self._node_room()
+        os.mkdir(name, mode & 0o7777, dir_fd=p.fd)
+        node, _ = self._add(os.open(name, _PATH, dir_fd=p.fd))
+        self._fix_mode(self._nodes[node], mode)
+        return node, os.fstat(self._nodes[node].fd)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        p = self._dir(parent)
+        _check_entry(name)
+        self._writable()
+        os.unlink(name, dir_fd=p.fd)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        p = self._dir(parent)
+        _check_entry(name)
+        self._writable()
+        os.rmdir(name, dir_fd=p.fd)
+
+    def setattr(
+        self,
+        node: int,
+        fh: int | None,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        atime_now: bool = False,
+        mtime_now: bool = False,
+    ) -> os.stat_result:
+        """chmod, chown, truncate, utimens, in that order; on ``fh``'s fd when given.
+
+        ``fh`` must be a handle of this node (EBADF otherwise): the guest's ftruncate
+        of a file it may no longer reach by name. Without one, the node's own inode is
+        reached through /proc/self/fd (for a symlink: the link itself).
+        """
+        n = self._node(node)
+        fd = None if fh is None else self._handle_of(node, fh).fd
+        times = atime_ns is not None or mtime_ns is not None or atime_now or mtime_now
+        if mode is None and uid is None and gid is None and size is None and not times:
+            return os.fstat(n.fd)
+        self._writable()
+        path = self._proc(n)
+        if mode is not None:
+            if n.kind == stat.S_IFLNK:  # what Linux answers for a symlink's mode
+                raise _error(errno.EOPNOTSUPP)
+            os.chmod(path if fd is None else fd, mode & 0o7777)
+        if uid is not None or gid is not None:
+            ids = [-1 if v is None else v for v in (uid, gid)]
+            if not all(-1 <= v <= 0xFFFFFFFF for v in ids):
+                raise _error(errno.EINVAL)
+            os.chown(path if fd is None else fd, *ids)
+        if size is not None:
+            _check_off(size)
+            if fd is not None:
+                os.ftruncate(fd, size)
+            elif n.kind == stat.S_IFREG:
+                os.truncate(path, size)
+            else:
+                raise _error(errno.EISDIR if n.kind == stat.S_IFDIR else errno.EINVAL)
+        if times:
+            ts = (_Timespec * 2)(
+                _Timespec(*_timespec(atime_ns, atime_now)),
+                _Timespec(*_timespec(mtime_ns, mtime_now)),
+            )
+            if fd is None:
+                _libc_check(_utimensat(_AT_FDCWD, os.fsencode(path), ts, 0))
+            else:
+                _libc_check(_futimens(fd, ts))
+        return os.fstat(n.fd)
+
+    def readlink(self, node: int) -> bytes:
+        n = self._node(node)
+        if n.kind != stat.S_IFLNK:
+            raise _error(errno.EINVAL)
+        return os.readlink(b"", dir_fd=n.fd)  # the O_PATH link itself: never followed
+
+    def symlink(self, parent: int, name: bytes, target: bytes) -> tuple[int, os.stat_result]:
+        """A symlink holding ``target`` as given: only the guest ever resolves it."""
+        p = self._dir(parent)
+        _check_entry(name)
+        if not isinstance(target, bytes):
+            raise TypeError(f"a symlink target is bytes, not {type(target).__name__}")
+        if b"\0" in target:
+            raise _error(errno.EINVAL)
+        self._writable()
+        self._node_room()
+        os.symlink(target, name, dir_fd=p.fd)
+        return self._add(os.open(name, _PATH, dir_fd=p.fd))
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int) -> tuple[int, os.stat_result]:
+        """A regular file, FIFO or socket; device nodes are EPERM (see the module doc)."""
+        p = self._dir(parent)
+        _check_entry(name)
+        self._writable()
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
+            raise _error(errno.EPERM)
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise _error(errno.EINVAL)
+        self._node_room()
+        os.mknod(name, kind | (mode & 0o7777), dir_fd=p.fd)
+        node, _ = self._add(os.open(name, _PATH, dir_fd=p.fd))
+        self._fix_mode(self._nodes[node], mode)
+        return node, os.fstat(self._nodes[node].fd)
+
+    def rename(
+        self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int = 0
+    ) -> None:
+        """renameat2 between two directory nodes: NOREPLACE or EXCHANGE, nothing else."""
+        p, q = self._dir(parent), self._dir(newparent)
+        _check_entry(name)
+        _check_entry(newname)
+        self._writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+            RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
+            raise _error(errno.EINVAL)  # RENAME_WHITEOUT would make a host device node
+        if flags:
+            _libc_check(_renameat2(p.fd, name, q.fd, newname, flags))
+        else:
+            os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=q.fd)
+
+    def link(self, node: int, newparent: int, newname: bytes) -> tuple[int, os.stat_result]:
+        """A new name for ``node``'s inode (a symlink node links the link itself)."""
+        n = self._node(node)
+        q = self._dir(newparent)
+        _check_entry(newname)
+        self._writable()
+        if n.kind == stat.S_IFDIR:
+            raise _error(errno.EPERM)
+        # the magic link followed is the node's inode, never a path of the guest's
+        os.link(self._proc(n), newname, dst_dir_fd=q.fd, follow_symlinks=True)
+        return self._add(os.open(newname, _PATH, dir_fd=q.fd))
+
+    def access(self, node: int, mask: int) -> None:
+        """faccessat(AT_EACCESS) as this process: EACCES if refused, EROFS for W_OK when
+        read-only.
+
+        The device runs as one host user (root here, for whom only X_OK can fail: on a
+        file without any x bit). A Linux virtio-fs guest mounts with default_permissions
+        and checks mode bits itself, so it does not send ACCESS.
+        """
+        n = self._node(node)
+        if mask & ~(os.R_OK | os.W_OK | os.X_OK):
+            raise _error(errno.EINVAL)
+        if mask & os.W_OK and (self.readonly or os.fstatvfs(n.fd).f_flag & os.ST_RDONLY):
+            raise _error(errno.EROFS)
+        if not os.access(self._proc(n), mask, effective_ids=True):
+            raise _error(errno.EACCES)
+
+    # -- files --------------------------------------------------------------------------
+
+    def _open_flags(self, flags: int) -> int:
+        """The guest's open flags as passed to the host; EROFS for a write when readonly."""
+        access = flags & os.O_ACCMODE
+        if access == os.O_ACCMODE:
+            raise _error(errno.EINVAL)
+        if self.readonly and (access != os.O_RDONLY or flags & os.O_TRUNC):
+            raise _error(errno.EROFS)
+        return flags & _OPEN_FLAGS
+
+    def open(self, node: int, flags: int) -> int:
+        """A handle for I/O on a regular file node."""
+        n = self._node(node)
+        if n.kind != stat.S_IFREG:
+            raise _error(
+                {stat.S_IFDIR: errno.EISDIR, stat.S_IFLNK: errno.ELOOP}.get(n.kind, errno.ENXIO)
+            )
+        flags = self._open_flags(flags)
+        self._handle_room()
+        fd = os.open(self._proc(n), flags | os.O_CLOEXEC)
+        return self._new_handle(fd, node, flags & ~os.O_TRUNC, None)
+
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int
+    ) -> tuple[int, os.stat_result, int]:
+        """Create (or, without O_EXCL, open) the regular file ``name``: node, attrs, handle."""
+        p = self._dir(parent)
+        _check_entry(name)
+        self._writable()
+        exclusive = flags & os.O_EXCL
+        flags = self._open_flags(flags)
+        self._handle_room()
+        self._node_room()
+        try:
+            fd = os.open(
+                name,
+                flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                mode & 0o7777,
+                dir_fd=p.fd,
+            )
+        except FileExistsError:
+            if exclusive:
+                raise
+            node, _ = self.lookup(parent, name)  # a symlink: ELOOP below, as O_NOFOLLOW
+            try:
+                fh = self.open(node, flags)
+            except BaseException:
+                self.forget(node, 1)
+                raise
+            return node, self.getattr(node), fh
+        try:
+            st = os.fstat(fd)
+            if mode & 0o777 & ~st.st_mode:
+                os.fchmod(fd, (st.st_mode & 0o7777) | (mode & 0o777))
+            # the magic link followed (no O_NOFOLLOW) is the inode just created, race-free
+            node, _ = self._add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC))
+        except BaseException:
+            os.close(fd)
+            raise
+        fh = self._new_handle(fd, node, flags & ~os.O_TRUNC, None)
+        return node, os.fstat(fd), fh
+
+    def fd(self, fh: int) -> int:
+        """The host fd of an open file, for the device's preadv / pwritev."""
+        return self._handle(fh, directory=False).fd
+
+    def _close_handle(self, fh: int, *, directory: bool) -> None:
+        h = self._handles.get(fh)
+        if h is None or (h.scan is not None) != directory:
+            raise _error(errno.EBADF)
+        del self._handles[fh]
+        h.close()
+        n = self._nodes.get(h.node)
+        if n is not None:
+            n.nopen -= 1
+            self._drop_if_unused(h.node)
+
+    def release(self, fh: int) -> None:
+        self._close_handle(fh, directory=False)
+
+    def flush(self, fh: int) -> None:
+        """Close a duplicate of the fd: drops this process's POSIX locks on the file and
+        reports a deferred write error, as a close in the guest expects (as virtiofsd)."""
+        os.close(os.dup(self._handle(fh, directory=False).fd))
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh, directory=False).fd
+        (os.fdatasync if datasync else os.fsync)(fd)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        fd = self._handle(fh, directory=False).fd
+        self._writable()
+        _check_off(offset)
+        if not 0 < length <= _OFF_MAX - offset:
+            raise _error(errno.EINVAL)
+        _libc_check(_fallocate(fd, mode, offset, length))
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE (and SET / CUR / END) on the host file."""
+        fd = self._handle(fh, directory=False).fd
+        _check_off(offset, -_OFF_MAX - 1)
+        if whence not in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END, os.SEEK_DATA, os.SEEK_HOLE):
+            raise _error(errno.EINVAL)
+        return os.lseek(fd, offset, whence)
+
+    def copy_file_range(
+        self, fh_in: int, off_in: int, fh_out: int, off_out: int, length: int, flags: int
+    ) -> int:
+        """Copy on the host (no bytes through Python); at most MAX_RW_COUNT per call."""
+        src = self._handle(fh_in, directory=False).fd
+        dst = self._handle(fh_out, directory=False).fd
+        self._writable()
+        _check_off(off_in)
+        _check_off(off_out)
+        _check_off(length)
+        if flags:
+            raise _error(errno.EINVAL)
+        return os.copy_file_range(src, dst, min(length, _RW_MAX), off_in, off_out)
+
+    # -- directories --------------------------------------------------------------------
+
+    def opendir(self, node: int) -> int:
+        n = self._dir(node)
+        self._handle_room()
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=n.fd)
+        return self._new_handle(fd, node, os.O_RDONLY, _DirScan())
+
+    def readdir(self, fh: int, offset: int) -> Iterator[tuple[int, int, int, bytes]]:
+        """(ino, next_offset, d_type, name) after ``offset``, read lazily.
+
+        Offsets 1 and 2 are ``.`` and ``..``; then entry i of the host listing has next
+        offset i + 3. Stable while the directory is unchanged, including across a
+        restore (the listing is read again in the same host order).
+        """
+        h = self._handle(fh, directory=True)
+        if offset < 0:
+            raise _error(errno.EINVAL)
+        return self._entries(h, offset)
+
+    def _entries(self, h: _Handle, offset: int) -> Iterator[tuple[int, int, int, bytes]]:
+        n = self._node(h.node)
+        dt_dir = stat.S_IFDIR >> 12
+        if offset < 1:
+            yield os.fstat(n.fd).st_ino, 1, dt_dir, b"."
+        if offset < 2:
+            if h.node == ROOT:  # ROOT's parent is ROOT for the guest
+                ino = os.fstat(n.fd).st_ino
+            else:
+                ino = os.stat(b"..", dir_fd=n.fd, follow_symlinks=False).st_ino
+            yield ino, 2, dt_dir, b".."
+        assert h.scan is not None
+        for index, ino, dtype, name in h.scan.entries(h.fd, max(offset - 2, 0), offset == 0):
+            yield ino, index + 3, dtype, name
+
+    def releasedir(self, fh: int) -> None:
+        self._close_handle(fh, directory=True)
+
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        fd = self._handle(fh, directory=True).fd
+        (os.fdatasync if datasync else os.fsync)(fd)
+
+    # -- xattrs (on the node's own inode, through /proc/self/fd) ------------------------
+
+    def getxattr(self, node: int, name: bytes) -> bytes:
+        n = self._node(node)
+        _check_xattr_name(name)
+        return os.getxattr(self._proc(n), name)
+
+    def setxattr(self, node: int, name: bytes, value: bytes, flags: int) -> None:
+        n = self._node(node)
+        _check_xattr_name(name)
+        self._writable()
+        if not name.startswith(_XATTR_WRITABLE):
+            raise _error(errno.EPERM)
+        if flags & ~(XATTR_CREATE | XATTR_REPLACE):
+            raise _error(errno.EINVAL)
+        os.setxattr(self._proc(n), name, value, flags)
+
+    def listxattr(self, node: int) -> list[bytes]:
+        return [os.fsencode(x) for x in os.listxattr(self._proc(self._node(node)))]
+
+    def removexattr(self, node: int, name: bytes) -> None:
+        n = self._node(node)
+        _check_xattr_name(name)
+        self._writable()
+        if not name.startswith(_XATTR_WRITABLE):
+            raise _error(errno.EPERM)
+        os.removexattr(self._proc(n), name)
+
+    # -- the whole instance -------------------------------------------------------------
+
+    def forget_all(self) -> None:
+        """FUSE DESTROY or a device reset: every handle and every node but ROOT goes."""
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()
+        root = self._nodes[ROOT]
+        for node, n in list(self._nodes.items()):
+            if node != ROOT and n.fd >= 0:
+                os.close(n.fd)
+        self._nodes = {ROOT: root}
+        self._inodes = {root.key: ROOT}
+        root.nlookup, root.nopen = 1, 0

@@ -1,0 +1,843 @@
+"""virtio-fs (device id 26): FUSE requests over virtqueues, answered from one host directory.
+
+Queues: 0 is hiprio (the guest's FORGET and BATCH_FORGET), 1..N carry every other request
+(``num_request_queues`` = N in the config space, beside the 36-byte ``tag`` the guest
+mounts by). No feature bits: no notification queue, no DAX window. Every request may
+arrive on any queue; each is served the same way.
+
+One chain is one request: the device-readable part holds the fuse_in_header, the
+arguments and (WRITE) the data; the device-writable part takes the fuse_out_header and
+the reply. Requests run one at a time on the device thread, synchronously, in the order
+they are popped: a request's reply is written before the next request is looked at, so
+there is never anything for an INTERRUPT to interrupt (INTERRUPT is read and dropped).
+The FUSE semantics are ``emu.backends.hostdir.HostDir``'s (node ids, lookup counts,
+handles, the sandbox); this module maps the wire format (``emu.devices.fuse``) onto it.
+READ and WRITE move the data between the host file and guest RAM with one ``preadv`` /
+``pwritev`` over memoryviews of the chain's buffers: the payload is never copied in Python.
+
+INIT, negotiated honestly: the reply's minor is the lower of the guest's and 7.37; the
+flags are the guest's intersected with what this device does:
+
+* ASYNC_READ: several READs of one file may be outstanding; each is a positioned read.
+* ATOMIC_O_TRUNC: OPEN passes O_TRUNC to the host open (HostDir refuses it read-only)
+  instead of a separate SETATTR.
+* BIG_WRITES: WRITEs up to ``max_write`` rather than one page.
+* AUTO_INVAL_DATA: the guest drops cached pages when the host changes a file's size or
+  mtime; nothing to do here, and right for a directory the host may change.
+* DO_READDIRPLUS, READDIRPLUS_AUTO: READDIRPLUS is served.
+* PARALLEL_DIROPS: the guest may send lookups and readdirs of one directory at once;
+  they run one after the other here, which is one of the orders allowed.
+* MAX_PAGES: ``max_pages`` (below) replaces the kernel's default 32.
+
+Not offered: locks (GETLK/SETLK answer ENOSYS, so the guest keeps locks to itself),
+WRITEBACK_CACHE, DONT_MASK (the guest applies its umask before sending a mode),
+HANDLE_KILLPRIV(_V2) (the guest clears set-id bits itself with SETATTR), POSIX_ACL,
+EXPORT_SUPPORT, SETXATTR_EXT, SECURITY_CTX, SUBMOUNTS, DAX.
+
+Sizes: Linux 6.1 puts one descriptor per data page in a chain and, on the ring, never
+more descriptors than the queue size (emu's rings refuse longer chains). So ``max_pages``
+is the smallest request queue's size less 8 (descriptors for headers and arguments),
+capped at the kernel's ceiling of 256 pages (1 MiB); ``max_write`` is ``max_pages`` pages
+of 4 KiB. READ and READDIR sizes are capped by the writable room, by 1 MiB and by IOV_MAX
+buffers (a shorter READ reply is what the guest sees at the end of a file).
+
+What the guest gets wrong, and the answer (an error reply is a bare fuse_out_header with
+``-errno``; nothing of the request is executed unless said):
+
+* fewer than 16 writable bytes for a request that needs a reply: nowhere to answer, so
+  the request is not executed and the chain is used with length 0. FORGET, BATCH_FORGET
+  and INTERRUPT need no writable part; their used length is always 0.
+* fewer than 40 readable bytes (no whole in header): EIO, unique 0.
+* ``in.len`` below 40 or above the readable bytes: EINVAL. Readable bytes past ``in.len``
+  are ignored (a request is what its header says it is).
+* an argument struct cut short, a name without its NUL, a WRITE whose ``size`` is more
+  than the data sent or than ``max_write``, more than 128 KiB of arguments, writable room
+  too small for a fixed-size reply, a time with nanoseconds >= 10^9: EINVAL.
+* a request before INIT (or after DESTROY): EIO; a second INIT: EIO; a guest speaking an
+  older protocol than 7.31: EPROTO (a newer major gets our major, as the protocol asks).
+* an opcode not served: ENOSYS.
+* every name, node id and handle is HostDir's to check: its errno is the answer.
+* a write-type request on a ``ro`` device: EROFS, before HostDir is asked.
+* anything unexpected while serving a request: logged, EIO; the device carries on.
+
+Only what the rings and guest memory refuse (a descriptor outside guest RAM, a looping
+chain) makes the device need a reset, as for every emu device.
+
+Stop and snapshot: a report stop is honoured between requests. A request that ran but
+whose used entry a stop withheld must not run again (a MKDIR would answer EEXIST, a
+LOOKUP would count twice): its reply is in guest RAM already, so the device remembers its
+used length and, when the chain is handed to it again after resume or restore, publishes
+that length without executing it. The snapshot holds HostDir's nodes and handles
+(``HostDir.save``), the negotiated INIT parameters, those remembered lengths, and the tag,
+queue count and ``ro`` the guest saw (a restore onto a device that differs is refused).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+from emu.backends.hostdir import HostDir
+from emu.devices import _persist
+from emu.devices import fuse as f
+from emu.devices._chain import (
+    Chain,
+    ChainError,
+    ChainReader,
+    ChainWriter,
+    Unpublished,
+    abandoning,
+    chains,
+    inflight_heads,
+)
+from emu.devices.base import DeviceError, VirtioDevice
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
+from emu.memory import GuestMemoryError
+from emu.queue import Virtqueue
+from emu.state.format import StateError
+from emu.state.schema import Bool, Field, Int, List, Map, Nullable, Obj, Schema, Str
+
+log = logging.getLogger(__name__)
+
+TAG_MAX = 36
+HIPRIO = 0
+#: guest page size the kernel counts max_pages in (x86: the guests emu serves)
+PAGE = 4096
+#: the kernel's ceiling for max_pages (FUSE_MAX_MAX_PAGES)
+MAX_PAGES_LIMIT = 256
+#: descriptors of a READ/WRITE chain besides its data pages (headers, args; with margin)
+CHAIN_OVERHEAD = 8
+#: the largest READ / READDIR reply and WRITE served
+MAX_IO = MAX_PAGES_LIMIT * PAGE
+#: arguments of any request but WRITE: a struct, two names, an xattr value (64 KiB)
+MAX_ARGS = 128 << 10
+#: bytes one COPY_FILE_RANGE copies at most (a shorter count is a valid answer)
+MAX_COPY = 64 << 20
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+#: seconds the guest may cache names and attributes (as virtiofsd's cache=auto)
+TTL = 1
+BATCH = 64
+
+OFFERED = (
+    f.ASYNC_READ
+    | f.ATOMIC_O_TRUNC
+    | f.BIG_WRITES
+    | f.AUTO_INVAL_DATA
+    | f.DO_READDIRPLUS
+    | f.READDIRPLUS_AUTO
+    | f.PARALLEL_DIROPS
+    | f.MAX_PAGES
+)
+
+#: requests that change the shared directory: EROFS on a ``ro`` device
+WRITE_OPS = frozenset(
+    {
+        f.Op.SETATTR,
+        f.Op.SYMLINK,
+        f.Op.MKNOD,
+        f.Op.MKDIR,
+        f.Op.UNLINK,
+        f.Op.RMDIR,
+        f.Op.RENAME,
+        f.Op.RENAME2,
+        f.Op.LINK,
+        f.Op.CREATE,
+        f.Op.WRITE,
+        f.Op.SETXATTR,
+        f.Op.REMOVEXATTR,
+        f.Op.FALLOCATE,
+        f.Op.COPY_FILE_RANGE,
+    }
+)
+
+
+class Header(NamedTuple):
+    len: int
+    opcode: int
+    unique: int
+    nodeid: int
+    uid: int
+    gid: int
+    pid: int
+    padding: int
+
+
+@dataclass
+class Session:
+    """What INIT negotiated; kept in the snapshot so a restored device goes on serving."""
+
+    minor: int
+    flags: int
+    max_write: int
+    max_pages: int
+    max_readahead: int
+
+
+#: one request's handler: (header, arguments, reply room) -> reply body
+_Handler = Callable[[Header, f.Args, int], bytes]
+
+
+class _JsonObject(Field):
+    """HostDir's own state: a JSON object, size-bounded here, checked by ``HostDir.load``."""
+
+    max_bytes = 64 << 20
+
+    def check(self, value: Any, what: str) -> dict:
+        if not isinstance(value, dict):
+            raise StateError(f"{what} is not a JSON object")
+        if len(json.dumps(value)) > self.max_bytes:
+            raise StateError(f"{what} is larger than {self.max_bytes} bytes")
+        return value
+
+
+#: the device part of a snapshot (``save_state``)
+STATE = Schema(
+    "fs state",
+    1,
+    0,
+    {
+        "tag": Str(4 * TAG_MAX),
+        "num_request_queues": Int(1, 0xFFFF),
+        "readonly": Bool(),
+        "session": Nullable(
+            Obj(
+                {
+                    "minor": Int(f.MIN_MINOR, f.KERNEL_MINOR),
+                    "flags": Int(0, 2**64 - 1),
+                    "max_write": Int(PAGE, MAX_IO),
+                    "max_pages": Int(1, MAX_PAGES_LIMIT),
+                    "max_readahead": Int(0, 2**32 - 1),
+                }
+            )
+        ),
+        # per queue (its index as text): [head, used length] of chains answered whose
+        # used entries a stop withheld
+        "replied": Map(List(List(Int(0, 2**32 - 1), 2), 0x10000), 0x10001),
+        "dir": _JsonObject(),
+    },
+)
+
+
+class FsDevice(VirtioDevice):
+    device_id = 26
+    name = "fs"
+    state_schema = STATE
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        tag: str = "emu",
+        readonly: bool = False,
+        num_request_queues: int = 1,
+        queue_max_size: int | None = None,
+    ) -> None:
+        raw = tag.encode()
+        if not 1 <= len(raw) <= TAG_MAX or b"\0" in raw:
+            raise ValueError(f"tag {tag!r}: 1 to {TAG_MAX} bytes of UTF-8, no NUL")
+        if not 1 <= num_request_queues <= 0xFFFF - 1:
+            raise ValueError(f"num_request_queues {num_request_queues} not in 1..65534")
+        self.dir = HostDir(root, readonly=readonly)  # first: fails before fds are made
+        try:
+            super().__init__(1 + num_request_queues, 0, queue_max_size)
+        except BaseException:
+            self.dir.close()
+            raise
+        self.tag = tag
+        self.readonly = readonly
+        self.num_request_queues = num_request_queues
+        self.session: Session | None = None
+        #: per queue: chains whose reply was written but whose used entry may not be out
+        self._unpublished: dict[int, Unpublished[tuple[int, int]]] = {
+            q.index: Unpublished() for q in self.queues
+        }
+        #: per queue: head -> used length of chains answered before a stop, still in flight
+        self._replied: dict[int, dict[int, int]] = {q.index: {} for q in self.queues}
+        Op = f.Op
+        #: opcode -> (handler, reply size when fixed, else None); READ, WRITE and the
+        #: no-reply requests are served apart
+        self._ops: dict[int, tuple[_Handler, int | None]] = {
+            Op.INIT: (self._init, f.INIT_OUT.size),
+            Op.DESTROY: (self._destroy, 0),
+            Op.LOOKUP: (self._lookup, f.ENTRY_OUT.size),
+            Op.GETATTR: (self._getattr, f.ATTR_OUT.size),
+            Op.SETATTR: (self._setattr, f.ATTR_OUT.size),
+            Op.READLINK: (self._readlink, None),
+            Op.SYMLINK: (self._symlink, f.ENTRY_OUT.size),
+            Op.MKNOD: (self._mknod, f.ENTRY_OUT.size),
+            Op.MKDIR: (self._mkdir, f.ENTRY_OUT.size),
+            Op.UNLINK: (self._unlink, 0),
+            Op.RMDIR: (self._rmdir, 0),
+            Op.RENAME: (self._rename, 0),
+            Op.RENAME2: (self._rename2, 0),
+            Op.LINK: (self._link, f.ENTRY_OUT.size),
+            Op.OPEN: (self._open, f.OPEN_OUT.size),
+            Op.CREATE: (self._create, f.ENTRY_OUT.size + f.OPEN_OUT.size),
+            Op.STATFS: (self._statfs, f.STATFS_OUT.size),
+            Op.RELEASE: (self._release, 0),
+            Op.FSYNC: (self._fsync, 0),
+            Op.FLUSH: (self._flush, 0),
+            Op.OPENDIR: (self._opendir, f.OPEN_OUT.size),
+            Op.READDIR: (self._readdir, None),
+            Op.READDIRPLUS: (self._readdirplus, None),
+            Op.RELEASEDIR: (self._releasedir, 0),
+            Op.FSYNCDIR: (self._fsyncdir, 0),
+            Op.ACCESS: (self._access, 0),
+            Op.GETXATTR: (self._getxattr, None),
+            Op.SETXATTR: (self._setxattr, 0),
+            Op.LISTXATTR: (self._listxattr, None),
+            Op.REMOVEXATTR: (self._removexattr, 0),
+            Op.FALLOCATE: (self._fallocate, 0),
+            Op.LSEEK: (self._lseek, f.LSEEK_OUT.size),
+            Op.COPY_FILE_RANGE: (self._copy_file_range, f.WRITE_OUT.size),
+        }
+
+    # -- config space --
+
+    def config_bytes(self) -> bytes:
+        tag = self.tag.encode().ljust(TAG_MAX, b"\0")
+        return tag + self.num_request_queues.to_bytes(4, "little")
+
+    # -- lifecycle --
+
+    def on_reset(self) -> None:
+        """A reset ends the FUSE session: every node but the root and every handle goes."""
+        self.dir.forget_all()
+        self.session = None
+        for q in self.queues:
+            self._unpublished[q.index].clear()
+            self._replied[q.index].clear()
+
+    def close(self) -> None:
+        super().close()
+        self.dir.close()
+
+    # -- the request path --
+
+    def handle_queue(self, q: Virtqueue) -> None:
+        out, replied = self._unpublished[q.index], self._replied[q.index]
+        while True:
+            q.set_kicks(False)
+            while len(batch := q.pop(BATCH)):
+                out.popped(batch.heads.tolist())
+                heads: list[int] = []
+                lengths: list[int] = []
+                for c in chains(batch):
+                    if abandoning(q):  # report stop: the rest stays in flight, not executed
+                        break
+                    used = replied.pop(c.head, None)
+                    if used is None:  # not answered before a stop: serve it now
+                        used = self._serve(c)
+                    out.record([c.head], (c.head, used))
+                    heads.append(c.head)
+                    lengths.append(used)
+                q.push(heads, lengths)
+            if not q.set_kicks(True):
+                return
+
+    def _serve(self, c: Chain) -> int:
+        """Execute one request and write its reply; the chain's used length."""
+        r = ChainReader(self.mem, c)
+        if r.left < f.IN_HEADER.size:
+            log.info("fs: chain %d: %d readable bytes, no whole in header", c.head, r.left)
+            return self._answer_error(c, 0, errno.EIO)
+        h = Header._make(r.unpack(f.IN_HEADER))
+        if h.opcode in f.NO_REPLY:
+            self._no_reply(h, r)
+            return 0
+        if c.in_len < f.OUT_HEADER.size:
+            log.info("fs: request %d (opcode %d) has no room for a reply", h.unique, h.opcode)
+            return 0
+        w = ChainWriter(self.mem, c)
+        try:
+            return self._dispatch(h, r, w, c.in_len - f.OUT_HEADER.size)
+        except ChainError as e:  # a length the checks missed: still the guest's fault
+            log.info("fs: request %d (opcode %d): %s", h.unique, h.opcode, e)
+            err = errno.EINVAL
+        except (DeviceError, GuestMemoryError):
+            raise
+        except OSError as e:
+            err = e.errno or errno.EIO
+            if isinstance(e, f.Malformed):
+                log.info("fs: request %d (opcode %d): %s", h.unique, h.opcode, e.strerror)
+        except Exception:
+            log.exception("fs: request %d (opcode %d) failed", h.unique, h.opcode)
+            err = errno.EIO
+        return self._answer_error(c, h.unique, err)
+
+    def _answer_error(self, c: Chain, unique: int, err: int) -> int:
+        """A bare out header with ``-err`` (written afresh: a failed READ may have taken
+        room already); 0 when there is no room for it."""
+        if c.in_len < f.OUT_HEADER.size:
+            return 0
+        w = ChainWriter(self.mem, c)
+        w.pack(f.OUT_HEADER, f.OUT_HEADER.size, -err, unique)
+        return w.written
+
+    def _dispatch(self, h: Header, r: ChainReader, w: ChainWriter, room: int) -> int:
+        """Check the request against the session and the device, then run it."""
+        if not f.IN_HEADER.size <= h.len <= f.IN_HEADER.size + r.left:
+            raise f.Malformed(f"in.len {h.len} with {f.IN_HEADER.size + r.left} bytes sent")
+        op = h.opcode
+        served = self._ops.get(op)
+        if served is None and op not in (f.Op.READ, f.Op.WRITE):
+            raise OSError(errno.ENOSYS, "not served")
+        if self.session is None and op != f.Op.INIT:
+            raise OSError(errno.EIO, "no INIT yet")
+        if self.readonly and op in WRITE_OPS:
+            raise OSError(errno.EROFS, "read-only")
+        arglen = h.len - f.IN_HEADER.size
+        if op == f.Op.WRITE:  # only the struct is copied; the data stays in guest RAM
+            if room < f.WRITE_OUT.size:
+                raise f.Malformed(f"{room} bytes of room for a WRITE reply")
+            fixed = min(arglen, f.WRITE_IN.size)
+            return self._reply(w, h, self._write(f.Args(r.read(fixed)), r, arglen - fixed))
+        if arglen > MAX_ARGS:
+            raise f.Malformed(f"{arglen} bytes of arguments")
+        args = f.Args(r.read(arglen))
+        if served is None:
+            return self._read(h, args, w, room)
+        handler, size = served
+        if size is not None and size > room:
+            raise f.Malformed(f"{room} bytes of room for a {size}-byte reply")
+        return self._reply(w, h, handler(h, args, room))
+
+    def _reply(self, w: ChainWriter, h: Header, body: bytes) -> int:
+        w.write(f.OUT_HEADER.pack(f.OUT_HEADER.size + len(body), 0, h.unique) + body)
+        return w.written
+
+    def _no_reply(self, h: Header, r: ChainReader) -> None:
+        """FORGET, BATCH_FORGET, INTERRUPT: nothing goes back, whatever is wrong."""
+        try:
+            if not f.IN_HEADER.size <= h.len <= f.IN_HEADER.size + r.left:
+                raise f.Malformed(f"in.len {h.len}")
+            args = f.Args(r.read(min(h.len - f.IN_HEADER.size, MAX_ARGS)))
+            if h.opcode == f.Op.FORGET:
+                (nlookup,) = args.take(f.FORGET_IN)
+                self.dir.forget(h.nodeid, nlookup)
+            elif h.opcode == f.Op.BATCH_FORGET:
+                count, _ = args.take(f.BATCH_FORGET_IN)
+                if count * f.FORGET_ONE.size > args.left:
+                    raise f.Malformed(f"BATCH_FORGET of {count} with {args.left} bytes")
+                for _ in range(count):
+                    self.dir.forget(*args.take(f.FORGET_ONE))
+            # INTERRUPT: requests run to completion before the next is read; nothing to do
+        except OSError as e:
+            log.info("fs: %s of node %d: %s", f.Op(h.opcode).name, h.nodeid, e)
+
+    # -- INIT and DESTROY --
+
+    def _init(self, h: Header, a: f.Args, room: int) -> bytes:
+        if self.session is not None:
+            raise OSError(errno.EIO, "second INIT")
+        major, minor, max_readahead, flags = a.take(f.INIT_IN_OLD)
+        if major > f.KERNEL_VERSION:  # the guest will send INIT again with our major
+            return f.INIT_OUT.pack(f.KERNEL_VERSION, f.KERNEL_MINOR, *([0] * 9))
+        if major < f.KERNEL_VERSION or minor < f.MIN_MINOR:
+            raise OSError(errno.EPROTO, f"protocol {major}.{minor}")
+        if flags & f.INIT_EXT and a.left >= 4:
+            flags |= int.from_bytes(a.rest(4), "little") << 32
+        sizes = [q.size for q in self.queues[1:] if q.started] or [self.queue_max_size]
+        max_pages = max(1, min(MAX_PAGES_LIMIT, min(sizes) - CHAIN_OVERHEAD))
+        agreed = flags & OFFERED
+        self.session = Session(
+            min(minor, f.KERNEL_MINOR),
+            agreed,
+            max_pages * PAGE,
+            max_pages,
+            max_readahead,  # the guest's own: it reads ahead in max_pages pieces
+        )
+        s = self.session
+        return f.INIT_OUT.pack(
+            f.KERNEL_VERSION,
+            s.minor,
+            s.max_readahead,
+            agreed & 0xFFFFFFFF,
+            0,  # max_background: the kernel's default
+            0,  # congestion_threshold: the kernel's default
+            s.max_write,
+            1,  # time_gran: nanoseconds
+            s.max_pages,
+            0,  # map_alignment: no DAX
+            agreed >> 32,
+        )
+
+    def _destroy(self, h: Header, a: f.Args, room: int) -> bytes:
+        """The guest unmounted: forget its nodes and handles; the next mount INITs again."""
+        self.dir.forget_all()
+        self.session = None
+        return b""
+
+    # -- names and attributes --
+
+    def _entry(self, node: int, st: os.stat_result) -> bytes:
+        return f.entry_out(node, st, TTL)
+
+    def _lookup(self, h: Header, a: f.Args, room: int) -> bytes:
+        return self._entry(*self.dir.lookup(h.nodeid, a.name()))
+
+    def _getattr(self, h: Header, a: f.Args, room: int) -> bytes:
+        a.take(f.GETATTR_IN)  # a handle given (GETATTR_FH) names the same node
+        return f.attr_out(self.dir.getattr(h.nodeid), TTL)
+
+    def _setattr(self, h: Header, a: f.Args, room: int) -> bytes:
+        (valid, _, fh, size, _, atime, mtime, _, ansec, mnsec, _, mode, _, uid, gid, _) = a.take(
+            f.SETATTR_IN
+        )
+        kw: dict[str, Any] = {}
+        if valid & f.FATTR_MODE:
+            kw["mode"] = mode & 0o7777
+        if valid & f.FATTR_UID:
+            kw["uid"] = uid
+        if valid & f.FATTR_GID:
+            kw["gid"] = gid
+        if valid & f.FATTR_SIZE:
+            kw["size"] = size
+        if valid & f.FATTR_ATIME_NOW:
+            kw["atime_now"] = True
+        elif valid & f.FATTR_ATIME:
+            kw["atime_ns"] = _ns(atime, ansec)
+        if valid & f.FATTR_MTIME_NOW:
+            kw["mtime_now"] = True
+        elif valid & f.FATTR_MTIME:
+            kw["mtime_ns"] = _ns(mtime, mnsec)
+        # CTIME cannot be set on a host file (it moves with any change); LOCKOWNER and
+        # KILL_SUIDGID belong to features not offered
+        st = self.dir.setattr(h.nodeid, fh if valid & f.FATTR_FH else None, **kw)
+        return f.attr_out(st, TTL)
+
+    def _readlink(self, h: Header, a: f.Args, room: int) -> bytes:
+        target = self.dir.readlink(h.nodeid)
+        if len(target) > room:
+            raise OSError(errno.ENAMETOOLONG, "link target longer than the reply room")
+        return target
+
+    def _symlink(self, h: Header, a: f.Args, room: int) -> bytes:
+        name = a.name()
+        return self._entry(*self.dir.symlink(h.nodeid, name, a.name()))
+
+    def _mknod(self, h: Header, a: f.Args, room: int) -> bytes:
+        mode, rdev, _, _ = a.take(f.MKNOD_IN)
+        return self._entry(*self.dir.mknod(h.nodeid, a.name(), mode, f.decode_dev(rdev)))
+
+    def _mkdir(self, h: Header, a: f.Args, room: int) -> bytes:
+        mode, _ = a.take(f.MKDIR_IN)
+        return self._entry(*self.dir.mkdir(h.nodeid, a.name(), mode))
+
+    def _unlink(self, h: Header, a: f.Args, room: int) -> bytes:
+        self.dir.unlink(h.nodeid, a.name())
+        return b""
+
+    def _rmdir(self, h: Header, a: f.Args, room: int) -> bytes:
+        self.dir.rmdir(h.nodeid, a.name())
+        return b""
+
+    def _rename(self, h: Header, a: f.Args, room: int) -> bytes:
+        (newdir,) = a.take(f.RENAME_IN)
+        old = a.name()
+        self.dir.rename(h.nodeid, old, newdir, a.name())
+        return b""
+
+    def _rename2(self, h: Header, a: f.Args, room: int) -> bytes:
+        newdir, flags, _ = a.take(f.RENAME2_IN)
+        old = a.name()
+        self.dir.rename(h.nodeid, old, newdir, a.name(), flags)
+        return b""
+
+    def _link(self, h: Header, a: f.Args, room: int) -> bytes:
+        (node,) = a.take(f.LINK_IN)
+        return self._entry(*self.dir.link(node, h.nodeid, a.name()))
+
+    def _access(self, h: Header, a: f.Args, room: int) -> bytes:
+        mask, _ = a.take(f.ACCESS_IN)
+        self.dir.access(h.nodeid, mask)
+        return b""
+
+    def _statfs(self, h: Header, a: f.Args, room: int) -> bytes:
+        return f.statfs_out(self.dir.statfs(h.nodeid))
+
+    # -- files --
+
+    def _open(self, h: Header, a: f.Args, room: int) -> bytes:
+        flags, _ = a.take(f.OPEN_IN)
+        return f.OPEN_OUT.pack(self.dir.open(h.nodeid, flags), 0, 0)
+
+    def _create(self, h: Header, a: f.Args, room: int) -> bytes:
+        flags, mode, _, _ = a.take(f.CREATE_IN)
+        node, st, fh = self.dir.create(h.nodeid, a.name(), mode, flags)
+        return self._entry(node, st) + f.OPEN_OUT.pack(fh, 0, 0)
+
+    def _read(self, h: Header, a: f.Args, w: ChainWriter, room: int) -> int:
+        """preadv from the host file straight into the chain's buffers after the header."""
+        fh, offset, size, *_ = a.take(f.READ_IN)
+        fd = self.dir.fd(fh)
+        head = w.take(f.OUT_HEADER.size)
+        views = []
+        for gpa, n in w.take(min(size, room, MAX_IO))[:IOV_MAX]:
+            views.append(self.mem.view(gpa, n, write=True))
+        try:
+            done = os.preadv(fd, views, f.signed64(offset)) if views else 0
+        except OSError as e:
+            self._put(head, f.OUT_HEADER.pack(f.OUT_HEADER.size, -(e.errno or errno.EIO), h.unique))
+            return f.OUT_HEADER.size
+        self._put(head, f.OUT_HEADER.pack(f.OUT_HEADER.size + done, 0, h.unique))
+        return f.OUT_HEADER.size + done
+
+    def _put(self, pieces: list[tuple[int, int]], data: bytes) -> None:
+        off = 0
+        for gpa, n in pieces:
+            self.mem.write(gpa, data[off : off + n])
+            off += n
+
+    def _write(self, a: f.Args, r: ChainReader, sent: int) -> bytes:
+        """pwritev from the chain's buffers straight into the host file."""
+        fh, offset, size, *_ = a.take(f.WRITE_IN)
+        if size > sent:
+            raise f.Malformed(f"WRITE of {size} bytes with {sent} sent")
+        if size > self.session.max_write:
+            raise f.Malformed(f"WRITE of {size} bytes, max_write {self.session.max_write}")
+        fd = self.dir.fd(fh)
+        views = [self.mem.view(gpa, n) for gpa, n in r.take(size)]
+        done, pos = 0, f.signed64(offset)
+        for i in range(0, len(views), IOV_MAX):
+            part = views[i : i + IOV_MAX]
+            n = os.pwritev(fd, part, pos + done)
+            done += n
+            if n < sum(len(v) for v in part):
+                break
+        return f.WRITE_OUT.pack(done, 0)
+
+    def _release(self, h: Header, a: f.Args, room: int) -> bytes:
+        fh, *_ = a.take(f.RELEASE_IN)
+        self.dir.release(fh)
+        return b""
+
+    def _flush(self, h: Header, a: f.Args, room: int) -> bytes:
+        fh, *_ = a.take(f.FLUSH_IN)
+        self.dir.flush(fh)
+        return b""
+
+    def _fsync(self, h: Header, a: f.Args, room: int) -> bytes:
+        fh, flags, _ = a.take(f.FSYNC_IN)
+        self.dir.fsync(fh, bool(flags & f.FSYNC_FDATASYNC))
+        return b""
+
+    def _fallocate(self, h: Header, a: f.Args, room: int) -> bytes:
+        fh, offset, length, mode, _ = a.take(f.FALLOCATE_IN)
+        self.dir.fallocate(fh, mode, f.signed64(offset), f.signed64(length))
+        return b""
+
+    def _lseek(self, h: Header, a: f.Args, room: int) -> bytes:
+        fh, offset, whence, _ = a.take(f.LSEEK_IN)
+        return f.LSEEK_OUT.pack(self.dir.lseek(fh, f.signed64(offset), whence))
+
+    def _copy_file_range(self, h: Header, a: f.Args, room: int) -> bytes:
+        fh_in, off_in, _, fh_out, off_out, length, flags = a.take(f.COPY_FILE_RANGE_IN)
+        done = self.dir.copy_file_range(
+            fh_in, f.signed64(off_in), fh_out, f.signed64(off_out), min(length, MAX_COPY), flags
+        )
+        return f.WRITE_OUT.pack(done, 0)
+
+    # -- directories --
+
+    def _opendir(self, h: Header, a: f.Args, room: int) -> bytes:
+        a.take(f.OPEN_IN)
+        return f.OPEN_OUT.pack(self.dir.opendir(h.nodeid), 0, 0)
+
+    def _readdir(self, h: Header, a: f.Args, room: int) -> bytes:
+        return self._listing(h, a, room, plus=False)
+
+    def _readdirplus(self, h: Header, a: f.Args, room: int) -> bytes:
+        return self._listing(h, a, room, plus=True)
+
+    def _listing(self, h: Header, a: f.Args, room: int, plus: bool) -> bytes:
+        """Whole records while they fit in the size asked for (and the room); a READDIRPLUS
+        entry takes its lookup count only once it is known to fit."""
+        fh, offset, size, *_ = a.take(f.READ_IN)
+        left = min(size, room, MAX_IO)
+        out = bytearray()
+        entries = self.dir.readdir(fh, offset)
+        try:
+            for ino, next_off, dtype, name in entries:
+                need = f.dirent_size(name, plus)
+                if need > left:
+                    break
+                if plus:
+                    out += self._plus_entry(h.nodeid, name)
+                out += f.dirent(ino, next_off, dtype, name)
+                left -= need
+        finally:
+            close = getattr(entries, "close", None)
+            if close is not None:
+                close()
+        return bytes(out)
+
+    def _plus_entry(self, parent: int, name: bytes) -> bytes:
+        """The entry_out of one READDIRPLUS record; zeroes ("no entry") for "." and ".."
+        and for a name that is gone or cannot be looked up now."""
+        try:
+            found = self.dir.readdirplus_entry(parent, name)
+        except OSError as e:
+            log.info("fs: READDIRPLUS lookup of %r: %s", name, e)
+            found = None
+        return f.entry_out(0, None, TTL) if found is None else self._entry(*found)
+
+    def _releasedir(self, h: Header, a: f.Args, room: int) -> bytes:
+        fh, *_ = a.take(f.RELEASE_IN)
+        self.dir.releasedir(fh)
+        return b""
+
+    def _fsyncdir(self, h: Header, a: f.Args, room: int) -> bytes:
+        fh, flags, _ = a.take(f.FSYNC_IN)
+        self.dir.fsyncdir(fh, bool(flags & f.FSYNC_FDATASYNC))
+        return b""
+
+    # -- extended attributes --
+
+    def _getxattr(self, h: Header, a: f.Args, room: int) -> bytes:
+        size, _ = a.take(f.GETXATTR_IN)
+        return _sized(self.dir.getxattr(h.nodeid, a.name()), size, room)
+
+    def _listxattr(self, h: Header, a: f.Args, room: int) -> bytes:
+        size, _ = a.take(f.GETXATTR_IN)
+        names = self.dir.listxattr(h.nodeid)
+        return _sized(b"".join(n + b"\0" for n in names), size, room)
+
+    def _setxattr(self, h: Header, a: f.Args, room: int) -> bytes:
+        size, flags = a.take(f.SETXATTR_IN)
+        name = a.name()
+        self.dir.setxattr(h.nodeid, name, a.rest(size), flags)
+        return b""
+
+    def _removexattr(self, h: Header, a: f.Args, room: int) -> bytes:
+        self.dir.removexattr(h.nodeid, a.name())
+        return b""
+
+    # -- stop and snapshot --
+
+    def forget_inflight(self, queues: set[int]) -> None:
+        """Remember the used lengths of answered chains a stop left in flight."""
+        for q in self.queues:
+            if q.started and q.index in queues:
+                done = self._unpublished[q.index].settle(inflight_heads(q))
+                self._replied[q.index].update(done)
+
+    def save_state(self) -> dict:
+        return {
+            "tag": self.tag,
+            "num_request_queues": self.num_request_queues,
+            "readonly": self.readonly,
+            "session": None if self.session is None else asdict(self.session),
+            "replied": {
+                str(i): [[h, n] for h, n in sorted(r.items())]
+                for i, r in self._replied.items()
+                if r
+            },
+            "dir": self.dir.save(),
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Refuse a snapshot of another share (tag, queues, ``ro``), check every field,
+        then let HostDir reopen the nodes and handles (it refuses a node whose file is
+        gone or replaced); only then is anything of this device changed."""
+        s = STATE.check(state)
+        mine = {"tag": self.tag, "num_request_queues": self.num_request_queues}
+        mine["readonly"] = self.readonly
+        for key, value in mine.items():
+            if s[key] != value:
+                raise StateError(f"fs: snapshot has {key} {s[key]!r}, this device {value!r}")
+        replied: dict[int, dict[int, int]] = {}
+        for key, pairs in s["replied"].items():
+            if not key.isdigit() or int(key) >= len(self.queues):
+                raise StateError(f"fs state: replied names queue {key!r}")
+            heads = {}
+            for pair in pairs:
+                if len(pair) != 2:
+                    raise StateError("fs state: replied entry is not [head, length]")
+                head, used = pair
+                _persist.in_range(head, 0, self.queue_max_size - 1, "fs replied head")
+                _persist.in_range(used, 0, f.OUT_HEADER.size + MAX_IO, "fs replied length")
+                heads[head] = used
+            replied[int(key)] = heads
+        session = None if s["session"] is None else Session(**s["session"])
+        try:
+            self.dir.load(s["dir"])
+        except (ValueError, OSError) as e:
+            raise StateError(f"fs: the shared directory cannot be restored: {e}") from e
+        self.session = session
+        for i in self._replied:
+            self._replied[i] = replied.get(i, {})
+
+
+def _ns(sec: int, nsec: int) -> int:
+    if nsec >= f.NSEC:
+        raise f.Malformed(f"{nsec} nanoseconds")
+    return f.signed64(sec) * f.NSEC + nsec
+
+
+def _sized(value: bytes, size: int, room: int) -> bytes:
+    """GETXATTR / LISTXATTR: size 0 asks how long; else the value if it fits in ``size``."""
+    if size == 0:
+        if room < f.GETXATTR_OUT.size:
+            raise f.Malformed(f"{room} bytes of room for the length")
+        return f.GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > min(size, room):
+        raise OSError(errno.ERANGE, "value longer than the buffer")
+    return value
+
+
+# -- the device type: ``fs:DIR[,tag=NAME][,ro][,queues=N]`` --
+
+
+def _options(spec: Spec) -> tuple[str, bool, int]:
+    opts = spec.options
+    tag = opts.get("tag", "emu")
+    ro = opts.get("ro")
+    if ro not in (None, "", "on", "off"):
+        raise SpecError(f"ro={ro!r}: ro, ro=on or ro=off")
+    queues = opts.get("queues", "1")
+    if not queues.isdigit() or not 1 <= int(queues) <= 0xFFFE:
+        raise SpecError(f"queues={queues!r}: a number of request queues, 1..65534")
+    return tag, ro in ("", "on"), int(queues)
+
+
+def _from_spec(spec: Spec, build: Build) -> FsDevice:
+    if not spec.arg:
+        raise SpecError("the host directory to share")
+    tag, ro, queues = _options(spec)
+    try:
+        return FsDevice(
+            spec.arg,
+            tag=tag,
+            readonly=ro,
+            num_request_queues=queues,
+            queue_max_size=build.queue_max,
+        )
+    except ValueError as e:
+        raise SpecError(str(e)) from e
+
+
+def _frontend(spec: Spec) -> dict[str, str]:
+    """QEMU's vhost-user-fs-device must be told the tag and the request queue count."""
+    tag, _, queues = _options(spec)
+    props = {"tag": tag}
+    if queues > 1:
+        props["num-request-queues"] = str(queues)
+    return props
+
+
+register(
+    DeviceType(
+        FsDevice,
+        "fs:DIR[,tag=NAME][,ro][,queues=N]",
+        _from_spec,
+        "emu.testing.fs",
+        frontend=_frontend,
+        options=("tag", "ro", "queues"),
+    )
+)

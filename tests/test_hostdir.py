@@ -1,0 +1,602 @@
+"""HostDir: the shared directory in FUSE terms, and the sandbox around it."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emu.backends.hostdir import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    ROOT,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    HostDir,
+)
+
+
+@contextlib.contextmanager
+def err(code: int) -> Iterator[pytest.ExceptionInfo[OSError]]:
+    """pytest.raises for an OSError carrying exactly ``code``."""
+    with pytest.raises(OSError) as info:
+        yield info
+    got = info.value.errno
+    assert got == code, f"{errno.errorcode.get(got, got)}, expected {errno.errorcode[code]}"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "share"
+    root.mkdir()
+    (root / "f").write_bytes(b"hello\n")
+    (root / "d").mkdir()
+    (root / "d" / "inner").write_bytes(b"inner\n")
+    return root
+
+
+@pytest.fixture
+def hd(tree: Path):
+    h = HostDir(tree)
+    yield h
+    h.close()
+
+
+def names(h: HostDir, fh: int, offset: int = 0) -> list[bytes]:
+    return [name for _, _, _, name in h.readdir(fh, offset)]
+
+
+# -- nodes ------------------------------------------------------------------------------
+
+
+def test_lookup_gives_the_entry_and_its_attributes(hd: HostDir, tree: Path) -> None:
+    node, st = hd.lookup(ROOT, b"f")
+    host = os.lstat(tree / "f")
+    assert node != ROOT
+    assert (st.st_ino, st.st_size, st.st_mode) == (host.st_ino, 6, host.st_mode)
+    assert hd.getattr(node).st_ino == host.st_ino
+    assert hd.getattr(ROOT).st_ino == os.stat(tree).st_ino
+
+
+def test_lookup_counts_and_forget(hd: HostDir) -> None:
+    a, _ = hd.lookup(ROOT, b"f")
+    assert hd.lookup(ROOT, b"f")[0] == a  # the same inode keeps its node id
+    hd.forget(a, 1)
+    hd.getattr(a)  # one lookup left
+    hd.forget(a, 1)
+    with err(errno.ESTALE):
+        hd.getattr(a)
+    b, _ = hd.lookup(ROOT, b"f")
+    assert b != a  # ids are never reused
+
+
+def test_forget_of_root_unknown_or_too_many_is_harmless(hd: HostDir) -> None:
+    hd.forget(ROOT, 10)
+    hd.forget(12345, 1)
+    hd.forget(-1, 1)
+    node, _ = hd.lookup(ROOT, b"d")
+    hd.forget(node, 0)
+    hd.forget(node, -5)
+    hd.getattr(node)
+    hd.forget(node, 1 << 64)
+    with err(errno.ESTALE):
+        hd.getattr(node)
+    assert hd.getattr(ROOT).st_ino  # ROOT never goes
+
+
+def test_lookup_of_a_missing_name_and_under_a_file(hd: HostDir) -> None:
+    with err(errno.ENOENT):
+        hd.lookup(ROOT, b"nope")
+    f, _ = hd.lookup(ROOT, b"f")
+    with err(errno.ENOTDIR):
+        hd.lookup(f, b"x")
+    with err(errno.ENOTDIR):
+        hd.lookup(f, b"..")
+
+
+def test_statfs_is_the_host_file_systems(hd: HostDir, tree: Path) -> None:
+    got, want = hd.statfs(ROOT), os.statvfs(tree)
+    assert (got.f_bsize, got.f_blocks, got.f_namemax) == (want.f_bsize, want.f_blocks, 255)
+
+
+def test_mkdir_unlink_rmdir(hd: HostDir, tree: Path) -> None:
+    node, st = hd.mkdir(ROOT, b"sub", 0o755)
+    assert stat.S_ISDIR(st.st_mode) and (tree / "sub").is_dir()
+    assert hd.lookup(ROOT, b"sub")[0] == node
+    with err(errno.EEXIST):
+        hd.mkdir(ROOT, b"sub", 0o755)
+    d, _ = hd.lookup(ROOT, b"d")
+    with err(errno.ENOTEMPTY):
+        hd.rmdir(ROOT, b"d")
+    with err(errno.EISDIR):
+        hd.unlink(ROOT, b"d")
+    hd.unlink(d, b"inner")
+    hd.rmdir(ROOT, b"d")
+    hd.rmdir(ROOT, b"sub")
+    assert sorted(os.listdir(tree)) == ["f"]
+    hd.getattr(node)  # the guest still holds it: attributes of the removed directory
+    with err(errno.ENOENT):
+        hd.rmdir(ROOT, b"sub")
+
+
+def test_new_entries_get_the_guests_mode_not_the_host_umask(hd: HostDir, tree: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        _, st = hd.mkdir(ROOT, b"open", 0o777)
+        _, st2, fh = hd.create(ROOT, b"file", 0o664, os.O_WRONLY)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(st.st_mode) == 0o777
+    assert stat.S_IMODE(os.stat(tree / "file").st_mode) == stat.S_IMODE(st2.st_mode) == 0o664
+    hd.release(fh)
+
+
+# -- files ------------------------------------------------------------------------------
+
+
+def test_open_read_write_release(hd: HostDir, tree: Path) -> None:
+    node, _ = hd.lookup(ROOT, b"f")
+    fh = hd.open(node, os.O_RDWR)
+    fd = hd.fd(fh)
+    assert os.pread(fd, 100, 0) == b"hello\n"
+    os.pwrite(fd, b"J", 0)
+    hd.release(fh)
+    assert (tree / "f").read_bytes() == b"Jello\n"
+    with err(errno.EBADF):
+        hd.fd(fh)
+    with err(errno.EBADF):
+        hd.release(fh)
+
+
+def test_open_with_o_trunc_and_o_append(hd: HostDir, tree: Path) -> None:
+    node, _ = hd.lookup(ROOT, b"f")
+    fh = hd.open(node, os.O_WRONLY | os.O_APPEND)
+    os.write(hd.fd(fh), b"more\n")
+    hd.release(fh)
+    assert (tree / "f").read_bytes() == b"hello\nmore\n"
+    hd.release(hd.open(node, os.O_WRONLY | os.O_TRUNC))
+    assert (tree / "f").read_bytes() == b""
+
+
+def test_open_refuses_what_is_not_a_regular_file(hd: HostDir, tree: Path) -> None:
+    os.mkfifo(tree / "fifo")
+    os.symlink("f", tree / "link")
+    d, _ = hd.lookup(ROOT, b"d")
+    with err(errno.EISDIR):
+        hd.open(d, os.O_RDONLY)
+    with err(errno.ELOOP):
+        hd.open(hd.lookup(ROOT, b"link")[0], os.O_RDONLY)
+    with err(errno.ENXIO):  # a host open of a FIFO would block the device thread
+        hd.open(hd.lookup(ROOT, b"fifo")[0], os.O_RDONLY)
+    with err(errno.EINVAL):
+        hd.open(hd.lookup(ROOT, b"f")[0], os.O_ACCMODE)
+
+
+def test_create_new_existing_and_exclusive(hd: HostDir, tree: Path) -> None:
+    node, st, fh = hd.create(ROOT, b"new", 0o600, os.O_RDWR)
+    assert stat.S_ISREG(st.st_mode) and st.st_size == 0
+    os.pwrite(hd.fd(fh), b"data", 0)
+    assert hd.lookup(ROOT, b"new")[0] == node
+    with err(errno.EEXIST):
+        hd.create(ROOT, b"new", 0o600, os.O_RDWR | os.O_EXCL)
+    node2, st2, fh2 = hd.create(ROOT, b"new", 0o600, os.O_RDONLY)  # opens what is there
+    assert node2 == node and st2.st_size == 4
+    assert os.pread(hd.fd(fh2), 10, 0) == b"data"
+    with err(errno.EISDIR):
+        hd.create(ROOT, b"d", 0o600, os.O_RDONLY)
+    hd.release(fh)
+    hd.release(fh2)
+
+
+def test_a_node_outlives_its_forget_while_a_handle_is_open(hd: HostDir) -> None:
+    node, _ = hd.lookup(ROOT, b"f")
+    fh = hd.open(node, os.O_RDONLY)
+    hd.forget(node, 1)
+    assert os.pread(hd.fd(fh), 5, 0) == b"hello"
+    hd.getattr(node)
+    hd.release(fh)
+    with err(errno.ESTALE):
+        hd.getattr(node)
+
+
+# -- directories ------------------------------------------------------------------------
+
+
+def test_readdir_lists_dots_and_entries_with_types(hd: HostDir, tree: Path) -> None:
+    os.symlink("f", tree / "link")
+    fh = hd.opendir(ROOT)
+    got = list(hd.readdir(fh, 0))
+    assert [(off, name) for _, off, _, name in got[:2]] == [(1, b"."), (2, b"..")]
+    assert [off for _, off, _, _ in got] == list(range(1, len(got) + 1))
+    types = {name: dtype for _, _, dtype, name in got}
+    assert types == {b".": 4, b"..": 4, b"f": 8, b"d": 4, b"link": 10}
+    inos = {name: ino for ino, _, _, name in got}
+    assert inos[b"f"] == os.lstat(tree / "f").st_ino
+    assert inos[b".."] == inos[b"."] == os.stat(tree).st_ino  # ROOT's parent is ROOT
+    hd.releasedir(fh)
+
+
+def test_readdir_resumes_at_any_offset_it_gave(hd: HostDir, tree: Path) -> None:
+    for i in range(50):
+        (tree / f"n{i:02}").write_bytes(b"")
+    fh = hd.opendir(ROOT)
+    full = list(hd.readdir(fh, 0))
+    # as the device does: take some, drop the one that did not fit, ask again from there
+    pieces: list[tuple[int, int, int, bytes]] = []
+    offset = 0
+    while True:
+        it = hd.readdir(fh, offset)
+        batch = [e for _, e in zip(range(7), it, strict=False)]
+        if not batch:
+            break
+        pieces += batch[:-1] if len(batch) == 7 else batch
+        offset = pieces[-1][1]
+    assert pieces == full
+    assert list(hd.readdir(fh, 20)) == full[20:]  # and a jump back
+    assert list(hd.readdir(fh, 40)) == full[40:]  # and forward
+    assert list(hd.readdir(fh, len(full) + 10)) == []
+    hd.releasedir(fh)
+
+
+def test_readdir_from_zero_sees_what_changed(hd: HostDir, tree: Path) -> None:
+    fh = hd.opendir(ROOT)
+    before = set(names(hd, fh))
+    (tree / "later").write_bytes(b"")
+    assert set(names(hd, fh)) == before | {b"later"}
+    hd.releasedir(fh)
+
+
+def test_readdir_of_a_subdirectory_gives_its_parent(hd: HostDir, tree: Path) -> None:
+    d, _ = hd.lookup(ROOT, b"d")
+    fh = hd.opendir(d)
+    got = {name: ino for ino, _, _, name in hd.readdir(fh, 0)}
+    assert got == {
+        b".": os.stat(tree / "d").st_ino,
+        b"..": os.stat(tree).st_ino,
+        b"inner": os.stat(tree / "d" / "inner").st_ino,
+    }
+    hd.releasedir(fh)
+
+
+def test_handles_are_of_one_kind(hd: HostDir) -> None:
+    dh = hd.opendir(ROOT)
+    fh = hd.open(hd.lookup(ROOT, b"f")[0], os.O_RDONLY)
+    with err(errno.EBADF):
+        hd.fd(dh)
+    with err(errno.EBADF):
+        hd.readdir(fh, 0)
+    with err(errno.EBADF):
+        hd.release(dh)
+    with err(errno.EBADF):
+        hd.releasedir(fh)
+    with err(errno.ENOTDIR):
+        hd.opendir(hd.lookup(ROOT, b"f")[0])
+    with err(errno.EINVAL):
+        hd.readdir(dh, -1)
+    hd.releasedir(dh)
+    hd.release(fh)
+
+
+def test_readdirplus_entry(hd: HostDir) -> None:
+    assert hd.readdirplus_entry(ROOT, b".") is None
+    assert hd.readdirplus_entry(ROOT, b"..") is None
+    assert hd.readdirplus_entry(ROOT, b"gone") is None
+    got = hd.readdirplus_entry(ROOT, b"f")
+    assert got is not None
+    node, st = got
+    assert hd.lookup(ROOT, b"f")[0] == node
+    hd.forget(node, 2)
+    with err(errno.ESTALE):  # the READDIRPLUS entry took exactly one lookup
+        hd.getattr(node)
+    with err(errno.ESTALE):
+        hd.readdirplus_entry(999, b"f")
+
+
+def test_close_closes_every_fd(tree: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    h = HostDir(tree)
+    h.lookup(ROOT, b"f")
+    h.open(h.lookup(ROOT, b"f")[0], os.O_RDONLY)
+    dh = h.opendir(ROOT)
+    list(h.readdir(dh, 0))
+    assert len(os.listdir("/proc/self/fd")) > before
+    h.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+    with err(errno.ESTALE):
+        h.getattr(ROOT)
+
+
+# -- attributes -------------------------------------------------------------------------
+
+
+def test_setattr_mode_owner_size(hd: HostDir, tree: Path) -> None:
+    node, _ = hd.lookup(ROOT, b"f")
+    st = hd.setattr(node, None, mode=0o100640)
+    assert stat.S_IMODE(st.st_mode) == 0o640 == stat.S_IMODE(os.stat(tree / "f").st_mode)
+    st = hd.setattr(node, None, uid=1234, gid=5678)
+    assert (st.st_uid, st.st_gid) == (1234, 5678) == (os.stat(tree / "f").st_uid, st.st_gid)
+    st = hd.setattr(node, None, gid=42)  # uid unchanged
+    assert (st.st_uid, st.st_gid) == (1234, 42)
+    st = hd.setattr(node, None, size=2)
+    assert st.st_size == 2 and (tree / "f").read_bytes() == b"he"
+    st = hd.setattr(node, None, size=1 << 20)
+    assert os.stat(tree / "f").st_size == 1 << 20
+    with err(errno.EINVAL):
+        hd.setattr(node, None, size=-1)
+    with err(errno.EINVAL):
+        hd.setattr(node, None, size=1 << 64)
+    with err(errno.EINVAL):
+        hd.setattr(node, None, uid=1 << 32)
+    d, _ = hd.lookup(ROOT, b"d")
+    with err(errno.EISDIR):
+        hd.setattr(d, None, size=0)
+    assert hd.setattr(node, None).st_size == 1 << 20  # nothing asked: the attributes
+
+
+def test_setattr_truncate_through_a_handle_of_an_unlinked_file(hd: HostDir, tree: Path) -> None:
+    node, _ = hd.lookup(ROOT, b"f")
+    fh = hd.open(node, os.O_RDWR)
+    hd.unlink(ROOT, b"f")
+    assert hd.setattr(node, fh, size=3).st_size == 3
+    assert os.pread(hd.fd(fh), 10, 0) == b"hel"
+    other = hd.opendir(ROOT)
+    with err(errno.EBADF):  # a handle of another node
+        hd.setattr(node, other, size=0)
+    with err(errno.EBADF):
+        hd.setattr(node, 999, size=0)
+    ro = hd.open(node, os.O_RDONLY)
+    with err(errno.EINVAL):  # the host's answer for ftruncate of a read-only fd
+        hd.setattr(node, ro, size=0)
+    for h in (fh, ro):
+        hd.release(h)
+    hd.releasedir(other)
+
+
+def test_setattr_times_explicit_now_and_omitted(hd: HostDir, tree: Path) -> None:
+    node, _ = hd.lookup(ROOT, b"f")
+    st = hd.setattr(node, None, atime_ns=1_000_000_123, mtime_ns=2_000_000_456)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+    st = hd.setattr(node, None, mtime_ns=5_000_000_000)  # atime left alone
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 5_000_000_000)
+    before = time.time_ns()
+    st = hd.setattr(node, None, atime_now=True)  # the host kernel's clock
+    assert st.st_atime_ns >= before - 20_000_000 and st.st_mtime_ns == 5_000_000_000
+    st = hd.setattr(node, None, mtime_ns=-1_500_000_000)  # before 1970
+    assert st.st_mtime_ns == -1_500_000_000 == os.stat(tree / "f").st_mtime_ns
+    fh = hd.open(node, os.O_RDONLY)
+    st = hd.setattr(node, fh, atime_ns=7, mtime_now=True)
+    assert st.st_atime_ns == 7 and st.st_mtime_ns >= before - 20_000_000
+    hd.release(fh)
+    with err(errno.EINVAL):
+        hd.setattr(node, None, atime_ns=1 << 100)
+
+
+def test_setattr_on_a_symlink_changes_the_link(hd: HostDir, tree: Path) -> None:
+    os.symlink("f", tree / "link")
+    link, _ = hd.lookup(ROOT, b"link")
+    target = os.stat(tree / "f")
+    st = hd.setattr(link, None, uid=77, mtime_ns=3_000_000_000)
+    assert stat.S_ISLNK(st.st_mode) and st.st_uid == 77 and st.st_mtime_ns == 3_000_000_000
+    after = os.stat(tree / "f")
+    assert (after.st_uid, after.st_mtime_ns) == (target.st_uid, target.st_mtime_ns)
+    with err(errno.EOPNOTSUPP):
+        hd.setattr(link, None, mode=0o600)
+    with err(errno.EINVAL):
+        hd.setattr(link, None, size=0)
+
+
+# -- links and special files ------------------------------------------------------------
+
+
+def test_symlink_and_readlink(hd: HostDir, tree: Path) -> None:
+    node, st = hd.symlink(ROOT, b"s", b"/etc/passwd")
+    assert stat.S_ISLNK(st.st_mode)
+    assert os.readlink(tree / "s") == "/etc/passwd"
+    assert hd.readlink(node) == b"/etc/passwd"
+    assert hd.lookup(ROOT, b"s")[0] == node
+    with err(errno.EINVAL):
+        hd.readlink(hd.lookup(ROOT, b"f")[0])
+    with err(errno.EEXIST):
+        hd.symlink(ROOT, b"f", b"x")
+    with err(errno.EINVAL):
+        hd.symlink(ROOT, b"t", b"a\0b")
+    with err(errno.ENOENT):
+        hd.symlink(ROOT, b"t", b"")
+
+
+def test_mknod_kinds(hd: HostDir, tree: Path) -> None:
+    _, st = hd.mknod(ROOT, b"fifo", stat.S_IFIFO | 0o640, 0)
+    assert stat.S_ISFIFO(os.lstat(tree / "fifo").st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    _, st = hd.mknod(ROOT, b"reg", 0o600, 0)  # type 0 is a regular file
+    assert stat.S_ISREG(st.st_mode)
+    _, st = hd.mknod(ROOT, b"sock", stat.S_IFSOCK | 0o600, 0)
+    assert stat.S_ISSOCK(st.st_mode)
+    with err(errno.EPERM):  # a host device node: never
+        hd.mknod(ROOT, b"sda", stat.S_IFBLK | 0o666, os.makedev(8, 0))
+    with err(errno.EPERM):
+        hd.mknod(ROOT, b"mem", stat.S_IFCHR | 0o666, os.makedev(1, 1))
+    with err(errno.EINVAL):
+        hd.mknod(ROOT, b"dir", stat.S_IFDIR | 0o755, 0)
+    assert not (tree / "sda").exists() and not (tree / "mem").exists()
+
+
+def test_rename_plain_noreplace_exchange(hd: HostDir, tree: Path) -> None:
+    d, _ = hd.lookup(ROOT, b"d")
+    f, _ = hd.lookup(ROOT, b"f")
+    hd.rename(ROOT, b"f", d, b"moved")
+    assert (tree / "d" / "moved").read_bytes() == b"hello\n" and not (tree / "f").exists()
+    assert hd.lookup(d, b"moved")[0] == f  # same inode, same node
+    with err(errno.EEXIST):
+        hd.rename(d, b"moved", d, b"inner", RENAME_NOREPLACE)
+    hd.rename(d, b"moved", d, b"inner", RENAME_EXCHANGE)
+    assert (tree / "d" / "inner").read_bytes() == b"hello\n"
+    assert (tree / "d" / "moved").read_bytes() == b"inner\n"
+    hd.rename(d, b"moved", ROOT, b"back", RENAME_NOREPLACE)
+    assert (tree / "back").read_bytes() == b"inner\n"
+    hd.rename(ROOT, b"back", d, b"inner")  # replaces
+    assert (tree / "d" / "inner").read_bytes() == b"inner\n"
+    for bad in (4, 8, RENAME_NOREPLACE | RENAME_EXCHANGE):  # 4 is RENAME_WHITEOUT
+        with err(errno.EINVAL):
+            hd.rename(d, b"inner", ROOT, b"x", bad)
+    with err(errno.EINVAL):  # a directory into itself
+        hd.rename(ROOT, b"d", d, b"loop")
+    with err(errno.ENOTDIR):
+        hd.rename(ROOT, b"d", f, b"x")
+
+
+def test_link_shares_the_node(hd: HostDir, tree: Path) -> None:
+    f, _ = hd.lookup(ROOT, b"f")
+    d, _ = hd.lookup(ROOT, b"d")
+    node, st = hd.link(f, d, b"again")
+    assert node == f and st.st_nlink == 2
+    assert os.stat(tree / "d" / "again").st_ino == os.stat(tree / "f").st_ino
+    hd.forget(f, 3)  # lookup, link, and nothing more: gone
+    with err(errno.ESTALE):
+        hd.getattr(f)
+    with err(errno.EPERM):
+        hd.link(d, ROOT, b"dirlink")
+    with err(errno.EEXIST):
+        hd.link(hd.lookup(ROOT, b"f")[0], ROOT, b"d")
+
+
+def test_access_as_this_process(hd: HostDir, tree: Path) -> None:
+    f, _ = hd.lookup(ROOT, b"f")
+    os.chmod(tree / "f", 0o644)
+    hd.access(f, os.R_OK | os.W_OK)
+    hd.access(f, os.F_OK)
+    if os.geteuid() == 0:  # root passes R and W always; X needs some x bit
+        with err(errno.EACCES):
+            hd.access(f, os.X_OK)
+        os.chmod(tree / "f", 0o100)
+        hd.access(f, os.R_OK | os.W_OK | os.X_OK)
+    else:
+        os.chmod(tree / "f", 0o000)
+        with err(errno.EACCES):
+            hd.access(f, os.R_OK)
+    hd.access(ROOT, os.X_OK)
+    with err(errno.EINVAL):
+        hd.access(f, 8)
+
+
+# -- file operations --------------------------------------------------------------------
+
+
+def test_flush_drops_this_processs_posix_locks(hd: HostDir, tree: Path) -> None:
+    fh = hd.open(hd.lookup(ROOT, b"f")[0], os.O_RDWR)
+    fcntl.lockf(hd.fd(fh), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    probe = [
+        sys.executable,
+        "-c",
+        "import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)",
+        str(tree / "f"),
+    ]
+    assert subprocess.run(probe, capture_output=True).returncode != 0  # locked
+    hd.flush(fh)
+    assert subprocess.run(probe, capture_output=True).returncode == 0
+    os.pwrite(hd.fd(fh), b"still open", 0)  # the handle itself stays usable
+    hd.fsync(fh, False)
+    hd.fsync(fh, True)
+    hd.release(fh)
+    dh = hd.opendir(ROOT)
+    hd.fsyncdir(dh, True)
+    with err(errno.EBADF):
+        hd.fsync(dh, False)
+    with err(errno.EBADF):
+        hd.flush(12345)
+    hd.releasedir(dh)
+
+
+def test_fallocate_and_seek_data_hole(hd: HostDir, tree: Path) -> None:
+    node, _, fh = hd.create(ROOT, b"sparse", 0o644, os.O_RDWR)
+    hd.fallocate(fh, 0, 0, 8192)
+    assert os.stat(tree / "sparse").st_size == 8192
+    hd.fallocate(fh, 1, 8192, 1 << 20)  # KEEP_SIZE
+    assert os.stat(tree / "sparse").st_size == 8192
+    assert os.stat(tree / "sparse").st_blocks * 512 >= 8192 + (1 << 20)
+    blocks = os.stat(tree / "sparse").st_blocks
+    hd.fallocate(fh, 3, 0, 4096)  # PUNCH_HOLE | KEEP_SIZE
+    assert os.stat(tree / "sparse").st_blocks == blocks - 4096 // 512
+    hd.setattr(node, fh, size=4 << 20)
+    os.pwrite(hd.fd(fh), b"x" * 4096, 0)
+    os.pwrite(hd.fd(fh), b"x" * 4096, 3 << 20)
+    assert hd.lseek(fh, 0, os.SEEK_DATA) == 0
+    hole = hd.lseek(fh, 0, os.SEEK_HOLE)
+    assert 4096 <= hole < 3 << 20  # unwritten (fallocated) ranges read as holes
+    assert hd.lseek(fh, hole, os.SEEK_DATA) == 3 << 20
+    assert hd.lseek(fh, 0, os.SEEK_END) == 4 << 20
+    with err(errno.ENXIO):
+        hd.lseek(fh, 5 << 20, os.SEEK_DATA)
+    for bad in ((0, 99), (-1 << 64, os.SEEK_SET)):
+        with err(errno.EINVAL):
+            hd.lseek(fh, *bad)
+    for offset, length in ((0, 0), (-1, 10), (1 << 63, 1), (1, (1 << 63) - 1)):
+        with err(errno.EINVAL):
+            hd.fallocate(fh, 0, offset, length)
+    hd.release(fh)
+
+
+def test_copy_file_range(hd: HostDir, tree: Path) -> None:
+    src = hd.open(hd.lookup(ROOT, b"f")[0], os.O_RDONLY)
+    _, _, dst = hd.create(ROOT, b"copy", 0o644, os.O_WRONLY)
+    assert hd.copy_file_range(src, 1, dst, 10, 1 << 40, 0) == 5  # up to the end of src
+    assert (tree / "copy").read_bytes() == b"\0" * 10 + b"ello\n"
+    with err(errno.EINVAL):
+        hd.copy_file_range(src, 0, dst, 0, 1, 1)
+    with err(errno.EINVAL):
+        hd.copy_file_range(src, -1, dst, 0, 1, 0)
+    with err(errno.EBADF):  # the host refuses to write through a read-only handle
+        hd.copy_file_range(dst, 0, src, 0, 1, 0)
+    hd.release(src)
+    hd.release(dst)
+
+
+def test_xattrs(hd: HostDir, tree: Path) -> None:
+    f, _ = hd.lookup(ROOT, b"f")
+    hd.setxattr(f, b"user.colour", b"blue", 0)
+    assert os.getxattr(tree / "f", "user.colour") == b"blue"
+    assert hd.getxattr(f, b"user.colour") == b"blue"
+    assert b"user.colour" in hd.listxattr(f)
+    with err(errno.EEXIST):
+        hd.setxattr(f, b"user.colour", b"red", XATTR_CREATE)
+    with err(errno.ENODATA):
+        hd.setxattr(f, b"user.size", b"1", XATTR_REPLACE)
+    hd.removexattr(f, b"user.colour")
+    with err(errno.ENODATA):
+        hd.getxattr(f, b"user.colour")
+    for ns in (b"trusted.x", b"security.capability", b"system.posix_acl_access"):
+        with err(errno.EPERM):
+            hd.setxattr(f, ns, b"\x01", 0)
+        with err(errno.EPERM):
+            hd.removexattr(f, ns)
+    with err(errno.EINVAL):
+        hd.setxattr(f, b"user.x", b"", 4)
+    with err(errno.EINVAL):
+        hd.getxattr(f, b"user.\0x")
+    with err(errno.ERANGE):
+        hd.getxattr(f, b"")
+    with err(errno.ERANGE):
+        hd.getxattr(f, b"user." + b"x" * 300)
+
+
+def test_forget_all_drops_every_node_and_handle_but_root(hd: HostDir) -> None:
+    f, _ = hd.lookup(ROOT, b"f")
+    fh = hd.open(f, os.O_RDONLY)
+    dh = hd.opendir(ROOT)
+    hd.forget_all()
+    with err(errno.ESTALE):
+        hd.getattr(f)
+    with err(errno.EBADF):
+        hd.fd(fh)
+    with err(errno.EBADF):
+        hd.releasedir(dh)
+    assert hd.getattr(ROOT).st_ino
+    assert hd.lookup(ROOT, b"f")[0] not in (f, ROOT)
