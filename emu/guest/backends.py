@@ -32,12 +32,6 @@ class BackendError(Exception):
     """`emu serve` refused the specs or did not come up."""
 
 
-def spec_option(text: str, name: str) -> str | None:
-    """The value of a spec's `,name=value` option (the last one), None without."""
-    values = [o.partition("=")[2] for o in text.split(",")[1:] if o.startswith(f"{name}=")]
-    return values[-1] if values else None
-
-
 def guest_devices(kind: str, specs: Sequence[str], sockets: Sequence[Path]) -> list[Device]:
     """What run_guest attaches for `specs` served on `sockets` (registry.SpecError for a
     bad spec, as `emu serve` would say)."""
@@ -53,7 +47,7 @@ def guest_devices(kind: str, specs: Sequence[str], sockets: Sequence[Path]) -> l
             if frontend is not None:
                 options += [f"{k}={v}" for k, v in frontend(spec).items()]
         if spec.kind == "fs" and not any(o.startswith("tag=") for o in options):
-            options.append(f"tag={spec_option(text, 'tag') or DEFAULT_FS_TAG}")
+            options.append(f"tag={spec.options.get('tag') or DEFAULT_FS_TAG}")
         devices.append(Device.parse((spec.kind, ",".join([str(sock), *options]))))
     return devices
 
