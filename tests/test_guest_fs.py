@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -231,3 +232,18 @@ def test_virtiofsd_command_and_refusals(tmp_path):
         with pytest.raises(NotADirectoryError):
             with virtiofsd.serve(tmp_path / "missing", tmp_path / "s.sock"):
                 pass
+
+
+def test_emu_backends_waits_for_its_own_socket(tmp_path):
+    """A socket file left by an earlier `emu serve` in the same directory does not pass
+    for the new one listening (a second boot would find nothing there)."""
+    _need_emu_fs()
+    share = tmp_path / "share"
+    share.mkdir()
+    for _ in range(2):
+        with emu_backends("uml", [f"fs:{share}"], tmp_path) as (dev,):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(dev.path)
+            finally:
+                probe.close()

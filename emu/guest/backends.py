@@ -64,6 +64,8 @@ def emu_backends(
     cmd = [sys.executable, "-m", "emu.cli", "serve"]
     for sock in sockets:
         cmd += ["--socket", str(sock)]
+    for sock in sockets:  # a socket file left by an earlier serve would pass for ready
+        sock.unlink(missing_ok=True)
     proc = start([*cmd, *specs], stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout
