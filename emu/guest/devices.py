@@ -17,7 +17,7 @@ from emu.devices import registry
 
 #: virtio device ids (virtio spec 5) of vhost-user types emu does not implement itself
 #: (another backend serves them); emu's own types come from its device registry
-OTHER_VIRTIO_ID = {"vsock": 19, "fs": 26}
+OTHER_VIRTIO_ID = {"vsock": 19}
 QEMU_BUILTIN = ("qemu-blk", "qemu-net", "qemu-rng", "qemu-console")
 
 
