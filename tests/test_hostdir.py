@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import stat
 import subprocess
@@ -22,6 +23,7 @@ from emu.backends.hostdir import (
     XATTR_CREATE,
     XATTR_REPLACE,
     HostDir,
+    HostDirStateError,
 )
 
 
@@ -600,3 +602,235 @@ def test_forget_all_drops_every_node_and_handle_but_root(hd: HostDir) -> None:
         hd.releasedir(dh)
     assert hd.getattr(ROOT).st_ino
     assert hd.lookup(ROOT, b"f")[0] not in (f, ROOT)
+
+
+# -- save / load ------------------------------------------------------------------------
+
+
+def roundtrip(state: dict) -> dict:
+    """As a snapshot carries it: through JSON text."""
+    return json.loads(json.dumps(state))
+
+
+def test_save_load_round_trip_with_open_files(tree: Path) -> None:
+    os.symlink("f", tree / "link")
+    os.link(tree / "f", tree / "d" / "hard")
+    for i in range(30):
+        (tree / "d" / f"e{i:02}").write_bytes(b"")
+    old = HostDir(tree)
+    d, _ = old.lookup(ROOT, b"d")
+    f, _ = old.lookup(ROOT, b"f")
+    assert old.lookup(d, b"hard")[0] == f
+    inner, _ = old.lookup(d, b"inner")
+    link, _ = old.lookup(ROOT, b"link")
+    reader = old.open(f, os.O_RDONLY)
+    appender = old.open(inner, os.O_WRONLY | os.O_APPEND)
+    lister = old.opendir(d)
+    listing = list(old.readdir(lister, 0))
+    head = listing[:10]
+    state = roundtrip(old.save())
+    old.close()
+
+    new = HostDir(tree)
+    new.load(state)
+    assert new.getattr(f).st_ino == os.stat(tree / "f").st_ino
+    assert new.lookup(d, b"hard")[0] == f  # identity survives
+    assert new.readlink(link) == b"f"
+    assert os.pread(new.fd(reader), 3, 2) == b"llo"
+    os.write(new.fd(appender), b"appended\n")
+    assert (tree / "d" / "inner").read_bytes() == b"inner\nappended\n"
+    with err(errno.EBADF):  # still read-only
+        os.write(new.fd(reader), b"x")
+    assert list(new.readdir(lister, head[-1][1])) == listing[10:]  # the listing goes on
+    again = new.save()
+    assert again["handles"] == state["handles"]
+    assert [e for e in again["nodes"] if e["id"] != f] == [
+        e for e in state["nodes"] if e["id"] != f
+    ]
+    # lookup counts came along: f had 2 (its lookup, the lookup of "hard") + 1 just now
+    new.forget(f, 3)
+    new.getattr(f)  # ``reader`` still holds it
+    new.release(reader)
+    with err(errno.ESTALE):
+        new.getattr(f)
+    assert new.lookup(ROOT, b"f")[0] > max(e["id"] for e in state["nodes"])
+    assert new.open(inner, os.O_RDONLY) > max(h["fh"] for h in state["handles"])
+    new.close()
+
+
+def test_save_load_of_names_that_are_not_utf8(tree: Path) -> None:
+    name = b"caf\xe9 \xff"
+    fd = os.open(os.fsencode(tree / "d") + b"/" + name, os.O_CREAT | os.O_WRONLY, 0o644)
+    os.close(fd)
+    old = HostDir(tree)
+    node, _ = old.lookup(old.lookup(ROOT, b"d")[0], name)
+    state = roundtrip(old.save())
+    old.close()
+    new = HostDir(tree)
+    new.load(state)
+    assert new.getattr(node).st_ino == os.stat(os.fsencode(tree / "d") + b"/" + name).st_ino
+    new.close()
+
+
+def test_load_checks_the_file_handle_beyond_the_inode_number(tree: Path) -> None:
+    """(st_dev, st_ino) alone cannot tell a deleted file from a new one that got its
+    inode number; the saved name_to_handle_at handle (with the generation) can."""
+    old = HostDir(tree)
+    f, _ = old.lookup(ROOT, b"f")
+    state = roundtrip(old.save())
+    old.close()
+    entry = next(e for e in state["nodes"] if e["id"] == f)
+    assert entry["file_handle"]  # ext4 and tmpfs have one
+    good = entry["file_handle"]
+    forged = {**entry, "file_handle": good[:-1] + ("1" if good[-1] == "0" else "0")}
+    other = {**state, "nodes": [forged if e is entry else e for e in state["nodes"]]}
+    new = HostDir(tree)
+    with pytest.raises(HostDirStateError, match="another inode"):
+        new.load(other)
+    new.load({**state, "nodes": [{**e, "file_handle": None} for e in state["nodes"]]})
+    assert new.getattr(f).st_ino == entry["ino"]  # no handle saved: dev and ino decide
+    new.close()
+
+
+def test_load_refuses_a_changed_tree(tree: Path) -> None:
+    old = HostDir(tree)
+    f, _ = old.lookup(ROOT, b"f")
+    fh = old.open(f, os.O_RDONLY)
+    state = roundtrip(old.save())
+    old.close()
+    (tree / "f").unlink()
+    (tree / "f").write_bytes(b"another file, same name\n")  # a new inode
+    new = HostDir(tree)
+    with pytest.raises(HostDirStateError, match=r"node \d+ \('f'\) is another inode"):
+        new.load(state)
+    new.load(state, strict=False)  # the instance stayed fresh: it loads, stale
+    with err(errno.ESTALE):
+        new.getattr(f)
+    with err(errno.ESTALE):  # never the new file's data
+        new.fd(fh)
+    new.release(fh)
+    new.forget(f, 1)
+    assert new.lookup(ROOT, b"f")[0] != f
+    new.close()
+
+
+@pytest.mark.parametrize("change", ["removed", "moved", "dir_became_symlink"])
+def test_load_refuses_a_node_whose_path_is_gone(tree: Path, tmp_path: Path, change: str) -> None:
+    old = HostDir(tree)
+    d, _ = old.lookup(ROOT, b"d")
+    old.lookup(d, b"inner")
+    old.forget(d, 1)  # the state holds d/inner alone
+    state = roundtrip(old.save())
+    old.close()
+    if change == "removed":
+        (tree / "d" / "inner").unlink()
+    elif change == "moved":
+        (tree / "d" / "inner").rename(tree / "elsewhere")
+    else:  # the same inode, reachable only by following a symlink: not reopened
+        (tree / "d").rename(tmp_path / "outside")
+        os.symlink(tmp_path / "outside", tree / "d")
+    new = HostDir(tree)
+    with pytest.raises(HostDirStateError, match=r"'d/inner'\) cannot be reopened"):
+        new.load(state)
+    new.close()
+
+
+def test_save_of_an_open_unlinked_file_cannot_be_loaded(tree: Path) -> None:
+    old = HostDir(tree)
+    f, _ = old.lookup(ROOT, b"f")
+    fh = old.open(f, os.O_RDONLY)
+    old.unlink(ROOT, b"f")
+    state = roundtrip(old.save())
+    old.close()
+    assert [e["path"] for e in state["nodes"] if e["id"] == f] == [None]
+    new = HostDir(tree)
+    with pytest.raises(HostDirStateError, match="no path in the shared directory"):
+        new.load(state)
+    new.load(state, strict=False)
+    with err(errno.ESTALE):
+        new.fd(fh)
+    new.close()
+
+
+def test_save_keeps_a_path_that_only_looks_deleted(tree: Path) -> None:
+    (tree / "x (deleted)").write_bytes(b"")
+    old = HostDir(tree)
+    x, _ = old.lookup(ROOT, b"x (deleted)")
+    state = roundtrip(old.save())
+    old.close()
+    assert [e["path"] for e in state["nodes"] if e["id"] == x] == ["x (deleted)"]
+
+
+def test_load_needs_the_same_directory_and_a_fresh_instance(tree: Path, tmp_path: Path) -> None:
+    old = HostDir(tree)
+    old.lookup(ROOT, b"f")
+    state = roundtrip(old.save())
+    with pytest.raises(HostDirStateError, match="fresh"):
+        old.load(state)
+    old.close()
+    other = tmp_path / "other"
+    other.mkdir()
+    new = HostDir(other)
+    with pytest.raises(HostDirStateError, match="not the one saved"):
+        new.load(state)
+    new.close()
+
+
+def test_load_refuses_a_write_handle_into_a_read_only_instance(tree: Path) -> None:
+    old = HostDir(tree)
+    fh = old.open(old.lookup(ROOT, b"f")[0], os.O_RDWR)
+    state = roundtrip(old.save())
+    old.close()
+    new = HostDir(tree, readonly=True)
+    with pytest.raises(HostDirStateError, match=f"handle {fh}.*Read-only"):
+        new.load(state)
+    new.close()
+
+
+def hostile_states(state: dict) -> list[tuple[str, dict]]:
+    """(what is wrong, the state) pairs built from a good one."""
+    node = state["nodes"][1]
+
+    def with_node(**kw: object) -> dict:
+        return {**state, "nodes": [state["nodes"][0], {**node, **kw}]}
+
+    return [
+        ("version", {**state, "version": 2}),
+        ("not a dict", [state]),  # type: ignore[list-item]
+        ("no lists", {**state, "nodes": {}}),
+        ("dotdot", with_node(path="../outside")),
+        ("dotdot inside", with_node(path="d/../../outside")),
+        ("absolute", with_node(path="/etc/passwd")),
+        ("empty component", with_node(path="d//inner")),
+        ("dot", with_node(path="./f")),
+        ("empty for a non-root", with_node(path="")),
+        ("not a string", with_node(path=7)),
+        ("bad surrogate", with_node(path="\ud800")),
+        ("NUL", with_node(path="f\0")),
+        ("bool id", with_node(id=True)),
+        ("id zero", with_node(id=0)),
+        ("huge id", with_node(id=1 << 64)),
+        ("negative count", with_node(nlookup=-1)),
+        ("duplicate id", {**state, "nodes": state["nodes"] + [node]}),
+        ("no root", {**state, "nodes": [node]}),
+        ("handle on unknown node", {**state, "handles": [{**state["handles"][0], "node": 999}]}),
+        ("handle flags", {**state, "handles": [{**state["handles"][0], "flags": os.O_CREAT}]}),
+        ("handle dir", {**state, "handles": [{**state["handles"][0], "dir": 1}]}),
+        ("file handle on a dir", {**state, "handles": [{**state["handles"][0], "node": ROOT}]}),
+        ("too many", {**state, "nodes": state["nodes"] + [{**node, "id": 9}] * 70000}),
+    ]
+
+
+def test_load_refuses_malformed_or_hostile_states(tree: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "outside"
+    secret.write_bytes(b"secret")
+    old = HostDir(tree)
+    old.open(old.lookup(ROOT, b"f")[0], os.O_RDONLY)
+    state = roundtrip(old.save())
+    old.close()
+    for what, bad in hostile_states(state):
+        new = HostDir(tree)
+        with pytest.raises(HostDirStateError):
+            new.load(bad)
+        assert new.save()["nodes"] == [state["nodes"][0]], what  # nothing applied
+        new.close()
