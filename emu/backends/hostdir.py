@@ -102,9 +102,21 @@ XATTR_REPLACE = 2
 #: the only xattr namespace a guest may write: others carry host meaning (file
 #: capabilities in security.capability, trusted.*, ACLs the host enforces)
 _XATTR_WRITABLE = b"user."
+#: every fallocate mode Linux 6.1 knows (KEEP_SIZE .. UNSHARE_RANGE)
+_FALLOC_MODES = 0x7F
 _AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
+_MAX_HANDLE_SZ = 128
+
+Key = tuple[int, int]
+#: the shape of ``save``'s dict (a change of shape is a new version)
+STATE_VERSION = 1
+_PATH_MAX = 4096
+_U64 = (1 << 64) - 1
+#: node ids and handles in a state stay well inside FUSE's u64
+_ID_MAX = (1 << 63) - 1
 
 # ctypes only where the os module has no equivalent: renameat2 (flags), fallocate
 # (modes), utimensat / futimens with UTIME_NOW / UTIME_OMIT (os.utime always sets both
@@ -124,8 +136,6 @@ _utimensat = _libc.utimensat
 _utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
 _futimens = _libc.futimens
 _futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
-_AT_EMPTY_PATH = 0x1000
-_MAX_HANDLE_SZ = 128
 
 
 class _FileHandle(ctypes.Structure):
@@ -144,14 +154,6 @@ _name_to_handle_at.argtypes = [
     ctypes.POINTER(ctypes.c_int),
     ctypes.c_int,
 ]
-
-Key = tuple[int, int]
-#: the shape of ``save``'s dict (a change of shape is a new version)
-STATE_VERSION = 1
-_PATH_MAX = 4096
-_U64 = (1 << 64) - 1
-#: node ids and handles in a state stay well inside FUSE's u64
-_ID_MAX = (1 << 63) - 1
 
 
 class HostDirStateError(StateError, ValueError):
@@ -475,12 +477,14 @@ class HostDir:
         """The node's own inode as a path (a magic link: never resolves a name)."""
         return f"/proc/self/fd/{n.fd}"
 
-    def _fix_mode(self, n: _Node, mode: int) -> None:
+    def _fix_mode(self, node: int, st: os.stat_result, mode: int) -> os.stat_result:
         """Put back permission bits the host umask took from a new entry."""
-        st = os.fstat(n.fd)
         missing = mode & 0o777 & ~st.st_mode
-        if missing:
-            os.chmod(self._proc(n), (st.st_mode & 0o7777) | missing)
+        if not missing:
+            return st
+        n = self._nodes[node]
+        os.chmod(self._proc(n), (st.st_mode & 0o7777) | missing)
+        return os.fstat(n.fd)
 
     # -- nodes --------------------------------------------------------------------------
 
@@ -536,9 +540,8 @@ class HostDir:
         self._writable()
         self._node_room()
         os.mkdir(name, mode & 0o7777, dir_fd=p.fd)
-        node, _ = self._add(os.open(name, _PATH, dir_fd=p.fd))
-        self._fix_mode(self._nodes[node], mode)
-        return node, os.fstat(self._nodes[node].fd)
+        node, st = self._add(os.open(name, _PATH, dir_fd=p.fd))
+        return node, self._fix_mode(node, st, mode)
 
     def unlink(self, parent: int, name: bytes) -> None:
         p = self._dir(parent)
@@ -638,9 +641,8 @@ class HostDir:
             raise _error(errno.EINVAL)
         self._node_room()
         os.mknod(name, kind | (mode & 0o7777), dir_fd=p.fd)
-        node, _ = self._add(os.open(name, _PATH, dir_fd=p.fd))
-        self._fix_mode(self._nodes[node], mode)
-        return node, os.fstat(self._nodes[node].fd)
+        node, st = self._add(os.open(name, _PATH, dir_fd=p.fd))
+        return node, self._fix_mode(node, st, mode)
 
     def rename(
         self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int = 0
@@ -743,12 +745,11 @@ class HostDir:
             if mode & 0o777 & ~st.st_mode:
                 os.fchmod(fd, (st.st_mode & 0o7777) | (mode & 0o777))
             # the magic link followed (no O_NOFOLLOW) is the inode just created, race-free
-            node, _ = self._add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC))
+            node, st = self._add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC))
         except BaseException:
             os.close(fd)
             raise
-        fh = self._new_handle(fd, node, flags & ~os.O_TRUNC, None)
-        return node, os.fstat(fd), fh
+        return node, st, self._new_handle(fd, node, flags & ~os.O_TRUNC, None)
 
     def fd(self, fh: int) -> int:
         """The host fd of an open file, for the device's preadv / pwritev."""
@@ -778,8 +779,11 @@ class HostDir:
         (os.fdatasync if datasync else os.fsync)(fd)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with the guest's mode (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, ...)."""
         fd = self._handle(fh, directory=False).fd
         self._writable()
+        if mode & ~_FALLOC_MODES:
+            raise _error(errno.EOPNOTSUPP)
         _check_off(offset)
         if not 0 < length <= _OFF_MAX - offset:
             raise _error(errno.EINVAL)
@@ -881,6 +885,8 @@ class HostDir:
 
     def forget_all(self) -> None:
         """FUSE DESTROY or a device reset: every handle and every node but ROOT goes."""
+        if ROOT not in self._nodes:  # closed
+            return
         for h in self._handles.values():
             h.close()
         self._handles.clear()
@@ -900,15 +906,15 @@ class HostDir:
         A node is its path relative to ROOT now (read from /proc/self/fd), its identity
         to check on load ((st_dev, st_ino) and, where the file system gives one, its
         name_to_handle_at handle, which also tells a reused inode number), and its
-        lookup count. A node with no path in
-        the tree (an open but unlinked file, a directory moved out of the tree on the
-        host, a node already stale) is saved with path None: nothing can reopen it by
-        path, so ``load`` refuses it (or, not strict, marks it stale). A handle is its
-        node, its open flags (O_TRUNC dropped: reopening must not truncate again) and
-        whether it is a directory; a directory handle needs no position, since every
-        READDIR carries its offset and the listing is read again in the same order.
+        lookup count. A node with no path in the tree (an open but unlinked file, a
+        directory moved out of the tree on the host, a node already stale) is saved
+        with path None: nothing can reopen it by path, so ``load`` refuses it (or, not
+        strict, marks it stale). A handle is its node, its open flags (O_TRUNC dropped:
+        reopening must not truncate again) and whether it is a directory; a directory
+        handle needs no position, since every READDIR carries its offset and the
+        listing is read again in the same order.
         """
-        root = os.readlink(os.fsencode(self._proc(self._nodes[ROOT])))
+        root = os.readlink(os.fsencode(self._proc(self._node(ROOT))))
         prefix = root if root.endswith(b"/") else root + b"/"
         nodes = [
             {
@@ -978,14 +984,14 @@ class HostDir:
         """Reopen the nodes and handles ``save`` gave, into this fresh instance.
 
         Each node is reopened by its path, one component at a time from ROOT (never
-        following a symlink), and must be the inode saved (st_dev, st_ino, and the
-        file handle when one was saved). A node that
-        cannot be (path gone or None, another inode there now) and the handles on it are
-        refused with a HostDirStateError naming it; with ``strict=False`` they are kept
-        as stale instead: every call on them answers ESTALE, FORGET and RELEASE drop
-        them, and the guest never gets another file's data. A state that is malformed,
-        bigger than this instance's limits, or not from this directory (the root's
-        identity, when strict) is always refused. Nothing is applied unless all loads.
+        following a symlink), and must be the inode saved (st_dev, st_ino, and the file
+        handle when one was saved). A node that cannot be (path gone or None, another
+        inode there now) and the handles on it are refused with a HostDirStateError
+        naming it; with ``strict=False`` they are kept as stale instead: every call on
+        them answers ESTALE, FORGET and RELEASE drop them, and the guest never gets
+        another file's data. A state that is malformed, bigger than this instance's
+        limits, or not from this directory (the root's identity, when strict) is always
+        refused. Nothing is applied unless all of it loads.
         """
         if set(self._nodes) != {ROOT} or self._handles:
             raise HostDirStateError("load needs a fresh HostDir (no nodes or handles yet)")
