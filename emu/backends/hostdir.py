@@ -32,7 +32,8 @@ Sandbox decisions
 - At most ``max_nodes`` nodes and ``max_handles`` handles at once (ENFILE beyond), so a
   guest cannot exhaust the host's fds: a node holds one fd, a file handle one, a
   directory handle two while it is being listed. Keep ``max_nodes + 2 * max_handles``
-  under RLIMIT_NOFILE.
+  under RLIMIT_NOFILE (the defaults, 16384 + 2 * 1024, fit the 20000 of the machines
+  here with room for the rest of the process); past it the host's EMFILE is the answer.
 - ``readonly``: every call that would change the tree or a file raises EROFS.
 - Open flags: only the access mode, O_APPEND, O_TRUNC, O_SYNC, O_DSYNC, O_NOATIME and
   O_NONBLOCK reach the host. The rest is dropped: O_DIRECT as the C virtiofsd does by
@@ -81,7 +82,7 @@ ROOT = 1
 NAME_MAX = 255
 #: default bounds on what one guest can hold open at once (ENFILE beyond)
 MAX_NODES = 16384
-MAX_HANDLES = 2048
+MAX_HANDLES = 1024
 
 _PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
