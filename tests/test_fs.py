@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ from emu.cli import main
 from emu.devices import fuse as f
 from emu.devices import registry
 from emu.devices.fs import MAX_PAGES_LIMIT, OFFERED, FsDevice
+from emu.devices.snapshot import restore_device
 from emu.memory import GuestMemory
 from emu.state import file as statefile
+from emu.state.format import StateError
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.fs import LINUX_6_1_FLAGS, FuseClient, FuseReplyError
 from emu.transport import mmio_regs
@@ -520,16 +523,18 @@ def test_a_request_answered_before_a_report_stop_is_not_run_again(mount, mem, sh
     mkdir, size = dev._ops[f.Op.MKDIR]
     calls = []
 
-    def mkdir_then_stop(h, a, room):  # the stop arrives while the request runs
+    def mkdir_then_stop(h, a, room):  # a VMM's stop arrives while the request runs
         calls.append(h.unique)
-        dev.request_stop("report")
+        vmm = threading.Thread(target=dev.request_stop, args=("report",))
+        vmm.start()
+        vmm.join()
         return mkdir(h, a, room)
 
     dev._ops[f.Op.MKDIR] = (mkdir_then_stop, size)
     q = fs.drv.queues[1]
     unique = fs.next_unique()
     args = [f.MKDIR_IN.pack(0o755, 0), b"made\0"]
-    token = q.add([f.IN_HEADER.pack(40 + 16 + 5, f.Op.MKDIR, unique, ROOT, 0, 0, 0, 0), *args],
+    token = q.add([f.IN_HEADER.pack(40 + 8 + 5, f.Op.MKDIR, unique, ROOT, 0, 0, 0, 0), *args],
                   [16, f.ENTRY_OUT.size])  # fmt: skip
     fs.drv.kick(1)
     assert dev.wait_stopped(10)
@@ -548,9 +553,6 @@ def test_a_request_answered_before_a_report_stop_is_not_run_again(mount, mem, sh
 
 
 def test_restore_onto_another_share_is_refused(mount, mem, share, tmp_path):
-    from emu.devices.snapshot import restore_device
-    from emu.state.format import StateError
-
     fs, dev = mount(tag="one")
     fs.drv.transport.vmm_stop("drain")
     state = fs.drv.transport.save()
@@ -566,3 +568,43 @@ def test_demo_in_process():
     res = CliRunner().invoke(main, ["demo", "--in-process", "fs"])
     assert res.exit_code == 0, res.output
     assert "host file matches" in res.output and "data.bin" in res.output
+
+
+def test_files_deleted_or_replaced_before_the_restore_answer_estale(mount, mem, share, tmp_path):
+    (share / "gone").write_bytes(b"gone data")
+    (share / "swapped").write_bytes(b"old data")
+    (share / "kept").write_bytes(b"kept data")
+    fs, _ = mount()
+    opened = {}
+    for n in ("gone", "swapped", "kept"):
+        e = fs.lookup(ROOT, n)
+        opened[n] = (e.node, fs.open(e.node, os.O_RDONLY))
+    fs.drv.transport.vmm_stop("report")
+    statefile.save(tmp_path / "strict.state", fs.drv.transport.save())
+    (share / "gone").unlink()
+    (share / "swapped").unlink()
+    (share / "swapped").write_bytes(b"NEW DATA, another inode")
+    strict = FsDevice(share, strict_restore=True)
+    try:
+        with pytest.raises(StateError, match="gone|swapped"):
+            restore_device(strict, statefile.load(tmp_path / "strict.state"))
+    finally:
+        strict.close()
+    fresh = FsDevice(share)
+    fs2 = swap_device(fs, mem, fresh, tmp_path / "fs.state")
+    try:
+        for n in ("gone", "swapped"):
+            node, fh = opened[n]
+            raises(errno.ESTALE, fs2.read, node, fh, 0, 100)
+            raises(errno.ESTALE, fs2.getattr, node)
+            fs2.release(node, fh)  # the guest can still let go of it
+        node, fh = opened["kept"]
+        assert fs2.read(node, fh, 0, 100) == b"kept data"
+        assert fs2.read(*fs2_open(fs2, "swapped"), 0, 100) == b"NEW DATA, another inode"
+    finally:
+        fresh.close()
+
+
+def fs2_open(fs: FuseClient, n: str) -> tuple[int, int]:
+    e = fs.lookup(ROOT, n)
+    return e.node, fs.open(e.node)
