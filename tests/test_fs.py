@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from modes import wait_until
 
 from emu.cli import main
+from emu.commands.serve import make_devices, serve
 from emu.devices import fuse as f
 from emu.devices import registry
 from emu.devices.fs import MAX_PAGES_LIMIT, OFFERED, FsDevice
@@ -29,8 +31,10 @@ from emu.state import file as statefile
 from emu.state.format import StateError
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.fs import LINUX_6_1_FLAGS, FuseClient, FuseReplyError
+from emu.testing.vhost_user import VhostUserDriver
 from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
+from emu.vhost_user.frontend import connect
 
 ROOT = f.ROOT_ID
 RINGS = [
@@ -608,3 +612,58 @@ def test_files_deleted_or_replaced_before_the_restore_answer_estale(mount, mem, 
 def fs2_open(fs: FuseClient, n: str) -> tuple[int, int]:
     e = fs.lookup(ROOT, n)
     return e.node, fs.open(e.node)
+
+
+# -- over vhost-user, as `emu serve` serves real guests --
+
+
+class Served:
+    """``emu serve``'s code for ``specs`` on a thread of this process."""
+
+    def __init__(self, specs: list[str], sock: Path) -> None:
+        self.devices = make_devices(specs)
+        self.done = threading.Event()
+        args = (self.devices, [str(sock)], self.done)
+        self.thread = threading.Thread(target=serve, args=args, daemon=True)
+        self.thread.start()
+        wait_until(sock.exists)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(10)
+
+
+def test_served_over_vhost_user_and_restored_in_a_fresh_server(share, tmp_path):
+    data = os.urandom(300_000)
+    (share / "f").write_bytes(data)
+    sock = tmp_path / "fs.sock"
+    spec = f"fs:{share},tag=vu-tag"
+    first = Served([spec], sock)
+    fe = VhostUserDriver(sock)
+    try:
+        fs = FuseClient.connect(fe, queue_size=64)
+        assert fs.tag == "vu-tag" and fs.num_request_queues == 1
+        assert fs.init_reply[8] == 64 - 8  # max_pages from the ring the frontend made
+        e = fs.lookup(ROOT, "f")
+        fh = fs.open(e.node, os.O_RDWR)
+        assert fs.read(e.node, fh, 0, 4096) == data[:4096]
+        bases = {i: fe.stop_ring(i) for i in (0, 1)}  # QEMU's stop
+        state = fe.save_state()
+        first.close()
+        second = Served([spec], sock)
+        try:
+            fe.sock.close()
+            fe.sock = connect(sock)
+            fe.init()
+            fe.load_state(state)
+            for i, base in bases.items():
+                fe.restart_ring(i, base)
+            # the same session, node and handle in another server
+            assert fs.read(e.node, fh, 4096, 200_000) == data[4096:204_096]
+            assert fs.write(e.node, fh, 0, b"from vhost-user") == 15
+            assert (share / "f").read_bytes()[:15] == b"from vhost-user"
+            raises(errno.EIO, fs.init)
+        finally:
+            second.close()
+    finally:
+        fe.close()
