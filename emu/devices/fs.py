@@ -12,7 +12,7 @@ they are popped: a request's reply is written before the next request is looked 
 there is never anything for an INTERRUPT to interrupt (INTERRUPT is read and dropped).
 The FUSE semantics are ``emu.backends.hostdir.HostDir``'s (node ids, lookup counts,
 handles, the sandbox); this module maps the wire format (``emu.devices.fuse``) onto it.
-READ and WRITE move the data between the host file and guest RAM with one ``preadv`` /
+READ and WRITE move the data between the host file and guest RAM with ``preadv`` /
 ``pwritev`` over memoryviews of the chain's buffers: the payload is never copied in Python.
 
 INIT, negotiated honestly: the reply's minor is the lower of the guest's and 7.37; the
@@ -70,6 +70,8 @@ used length and, when the chain is handed to it again after resume or restore, p
 that length without executing it. The snapshot holds HostDir's nodes and handles
 (``HostDir.save``), the negotiated INIT parameters, those remembered lengths, and the tag,
 queue count and ``ro`` the guest saw (a restore onto a device that differs is refused).
+Nodes whose files were deleted or replaced on the host between save and restore come
+back stale: the guest gets ESTALE for them, never another file's data (``load_state``).
 """
 
 from __future__ import annotations
@@ -105,7 +107,6 @@ from emu.state.schema import Bool, Field, Int, List, Map, Nullable, Obj, Schema,
 log = logging.getLogger(__name__)
 
 TAG_MAX = 36
-HIPRIO = 0
 #: guest page size the kernel counts max_pages in (x86: the guests emu serves)
 PAGE = 4096
 #: the kernel's ceiling for max_pages (FUSE_MAX_MAX_PAGES)
