@@ -1,12 +1,16 @@
 """Golden snapshot files: how they were made, and how a test replays them.
 
-Each case under ``tests/golden/<set>/`` is one device (blk, net, console, rng) on a split
+Each case under ``tests/golden/<set>/`` is one device (blk, net, console, rng, fs) on a split
 or a packed ring, saved by ``MmioTransport.save`` after a VMM ``report`` stop with
 requests in flight, and written by ``emu.state.file.save``:
 
     CASE.state    the snapshot file itself
     CASE.ram.gz   guest RAM at the save (rings, buffers, the driver's requests)
     CASE.disk.gz  blk only: the disk image at the save
+    (fs shares a directory that ``make_device`` fills the same way for the save and every
+    replay; its nodes other than the root come back stale, as on a host where the files
+    were replaced: the requests in flight were answered before the save, so a restore
+    publishes their answers without running them again)
     CASE.json     the rings at the save, the chains in flight, and what the code that
                   made the files did after restoring them: per queue the used entries
                   (head, length, sha256 of the bytes written into the chain) and what
@@ -19,6 +23,10 @@ reference driver's internals). A later emu must load every set and do the same.
 To make a new set (only when the format changes; old sets stay):
 
     python tests/golden_state.py tests/golden/NAME
+
+and to add the cases of a new device type to the latest set:
+
+    python tests/golden_state.py tests/golden/LATEST KIND
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -54,8 +63,11 @@ IN_FLIGHT = 4
 #: after the restore, nothing new for this long means the device is done
 QUIET = 0.5
 CASES = [
-    f"{kind}-{ring}" for kind in ("blk", "console", "net", "rng") for ring in ("split", "packed")
+    f"{kind}-{ring}"
+    for kind in ("blk", "console", "net", "rng", "fs")
+    for ring in ("split", "packed")
 ]
+FS_FILE = b"golden file contents\n" * 100
 
 
 class Sink:
@@ -79,6 +91,7 @@ class Backend:
     """What a device reaches outside guest RAM, so a replay can see what it did there."""
 
     disk: Path | None = None
+    share: Path | None = None
     sink: Sink = field(default_factory=Sink)
     console: BufferChar = field(default_factory=BufferChar)
     port1: BufferChar = field(default_factory=BufferChar)
@@ -90,6 +103,9 @@ class Backend:
         for fr in self.sink.frames:
             h.update(len(fr).to_bytes(4, "little") + fr)
         h.update(b"|" + self.console.output + b"|" + self.port1.output)
+        if self.share is not None:
+            for p in sorted(self.share.iterdir()):
+                h.update(b"|" + p.name.encode() + b"=" + p.read_bytes())
         return h.hexdigest()
 
 
@@ -114,6 +130,13 @@ def make_device(kind: str, backend: Backend) -> VirtioDevice:
         from emu.devices.rng import RngDevice
 
         return RngDevice()
+    if kind == "fs":
+        from emu.devices.fs import FsDevice
+
+        assert backend.share is not None
+        backend.share.mkdir(exist_ok=True)
+        (backend.share / "golden").write_bytes(FS_FILE)
+        return FsDevice(backend.share, tag="golden")
     raise ValueError(kind)
 
 
@@ -174,6 +197,8 @@ def replay(case_dir: Path, case: str, work: Path, counts: dict | None = None) ->
         if meta["kind"] == "blk":
             backend.disk = work / f"{case}.img"
             backend.disk.write_bytes(gzip.decompress((case_dir / f"{case}.disk.gz").read_bytes()))
+        if meta["kind"] == "fs":
+            backend.share = work / f"{case}.share"
         dev = make_device(meta["kind"], backend)
         try:
             # the v1 set was saved by a transport that offered STOP at its usual bit (the
@@ -216,6 +241,8 @@ def _save(kind: str, packed: bool, work: Path) -> tuple[GuestMemory, Backend, Vi
     from emu.testing.blk import BlkDriver
     from emu.testing.console import GuestConsole
     from emu.testing.driver import VirtioMmioDriver
+    from emu.testing.fs import FuseClient, in_header
+    from emu.testing.fs import name as fuse_name
     from emu.testing.net import GuestNet
     from emu.testing.rng import RngDriver
 
@@ -224,6 +251,8 @@ def _save(kind: str, packed: bool, work: Path) -> tuple[GuestMemory, Backend, Vi
     if kind == "blk":
         backend.disk = work / "disk.img"
         backend.disk.write_bytes(bytes(i % 251 for i in range(DISK)))
+    if kind == "fs":
+        backend.share = work / "share"
     dev = make_device(kind, backend)
     tr = MmioTransport(dev, mem)
     drv = VirtioMmioDriver(tr, mem)
@@ -250,6 +279,20 @@ def _save(kind: str, packed: bool, work: Path) -> tuple[GuestMemory, Backend, Vi
             submit.append(lambda i=i: drv.submit(1, [b"w%03d;" % i], []))
             submit.append(lambda i=i: drv.submit(5, [b"p%03d;" % i], []))
             submit.append(lambda i=i: backend.console.feed(b"r%03d;" % i))
+    elif kind == "fs":
+        from emu.devices import fuse as f
+
+        fs = FuseClient.connect(drv, packed=packed, queue_size=16)
+        entry = fs.lookup(f.ROOT_ID, "golden")
+        fh = fs.open(entry.node)
+        for i in range(IN_FLIGHT):
+            for op, node, args, room in (
+                (f.Op.GETATTR, f.ROOT_ID, f.GETATTR_IN.pack(0, 0, 0), f.ATTR_OUT.size),
+                (f.Op.LOOKUP, f.ROOT_ID, fuse_name("golden"), f.ENTRY_OUT.size),
+                (f.Op.READ, entry.node, f.READ_IN.pack(fh, 100 * i, 64, 0, 0, 0, 0), 64),
+            ):
+                hdr = in_header(op, node, 1000 + 2 * len(submit), len(args))
+                submit.append(lambda o=[hdr + args], r=room: drv.submit(1, o, [16, r]))
     else:
         rng = RngDriver.open(drv, packed=packed, queue_size=16)
         assert len(rng.read(16)) == 16
@@ -276,16 +319,22 @@ def _all_fetched(kind: str, dev: VirtioDevice, backend: Backend) -> bool:
         port = dev.ports[0]
         done = len(backend.console.output) == 6 + 5 * IN_FLIGHT
         return done and len(backend.port1.output) == 5 * IN_FLIGHT and not port.backlog
+    if kind == "fs":
+        return len(dev.queues[1].inflight()) == 3 * IN_FLIGHT
     return len(dev.queues[0].inflight()) == IN_FLIGHT
 
 
-def make(case_dir: Path) -> None:
+def make(case_dir: Path, kinds: list[str] | None = None) -> None:
+    """Write the cases (of ``kinds`` only, when given: a device type added to the
+    latest set without touching the files of the others)."""
     case_dir.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     for case in CASES:
         kind, ring = case.split("-")
+        if kinds and kind not in kinds:
+            continue
         work = case_dir / f".work-{case}"
         work.mkdir()
         try:
@@ -323,11 +372,9 @@ def make(case_dir: Path) -> None:
             meta["expect"] = replay(case_dir, case, work)
             (case_dir / f"{case}.json").write_text(json.dumps(meta, indent=1) + "\n")
         finally:
-            for p in work.iterdir():
-                p.unlink()
-            work.rmdir()
+            shutil.rmtree(work)
         print(case, {i: len(u) for i, u in meta["expect"]["used"].items()})
 
 
 if __name__ == "__main__":
-    make(Path(sys.argv[1]))
+    make(Path(sys.argv[1]), sys.argv[2:])

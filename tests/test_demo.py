@@ -16,6 +16,7 @@ def test_demo_drives_every_device(args):
     assert "delivered intact" in res.output
     assert "host -> guest b'host says hi\\n'" in res.output
     assert "rng: 64 bytes" in res.output
+    assert "host file matches" in res.output  # fs
 
 
 def test_demo_offers_the_stop_bit_only_when_asked():

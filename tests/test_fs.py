@@ -13,21 +13,28 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from modes import wait_until
 
 from emu.cli import main
+from emu.commands.serve import make_devices, serve
 from emu.devices import fuse as f
 from emu.devices import registry
 from emu.devices.fs import MAX_PAGES_LIMIT, OFFERED, FsDevice
+from emu.devices.snapshot import restore_device
 from emu.memory import GuestMemory
 from emu.state import file as statefile
+from emu.state.format import StateError
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.fs import LINUX_6_1_FLAGS, FuseClient, FuseReplyError
+from emu.testing.vhost_user import VhostUserDriver
 from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
+from emu.vhost_user.frontend import connect
 
 ROOT = f.ROOT_ID
 RINGS = [
@@ -520,16 +527,18 @@ def test_a_request_answered_before_a_report_stop_is_not_run_again(mount, mem, sh
     mkdir, size = dev._ops[f.Op.MKDIR]
     calls = []
 
-    def mkdir_then_stop(h, a, room):  # the stop arrives while the request runs
+    def mkdir_then_stop(h, a, room):  # a VMM's stop arrives while the request runs
         calls.append(h.unique)
-        dev.request_stop("report")
+        vmm = threading.Thread(target=dev.request_stop, args=("report",))
+        vmm.start()
+        vmm.join()
         return mkdir(h, a, room)
 
     dev._ops[f.Op.MKDIR] = (mkdir_then_stop, size)
     q = fs.drv.queues[1]
     unique = fs.next_unique()
     args = [f.MKDIR_IN.pack(0o755, 0), b"made\0"]
-    token = q.add([f.IN_HEADER.pack(40 + 16 + 5, f.Op.MKDIR, unique, ROOT, 0, 0, 0, 0), *args],
+    token = q.add([f.IN_HEADER.pack(40 + 8 + 5, f.Op.MKDIR, unique, ROOT, 0, 0, 0, 0), *args],
                   [16, f.ENTRY_OUT.size])  # fmt: skip
     fs.drv.kick(1)
     assert dev.wait_stopped(10)
@@ -548,9 +557,6 @@ def test_a_request_answered_before_a_report_stop_is_not_run_again(mount, mem, sh
 
 
 def test_restore_onto_another_share_is_refused(mount, mem, share, tmp_path):
-    from emu.devices.snapshot import restore_device
-    from emu.state.format import StateError
-
     fs, dev = mount(tag="one")
     fs.drv.transport.vmm_stop("drain")
     state = fs.drv.transport.save()
@@ -566,3 +572,98 @@ def test_demo_in_process():
     res = CliRunner().invoke(main, ["demo", "--in-process", "fs"])
     assert res.exit_code == 0, res.output
     assert "host file matches" in res.output and "data.bin" in res.output
+
+
+def test_files_deleted_or_replaced_before_the_restore_answer_estale(mount, mem, share, tmp_path):
+    (share / "gone").write_bytes(b"gone data")
+    (share / "swapped").write_bytes(b"old data")
+    (share / "kept").write_bytes(b"kept data")
+    fs, _ = mount()
+    opened = {}
+    for n in ("gone", "swapped", "kept"):
+        e = fs.lookup(ROOT, n)
+        opened[n] = (e.node, fs.open(e.node, os.O_RDONLY))
+    fs.drv.transport.vmm_stop("report")
+    statefile.save(tmp_path / "strict.state", fs.drv.transport.save())
+    (share / "gone").unlink()
+    (share / "swapped").unlink()
+    (share / "swapped").write_bytes(b"NEW DATA, another inode")
+    strict = FsDevice(share, strict_restore=True)
+    try:
+        with pytest.raises(StateError, match="gone|swapped"):
+            restore_device(strict, statefile.load(tmp_path / "strict.state"))
+    finally:
+        strict.close()
+    fresh = FsDevice(share)
+    fs2 = swap_device(fs, mem, fresh, tmp_path / "fs.state")
+    try:
+        for n in ("gone", "swapped"):
+            node, fh = opened[n]
+            raises(errno.ESTALE, fs2.read, node, fh, 0, 100)
+            raises(errno.ESTALE, fs2.getattr, node)
+            fs2.release(node, fh)  # the guest can still let go of it
+        node, fh = opened["kept"]
+        assert fs2.read(node, fh, 0, 100) == b"kept data"
+        assert fs2.read(*fs2_open(fs2, "swapped"), 0, 100) == b"NEW DATA, another inode"
+    finally:
+        fresh.close()
+
+
+def fs2_open(fs: FuseClient, n: str) -> tuple[int, int]:
+    e = fs.lookup(ROOT, n)
+    return e.node, fs.open(e.node)
+
+
+# -- over vhost-user, as `emu serve` serves real guests --
+
+
+class Served:
+    """``emu serve``'s code for ``specs`` on a thread of this process."""
+
+    def __init__(self, specs: list[str], sock: Path) -> None:
+        self.devices = make_devices(specs)
+        self.done = threading.Event()
+        args = (self.devices, [str(sock)], self.done)
+        self.thread = threading.Thread(target=serve, args=args, daemon=True)
+        self.thread.start()
+        wait_until(sock.exists)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(10)
+
+
+def test_served_over_vhost_user_and_restored_in_a_fresh_server(share, tmp_path):
+    data = os.urandom(300_000)
+    (share / "f").write_bytes(data)
+    sock = tmp_path / "fs.sock"
+    spec = f"fs:{share},tag=vu-tag"
+    first = Served([spec], sock)
+    fe = VhostUserDriver(sock)
+    try:
+        fs = FuseClient.connect(fe, queue_size=64)
+        assert fs.tag == "vu-tag" and fs.num_request_queues == 1
+        assert fs.init_reply[8] == 64 - 8  # max_pages from the ring the frontend made
+        e = fs.lookup(ROOT, "f")
+        fh = fs.open(e.node, os.O_RDWR)
+        assert fs.read(e.node, fh, 0, 4096) == data[:4096]
+        bases = {i: fe.stop_ring(i) for i in (0, 1)}  # QEMU's stop
+        state = fe.save_state()
+        first.close()
+        second = Served([spec], sock)
+        try:
+            fe.sock.close()
+            fe.sock = connect(sock)
+            fe.init()
+            fe.load_state(state)
+            for i, base in bases.items():
+                fe.restart_ring(i, base)
+            # the same session, node and handle in another server
+            assert fs.read(e.node, fh, 4096, 200_000) == data[4096:204_096]
+            assert fs.write(e.node, fh, 0, b"from vhost-user") == 15
+            assert (share / "f").read_bytes()[:15] == b"from vhost-user"
+            raises(errno.EIO, fs.init)
+        finally:
+            second.close()
+    finally:
+        fe.close()

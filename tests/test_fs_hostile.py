@@ -23,6 +23,7 @@ from emu.devices.base import RunState
 from emu.devices.fs import MAX_IO, FsDevice
 from emu.memory import GuestMemory
 from emu.ringlayout import DESC
+from emu.state.format import StateError
 from emu.testing.driver import DeviceNeedsReset, VirtioMmioDriver
 from emu.testing.fs import FuseClient, FuseReplyError, in_header, name, parse_dirents
 from emu.transport import mmio_regs
@@ -449,3 +450,42 @@ def test_write_without_room_for_its_answer_writes_nothing(fs, share):
     args = f.GETXATTR_IN.pack(0, 0)  # LISTXATTR asking for the length, 8 bytes
     assert errno_of(fs, f.Op.LISTXATTR, args, reply=7, nodeid=e.node) == errno.EINVAL
     still_serves(fs)
+
+
+# -- a hostile snapshot --
+
+
+def _session(**kw) -> dict:
+    return {"minor": 37, "flags": 0, "max_write": 4096, "max_pages": 1, "max_readahead": 0, **kw}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(replied={"9": [[0, 16]]}), "queue '9'"),
+        (dict(replied={"x": [[0, 16]]}), "queue 'x'"),
+        (dict(replied={"1": [[5000, 16]]}), "head"),
+        (dict(replied={"1": [[1]]}), r"\[head, length\]"),
+        (dict(replied={"1": [[1, 1 << 30]]}), "length"),
+        (dict(session=_session(minor=99)), "minor"),
+        (dict(session=_session(max_pages=0)), "max_pages"),
+        (dict(session=_session(surprise=1)), "unknown"),
+        (dict(dir=[]), "dir"),
+        (dict(dir={"version": 99, "nodes": [], "handles": []}), "version"),
+        (dict(tag="other"), "tag"),
+        (dict(readonly=True), "readonly"),
+        (dict(num_request_queues=2), "num_request_queues"),
+    ],
+)
+def test_bad_states_are_refused_whole(share, change, message):
+    dev = FsDevice(share)
+    state = dev.save_state()
+    dev.close()
+    state.update(change)
+    fresh = FsDevice(share)
+    try:
+        with pytest.raises(StateError, match=message):
+            fresh.load_state(state)
+        assert fresh.session is None and fresh.save_state()["replied"] == {}
+    finally:
+        fresh.close()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from emu.backends.hostdir import (
     XATTR_CREATE,
     XATTR_REPLACE,
     HostDir,
+    HostDirStateError,
 )
 
 
@@ -313,6 +316,10 @@ def test_close_closes_every_fd(tree: Path) -> None:
     assert len(os.listdir("/proc/self/fd")) == before
     with err(errno.ESTALE):
         h.getattr(ROOT)
+    with err(errno.ESTALE):
+        h.save()
+    h.forget_all()
+    h.close()
 
 
 # -- attributes -------------------------------------------------------------------------
@@ -541,6 +548,8 @@ def test_fallocate_and_seek_data_hole(hd: HostDir, tree: Path) -> None:
     for offset, length in ((0, 0), (-1, 10), (1 << 63, 1), (1, (1 << 63) - 1)):
         with err(errno.EINVAL):
             hd.fallocate(fh, 0, offset, length)
+    with err(errno.EOPNOTSUPP):
+        hd.fallocate(fh, 0x100, 0, 1)
     hd.release(fh)
 
 
@@ -600,3 +609,671 @@ def test_forget_all_drops_every_node_and_handle_but_root(hd: HostDir) -> None:
         hd.releasedir(dh)
     assert hd.getattr(ROOT).st_ino
     assert hd.lookup(ROOT, b"f")[0] not in (f, ROOT)
+
+
+# -- save / load ------------------------------------------------------------------------
+
+
+def roundtrip(state: dict) -> dict:
+    """As a snapshot carries it: through JSON text."""
+    return json.loads(json.dumps(state))
+
+
+def test_save_load_round_trip_with_open_files(tree: Path) -> None:
+    os.symlink("f", tree / "link")
+    os.link(tree / "f", tree / "d" / "hard")
+    for i in range(30):
+        (tree / "d" / f"e{i:02}").write_bytes(b"")
+    old = HostDir(tree)
+    d, _ = old.lookup(ROOT, b"d")
+    f, _ = old.lookup(ROOT, b"f")
+    assert old.lookup(d, b"hard")[0] == f
+    inner, _ = old.lookup(d, b"inner")
+    link, _ = old.lookup(ROOT, b"link")
+    reader = old.open(f, os.O_RDONLY)
+    appender = old.open(inner, os.O_WRONLY | os.O_APPEND)
+    lister = old.opendir(d)
+    listing = list(old.readdir(lister, 0))
+    head = listing[:10]
+    state = roundtrip(old.save())
+    old.close()
+
+    new = HostDir(tree)
+    new.load(state)
+    assert new.getattr(f).st_ino == os.stat(tree / "f").st_ino
+    assert new.lookup(d, b"hard")[0] == f  # identity survives
+    assert new.readlink(link) == b"f"
+    assert os.pread(new.fd(reader), 3, 2) == b"llo"
+    os.write(new.fd(appender), b"appended\n")
+    assert (tree / "d" / "inner").read_bytes() == b"inner\nappended\n"
+    with err(errno.EBADF):  # still read-only
+        os.write(new.fd(reader), b"x")
+    assert list(new.readdir(lister, head[-1][1])) == listing[10:]  # the listing goes on
+    again = new.save()
+    assert again["handles"] == state["handles"]
+    assert [e for e in again["nodes"] if e["id"] != f] == [
+        e for e in state["nodes"] if e["id"] != f
+    ]
+    # lookup counts came along: f had 2 (its lookup, the lookup of "hard") + 1 just now
+    new.forget(f, 3)
+    new.getattr(f)  # ``reader`` still holds it
+    new.release(reader)
+    with err(errno.ESTALE):
+        new.getattr(f)
+    assert new.lookup(ROOT, b"f")[0] > max(e["id"] for e in state["nodes"])
+    assert new.open(inner, os.O_RDONLY) > max(h["fh"] for h in state["handles"])
+    new.close()
+
+
+def test_save_load_of_names_that_are_not_utf8(tree: Path) -> None:
+    name = b"caf\xe9 \xff"
+    fd = os.open(os.fsencode(tree / "d") + b"/" + name, os.O_CREAT | os.O_WRONLY, 0o644)
+    os.close(fd)
+    old = HostDir(tree)
+    node, _ = old.lookup(old.lookup(ROOT, b"d")[0], name)
+    state = roundtrip(old.save())
+    old.close()
+    new = HostDir(tree)
+    new.load(state)
+    assert new.getattr(node).st_ino == os.stat(os.fsencode(tree / "d") + b"/" + name).st_ino
+    new.close()
+
+
+def test_load_checks_the_file_handle_beyond_the_inode_number(tree: Path) -> None:
+    """(st_dev, st_ino) alone cannot tell a deleted file from a new one that got its
+    inode number; the saved name_to_handle_at handle (with the generation) can."""
+    old = HostDir(tree)
+    f, _ = old.lookup(ROOT, b"f")
+    state = roundtrip(old.save())
+    old.close()
+    entry = next(e for e in state["nodes"] if e["id"] == f)
+    assert entry["file_handle"]  # ext4 and tmpfs have one
+    good = entry["file_handle"]
+    forged = {**entry, "file_handle": good[:-1] + ("1" if good[-1] == "0" else "0")}
+    other = {**state, "nodes": [forged if e is entry else e for e in state["nodes"]]}
+    new = HostDir(tree)
+    with pytest.raises(HostDirStateError, match="another inode"):
+        new.load(other)
+    new.load({**state, "nodes": [{**e, "file_handle": None} for e in state["nodes"]]})
+    assert new.getattr(f).st_ino == entry["ino"]  # no handle saved: dev and ino decide
+    new.close()
+
+
+def test_load_refuses_a_changed_tree(tree: Path) -> None:
+    old = HostDir(tree)
+    f, _ = old.lookup(ROOT, b"f")
+    fh = old.open(f, os.O_RDONLY)
+    state = roundtrip(old.save())
+    old.close()
+    (tree / "f").unlink()
+    (tree / "f").write_bytes(b"another file, same name\n")  # a new inode
+    new = HostDir(tree)
+    with pytest.raises(HostDirStateError, match=r"node \d+ \('f'\) is another inode"):
+        new.load(state)
+    new.load(state, strict=False)  # the instance stayed fresh: it loads, stale
+    with err(errno.ESTALE):
+        new.getattr(f)
+    with err(errno.ESTALE):  # never the new file's data
+        new.fd(fh)
+    new.release(fh)
+    new.forget(f, 1)
+    assert new.lookup(ROOT, b"f")[0] != f
+    new.close()
+
+
+@pytest.mark.parametrize("change", ["removed", "moved", "dir_became_symlink"])
+def test_load_refuses_a_node_whose_path_is_gone(tree: Path, tmp_path: Path, change: str) -> None:
+    old = HostDir(tree)
+    d, _ = old.lookup(ROOT, b"d")
+    old.lookup(d, b"inner")
+    old.forget(d, 1)  # the state holds d/inner alone
+    state = roundtrip(old.save())
+    old.close()
+    if change == "removed":
+        (tree / "d" / "inner").unlink()
+    elif change == "moved":
+        (tree / "d" / "inner").rename(tree / "elsewhere")
+    else:  # the same inode, reachable only by following a symlink: not reopened
+        (tree / "d").rename(tmp_path / "outside")
+        os.symlink(tmp_path / "outside", tree / "d")
+    new = HostDir(tree)
+    with pytest.raises(HostDirStateError, match=r"'d/inner'\) cannot be reopened"):
+        new.load(state)
+    new.close()
+
+
+def test_save_of_an_open_unlinked_file_cannot_be_loaded(tree: Path) -> None:
+    old = HostDir(tree)
+    f, _ = old.lookup(ROOT, b"f")
+    fh = old.open(f, os.O_RDONLY)
+    old.unlink(ROOT, b"f")
+    state = roundtrip(old.save())
+    old.close()
+    assert [e["path"] for e in state["nodes"] if e["id"] == f] == [None]
+    new = HostDir(tree)
+    with pytest.raises(HostDirStateError, match="no path in the shared directory"):
+        new.load(state)
+    new.load(state, strict=False)
+    with err(errno.ESTALE):
+        new.fd(fh)
+    new.close()
+
+
+def test_save_keeps_a_path_that_only_looks_deleted(tree: Path) -> None:
+    (tree / "x (deleted)").write_bytes(b"")
+    old = HostDir(tree)
+    x, _ = old.lookup(ROOT, b"x (deleted)")
+    state = roundtrip(old.save())
+    old.close()
+    assert [e["path"] for e in state["nodes"] if e["id"] == x] == ["x (deleted)"]
+
+
+def test_load_needs_the_same_directory_and_a_fresh_instance(tree: Path, tmp_path: Path) -> None:
+    old = HostDir(tree)
+    old.lookup(ROOT, b"f")
+    state = roundtrip(old.save())
+    with pytest.raises(HostDirStateError, match="fresh"):
+        old.load(state)
+    old.close()
+    other = tmp_path / "other"
+    other.mkdir()
+    new = HostDir(other)
+    with pytest.raises(HostDirStateError, match="not the one saved"):
+        new.load(state)
+    new.close()
+
+
+def test_load_refuses_a_write_handle_into_a_read_only_instance(tree: Path) -> None:
+    old = HostDir(tree)
+    fh = old.open(old.lookup(ROOT, b"f")[0], os.O_RDWR)
+    state = roundtrip(old.save())
+    old.close()
+    new = HostDir(tree, readonly=True)
+    with pytest.raises(HostDirStateError, match=f"handle {fh}.*Read-only"):
+        new.load(state)
+    new.close()
+
+
+def hostile_states(state: dict) -> list[tuple[str, dict]]:
+    """(what is wrong, the state) pairs built from a good one."""
+    node = state["nodes"][1]
+
+    def with_node(**kw: object) -> dict:
+        return {**state, "nodes": [state["nodes"][0], {**node, **kw}]}
+
+    return [
+        ("version", {**state, "version": 2}),
+        ("not a dict", [state]),  # type: ignore[list-item]
+        ("no lists", {**state, "nodes": {}}),
+        ("dotdot", with_node(path="../outside")),
+        ("dotdot inside", with_node(path="d/../../outside")),
+        ("absolute", with_node(path="/etc/passwd")),
+        ("empty component", with_node(path="d//inner")),
+        ("dot", with_node(path="./f")),
+        ("empty for a non-root", with_node(path="")),
+        ("not a string", with_node(path=7)),
+        ("bad surrogate", with_node(path="\ud800")),
+        ("NUL", with_node(path="f\0")),
+        ("bool id", with_node(id=True)),
+        ("id zero", with_node(id=0)),
+        ("huge id", with_node(id=1 << 64)),
+        ("negative count", with_node(nlookup=-1)),
+        ("duplicate id", {**state, "nodes": state["nodes"] + [node]}),
+        ("no root", {**state, "nodes": [node]}),
+        ("handle on unknown node", {**state, "handles": [{**state["handles"][0], "node": 999}]}),
+        ("handle flags", {**state, "handles": [{**state["handles"][0], "flags": os.O_CREAT}]}),
+        ("handle dir", {**state, "handles": [{**state["handles"][0], "dir": 1}]}),
+        ("file handle on a dir", {**state, "handles": [{**state["handles"][0], "node": ROOT}]}),
+        ("too many", {**state, "nodes": state["nodes"] + [{**node, "id": 9}] * 70000}),
+    ]
+
+
+def test_load_refuses_malformed_or_hostile_states(tree: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "outside"
+    secret.write_bytes(b"secret")
+    old = HostDir(tree)
+    old.open(old.lookup(ROOT, b"f")[0], os.O_RDONLY)
+    state = roundtrip(old.save())
+    old.close()
+    for what, bad in hostile_states(state):
+        new = HostDir(tree)
+        with pytest.raises(HostDirStateError):
+            new.load(bad)
+        assert new.save()["nodes"] == [state["nodes"][0]], what  # nothing applied
+        new.close()
+
+
+# -- the sandbox ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory next to the shared one, with a file the guest must never reach."""
+    out = tmp_path / "outside"
+    out.mkdir()
+    (out / "secret").write_bytes(b"outside secret\n")
+    (out / "inner").write_bytes(b"outside inner\n")
+    return out
+
+
+def test_dotdot_chains_stay_in_the_tree(hd: HostDir, tree: Path) -> None:
+    (tree / "d" / "a" / "b").mkdir(parents=True)
+    node = ROOT
+    for _ in range(20):
+        node, st = hd.lookup(node, b"..")
+        assert node == ROOT and st.st_ino == os.stat(tree).st_ino
+    d, _ = hd.lookup(ROOT, b"d")
+    a, _ = hd.lookup(d, b"a")
+    b, _ = hd.lookup(a, b"b")
+    chain = [b]
+    for _ in range(6):
+        chain.append(hd.lookup(chain[-1], b"..")[0])
+    assert chain == [b, a, d, ROOT, ROOT, ROOT, ROOT]
+    assert hd.lookup(b, b".")[0] == b
+
+
+def test_dotdot_of_a_directory_moved_out_on_the_host(
+    hd: HostDir, tree: Path, outside: Path
+) -> None:
+    """A held node follows its inode out of the tree (documented); ``..`` from it does not
+    lead any further."""
+    d, _ = hd.lookup(ROOT, b"d")
+    (tree / "d").rename(outside / "d")
+    with err(errno.EACCES):
+        hd.lookup(d, b"..")
+    fh = hd.opendir(d)
+    got = {name: ino for ino, _, _, name in hd.readdir(fh, 0)}
+    assert set(got) == {b".", b"..", b"inner"}
+    hd.releasedir(fh)
+
+
+BAD_NAMES = [
+    (b"", errno.EINVAL),
+    (b"a/b", errno.EINVAL),
+    (b"../../etc/passwd", errno.EINVAL),
+    (b"/etc", errno.EINVAL),
+    (b"x\0y", errno.EINVAL),
+    (b"\0", errno.EINVAL),
+    (b"n" * 256, errno.ENAMETOOLONG),
+]
+
+
+def name_calls(hd: HostDir, d: int, f: int) -> dict[str, object]:
+    """Every call that takes an entry name, with the name as its one free argument."""
+    return {
+        "lookup": lambda n: hd.lookup(d, n),
+        "mkdir": lambda n: hd.mkdir(d, n, 0o755),
+        "create": lambda n: hd.create(d, n, 0o644, os.O_RDWR),
+        "mknod": lambda n: hd.mknod(d, n, stat.S_IFIFO | 0o644, 0),
+        "symlink": lambda n: hd.symlink(d, n, b"target"),
+        "unlink": lambda n: hd.unlink(d, n),
+        "rmdir": lambda n: hd.rmdir(d, n),
+        "rename from": lambda n: hd.rename(d, n, ROOT, b"x"),
+        "rename to": lambda n: hd.rename(ROOT, b"f", d, n),
+        "link": lambda n: hd.link(f, d, n),
+    }
+
+
+@pytest.mark.parametrize(("name", "code"), BAD_NAMES)
+def test_bad_names_are_refused_by_every_call(
+    hd: HostDir, tree: Path, name: bytes, code: int
+) -> None:
+    before = sorted(p.relative_to(tree) for p in tree.rglob("*"))
+    d, _ = hd.lookup(ROOT, b"d")
+    f, _ = hd.lookup(ROOT, b"f")
+    for what, call in name_calls(hd, d, f).items():
+        with err(code):
+            call(name)  # type: ignore[operator]
+        assert sorted(p.relative_to(tree) for p in tree.rglob("*")) == before, what
+
+
+def test_dot_names_only_look_up(hd: HostDir, tree: Path) -> None:
+    d, _ = hd.lookup(ROOT, b"d")
+    f, _ = hd.lookup(ROOT, b"f")
+    for what, call in name_calls(hd, d, f).items():
+        if what == "lookup":
+            continue
+        for dots in (b".", b".."):
+            with err(errno.EINVAL):
+                call(dots)  # type: ignore[operator]
+    assert (tree / "d" / "inner").exists() and (tree / "f").exists()
+    assert sorted(os.listdir(tree)) == ["d", "f"]
+
+
+def test_the_longest_name_is_fine(hd: HostDir, tree: Path) -> None:
+    name = b"n" * 255
+    node, _, fh = hd.create(ROOT, name, 0o644, os.O_RDWR)
+    assert hd.lookup(ROOT, name)[0] == node and (tree / name.decode()).exists()
+    hd.release(fh)
+
+
+def test_a_symlink_pointing_outside_is_only_ever_the_link(
+    hd: HostDir, tree: Path, outside: Path
+) -> None:
+    os.symlink(outside / "secret", tree / "tofile")
+    os.symlink(outside, tree / "todir")
+    secret = os.stat(outside / "secret")
+    link, st = hd.lookup(ROOT, b"tofile")
+    assert stat.S_ISLNK(st.st_mode) and st.st_ino == os.lstat(tree / "tofile").st_ino
+    assert stat.S_ISLNK(hd.getattr(link).st_mode)
+    assert hd.readlink(link) == os.fsencode(outside / "secret")
+    with err(errno.ELOOP):
+        hd.open(link, os.O_RDONLY)
+    with err(errno.ELOOP):  # create without O_EXCL opens what is there: not through it
+        hd.create(ROOT, b"tofile", 0o644, os.O_RDWR)
+    with err(errno.ELOOP):
+        hd.create(ROOT, b"tofile", 0o644, os.O_RDWR | os.O_TRUNC)
+    dlink, _ = hd.lookup(ROOT, b"todir")
+    for call in (
+        lambda: hd.lookup(dlink, b"secret"),
+        lambda: hd.opendir(dlink),
+        lambda: hd.create(dlink, b"planted", 0o644, os.O_RDWR),
+        lambda: hd.mkdir(dlink, b"planted", 0o755),
+        lambda: hd.unlink(dlink, b"secret"),
+        lambda: hd.rename(ROOT, b"f", dlink, b"planted"),
+        lambda: hd.rename(dlink, b"secret", ROOT, b"stolen"),
+        lambda: hd.link(hd.lookup(ROOT, b"f")[0], dlink, b"planted"),
+        lambda: hd.symlink(dlink, b"planted", b"x"),
+    ):
+        with err(errno.ENOTDIR):
+            call()
+    hd.setattr(link, None, uid=4321, atime_ns=0, mtime_ns=0)  # acts on the link
+    after = os.stat(outside / "secret")
+    assert (after.st_uid, after.st_mtime_ns, after.st_size) == (
+        secret.st_uid,
+        secret.st_mtime_ns,
+        secret.st_size,
+    )
+    assert sorted(os.listdir(outside)) == ["inner", "secret"]
+    assert (outside / "secret").read_bytes() == b"outside secret\n"
+    assert not (tree / "stolen").exists() and not (tree / "planted").exists()
+
+
+def test_a_hard_link_cannot_reach_an_outside_inode(hd: HostDir, tree: Path, outside: Path) -> None:
+    """Every node comes from a lookup inside the tree; the only way to name an outside
+    file is a symlink, and linking that node links the symlink itself."""
+    os.symlink(outside / "secret", tree / "tofile")
+    link, _ = hd.lookup(ROOT, b"tofile")
+    node, st = hd.link(link, ROOT, b"hard")
+    assert node == link and stat.S_ISLNK(st.st_mode) and st.st_nlink == 2
+    assert os.stat(outside / "secret").st_nlink == 1  # the outside file got no new name
+    assert os.readlink(tree / "hard") == str(outside / "secret")
+    for unknown in (0, -1, 999, 1 << 64):
+        with err(errno.ESTALE):
+            hd.link(unknown, ROOT, b"other")
+    assert ROOT == hd.lookup(ROOT, b"..")[0]  # and no lookup climbs to an outside inode
+
+
+def test_rename_out_of_the_tree_is_impossible(hd: HostDir, tree: Path, outside: Path) -> None:
+    f, _ = hd.lookup(ROOT, b"f")
+    os.symlink(outside, tree / "todir")
+    dlink, _ = hd.lookup(ROOT, b"todir")
+    with err(errno.ESTALE):  # the new parent must be a node: all nodes are inside
+        hd.rename(ROOT, b"f", 999, b"x")
+    with err(errno.ENOTDIR):  # a file node, a symlink node: not directories
+        hd.rename(ROOT, b"f", f, b"x")
+    with err(errno.ENOTDIR):
+        hd.rename(ROOT, b"f", dlink, b"x")
+    for newname in (b"../outside/x", b"../../x", b".."):
+        with err(errno.EINVAL):
+            hd.rename(ROOT, b"f", ROOT, newname)
+    with err(errno.EINVAL):  # nor can ROOT itself be named to move it
+        hd.rename(ROOT, b".", ROOT, b"x")
+    assert sorted(os.listdir(outside)) == ["inner", "secret"]
+    assert (tree / "f").read_bytes() == b"hello\n"
+
+
+def test_a_symlink_swapped_in_for_a_directory_between_lookups(
+    hd: HostDir, tree: Path, outside: Path
+) -> None:
+    d, st = hd.lookup(ROOT, b"d")
+    assert stat.S_ISDIR(st.st_mode)
+    (tree / "d").rename(tree / "was_d")
+    os.symlink(outside, tree / "d")
+    again, st = hd.lookup(ROOT, b"d")
+    assert again != d and stat.S_ISLNK(st.st_mode)
+    with err(errno.ENOTDIR):
+        hd.lookup(again, b"inner")
+    inner, _ = hd.lookup(d, b"inner")  # the held node is still the directory it was
+    fh = hd.open(inner, os.O_RDONLY)
+    assert os.pread(hd.fd(fh), 100, 0) == b"inner\n"
+    hd.release(fh)
+
+
+def test_a_symlink_swapped_in_for_a_file_after_its_lookup(
+    hd: HostDir, tree: Path, outside: Path
+) -> None:
+    f, _ = hd.lookup(ROOT, b"f")
+    (tree / "f").unlink()
+    os.symlink(outside / "secret", tree / "f")
+    fh = hd.open(f, os.O_RDWR)  # the node's own inode, by /proc/self/fd: not the name
+    assert os.pread(hd.fd(fh), 100, 0) == b"hello\n"
+    hd.setattr(f, None, size=0)
+    assert (outside / "secret").read_bytes() == b"outside secret\n"
+    hd.release(fh)
+
+
+def test_racing_a_directory_against_a_symlink_never_reaches_outside(
+    hd: HostDir, tree: Path, outside: Path
+) -> None:
+    """A host thread swaps "d" between a directory and a symlink to outside as fast as it
+    can while the guest side looks up d/inner and reads it: every read that succeeds
+    reads the inside file; the others fail with ENOTDIR (the link) or ENOENT."""
+    os.symlink(outside, tree / "swap")
+    host = HostDir(tree)  # the host user, on its own instance
+    stop = threading.Event()
+    swaps = 0
+
+    def swapper() -> None:
+        nonlocal swaps
+        while not stop.is_set():
+            host.rename(ROOT, b"d", ROOT, b"swap", RENAME_EXCHANGE)
+            swaps += 1
+
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    seen = {"inside": 0, "ENOTDIR": 0, "ENOENT": 0}
+    try:
+        for _ in range(3000):
+            try:
+                d, _ = hd.lookup(ROOT, b"d")
+                inner, _ = hd.lookup(d, b"inner")
+                fh = hd.open(inner, os.O_RDONLY)
+            except OSError as e:
+                seen[errno.errorcode[e.errno]] += 1
+                continue
+            assert os.pread(hd.fd(fh), 100, 0) == b"inner\n"
+            hd.release(fh)
+            seen["inside"] += 1
+    finally:
+        stop.set()
+        thread.join()
+        host.close()
+    assert swaps > 100 and seen["inside"] > 0 and seen["ENOTDIR"] > 0, (swaps, seen)
+
+
+def node_calls(hd: HostDir) -> dict[str, object]:
+    """Every call that takes a node id, with the node as its one free argument."""
+    return {
+        "lookup": lambda n: hd.lookup(n, b"f"),
+        "lookup ..": lambda n: hd.lookup(n, b".."),
+        "readdirplus_entry": lambda n: hd.readdirplus_entry(n, b"f"),
+        "getattr": lambda n: hd.getattr(n),
+        "setattr": lambda n: hd.setattr(n, None, mode=0o644),
+        "readlink": lambda n: hd.readlink(n),
+        "symlink": lambda n: hd.symlink(n, b"s", b"t"),
+        "mknod": lambda n: hd.mknod(n, b"m", stat.S_IFIFO | 0o644, 0),
+        "mkdir": lambda n: hd.mkdir(n, b"m", 0o755),
+        "unlink": lambda n: hd.unlink(n, b"f"),
+        "rmdir": lambda n: hd.rmdir(n, b"d"),
+        "rename from": lambda n: hd.rename(n, b"f", ROOT, b"g"),
+        "rename to": lambda n: hd.rename(ROOT, b"f", n, b"g"),
+        "link": lambda n: hd.link(n, ROOT, b"g"),
+        "link to": lambda n: hd.link(hd.lookup(ROOT, b"f")[0], n, b"g"),
+        "access": lambda n: hd.access(n, os.R_OK),
+        "statfs": lambda n: hd.statfs(n),
+        "open": lambda n: hd.open(n, os.O_RDONLY),
+        "create": lambda n: hd.create(n, b"c", 0o644, os.O_RDWR),
+        "opendir": lambda n: hd.opendir(n),
+        "getxattr": lambda n: hd.getxattr(n, b"user.x"),
+        "setxattr": lambda n: hd.setxattr(n, b"user.x", b"1", 0),
+        "listxattr": lambda n: hd.listxattr(n),
+        "removexattr": lambda n: hd.removexattr(n, b"user.x"),
+    }
+
+
+def handle_calls(hd: HostDir) -> dict[str, object]:
+    """Every call that takes a handle, with the handle as its one free argument."""
+    return {
+        "fd": lambda h: hd.fd(h),
+        "release": lambda h: hd.release(h),
+        "flush": lambda h: hd.flush(h),
+        "fsync": lambda h: hd.fsync(h, False),
+        "fallocate": lambda h: hd.fallocate(h, 0, 0, 1),
+        "lseek": lambda h: hd.lseek(h, 0, os.SEEK_DATA),
+        "copy_file_range in": lambda h: hd.copy_file_range(h, 0, h, 0, 1, 0),
+        "readdir": lambda h: hd.readdir(h, 0),
+        "releasedir": lambda h: hd.releasedir(h),
+        "fsyncdir": lambda h: hd.fsyncdir(h, False),
+        "setattr": lambda h: hd.setattr(ROOT, h, size=0),
+    }
+
+
+def test_unknown_nodes_are_estale_and_unknown_handles_ebadf(hd: HostDir, tree: Path) -> None:
+    before = sorted(p.relative_to(tree) for p in tree.rglob("*"))
+    f, _ = hd.lookup(ROOT, b"f")
+    hd.forget(f, 1)  # a forgotten node is unknown too
+    for node in (0, -1, 2**64 - 1, 2**70, 12345, f):
+        for what, call in node_calls(hd).items():
+            with err(errno.ESTALE):
+                call(node)  # type: ignore[operator]
+            assert sorted(p.relative_to(tree) for p in tree.rglob("*")) == before, what
+    fh = hd.open(hd.lookup(ROOT, b"f")[0], os.O_RDONLY)
+    hd.release(fh)  # a released handle is unknown too
+    for h in (0, -1, 2**64, 777, fh):
+        for call in handle_calls(hd).values():
+            with err(errno.EBADF):
+                call(h)  # type: ignore[operator]
+
+
+def fds_open() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_node_limit_is_enfile(tree: Path) -> None:
+    for i in range(5):
+        (tree / f"x{i}").write_bytes(b"")
+    before = fds_open()
+    hd = HostDir(tree, max_nodes=3)  # ROOT and two more
+    a, _ = hd.lookup(ROOT, b"x0")
+    hd.lookup(ROOT, b"x1")
+    assert hd.lookup(ROOT, b"x0")[0] == a  # a known inode needs no room
+    for call in (
+        lambda: hd.lookup(ROOT, b"x2"),
+        lambda: hd.readdirplus_entry(ROOT, b"x2"),
+        lambda: hd.mkdir(ROOT, b"new", 0o755),
+        lambda: hd.create(ROOT, b"new", 0o644, os.O_RDWR),
+        lambda: hd.symlink(ROOT, b"new", b"t"),
+        lambda: hd.mknod(ROOT, b"new", stat.S_IFIFO | 0o644, 0),
+    ):
+        with err(errno.ENFILE):
+            call()
+    assert not os.path.lexists(tree / "new")  # refused before anything was made
+    hd.forget(a, 2)
+    hd.lookup(ROOT, b"x2")  # room again
+    assert fds_open() == before + 3
+    hd.close()
+    assert fds_open() == before
+
+
+def test_the_handle_limit_is_enfile(hd: HostDir, tree: Path) -> None:
+    hd.close()
+    before = fds_open()
+    hd = HostDir(tree, max_handles=2)
+    f, _ = hd.lookup(ROOT, b"f")
+    fh = hd.open(f, os.O_RDONLY)
+    hd.opendir(ROOT)
+    for call in (
+        lambda: hd.open(f, os.O_RDONLY),
+        lambda: hd.opendir(ROOT),
+        lambda: hd.create(ROOT, b"new", 0o644, os.O_RDWR),
+    ):
+        with err(errno.ENFILE):
+            call()
+    assert not (tree / "new").exists()
+    hd.release(fh)
+    hd.release(hd.open(f, os.O_RDONLY))
+    hd.close()
+    assert fds_open() == before
+
+
+def test_readonly_refuses_every_write(tree: Path) -> None:
+    (tree / "d" / "empty").mkdir()
+    os.setxattr(tree / "f", "user.x", b"1")
+    before = {p: (p.lstat().st_mode, p.lstat().st_mtime_ns) for p in tree.rglob("*")}
+    content = (tree / "f").read_bytes()
+    hd = HostDir(tree, readonly=True)
+    f, _ = hd.lookup(ROOT, b"f")
+    d, _ = hd.lookup(ROOT, b"d")
+    rd = hd.open(f, os.O_RDONLY)
+    writes = {
+        "chmod": lambda: hd.setattr(f, None, mode=0o600),
+        "chown": lambda: hd.setattr(f, None, uid=1),
+        "truncate": lambda: hd.setattr(f, None, size=0),
+        "ftruncate": lambda: hd.setattr(f, rd, size=0),
+        "utimens": lambda: hd.setattr(f, None, mtime_ns=0),
+        "utimens now": lambda: hd.setattr(f, None, atime_now=True),
+        "symlink": lambda: hd.symlink(ROOT, b"s", b"t"),
+        "mknod": lambda: hd.mknod(ROOT, b"m", stat.S_IFIFO | 0o644, 0),
+        "mkdir": lambda: hd.mkdir(ROOT, b"m", 0o755),
+        "unlink": lambda: hd.unlink(ROOT, b"f"),
+        "rmdir": lambda: hd.rmdir(d, b"empty"),
+        "rename": lambda: hd.rename(ROOT, b"f", ROOT, b"g"),
+        "rename2": lambda: hd.rename(ROOT, b"f", d, b"inner", RENAME_EXCHANGE),
+        "link": lambda: hd.link(f, ROOT, b"g"),
+        "create": lambda: hd.create(ROOT, b"c", 0o644, os.O_RDONLY),
+        "create existing": lambda: hd.create(ROOT, b"f", 0o644, os.O_RDONLY),
+        "open wronly": lambda: hd.open(f, os.O_WRONLY),
+        "open rdwr": lambda: hd.open(f, os.O_RDWR),
+        "open trunc": lambda: hd.open(f, os.O_RDONLY | os.O_TRUNC),
+        "fallocate": lambda: hd.fallocate(rd, 0, 0, 4096),
+        "copy_file_range": lambda: hd.copy_file_range(rd, 0, rd, 100, 1, 0),
+        "setxattr": lambda: hd.setxattr(f, b"user.y", b"1", 0),
+        "removexattr": lambda: hd.removexattr(f, b"user.x"),
+        "access W_OK": lambda: hd.access(f, os.W_OK),
+    }
+    for what, call in writes.items():
+        try:
+            call()
+        except OSError as e:
+            assert e.errno == errno.EROFS, what
+        else:
+            raise AssertionError(f"{what} went through")
+    # reading goes on
+    assert os.pread(hd.fd(rd), 5, 0) == b"hello"
+    assert hd.getxattr(f, b"user.x") == b"1"
+    hd.access(f, os.R_OK)
+    dh = hd.opendir(ROOT)
+    assert {b"f", b"d"} <= set(names(hd, dh))
+    assert hd.setattr(f, None).st_size == len(content)  # asking nothing is a getattr
+    hd.close()
+    assert {p: (p.lstat().st_mode, p.lstat().st_mtime_ns) for p in tree.rglob("*")} == before
+    assert (tree / "f").read_bytes() == content
+
+
+def test_hard_links_are_one_node(hd: HostDir, tree: Path) -> None:
+    os.link(tree / "f", tree / "d" / "same")
+    f, _ = hd.lookup(ROOT, b"f")
+    d, _ = hd.lookup(ROOT, b"d")
+    assert hd.lookup(d, b"same")[0] == f
+    fh = hd.opendir(d)
+    plus = {name: hd.readdirplus_entry(d, name) for _, _, _, name in hd.readdir(fh, 0)}
+    hd.releasedir(fh)
+    assert plus[b"same"] is not None and plus[b"same"][0] == f
+    hd.unlink(ROOT, b"f")
+    assert hd.lookup(d, b"same")[0] == f  # the other name still leads to it
+    hd.forget(f, 3)
+    hd.getattr(f)
+    hd.forget(f, 1)  # lookup, lookup, readdirplus, lookup: four in all
+    with err(errno.ESTALE):
+        hd.getattr(f)

@@ -32,10 +32,16 @@ Sandbox decisions
 - At most ``max_nodes`` nodes and ``max_handles`` handles at once (ENFILE beyond), so a
   guest cannot exhaust the host's fds: a node holds one fd, a file handle one, a
   directory handle two while it is being listed. Keep ``max_nodes + 2 * max_handles``
-  under RLIMIT_NOFILE.
+  under RLIMIT_NOFILE (the defaults, 16384 + 2 * 1024, fit the 20000 of the machines
+  here with room for the rest of the process); past it the host's EMFILE is the answer.
 - ``readonly``: every call that would change the tree or a file raises EROFS.
-- O_DIRECT is dropped from open flags (the guest's page cache is not the host's, and
-  tmpfs refuses it), as the C virtiofsd does by default.
+- Open flags: only the access mode, O_APPEND, O_TRUNC, O_SYNC, O_DSYNC, O_NOATIME and
+  O_NONBLOCK reach the host. The rest is dropped: O_DIRECT as the C virtiofsd does by
+  default (tmpfs refuses it, and the alignment it demands is the guest's business),
+  O_PATH / O_DIRECTORY / O_TMPFILE because they would change what the fd is.
+- ``access`` is faccessat(AT_EACCESS) as this process (root here: R_OK and W_OK always
+  pass, X_OK needs some x bit), EROFS for W_OK when read-only. A Linux virtio-fs guest
+  mounts with default_permissions and checks the mode bits itself, so it never asks.
 
 What a held node still does: a node keeps its inode, so a directory a host user moves
 out of the tree stays reachable through a node the guest already holds (as with the C
@@ -47,6 +53,17 @@ uid/gid (no setfsuid); files it creates belong to that user. Modes are the guest
 guest kernel applied its umask before sending, so bits the host umask removed are put
 back.
 
+State (``save`` / ``load``): per node its path relative to ROOT, its identity
+((st_dev, st_ino) and the name_to_handle_at file handle, which carries the inode's
+generation, so a new file that got a deleted one's inode number is told apart) and its
+lookup count; per handle its node, open flags and kind. ``load`` reopens each node by
+path, one component at a time from ROOT (no symlink followed, no ``..``), and checks its
+identity. An open but unlinked file cannot be reopened by path: it is saved without one
+and ``load`` refuses it, as it refuses a node whose path is gone or holds another inode
+now; with ``strict=False`` such nodes and their handles come back stale instead, and
+every call on them answers ESTALE (never another file's data). The directory must be the
+same one (a copy elsewhere has other inodes).
+
 Not thread-safe: one device thread calls it.
 """
 
@@ -57,12 +74,15 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+from emu.state.format import StateError
 
 ROOT = 1
 NAME_MAX = 255
 #: default bounds on what one guest can hold open at once (ENFILE beyond)
 MAX_NODES = 16384
-MAX_HANDLES = 2048
+MAX_HANDLES = 1024
 
 _PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
@@ -83,13 +103,25 @@ XATTR_REPLACE = 2
 #: the only xattr namespace a guest may write: others carry host meaning (file
 #: capabilities in security.capability, trusted.*, ACLs the host enforces)
 _XATTR_WRITABLE = b"user."
+#: every fallocate mode Linux 6.1 knows (KEEP_SIZE .. UNSHARE_RANGE)
+_FALLOC_MODES = 0x7F
 _AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2
+_MAX_HANDLE_SZ = 128
+
+Key = tuple[int, int]
+#: the shape of ``save``'s dict (a change of shape is a new version)
+STATE_VERSION = 1
+_PATH_MAX = 4096
+_U64 = (1 << 64) - 1
+#: node ids and handles in a state stay well inside FUSE's u64
+_ID_MAX = (1 << 63) - 1
 
 # ctypes only where the os module has no equivalent: renameat2 (flags), fallocate
 # (modes), utimensat / futimens with UTIME_NOW / UTIME_OMIT (os.utime always sets both
-# times itself)
+# times itself), name_to_handle_at
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -106,7 +138,27 @@ _utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec),
 _futimens = _libc.futimens
 _futimens.argtypes = [ctypes.c_int, ctypes.POINTER(_Timespec)]
 
-Key = tuple[int, int]
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [
+        ("handle_bytes", ctypes.c_uint),
+        ("handle_type", ctypes.c_int),
+        ("f_handle", ctypes.c_ubyte * _MAX_HANDLE_SZ),
+    ]
+
+
+_name_to_handle_at = _libc.name_to_handle_at
+_name_to_handle_at.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.POINTER(_FileHandle),
+    ctypes.POINTER(ctypes.c_int),
+    ctypes.c_int,
+]
+
+
+class HostDirStateError(StateError, ValueError):
+    """A saved state this directory cannot take back (names the node or handle)."""
 
 
 def _error(code: int) -> OSError:
@@ -147,6 +199,21 @@ def _timespec(ns: int | None, now: bool) -> tuple[int, int]:
     sec, nsec = divmod(ns, 1_000_000_000)
     _check_off(sec, -_OFF_MAX - 1)
     return sec, nsec
+
+
+def _file_handle(fd: int) -> str | None:
+    """The kernel's export handle of ``fd``'s inode, as hex (None if the file system has
+    none). It holds the inode's generation, so unlike (st_dev, st_ino) it tells a file
+    from a new one that got the same inode number after the first was deleted."""
+    fh = _FileHandle(handle_bytes=_MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), _AT_EMPTY_PATH):
+        code = ctypes.get_errno()
+        if code in (errno.EOPNOTSUPP, errno.EOVERFLOW):
+            return None
+        raise _error(code)
+    raw = fh.handle_type.to_bytes(4, "little", signed=True) + bytes(fh.f_handle)
+    return raw[: 4 + fh.handle_bytes].hex()
 
 
 def _check_xattr_name(name: bytes) -> None:
@@ -411,12 +478,14 @@ class HostDir:
         """The node's own inode as a path (a magic link: never resolves a name)."""
         return f"/proc/self/fd/{n.fd}"
 
-    def _fix_mode(self, n: _Node, mode: int) -> None:
+    def _fix_mode(self, node: int, st: os.stat_result, mode: int) -> os.stat_result:
         """Put back permission bits the host umask took from a new entry."""
-        st = os.fstat(n.fd)
         missing = mode & 0o777 & ~st.st_mode
-        if missing:
-            os.chmod(self._proc(n), (st.st_mode & 0o7777) | missing)
+        if not missing:
+            return st
+        n = self._nodes[node]
+        os.chmod(self._proc(n), (st.st_mode & 0o7777) | missing)
+        return os.fstat(n.fd)
 
     # -- nodes --------------------------------------------------------------------------
 
@@ -472,9 +541,8 @@ class HostDir:
         self._writable()
         self._node_room()
         os.mkdir(name, mode & 0o7777, dir_fd=p.fd)
-        node, _ = self._add(os.open(name, _PATH, dir_fd=p.fd))
-        self._fix_mode(self._nodes[node], mode)
-        return node, os.fstat(self._nodes[node].fd)
+        node, st = self._add(os.open(name, _PATH, dir_fd=p.fd))
+        return node, self._fix_mode(node, st, mode)
 
     def unlink(self, parent: int, name: bytes) -> None:
         p = self._dir(parent)
@@ -574,9 +642,8 @@ class HostDir:
             raise _error(errno.EINVAL)
         self._node_room()
         os.mknod(name, kind | (mode & 0o7777), dir_fd=p.fd)
-        node, _ = self._add(os.open(name, _PATH, dir_fd=p.fd))
-        self._fix_mode(self._nodes[node], mode)
-        return node, os.fstat(self._nodes[node].fd)
+        node, st = self._add(os.open(name, _PATH, dir_fd=p.fd))
+        return node, self._fix_mode(node, st, mode)
 
     def rename(
         self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int = 0
@@ -679,12 +746,11 @@ class HostDir:
             if mode & 0o777 & ~st.st_mode:
                 os.fchmod(fd, (st.st_mode & 0o7777) | (mode & 0o777))
             # the magic link followed (no O_NOFOLLOW) is the inode just created, race-free
-            node, _ = self._add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC))
+            node, st = self._add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC))
         except BaseException:
             os.close(fd)
             raise
-        fh = self._new_handle(fd, node, flags & ~os.O_TRUNC, None)
-        return node, os.fstat(fd), fh
+        return node, st, self._new_handle(fd, node, flags & ~os.O_TRUNC, None)
 
     def fd(self, fh: int) -> int:
         """The host fd of an open file, for the device's preadv / pwritev."""
@@ -714,8 +780,11 @@ class HostDir:
         (os.fdatasync if datasync else os.fsync)(fd)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with the guest's mode (KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, ...)."""
         fd = self._handle(fh, directory=False).fd
         self._writable()
+        if mode & ~_FALLOC_MODES:
+            raise _error(errno.EOPNOTSUPP)
         _check_off(offset)
         if not 0 < length <= _OFF_MAX - offset:
             raise _error(errno.EINVAL)
@@ -817,6 +886,8 @@ class HostDir:
 
     def forget_all(self) -> None:
         """FUSE DESTROY or a device reset: every handle and every node but ROOT goes."""
+        if ROOT not in self._nodes:  # closed
+            return
         for h in self._handles.values():
             h.close()
         self._handles.clear()
@@ -827,3 +898,258 @@ class HostDir:
         self._nodes = {ROOT: root}
         self._inodes = {root.key: ROOT}
         root.nlookup, root.nopen = 1, 0
+
+    # -- state: the nodes and handles a guest holds, to carry across a snapshot ---------
+
+    def save(self) -> dict:
+        """Nodes and handles as JSON-able data, for ``load`` in another process.
+
+        A node is its path relative to ROOT now (read from /proc/self/fd), its identity
+        to check on load ((st_dev, st_ino) and, where the file system gives one, its
+        name_to_handle_at handle, which also tells a reused inode number), and its
+        lookup count. A node with no path in the tree (an open but unlinked file, a
+        directory moved out of the tree on the host, a node already stale) is saved
+        with path None: nothing can reopen it by path, so ``load`` refuses it (or, not
+        strict, marks it stale). A handle is its node, its open flags (O_TRUNC dropped:
+        reopening must not truncate again) and whether it is a directory; a directory
+        handle needs no position, since every READDIR carries its offset and the
+        listing is read again in the same order.
+        """
+        root = os.readlink(os.fsencode(self._proc(self._node(ROOT))))
+        prefix = root if root.endswith(b"/") else root + b"/"
+        nodes = [
+            {
+                "id": node,
+                "path": "" if node == ROOT else self._saved_path(n, prefix),
+                "dev": n.key[0],
+                "ino": n.key[1],
+                "file_handle": None if n.fd < 0 else _file_handle(n.fd),
+                "nlookup": n.nlookup,
+            }
+            for node, n in sorted(self._nodes.items())
+        ]
+        handles = [
+            {"fh": fh, "node": h.node, "flags": h.flags, "dir": h.scan is not None}
+            for fh, h in sorted(self._handles.items())
+        ]
+        return {
+            "version": STATE_VERSION,
+            "next_node": self._next_node,
+            "next_fh": self._next_fh,
+            "nodes": nodes,
+            "handles": handles,
+        }
+
+    def _saved_path(self, n: _Node, prefix: bytes) -> str | None:
+        if n.fd < 0 or os.fstat(n.fd).st_nlink == 0:
+            return None
+        path = os.readlink(os.fsencode(self._proc(n)))
+        if not path.startswith(prefix):
+            return None
+        rel = os.fsdecode(path[len(prefix) :])
+        if path.endswith(b" (deleted)"):  # the name it was opened by is gone; or is it?
+            try:
+                fd = self._walk(rel, "")
+            except (OSError, HostDirStateError):
+                return None
+            same = _key(os.fstat(fd)) == n.key
+            os.close(fd)
+            return rel if same else None
+        return rel
+
+    def _walk(self, path: str, what: str) -> int:
+        """An O_PATH fd for ``path`` below ROOT, opened one checked component at a time."""
+        try:
+            parts = os.fsencode(path).split(b"/")
+        except UnicodeError:
+            parts = [b""]
+        if len(path) > _PATH_MAX or any(
+            not p or p in _DOTS or b"\0" in p or len(p) > NAME_MAX for p in parts
+        ):
+            raise HostDirStateError(f"{what}: {path!r} is not a plain path below the root")
+        fd = os.open(b".", _DIR_PATH, dir_fd=self._nodes[ROOT].fd)
+        try:
+            for part in parts:
+                up, fd = fd, -1
+                try:
+                    fd = os.open(part, _PATH, dir_fd=up)
+                finally:
+                    os.close(up)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        return fd
+
+    def load(self, state: dict, *, strict: bool = True) -> None:
+        """Reopen the nodes and handles ``save`` gave, into this fresh instance.
+
+        Each node is reopened by its path, one component at a time from ROOT (never
+        following a symlink), and must be the inode saved (st_dev, st_ino, and the file
+        handle when one was saved). A node that cannot be (path gone or None, another
+        inode there now) and the handles on it are refused with a HostDirStateError
+        naming it; with ``strict=False`` they are kept as stale instead: every call on
+        them answers ESTALE, FORGET and RELEASE drop them, and the guest never gets
+        another file's data. A state that is malformed, bigger than this instance's
+        limits, or not from this directory (the root's identity, when strict) is always
+        refused. Nothing is applied unless all of it loads.
+        """
+        if set(self._nodes) != {ROOT} or self._handles:
+            raise HostDirStateError("load needs a fresh HostDir (no nodes or handles yet)")
+        parsed = _parse_state(state, self.max_nodes, self.max_handles)
+        root = self._nodes[ROOT]
+        nodes: dict[int, _Node] = {}
+        handles: dict[int, _Handle] = {}
+        try:
+            for node, path, key, handle, nlookup in parsed.nodes:
+                if node == ROOT:
+                    same = key == root.key and handle in (None, _file_handle(root.fd))
+                    if not same and strict:
+                        raise HostDirStateError(
+                            f"the shared directory is not the one saved (dev/ino {key}, "
+                            f"here {root.key})"
+                        )
+                    continue
+                n = self._reopen_node(node, path, key, handle, strict)
+                n.nlookup = nlookup
+                nodes[node] = n
+            for fh, node, flags, directory in parsed.handles:
+                n = root if node == ROOT else nodes[node]
+                handles[fh] = self._reopen_handle(fh, node, n, flags, directory, strict)
+                n.nopen += 1
+        except BaseException:
+            for n in nodes.values():
+                if n.fd >= 0:
+                    os.close(n.fd)
+            for h in handles.values():
+                h.close()
+            root.nopen = 0
+            raise
+        root.nlookup = next(e[4] for e in parsed.nodes if e[0] == ROOT)
+        self._nodes.update(nodes)
+        self._inodes.update((n.key, node) for node, n in nodes.items() if n.fd >= 0)
+        self._handles = handles
+        self._next_node = parsed.next_node
+        self._next_fh = parsed.next_fh
+
+    def _reopen_node(
+        self, node: int, path: str | None, key: Key, handle: str | None, strict: bool
+    ) -> _Node:
+        what = f"node {node} ({path!r})"
+        problem = "had no path in the shared directory at save time (unlinked, or moved out)"
+        fd = -1
+        if path is not None:
+            try:
+                fd = self._walk(path, what)
+            except OSError as e:
+                problem = f"cannot be reopened: {e.strerror}"
+            else:
+                st = os.fstat(fd)
+                if _key(st) == key and handle in (None, _file_handle(fd)):
+                    return _Node(fd, key, stat.S_IFMT(st.st_mode))
+                os.close(fd)
+                fd = -1
+                problem = "is another inode now (replaced on the host?)"
+        if strict:
+            raise HostDirStateError(f"{what} {problem}")
+        return _Node(-1, key, 0)
+
+    def _reopen_handle(
+        self, fh: int, node: int, n: _Node, flags: int, directory: bool, strict: bool
+    ) -> _Handle:
+        scan = _DirScan() if directory else None
+        if n.fd < 0:
+            return _Handle(-1, node, flags, scan)
+        want = stat.S_IFDIR if directory else stat.S_IFREG
+        if n.kind != want:
+            raise HostDirStateError(
+                f"handle {fh}: node {node} is not a {'directory' if directory else 'regular file'}"
+            )
+        try:
+            if directory:
+                fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=n.fd)
+            else:
+                fd = os.open(self._proc(n), self._open_flags(flags) | os.O_CLOEXEC)
+        except OSError as e:
+            if strict:
+                raise HostDirStateError(f"handle {fh} on node {node}: {e.strerror}") from e
+            return _Handle(-1, node, flags, scan)
+        return _Handle(fd, node, flags, scan)
+
+
+class _Parsed(NamedTuple):
+    nodes: list[tuple[int, str | None, Key, str | None, int]]  # id, path, key, handle, count
+    handles: list[tuple[int, int, int, bool]]  # fh, node, flags, directory
+    next_node: int
+    next_fh: int
+
+
+def _int(entry: Any, name: str, what: str, low: int = 0, high: int = _U64) -> int:
+    if not isinstance(entry, dict) or name not in entry:
+        raise HostDirStateError(f"{what} has no {name!r}")
+    value = entry[name]
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise HostDirStateError(f"{what}: {name} {str(value)[:40]!r} is not in {low}..{high}")
+    return value
+
+
+def _parse_state(state: Any, max_nodes: int, max_handles: int) -> _Parsed:
+    """Check the whole of a saved state before any of it is used (it is input too)."""
+    _int(state, "version", "the HostDir state", STATE_VERSION, STATE_VERSION)
+    entries, opened = state.get("nodes"), state.get("handles")
+    if not isinstance(entries, list) or not isinstance(opened, list):
+        raise HostDirStateError("the HostDir state needs lists 'nodes' and 'handles'")
+    if len(entries) > max_nodes or len(opened) > max_handles:
+        raise HostDirStateError(
+            f"the state holds {len(entries)} nodes and {len(opened)} handles; this HostDir "
+            f"takes at most {max_nodes} and {max_handles}"
+        )
+    nodes: list[tuple[int, str | None, Key, str | None, int]] = []
+    ids: set[int] = set()
+    keys: set[Key] = set()
+    for i, e in enumerate(entries):
+        what = f"node entry {i}"
+        node = _int(e, "id", what, ROOT, _ID_MAX)
+        key = (_int(e, "dev", what), _int(e, "ino", what))
+        nlookup = _int(e, "nlookup", what)
+        path = e.get("path")
+        if path is not None and not isinstance(path, str) or (node == ROOT) != (path == ""):
+            raise HostDirStateError(f"{what}: path {str(path)[:40]!r} (only ROOT has '')")
+        handle = e.get("file_handle")
+        if handle is not None and not (
+            isinstance(handle, str) and len(handle) <= 2 * (4 + _MAX_HANDLE_SZ)
+        ):
+            raise HostDirStateError(f"{what}: file_handle {str(handle)[:40]!r} is not hex text")
+        if node in ids or (path is not None and key in keys):
+            raise HostDirStateError(f"{what}: node {node} or its inode {key} comes twice")
+        ids.add(node)
+        if path is not None:
+            keys.add(key)
+        nodes.append((node, path, key, handle, nlookup))
+    if ROOT not in ids:
+        raise HostDirStateError("the HostDir state has no ROOT node")
+    handles: list[tuple[int, int, int, bool]] = []
+    fhs: set[int] = set()
+    for i, e in enumerate(opened):
+        what = f"handle entry {i}"
+        fh = _int(e, "fh", what, 1, _ID_MAX)
+        node = _int(e, "node", what, ROOT, _ID_MAX)
+        flags = _int(e, "flags", what, 0, 0xFFFFFFFF)
+        directory = e.get("dir")
+        if not isinstance(directory, bool):
+            raise HostDirStateError(f"{what}: 'dir' is not true or false")
+        if fh in fhs or node not in ids:
+            raise HostDirStateError(
+                f"{what}: handle {fh} comes twice or its node {node} is unknown"
+            )
+        if (
+            flags & ~(_OPEN_FLAGS & ~os.O_TRUNC)
+            or flags & os.O_ACCMODE == os.O_ACCMODE
+            or (directory and flags != os.O_RDONLY)
+        ):
+            raise HostDirStateError(f"{what}: open flags {flags:#o} are not ones HostDir uses")
+        fhs.add(fh)
+        handles.append((fh, node, flags, directory))
+    next_node = max(_int(state, "next_node", "the HostDir state", ROOT + 1, _ID_MAX), max(ids) + 1)
+    next_fh = max(_int(state, "next_fh", "the HostDir state", 1, _ID_MAX), max(fhs, default=0) + 1)
+    return _Parsed(nodes, handles, next_node, next_fh)

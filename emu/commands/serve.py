@@ -19,6 +19,9 @@ Each ``--socket`` pairs with the device spec in the same position. A spec is
 * Net devices get MAC 52:54:00:12:34:NN, NN = the spec's position (from 01).
 * ``net:cable``: virtio-net on one end of an in-process cable; cable specs pair up in
   order (the 1st with the 2nd, the 3rd with the 4th), joining two guests' NICs.
+* ``fs:DIR[,tag=NAME][,ro][,queues=N]``: virtio-fs sharing the host directory DIR, which
+  the guest mounts with ``mount -t virtiofs NAME /mnt`` (tag ``emu`` by default); ``ro``
+  refuses every change (EROFS), ``queues=N`` gives it N request queues.
 
 Ring features can be withheld per device with options after a comma, e.g.
 ``blk:disk.img,packed=off,event_idx=off,indirect=off`` (each ``on`` or ``off``; all are

@@ -12,7 +12,7 @@ they are popped: a request's reply is written before the next request is looked 
 there is never anything for an INTERRUPT to interrupt (INTERRUPT is read and dropped).
 The FUSE semantics are ``emu.backends.hostdir.HostDir``'s (node ids, lookup counts,
 handles, the sandbox); this module maps the wire format (``emu.devices.fuse``) onto it.
-READ and WRITE move the data between the host file and guest RAM with one ``preadv`` /
+READ and WRITE move the data between the host file and guest RAM with ``preadv`` /
 ``pwritev`` over memoryviews of the chain's buffers: the payload is never copied in Python.
 
 INIT, negotiated honestly: the reply's minor is the lower of the guest's and 7.37; the
@@ -70,6 +70,8 @@ used length and, when the chain is handed to it again after resume or restore, p
 that length without executing it. The snapshot holds HostDir's nodes and handles
 (``HostDir.save``), the negotiated INIT parameters, those remembered lengths, and the tag,
 queue count and ``ro`` the guest saw (a restore onto a device that differs is refused).
+Nodes whose files were deleted or replaced on the host between save and restore come
+back stale: the guest gets ESTALE for them, never another file's data (``load_state``).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
-from emu.backends.hostdir import HostDir
+from emu.backends.hostdir import HostDir, HostDirStateError
 from emu.devices import _persist
 from emu.devices import fuse as f
 from emu.devices._chain import (
@@ -105,7 +107,6 @@ from emu.state.schema import Bool, Field, Int, List, Map, Nullable, Obj, Schema,
 log = logging.getLogger(__name__)
 
 TAG_MAX = 36
-HIPRIO = 0
 #: guest page size the kernel counts max_pages in (x86: the guests emu serves)
 PAGE = 4096
 #: the kernel's ceiling for max_pages (FUSE_MAX_MAX_PAGES)
@@ -236,7 +237,10 @@ class FsDevice(VirtioDevice):
         readonly: bool = False,
         num_request_queues: int = 1,
         queue_max_size: int | None = None,
+        strict_restore: bool = False,
     ) -> None:
+        """``strict_restore``: refuse a snapshot whose nodes and handles cannot all be
+        reopened as they were, instead of restoring those stale (see ``load_state``)."""
         raw = tag.encode()
         if not 1 <= len(raw) <= TAG_MAX or b"\0" in raw:
             raise ValueError(f"tag {tag!r}: 1 to {TAG_MAX} bytes of UTF-8, no NUL")
@@ -251,6 +255,7 @@ class FsDevice(VirtioDevice):
         self.tag = tag
         self.readonly = readonly
         self.num_request_queues = num_request_queues
+        self.strict_restore = strict_restore
         self.session: Session | None = None
         #: per queue: chains whose reply was written but whose used entry may not be out
         self._unpublished: dict[int, Unpublished[tuple[int, int]]] = {
@@ -743,8 +748,15 @@ class FsDevice(VirtioDevice):
 
     def load_state(self, state: dict) -> None:
         """Refuse a snapshot of another share (tag, queues, ``ro``), check every field,
-        then let HostDir reopen the nodes and handles (it refuses a node whose file is
-        gone or replaced); only then is anything of this device changed."""
+        then let HostDir reopen the nodes and handles by path and check their identity;
+        only then is anything of this device changed.
+
+        A node whose file was deleted or replaced on the host since the save (or that had
+        no path then: an open but unlinked file) cannot be reopened: it and its handles
+        are restored stale, and every request on them answers ESTALE, never another
+        file's data (``strict_restore`` refuses the snapshot instead). HostDir does not
+        refuse a different shared directory in that mode: every node but the root is
+        then stale."""
         s = STATE.check(state)
         mine = {"tag": self.tag, "num_request_queues": self.num_request_queues}
         mine["readonly"] = self.readonly
@@ -766,7 +778,14 @@ class FsDevice(VirtioDevice):
             replied[int(key)] = heads
         session = None if s["session"] is None else Session(**s["session"])
         try:
-            self.dir.load(s["dir"])
+            try:
+                self.dir.load(s["dir"])
+            except HostDirStateError as e:
+                if self.strict_restore:
+                    raise
+                # the issue's rule: a file deleted or replaced meanwhile answers ESTALE
+                log.warning("fs: restoring with stale nodes (the guest gets ESTALE): %s", e)
+                self.dir.load(s["dir"], strict=False)
         except (ValueError, OSError) as e:
             raise StateError(f"fs: the shared directory cannot be restored: {e}") from e
         self.session = session
