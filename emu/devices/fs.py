@@ -247,6 +247,7 @@ class FsDevice(VirtioDevice):
         if not 1 <= num_request_queues <= 0xFFFF - 1:
             raise ValueError(f"num_request_queues {num_request_queues} not in 1..65534")
         self.dir = HostDir(root, readonly=readonly)  # first: fails before fds are made
+        self.root = os.path.abspath(root)  # a restore opens it again (load_state)
         try:
             super().__init__(1 + num_request_queues, 0, queue_max_size)
         except BaseException:
@@ -777,17 +778,25 @@ class FsDevice(VirtioDevice):
                 heads[head] = used
             replied[int(key)] = heads
         session = None if s["session"] is None else Session(**s["session"])
+        # into a HostDir of its own, swapped in once whole: a load replaces what the device
+        # held (emu serve --restore-dir loads at start and again at the first ring start)
+        fresh = HostDir(self.root, readonly=self.readonly)
         try:
             try:
-                self.dir.load(s["dir"])
+                fresh.load(s["dir"])
             except HostDirStateError as e:
                 if self.strict_restore:
                     raise
                 # the rule: a file deleted or replaced meanwhile answers ESTALE
                 log.warning("fs: restoring with stale nodes (the guest gets ESTALE): %s", e)
-                self.dir.load(s["dir"], strict=False)
-        except (ValueError, OSError) as e:
-            raise StateError(f"fs: the shared directory cannot be restored: {e}") from e
+                fresh.load(s["dir"], strict=False)
+        except BaseException as e:
+            fresh.close()
+            if isinstance(e, (ValueError, OSError)):
+                raise StateError(f"fs: the shared directory cannot be restored: {e}") from e
+            raise
+        self.dir.close()
+        self.dir = fresh
         self.session = session
         for i in self._replied:
             self._replied[i] = replied.get(i, {})

@@ -109,6 +109,25 @@ class DriverQueue:
             self._avail_idx = self._last_used = 0
             mem.write(self.desc, bytes(total))
 
+    def start_at(self, index: int) -> None:
+        """Take over a split ring whose saved state says both indexes stand at ``index``
+        (a drained stop): what a driver restored from a snapshot hands a fresh device.
+
+        The avail and used indexes in RAM, and both event fields, are set to ``index``,
+        so the first request made available needs a kick and the first used one an
+        interrupt, as on the ring that was saved."""
+        if self.packed or self._inflight:
+            raise DriverError(f"queue {self.index}: start_at takes an empty split ring only")
+        index &= 0xFFFF
+        self._avail_idx = self._last_used = index
+        for gpa in (
+            self.driver + 2,  # avail idx
+            self.driver + 4 + 2 * self.size,  # used_event
+            self.device + 2,  # used idx
+            self.device + 4 + 8 * self.size,  # avail_event
+        ):
+            self.mem.write(gpa, struct.pack("<H", index))
+
     # -- making buffers available --
 
     def free_slots(self) -> int:
