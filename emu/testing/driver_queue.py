@@ -109,15 +109,29 @@ class DriverQueue:
             self._avail_idx = self._last_used = 0
             mem.write(self.desc, bytes(total))
 
-    def start_at(self, index: int) -> None:
-        """Take over a split ring whose saved state says both indexes stand at ``index``
-        (a drained stop): what a driver restored from a snapshot hands a fresh device.
+    def start_at(self, index: int, wrap: bool = True) -> None:
+        """Take over a ring whose saved state has both indexes at ``index`` (and, packed,
+        both wrap counters at ``wrap``): nothing in flight, as after a drained stop. What
+        a driver restored from a snapshot hands a fresh device.
 
-        The avail and used indexes in RAM, and both event fields, are set to ``index``,
-        so the first request made available needs a kick and the first used one an
-        interrupt, as on the ring that was saved."""
-        if self.packed or self._inflight:
-            raise DriverError(f"queue {self.index}: start_at takes an empty split ring only")
+        Split: the avail and used indexes in RAM and both event fields are ``index``, so
+        the first request made available needs a kick and the first used one an
+        interrupt. Packed: every descriptor looks used in the lap it was last used in
+        (the slots before ``index`` in this lap, the others in the one before), so none
+        is available to the device and none looks newly used to the driver."""
+        if self._inflight:
+            raise DriverError(f"queue {self.index}: start_at takes a ring with nothing in flight")
+        if self.packed:
+            if not 0 <= index < self.size:
+                raise DriverError(f"queue {self.index}: slot {index} beyond {self.size}")
+            this_lap = DESC_F_AVAIL | DESC_F_USED if wrap else 0
+            last_lap = this_lap ^ (DESC_F_AVAIL | DESC_F_USED)
+            for slot in range(self.size):
+                flags = this_lap if slot < index else last_lap
+                self.mem.write(self.desc + 16 * slot + 14, struct.pack("<H", flags))
+            self._next_avail = self._next_used = index
+            self._avail_wrap = self._used_wrap = int(wrap)
+            return
         index &= 0xFFFF
         self._avail_idx = self._last_used = index
         for gpa in (
