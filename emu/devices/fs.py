@@ -749,8 +749,10 @@ class FsDevice(VirtioDevice):
 
     def load_state(self, state: dict) -> None:
         """Refuse a snapshot of another share (tag, queues, ``ro``), check every field,
-        then let HostDir reopen the nodes and handles by path and check their identity;
-        only then is anything of this device changed.
+        then let a new HostDir over the same directory reopen the nodes and handles by
+        path and check their identity; only then is anything of this device changed, and
+        then all of it: the nodes and handles it held go (a load may come again, as
+        ``emu serve --restore-dir`` loads at start and at the first ring start).
 
         A node whose file was deleted or replaced on the host since the save (or that had
         no path then: an open but unlinked file) cannot be reopened: it and its handles
@@ -778,8 +780,6 @@ class FsDevice(VirtioDevice):
                 heads[head] = used
             replied[int(key)] = heads
         session = None if s["session"] is None else Session(**s["session"])
-        # into a HostDir of its own, swapped in once whole: a load replaces what the device
-        # held (emu serve --restore-dir loads at start and again at the first ring start)
         fresh = HostDir(self.root, readonly=self.readonly)
         try:
             try:
