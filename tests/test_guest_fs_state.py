@@ -11,9 +11,9 @@ non-migratable device"), and it cannot reconnect to a restarted backend (with
    processes hold files open: a reader mid-file (16 KiB chunks through one fd, a sha256
    per chunk), an appender (numbered lines through one O_APPEND fd), ``find`` listing a
    directory (its directory fd held, mid-listing, while ``-exec`` children run), a
-   reader of a file it replaced on the host (``victim``) and a reader of a file the guest
-   itself unlinked while open (``scratch``). Each stops at a gate (a file the host makes
-   in the share) after its first part, so its position is known exactly.
+   reader of a file the host replaces after the stop (``victim``) and a reader of a file
+   the guest itself unlinked while open (``scratch``). Each waits at a gate (a file the
+   host makes in the share) after its first part, so its position is known exactly.
 2. QMP ``stop``: QEMU sends GET_VRING_BASE, emu serve writes the state file. The host
    decodes it: the fs part lists those files' nodes (path, st_dev/st_ino, file handle)
    and their handles (open flags, directory or not); ``scratch`` has no path.
@@ -30,8 +30,9 @@ non-migratable device"), and it cannot reconnect to a restarted backend (with
    guest is served by nodes and handles reopened from the file, not by the fds it had.
 6. QMP ``cont``: the processes go on. The reader's chunks are the host file's, the
    appender's file has every line once in order, ``find`` printed every entry once in the
-   host's order, and ``victim`` / ``scratch`` reads end in an error (ESTALE) once they
-   leave the guest's page cache, after giving only the old file's bytes.
+   host's order, and the ``victim`` / ``scratch`` readers get only the old file's bytes,
+   then ESTALE at the first request on them that reaches the device (an attribute
+   refresh, or a read past the guest's page cache).
 
 What it does not show: the real guest is never served by another process (4 is a
 Python frontend, 5 the same process); requests in flight at the stop (``--policy
