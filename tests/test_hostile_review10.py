@@ -28,6 +28,7 @@ from emu.devices.fs import FsDevice
 from emu.memory import GuestMemory
 from emu.state import file as statefile
 from emu.state import parts
+from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.fs import FuseClient, FuseReplyError, in_header, name
 from emu.testing.inprocess import attached
@@ -65,8 +66,8 @@ class Restorable:
         self.drv = VirtioMmioDriver(self.tr, self.mem)
         self.fs = FuseClient.connect(self.drv)
 
-    def swap(self, path: Path, edit=None) -> None:
-        self.tr.vmm_stop()
+    def swap(self, path: Path, edit=None, policy: str = "drain") -> None:
+        self.tr.vmm_stop(policy)
         state = self.tr.save()
         saved, unique = self.drv.save(), self.fs._unique
         self.dev.close()  # before the edit: its fds keep deleted inodes alive
@@ -172,12 +173,21 @@ def test_a_state_naming_answered_chains_that_are_not_in_flight_answers_nothing_u
     assert (share / "after").is_dir()
     assert entry.attr.ino == os.stat(share / "after").st_ino
 
-    def past_the_room(state: dict) -> None:
-        state["replied"] = {"1": [[head, 16 + (1 << 20)] for head in range(size)]}
+    # a chain answered before a report stop, in flight, whose length the state inflates
+    hold_completions(r.dev.queues[1], 3600.0)
+    args = [f.MKDIR_IN.pack(0o755, 0), name("held")]
+    r.drv.submit(1, [in_header(f.Op.MKDIR, ROOT, 999, sum(map(len, args))), *args], [16, 128])
+    deadline = time.monotonic() + BOUND_S
+    while not (share / "held").is_dir() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
-    r.swap(tmp_path / "y.state", past_the_room)
-    r.fs.mkdir(ROOT, "again")
-    assert (share / "again").is_dir()
+    def past_the_room(state: dict) -> None:
+        assert len(state["replied"]["1"]) == 1
+        state["replied"]["1"][0][1] = 16 + (1 << 20)
+
+    r.swap(tmp_path / "y.state", past_the_room, "report")
+    (c,) = r.drv.wait(1)
+    assert c.length <= 16 + 128
 
 
 def test_lookups_without_forget_leave_the_process_file_descriptors(tmp_path):
@@ -232,9 +242,11 @@ def test_the_guest_cannot_make_set_id_files(tmp_path):
             assert errno_of(fs.setattr, node, mode=mode) == errno.EPERM
         assert not (tmp_path / "suid").exists()
         assert stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) & 0o6000 == 0
-        d = fs.mkdir(ROOT, "shared", 0o2775)  # a set-group-ID directory is fine
-        assert d.attr.mode & stat.S_ISGID
+        d = fs.mkdir(ROOT, "shared", 0o775)  # a set-group-ID directory is fine
+        assert fs.setattr(d.node, mode=0o2775).mode & stat.S_ISGID
         fs.setattr(fs.lookup(ROOT, "plain").node, mode=0o1755)  # and so is the sticky bit
+        os.chmod(tmp_path / "plain", 0o4755)  # the host's own set-ID file: chmod keeps it
+        assert fs.setattr(fs.lookup(ROOT, "plain").node, mode=0o4711).mode & 0o7777 == 0o4711
 
 
 def test_a_restore_without_file_handles_still_tells_a_replaced_file(
@@ -274,9 +286,7 @@ def test_a_restore_without_file_handles_still_tells_a_replaced_file(
     assert errno_of(r.fs.getattr, node) == errno.ESTALE
 
 
-def test_a_node_deeper_than_path_max_does_not_make_the_device_unsaveable(
-    tmp_path, restorable
-):
+def test_a_node_deeper_than_path_max_does_not_make_the_device_unsaveable(tmp_path, restorable):
     """Defect: FUSE names one component at a time, so a guest can build a tree whose
     paths are longer than PATH_MAX. Holding a node down there made save() raise
     ENAMETOOLONG (readlink of /proc/self/fd), an OSError out of the VMM's save: the
@@ -449,9 +459,7 @@ def test_special_files_made_on_the_host_never_block_the_device(tmp_path):
     assert done[8] == [b".", b"..", b"fifo", b"sock"]
 
 
-def test_report_stops_racing_requests_on_three_queues_run_each_request_once(
-    tmp_path, restorable
-):
+def test_report_stops_racing_requests_on_three_queues_run_each_request_once(tmp_path, restorable):
     """Held: bursts of MKDIRs spread over three request queues, a report stop landing in
     the middle of each from another thread, the device saved and restored into a fresh
     one each time: every MKDIR is answered once, successfully (none ran twice, which
@@ -565,4 +573,8 @@ def test_read_only_refuses_every_write_type_request(tmp_path):
     assert (tmp_path / "f").read_bytes() == b"data"
     for p, st in before.items():
         now = os.stat(tmp_path / p)
-        assert (now.st_mode, now.st_mtime_ns, now.st_size) == (st.st_mode, st.st_mtime_ns, st.st_size)
+        assert (now.st_mode, now.st_mtime_ns, now.st_size) == (
+            st.st_mode,
+            st.st_mtime_ns,
+            st.st_size,
+        )
