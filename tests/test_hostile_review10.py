@@ -332,6 +332,49 @@ def test_many_long_names_do_not_make_the_state_too_big_to_save(tmp_path, restora
     assert (share / "kept").read_bytes() == b"still open"
 
 
+def test_a_host_lease_on_a_shared_file_does_not_hold_the_device_thread(tmp_path):
+    """Defect: a host process that owns a file in the share takes a lease on it
+    (F_SETLEASE) and ignores the break signal. The guest's OPEN of that file (for write,
+    or any open against a write lease) and its SETATTR truncate made the device thread's
+    open() / truncate() wait for the lease break: /proc/sys/fs/lease-break-time, 45 s
+    by default, with every request and every stop waiting behind it. Host opens for I/O
+    are now non-blocking (a lease answers EAGAIN at once) and a truncate goes through
+    such an fd."""
+    import subprocess
+    import sys
+
+    (tmp_path / "leased").write_bytes(b"data")
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, signal, sys, time\n"
+         "signal.signal(signal.SIGIO, signal.SIG_IGN)\n"
+         "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+         "fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)\n"
+         "print('leased', flush=True)\n"
+         "time.sleep(600)\n",
+         str(tmp_path / "leased")],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == b"leased\n"
+        with mounted(tmp_path) as (dev, fs):
+            try:
+                node = fs.lookup(ROOT, "leased").node
+                assert errno_of(fs.open, node, os.O_WRONLY) == errno.EAGAIN
+                assert errno_of(fs.setattr, node, size=0) == errno.EAGAIN
+                assert fs.getattr(node).size == 4  # the thread is free for the next one
+            finally:
+                holder.kill()
+                holder.wait()
+            fh = fs.open(node, os.O_WRONLY)  # no lease: as ever
+            fs.setattr(node, size=0)
+            fs.release(node, fh)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "leased").read_bytes() == b""
+
+
 # -- properties that held ------------------------------------------------------------
 
 

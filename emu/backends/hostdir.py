@@ -19,7 +19,9 @@ Sandbox decisions
   symlink); open of a symlink node is ELOOP, and a lookup under it is ENOTDIR.
 - Only regular files are opened for I/O (EISDIR for a directory, ENXIO for FIFOs,
   sockets and devices): a Linux guest serves special files itself, and a host open
-  could block (FIFO) or reach a host device.
+  could block (FIFO) or reach a host device. Those opens are non-blocking, so a host
+  process's lease on the file (F_SETLEASE) answers EAGAIN rather than holding the
+  device thread until the lease breaks.
 - No host device nodes: mknod of a character or block device is EPERM (a device node
   the guest made would open a host device for any host user who can reach the tree),
   and so is RENAME_WHITEOUT (EINVAL: it makes one). For the same reason no set-user-ID
@@ -98,6 +100,10 @@ MAX_HANDLES = 1024
 
 _PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+#: added to every open of a regular file for I/O: a host process's lease on it then
+#: answers EAGAIN at once instead of holding the device thread for the lease break
+#: (lease-break-time, 45 s by default); local file I/O ignores the flag otherwise
+_IO = os.O_NONBLOCK | os.O_CLOEXEC
 #: open flags a guest may pass through (access mode and flags with a file meaning only)
 _OPEN_FLAGS = (
     os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_NONBLOCK
@@ -664,8 +670,12 @@ class HostDir:
             _check_off(size)
             if fd is not None:
                 os.ftruncate(fd, size)
-            elif n.kind == stat.S_IFREG:
-                os.truncate(path, size)
+            elif n.kind == stat.S_IFREG:  # through an fd: truncate(2) waits out a lease
+                tfd = os.open(path, os.O_WRONLY | _IO)
+                try:
+                    os.ftruncate(tfd, size)
+                finally:
+                    os.close(tfd)
             else:
                 raise _error(errno.EISDIR if n.kind == stat.S_IFDIR else errno.EINVAL)
         if times:
@@ -779,7 +789,7 @@ class HostDir:
             )
         flags = self._open_flags(flags)
         self._handle_room()
-        fd = os.open(self._proc(n), flags | os.O_CLOEXEC)
+        fd = os.open(self._proc(n), flags | _IO)
         return self._new_handle(fd, node, flags & ~os.O_TRUNC, None)
 
     def create(
@@ -1164,7 +1174,7 @@ class HostDir:
             if directory:
                 fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=n.fd)
             else:
-                fd = os.open(self._proc(n), self._open_flags(flags) | os.O_CLOEXEC)
+                fd = os.open(self._proc(n), self._open_flags(flags) | _IO)
         except OSError as e:
             if strict:
                 raise HostDirStateError(f"handle {fh} on node {node}: {e.strerror}") from e
