@@ -621,3 +621,34 @@ def test_read_only_refuses_every_write_type_request(tmp_path):
             st.st_mtime_ns,
             st.st_size,
         )
+
+
+def test_session_and_table_abuse_is_answered(tmp_path):
+    """Held: a second INIT is EIO; BATCH_FORGET counts that lie (more than sent, far
+    more than exist) and FORGETs of unknown nodes are harmless; OPENs without RELEASE
+    stop at ENFILE and RELEASE gives the room back; after DESTROY every request but
+    INIT is EIO, and the next session starts with none of the old nodes or handles."""
+    (tmp_path / "f").write_bytes(b"data")
+    with mounted(tmp_path) as (dev, fs):
+        assert errno_of(fs.init) == errno.EIO
+        node = fs.lookup(ROOT, "f").node
+        lie = f.BATCH_FORGET_IN.pack((1 << 32) - 1, 0) + f.FORGET_ONE.pack(node, 1)
+        assert fs.no_reply(f.Op.BATCH_FORGET, 0, lie) == 0
+        assert fs.batch_forget([(12345, 1 << 60), (ROOT, 1 << 60)]) == 0
+        assert fs.forget((1 << 64) - 1, 1) == 0
+        assert fs.getattr(node).size == 4  # the lying batch was not applied
+        fhs = []
+        with pytest.raises(FuseReplyError) as full:
+            for _ in range(dev.dir.max_handles + 1):
+                fhs.append(fs.open(node))
+        assert full.value.errno == errno.ENFILE and len(fhs) == dev.dir.max_handles
+        fs.release(node, fhs.pop())
+        fhs.append(fs.open(node))
+        fs.destroy()
+        assert errno_of(fs.getattr, ROOT) == errno.EIO
+        assert errno_of(fs.read, node, fhs[0], 0, 4) == errno.EIO
+        fs.init()
+        assert errno_of(fs.getattr, node) == errno.ESTALE
+        assert errno_of(fs.read, node, fhs[0], 0, 4) == errno.EBADF
+        again = fs.lookup(ROOT, "f").node
+        assert again != node and fs.read(again, fs.open(again), 0, 4) == b"data"
