@@ -50,6 +50,8 @@ What the guest gets wrong, and the answer (an error reply is a bare fuse_out_hea
 * fewer than 40 readable bytes (no whole in header): EIO, unique 0.
 * ``in.len`` below 40 or above the readable bytes: EINVAL. Readable bytes past ``in.len``
   are ignored (a request is what its header says it is).
+* a READ or WRITE offset negative as a loff_t: EINVAL (preadv2 would take -1 as "the
+  fd's own position").
 * an argument struct cut short, a name without its NUL, a WRITE whose ``size`` is more
   than the data sent or than ``max_write``, more than 128 KiB of arguments, writable room
   too small for a fixed-size reply, a time with nanoseconds >= 10^9: EINVAL.
@@ -72,6 +74,9 @@ that length without executing it. The snapshot holds HostDir's nodes and handles
 queue count and ``ro`` the guest saw (a restore onto a device that differs is refused).
 Nodes whose files were deleted or replaced on the host between save and restore come
 back stale: the guest gets ESTALE for them, never another file's data (``load_state``).
+A state's remembered lengths are taken only for chains its restore put in flight and
+that have room for them (checked on each queue's first pass); others are dropped, and
+the request is served.
 """
 
 from __future__ import annotations
@@ -264,6 +269,9 @@ class FsDevice(VirtioDevice):
         }
         #: per queue: head -> used length of chains answered before a stop, still in flight
         self._replied: dict[int, dict[int, int]] = {q.index: {} for q in self.queues}
+        #: queues whose ``_replied`` a state gave and no pass has checked against the
+        #: chains that restore put in flight
+        self._unchecked: set[int] = set()
         Op = f.Op
         #: opcode -> (handler, reply size when fixed, else None); READ, WRITE and the
         #: no-reply requests are served apart
@@ -318,6 +326,7 @@ class FsDevice(VirtioDevice):
         for q in self.queues:
             self._unpublished[q.index].clear()
             self._replied[q.index].clear()
+        self._unchecked.clear()
 
     def close(self) -> None:
         super().close()
@@ -327,6 +336,9 @@ class FsDevice(VirtioDevice):
 
     def handle_queue(self, q: Virtqueue) -> None:
         out, replied = self._unpublished[q.index], self._replied[q.index]
+        if q.index in self._unchecked:
+            self._unchecked.discard(q.index)
+            self._drop_stray(q, replied)
         while True:
             q.set_kicks(False)
             while len(batch := q.pop(BATCH)):
@@ -337,6 +349,9 @@ class FsDevice(VirtioDevice):
                     if abandoning(q):  # report stop: the rest stays in flight, not executed
                         break
                     used = replied.pop(c.head, None)
+                    if used is not None and used > c.in_len:  # a state's lie: no reply fits
+                        log.warning("fs: head %d: state says %d bytes used, serving", c.head, used)
+                        used = None
                     if used is None:  # not answered before a stop: serve it now
                         used = self._serve(c)
                     out.record([c.head], (c.head, used))
@@ -345,6 +360,20 @@ class FsDevice(VirtioDevice):
                 q.push(heads, lengths)
             if not q.set_kicks(True):
                 return
+
+    def _drop_stray(self, q: Virtqueue, replied: dict[int, int]) -> None:
+        """Only a chain the restore put in flight can have been answered before the
+        stop; a state naming other heads would make later requests on them look
+        answered, unexecuted, so those entries go."""
+        stray = set(replied) - set(inflight_heads(q))
+        if stray:
+            log.warning(
+                "fs: queue %d: the state answered heads %s, not in flight: ignored",
+                q.index,
+                sorted(stray)[:8],
+            )
+            for head in stray:
+                del replied[head]
 
     def _serve(self, c: Chain) -> int:
         """Execute one request and write its reply; the chain's used length."""
@@ -582,12 +611,13 @@ class FsDevice(VirtioDevice):
         """preadv from the host file straight into the chain's buffers after the header."""
         fh, offset, size, *_ = a.take(f.READ_IN)
         fd = self.dir.fd(fh)
+        pos = _offset(offset)
         head = w.take(f.OUT_HEADER.size)
         views = []
         for gpa, n in w.take(min(size, room, MAX_IO))[:IOV_MAX]:
             views.append(self.mem.view(gpa, n, write=True))
         try:
-            done = os.preadv(fd, views, f.signed64(offset)) if views else 0
+            done = os.preadv(fd, views, pos) if views else 0
         except OSError as e:
             self._put(head, f.OUT_HEADER.pack(f.OUT_HEADER.size, -(e.errno or errno.EIO), h.unique))
             return f.OUT_HEADER.size
@@ -608,8 +638,9 @@ class FsDevice(VirtioDevice):
         if size > self.session.max_write:
             raise f.Malformed(f"WRITE of {size} bytes, max_write {self.session.max_write}")
         fd = self.dir.fd(fh)
+        pos = _offset(offset)
         views = [self.mem.view(gpa, n) for gpa, n in r.take(size)]
-        done, pos = 0, f.signed64(offset)
+        done = 0
         for i in range(0, len(views), IOV_MAX):
             part = views[i : i + IOV_MAX]
             n = os.pwritev(fd, part, pos + done)
@@ -800,6 +831,16 @@ class FsDevice(VirtioDevice):
         self.session = session
         for i in self._replied:
             self._replied[i] = replied.get(i, {})
+        self._unchecked = set(replied)
+
+
+def _offset(value: int) -> int:
+    """A READ / WRITE offset: EINVAL when negative as a loff_t (-1 would not be refused
+    by preadv2 / pwritev2 but mean "at the fd's own position, and move it")."""
+    pos = f.signed64(value)
+    if pos < 0:
+        raise OSError(errno.EINVAL, f"offset {pos}")
+    return pos
 
 
 def _ns(sec: int, nsec: int) -> int:
