@@ -122,8 +122,9 @@ CHAIN_OVERHEAD = 8
 MAX_IO = MAX_PAGES_LIMIT * PAGE
 #: arguments of any request but WRITE: a struct, two names, an xattr value (64 KiB)
 MAX_ARGS = 128 << 10
-#: bytes one COPY_FILE_RANGE copies at most (a shorter count is a valid answer)
-MAX_COPY = 64 << 20
+#: bytes one COPY_FILE_RANGE copies at most (a shorter count is a valid answer; the guest
+#: asks again): small enough that one request holds the device thread for milliseconds
+MAX_COPY = 8 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 #: seconds the guest may cache names and attributes (as virtiofsd's cache=auto)
 TTL = 1
