@@ -10,8 +10,9 @@ waits: connect, accept, recv, send waiting for credit). A slow guest is one that
 read: its socket's ``fwd_cnt`` stays put and the device runs out of credit.
 
 Bookkeeping the tests look at: ``GuestVsock.seen`` (every packet's header, in order),
-``unmatched`` (packets for no socket, e.g. the device's RSTs), ``bad_lengths`` (used lengths that do not match the header), and per
-socket ``overruns`` (payload beyond the credit this side gave: a device bug).
+``unmatched`` (packets for no socket, e.g. the device's RSTs), ``bad_lengths`` (used
+lengths that do not match the header), and per socket ``overruns`` (payload beyond the
+credit this side gave: a device bug).
 """
 
 from __future__ import annotations
