@@ -80,6 +80,13 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     r.close()
 
 
+def accept(srv: socket.socket) -> socket.socket:
+    """The next host program's end of a guest connect (a test never waits forever)."""
+    prog, _ = srv.accept()
+    prog.settimeout(20)
+    return prog
+
+
 def read_line(s: socket.socket) -> bytes:
     line = b""
     while not line.endswith(b"\n"):
@@ -116,7 +123,7 @@ def test_guest_connects_and_data_flows_both_ways(rig, mode):
     assert g.cid == CID and dev.config_bytes() == CID.to_bytes(8, "little")
     srv = rig.listen(5000)
     s = g.connect(5000)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     up = pattern(300_000, b"up")  # more than the 256 KiB of credit: updates must come
     down = pattern(200_000, b"down")
     got = {}
@@ -175,7 +182,7 @@ def test_seqpacket_keeps_message_boundaries(rig):
     assert g.features >> F_SEQPACKET & 1
     srv = rig.listen(6000, socket.SOCK_SEQPACKET)
     s = g.connect(6000, TYPE_SEQPACKET)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     for msg in (b"one", b"two two", pattern(70_000, b"big")):  # the big one takes packets
         s.send(msg)
         assert prog.recv(100_000) == msg
@@ -189,7 +196,7 @@ def test_many_connections_at_once(rig):
     n = 24
     srv = rig.listen(5001)
     socks = [g.connect(5001) for _ in range(n)]
-    progs = [srv.accept()[0] for _ in range(n)]
+    progs = [accept(srv) for _ in range(n)]
     ups = [pattern(40_000, b"up%d" % i) for i in range(n)]
     downs = [pattern(30_000, b"down%d" % i) for i in range(n)]
     got: dict[int, bytes] = {}
@@ -220,7 +227,7 @@ def test_slow_host_reader_stops_the_guest_by_credit(rig):
     dev, g = rig.vsock()
     srv = rig.listen(5002)
     s = g.connect(5002)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     data = pattern(3 << 20, b"slow host")
     # nobody reads: the host socket fills, then emu holds what the guest may still send
     # (its buf_alloc), then the guest has no credit left
@@ -252,7 +259,7 @@ def test_slow_guest_reader_leaves_the_bytes_in_the_host_socket(rig):
     dev, g = rig.vsock()
     srv = rig.listen(5003)
     s = g.connect(5003)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     data = pattern(3 << 20, b"slow guest")
     writer = threading.Thread(target=prog.sendall, args=(data,))
     writer.start()
@@ -277,7 +284,7 @@ def test_credit_request_is_answered_and_updates_come_unasked(rig):
     dev, g = rig.vsock()
     srv = rig.listen(5004)
     s = g.connect(5004)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     s.send(b"x" * 1000)
     assert recv_all(prog, 1000) == b"x" * 1000
     seen = len(g.seen)
@@ -301,7 +308,7 @@ def test_guest_shutdown_send_is_eof_for_the_program_which_still_answers(rig):
     _, g = rig.vsock()
     srv = rig.listen(5005)
     s = g.connect(5005)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     s.send(b"request")
     s.shutdown(SHUTDOWN_SEND)
     assert recv_all(prog, 100) == b"request"  # and then EOF
@@ -316,7 +323,7 @@ def test_guest_shutdown_rcv_makes_the_programs_writes_fail(rig):
     _, g = rig.vsock()
     srv = rig.listen(5006)
     s = g.connect(5006)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     s.shutdown(SHUTDOWN_RCV)
 
     def refused() -> bool:
@@ -335,7 +342,7 @@ def test_program_eof_is_shutdown_send_and_the_guest_still_sends(rig):
     dev, g = rig.vsock()
     srv = rig.listen(5007)
     s = g.connect(5007)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     prog.sendall(b"last words")
     prog.shutdown(socket.SHUT_WR)
     assert s.recv_exactly(10) == b"last words"
@@ -353,7 +360,7 @@ def test_guest_close_is_answered_at_once_and_its_bytes_still_reach_the_program(r
     dev, g = rig.vsock()
     srv = rig.listen(5008)
     s = g.connect(5008)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     data = pattern(vs.BUF_ALLOC, b"close")  # more than the program's socket takes unread
     s.send(data)
     s.close(timeout=5)  # SHUTDOWN both ways; the device answers RST while still flushing
@@ -369,7 +376,7 @@ def test_report_stops_mid_stream_lose_and_double_nothing(rig):
     dev, g = rig.vsock(queue_size=16, rx_buffers=8)
     srv = rig.listen(5009)
     s = g.connect(5009)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     up, down = pattern(1 << 20, b"stop up"), pattern(1 << 20, b"stop down")
     got: dict[str, bytes] = {}
     reader = threading.Thread(target=lambda: got.update(up=recv_all(prog, len(up))))
@@ -425,7 +432,7 @@ def test_restore_resets_connections_keeps_listeners_and_cid(rig, packed):
     g.listen(1234)
     srv = rig.listen(5000)
     s = g.connect(5000)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     s.send(b"before")
     assert recv_all(prog, 6) == b"before"
     host = rig.host_connect(1234)
@@ -456,7 +463,7 @@ def test_restore_resets_connections_keeps_listeners_and_cid(rig, packed):
     gs2.send(b"after")
     assert recv_all(host2, 5) == b"after"
     s2 = g.connect(5000)
-    prog2, _ = srv.accept()
+    prog2 = accept(srv)
     prog2.sendall(b"again")
     assert s2.recv_exactly(5) == b"again"
 
@@ -465,7 +472,7 @@ def test_stop_and_resume_in_place_keeps_connections(rig):
     dev, g = rig.vsock()
     srv = rig.listen(5010)
     s = g.connect(5010)
-    prog, _ = srv.accept()
+    prog = accept(srv)
     tr = g.drv.transport
     tr.vmm_stop("report")
     prog.sendall(b"while stopped")

@@ -509,7 +509,9 @@ class VsockDevice(VirtioDevice):
             self._serve_event(q)
 
     def _serve_tx(self, q: Virtqueue) -> None:
-        self._tx_paused = False
+        self._tx_paused = len(self._replies) >= REPLY_LIMIT
+        if self._tx_paused:
+            return  # a kick changes nothing: the guest must take replies first
         out, sent = self._tx_out, self._tx_sent
         while True:
             q.set_kicks(False)
@@ -542,7 +544,7 @@ class VsockDevice(VirtioDevice):
             raise DeviceError(f"vsock: tx chain {c.head} holds {r.left} bytes, no header")
         hdr = Header.unpack(r.read(HDR.size))
         if hdr.len > MAX_PAYLOAD or hdr.len > r.left:
-            self._bad(hdr, f"len {hdr.len} with {r.left} payload bytes in the chain")
+            self._bad(hdr, f"len {hdr.len} with {r.left} payload bytes", self._named(hdr))
             return
         payload = r.read(hdr.len) if hdr.op == OP_RW else b""
         self._packet(hdr, payload)
@@ -551,7 +553,7 @@ class VsockDevice(VirtioDevice):
         if hdr.src_cid != self.cid or hdr.dst_cid != HOST_CID:
             self._bad(hdr, f"from CID {hdr.src_cid} to CID {hdr.dst_cid}")
             return
-        conn = self.conns.get(hdr.dst_port, hdr.src_port)
+        conn = self._named(hdr)
         if not self._type_ok(hdr.type) or (conn is not None and hdr.type != conn.type):
             self._bad(hdr, f"type {hdr.type}", conn)
             return
@@ -577,6 +579,12 @@ class VsockDevice(VirtioDevice):
             self._bad(hdr, f"on a {conn.state.value} connection", conn)
         if self._live(conn):
             self._schedule(conn)  # the guest's credit may have grown
+
+    def _named(self, hdr: Header) -> Conn | None:
+        """The connection a guest packet belongs to, if it is addressed right."""
+        if hdr.src_cid != self.cid or hdr.dst_cid != HOST_CID:
+            return None
+        return self.conns.get(hdr.dst_port, hdr.src_port)
 
     def _bad(self, hdr: Header, why: str, conn: Conn | None = None) -> None:
         self.stats.bad_packets += 1

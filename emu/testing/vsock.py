@@ -214,10 +214,10 @@ class GuestVsock:
         self.bad_lengths = 0
         self.transport_resets = 0
         self._next_port = FIRST_PORT
-        self._post(RX, rx_buffers)
-        self._post(EVENTQ, event_buffers)
+        self.post(RX, rx_buffers)
+        self.post(EVENTQ, event_buffers)
 
-    def _post(self, qidx: int, count: int) -> None:
+    def post(self, qidx: int, count: int) -> None:
         q = self.drv.queues[qidx]
         for _ in range(count):
             q.add([], [HDR.size, self.rx_buf_size] if qidx == RX else [EVENT_MSG.size])
@@ -318,7 +318,7 @@ class GuestVsock:
                 self.seen.append(hdr)
                 self._receive(hdr, c.data[HDR.size : HDR.size + hdr.len])
         if got:
-            self._post(RX, got)
+            self.post(RX, got)
         events = self.drv.queues[EVENTQ].poll()
         for c in events:
             if c.length == EVENT_MSG.size and EVENT_MSG.unpack_from(c.data)[0] == (
@@ -326,7 +326,7 @@ class GuestVsock:
             ):
                 self._transport_reset()
         if events:
-            self._post(EVENTQ, len(events))
+            self.post(EVENTQ, len(events))
         return got + len(events)
 
     def _transport_reset(self) -> None:
@@ -384,7 +384,9 @@ class GuestVsock:
             return
         self.unmatched.append(hdr)
         if hdr.op != OP_RST:  # as Linux: RST to what no socket takes
-            rst = Header(hdr.dst_cid, hdr.src_cid, hdr.dst_port, hdr.src_port, 0, hdr.type, OP_RST)
+            rst = Header(
+                hdr.dst_cid, hdr.src_cid, hdr.dst_port, hdr.src_port, 0, hdr.type, OP_RST, 0, 0, 0
+            )
             self.send_raw([rst.pack()])
 
 
