@@ -30,8 +30,10 @@ from emu.memory import GuestMemory
 from emu.state import file as statefile
 from emu.state import parts
 from emu.testing.driver import VirtioMmioDriver
+from emu.testing.vhost_user import VhostUserDriver
 from emu.testing.vsock import GuestVsock, VsockError
 from emu.transport.mmio import MmioTransport
+from emu.vhost_user.backend import VhostUserServer
 
 CID = 3
 
@@ -480,3 +482,33 @@ def test_stop_and_resume_in_place_keeps_connections(rig):
     tr.vmm_resume()
     assert s.recv_exactly(13) == b"while stopped"
     assert g.transport_resets == 0
+
+
+# -- over vhost-user, as UML (all three queues) and QEMU (rx and tx only) drive it --
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("event_queue", [True, False], ids=["uml", "qemu"])
+def test_over_vhost_user(rig, packed, event_queue):
+    dev = VsockDevice(CID, HybridVsock(rig.path))
+    server = VhostUserServer(dev, rig.tmp / "vu.sock").start()
+    fe = VhostUserDriver(rig.tmp / "vu.sock")
+    try:
+        g = GuestVsock(fe, packed=packed, event_queue=event_queue)
+        assert g.cid == CID  # GET_CONFIG
+        srv = rig.listen(5000)
+        s = g.connect(5000)
+        prog = accept(srv)
+        data = pattern(400_000, b"vhost-user")
+        threading.Thread(target=prog.sendall, args=(data,)).start()
+        s.send(data[::-1])
+        assert s.recv_exactly(len(data)) == data
+        assert recv_all(prog, len(data)) == data[::-1]
+        g.listen(22)
+        host = rig.host_connect(22)
+        gs = g.accept(22)
+        assert read_line(host) == b"OK %d\n" % gs.peer_port
+    finally:
+        fe.close()
+        server.close()
+        dev.close()

@@ -195,12 +195,15 @@ class GuestVsock:
         rx_buffers: int = 32,
         rx_buf_size: int = 4096,
         event_buffers: int = 4,
+        event_queue: bool = True,
         max_packet: int = 64 * 1024,
         buf_alloc: int = 256 * 1024,
     ) -> None:
+        """``event_queue=False`` leaves the event queue to someone else, as QEMU's
+        vhost-user-vsock-device does (it sends TRANSPORT_RESET itself)."""
         self.drv = drv
         self.features = drv.init(features, packed=packed, event_idx=event_idx, indirect=indirect)
-        for i in (RX, TX, EVENTQ):
+        for i in (RX, TX, EVENTQ) if event_queue else (RX, TX):
             drv.setup_queue(i, queue_size)
         drv.driver_ok()
         self.cid = drv.config_read(0, 8)
@@ -215,7 +218,8 @@ class GuestVsock:
         self.transport_resets = 0
         self._next_port = FIRST_PORT
         self.post(RX, rx_buffers)
-        self.post(EVENTQ, event_buffers)
+        if event_queue:
+            self.post(EVENTQ, event_buffers)
 
     def post(self, qidx: int, count: int) -> None:
         q = self.drv.queues[qidx]
@@ -319,7 +323,7 @@ class GuestVsock:
                 self._receive(hdr, c.data[HDR.size : HDR.size + hdr.len])
         if got:
             self.post(RX, got)
-        events = self.drv.queues[EVENTQ].poll()
+        events = self.drv.queues[EVENTQ].poll() if EVENTQ in self.drv.queues else []
         for c in events:
             if c.length == EVENT_MSG.size and EVENT_MSG.unpack_from(c.data)[0] == (
                 EVENT_TRANSPORT_RESET
