@@ -132,6 +132,8 @@ CONNECT_TIMEOUT = 5.0
 #: seconds a connection the guest closed may take to flush its bytes to the host
 LINGER = 10.0
 BATCH = 64
+#: rx buffers popped ahead per connection with data to send
+RX_AHEAD = 8
 
 
 @dataclass(slots=True)
@@ -697,9 +699,13 @@ class VsockDevice(VirtioDevice):
             self.wake()  # the tx queue may go on
 
     def _rx_chain(self, q: Virtqueue) -> Chain | None:
-        """The next receive buffer (held, or popped), or None when the ring is empty."""
+        """The next receive buffer (held, or popped), or None when the ring is empty.
+
+        Only about as many are popped as packets are waiting (a reply each, a few per
+        ready connection): buffers the device holds are in flight at a stop."""
         while not self._rx_held:
-            batch = q.pop(BATCH)
+            want = len(self._replies) + RX_AHEAD * len(self._ready)
+            batch = q.pop(min(BATCH, want) or 1)
             if not len(batch):
                 if q.set_kicks(True):
                     continue
