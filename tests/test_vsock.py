@@ -188,9 +188,23 @@ def test_seqpacket_keeps_message_boundaries(rig):
     for msg in (b"one", b"two two", pattern(70_000, b"big")):  # the big one takes packets
         s.send(msg)
         assert prog.recv(100_000) == msg
-    for msg in (b"back", pattern(9000, b"back big")):
+    for msg in (b"back", pattern(9000, b"back big"), pattern(200_000, b"back huge")):
         prog.send(msg)
         assert s.recv_msg() == msg
+
+
+def test_seqpacket_advertises_what_one_host_send_takes(rig):
+    _, g = rig.vsock()
+    srv = rig.listen(6002, socket.SOCK_SEQPACKET)
+    s = g.connect(6002, TYPE_SEQPACKET)
+    prog = accept(srv)
+    limit = s.peer_buf_alloc
+    assert 0 < limit < vs.BUF_ALLOC  # a Unix socket's send buffer is smaller by default
+    msg = pattern(limit, b"largest")
+    s.send(msg)  # whole, in one host send
+    assert prog.recv(limit + 1) == msg
+    with pytest.raises(VsockError, match="EMSGSIZE"):
+        s.send(msg + b"!")
 
 
 def test_many_connections_at_once(rig):

@@ -343,6 +343,20 @@ def test_a_too_small_event_buffer_makes_the_device_need_a_reset(rig):
     assert "event chain" in dev.broken
 
 
+def test_rx_buffers_with_room_for_a_header_only_carry_control_packets(rig):
+    dev, g = rig.vsock(rx_buffers=0, rx_buf_size=0)
+    g.post(RX, 2)  # header-only buffers; the connect's RESPONSE fits
+    s, prog = connected(rig, g, 5000)
+    data = pattern(50_000, b"tiny")
+    prog.sendall(data)
+    g.pump_until(lambda: len(g.seen) >= 6, 5)  # each reposted buffer is used, none spun on
+    assert {h.op for h in list(g.seen)[1:]} == {OP_CREDIT_UPDATE} and not s.rx
+    g.rx_buf_size = 4096
+    g.post(RX, 8)
+    assert s.recv_exactly(len(data)) == data
+    assert dev.run_state.value == "running"
+
+
 # -- resources --
 
 

@@ -134,6 +134,9 @@ LINGER = 10.0
 BATCH = 64
 #: rx buffers popped ahead per connection with data to send
 RX_AHEAD = 8
+#: a Unix SOCK_SEQPACKET send takes at most its send buffer less this (EMSGSIZE beyond):
+#: a seqpacket connection advertises no more, so a Linux guest refuses bigger messages
+SEQPACKET_SLACK = 64
 
 
 @dataclass(slots=True)
@@ -325,7 +328,7 @@ class VsockDevice(VirtioDevice):
             sock.close()
             return
         local = self.conns.local_port_for(port)
-        conn = Conn(local, port, TYPE_STREAM, sock, State.CONNECTING, by_guest=False)
+        conn = Conn(local, port, TYPE_STREAM, sock, State.CONNECTING, False, self.buf_alloc)
         self.conns.add(conn)
         self._reply(conn, OP_REQUEST)
         self._deadline(conn, CONNECT_TIMEOUT)
@@ -418,7 +421,7 @@ class VsockDevice(VirtioDevice):
     def _credit_check(self, conn: Conn) -> None:
         if conn.fwd_cnt == conn.last_fwd_sent or not conn.established:
             return
-        seen_free = self.buf_alloc - ((conn.rx_cnt - conn.last_fwd_sent) & MASK32)
+        seen_free = conn.buf_alloc - ((conn.rx_cnt - conn.last_fwd_sent) & MASK32)
         if seen_free < CREDIT_LOW:
             self._credit_update(conn)
 
@@ -617,7 +620,11 @@ class VsockDevice(VirtioDevice):
             self.stats.refused += 1
             self._refuse(hdr)
             return
-        conn = Conn(hdr.dst_port, hdr.src_port, hdr.type, sock, State.ESTABLISHED, True)
+        buf_alloc = self.buf_alloc
+        if seqpacket:  # a message must fit the Unix socket's send buffer in one piece
+            room = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - SEQPACKET_SLACK
+            buf_alloc = max(1, min(buf_alloc, room))
+        conn = Conn(hdr.dst_port, hdr.src_port, hdr.type, sock, State.ESTABLISHED, True, buf_alloc)
         conn.peer_credit(hdr)
         self.conns.add(conn)
         self._reply(conn, OP_RESPONSE)
@@ -641,7 +648,7 @@ class VsockDevice(VirtioDevice):
         if not conn.established or conn.guest_shut & SHUTDOWN_SEND:
             self._bad(hdr, "data on a connection not open for it", conn)
             return
-        if conn.unforwarded() + len(payload) > self.buf_alloc:
+        if conn.unforwarded() + len(payload) > conn.buf_alloc:
             self._bad(hdr, f"{len(payload)} bytes beyond the credit given", conn)
             return
         conn.rx_cnt = (conn.rx_cnt + len(payload)) & MASK32
@@ -731,6 +738,9 @@ class VsockDevice(VirtioDevice):
                     return got
             if not self._ready:
                 return None
+            if not room:  # a buffer with room for a header only: data cannot use it
+                conn = next(iter(self._ready.values()))
+                return self._header(conn, OP_CREDIT_UPDATE, 0), _Reply(conn, OP_CREDIT_UPDATE)
             conn = self._ready.pop(next(iter(self._ready)))
             if not self._can_send(conn):
                 continue
@@ -814,7 +824,7 @@ class VsockDevice(VirtioDevice):
             conn.type,
             op,
             flags,
-            self.buf_alloc,
+            conn.buf_alloc,
             conn.fwd_cnt,
         )
 

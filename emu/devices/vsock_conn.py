@@ -14,8 +14,10 @@ free-running 32-bit arithmetic:
   ``fwd_cnt`` runs ahead of what it was sent gets no credit, as in Linux.
 
 SEQPACKET connections keep message boundaries: a message from the guest (RW packets up
-to one with SEQ_EOM) goes to the host socket in one ``send``; a message from the host is
-read whole (at most what the guest could buffer) and sent as RW packets, the last with
+to one with SEQ_EOM) goes to the host socket in one ``send``, so such a connection
+advertises no more ``buf_alloc`` than that socket's send buffer takes in one message (a
+Linux guest refuses a longer message with EMSGSIZE); a message from the host is read
+whole (at most what the guest could buffer) and sent as RW packets, the last with
 SEQ_EOM.
 """
 
@@ -53,6 +55,7 @@ class Conn:
         sock: socket.socket,
         state: State,
         by_guest: bool,
+        buf_alloc: int,
     ) -> None:
         self.id = next(self._ids)
         self.local_port = local_port
@@ -64,6 +67,7 @@ class Conn:
         self.by_guest = by_guest
         self.deadline: float | None = None  # CONNECTING, or closing while still flushing
         # -- credit --
+        self.buf_alloc = buf_alloc  # what the device advertises for this connection
         self.peer_buf_alloc = 0
         self.peer_fwd_cnt = 0
         self.tx_cnt = 0  # payload bytes sent to the guest

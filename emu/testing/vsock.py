@@ -106,6 +106,11 @@ class GuestSocket:
         """All of ``data``, in packets of at most ``max_packet`` bytes as credit allows
         (one message on a SEQPACKET socket: SEQ_EOM on its last packet)."""
         view = memoryview(data)
+        if self.type == TYPE_SEQPACKET and len(view) > self.peer_buf_alloc:
+            raise VsockError(
+                f"a {len(view)}-byte message: the device takes at most "
+                f"{self.peer_buf_alloc} (EMSGSIZE, as Linux)"
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.state != "established":
@@ -224,7 +229,10 @@ class GuestVsock:
     def post(self, qidx: int, count: int) -> None:
         q = self.drv.queues[qidx]
         for _ in range(count):
-            q.add([], [HDR.size, self.rx_buf_size] if qidx == RX else [EVENT_MSG.size])
+            if qidx == EVENTQ:
+                q.add([], [EVENT_MSG.size])
+            else:  # rx_buf_size 0: room for a header only
+                q.add([], [HDR.size, self.rx_buf_size] if self.rx_buf_size else [HDR.size])
         if count and q.kick_needed():
             self.drv.kick(qidx)
 
