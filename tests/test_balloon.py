@@ -308,3 +308,57 @@ def test_over_vhost_user_the_frontends_ram_is_released(tmp_path, ram):
         fe.close()
         server.close()
         dev.close()
+
+
+@pytest.mark.parametrize("packed", RINGS)
+def test_state_carries_target_actual_stats_and_the_held_stats_buffer(guest, packed):
+    bd, dev, mem = guest(packed=packed, initial_stats={4: 5 << 20})
+    bd.pool = bd.take_pages(512)
+    dev.set_target(100)
+    bd.balance()
+    wait_until(lambda: dev.stats()["stats"] != {})
+    tr = bd.drv.transport
+    tr.vmm_stop("report")
+    state, saved = tr.save(), bd.drv.save()
+    dev.close()
+    fresh = BalloonDevice()
+    try:
+        drv = VirtioMmioDriver.load(MmioTransport(fresh, mem), mem, saved)
+        drv.transport.restore(state)
+        assert (fresh.num_pages, fresh.actual) == (100, 100)
+        assert fresh.stats()["stats"] == {"free-memory": 5 << 20}
+        # the stats buffer held at the save is held again: a refresh goes through it
+        bd2 = BalloonDriver(drv, bd.q)
+        got: dict = {}
+        asker = threading.Thread(target=lambda: got.update(fresh.stats(refresh=True, timeout=5)))
+        asker.start()
+        bd2.answer_stats({4: 6 << 20})
+        asker.join()
+        assert got["fresh"] and got["stats"] == {"free-memory": 6 << 20}
+        before = blocks(mem)
+        bd2.inflate(bd2.take_pages(10))
+        assert before - blocks(mem) == 10 * BLOCKS_PER_PAGE
+    finally:
+        fresh.close()
+
+
+@pytest.mark.parametrize(
+    "state, why",
+    [
+        ({"target": 1, "actual": 0, "stats": [[99, 1]]}, "not \\(known tag"),
+        ({"target": 1, "actual": 0, "stats": [[4]]}, "not \\(known tag"),
+        ({"target": 1 << 32, "actual": 0, "stats": []}, "outside"),
+        ({"target": 1, "actual": 0, "stats": [], "extra": 1}, "unknown fields"),
+        ({"target": 1, "stats": []}, "missing fields"),
+    ],
+)
+def test_bad_states_are_refused_whole(state, why):
+    from emu.state.format import StateError
+
+    dev = BalloonDevice(target_pages=7)
+    try:
+        with pytest.raises(StateError, match=why):
+            dev.load_state(state)
+        assert (dev.num_pages, dev.actual, dev.stats()["stats"]) == (7, 0, {})
+    finally:
+        dev.close()
