@@ -362,3 +362,27 @@ def test_bad_states_are_refused_whole(state, why):
         assert (dev.num_pages, dev.actual, dev.stats()["stats"]) == (7, 0, {})
     finally:
         dev.close()
+
+
+def test_a_frontend_that_never_reads_its_channel_does_not_hold_the_host(tmp_path, caplog):
+    """Config change notices are sent without blocking: once the frontend's channel is
+    full they are dropped (logged 1st, 2nd, 4th... time), and set_target returns."""
+    import logging
+
+    dev = BalloonDevice(queue_max_size=registry.QUEUE_MAX)
+    server = VhostUserServer(dev, tmp_path / "b.sock").start()
+    fe = VhostUserDriver(server.path, RAM, backend_req=True)
+    try:
+        BalloonDriver.open(fe)
+        with caplog.at_level(logging.WARNING, "emu.vhost_user.backend"):
+            for i in range(100_000):
+                dev.set_target(i % 2)
+        lost = [r for r in caplog.records if "notice not sent" in r.message]
+        assert 1 <= len(lost) <= 17
+        sent = fe.backend_requests()  # those sent before it filled are whole
+        assert len(sent) > 100 and {(m.req, m.flags) for m in sent} == {(2, 1)}
+    finally:
+        fe.close()
+        server.close()
+    dev.set_target(5)  # no frontend any more: nothing to tell, nothing fails
+    dev.close()
