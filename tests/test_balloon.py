@@ -386,3 +386,45 @@ def test_a_frontend_that_never_reads_its_channel_does_not_hold_the_host(tmp_path
         server.close()
     dev.set_target(5)  # no frontend any more: nothing to tell, nothing fails
     dev.close()
+
+
+def test_emu_serve_balloon_with_its_control_socket(tmp_path):
+    """`emu serve --socket S balloon,control=C` as a user starts it, a vhost-user guest
+    (UML's queue numbering, RAM in a file as UML's) following the target that
+    `emu balloon --control C target` sets: the file loses what the guest gave."""
+    sock, ctl = tmp_path / "b.sock", tmp_path / "b.ctl"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "emu.cli", "serve", "--socket", str(sock), f"balloon,control={ctl}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    stop = threading.Event()
+    fe = None
+    try:
+        fe = VhostUserDriver(sock, RAM, ram=tmp_path / "ram", backend_req=True)
+        fill(fe.mem)
+        bd = BalloonDriver.open(fe, layout="linux")
+        bd.pool = bd.take_pages(2048)
+        before = blocks(fe.mem)
+        t = _serve_guest(bd, stop)
+        cli = [sys.executable, "-m", "emu.cli", "balloon", "--control", str(ctl)]
+        out = subprocess.run([*cli, "target", "4"], env=env, capture_output=True, text=True)
+        assert out.returncode == 0 and json.loads(out.stdout)["target_mib"] == 4.0
+        wait_until(lambda: ask(str(ctl), "info")["actual_pages"] == 1024)
+        assert before - blocks(fe.mem) == 1024 * BLOCKS_PER_PAGE
+        assert [m.req for m in fe.backend_requests(timeout=5)] == [BackendReq.CONFIG_CHANGE_MSG]
+        out = subprocess.run([*cli, "stats"], env=env, capture_output=True, text=True)
+        assert json.loads(out.stdout)["stats"]["free-memory"] == 42 << 20
+        stop.set()
+        t.join()
+    finally:
+        stop.set()
+        if fe is not None:
+            fe.close()
+        serve.terminate()
+        text = serve.communicate(timeout=30)[0]
+    assert f"balloon: control socket {ctl}" in text
+    assert not ctl.exists()
