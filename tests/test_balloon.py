@@ -428,3 +428,26 @@ def test_emu_serve_balloon_with_its_control_socket(tmp_path):
         text = serve.communicate(timeout=30)[0]
     assert f"balloon: control socket {ctl}" in text
     assert not ctl.exists()
+
+
+def test_legacy_driver_first_stats_buffer_is_ignored():
+    """The spec: over the legacy interface the first stats buffer held garbage."""
+    mem = GuestMemory.create(RAM)
+    dev = BalloonDevice()
+    try:
+        drv = VirtioMmioDriver(MmioTransport(dev, mem, version=1), mem)
+        bd = BalloonDriver.open(drv, initial_stats={4: 666})
+        assert not drv.features >> 32  # no VERSION_1
+        wait_until(lambda: len(dev.queues[2].inflight()) == 1)  # the device holds it
+        assert dev.stats()["stats"] == {}
+        got: dict = {}
+        asker = threading.Thread(target=lambda: got.update(dev.stats(refresh=True, timeout=5)))
+        asker.start()
+        bd.answer_stats({4: 7})
+        asker.join()
+        assert got["stats"] == {"free-memory": 7}
+        bd.inflate(bd.take_pages(4))  # and the rest works over the legacy transport
+        assert dev.counters["released_bytes"] == 4 * PAGE_SIZE
+    finally:
+        dev.close()
+        mem.close()

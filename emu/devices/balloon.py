@@ -492,7 +492,12 @@ def _from_spec(spec: Spec, build: Build) -> BalloonDevice:
 
         control = ControlServer(path)
         build.say(f"balloon: control socket {path}")
-    return BalloonDevice(control=control, queue_max_size=build.queue_max)
+    try:
+        return BalloonDevice(control=control, queue_max_size=build.queue_max)
+    except BaseException:
+        if control is not None:
+            control.close()
+        raise
 
 
 register(
