@@ -451,3 +451,25 @@ def test_legacy_driver_first_stats_buffer_is_ignored():
     finally:
         dev.close()
         mem.close()
+
+
+def test_spec_options(tmp_path):
+    (dev,) = registry.make_devices(["balloon,target=16,reporting=off,stats=off,packed=off"])
+    try:
+        assert dev.num_pages == 16 * 256
+        offered = dev.features & 0xFFFFFF
+        assert offered == 1 << F_DEFLATE_ON_OOM
+    finally:
+        dev.close()
+    for bad, why in (
+        ("balloon:x", "no argument"),
+        ("balloon,target=-1", "whole number"),
+        ("balloon,target=1x", "whole number"),
+        ("balloon,target=99999999", "whole number"),
+        ("balloon,stats=maybe", "on or off"),
+        ("balloon,control=", "socket path"),
+        (f"balloon,control={tmp_path}/no/such/dir/c.sock", "No such file"),
+        ("balloon,colour=red", "option 'colour'"),
+    ):
+        with pytest.raises(registry.SpecError, match=why):
+            registry.make_devices([bad])
