@@ -36,6 +36,7 @@ BUILTIN = (
     "emu.devices.console",
     "emu.devices.rng",
     "emu.devices.fs",
+    "emu.devices.balloon",
 )
 #: ring size limit for served devices: what frontends ask for (QEMU microvm: 1024)
 QUEUE_MAX = 1024
