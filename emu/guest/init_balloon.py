@@ -8,8 +8,9 @@ follows. The balloon's size is read from /proc/vmstat (balloon_inflate - balloon
 pages). Knobs (`emu.balloon.<knob>=`):
 
 - `do` (fill,free): passes, comma-separated, run in order:
-  `fill` writes `fill_mib` (128) MiB of random data to a tmpfs file (every page of it
-  allocated in the guest, so on the host too), prints its sha256 and
+  `fill` writes `fill_mib` (128; `avail`: MemAvailable less `keep_mib`, 16) MiB of
+  random data to a file on a tmpfs that may take all RAM (every page of it allocated in
+  the guest, so on the host too), prints its sha256 and
   `EMU-BALLOON filled <MiB>`; `free` deletes it (`EMU-BALLOON freed`), the guest's free
   page reporting may hand the pages to the host; `inflated` waits until the balloon
   holds at least `mib` (64) MiB (`EMU-BALLOON inflated <pages>`); `deflated` waits until
@@ -39,15 +40,20 @@ bl_full() { [ "$1" -ge $(($(arg emu.balloon.mib 64) * 256)) ]; }
 bl_empty() { [ "$1" = 0 ]; }
 
 balloon_fill() {  # every page of fill_mib MiB allocated: backed on the host
-  local mib
+  local mib avail
   mib=$(arg emu.balloon.fill_mib 128)
-  dd if=/dev/urandom of=/tmp/bl.fill bs=1M count="$mib" 2>/dev/null || return 1
-  result balloon.fill_sha256 "$(sha < /tmp/bl.fill)"
+  avail=$(($(awk '$1 == "MemAvailable:" {print $2}' /proc/meminfo) / 1024))
+  [ "$mib" = avail ] && mib=$((avail - $(arg emu.balloon.keep_mib 16)))
+  mkdir -p /tmp/bl
+  grep -q ' /tmp/bl ' /proc/mounts || mount -t tmpfs -o size=100% bl /tmp/bl || return 1
+  dd if=/dev/urandom of=/tmp/bl/fill bs=1M count="$mib" 2>/dev/null || return 1
+  result balloon.fill_mib "$mib"
+  result balloon.fill_sha256 "$(sha < /tmp/bl/fill)"
   echo "EMU-BALLOON filled $mib"
 }
 
 balloon_free() {
-  rm -f /tmp/bl.fill
+  rm -f /tmp/bl/fill
   echo "EMU-BALLOON freed"
 }
 
