@@ -51,6 +51,7 @@ def inflate_round(cls: type[BalloonDevice], target: int, tmp: Path) -> dict[str,
     dev.features &= ~(1 << F_REPORTING)
     sock = tmp / f"{cls.__name__}.sock"
     server = VhostUserServer(dev, sock).start()
+    guest = None
     try:
         guest = BackgroundGuest(
             "uml",
@@ -83,6 +84,8 @@ def inflate_round(cls: type[BalloonDevice], target: int, tmp: Path) -> dict[str,
         if not res.ok:
             raise RuntimeError(f"guest failed:\n{res.console[-2000:]}")
     finally:
+        if guest is not None:
+            guest.stop()
         server.close()
         dev.close()
     return {
@@ -96,6 +99,7 @@ def report_round(fill: int, tmp: Path) -> dict[str, float]:
     dev = BalloonDevice(queue_max_size=1024)
     sock = tmp / "report.sock"
     server = VhostUserServer(dev, sock).start()
+    guest = None
     try:
         guest = BackgroundGuest(
             "uml",
@@ -118,6 +122,8 @@ def report_round(fill: int, tmp: Path) -> dict[str, float]:
         dev.set_target(256)  # the guest's cue to finish
         guest.result(TIMEOUT)
     finally:
+        if guest is not None:
+            guest.stop()
         server.close()
         dev.close()
     return {"reported": released / MIB / fill, "report_s": t1 - t0}

@@ -32,7 +32,6 @@ from emu.commands.balloon import ask
 from emu.devices.balloon import F_REPORTING, BalloonDevice
 from emu.devices.registry import make_devices
 from emu.guest import GuestImage, build_image, uml
-from emu.guest.background import BackgroundGuest
 from emu.guest.devices import Device
 from emu.guest.packages import PackageError
 from emu.vhost_user.backend import VhostUserServer
@@ -82,10 +81,12 @@ def wait_until(cond, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_inflate_releases_host_memory(uml_image: GuestImage, tmp_path: Path) -> None:
+def test_inflate_releases_host_memory(
+    uml_image: GuestImage, tmp_path: Path, background_guest
+) -> None:
     passes = "fill,free,mem,inflated,mem,deflated,check"
     with served_balloon(tmp_path, reporting=False) as (dev, sock, ctl):
-        guest = BackgroundGuest(
+        guest = background_guest(
             "uml",
             [Device("balloon", str(sock))],
             ["balloon"],
@@ -130,9 +131,11 @@ def test_inflate_releases_host_memory(uml_image: GuestImage, tmp_path: Path) -> 
     assert res.results["balloon.check.rc"] == "0"
 
 
-def test_free_page_reporting_releases_freed_memory(uml_image: GuestImage, tmp_path: Path) -> None:
+def test_free_page_reporting_releases_freed_memory(
+    uml_image: GuestImage, tmp_path: Path, background_guest
+) -> None:
     with served_balloon(tmp_path, reporting=True) as (dev, sock, ctl):
-        guest = BackgroundGuest(
+        guest = background_guest(
             "uml",
             [Device("balloon", str(sock))],
             ["balloon"],

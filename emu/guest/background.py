@@ -3,16 +3,19 @@
 For tests and benches where the host acts during the guest's workload (vsock streams,
 a balloon target): `BackgroundGuest(...)` runs `run_guest` on a thread of its own (the
 guest's reaper ties the guest to that thread) and keeps every console line, so the host
-can wait for a marker (`wait_for`) and read progress (`last`) before the result.
+can wait for a marker (`wait_for`) and read progress (`last`) before the result. As a
+context manager it ends a guest still running when the block ends (a failed test).
 """
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from emu.guest.proc import stop
 from emu.guest.run import DeviceSpec, GuestResult, run_guest
 
 
@@ -29,11 +32,24 @@ class BackgroundGuest:
         self.lines: list[str] = []
         self._partial = ""
         self._changed = threading.Condition()
+        self._proc: subprocess.Popen | None = None
+        self._stopping = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"guest-{kind}")
         self.future: Future[GuestResult] = self._pool.submit(
-            run_guest, kind, list(devices), list(run), on_output=self._feed, **kwargs
+            run_guest,
+            kind,
+            list(devices),
+            list(run),
+            on_output=self._feed,
+            on_start=self._started,
+            **kwargs,
         )
         self.future.add_done_callback(lambda _: self._notify())
+
+    def _started(self, proc: subprocess.Popen) -> None:
+        self._proc = proc
+        if self._stopping:  # stop() came while the image was being built
+            stop(proc)
 
     def _feed(self, text: str) -> None:
         *complete, self._partial = (self._partial + text).split("\n")
@@ -80,3 +96,19 @@ class BackgroundGuest:
         finally:
             if self.future.done():
                 self._pool.shutdown(wait=False)
+
+    def stop(self) -> None:
+        """Ends the guest if it still runs, and waits for run_guest to return."""
+        self._stopping = True
+        if self._proc is not None:
+            stop(self._proc)
+        try:
+            self.future.exception(30)
+        finally:
+            self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> BackgroundGuest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

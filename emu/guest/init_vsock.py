@@ -114,12 +114,15 @@ vsock_slowhost() {  # a stream to a host that may not read: progress per 256 KiB
 vsock_slowguest() {  # a listener that reads nothing until the host's go (a connection)
   local port go
   port=$(arg emu.vsock.slow_listen 6100); go=$((port + 1))
+  # the reader, a script: socat takes ':' in a SYSTEM command for its own
+  cat > /tmp/vs.reader <<EOF
+socat -u $(vs_listen $go) STDOUT > /dev/null
+sha256sum | tee /tmp/vs.slowsha
+EOF
   echo "EMU-VSOCK listening $port"
-  vsocat -t 30 "$(vs_listen "$port")" \
-    SYSTEM:"socat -u $(vs_listen $go) STDOUT > /dev/null; sha256sum | tee /tmp/vs.slowsha" ||
-    return 1
+  vsocat -t 30 "$(vs_listen "$port")" EXEC:"sh /tmp/vs.reader" || return 1
   result vsock.slowguest_sha256 "$(cut -d' ' -f1 < /tmp/vs.slowsha)"
-  rm -f /tmp/vs.slowsha
+  rm -f /tmp/vs.slowsha /tmp/vs.reader
 }
 
 vsock_reset() {  # a connection broken by the host's restore, then a new one that works

@@ -139,6 +139,7 @@ def run_guest(
     quiet: bool = True,
     interactive: bool = False,
     on_output: Callable[[str], None] | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> GuestResult:
     """Boots a `kind` ("uml" or "microvm") guest and waits for it to power off.
 
@@ -149,6 +150,7 @@ def run_guest(
     cpus: vCPUs (microvm only; a multi-queue disk uses as many queues as the guest has CPUs).
     interactive: give the guest this process's stdin (for the `sh` workload).
     on_output: called with console text as it arrives (e.g. to show it live).
+    on_start: called with the guest's process once started (proc.stop ends it early).
     """
     if kind not in _COMMAND:
         raise ValueError(f"unknown guest kind {kind!r}")
@@ -170,6 +172,8 @@ def run_guest(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    if on_start is not None:
+        on_start(proc)
     pump = threading.Thread(
         target=_pump, args=(proc.stdout, log, lines, on_output, marks), daemon=True
     )
