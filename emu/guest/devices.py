@@ -1,7 +1,7 @@
 """The devices a guest is started with: `TYPE:PATH` pairs.
 
 vhost-user types (PATH is the backend's listening unix socket): blk, net, console, rng,
-vsock, fs. For microvm, QEMU's own (in-process) devices are also available as a baseline:
+vsock, fs, balloon (UML only). For microvm, QEMU's own (in-process) devices are also available as a baseline:
 qemu-blk:IMAGE, qemu-net:user (slirp), qemu-rng:/dev/urandom, qemu-console:OUTFILE.
 Under microvm, `,key=value` after PATH are passed to QEMU's -device (e.g. `blk:S,packed=on`
 to have the guest use packed rings, `queue-size=256`). An fs device's `tag=NAME` is the
@@ -17,7 +17,7 @@ from emu.devices import registry
 
 #: virtio device ids (virtio spec 5) of vhost-user types emu does not implement itself
 #: (another backend serves them); emu's own types come from its device registry
-OTHER_VIRTIO_ID = {"vsock": 19}
+OTHER_VIRTIO_ID: dict[str, int] = {}
 QEMU_BUILTIN = ("qemu-blk", "qemu-net", "qemu-rng", "qemu-console")
 
 
