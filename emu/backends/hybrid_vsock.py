@@ -107,6 +107,8 @@ class HybridVsock:
     def arm(self, fd: int, events: int) -> None:
         """Report ``events`` on ``fd`` once (hang-ups and errors are always reported)."""
         flags = events | select.EPOLLONESHOT
+        if self._epoll.closed:
+            return
         try:
             self._epoll.modify(fd, flags)
         except FileNotFoundError:
@@ -122,9 +124,13 @@ class HybridVsock:
     def wake_at(self, when: float | None) -> None:
         """Call ``host_timer`` at ``when`` (time.monotonic; None: never)."""
         self._timer = when
-        os.eventfd_write(self._stop, 1)  # the watcher recomputes its timeout
+        if not self._epoll.closed:
+            os.eventfd_write(self._stop, 1)  # the watcher recomputes its timeout
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """No more callbacks and no more host programs: the watcher ends, the listening
+        socket closes. The device may still ``arm``/``forget``/``wake_at`` (no-ops now)
+        while it closes its connections; ``close`` then releases the rest."""
         if self._thread is not None:
             self._closing = True
             os.eventfd_write(self._stop, 1)
@@ -135,12 +141,16 @@ class HybridVsock:
         self._handshakes.clear()
         if self._server.fileno() >= 0:
             self._server.close()
-            self._epoll.close()
-            os.close(self._stop)
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+    def close(self) -> None:
+        self.stop()
+        if not self._epoll.closed:
+            self._epoll.close()
+            os.close(self._stop)
 
     # -- the watcher thread --
 

@@ -147,6 +147,16 @@ class _Reply:
     payload: bytes = b""
 
 
+@dataclass(slots=True)
+class _Sent:
+    """What went into an rx chain: enough to send it again if a stop withholds it (the
+    payload is read back from the chain then, not kept)."""
+
+    reply: _Reply
+    chain: Chain
+    length: int
+
+
 @dataclass
 class VsockStats:
     """Counters (device thread only)."""
@@ -154,6 +164,7 @@ class VsockStats:
     bad_packets: int = 0  # answered with RST: wrong CID, type, op, length or credit
     refused: int = 0  # connections refused: nobody listening, too many, wrong type
     resets: int = 0  # RSTs sent to the guest
+    held_peak: int = 0  # most guest bytes held for one host socket that was slow to take them
 
 
 def check_cid(cid: int) -> int:
@@ -224,7 +235,7 @@ class VsockDevice(VirtioDevice):
         self._timed: set[Conn] = set()
         self._rx_held: deque[Chain] = deque()
         # what went into chains whose used entries may not be out yet (forget_inflight)
-        self._rx_out: Unpublished[_Reply] = Unpublished()
+        self._rx_out: Unpublished[_Sent] = Unpublished()
         self._tx_out: Unpublished[int] = Unpublished()
         self._ev_out: Unpublished[bool] = Unpublished()
         #: in-flight tx heads acted upon before a stop: complete, do not act again
@@ -279,10 +290,11 @@ class VsockDevice(VirtioDevice):
         self._reset_due = False
 
     def close(self) -> None:
-        self.host.close()  # first: its thread calls host_ready() and so wake()
+        self.host.stop()  # first: its thread calls host_ready() and so wake()
         super().close()
         while self._connects:
             self._connects.popleft()[0].close()
+        self.host.close()
 
     # -- device thread: the host side --
 
@@ -366,6 +378,7 @@ class VsockDevice(VirtioDevice):
                 self._close(conn)
             else:
                 self._abort(conn, "the guest did not answer the host's REQUEST")
+        self.host.wake_at(min((c.deadline for c in self._timed), default=None))
 
     def _flush(self, conn: Conn) -> None:
         """Write what waits for the host socket; close or reset as the state says."""
@@ -629,6 +642,7 @@ class VsockDevice(VirtioDevice):
                 conn.msg_in.clear()
         else:
             conn.out += payload
+            self.stats.held_peak = max(self.stats.held_peak, len(conn.out))
         if conn.has_out():
             self._flush(conn)
         if self._alive(conn):
@@ -656,7 +670,7 @@ class VsockDevice(VirtioDevice):
     def _serve_rx(self, q: Virtqueue) -> None:
         heads: list[int] = []
         lengths: list[int] = []
-        while (self._replies or self._ready) and not abandoning(q):
+        while (self._replies or self._ready) and q.open:
             chain = self._rx_chain(q)
             if chain is None:
                 break
@@ -666,7 +680,7 @@ class VsockDevice(VirtioDevice):
             pkt, item = got
             self._rx_held.popleft()
             ChainWriter(self.mem, chain).write(pkt)
-            self._rx_out.record([chain.head], item)
+            self._rx_out.record([chain.head], _Sent(item, chain, len(pkt)))
             heads.append(chain.head)
             lengths.append(len(pkt))
         if heads:
@@ -729,9 +743,7 @@ class VsockDevice(VirtioDevice):
         if len(piece) < len(r.payload):  # given back by a stop; this buffer is smaller
             self._replies.appendleft(_Reply(conn, OP_RW, flags, payload=r.payload[room:]))
             flags = 0
-        return self._header(conn, OP_RW, len(piece), flags) + piece, _Reply(
-            conn, OP_RW, flags, payload=piece
-        )
+        return self._header(conn, OP_RW, len(piece), flags) + piece, _Reply(conn, OP_RW, flags)
 
     def _data(self, conn: Conn, room: int) -> tuple[bytes, _Reply] | None:
         """An RW packet of what the host program sent, as much as credit and ``room``
@@ -762,9 +774,7 @@ class VsockDevice(VirtioDevice):
             self._abort(conn, f"reading from the host program: {e.strerror}")
             return None
         conn.tx_cnt = (conn.tx_cnt + len(data)) & MASK32
-        return self._header(conn, OP_RW, len(data), flags) + data, _Reply(
-            conn, OP_RW, flags, payload=data
-        )
+        return self._header(conn, OP_RW, len(data), flags) + data, _Reply(conn, OP_RW, flags)
 
     def _next_message(self, conn: Conn) -> bool:
         """SEQPACKET: read the host's next message whole; False when there is none (EOF
@@ -819,7 +829,12 @@ class VsockDevice(VirtioDevice):
         rxq, txq, evq = self.queues
         if rxq.started and RX in queues:
             self._rx_held.clear()
-            self._replies.extendleft(reversed(self._rx_out.settle(inflight_heads(rxq))))
+            back = self._rx_out.settle(inflight_heads(rxq))
+            for sent in back:
+                if sent.reply.op == OP_RW:
+                    pkt = ChainReader(self.mem, Chain(0, sent.chain.writable, [])).read(sent.length)
+                    sent.reply.payload = pkt[HDR.size :]
+            self._replies.extendleft(reversed([sent.reply for sent in back]))
         if txq.started and TX in queues:
             self._tx_sent.update(self._tx_out.settle(inflight_heads(txq)))
         if evq.started and EVENTQ in queues and self._ev_out.settle(inflight_heads(evq)):
@@ -863,13 +878,13 @@ class VsockDevice(VirtioDevice):
 
 def _from_spec(spec: Spec, build: Build) -> VsockDevice:
     """``CID`` may also be written ``cid``, and given as an option (``vsock,cid=3,...``)."""
-    opts = dict(spec.options)
+    opts = spec.options
+    cids = [v for k, v in opts.items() if k in ("cid", "CID")]
     if spec.arg:
         name, eq, value = spec.arg.partition("=")
         if name not in ("CID", "cid") or not eq:
             raise SpecError(f"{spec.arg!r}: CID=N")
-        opts.setdefault("cid", value)
-    cids = {v for k, v in opts.items() if k in ("cid", "CID")}
+        cids.append(value)
     if len(cids) != 1:
         raise SpecError("the guest's CID, once (CID=N)")
     (cid,) = cids

@@ -9,9 +9,10 @@ Single-threaded: nothing happens unless the caller pumps (``pump``, or any call 
 waits: connect, accept, recv, send waiting for credit). A slow guest is one that does not
 read: its socket's ``fwd_cnt`` stays put and the device runs out of credit.
 
-Bookkeeping the tests look at: ``GuestVsock.unmatched`` (packets for no socket, e.g. the
-device's RSTs), ``bad_lengths`` (used lengths that do not match the header), and per
-socket ``overruns`` (payload beyond the credit this side gave: a device bug).
+Bookkeeping the tests look at: ``GuestVsock.seen`` (every packet's header, in order),
+``unmatched`` (packets for no socket, e.g. the device's RSTs), ``bad_lengths`` (used
+lengths that do not match the header), and per socket ``overruns`` (payload beyond the
+credit this side gave: a device bug).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class GuestSocket:
     local_port: int
     peer_port: int
     type: int = TYPE_STREAM
-    state: str = "connecting"  # established, closed
+    state: str = "connecting"  # established, closing (SHUTDOWN both sent), closed
     reset: bool = False  # closed by an RST or a TRANSPORT_RESET, not by a clean close
     buf_alloc: int = 256 * 1024
     rx: bytearray = field(default_factory=bytearray)
@@ -175,6 +176,7 @@ class GuestSocket:
             self.stack.send_packet(self, OP_RST)
         else:
             self.shutdown(SHUTDOWN_BOTH)
+            self.state = "closing"  # the device's RST now is the clean end
             self.stack.pump_until(lambda: self.state == "closed", timeout)
         self.state = "closed"
         self.stack.socks.pop(self.key, None)
@@ -208,6 +210,7 @@ class GuestVsock:
         self.socks: dict[tuple[int, int], GuestSocket] = {}
         self.listeners: dict[int, tuple[int, deque[GuestSocket]]] = {}
         self.unmatched: list[Header] = []
+        self.seen: deque[Header] = deque(maxlen=100_000)  # every packet received, in order
         self.bad_lengths = 0
         self.transport_resets = 0
         self._next_port = FIRST_PORT
@@ -312,6 +315,7 @@ class GuestVsock:
             if c.length != HDR.size + hdr.len or hdr.len > self.rx_buf_size:
                 self.bad_lengths += 1
             else:
+                self.seen.append(hdr)
                 self._receive(hdr, c.data[HDR.size : HDR.size + hdr.len])
         if got:
             self._post(RX, got)
@@ -343,7 +347,7 @@ class GuestVsock:
         if hdr.op == OP_RESPONSE and sock.state == "connecting":
             sock.state = "established"
         elif hdr.op == OP_RST:
-            sock.reset = sock.state != "closed"
+            sock.reset = sock.state not in ("closing", "closed")
             sock.state = "closed"
             self.socks.pop(sock.key, None)
         elif hdr.op == OP_SHUTDOWN:
