@@ -214,8 +214,8 @@ class GuestMemory:
 
     def allocated(self) -> int | None:
         """Bytes of the regions' backing files the host has allocated (st_blocks), each
-        file counted once; None when a region has no file (anonymous memory)."""
-        if any(r.fd < 0 for r in self.regions):
+        file counted once; None without regions or when one has no file (anonymous)."""
+        if not self.regions or any(r.fd < 0 for r in self.regions):
             return None
         stats = [os.fstat(r.fd) for r in self.regions]
         return 512 * sum({(st.st_dev, st.st_ino): st.st_blocks for st in stats}.values())

@@ -308,3 +308,168 @@ def test_over_vhost_user_the_frontends_ram_is_released(tmp_path, ram):
         fe.close()
         server.close()
         dev.close()
+
+
+@pytest.mark.parametrize("packed", RINGS)
+def test_state_carries_target_actual_stats_and_the_held_stats_buffer(guest, packed):
+    bd, dev, mem = guest(packed=packed, initial_stats={4: 5 << 20})
+    bd.pool = bd.take_pages(512)
+    dev.set_target(100)
+    bd.balance()
+    wait_until(lambda: dev.stats()["stats"] != {})
+    tr = bd.drv.transport
+    tr.vmm_stop("report")
+    state, saved = tr.save(), bd.drv.save()
+    dev.close()
+    fresh = BalloonDevice()
+    try:
+        drv = VirtioMmioDriver.load(MmioTransport(fresh, mem), mem, saved)
+        drv.transport.restore(state)
+        assert (fresh.num_pages, fresh.actual) == (100, 100)
+        assert fresh.stats()["stats"] == {"free-memory": 5 << 20}
+        # the stats buffer held at the save is held again: a refresh goes through it
+        bd2 = BalloonDriver(drv, bd.q)
+        got: dict = {}
+        asker = threading.Thread(target=lambda: got.update(fresh.stats(refresh=True, timeout=5)))
+        asker.start()
+        bd2.answer_stats({4: 6 << 20})
+        asker.join()
+        assert got["fresh"] and got["stats"] == {"free-memory": 6 << 20}
+        before = blocks(mem)
+        bd2.inflate(bd2.take_pages(10))
+        assert before - blocks(mem) == 10 * BLOCKS_PER_PAGE
+    finally:
+        fresh.close()
+
+
+@pytest.mark.parametrize(
+    "state, why",
+    [
+        ({"target": 1, "actual": 0, "stats": [[99, 1]]}, "not \\(known tag"),
+        ({"target": 1, "actual": 0, "stats": [[4]]}, "not \\(known tag"),
+        ({"target": 1 << 32, "actual": 0, "stats": []}, "outside"),
+        ({"target": 1, "actual": 0, "stats": [], "extra": 1}, "unknown fields"),
+        ({"target": 1, "stats": []}, "missing fields"),
+    ],
+)
+def test_bad_states_are_refused_whole(state, why):
+    from emu.state.format import StateError
+
+    dev = BalloonDevice(target_pages=7)
+    try:
+        with pytest.raises(StateError, match=why):
+            dev.load_state(state)
+        assert (dev.num_pages, dev.actual, dev.stats()["stats"]) == (7, 0, {})
+    finally:
+        dev.close()
+
+
+def test_a_frontend_that_never_reads_its_channel_does_not_hold_the_host(tmp_path, caplog):
+    """Config change notices are sent without blocking: once the frontend's channel is
+    full they are dropped (logged 1st, 2nd, 4th... time), and set_target returns."""
+    import logging
+
+    dev = BalloonDevice(queue_max_size=registry.QUEUE_MAX)
+    server = VhostUserServer(dev, tmp_path / "b.sock").start()
+    fe = VhostUserDriver(server.path, RAM, backend_req=True)
+    try:
+        BalloonDriver.open(fe)
+        with caplog.at_level(logging.WARNING, "emu.vhost_user.backend"):
+            for i in range(100_000):
+                dev.set_target(i % 2)
+        lost = [r for r in caplog.records if "notice not sent" in r.message]
+        assert 1 <= len(lost) <= 17
+        sent = fe.backend_requests()  # those sent before it filled are whole
+        assert len(sent) > 100 and {(m.req, m.flags) for m in sent} == {(2, 1)}
+    finally:
+        fe.close()
+        server.close()
+    dev.set_target(5)  # no frontend any more: nothing to tell, nothing fails
+    dev.close()
+
+
+def test_emu_serve_balloon_with_its_control_socket(tmp_path):
+    """`emu serve --socket S balloon,control=C` as a user starts it, a vhost-user guest
+    (UML's queue numbering, RAM in a file as UML's) following the target that
+    `emu balloon --control C target` sets: the file loses what the guest gave."""
+    sock, ctl = tmp_path / "b.sock", tmp_path / "b.ctl"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "emu.cli", "serve", "--socket", str(sock), f"balloon,control={ctl}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    stop = threading.Event()
+    fe = None
+    try:
+        fe = VhostUserDriver(sock, RAM, ram=tmp_path / "ram", backend_req=True)
+        fill(fe.mem)
+        bd = BalloonDriver.open(fe, layout="linux")
+        bd.pool = bd.take_pages(2048)
+        before = blocks(fe.mem)
+        t = _serve_guest(bd, stop)
+        cli = [sys.executable, "-m", "emu.cli", "balloon", "--control", str(ctl)]
+        out = subprocess.run([*cli, "target", "4"], env=env, capture_output=True, text=True)
+        assert out.returncode == 0 and json.loads(out.stdout)["target_mib"] == 4.0
+        wait_until(lambda: ask(str(ctl), "info")["actual_pages"] == 1024)
+        assert before - blocks(fe.mem) == 1024 * BLOCKS_PER_PAGE
+        assert [m.req for m in fe.backend_requests(timeout=5)] == [BackendReq.CONFIG_CHANGE_MSG]
+        out = subprocess.run([*cli, "stats"], env=env, capture_output=True, text=True)
+        assert json.loads(out.stdout)["stats"]["free-memory"] == 42 << 20
+        stop.set()
+        t.join()
+    finally:
+        stop.set()
+        if fe is not None:
+            fe.close()
+        serve.terminate()
+        text = serve.communicate(timeout=30)[0]
+    assert f"balloon: control socket {ctl}" in text
+    assert not ctl.exists()
+
+
+def test_legacy_driver_first_stats_buffer_is_ignored():
+    """The spec: over the legacy interface the first stats buffer held garbage."""
+    mem = GuestMemory.create(RAM)
+    dev = BalloonDevice()
+    try:
+        drv = VirtioMmioDriver(MmioTransport(dev, mem, version=1), mem)
+        bd = BalloonDriver.open(drv, initial_stats={4: 666})
+        assert not drv.features >> 32  # no VERSION_1
+        wait_until(lambda: len(dev.queues[2].inflight()) == 1)  # the device holds it
+        assert dev.stats()["stats"] == {}
+        got: dict = {}
+        asker = threading.Thread(target=lambda: got.update(dev.stats(refresh=True, timeout=5)))
+        asker.start()
+        bd.answer_stats({4: 7})
+        asker.join()
+        assert got["stats"] == {"free-memory": 7}
+        bd.inflate(bd.take_pages(4))  # and the rest works over the legacy transport
+        assert dev.counters["released_bytes"] == 4 * PAGE_SIZE
+    finally:
+        dev.close()
+        mem.close()
+
+
+def test_spec_options(tmp_path):
+    (dev,) = registry.make_devices(["balloon,target=16,reporting=off,stats=off,packed=off"])
+    try:
+        assert dev.num_pages == 16 * 256
+        offered = dev.features & 0xFFFFFF
+        assert offered == 1 << F_DEFLATE_ON_OOM
+    finally:
+        dev.close()
+    for bad, why in (
+        ("balloon:x", "no argument"),
+        ("balloon,target=-1", "whole number"),
+        ("balloon,target=1x", "whole number"),
+        ("balloon,target=99999999", "whole number"),
+        ("balloon,stats=maybe", "on or off"),
+        ("balloon,control=", "socket path"),
+        (f"balloon,control={tmp_path}/no/such/dir/c.sock", "No such file"),
+        ("balloon,colour=red", "option 'colour'"),
+    ):
+        with pytest.raises(registry.SpecError, match=why):
+            registry.make_devices([bad])

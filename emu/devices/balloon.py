@@ -477,12 +477,31 @@ class BalloonDevice(VirtioDevice):
             self._stats_time = None  # their age is unknown
 
 
-# -- the device type: ``balloon[,control=PATH]`` --
+# -- the device type: ``balloon[,control=PATH][,target=MIB][,stats=off][,reporting=off]``
+
+#: spec options that withhold a feature: name -> bit
+FEATURE_OPTIONS = {
+    "stats": F_STATS_VQ,
+    "reporting": F_REPORTING,
+    "deflate_on_oom": F_DEFLATE_ON_OOM,
+}
 
 
 def _from_spec(spec: Spec, build: Build) -> BalloonDevice:
+    """``target=MIB`` is the target from the start (a guest inflates as its driver binds);
+    ``stats=off`` / ``reporting=off`` / ``deflate_on_oom=off`` withhold a feature (to
+    measure inflation alone, without free page reporting releasing memory on its own)."""
     if spec.arg:
         raise SpecError("balloon takes no argument")
+    withheld = 0
+    for name, bit in FEATURE_OPTIONS.items():
+        value = spec.options.get(name, "on")
+        if value not in ("on", "off"):
+            raise SpecError(f"{name}={value}: on or off")
+        withheld |= (value == "off") << bit
+    target = spec.options.get("target", "0")
+    if not target.isdigit() or int(target) * 256 > U32_MAX:
+        raise SpecError(f"target={target}: a whole number of MiB up to {U32_MAX // 256}")
     control = None
     path = spec.options.get("control")
     if path is not None:
@@ -492,15 +511,24 @@ def _from_spec(spec: Spec, build: Build) -> BalloonDevice:
 
         control = ControlServer(path)
         build.say(f"balloon: control socket {path}")
-    return BalloonDevice(control=control, queue_max_size=build.queue_max)
+    try:
+        dev = BalloonDevice(
+            target_pages=int(target) * 256, control=control, queue_max_size=build.queue_max
+        )
+    except BaseException:
+        if control is not None:
+            control.close()
+        raise
+    dev.features &= ~withheld
+    return dev
 
 
 register(
     DeviceType(
         BalloonDevice,
-        "balloon[,control=PATH]",
+        "balloon[,control=PATH][,target=MIB][,stats=off][,reporting=off][,deflate_on_oom=off]",
         _from_spec,
         "emu.testing.balloon",
-        options=("control",),
+        options=("control", "target", *FEATURE_OPTIONS),
     )
 )

@@ -119,6 +119,7 @@ class Session:
         self.inflight: InflightRegion | None = None
         self._later: list[Callable[[], None]] = []  # after_reply
         self.backend_req: socket.socket | None = None  # config change notices go there
+        self._lost_notices = 0  # notices the frontend did not take (full or closed channel)
         self.device_state = StateKeeper(self, state_files)
         self.dirty_log = DirtyLog(self)
         self.handlers = {
@@ -272,7 +273,14 @@ class Session:
         else:
             why = "short write"
         if sent != len(data):
-            log.warning("vhost-user: %s config change notice not sent: %s", self.device.name, why)
+            self._lost_notices += 1
+            if self._lost_notices & (self._lost_notices - 1) == 0:  # 1st, 2nd, 4th, ...
+                log.warning(
+                    "vhost-user: %s config change notice not sent (%d so far): %s",
+                    self.device.name,
+                    self._lost_notices,
+                    why,
+                )
 
     # -- ring start and stop --
 
@@ -443,8 +451,9 @@ class Session:
             self.table.clear,
             self.sock.close,
         ]
-        if self.backend_req is not None:
-            steps.append(self.backend_req.close)
+        channel, self.backend_req = self.backend_req, None  # no config change notice after
+        if channel is not None:
+            steps.append(channel.close)
         for step in steps:
             try:
                 step()
