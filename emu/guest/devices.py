@@ -1,12 +1,13 @@
 """The devices a guest is started with: `TYPE:PATH` pairs.
 
 vhost-user types (PATH is the backend's listening unix socket): blk, net, console, rng,
-vsock, fs, balloon (UML only). For microvm, QEMU's own (in-process) devices are also available as a baseline:
-qemu-blk:IMAGE, qemu-net:user (slirp), qemu-rng:/dev/urandom, qemu-console:OUTFILE.
-Under microvm, `,key=value` after PATH are passed to QEMU's -device (e.g. `blk:S,packed=on`
-to have the guest use packed rings, `queue-size=256`). An fs device's `tag=NAME` is the
-tag the guest mounts: QEMU puts it in the device's config space; under UML the backend's
-config has it, so there it only tells the guest's `fs` workload what to mount.
+vsock, fs, balloon (UML only). For microvm, QEMU's own (in-process) devices are also
+available as a baseline: qemu-blk:IMAGE, qemu-net:user (slirp), qemu-rng:/dev/urandom,
+qemu-console:OUTFILE. Under microvm, `,key=value` after PATH are passed to QEMU's
+-device (e.g. `blk:S,packed=on` to have the guest use packed rings, `queue-size=256`).
+An fs device's `tag=NAME` is the tag the guest mounts: QEMU puts it in the device's
+config space; under UML the backend's config has it, so there it only tells the guest's
+`fs` workload what to mount.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ pages). Knobs (`emu.balloon.<knob>=`):
   the guest, so on the host too), prints its sha256 and
   `EMU-BALLOON filled <MiB>`; `free` deletes it (`EMU-BALLOON freed`), the guest's free
   page reporting may hand the pages to the host; `inflated` waits until the balloon
-  holds at least `mib` (64) MiB (`EMU-BALLOON inflated <pages>`); `deflated` waits until
+  holds at least `mib` (64) MiB (`EMU-BALLOON inflated <pages>`; `free` and `inflated`
+  print MemFree, in KiB, before their marker); `deflated` waits until
   it is empty again (`EMU-BALLOON deflated`); `check` writes `check_mib` (64) MiB to
   tmpfs and reads it back (pages the host released come back on touch); `mem` prints
   MemTotal / MemFree / MemAvailable in KiB;
@@ -52,14 +53,18 @@ balloon_fill() {  # every page of fill_mib MiB allocated: backed on the host
   echo "EMU-BALLOON filled $mib"
 }
 
+bl_memfree() { awk '$1 == "MemFree:" {print $2}' /proc/meminfo; }
+
 balloon_free() {
   rm -f /tmp/bl/fill
+  result balloon.freed_memfree "$(bl_memfree)"
   echo "EMU-BALLOON freed"
 }
 
-balloon_inflated() {
+balloon_inflated() {  # the figures first: the host acts on the marker
   bl_wait inflated bl_full || return 1
   result balloon.inflated_pages "$(bl_pages)"
+  result balloon.inflated_memfree "$(bl_memfree)"
   echo "EMU-BALLOON inflated $(bl_pages)"
 }
 
