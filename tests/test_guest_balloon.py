@@ -18,10 +18,13 @@ costs the host, and what emu's punches release.
 * Free page reporting: the guest writes 128 MiB to tmpfs and deletes it; the driver
   reports the free pages and the RAM file shrinks by at least 90% of that, with no target
   set.
+* `emu guest run --emu balloon,...` wires it under UML and refuses it under microvm.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -162,3 +165,27 @@ def test_free_page_reporting_releases_freed_memory(
         res = guest.result(TIMEOUT)
     assert res.ok, res.console[-3000:]
     assert released >= FILL_MIB * MIB * 0.9
+
+
+def test_emu_guest_run_serves_the_balloon(uml_image: GuestImage, tmp_path: Path) -> None:
+    """`emu guest run --emu balloon,...` under UML (here with a target from the start, so
+    the guest inflates as its driver binds); microvm is refused before it boots."""
+    base = [sys.executable, "-m", "emu.cli", "guest", "run"]
+    image = ["--kernel", str(uml_image.kernel), "--initrd", str(uml_image.initrd)]
+    ctl = tmp_path / "b.ctl"
+    cmd = [*base, "--kind", "uml", *image, "--emu", f"balloon,control={ctl},target=16"]
+    cmd += ["--run", "devices,balloon", "--param", "balloon.do=inflated", "--param"]
+    cmd += ["balloon.mib=16", "--timeout", str(TIMEOUT)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT + 30)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    assert "driver=virtio_balloon" in log
+    assert "EMU-RESULT balloon.inflated_pages 4096" in log
+    refused = subprocess.run(
+        [*base, "--kind", "microvm", "--emu", "balloon", "--run", "none"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "no vhost-user balloon" in refused.stderr
