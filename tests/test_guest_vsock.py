@@ -5,10 +5,10 @@ VSOCK-CONNECT / VSOCK-LISTEN) against emu's vsock served in this process over
 vhost-user; the host programs are this test, through the hybrid vsock's Unix sockets
 (emu.guest.vsock). One boot per guest kind checks:
 
-* guest -> host: 8 connections at once, each 512 KiB of its own random data, echoed by
+* guest -> host: 16 connections at once, each 256 KiB of its own random data, echoed by
   the host; the host got exactly each connection's bytes, the guest got them back;
-* host -> guest: 8 host connections at once to the guest's echo listener (CONNECT P),
-  each 256 KiB of its own data sent and read back by the host;
+* host -> guest: 16 host connections at once to the guest's echo listener (CONNECT P),
+  each 128 KiB of its own data sent and read back by the host;
 * a slow host reader: the guest streams 16 MiB to a host that reads nothing; the guest's
   writer stops (credit) after a bounded amount and emu holds at most its buf_alloc for
   the connection; then the host reads everything, byte for byte;
@@ -56,8 +56,8 @@ from emu.vhost_user.backend import VhostUserServer
 
 CID = 3
 PORT, SLOW_PORT, LISTEN, SLOW_LISTEN = 5000, 5001, 6000, 6100
-CONNS, KIB = 8, 512
-HOST_CONNS, HOST_KIB = 8, 256
+CONNS, KIB = 16, 256
+HOST_CONNS, HOST_KIB = 16, 128
 SLOW_MIB = 16
 CHUNK = 256 << 10  # the slowhost pass's unit
 #: what may sit between a stopped writer and a reader that does not read, besides emu:
