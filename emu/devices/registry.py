@@ -37,6 +37,7 @@ BUILTIN = (
     "emu.devices.rng",
     "emu.devices.fs",
     "emu.devices.balloon",
+    "emu.devices.vsock",
 )
 #: ring size limit for served devices: what frontends ask for (QEMU microvm: 1024)
 QUEUE_MAX = 1024
