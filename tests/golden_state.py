@@ -1,8 +1,8 @@
 """Golden snapshot files: how they were made, and how a test replays them.
 
-Each case under ``tests/golden/<set>/`` is one device (blk, net, console, rng, fs, vsock) on a split
-or a packed ring, saved by ``MmioTransport.save`` after a VMM ``report`` stop with
-requests in flight, and written by ``emu.state.file.save``:
+Each case under ``tests/golden/<set>/`` is one device (blk, net, console, rng, fs, balloon,
+vsock) on a split or a packed ring, saved by ``MmioTransport.save`` after a VMM ``report``
+stop with requests in flight, and written by ``emu.state.file.save``:
 
     CASE.state    the snapshot file itself
     CASE.ram.gz   guest RAM at the save (rings, buffers, the driver's requests)
@@ -66,7 +66,7 @@ IN_FLIGHT = 4
 QUIET = 0.5
 CASES = [
     f"{kind}-{ring}"
-    for kind in ("blk", "console", "net", "rng", "fs", "vsock")
+    for kind in ("blk", "console", "net", "rng", "fs", "balloon", "vsock")
     for ring in ("split", "packed")
 ]
 FS_FILE = b"golden file contents\n" * 100
@@ -141,6 +141,10 @@ def make_device(kind: str, backend: Backend) -> VirtioDevice:
         backend.share.mkdir(exist_ok=True)
         (backend.share / "golden").write_bytes(FS_FILE)
         return FsDevice(backend.share, tag="golden")
+    if kind == "balloon":
+        from emu.devices.balloon import BalloonDevice
+
+        return BalloonDevice()
     if kind == "vsock":
         from emu.backends.hybrid_vsock import HybridVsock
         from emu.devices.vsock import VsockDevice
@@ -310,6 +314,20 @@ def _save(kind: str, packed: bool, work: Path) -> tuple[GuestMemory, Backend, Vi
             ):
                 hdr = in_header(op, node, 1000 + 2 * len(submit), len(args))
                 submit.append(lambda o=[hdr + args], r=room: drv.submit(1, o, [16, r]))
+    elif kind == "balloon":
+        from emu.testing.balloon import BalloonDriver
+
+        bal = BalloonDriver.open(drv, packed=packed, queue_size=16, initial_stats={4: 1 << 20})
+        dev.set_target(64)
+        bal.inflate(bal.take_pages(8))
+        bal.set_actual(8)
+        pages = bal.take_pages(3 * IN_FLIGHT)
+        for i in range(IN_FLIGHT):
+            pfn = struct.pack("<I", pages[i])
+            submit.append(lambda pfn=pfn: drv.submit(bal.q["inflate"], [pfn], []))
+            submit.append(lambda pfn=pfn: drv.submit(bal.q["deflate"], [pfn], []))
+            free = [(pages[IN_FLIGHT + 2 * i] << 12, 8192, True)]
+            submit.append(lambda free=free: bal.submit_raw("reporting", free))
     elif kind == "vsock":
         submit += _vsock_requests(drv, packed, backend)
     else:
@@ -364,6 +382,9 @@ def _all_fetched(kind: str, dev: VirtioDevice, backend: Backend) -> bool:
         return done and len(backend.port1.output) == 5 * IN_FLIGHT and not port.backlog
     if kind == "fs":
         return len(dev.queues[1].inflight()) == 3 * IN_FLIGHT
+    if kind == "balloon":  # inflate, deflate, the held stats buffer, reporting
+        counts = [len(q.inflight()) if q.started else 0 for q in dev.queues]
+        return counts == [IN_FLIGHT, IN_FLIGHT, 1, 0, IN_FLIGHT]
     if kind == "vsock":  # every packet acted on, every RST written
         return dev.queues[1].held() == 2 * IN_FLIGHT and dev.queues[0].held() == IN_FLIGHT
     return len(dev.queues[0].inflight()) == IN_FLIGHT

@@ -235,6 +235,7 @@ def test_builtin_types_declare_everything_in_their_module() -> None:
         "blk": 2,
         "console": 3,
         "rng": 4,
+        "balloon": 5,
         "fs": 26,
         "vsock": 19,
     }
