@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from modes import wait_until
 from test_vsock import Rig, accept, pattern, read_line, recv_all, restore
 
@@ -431,6 +433,20 @@ def test_host_programs_with_a_bad_connect_line_are_closed(rig, line):
     assert read_line(good) == b"OK %d\n" % s.peer_port
 
 
+def test_a_program_that_leaves_before_ok_leaves_nothing_behind(rig):
+    dev, g = rig.vsock()
+    g.listen(5)
+    for _ in range(5):
+        rig.host_connect(5).close()  # gone before the guest could answer
+    wait_until(lambda: dev.stats.resets == 5 and not dev.conns.by_fd)
+    g.pump(0.2)  # REQUESTs the guest accepted are reset: none stays open
+    assert all(s.state == "closed" for s in g.listeners[5][1])
+    g.listeners[5][1].clear()
+    good = rig.host_connect(5)
+    s = g.accept(5)
+    assert read_line(good) == b"OK %d\n" % s.peer_port
+
+
 def test_a_host_program_that_never_sends_its_line_is_closed(tmp_path):
     host = HybridVsock(tmp_path / "v.sock", handshake_timeout=0.3)
     dev = VsockDevice(CID, host)
@@ -489,3 +505,52 @@ def test_a_bad_state_is_refused_and_changes_nothing(rig, field, value, message):
         assert fresh.cid == 9 and not fresh.wants_poll(fresh.queues[EVENTQ])
     finally:
         fresh.close()
+
+
+# -- any well-formed chain, any header: RST at worst, never a broken device --
+
+U32 = st.integers(0, 0xFFFFFFFF)
+PACKET = st.fixed_dictionaries(
+    {
+        "to_conn": st.booleans(),
+        "src_cid": st.one_of(st.just(CID), st.integers(0, 2**64 - 1)),
+        "dst_cid": st.one_of(st.just(HOST_CID), st.integers(0, 2**64 - 1)),
+        "src_port": U32,
+        "dst_port": st.one_of(st.just(5000), U32),
+        "len": st.one_of(st.just(-1), st.integers(0, 200), U32),  # -1: the payload's
+        "type": st.one_of(st.sampled_from([TYPE_STREAM, TYPE_SEQPACKET]), st.integers(0, 0xFFFF)),
+        "op": st.one_of(st.integers(0, 9), st.integers(0, 0xFFFF)),
+        "flags": st.one_of(st.integers(0, 3), U32),
+        "buf_alloc": U32,
+        "fwd_cnt": U32,
+        "payload": st.binary(max_size=150),
+    }
+)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(packets=st.lists(PACKET, min_size=1, max_size=10))
+def test_any_packet_is_answered_and_the_device_carries_on(tmp_path_factory, packets):
+    rig = Rig(tmp_path_factory.mktemp("vsock"))
+    try:
+        dev, g = rig.vsock()
+        g.listen(1234)
+        s, prog = connected(rig, g, 5000)
+        prog.setblocking(False)
+        for p in packets:
+            fields = {k: v for k, v in p.items() if k not in ("to_conn", "payload")}
+            if p["to_conn"]:
+                fields.update(src_port=s.local_port, dst_port=s.peer_port)
+            if fields["len"] == -1:
+                fields["len"] = len(p["payload"])
+            send(g, Header(**fields), p["payload"])
+            g.pump(0)
+        g.pump(0.05)
+        assert dev.run_state.value == "running", dev.broken
+        still_works(rig, g)
+    finally:
+        rig.close()
