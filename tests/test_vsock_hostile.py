@@ -554,3 +554,20 @@ def test_any_packet_is_answered_and_the_device_carries_on(tmp_path_factory, pack
         still_works(rig, g)
     finally:
         rig.close()
+
+
+def test_the_host_socket_left_by_a_killed_emu_is_taken_over(tmp_path):
+    path = tmp_path / "v.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # bound, never listening: as after a crash
+    stale.close()
+    HybridVsock(path).close()
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        with pytest.raises(OSError, match="another program listens there"):
+            HybridVsock(path)
+    path.unlink()
+    path.write_text("not a socket")
+    with pytest.raises(OSError, match="in use"):
+        HybridVsock(path)

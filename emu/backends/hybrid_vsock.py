@@ -18,11 +18,13 @@ from a socket only when they can go straight to the guest.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import select
 import socket
+import stat
 import threading
 import time
 from typing import Protocol
@@ -65,7 +67,7 @@ class HybridVsock:
         self.refused = 0  # host programs turned away (bad line, too many, too slow)
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            server.bind(self.path)
+            _bind(server, self.path)
             server.listen(128)
         except OSError:
             server.close()
@@ -242,6 +244,25 @@ class HybridVsock:
         self._handshakes.pop(fd, None)
         self.forget(fd)
         sock.close()
+
+
+def _bind(server: socket.socket, path: str) -> None:
+    """Bind ``path``; a socket file left there by an emu that did not close (nobody
+    listens on it) is replaced, anything else is an error."""
+    try:
+        server.bind(path)
+        return
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE or not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path}: another program listens there")
+    server.bind(path)
 
 
 def peer_closed(sock: socket.socket) -> bool:
