@@ -100,7 +100,7 @@ def serve(
     "serve",
     epilog="DEVICE: NAME[:ARG][,packed|event_idx|indirect=on|off...], e.g. blk:disk.img, "
     "blk:disk.img:ro:queues=2, blk:nbd://HOST:PORT/, blk:nbd+unix:///?socket=PATH, rng, "
-    "console, net:tap:NAME, net:cable, fs:DIR, balloon,control=PATH",
+    "console, net:tap:NAME, net:cable, fs:DIR, balloon,control=PATH, vsock:CID=3,uds=PATH",
 )
 @click.option(
     "--socket",
