@@ -46,7 +46,8 @@ connection it names, if any, is closed): a wrong source or destination CID, a ty
 negotiated or not the connection's, a ``len`` beyond the chain or 64 KiB, data beyond
 the credit the device gave, an operation out of range or out of place (RW before
 RESPONSE, a second REQUEST). RSTs are never answered. The device carries on with the
-next packet.
+next packet. An rx buffer with room for a header only carries control packets (a
+CREDIT_UPDATE when data is waiting for the guest), never data.
 
 Stop and snapshot: a report stop withholds used entries; a packet already written into
 an rx chain whose used entry did not go out is sent again (rebuilt, same payload) after
