@@ -37,7 +37,8 @@ claims more buffer than it has only fills its own receive queue.
 
 Replies (RESPONSE, RST, SHUTDOWN, CREDIT_UPDATE, REQUEST) wait for receive buffers in a
 queue of at most ``REPLY_LIMIT``; past it the tx queue waits until the guest takes them,
-which is the "additional resources" the spec's virtqueue flow control allows.
+which is the "additional resources" the spec's virtqueue flow control allows, and host
+programs' ``CONNECT`` are refused.
 
 Hostile guest: a tx chain with a device-writable buffer or shorter than a header, an rx
 chain with a readable buffer or no room for a header, an event chain with no room for an
@@ -323,7 +324,10 @@ class VsockDevice(VirtioDevice):
         return q.index == EVENTQ and self._reset_due
 
     def _host_connect(self, sock: socket.socket, port: int) -> None:
-        if self.conns.full() or not self._type_ok(TYPE_STREAM):
+        # a guest that takes no packets stops host programs too: each would add a REQUEST
+        # (and, once it leaves, an RST) to a reply queue nothing else bounds
+        busy = len(self._replies) >= REPLY_LIMIT
+        if busy or self.conns.full() or not self._type_ok(TYPE_STREAM):
             log.info("vsock: host connection to guest port %d refused", port)
             self.stats.refused += 1
             sock.close()

@@ -1,0 +1,387 @@
+"""Hostile review of virtio-vsock (issue 11): a guest, host programs and stops that try
+to make the device buffer without bound, lose or double bytes, or keep sockets it should
+have let go.
+
+Each test says whether it showed a defect (and failed before its fix) or shows that a
+property held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from emu.backends.hybrid_vsock import HybridVsock
+from emu.devices.vsock import REPLY_LIMIT, VsockDevice
+from emu.devices.vsock_defs import (
+    HOST_CID,
+    OP_REQUEST,
+    OP_RST,
+    OP_RW,
+    SHUTDOWN_RCV,
+    TX,
+    TYPE_SEQPACKET,
+    TYPE_STREAM,
+    Header,
+)
+from emu.testing.inprocess import attached
+from emu.testing.vsock import GuestSocket, GuestVsock, VsockError
+
+
+@contextlib.contextmanager
+def vsock(tmp_path, **guest_opts) -> Iterator[tuple[VsockDevice, GuestVsock, str]]:
+    path = str(tmp_path / "v.sock")
+    dev = VsockDevice(3, HybridVsock(path))
+    with attached(dev) as drv:
+        yield dev, GuestVsock(drv, **guest_opts), path
+
+
+@contextlib.contextmanager
+def listener(path: str, port: int, kind: int = socket.SOCK_STREAM) -> Iterator[socket.socket]:
+    with socket.socket(socket.AF_UNIX, kind) as srv:
+        srv.bind(f"{path}_{port}")
+        srv.listen(16)
+        yield srv
+
+
+def wait_for(cond, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.005)
+
+
+# -- findings: each failed before its fix --
+
+
+def test_host_connect_churn_with_no_rx_buffers_stays_bounded(tmp_path):
+    """Finding: host programs that connect, write ``CONNECT P`` and leave, while the
+    guest gives no receive buffers, grew the device's reply queue without bound (a
+    REQUEST and an RST per program, each holding its connection), as nothing stops the
+    host side from adding replies. Now a host connection is refused while the guest has
+    a full reply queue to take."""
+    with vsock(tmp_path, rx_buffers=0) as (dev, guest, path):
+        programs = 3 * REPLY_LIMIT
+        for _ in range(programs):
+            with socket.socket(socket.AF_UNIX) as p:
+                with contextlib.suppress(OSError):
+                    p.connect(path)
+                    p.sendall(b"CONNECT 1234\n")
+            # one at a time: the host side must not refuse them for being too many at once
+            wait_for(lambda: not (dev.host._handshakes or dev._connects or dev.conns.by_fd))
+        assert len(dev._replies) <= 2 * REPLY_LIMIT
+        # the guest that comes back takes a bounded number of packets, and a later host
+        # program reaches its listener
+        guest.post(0, 32)
+        guest.listen(1234)
+        guest.pump_until(lambda: not dev._replies, 10)
+        assert len(guest.seen) <= 2 * REPLY_LIMIT
+        with socket.socket(socket.AF_UNIX) as p:
+            p.connect(path)
+            p.sendall(b"CONNECT 1234\n")
+            g = guest.accept(1234)
+            assert p.recv(64).startswith(b"OK ")
+            g.send(b"still here")
+            assert p.recv(64) == b"still here"
+
+
+def _fill_fd_holes(below: int) -> list[int]:
+    """Open /dev/null until every fd number under ``below`` is taken, so the next socket
+    gets the lowest one freed after this."""
+    taken = []
+    while True:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        if fd > below:
+            os.close(fd)
+            return taken
+        taken.append(fd)
+
+
+def test_stale_hangup_of_a_closed_socket_does_not_reset_the_next_one(tmp_path, monkeypatch):
+    """Finding: the backend reports readiness by fd number. A program that hangs up just
+    as the guest resets its connection leaves a hang-up report queued for that fd; the
+    device closes the socket, the guest's next connection gets the same fd number, and
+    the stale report reset the new, healthy connection. (The interleaving is forced by
+    closing the program's end inside the device's ``forget`` of that fd, before the
+    close, which is where the race window is.)"""
+    with vsock(tmp_path) as (dev, guest, path), listener(path, 5000) as srv:
+        a = guest.connect(5000)
+        prog_a, _ = srv.accept()
+        a.shutdown(SHUTDOWN_RCV)  # the device stops reading: only a hang-up is watched
+        guest.pump(0.2)
+        (conn_a,) = dev.conns.by_fd.values()
+        a_fd = conn_a.fd
+        real_forget = dev.host.forget
+        holes: list[int] = []
+
+        def forget(fd: int) -> None:
+            if fd == a_fd and prog_a.fileno() >= 0:
+                prog_a.close()  # the program leaves at this very moment
+                wait_for(lambda: any(f == a_fd for f, _ in dev._events), 2, "hang-up report")
+                holes.extend(_fill_fd_holes(a_fd))
+            real_forget(fd)
+
+        monkeypatch.setattr(dev.host, "forget", forget)
+        # the guest resets A and connects again in the same kick: one device pass
+        b = GuestSocket(guest, 50000, 5000)
+        guest.socks[b.key] = b
+        txq = guest.drv.queues[TX]
+        txq.add([guest.header(a, OP_RST).pack()], [])
+        txq.add([guest.header(b, OP_REQUEST).pack()], [])
+        guest.drv.kick(TX)
+        try:
+            guest.pump_until(lambda: b.state != "connecting", 5)
+        finally:
+            for fd in holes:
+                os.close(fd)
+        assert b.state == "established"
+        prog_b, _ = srv.accept()
+        with prog_b:
+            assert any(c.fd == a_fd for c in dev.conns.by_fd.values())  # the reuse happened
+            guest.pump(0.3)
+            b.send(b"to the host")
+            assert prog_b.recv(64) == b"to the host"
+            prog_b.sendall(b"to the guest")
+            assert b.recv_exactly(12) == b"to the guest"
+            # the program is done sending, not gone: the guest may still answer
+            prog_b.shutdown(socket.SHUT_WR)
+            guest.pump_until(lambda: b.eof, 3)
+            assert not b.reset and b.state == "established"
+            b.send(b"answer after EOF")
+            prog_b.settimeout(5)
+            assert prog_b.recv(64) == b"answer after EOF"
+
+
+def test_empty_seqpacket_message_from_the_guest_is_not_an_eof(tmp_path):
+    """Finding: a zero-length SEQPACKET message (an RW with SEQ_EOM and no payload, which
+    Linux never sends) was sent to the program as an empty message, which it reads as
+    EOF; and such messages took no credit, so while the program was slow they queued in
+    emu without bound. Now they are dropped."""
+    with (
+        vsock(tmp_path) as (dev, guest, path),
+        listener(path, 6000, socket.SOCK_SEQPACKET) as srv,
+    ):
+        s = guest.connect(6000, TYPE_SEQPACKET)
+        prog, _ = srv.accept()
+        with prog:
+            for _ in range(2000):
+                s.send(b"")
+            s.send(b"hello")
+            guest.pump(0.2)
+            (conn,) = dev.conns.by_fd.values()
+            assert len(conn.msgs_out) <= 1
+            prog.settimeout(5)
+            assert prog.recv(64) == b"hello"
+
+
+@pytest.mark.parametrize("program_first", [False, True])
+def test_program_gone_after_guest_shut_rcv_resets_the_connection(tmp_path, program_first):
+    """Finding: a guest that gave no credit (so the program's bytes wait in its socket)
+    and shut its receiving side never heard that the program closed its socket: the
+    device still saw bytes "to read" that it would never read, so the hang-up reset
+    nothing and the host socket stayed open until the guest did something more. The
+    program's hang-up is an RST, as on any other connection."""
+    with vsock(tmp_path, buf_alloc=0) as (dev, guest, path), listener(path, 5000) as srv:
+        s = guest.connect(5000)
+        prog, _ = srv.accept()
+        prog.sendall(b"unread")
+        guest.pump(0.2)
+        if program_first:
+            prog.close()
+            guest.pump(0.2)
+            s.shutdown(SHUTDOWN_RCV)
+        else:
+            s.shutdown(SHUTDOWN_RCV)
+            guest.pump(0.2)
+            prog.close()
+        guest.pump_until(lambda: s.state == "closed", 3)
+        assert s.reset
+        wait_for(lambda: not dev.conns.by_fd, 2, "host socket closed")
+
+
+# -- properties that held --
+
+
+def test_lying_credit_never_gets_more_than_it_claims(tmp_path):
+    """Held: a guest advertising 1000 bytes gets exactly 1000 of a program's 64 KiB; a
+    fwd_cnt going backwards, or jumping ahead of what was sent, gives no more."""
+    with vsock(tmp_path, buf_alloc=1000) as (dev, guest, path), listener(path, 5000) as srv:
+        s = guest.connect(5000)
+        s.auto_credit = False
+        prog, _ = srv.accept()
+        with prog:
+            prog.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                prog.send(bytes(range(256)) * 256)
+            guest.pump(0.3)
+            assert s.unread() == 1000 and s.overruns == 0
+            for fwd in (0xFFFFF000, 5000, 0x7FFFFFFF):  # backwards, then ahead of what was sent
+                s.fwd_cnt = fwd
+                s.credit_update()
+                guest.pump(0.2)
+                assert s.rx_cnt == 1000 and s.overruns == 0
+            s.fwd_cnt = 1000  # the truth: room for 1000 more
+            s.credit_update()
+            guest.pump_until(lambda: s.rx_cnt == 2000, 3)
+            guest.pump(0.2)
+            assert s.rx_cnt == 2000 and s.overruns == 0
+            assert bytes(s.rx) == (bytes(range(256)) * 8)[:2000]
+
+
+def test_guest_beyond_credit_is_reset_and_emu_holds_at_most_buf_alloc(tmp_path):
+    """Held: a guest that ignores credit towards a program that never reads gets RST once
+    it passes ``buf_alloc``; emu never held more than that."""
+    with vsock(tmp_path) as (dev, guest, path), listener(path, 5000) as srv:
+        s = guest.connect(5000)
+        prog, _ = srv.accept()
+        with prog:
+            chunk = b"x" * 65536
+            for _ in range(40):  # 2.5 MiB, far beyond 256 KiB of credit
+                if s.state != "established":
+                    break
+                guest.send_packet(s, OP_RW, chunk)  # without waiting for credit
+                guest.pump(0)
+            guest.pump_until(lambda: s.state == "closed", 3)
+            assert s.reset
+            assert dev.stats.held_peak <= dev.buf_alloc
+
+
+def test_garbage_connect_lines_are_refused_and_leak_no_fds(tmp_path):
+    """Held: garbage, overlong lines, lines split byte by byte, programs that leave
+    mid-line, and CONNECT to a port nobody listens on: each program's socket is closed
+    (EOF, no OK) and the device holds no fd afterwards."""
+    lines = [
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"CONNECT\n",
+        b"CONNECT -1\n",
+        b"CONNECT 4294967296\n",
+        b"CONNECT 1 2\n",
+        b"CONNECT " + b"9" * 40 + b"\n",
+        b"\n",
+        b"\x00" * 100,
+        b"CONNECT 7777\n",  # the guest has no listener on 7777: its RST closes us
+    ]
+    with vsock(tmp_path) as (dev, guest, path):
+        before = len(os.listdir("/proc/self/fd"))
+        for line in lines:
+            with socket.socket(socket.AF_UNIX) as p:
+                p.connect(path)
+                for i in range(len(line)):  # slowly: a byte at a time
+                    p.send(line[i : i + 1])
+                p.setblocking(False)
+                got = b""
+                deadline = time.monotonic() + 8
+                while time.monotonic() < deadline:
+                    guest.pump(0.01)
+                    try:
+                        chunk = p.recv(64)
+                    except BlockingIOError:
+                        continue
+                    except ConnectionResetError:  # closed with the line unread
+                        break
+                    if not chunk:
+                        break
+                    got += chunk
+                else:
+                    raise AssertionError(f"{line!r}: the socket stayed open")
+                assert b"OK" not in got, line
+        for _ in range(5):  # programs that leave mid-line
+            with socket.socket(socket.AF_UNIX) as p:
+                p.connect(path)
+                p.send(b"CONNE")
+        wait_for(lambda: not dev.host._handshakes and not dev.conns.by_fd, 5, "all closed")
+        assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_guest_closed_connection_flushes_every_byte_once_in_order(tmp_path):
+    """Held: the guest sends 1 MiB to a slow program and closes at once; the program
+    reads all of it, in order, then EOF."""
+    data = os.urandom(1 << 20)
+    with vsock(tmp_path) as (dev, guest, path), listener(path, 5000) as srv:
+        s = guest.connect(5000)
+        prog, _ = srv.accept()
+        with prog:
+            prog.settimeout(10)
+            got = bytearray()
+            view = memoryview(data)
+            while view:
+                n = min(len(view), max(s.credit(), 0))
+                if n:
+                    s.send(bytes(view[:n]))
+                    view = view[n:]
+                got += prog.recv(4096)  # slow: a page at a time
+                guest.pump(0)
+            s.close()
+            while chunk := prog.recv(65536):
+                got += chunk
+            assert bytes(got) == data
+
+
+def test_report_stops_during_host_to_guest_stream_lose_and_double_nothing(tmp_path):
+    """Held: a program streams 2 MiB while the device is stopped (report) and resumed
+    thirty times; the guest reads every byte once, in order."""
+    data = os.urandom(2 << 20)
+    with vsock(tmp_path) as (dev, guest, path), listener(path, 5000) as srv:
+        s = guest.connect(5000)
+        prog, _ = srv.accept()
+        with prog:
+            prog.setblocking(False)
+            sent = 0
+            got = bytearray()
+            stops = 0
+            deadline = time.monotonic() + 60
+            while len(got) < len(data) and time.monotonic() < deadline:
+                with contextlib.suppress(BlockingIOError):
+                    sent += prog.send(data[sent : sent + 65536])
+                guest.pump(0.01)
+                got += s.rx
+                s._consumed(len(s.rx))
+                s.rx.clear()
+                if stops < 30 and len(got) > stops * 60000:
+                    dev.stop("report")
+                    dev.resume()
+                    stops += 1
+            assert stops == 30
+            assert len(got) == len(data) and bytes(got) == data
+            assert guest.bad_lengths == 0 and s.overruns == 0
+
+
+def test_connect_flood_to_many_ports_is_refused_and_the_device_carries_on(tmp_path):
+    """Held: 3000 REQUESTs to ports nobody listens on, sent without taking the answers
+    for a while, get RSTs; the device stays healthy and serves the next connection."""
+    with vsock(tmp_path) as (dev, guest, path), listener(path, 5000) as srv:
+        for port in range(3000):
+            h = Header(
+                guest.cid,
+                HOST_CID,
+                40000 + port % 1000,
+                10000 + port,
+                0,
+                TYPE_STREAM,
+                OP_REQUEST,
+                0,
+                4096,
+                0,
+            )
+            guest.send_raw([h.pack()])
+        guest.pump(1)
+        deadline = time.monotonic() + 20
+        while guest.pump(0.3) and time.monotonic() < deadline:
+            pass
+        rsts = [h for h in guest.unmatched if h.op == OP_RST]
+        assert len(rsts) == 3000
+        assert len(dev._replies) == 0 and not dev.conns.by_fd
+        s = guest.connect(5000)
+        prog, _ = srv.accept()
+        with prog:
+            s.send(b"ok")
+            assert prog.recv(8) == b"ok"
+        assert dev.broken is None
+        with pytest.raises(VsockError):
+            guest.connect(5001)
