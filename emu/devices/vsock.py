@@ -341,6 +341,9 @@ class VsockDevice(VirtioDevice):
 
     def _host_event(self, conn: Conn, events: int) -> None:
         conn.armed = None  # one-shot: it fired, nothing is armed now
+        if events & GONE and not peer_closed(conn.sock):
+            # reported for a socket closed since, whose fd number this one took over
+            events &= ~GONE
         if events & GONE:
             conn.hung_up = True
         if conn.has_out() and events & (OUT | GONE):
