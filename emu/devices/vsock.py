@@ -662,7 +662,9 @@ class VsockDevice(VirtioDevice):
         conn.rx_cnt = (conn.rx_cnt + len(payload)) & MASK32
         if conn.seqpacket:
             conn.msg_in += payload
-            if hdr.flags & SEQ_EOM:
+            # an empty message is dropped: the program would read it as EOF, and it takes
+            # no credit, so a slow program would let them pile up without bound
+            if hdr.flags & SEQ_EOM and conn.msg_in:
                 conn.msgs_out.append(bytes(conn.msg_in))
                 conn.msg_in.clear()
         else:
