@@ -679,6 +679,7 @@ class VsockDevice(VirtioDevice):
         conn.guest_shut |= flags
         if flags & SHUTDOWN_RCV:
             self._ready.pop(conn.id, None)
+            conn.readable = False  # nothing waits to be read: a hang-up is the end now
             conn.msg_out, conn.msg_off = b"", 0
             self._shutdown(conn, socket.SHUT_RD)  # the program's writes fail from now on
         if flags & SHUTDOWN_SEND:
@@ -689,6 +690,8 @@ class VsockDevice(VirtioDevice):
                 self._shutdown(conn, socket.SHUT_WR)
         if conn.guest_shut == SHUTDOWN_BOTH or (conn.guest_shut & SHUTDOWN_SEND and conn.host_eof):
             self._guest_closed(conn)
+        elif conn.hung_up and not (conn.wants_read or conn.has_out()):
+            self._abort(conn, "the host program closed its socket")  # its hang-up was seen
         else:
             self._arm(conn)
 
