@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ from emu.backends.hybrid_vsock import HybridVsock
 from emu.devices.vsock import REPLY_LIMIT, VsockDevice
 from emu.devices.vsock_defs import (
     HOST_CID,
+    OP_CREDIT_REQUEST,
     OP_REQUEST,
     OP_RST,
     OP_RW,
@@ -29,8 +31,10 @@ from emu.devices.vsock_defs import (
     TYPE_STREAM,
     Header,
 )
+from emu.queue import Gate
 from emu.testing.inprocess import attached
 from emu.testing.vsock import GuestSocket, GuestVsock, VsockError
+from emu.transport import mmio_regs
 
 
 @contextlib.contextmanager
@@ -203,6 +207,46 @@ def test_program_gone_after_guest_shut_rcv_resets_the_connection(tmp_path, progr
         guest.pump_until(lambda: s.state == "closed", 3)
         assert s.reset
         wait_for(lambda: not dev.conns.by_fd, 2, "host socket closed")
+
+
+def test_queue_reset_during_a_tx_pass_does_not_swallow_later_packets(tmp_path, monkeypatch):
+    """Finding: a QueueReset of the tx queue while the device was in a pass left the
+    chain it had just acted on "in flight" (its used entry was withheld), and the device
+    remembered that head as done. The reset ring hands the same head out again for a new
+    packet, which the device then completed without acting on it: the guest's first
+    bytes after the reset were lost, later ones delivered."""
+    with vsock(tmp_path) as (dev, guest, path), listener(path, 5000) as srv:
+        txq_dev = dev.queues[TX]
+        real_connect = dev.host.connect
+        in_pass = threading.Event()
+
+        def connect(port: int, seqpacket: bool = False) -> socket.socket:
+            in_pass.set()  # acting on the REQUEST, the first chain of the pass
+            wait_for(lambda: txq_dev.gate is Gate.CLOSED, 5, "QueueReset")
+            return real_connect(port, seqpacket)
+
+        monkeypatch.setattr(dev.host, "connect", connect)
+        s = GuestSocket(guest, 50000, 5000)
+        guest.socks[s.key] = s
+        txq = guest.drv.queues[TX]
+        txq.add([guest.header(s, OP_REQUEST).pack()], [])
+        txq.add([guest.header(s, OP_CREDIT_REQUEST).pack()], [])  # left unfetched
+        guest.drv.kick(TX)
+        assert in_pass.wait(5)
+        guest.drv._write(mmio_regs.QUEUE_SEL, TX)
+        guest.drv._write(mmio_regs.QUEUE_RESET, 1)  # returns once the device is off it
+        monkeypatch.setattr(dev.host, "connect", real_connect)
+        guest.drv.setup_queue(TX, 64)
+        guest.pump_until(lambda: s.state == "established", 5)
+        prog, _ = srv.accept()
+        with prog:
+            prog.settimeout(5)
+            s.send(b"first ")
+            s.send(b"second")
+            got = b""
+            while len(got) < 12:
+                got += prog.recv(64)
+            assert got == b"first second"
 
 
 # -- properties that held --

@@ -861,6 +861,10 @@ class VsockDevice(VirtioDevice):
 
     # -- stop and snapshot --
 
+    def on_queue_reset(self, index: int) -> None:
+        if index == TX:
+            self._tx_sent.clear()  # the heads come back as new packets
+
     def forget_inflight(self, queues: set[int]) -> None:
         """Hand held rx buffers back; settle what went into chains left in flight."""
         rxq, txq, evq = self.queues
