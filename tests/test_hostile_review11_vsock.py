@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -247,6 +249,66 @@ def test_queue_reset_during_a_tx_pass_does_not_swallow_later_packets(tmp_path, m
             while len(got) < 12:
                 got += prog.recv(64)
             assert got == b"first second"
+
+
+_EMFILE_SCRIPT = r"""
+import os, resource, socket, sys, threading, time
+from emu.backends.hybrid_vsock import HybridVsock
+
+got = threading.Event()
+
+class Listener:
+    def host_connect(self, sock, port):
+        sock.close()
+        if port == 5:
+            got.set()
+    def host_ready(self, fd, events): pass
+    def host_timer(self): pass
+
+host = HybridVsock(sys.argv[1])
+accepts = 0
+real_accept = host._accept
+def counting_accept():
+    global accepts
+    accepts += 1
+    real_accept()
+host._accept = counting_accept
+host.attach(Listener())
+program = socket.socket(socket.AF_UNIX)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+filler = []
+try:
+    while True:
+        filler.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+program.connect(sys.argv[1])  # waits in the backlog: emu has no fd to take it with
+time.sleep(1.0)
+print(accepts)
+for fd in filler:
+    os.close(fd)
+program.sendall(b"CONNECT 5\n")
+print(got.wait(5))
+host.close()
+"""
+
+
+def test_accept_failing_for_want_of_fds_does_not_spin(tmp_path):
+    """Finding: when the process was out of fds (EMFILE), the listening socket stayed
+    readable and the watcher thread called accept in a loop: some 80 000 times a second,
+    each with a warning in the log. Now accepting pauses for ``ACCEPT_BACKOFF`` after a
+    failure, and the program waiting in the backlog is taken once fds are free again."""
+    out = subprocess.run(
+        [sys.executable, "-c", _EMFILE_SCRIPT, str(tmp_path / "v.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    accepts, taken = out.stdout.split()
+    assert int(accepts) <= 10
+    assert taken == "True"
 
 
 # -- properties that held --

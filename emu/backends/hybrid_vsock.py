@@ -38,6 +38,9 @@ _LINE = re.compile(rb"CONNECT ([0-9]{1,10})\n")
 HANDSHAKE_TIMEOUT = 5.0
 #: programs connected to PATH that have not sent their line yet, at most
 MAX_HANDSHAKES = 64
+#: seconds the listening socket is left alone after an accept failed (EMFILE and the
+#: like): it stays readable, so retrying at once would spin
+ACCEPT_BACKOFF = 0.5
 
 IN = select.EPOLLIN | select.EPOLLRDHUP
 OUT = select.EPOLLOUT
@@ -80,6 +83,7 @@ class HybridVsock:
         #: sockets waiting for their CONNECT line: fd -> (socket, deadline); watcher only
         self._handshakes: dict[int, tuple[socket.socket, float]] = {}
         self._timer: float | None = None
+        self._accept_again: float | None = None  # accepting paused until then (watcher)
         self._closing = False
         self._listener: HostListener | None = None
         self._thread: threading.Thread | None = None
@@ -175,14 +179,18 @@ class HybridVsock:
 
     def _timeout(self) -> float:
         deadlines = [d for _, d in self._handshakes.values()]
-        if self._timer is not None:
-            deadlines.append(self._timer)
+        for when in (self._timer, self._accept_again):
+            if when is not None:
+                deadlines.append(when)
         if not deadlines:
             return -1
         return max(0.0, min(deadlines) - time.monotonic())
 
     def _expire(self) -> None:
         now = time.monotonic()
+        if self._accept_again is not None and self._accept_again <= now:
+            self._accept_again = None
+            self._epoll.modify(self._server, select.EPOLLIN)
         for fd, (sock, deadline) in list(self._handshakes.items()):
             if deadline <= now:
                 log.info("vsock: host connection sent no CONNECT line in time, closed")
@@ -199,8 +207,10 @@ class HybridVsock:
                 sock, _ = self._server.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and the like: the program sees its connect fail
+            except OSError as e:  # EMFILE and the like: the program waits in the backlog
                 log.warning("vsock: cannot accept a host connection: %s", e)
+                self._epoll.modify(self._server, 0)
+                self._accept_again = time.monotonic() + ACCEPT_BACKOFF
                 return
             sock.setblocking(False)
             if len(self._handshakes) >= MAX_HANDSHAKES:
