@@ -311,6 +311,35 @@ def test_accept_failing_for_want_of_fds_does_not_spin(tmp_path):
     assert taken == "True"
 
 
+def _program_connect(path: str, port: int) -> bytes:
+    """What a program that sends ``CONNECT port`` reads before EOF (b"" when refused);
+    TimeoutError if the socket stays open without an answer."""
+    with socket.socket(socket.AF_UNIX) as p:
+        p.settimeout(3)
+        p.connect(path)
+        p.sendall(b"CONNECT %d\n" % port)
+        try:
+            return p.recv(64)
+        except ConnectionResetError:
+            return b""
+
+
+@pytest.mark.parametrize("how", ["no driver yet", "needs reset"])
+def test_host_connect_with_no_driver_to_ask_is_refused_not_left_waiting(tmp_path, how):
+    """Finding: a program's ``CONNECT`` while the device had no running driver (before
+    DRIVER_OK, or a device needing reset) was kept without a deadline: the program
+    waited for ``OK`` forever (the 5 s answer timeout starts only once the device takes
+    the connection, which it does only while running). Now it is refused at once."""
+    path = str(tmp_path / "v.sock")
+    dev = VsockDevice(3, HybridVsock(path))
+    with attached(dev) as drv:
+        if how == "needs reset":
+            guest = GuestVsock(drv)
+            guest.send_raw([b"\0" * 44], [16])  # a tx chain with a writable buffer
+            wait_for(lambda: dev.broken is not None, 3, "device broken")
+        assert _program_connect(path, 1234) == b""
+
+
 # -- properties that held --
 
 

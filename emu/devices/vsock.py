@@ -80,7 +80,7 @@ from emu.devices._chain import (
     chains,
     inflight_heads,
 )
-from emu.devices.base import DeviceError, VirtioDevice
+from emu.devices.base import DeviceError, RunState, VirtioDevice
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.devices.vsock_conn import FIRST_LOCAL_PORT, MASK32, Conn, ConnTable, State
 from emu.devices.vsock_defs import (
@@ -268,7 +268,10 @@ class VsockDevice(VirtioDevice):
     # -- the backend's thread hands things over --
 
     def host_connect(self, sock: socket.socket, port: int) -> None:
-        if len(self._connects) >= MAX_PENDING_CONNECTS:
+        # no driver to ask (none yet, or the device needs a reset): refuse now, as the
+        # answer timeout would only start once the device runs again
+        idle = self.run_state in (RunState.IDLE, RunState.BROKEN)
+        if idle or len(self._connects) >= MAX_PENDING_CONNECTS:
             sock.close()
             return
         self._connects.append((sock, port))
@@ -295,6 +298,8 @@ class VsockDevice(VirtioDevice):
         self._tx_sent.clear()
         self._tx_paused = False
         self._reset_due = False
+        while self._connects:  # programs that asked the driver just reset: refused
+            self._connects.popleft()[0].close()
 
     def close(self) -> None:
         self.host.stop()  # first: its thread calls host_ready() and so wake()
