@@ -9,6 +9,7 @@ property held.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import socket
 import subprocess
@@ -33,10 +34,14 @@ from emu.devices.vsock_defs import (
     TYPE_STREAM,
     Header,
 )
+from emu.memory import GuestMemory
 from emu.queue import Gate
+from emu.state.format import StateError
+from emu.testing.driver import VirtioMmioDriver
 from emu.testing.inprocess import attached
 from emu.testing.vsock import GuestSocket, GuestVsock, VsockError
 from emu.transport import mmio_regs
+from emu.transport.mmio import MmioTransport
 
 
 @contextlib.contextmanager
@@ -522,3 +527,137 @@ def test_connect_flood_to_many_ports_is_refused_and_the_device_carries_on(tmp_pa
         assert dev.broken is None
         with pytest.raises(VsockError):
             guest.connect(5001)
+
+
+VSOCK_BAD = [
+    (("guest_cid",), 2, "outside 3"),
+    (("guest_cid",), 0xFFFFFFFF, "outside 3"),
+    (("guest_cid",), True, "wrong type"),
+    (("guest_cid",), "3", "wrong type"),
+    (("next_port",), 5, "outside"),
+    (("next_port",), 0xFFFFFFFF, "outside"),
+    (("next_port",), 2**64, "outside"),
+    (("buf_alloc",), 0, "outside"),
+    (("uds",), "x" * 5000, "longer than 4096"),
+    (("dropped",), {}, "wrong type"),
+    (("dropped",), [{}], "missing fields"),
+    (("dropped",), [None] * 70000, "longer than 65536"),
+    (("surprise",), 1, "unknown fields"),
+]
+
+
+@pytest.mark.parametrize("path, value, message", VSOCK_BAD, ids=[m for _, _, m in VSOCK_BAD])
+def test_hand_edited_vsock_state_is_refused_and_changes_nothing(tmp_path, path, value, message):
+    """Held: a vsock part with a reserved CID, a port counter out of range, wrong types,
+    huge lists or unknown fields is refused with a StateError naming the field, and the
+    device is as before."""
+    dev = VsockDevice(3, HybridVsock(str(tmp_path / "v.sock")))
+    try:
+        state = dev.save_state()
+        bad = copy.deepcopy(state)
+        target = bad
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+        with pytest.raises(StateError, match=message):
+            dev.load_state(bad)
+        assert dev.save_state() == state
+    finally:
+        dev.close()
+
+
+def test_restore_in_the_middle_of_traffic_resets_the_guest_and_serves_anew(tmp_path):
+    """Held: a device stopped (report) while a program streams to the guest and the guest
+    streams back, saved, closed and replaced: the programs see their sockets end, the
+    guest gets TRANSPORT_RESET (its sockets reset, its listener kept), no packet of a
+    bad length arrives, the port counter goes on, and new connections both ways work."""
+    path = str(tmp_path / "v.sock")
+    mem = GuestMemory.create(16 << 20)
+    dev = VsockDevice(3, HybridVsock(path))
+    try:
+        drv = VirtioMmioDriver(MmioTransport(dev, mem), mem)
+        guest = GuestVsock(drv)
+        guest.listen(1234)
+        with listener(path, 5000) as srv:
+            s = guest.connect(5000)
+            prog, _ = srv.accept()
+            with socket.socket(socket.AF_UNIX) as hp:
+                hp.connect(path)
+                hp.sendall(b"CONNECT 1234\n")
+                g = guest.accept(1234)
+                assert hp.recv(64).startswith(b"OK 1073741824")
+                prog.setblocking(False)
+                for _ in range(20):  # traffic both ways, left mid-flight
+                    with contextlib.suppress(BlockingIOError):
+                        prog.send(b"p" * 65536)
+                    if s.credit():
+                        s.send(b"g" * min(s.credit(), 30000))
+                    guest.pump(0.01)
+                drv.transport.vmm_stop("report")
+                state = drv.transport.save()
+                saved = drv.save()
+                dev.close()
+                prog.setblocking(True)
+                prog.settimeout(5)
+                with contextlib.suppress(ConnectionResetError):  # it left bytes unread
+                    while prog.recv(1 << 20):  # the old device closed it
+                        pass
+                hp.settimeout(5)
+                assert hp.recv(64) == b""
+            fresh = VsockDevice(3, HybridVsock(path))
+            dev = fresh
+            tr = MmioTransport(fresh, mem)
+            guest.drv = VirtioMmioDriver.load(tr, mem, saved)
+            tr.restore(state)
+            guest.pump_until(lambda: guest.transport_resets == 1, 5)
+            assert s.reset and g.reset and guest.bad_lengths == 0
+            s2 = guest.connect(5000)
+            prog2, _ = srv.accept()
+            with prog2:
+                s2.send(b"after restore")
+                prog2.settimeout(5)
+                assert prog2.recv(64) == b"after restore"
+            with socket.socket(socket.AF_UNIX) as hp:
+                hp.connect(path)
+                hp.sendall(b"CONNECT 1234\n")
+                guest.accept(1234)
+                assert hp.recv(64) == b"OK 1073741825\n"  # the counter went on
+            assert guest.bad_lengths == 0
+    finally:
+        dev.close()
+        mem.close()
+
+
+def test_report_stops_during_guest_to_host_stream_lose_and_double_nothing(tmp_path):
+    """Held: the guest sends 1 MiB in 1 KiB packets, queued many at a time, while the
+    device is stopped (report) and resumed after every batch; the program reads every
+    byte once, in order."""
+    data = os.urandom(1 << 20)
+    with vsock(tmp_path) as (dev, guest, path), listener(path, 5000) as srv:
+        s = guest.connect(5000)
+        prog, _ = srv.accept()
+        with prog:
+            prog.setblocking(False)
+            got = bytearray()
+            off = 0
+            stops = 0
+            deadline = time.monotonic() + 60
+            while len(got) < len(data) and time.monotonic() < deadline:
+                txq = guest.drv.queues[TX]
+                for _ in range(16):  # a batch of packets in one kick
+                    n = min(1024, s.credit(), len(data) - off)
+                    if not n or not txq.free_slots():
+                        break
+                    txq.add([guest.header(s, OP_RW, n).pack(), data[off : off + n]], [])
+                    s.tx_cnt += n
+                    off += n
+                guest.drv.kick(TX)
+                dev.stop("report")
+                dev.resume()
+                stops += 1
+                guest.pump(0.005)
+                with contextlib.suppress(BlockingIOError):
+                    while chunk := prog.recv(1 << 20):
+                        got += chunk
+            assert stops >= 50
+            assert bytes(got) == data
