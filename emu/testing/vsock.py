@@ -158,9 +158,13 @@ class GuestSocket:
         return msg
 
     def _consumed(self, n: int) -> None:
+        """As Linux: CREDIT_UPDATE once the device sees little room, and after every
+        seqpacket message (the device may be halfway through the next one, out of credit,
+        and a partial message is never read, so waiting for little room could stall)."""
         self.fwd_cnt = (self.fwd_cnt + n) & MASK32
         seen_free = self.buf_alloc - ((self.rx_cnt - self.last_fwd_sent) & MASK32)
-        if self.auto_credit and n and self.state == "established" and seen_free < CREDIT_LOW:
+        low = seen_free < CREDIT_LOW or self.type == TYPE_SEQPACKET
+        if self.auto_credit and n and self.state == "established" and low:
             self.stack.send_packet(self, OP_CREDIT_UPDATE)
 
     def credit_request(self) -> None:
