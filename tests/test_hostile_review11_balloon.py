@@ -27,6 +27,7 @@ from emu.backends import balloon_control
 from emu.backends.balloon_control import MAX_CLIENTS, MAX_LINE, ControlServer
 from emu.commands.balloon import ask
 from emu.devices.balloon import F_REPORTING, BalloonDevice
+from emu.devices.registry import SpecError, make_devices
 from emu.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 from emu.state.format import StateError
 from emu.testing.balloon import DEFAULT_STATS, BalloonDriver, queue_indexes, touch
@@ -259,6 +260,17 @@ def test_a_queue_without_a_role_set_up_but_unused_breaks_nothing():
     finally:
         dev.close()
         mem.close()
+
+
+@pytest.mark.parametrize(
+    "target", ["\u00b2", "\u0663", "1\u00b2"], ids=["sup2", "arabic3", "1sup2"]
+)
+def test_a_target_of_unicode_digits_is_a_spec_error(target):
+    """Defect: ``target=MIB`` was checked with str.isdigit, which is true for "²", then
+    int("²") raised ValueError: ``emu serve balloon,target=²`` ended in a traceback instead
+    of the spec's usage line. Only ASCII digits are a target now."""
+    with pytest.raises(SpecError, match="target="):
+        make_devices([f"balloon,target={target}"])
 
 
 # -- hostile guest: what holds ---------------------------------------------------------

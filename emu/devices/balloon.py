@@ -506,7 +506,7 @@ def _from_spec(spec: Spec, build: Build) -> BalloonDevice:
             raise SpecError(f"{name}={value}: on or off")
         withheld |= (value == "off") << bit
     target = spec.options.get("target", "0")
-    if not target.isdigit() or int(target) * 256 > U32_MAX:
+    if not (target.isascii() and target.isdigit()) or int(target) * 256 > U32_MAX:
         raise SpecError(f"target={target}: a whole number of MiB up to {U32_MAX // 256}")
     control = None
     path = spec.options.get("control")
