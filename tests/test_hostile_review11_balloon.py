@@ -739,8 +739,8 @@ def test_control_client_limit_and_slow_clients(tmp_path):
 
 def test_concurrent_target_changes_settle_on_one_the_guest_sees(tmp_path):
     """Six clients set targets at once: every command is answered, the target ends as one
-    client's last, and the guest reads that. (As reviewed it failed by the ``ask`` defect
-    above: connects got EAGAIN from the full backlog of 4.)"""
+    client's last, and the guest reads that. (As reviewed it failed at times by the ``ask``
+    defect above: connects got EAGAIN from the full backlog of 4.)"""
     with controlled(tmp_path) as (dev, bd, path):
         errors: list[BaseException] = []
 
