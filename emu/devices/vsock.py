@@ -913,7 +913,7 @@ def _from_spec(spec: Spec, build: Build) -> VsockDevice:
     if len(cids) != 1:
         raise SpecError("the guest's CID, once (CID=N)")
     (cid,) = cids
-    if not cid.isdigit():
+    if not (cid.isascii() and cid.isdigit()):
         raise SpecError(f"CID={cid!r}: a number")
     uds = opts.get("uds")
     if not uds:
