@@ -29,6 +29,7 @@ from emu.devices.vsock_defs import (
 from emu.memory import GuestMemory
 from emu.state import file as statefile
 from emu.state import parts
+from emu.state.format import StateError
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.vhost_user import VhostUserDriver
 from emu.testing.vsock import GuestVsock, VsockError
@@ -496,6 +497,44 @@ def test_stop_and_resume_in_place_keeps_connections(rig):
     tr.vmm_resume()
     assert s.recv_exactly(13) == b"while stopped"
     assert g.transport_resets == 0
+
+
+def test_load_state_in_place_drops_connections_and_resets_the_guest(rig):
+    """A restore in place (a VMM that cannot swap the device: stop, load, resume) ends
+    the connections as a restore into a fresh device does."""
+    dev, g = rig.vsock()
+    g.listen(1234)
+    srv = rig.listen(5011)
+    s = g.connect(5011)
+    prog = accept(srv)
+    host = rig.host_connect(1234)
+    gs = g.accept(1234)
+    assert read_line(host) == b"OK %d\n" % gs.peer_port
+    with pytest.raises(StateError, match="stop the device"):
+        dev.load_state(dev.save_state())  # not under a running device's feet
+    assert len(dev.conns) == 2
+    tr = g.drv.transport
+    tr.vmm_stop("report")
+    prog.sendall(b"lost with the connection")
+    state = dev.save_state()
+    dev.load_state(state)
+    assert not dev.conns.by_fd
+    tr.vmm_resume()
+    prog.settimeout(5)
+    host.settimeout(5)
+    # their host sockets are closed; the one with unread bytes in it reads as a reset
+    with pytest.raises(ConnectionResetError):
+        prog.recv(1)
+    assert host.recv(1) == b""
+    g.pump_until(lambda: g.transport_resets == 1, 5)
+    assert s.state == gs.state == "closed" and s.reset and gs.reset
+    assert s.unread() == 0
+    host2 = rig.host_connect(1234)  # the guest's listener is kept, and the port counter
+    gs2 = g.accept(1234)
+    assert read_line(host2) == b"OK %d\n" % gs2.peer_port and gs2.peer_port > gs.peer_port
+    s2 = g.connect(5011)
+    accept(srv).sendall(b"again")
+    assert s2.recv_exactly(5) == b"again"
 
 
 # -- over vhost-user, as UML (all three queues) and QEMU (rx and tx only) drive it --

@@ -57,7 +57,8 @@ to this process): a snapshot keeps the guest CID and the next local port, and de
 the connections it drops; a restored device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
 (the guest resets its connections, keeps its listeners, re-reads the CID) and answers
 packets of old connections with RST. The host's listening socket is the restoring
-device's own ``uds``. See ``save_state``.
+device's own ``uds``. A restore in place (``load_state`` into this stopped device) drops
+its live connections the same way. See ``save_state`` and ``load_state``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ from emu.devices._chain import (
     chains,
     inflight_heads,
 )
-from emu.devices.base import DeviceError, VirtioDevice
+from emu.devices.base import DeviceError, RunState, VirtioDevice
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.devices.vsock_conn import FIRST_LOCAL_PORT, MASK32, Conn, ConnTable, State
 from emu.devices.vsock_defs import (
@@ -284,8 +285,7 @@ class VsockDevice(VirtioDevice):
 
     def on_reset(self) -> None:
         """The driver's connections are gone with it: so are their host sockets."""
-        for conn in list(self.conns.by_fd.values()):
-            self._close(conn)
+        self._drop_connections()
         self._replies.clear()
         self._ready.clear()
         self._rx_held.clear()
@@ -294,6 +294,14 @@ class VsockDevice(VirtioDevice):
         self._tx_sent.clear()
         self._tx_paused = False
         self._reset_due = False
+
+    def _drop_connections(self) -> None:
+        """Close every host socket, with the packets still owed for them and the
+        readiness reported for them (a new socket may get the same fd)."""
+        for conn in list(self.conns.by_fd.values()):
+            self._close(conn)
+        self._replies = deque(r for r in self._replies if r.conn is None)
+        self._events.clear()
 
     def close(self) -> None:
         self.host.stop()  # first: its thread calls host_ready() and so wake()
@@ -880,12 +888,23 @@ class VsockDevice(VirtioDevice):
 
     def load_state(self, state: dict) -> None:
         """Keep the CID (the saved one wins over this device's own) and the port counter;
-        the saved connections are gone, and the guest is told with TRANSPORT_RESET."""
+        the saved connections are gone, and the guest is told with TRANSPORT_RESET.
+
+        A fresh device has no connections. One stopped under a running guest (a restore
+        in place: the only kind a VMM that cannot swap the device has, and a real guest
+        here) drops its own as a swap would: host sockets closed, the bytes it held for
+        them and the packets it owed for them gone. Called on a stopped (or never
+        started) device, like ``save_state``."""
         s = STATE.check(state)
         try:
             cid = check_cid(s["guest_cid"])
         except ValueError as e:
             raise StateError(f"vsock state: {e}") from None
+        if self.run_state in (RunState.RUNNING, RunState.STOPPING):
+            raise StateError(f"vsock: stop the device before loading a state ({self.run_state})")
+        if self.conns:
+            log.info("vsock: restore in place: %d live connections dropped", len(self.conns))
+            self._drop_connections()
         if cid != self.cid:
             log.warning("vsock: the restored guest CID %d replaces this device's %d", cid, self.cid)
         self.cid = cid
