@@ -28,12 +28,14 @@ Connections (``emu.devices.vsock_conn``):
 
 Flow control (the spec's credit): the device advertises ``buf_alloc`` per connection and
 counts in ``fwd_cnt`` what it wrote to the host socket, sending CREDIT_UPDATE when the
-guest's view of the free space falls below 64 KiB (and on CREDIT_REQUEST). Bytes the
+guest's view of the free space falls below 64 KiB and the program took a quarter of
+``buf_alloc`` since the last one, or all emu held (and on CREDIT_REQUEST). Bytes the
 program is slow to take wait in the connection, at most ``buf_alloc`` of them: the guest
-stops for want of credit. The other way the device reads the host socket only when a
-receive buffer is in hand and the guest has credit, and at most that much: a slow guest
-leaves the bytes in the program's socket (its writes block), never in emu. A guest that
-claims more buffer than it has only fills its own receive queue.
+stops for want of credit, and goes on as the program drains them. The other way the
+device reads the host socket only when a receive buffer is in hand and the guest has
+credit, and at most that much: a slow guest leaves the bytes in the program's socket (its
+writes block), never in emu. A guest that claims more buffer than it has only fills its
+own receive queue.
 
 Replies (RESPONSE, RST, SHUTDOWN, CREDIT_UPDATE, REQUEST) wait for receive buffers in a
 queue of at most ``REPLY_LIMIT``; past it the tx queue waits until the guest takes them,
@@ -415,6 +417,7 @@ class VsockDevice(VirtioDevice):
                 self._abort(conn, f"writing to the host program: {e.strerror}")
             return
         if conn.has_out():
+            self._credit_check(conn)  # the program took some: the guest may go on
             return
         if conn.closing:
             self._close(conn)
@@ -428,10 +431,15 @@ class VsockDevice(VirtioDevice):
         self._credit_check(conn)
 
     def _credit_check(self, conn: Conn) -> None:
-        if conn.fwd_cnt == conn.last_fwd_sent or not conn.established:
+        """CREDIT_UPDATE once the guest sees less than CREDIT_LOW free and the program
+        took bytes it was not told of: a quarter of ``buf_alloc`` of them, or all emu
+        held. So a program slower than the guest gets its bytes in big steps, without
+        an update per read."""
+        freed = (conn.fwd_cnt - conn.last_fwd_sent) & MASK32
+        if not freed or not conn.established or conn.closing:
             return
         seen_free = conn.buf_alloc - ((conn.rx_cnt - conn.last_fwd_sent) & MASK32)
-        if seen_free < CREDIT_LOW:
+        if seen_free < CREDIT_LOW and (freed >= conn.buf_alloc // 4 or not conn.has_out()):
             self._credit_update(conn)
 
     def _credit_update(self, conn: Conn) -> None:
