@@ -18,6 +18,7 @@ from emu.devices import vsock as vs
 from emu.devices.vsock import VsockDevice
 from emu.devices.vsock_defs import (
     F_SEQPACKET,
+    HDR,
     HOST_CID,
     OP_CREDIT_UPDATE,
     OP_RST,
@@ -155,6 +156,30 @@ def test_host_connects_and_data_flows_both_ways(rig, mode):
     assert s.recv_exactly(len(data)) == data
     s.send(b"and back")
     assert recv_all(prog, 8) == b"and back"
+
+
+@pytest.mark.parametrize(
+    ("layout", "biggest"),
+    [
+        ([HDR.size + (64 << 10)], 64 << 10),
+        ([10, 30, 4, 4096], 4096),
+        ([20, 30] + [7] * 30, 6 + 7 * 7),  # the packet takes the first 8 payload pieces
+        ([HDR.size, 3, 0, 5, 100], 108),
+    ],
+    ids=["one-buffer", "split-header", "many-pieces", "tiny-pieces"],
+)
+def test_host_bytes_land_whole_in_any_rx_buffer_layout(rig, layout, biggest):
+    """The device reads host bytes straight into rx buffers laid out any way: a header
+    across buffers, payload in many pieces, empty ones."""
+    _, g = rig.vsock(rx_layout=layout)
+    srv = rig.listen(5014)
+    s = g.connect(5014)
+    prog = accept(srv)
+    data = pattern(300_000, b"layout")
+    threading.Thread(target=prog.sendall, args=(data,)).start()
+    assert s.recv_exactly(len(data), timeout=30) == data
+    assert g.bad_lengths == 0 and s.overruns == 0
+    assert max(h.len for h in g.seen if h.op == OP_RW) == biggest
 
 
 def test_bytes_sent_right_after_connect_wait_for_the_guest(rig):

@@ -137,7 +137,12 @@ CONNECT_TIMEOUT = 5.0
 LINGER = 10.0
 BATCH = 64
 #: rx buffers popped ahead per connection with data to send
-RX_AHEAD = 8
+RX_AHEAD = 16
+#: bytes read from a stream's host socket in one system call, into that many rx
+#: buffers' payload room (16 of Linux's 4 KiB ones)
+STREAM_BURST = 64 * 1024
+#: payload segments of one rx buffer filled at most (recvmsg_into's iovecs stay <= 512)
+MAX_PIECES = 8
 #: a Unix SOCK_SEQPACKET send takes at most its send buffer less this (EMSGSIZE beyond):
 #: a seqpacket connection advertises no more, so a Linux guest refuses bigger messages
 SEQPACKET_SLACK = 64
@@ -708,9 +713,22 @@ class VsockDevice(VirtioDevice):
             chain = self._rx_chain(q)
             if chain is None:
                 break
-            got = self._next_packet(chain.in_len - HDR.size)
+            room = min(chain.in_len - HDR.size, MAX_PAYLOAD)
+            got = self._next_reply(room)
             if got is None:
-                break  # the chain stays held for the next packet
+                conn = self._next_turn()
+                if conn is None:
+                    break
+                if not room:  # a buffer with room for a header only: data cannot use it
+                    got = self._header(conn, OP_CREDIT_UPDATE, 0), _Reply(conn, OP_CREDIT_UPDATE)
+                elif conn.seqpacket:
+                    got = self._data(conn, room)
+                else:
+                    self._stream(q, conn, heads, lengths)  # into this chain and the next
+                if self._can_send(conn):
+                    self._ready[conn.id] = conn  # to the back: connections take turns
+                if got is None:
+                    continue
             pkt, item = got
             self._rx_held.popleft()
             ChainWriter(self.mem, chain).write(pkt)
@@ -723,17 +741,22 @@ class VsockDevice(VirtioDevice):
             self.wake()  # the tx queue may go on
 
     def _rx_chain(self, q: Virtqueue) -> Chain | None:
-        """The next receive buffer (held, or popped), or None when the ring is empty.
+        """The next receive buffer (held, or popped), or None when the ring is empty."""
+        return self._rx_held[0] if self._hold(q, 1) else None
+
+    def _hold(self, q: Virtqueue, n: int, ahead: int = 0) -> bool:
+        """At least ``n`` receive buffers held (popped as needed, ``ahead`` more for a
+        connection being served); False when the ring has too few.
 
         Only about as many are popped as packets are waiting (a reply each, a few per
         ready connection): buffers the device holds are in flight at a stop."""
-        while not self._rx_held:
-            want = len(self._replies) + RX_AHEAD * len(self._ready)
-            batch = q.pop(min(BATCH, want) or 1)
+        while len(self._rx_held) < n:
+            want = len(self._replies) + RX_AHEAD * len(self._ready) + ahead
+            batch = q.pop(min(BATCH, max(want, n - len(self._rx_held))))
             if not len(batch):
                 if q.set_kicks(True):
                     continue
-                return None
+                return False
             self._rx_out.popped(batch.heads.tolist())
             for c in chains(batch):
                 if c.readable or c.in_len < HDR.size:
@@ -742,30 +765,25 @@ class VsockDevice(VirtioDevice):
                         + (" and a device-readable buffer" if c.readable else "")
                     )
                 self._rx_held.append(c)
-        return self._rx_held[0]
+        return True
 
-    def _next_packet(self, room: int) -> tuple[bytes, _Reply] | None:
-        """The next packet for a buffer with ``room`` payload bytes: replies first, then
-        data from the ready connections in turn."""
-        room = min(room, MAX_PAYLOAD)
-        while True:
-            while self._replies:
-                got = self._build(self._replies.popleft(), room)
-                if got is not None:
-                    return got
-            if not self._ready:
-                return None
-            if not room:  # a buffer with room for a header only: data cannot use it
-                conn = next(iter(self._ready.values()))
-                return self._header(conn, OP_CREDIT_UPDATE, 0), _Reply(conn, OP_CREDIT_UPDATE)
-            conn = self._ready.pop(next(iter(self._ready)))
-            if not self._can_send(conn):
-                continue
-            got = self._data(conn, room)
-            if self._can_send(conn):
-                self._ready[conn.id] = conn  # to the back: connections take turns
+    def _next_reply(self, room: int) -> tuple[bytes, _Reply] | None:
+        """The next reply packet for a buffer with ``room`` payload bytes (None: none
+        left that still means something)."""
+        while self._replies:
+            got = self._build(self._replies.popleft(), room)
             if got is not None:
                 return got
+        return None
+
+    def _next_turn(self) -> Conn | None:
+        """The next connection with data to send and credit for it (taken out of the
+        turn; the caller puts it back at the end if it still can send)."""
+        while self._ready:
+            conn = self._ready.pop(next(iter(self._ready)))
+            if self._can_send(conn):
+                return conn
+        return None
 
     def _build(self, r: _Reply, room: int) -> tuple[bytes, _Reply] | None:
         conn = r.conn
@@ -786,27 +804,70 @@ class VsockDevice(VirtioDevice):
             flags = 0
         return self._header(conn, OP_RW, len(piece), flags) + piece, _Reply(conn, OP_RW, flags)
 
+    def _stream(self, q: Virtqueue, conn: Conn, heads: list[int], lengths: list[int]) -> None:
+        """RW packets of what a stream's host program sent, read from its socket straight
+        into the payload room of the receive buffers held (popping more as needed): one
+        ``recvmsg_into`` for up to STREAM_BURST bytes, as far as the guest's credit
+        goes, and no copy in emu. Buffers left empty stay held; EOF and errors are dealt
+        with here."""
+        budget = min(conn.credit(), STREAM_BURST)
+        bufs: list[tuple[Chain, list[tuple[int, int]], int]] = []  # chain, header at, room
+        views: list[memoryview] = []
+        held = self._rx_held
+        while budget > 0 and len(bufs) < BATCH:
+            if len(bufs) == len(held) and not self._hold(q, len(bufs) + 1, RX_AHEAD):
+                break
+            chain = held[len(bufs)]
+            at, pieces, room = _layout(chain.writable, min(budget, MAX_PAYLOAD))
+            if not room:
+                break  # a header-only buffer: for the next control packet
+            views += [self.mem.view(a, n, write=True) for a, n in pieces]
+            bufs.append((chain, at, room))
+            budget -= room
+        try:
+            got = conn.sock.recvmsg_into(views)[0]
+        except BlockingIOError:
+            conn.readable = False
+            self._arm(conn)
+            return
+        except OSError as e:
+            self._abort(conn, f"reading from the host program: {e.strerror}")
+            return
+        finally:
+            for v in views:
+                v.release()
+        if not got:
+            self._host_eof(conn)
+            return
+        conn.tx_cnt = (conn.tx_cnt + got) & MASK32
+        for chain, at, room in bufs:
+            n = min(room, got)
+            if not n:
+                break
+            got -= n
+            hdr = self._header(conn, OP_RW, n)
+            if len(at) == 1:
+                self.mem.write(at[0][0], hdr)
+            else:  # a header across buffers
+                off = 0
+                for a, k in at:
+                    self.mem.write(a, hdr[off : off + k])
+                    off += k
+            self._rx_held.popleft()
+            self._rx_out.record([chain.head], _Sent(_Reply(conn, OP_RW), chain, HDR.size + n))
+            heads.append(chain.head)
+            lengths.append(HDR.size + n)
+
     def _data(self, conn: Conn, room: int) -> tuple[bytes, _Reply] | None:
-        """An RW packet of what the host program sent, as much as credit and ``room``
-        allow; None when there was nothing (EOF and errors are dealt with here)."""
+        """SEQPACKET: an RW packet of the host's message being sent, as much as credit
+        and ``room`` allow; None when there was nothing (EOF and errors are dealt with
+        here)."""
         n = min(conn.credit(), room)
         if n <= 0:
             return None
-        flags = 0
         try:
-            if conn.seqpacket:
-                if conn.msg_off >= len(conn.msg_out) and not self._next_message(conn):
-                    return None
-                data = conn.msg_out[conn.msg_off : conn.msg_off + n]
-                conn.msg_off += len(data)
-                if conn.msg_off == len(conn.msg_out):
-                    flags = SEQ_EOM
-                    conn.msg_out, conn.msg_off = b"", 0
-            else:
-                data = conn.sock.recv(n)
-                if not data:
-                    self._host_eof(conn)
-                    return None
+            if conn.msg_off >= len(conn.msg_out) and not self._next_message(conn):
+                return None
         except BlockingIOError:
             conn.readable = False
             self._arm(conn)
@@ -814,6 +875,12 @@ class VsockDevice(VirtioDevice):
         except OSError as e:
             self._abort(conn, f"reading from the host program: {e.strerror}")
             return None
+        data = conn.msg_out[conn.msg_off : conn.msg_off + n]
+        conn.msg_off += len(data)
+        flags = 0
+        if conn.msg_off == len(conn.msg_out):
+            flags = SEQ_EOM
+            conn.msg_out, conn.msg_off = b"", 0
         conn.tx_cnt = (conn.tx_cnt + len(data)) & MASK32
         return self._header(conn, OP_RW, len(data), flags) + data, _Reply(conn, OP_RW, flags)
 
@@ -923,6 +990,31 @@ class VsockDevice(VirtioDevice):
                 "vsock: %d connections of the saved state are dropped (TRANSPORT_RESET)",
                 len(s["dropped"]),
             )
+
+
+def _layout(
+    segs: list[tuple[int, int]], room: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+    """Where a packet goes in an rx buffer's writable segments (gpa, length): the
+    header's pieces, then at most MAX_PIECES pieces for at most ``room`` payload bytes,
+    and how many bytes those pieces hold. (ChainWriter's work, without its generality,
+    for the one loop that runs per packet.)"""
+    at: list[tuple[int, int]] = []
+    pieces: list[tuple[int, int]] = []
+    need, got = HDR.size, 0
+    for gpa, n in segs:
+        if need:
+            k = min(n, need)
+            at.append((gpa, k))
+            need -= k
+            gpa, n = gpa + k, n - k
+        if n and got < room:
+            k = min(n, room - got)
+            pieces.append((gpa, k))
+            got += k
+        if not need and (got == room or len(pieces) == MAX_PIECES):
+            break
+    return at, pieces, got
 
 
 # -- the device type: ``vsock:CID=N,uds=PATH`` --
