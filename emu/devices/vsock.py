@@ -171,6 +171,11 @@ class _Sent:
     length: int
 
 
+#: an rx buffer a stream's bytes are read into: the chain, where the header goes, where
+#: the payload goes (gpa, length pieces) and how many bytes that is
+_Room = tuple[Chain, list[tuple[int, int]], list[tuple[int, int]], int]
+
+
 @dataclass
 class VsockStats:
     """Counters (device thread only)."""
@@ -810,21 +815,11 @@ class VsockDevice(VirtioDevice):
         ``recvmsg_into`` for up to STREAM_BURST bytes, as far as the guest's credit
         goes, and no copy in emu. Buffers left empty stay held; EOF and errors are dealt
         with here."""
-        budget = min(conn.credit(), STREAM_BURST)
-        bufs: list[tuple[Chain, list[tuple[int, int]], int]] = []  # chain, header at, room
+        bufs = self._stream_buffers(q, min(conn.credit(), STREAM_BURST))
         views: list[memoryview] = []
-        held = self._rx_held
-        while budget > 0 and len(bufs) < BATCH:
-            if len(bufs) == len(held) and not self._hold(q, len(bufs) + 1, RX_AHEAD):
-                break
-            chain = held[len(bufs)]
-            at, pieces, room = _layout(chain.writable, min(budget, MAX_PAYLOAD))
-            if not room:
-                break  # a header-only buffer: for the next control packet
-            views += [self.mem.view(a, n, write=True) for a, n in pieces]
-            bufs.append((chain, at, room))
-            budget -= room
         try:
+            for _, _, pieces, _ in bufs:
+                views += [self.mem.view(a, n, write=True) for a, n in pieces]
             got = conn.sock.recvmsg_into(views)[0]
         except BlockingIOError:
             conn.readable = False
@@ -835,12 +830,12 @@ class VsockDevice(VirtioDevice):
             return
         finally:
             for v in views:
-                v.release()
+                v.release()  # guest RAM is not pinned past this
         if not got:
             self._host_eof(conn)
             return
         conn.tx_cnt = (conn.tx_cnt + got) & MASK32
-        for chain, at, room in bufs:
+        for chain, at, _, room in bufs:
             n = min(room, got)
             if not n:
                 break
@@ -857,6 +852,23 @@ class VsockDevice(VirtioDevice):
             self._rx_out.record([chain.head], _Sent(_Reply(conn, OP_RW), chain, HDR.size + n))
             heads.append(chain.head)
             lengths.append(HDR.size + n)
+
+    def _stream_buffers(self, q: Virtqueue, budget: int) -> list[_Room]:
+        """The receive buffers held (popping more as needed) whose payload room takes up
+        to ``budget`` bytes, in order; stops at a header-only one (it is for the next
+        control packet)."""
+        bufs: list[_Room] = []
+        held = self._rx_held
+        while budget > 0 and len(bufs) < BATCH:
+            if len(bufs) == len(held) and not self._hold(q, len(bufs) + 1, RX_AHEAD):
+                break
+            chain = held[len(bufs)]
+            at, pieces, room = _layout(chain.writable, min(budget, MAX_PAYLOAD))
+            if not room:
+                break
+            bufs.append((chain, at, pieces, room))
+            budget -= room
+        return bufs
 
     def _data(self, conn: Conn, room: int) -> tuple[bytes, _Reply] | None:
         """SEQPACKET: an RW packet of the host's message being sent, as much as credit
