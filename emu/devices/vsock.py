@@ -988,7 +988,8 @@ class VsockDevice(VirtioDevice):
         except ValueError as e:
             raise StateError(f"vsock state: {e}") from None
         if self.run_state in (RunState.RUNNING, RunState.STOPPING):
-            raise StateError(f"vsock: stop the device before loading a state ({self.run_state})")
+            now = self.run_state.value
+            raise StateError(f"vsock: stop the device before loading a state (it is {now})")
         if self.conns:
             log.info("vsock: restore in place: %d live connections dropped", len(self.conns))
             self._drop_connections()
