@@ -18,6 +18,7 @@ from emu.devices import vsock as vs
 from emu.devices.vsock import VsockDevice
 from emu.devices.vsock_defs import (
     F_SEQPACKET,
+    HDR,
     HOST_CID,
     OP_CREDIT_UPDATE,
     OP_RST,
@@ -29,6 +30,7 @@ from emu.devices.vsock_defs import (
 from emu.memory import GuestMemory
 from emu.state import file as statefile
 from emu.state import parts
+from emu.state.format import StateError
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.vhost_user import VhostUserDriver
 from emu.testing.vsock import GuestVsock, VsockError
@@ -156,6 +158,30 @@ def test_host_connects_and_data_flows_both_ways(rig, mode):
     assert recv_all(prog, 8) == b"and back"
 
 
+@pytest.mark.parametrize(
+    ("layout", "biggest"),
+    [
+        ([HDR.size + (64 << 10)], 64 << 10),
+        ([10, 30, 4, 4096], 4096),
+        ([20, 30] + [7] * 30, 6 + 7 * 7),  # the packet takes the first 8 payload pieces
+        ([HDR.size, 3, 0, 5, 100], 108),
+    ],
+    ids=["one-buffer", "split-header", "many-pieces", "tiny-pieces"],
+)
+def test_host_bytes_land_whole_in_any_rx_buffer_layout(rig, layout, biggest):
+    """The device reads host bytes straight into rx buffers laid out any way: a header
+    across buffers, payload in many pieces, empty ones."""
+    _, g = rig.vsock(rx_layout=layout)
+    srv = rig.listen(5014)
+    s = g.connect(5014)
+    prog = accept(srv)
+    data = pattern(300_000, b"layout")
+    threading.Thread(target=prog.sendall, args=(data,)).start()
+    assert s.recv_exactly(len(data), timeout=30) == data
+    assert g.bad_lengths == 0 and s.overruns == 0
+    assert max(h.len for h in g.seen if h.op == OP_RW) == biggest
+
+
 def test_bytes_sent_right_after_connect_wait_for_the_guest(rig):
     _, g = rig.vsock()
     g.listen(7)
@@ -271,6 +297,45 @@ def test_slow_host_reader_stops_the_guest_by_credit(rig):
     assert dev.stats.held_peak <= vs.BUF_ALLOC
 
 
+def test_credit_comes_back_while_bytes_still_wait_for_a_slow_program(rig):
+    """The program drains what emu holds slowly: credit goes back to the guest as it
+    drains (not only once emu holds nothing, which runs the guest stop-and-go), and emu
+    still holds at most buf_alloc."""
+    dev, g = rig.vsock()
+    srv = rig.listen(5012)
+    s = g.connect(5012)
+    prog = accept(srv)
+    data = pattern(3 << 20, b"drain")
+    with pytest.raises(TimeoutError, match="no credit"):
+        s.send(data, timeout=1.5)  # the host socket full, emu holding buf_alloc
+    sent = s.tx_cnt
+    seen = len(g.seen)
+    got = bytearray()
+    stop = threading.Event()
+
+    def slow_reader() -> None:
+        while len(got) < len(data):
+            if not stop.is_set():
+                time.sleep(0.005)
+            chunk = prog.recv(16384)
+            if not chunk:
+                return
+            got.extend(chunk)
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    try:
+        g.pump_until(lambda: s.credit() > 0, 10)
+        updates = [h for h in list(g.seen)[seen:] if h.op == OP_CREDIT_UPDATE]
+        assert updates[0].fwd_cnt < sent  # given while emu still held bytes for the program
+        s.send(data[sent:], timeout=60)
+    finally:
+        stop.set()
+        reader.join(60)
+    assert bytes(got) == data
+    assert dev.stats.held_peak <= vs.BUF_ALLOC
+
+
 def test_slow_guest_reader_leaves_the_bytes_in_the_host_socket(rig):
     dev, g = rig.vsock()
     srv = rig.listen(5003)
@@ -310,11 +375,12 @@ def test_credit_request_is_answered_and_updates_come_unasked(rig):
     assert (upd.src_cid, upd.dst_cid) == (HOST_CID, CID)
     assert (upd.src_port, upd.dst_port) == (5004, s.local_port)
     assert (upd.buf_alloc, upd.fwd_cnt, upd.len) == (vs.BUF_ALLOC, 1000, 0)
-    # all of the credit used: once the program has read it, the device says so unasked
+    # all of the credit used: as the program reads it, the device says so unasked (once
+    # the guest sees less than CREDIT_LOW free: it never stays below that)
     s.send(pattern(vs.BUF_ALLOC - 1000, b"fill"), timeout=10)
     assert s.credit() < vs.BUF_ALLOC
     assert len(recv_all(prog, vs.BUF_ALLOC - 1000)) == vs.BUF_ALLOC - 1000
-    g.pump_until(lambda: s.credit() == vs.BUF_ALLOC, 5)
+    g.pump_until(lambda: s.credit() >= vs.CREDIT_LOW, 5)
 
 
 # -- shutdown and close --
@@ -496,6 +562,44 @@ def test_stop_and_resume_in_place_keeps_connections(rig):
     tr.vmm_resume()
     assert s.recv_exactly(13) == b"while stopped"
     assert g.transport_resets == 0
+
+
+def test_load_state_in_place_drops_connections_and_resets_the_guest(rig):
+    """A restore in place (a VMM that cannot swap the device: stop, load, resume) ends
+    the connections as a restore into a fresh device does."""
+    dev, g = rig.vsock()
+    g.listen(1234)
+    srv = rig.listen(5011)
+    s = g.connect(5011)
+    prog = accept(srv)
+    host = rig.host_connect(1234)
+    gs = g.accept(1234)
+    assert read_line(host) == b"OK %d\n" % gs.peer_port
+    with pytest.raises(StateError, match="stop the device"):
+        dev.load_state(dev.save_state())  # not under a running device's feet
+    assert len(dev.conns) == 2
+    tr = g.drv.transport
+    tr.vmm_stop("report")
+    prog.sendall(b"lost with the connection")
+    state = dev.save_state()
+    dev.load_state(state)
+    assert not dev.conns.by_fd
+    tr.vmm_resume()
+    prog.settimeout(5)
+    host.settimeout(5)
+    # their host sockets are closed; the one with unread bytes in it reads as a reset
+    with pytest.raises(ConnectionResetError):
+        prog.recv(1)
+    assert host.recv(1) == b""
+    g.pump_until(lambda: g.transport_resets == 1, 5)
+    assert s.state == gs.state == "closed" and s.reset and gs.reset
+    assert s.unread() == 0
+    host2 = rig.host_connect(1234)  # the guest's listener is kept, and the port counter
+    gs2 = g.accept(1234)
+    assert read_line(host2) == b"OK %d\n" % gs2.peer_port and gs2.peer_port > gs.peer_port
+    s2 = g.connect(5011)
+    accept(srv).sendall(b"again")
+    assert s2.recv_exactly(5) == b"again"
 
 
 # -- over vhost-user, as UML (all three queues) and QEMU (rx and tx only) drive it --

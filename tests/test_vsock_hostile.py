@@ -353,7 +353,7 @@ def test_rx_buffers_with_room_for_a_header_only_carry_control_packets(rig):
     prog.sendall(data)
     g.pump_until(lambda: len(g.seen) >= 6, 5)  # each reposted buffer is used, none spun on
     assert {h.op for h in list(g.seen)[1:]} == {OP_CREDIT_UPDATE} and not s.rx
-    g.rx_buf_size = 4096
+    g.rx_layout = [HDR.size, 4096]
     g.post(RX, 8)
     assert s.recv_exactly(len(data)) == data
     assert dev.run_state.value == "running"

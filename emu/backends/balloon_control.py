@@ -13,9 +13,11 @@ and ``"error"``.
     info            target, actual, features, RAM, the backing's allocated bytes and the
                     device's counters
 
-Commands from all clients are answered one at a time by one thread; a line longer than
-MAX_LINE or more than MAX_CLIENTS clients at once are refused, so a client cannot make
-the server buffer without bound.
+Each client's commands are answered in order, one at a time, on a worker thread: a
+``stats`` waiting for the guest holds only the client that asked, never the others nor
+the server thread. A client is not read while its command runs (its next lines wait in
+the kernel), a line longer than MAX_LINE or more than MAX_CLIENTS clients at once are
+refused, so a client cannot make the server buffer or work without bound.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ import selectors
 import socket
 import stat
 import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -34,8 +40,11 @@ log = logging.getLogger(__name__)
 MAX_LINE = 1024
 MAX_CLIENTS = 16
 STATS_WAIT = 1.0
+#: seconds between attempts when accept fails (no free fd): the client waits in the backlog
+ACCEPT_RETRY = 0.1
 MIB_PAGES = 256  # 4 KiB pages per MiB
 USAGE = "target [MIB], stats, info"
+LONG = f"line longer than {MAX_LINE} bytes"
 
 
 class Balloon(Protocol):
@@ -76,6 +85,14 @@ def answer(balloon: Balloon, line: str) -> dict[str, Any]:
     return {"ok": False, "error": f"unknown command {line.strip()[:64]!r} ({USAGE})"}
 
 
+@dataclass(eq=False)
+class _Client:
+    conn: socket.socket
+    buf: bytearray = field(default_factory=bytearray)
+    busy: bool = False  # a command of its is being answered (it is not read meanwhile)
+    eof: bool = False  # it has sent all it will send
+
+
 class ControlServer:
     """Listens at once (a bad path fails when the device is made); serves once attached."""
 
@@ -86,13 +103,17 @@ class ControlServer:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(self.path)
-            self._listener.listen(4)
+            self._listener.listen(MAX_CLIENTS)
         except OSError:
             self._listener.close()
             raise
         self._listener.setblocking(False)
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._clients: dict[socket.socket, bytearray] = {}
+        self._clients: dict[socket.socket, _Client] = {}
+        #: answers the workers have ready, for the server thread to send
+        self._answers: deque[tuple[_Client, dict[str, Any]]] = deque()
+        self._workers = ThreadPoolExecutor(MAX_CLIENTS, "emu-balloon-command")
+        self._accept_at: float | None = None  # when to try accept again after it failed
         self._balloon: Balloon | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -109,6 +130,7 @@ class ControlServer:
         os.eventfd_write(self._wake, 1)
         if self._thread is not None:
             self._thread.join()
+        self._workers.shutdown(wait=True)  # a stats wait ends within STATS_WAIT
         for conn in self._clients:
             conn.close()
         self._clients.clear()
@@ -125,11 +147,19 @@ class ControlServer:
         sel.register(self._listener, selectors.EVENT_READ)
         try:
             while not self._closed:
-                for key, _ in sel.select():
+                timeout = None
+                if self._accept_at is not None:
+                    timeout = max(0.0, self._accept_at - time.monotonic())
+                for key, _ in sel.select(timeout):
                     if key.fileobj is self._listener:
                         self._accept(sel)
-                    elif key.fileobj is not self._wake:
-                        self._read(sel, key.fileobj)  # type: ignore[arg-type]
+                    elif key.fileobj is self._wake:
+                        self._answered(sel)
+                    else:
+                        self._read(sel, key.data)
+                if self._accept_at is not None and time.monotonic() >= self._accept_at:
+                    self._accept_at = None
+                    sel.register(self._listener, selectors.EVENT_READ)
         except Exception:  # the device goes on without its control
             log.exception("balloon control on %s failed", self.path)
         finally:
@@ -140,45 +170,77 @@ class ControlServer:
             conn, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as e:  # out of fds: the client waits in the backlog
-            log.warning("balloon control: accept failed: %s", e)
+        except OSError as e:  # out of fds: the client waits in the backlog meanwhile
+            log.warning("balloon control: accept failed (again in %s s): %s", ACCEPT_RETRY, e)
+            sel.unregister(self._listener)
+            self._accept_at = time.monotonic() + ACCEPT_RETRY
             return
         if len(self._clients) >= MAX_CLIENTS:
             self._send(conn, {"ok": False, "error": f"more than {MAX_CLIENTS} clients"})
             conn.close()
             return
         conn.setblocking(False)
-        self._clients[conn] = bytearray()
-        sel.register(conn, selectors.EVENT_READ)
+        client = self._clients[conn] = _Client(conn)
+        sel.register(conn, selectors.EVENT_READ, client)
 
-    def _read(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
+    def _read(self, sel: selectors.BaseSelector, client: _Client) -> None:
         try:
-            data = conn.recv(4096)
+            data = client.conn.recv(4096)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
-        buf = self._clients[conn]
-        buf += data
-        while (end := buf.find(b"\n")) >= 0:
-            line, buf[:] = bytes(buf[:end]), buf[end + 1 :]
-            self._command(conn, line)
-        if not data or len(buf) > MAX_LINE:
-            if data:
-                self._send(conn, {"ok": False, "error": f"line longer than {MAX_LINE} bytes"})
-            self._drop(sel, conn)
+        client.buf += data
+        if not data:
+            client.eof = True
+            sel.unregister(client.conn)
+        self._next(sel, client)
 
-    def _command(self, conn: socket.socket, line: bytes) -> None:
+    def _next(self, sel: selectors.BaseSelector, client: _Client) -> None:
+        """Hand the client's next whole line to a worker, or drop the client once it has
+        none left after its end or holds more than MAX_LINE bytes without one."""
+        while not client.busy:
+            end = client.buf.find(b"\n")
+            if end < 0:
+                if len(client.buf) > MAX_LINE:
+                    self._send(client.conn, {"ok": False, "error": LONG})
+                    self._drop(sel, client)
+                elif client.eof:
+                    self._drop(sel, client)
+                return
+            line = bytes(client.buf[:end])
+            del client.buf[: end + 1]
+            if len(line) > MAX_LINE:
+                self._send(client.conn, {"ok": False, "error": LONG})
+                continue
+            client.busy = True
+            if not client.eof:
+                sel.unregister(client.conn)  # its next lines wait in the kernel meanwhile
+            self._workers.submit(self._command, client, line)
+
+    def _command(self, client: _Client, line: bytes) -> None:
+        """A worker thread: the answer to one line, handed back to the server thread."""
         assert self._balloon is not None
-        if len(line) > MAX_LINE:
-            reply: dict[str, Any] = {"ok": False, "error": f"line longer than {MAX_LINE} bytes"}
-        else:
-            try:
-                reply = answer(self._balloon, line.decode("utf-8", "replace"))
-            except Exception as e:  # a device problem is the client's answer, not our end
-                log.exception("balloon control: %r failed", line[:64])
-                reply = {"ok": False, "error": f"internal error: {e!r}"}
-        self._send(conn, reply)
+        try:
+            reply = answer(self._balloon, line.decode("utf-8", "replace"))
+        except Exception as e:  # a device problem is the client's answer, not our end
+            log.exception("balloon control: %r failed", line[:64])
+            reply = {"ok": False, "error": f"internal error: {e!r}"}
+        self._answers.append((client, reply))
+        os.eventfd_write(self._wake, 1)
+
+    def _answered(self, sel: selectors.BaseSelector) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        while self._answers:
+            client, reply = self._answers.popleft()
+            client.busy = False
+            self._send(client.conn, reply)
+            if not client.eof:
+                sel.register(client.conn, selectors.EVENT_READ, client)
+            self._next(sel, client)
 
     @staticmethod
     def _send(conn: socket.socket, reply: dict[str, Any]) -> None:
@@ -188,7 +250,9 @@ class ControlServer:
         except OSError:
             pass
 
-    def _drop(self, sel: selectors.BaseSelector, conn: socket.socket) -> None:
-        sel.unregister(conn)
-        del self._clients[conn]
-        conn.close()
+    def _drop(self, sel: selectors.BaseSelector, client: _Client) -> None:
+        """Only an idle client (no command running) is dropped."""
+        if not client.eof:
+            sel.unregister(client.conn)
+        del self._clients[client.conn]
+        client.conn.close()

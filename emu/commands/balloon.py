@@ -13,18 +13,30 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import click
 
 #: seconds to wait for an answer (``stats`` waits up to a second for the guest)
 TIMEOUT = 10.0
+#: seconds between connects while the server's backlog is full (a timeout makes a Unix
+#: socket's connect fail at once then, rather than wait)
+CONNECT_RETRY = 0.01
 
 
 def ask(path: str, line: str, timeout: float = TIMEOUT) -> dict:
     """Send one command line to the control socket at ``path``; its JSON answer."""
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(path)
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except BlockingIOError:  # the server's backlog is full: it is busy accepting
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path}: not accepted in {timeout} s") from None
+                time.sleep(CONNECT_RETRY)
         sock.sendall(line.encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):

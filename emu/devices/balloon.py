@@ -35,7 +35,8 @@ Hostile guests (documented policy, tests/test_balloon_hostile.py):
 * needs a reset (DEVICE_NEEDS_RESET): a chain that cannot be read as the spec lays it
   out: inflate / deflate / stats chains with device-writable buffers, reporting chains
   with device-readable ones, a PFN array whose length is not a multiple of 4 or holds
-  more than ``MAX_PFNS`` entries, a kick on a queue that has no role;
+  more than ``MAX_PFNS`` entries, a chain on a queue that has no role (setting one
+  up is harmless: QueueNumMax shows all five);
 * ignored, with a rate-limited log line and a counter in ``info``: PFNs outside guest
   RAM, duplicate PFNs (punched once), the parts of a reported range outside guest RAM or
   only partly covering a host page, stats entries with unknown tags and bytes past the
@@ -327,7 +328,12 @@ class BalloonDevice(VirtioDevice):
     def handle_queue(self, q: Virtqueue) -> None:
         role = self._roles.get(q.index)
         if role is None:
-            raise DeviceError(f"balloon: queue {q.index} has no role with the features negotiated")
+            # set up is harmless (QueueNumMax shows all five); a chain on it is not
+            if len(q.pop(1)):
+                raise DeviceError(
+                    f"balloon: queue {q.index} has no role with the features negotiated"
+                )
+            return
         serve = {INFLATE: self._inflate, DEFLATE: self._deflate, REPORTING: self._report}
         if role == STATS:
             self._serve_stats(q)
@@ -500,7 +506,7 @@ def _from_spec(spec: Spec, build: Build) -> BalloonDevice:
             raise SpecError(f"{name}={value}: on or off")
         withheld |= (value == "off") << bit
     target = spec.options.get("target", "0")
-    if not target.isdigit() or int(target) * 256 > U32_MAX:
+    if not (target.isascii() and target.isdigit()) or int(target) * 256 > U32_MAX:
         raise SpecError(f"target={target}: a whole number of MiB up to {U32_MAX // 256}")
     control = None
     path = spec.options.get("control")

@@ -800,7 +800,7 @@ class FsDevice(VirtioDevice):
                 raise StateError(f"fs: snapshot has {key} {s[key]!r}, this device {value!r}")
         replied: dict[int, dict[int, int]] = {}
         for key, pairs in s["replied"].items():
-            if not key.isdigit() or int(key) >= len(self.queues):
+            if not (key.isascii() and key.isdigit()) or int(key) >= len(self.queues):
                 raise StateError(f"fs state: replied names queue {key!r}")
             heads = {}
             for pair in pairs:
@@ -871,7 +871,7 @@ def _options(spec: Spec) -> tuple[str, bool, int]:
     if ro not in (None, "", "on", "off"):
         raise SpecError(f"ro={ro!r}: ro, ro=on or ro=off")
     queues = opts.get("queues", "1")
-    if not queues.isdigit() or not 1 <= int(queues) <= 0xFFFE:
+    if not (queues.isascii() and queues.isdigit()) or not 1 <= int(queues) <= 0xFFFE:
         raise SpecError(f"queues={queues!r}: a number of request queues, 1..65534")
     return tag, ro in ("", "on"), int(queues)
 

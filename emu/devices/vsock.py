@@ -28,12 +28,14 @@ Connections (``emu.devices.vsock_conn``):
 
 Flow control (the spec's credit): the device advertises ``buf_alloc`` per connection and
 counts in ``fwd_cnt`` what it wrote to the host socket, sending CREDIT_UPDATE when the
-guest's view of the free space falls below 64 KiB (and on CREDIT_REQUEST). Bytes the
+guest's view of the free space falls below 64 KiB and the program took a quarter of
+``buf_alloc`` since the last one, or all emu held (and on CREDIT_REQUEST). Bytes the
 program is slow to take wait in the connection, at most ``buf_alloc`` of them: the guest
-stops for want of credit. The other way the device reads the host socket only when a
-receive buffer is in hand and the guest has credit, and at most that much: a slow guest
-leaves the bytes in the program's socket (its writes block), never in emu. A guest that
-claims more buffer than it has only fills its own receive queue.
+stops for want of credit, and goes on as the program drains them. The other way the
+device reads the host socket only when a receive buffer is in hand and the guest has
+credit, and at most that much: a slow guest leaves the bytes in the program's socket (its
+writes block), never in emu. A guest that claims more buffer than it has only fills its
+own receive queue.
 
 Replies (RESPONSE, RST, SHUTDOWN, CREDIT_UPDATE, REQUEST) wait for receive buffers in a
 queue of at most ``REPLY_LIMIT``; past it the tx queue waits until the guest takes them,
@@ -58,7 +60,8 @@ to this process): a snapshot keeps the guest CID and the next local port, and de
 the connections it drops; a restored device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
 (the guest resets its connections, keeps its listeners, re-reads the CID) and answers
 packets of old connections with RST. The host's listening socket is the restoring
-device's own ``uds``. See ``save_state``.
+device's own ``uds``. A restore in place (``load_state`` into this stopped device) drops
+its live connections the same way. See ``save_state`` and ``load_state``.
 """
 
 from __future__ import annotations
@@ -135,7 +138,12 @@ CONNECT_TIMEOUT = 5.0
 LINGER = 10.0
 BATCH = 64
 #: rx buffers popped ahead per connection with data to send
-RX_AHEAD = 8
+RX_AHEAD = 16
+#: bytes read from a stream's host socket in one system call, into that many rx
+#: buffers' payload room (16 of Linux's 4 KiB ones)
+STREAM_BURST = 64 * 1024
+#: payload segments of one rx buffer filled at most (recvmsg_into's iovecs stay <= 512)
+MAX_PIECES = 8
 #: a Unix SOCK_SEQPACKET send takes at most its send buffer less this (EMSGSIZE beyond):
 #: a seqpacket connection advertises no more, so a Linux guest refuses bigger messages
 SEQPACKET_SLACK = 64
@@ -162,6 +170,11 @@ class _Sent:
     reply: _Reply
     chain: Chain
     length: int
+
+
+#: an rx buffer a stream's bytes are read into: the chain, where the header goes, where
+#: the payload goes (gpa, length pieces) and how many bytes that is
+_Room = tuple[Chain, list[tuple[int, int]], list[tuple[int, int]], int]
 
 
 @dataclass
@@ -288,8 +301,7 @@ class VsockDevice(VirtioDevice):
 
     def on_reset(self) -> None:
         """The driver's connections are gone with it: so are their host sockets."""
-        for conn in list(self.conns.by_fd.values()):
-            self._close(conn)
+        self._drop_connections()
         self._replies.clear()
         self._ready.clear()
         self._rx_held.clear()
@@ -300,6 +312,14 @@ class VsockDevice(VirtioDevice):
         self._reset_due = False
         while self._connects:  # programs that asked the driver just reset: refused
             self._connects.popleft()[0].close()
+
+    def _drop_connections(self) -> None:
+        """Close every host socket, with the packets still owed for them and the
+        readiness reported for them (a new socket may get the same fd)."""
+        for conn in list(self.conns.by_fd.values()):
+            self._close(conn)
+        self._replies = deque(r for r in self._replies if r.conn is None)
+        self._events.clear()
 
     def close(self) -> None:
         self.host.stop()  # first: its thread calls host_ready() and so wake()
@@ -419,6 +439,7 @@ class VsockDevice(VirtioDevice):
                 self._abort(conn, f"writing to the host program: {e.strerror}")
             return
         if conn.has_out():
+            self._credit_check(conn)  # the program took some: the guest may go on
             return
         if conn.closing:
             self._close(conn)
@@ -432,10 +453,15 @@ class VsockDevice(VirtioDevice):
         self._credit_check(conn)
 
     def _credit_check(self, conn: Conn) -> None:
-        if conn.fwd_cnt == conn.last_fwd_sent or not conn.established:
+        """CREDIT_UPDATE once the guest sees less than CREDIT_LOW free and the program
+        took bytes it was not told of: a quarter of ``buf_alloc`` of them, or all emu
+        held. So a program slower than the guest gets its bytes in big steps, without
+        an update per read."""
+        freed = (conn.fwd_cnt - conn.last_fwd_sent) & MASK32
+        if not freed or not conn.established or conn.closing:
             return
         seen_free = conn.buf_alloc - ((conn.rx_cnt - conn.last_fwd_sent) & MASK32)
-        if seen_free < CREDIT_LOW:
+        if seen_free < CREDIT_LOW and (freed >= conn.buf_alloc // 4 or not conn.has_out()):
             self._credit_update(conn)
 
     def _credit_update(self, conn: Conn) -> None:
@@ -709,9 +735,22 @@ class VsockDevice(VirtioDevice):
             chain = self._rx_chain(q)
             if chain is None:
                 break
-            got = self._next_packet(chain.in_len - HDR.size)
+            room = min(chain.in_len - HDR.size, MAX_PAYLOAD)
+            got = self._next_reply(room)
             if got is None:
-                break  # the chain stays held for the next packet
+                conn = self._next_turn()
+                if conn is None:
+                    break
+                if not room:  # a buffer with room for a header only: data cannot use it
+                    got = self._header(conn, OP_CREDIT_UPDATE, 0), _Reply(conn, OP_CREDIT_UPDATE)
+                elif conn.seqpacket:
+                    got = self._data(conn, room)
+                else:
+                    self._stream(q, conn, heads, lengths)  # into this chain and the next
+                if self._can_send(conn):
+                    self._ready[conn.id] = conn  # to the back: connections take turns
+                if got is None:
+                    continue
             pkt, item = got
             self._rx_held.popleft()
             ChainWriter(self.mem, chain).write(pkt)
@@ -724,17 +763,22 @@ class VsockDevice(VirtioDevice):
             self.wake()  # the tx queue may go on
 
     def _rx_chain(self, q: Virtqueue) -> Chain | None:
-        """The next receive buffer (held, or popped), or None when the ring is empty.
+        """The next receive buffer (held, or popped), or None when the ring is empty."""
+        return self._rx_held[0] if self._hold(q, 1) else None
+
+    def _hold(self, q: Virtqueue, n: int, ahead: int = 0) -> bool:
+        """At least ``n`` receive buffers held (popped as needed, ``ahead`` more for a
+        connection being served); False when the ring has too few.
 
         Only about as many are popped as packets are waiting (a reply each, a few per
         ready connection): buffers the device holds are in flight at a stop."""
-        while not self._rx_held:
-            want = len(self._replies) + RX_AHEAD * len(self._ready)
-            batch = q.pop(min(BATCH, want) or 1)
+        while len(self._rx_held) < n:
+            want = len(self._replies) + RX_AHEAD * len(self._ready) + ahead
+            batch = q.pop(min(BATCH, max(want, n - len(self._rx_held))))
             if not len(batch):
                 if q.set_kicks(True):
                     continue
-                return None
+                return False
             self._rx_out.popped(batch.heads.tolist())
             for c in chains(batch):
                 if c.readable or c.in_len < HDR.size:
@@ -743,30 +787,25 @@ class VsockDevice(VirtioDevice):
                         + (" and a device-readable buffer" if c.readable else "")
                     )
                 self._rx_held.append(c)
-        return self._rx_held[0]
+        return True
 
-    def _next_packet(self, room: int) -> tuple[bytes, _Reply] | None:
-        """The next packet for a buffer with ``room`` payload bytes: replies first, then
-        data from the ready connections in turn."""
-        room = min(room, MAX_PAYLOAD)
-        while True:
-            while self._replies:
-                got = self._build(self._replies.popleft(), room)
-                if got is not None:
-                    return got
-            if not self._ready:
-                return None
-            if not room:  # a buffer with room for a header only: data cannot use it
-                conn = next(iter(self._ready.values()))
-                return self._header(conn, OP_CREDIT_UPDATE, 0), _Reply(conn, OP_CREDIT_UPDATE)
-            conn = self._ready.pop(next(iter(self._ready)))
-            if not self._can_send(conn):
-                continue
-            got = self._data(conn, room)
-            if self._can_send(conn):
-                self._ready[conn.id] = conn  # to the back: connections take turns
+    def _next_reply(self, room: int) -> tuple[bytes, _Reply] | None:
+        """The next reply packet for a buffer with ``room`` payload bytes (None: none
+        left that still means something)."""
+        while self._replies:
+            got = self._build(self._replies.popleft(), room)
             if got is not None:
                 return got
+        return None
+
+    def _next_turn(self) -> Conn | None:
+        """The next connection with data to send and credit for it (taken out of the
+        turn; the caller puts it back at the end if it still can send)."""
+        while self._ready:
+            conn = self._ready.pop(next(iter(self._ready)))
+            if self._can_send(conn):
+                return conn
+        return None
 
     def _build(self, r: _Reply, room: int) -> tuple[bytes, _Reply] | None:
         conn = r.conn
@@ -787,27 +826,77 @@ class VsockDevice(VirtioDevice):
             flags = 0
         return self._header(conn, OP_RW, len(piece), flags) + piece, _Reply(conn, OP_RW, flags)
 
+    def _stream(self, q: Virtqueue, conn: Conn, heads: list[int], lengths: list[int]) -> None:
+        """RW packets of what a stream's host program sent, read from its socket straight
+        into the payload room of the receive buffers held (popping more as needed): one
+        ``recvmsg_into`` for up to STREAM_BURST bytes, as far as the guest's credit
+        goes, and no copy in emu. Buffers left empty stay held; EOF and errors are dealt
+        with here."""
+        bufs = self._stream_buffers(q, min(conn.credit(), STREAM_BURST))
+        views: list[memoryview] = []
+        try:
+            for _, _, pieces, _ in bufs:
+                views += [self.mem.view(a, n, write=True) for a, n in pieces]
+            got = conn.sock.recvmsg_into(views)[0]
+        except BlockingIOError:
+            conn.readable = False
+            self._arm(conn)
+            return
+        except OSError as e:
+            self._abort(conn, f"reading from the host program: {e.strerror}")
+            return
+        finally:
+            for v in views:
+                v.release()  # guest RAM is not pinned past this
+        if not got:
+            self._host_eof(conn)
+            return
+        conn.tx_cnt = (conn.tx_cnt + got) & MASK32
+        for chain, at, _, room in bufs:
+            n = min(room, got)
+            if not n:
+                break
+            got -= n
+            hdr = self._header(conn, OP_RW, n)
+            if len(at) == 1:
+                self.mem.write(at[0][0], hdr)
+            else:  # a header across buffers
+                off = 0
+                for a, k in at:
+                    self.mem.write(a, hdr[off : off + k])
+                    off += k
+            self._rx_held.popleft()
+            self._rx_out.record([chain.head], _Sent(_Reply(conn, OP_RW), chain, HDR.size + n))
+            heads.append(chain.head)
+            lengths.append(HDR.size + n)
+
+    def _stream_buffers(self, q: Virtqueue, budget: int) -> list[_Room]:
+        """The receive buffers held (popping more as needed) whose payload room takes up
+        to ``budget`` bytes, in order; stops at a header-only one (it is for the next
+        control packet)."""
+        bufs: list[_Room] = []
+        held = self._rx_held
+        while budget > 0 and len(bufs) < BATCH:
+            if len(bufs) == len(held) and not self._hold(q, len(bufs) + 1, RX_AHEAD):
+                break
+            chain = held[len(bufs)]
+            at, pieces, room = _layout(chain.writable, min(budget, MAX_PAYLOAD))
+            if not room:
+                break
+            bufs.append((chain, at, pieces, room))
+            budget -= room
+        return bufs
+
     def _data(self, conn: Conn, room: int) -> tuple[bytes, _Reply] | None:
-        """An RW packet of what the host program sent, as much as credit and ``room``
-        allow; None when there was nothing (EOF and errors are dealt with here)."""
+        """SEQPACKET: an RW packet of the host's message being sent, as much as credit
+        and ``room`` allow; None when there was nothing (EOF and errors are dealt with
+        here)."""
         n = min(conn.credit(), room)
         if n <= 0:
             return None
-        flags = 0
         try:
-            if conn.seqpacket:
-                if conn.msg_off >= len(conn.msg_out) and not self._next_message(conn):
-                    return None
-                data = conn.msg_out[conn.msg_off : conn.msg_off + n]
-                conn.msg_off += len(data)
-                if conn.msg_off == len(conn.msg_out):
-                    flags = SEQ_EOM
-                    conn.msg_out, conn.msg_off = b"", 0
-            else:
-                data = conn.sock.recv(n)
-                if not data:
-                    self._host_eof(conn)
-                    return None
+            if conn.msg_off >= len(conn.msg_out) and not self._next_message(conn):
+                return None
         except BlockingIOError:
             conn.readable = False
             self._arm(conn)
@@ -815,6 +904,12 @@ class VsockDevice(VirtioDevice):
         except OSError as e:
             self._abort(conn, f"reading from the host program: {e.strerror}")
             return None
+        data = conn.msg_out[conn.msg_off : conn.msg_off + n]
+        conn.msg_off += len(data)
+        flags = 0
+        if conn.msg_off == len(conn.msg_out):
+            flags = SEQ_EOM
+            conn.msg_out, conn.msg_off = b"", 0
         conn.tx_cnt = (conn.tx_cnt + len(data)) & MASK32
         return self._header(conn, OP_RW, len(data), flags) + data, _Reply(conn, OP_RW, flags)
 
@@ -901,12 +996,24 @@ class VsockDevice(VirtioDevice):
 
     def load_state(self, state: dict) -> None:
         """Keep the CID (the saved one wins over this device's own) and the port counter;
-        the saved connections are gone, and the guest is told with TRANSPORT_RESET."""
+        the saved connections are gone, and the guest is told with TRANSPORT_RESET.
+
+        A fresh device has no connections. One stopped under a running guest (a restore
+        in place: the only kind a VMM that cannot swap the device has, and a real guest
+        here) drops its own as a swap would: host sockets closed, the bytes it held for
+        them and the packets it owed for them gone. Called on a stopped (or never
+        started) device, like ``save_state``."""
         s = STATE.check(state)
         try:
             cid = check_cid(s["guest_cid"])
         except ValueError as e:
             raise StateError(f"vsock state: {e}") from None
+        if self.run_state in (RunState.RUNNING, RunState.STOPPING):
+            now = self.run_state.value
+            raise StateError(f"vsock: stop the device before loading a state (it is {now})")
+        if self.conns:
+            log.info("vsock: restore in place: %d live connections dropped", len(self.conns))
+            self._drop_connections()
         if cid != self.cid:
             log.warning("vsock: the restored guest CID %d replaces this device's %d", cid, self.cid)
         self.cid = cid
@@ -917,6 +1024,31 @@ class VsockDevice(VirtioDevice):
                 "vsock: %d connections of the saved state are dropped (TRANSPORT_RESET)",
                 len(s["dropped"]),
             )
+
+
+def _layout(
+    segs: list[tuple[int, int]], room: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+    """Where a packet goes in an rx buffer's writable segments (gpa, length): the
+    header's pieces, then at most MAX_PIECES pieces for at most ``room`` payload bytes,
+    and how many bytes those pieces hold. (ChainWriter's work, without its generality,
+    for the one loop that runs per packet.)"""
+    at: list[tuple[int, int]] = []
+    pieces: list[tuple[int, int]] = []
+    need, got = HDR.size, 0
+    for gpa, n in segs:
+        if need:
+            k = min(n, need)
+            at.append((gpa, k))
+            need -= k
+            gpa, n = gpa + k, n - k
+        if n and got < room:
+            k = min(n, room - got)
+            pieces.append((gpa, k))
+            got += k
+        if not need and (got == room or len(pieces) == MAX_PIECES):
+            break
+    return at, pieces, got
 
 
 # -- the device type: ``vsock:CID=N,uds=PATH`` --
@@ -934,7 +1066,7 @@ def _from_spec(spec: Spec, build: Build) -> VsockDevice:
     if len(cids) != 1:
         raise SpecError("the guest's CID, once (CID=N)")
     (cid,) = cids
-    if not cid.isdigit():
+    if not (cid.isascii() and cid.isdigit()):
         raise SpecError(f"CID={cid!r}: a number")
     uds = opts.get("uds")
     if not uds:

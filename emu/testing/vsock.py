@@ -203,20 +203,22 @@ class GuestVsock:
         queue_size: int | None = 64,
         rx_buffers: int = 32,
         rx_buf_size: int = 4096,
+        rx_layout: list[int] | None = None,
         event_buffers: int = 4,
         event_queue: bool = True,
         max_packet: int = 64 * 1024,
         buf_alloc: int = 256 * 1024,
     ) -> None:
         """``event_queue=False`` leaves the event queue to someone else, as QEMU's
-        vhost-user-vsock-device does (it sends TRANSPORT_RESET itself)."""
+        vhost-user-vsock-device does (it sends TRANSPORT_RESET itself). ``rx_layout``:
+        the buffer sizes of each rx chain, instead of a header and ``rx_buf_size``."""
         self.drv = drv
         self.features = drv.init(features, packed=packed, event_idx=event_idx, indirect=indirect)
         for i in (RX, TX, EVENTQ) if event_queue else (RX, TX):
             drv.setup_queue(i, queue_size)
         drv.driver_ok()
         self.cid = drv.config_read(0, 8)
-        self.rx_buf_size = rx_buf_size
+        self.rx_layout = rx_layout or ([HDR.size, rx_buf_size] if rx_buf_size else [HDR.size])
         self.max_packet = max_packet
         self.buf_alloc = buf_alloc
         self.socks: dict[tuple[int, int], GuestSocket] = {}
@@ -230,13 +232,18 @@ class GuestVsock:
         if event_queue:
             self.post(EVENTQ, event_buffers)
 
+    @property
+    def rx_buf_size(self) -> int:
+        """Payload room of the rx buffers posted now."""
+        return sum(self.rx_layout) - HDR.size
+
     def post(self, qidx: int, count: int) -> None:
         q = self.drv.queues[qidx]
         for _ in range(count):
             if qidx == EVENTQ:
                 q.add([], [EVENT_MSG.size])
-            else:  # rx_buf_size 0: room for a header only
-                q.add([], [HDR.size, self.rx_buf_size] if self.rx_buf_size else [HDR.size])
+            else:
+                q.add([], self.rx_layout)
         if count and q.kick_needed():
             self.drv.kick(qidx)
 
