@@ -369,6 +369,30 @@ def test_reference_guest_reading_seqpacket_messages_never_stalls(tmp_path):
             assert got == msgs
 
 
+def test_guest_seqpacket_message_after_a_smaller_one_is_not_stalled(tmp_path):
+    """Finding: the device told the guest of freed room only after writing to the
+    program. A guest that sent a 100 000-byte message (written at once; the guest still
+    saw plenty of room, so no CREDIT_UPDATE) and then a 150 000-byte one ran out of
+    credit in the middle of the second: the device held a partial message, wrote
+    nothing, and so never said that the first message's room was free again. Both ends
+    waited for ever (Linux never asks for credit). The device now checks credit as a
+    message grows too."""
+    with (
+        vsock(tmp_path) as (dev, guest, path),
+        listener(path, 6000, socket.SOCK_SEQPACKET) as srv,
+    ):
+        s = guest.connect(6000, TYPE_SEQPACKET)
+        prog, _ = srv.accept()
+        with prog:
+            first, second = b"a" * 100_000, b"b" * 150_000
+            assert len(second) <= s.peer_buf_alloc  # within what the device takes
+            s.send(first)
+            s.send(second, timeout=5)
+            prog.settimeout(5)
+            assert prog.recv(1 << 20) == first
+            assert prog.recv(1 << 20) == second
+
+
 # -- properties that held --
 
 

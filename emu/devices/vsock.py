@@ -703,6 +703,8 @@ class VsockDevice(VirtioDevice):
             self.stats.held_peak = max(self.stats.held_peak, len(conn.out))
         if conn.has_out():
             self._flush(conn)
+        else:  # part of a message: the guest may need room freed earlier to finish it
+            self._credit_check(conn)
         if self._alive(conn):
             self._arm(conn)
 
