@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import time
 from pathlib import Path
 
@@ -201,7 +200,7 @@ def test_a_stop_gives_a_silent_server_up_and_needs_a_reset(nbd_server, tmp_path,
     blk = BlkDriver.open(VirtioMmioDriver(tr, mem))
     try:
         assert blk.write(0, b"a" * BLOCK) == 0
-        os.kill(srv.proc.pid, signal.SIGSTOP)
+        srv.freeze()
         blk.submit(T_OUT, 8, b"b" * BLOCK)
         deadline = time.monotonic() + 5
         while dev.queues[0].held() < 1:
@@ -213,6 +212,6 @@ def test_a_stop_gives_a_silent_server_up_and_needs_a_reset(nbd_server, tmp_path,
         assert "unanswered" in (dev.broken or "")
         assert time.monotonic() - started < 5
     finally:
-        os.kill(srv.proc.pid, signal.SIGCONT)
+        srv.thaw()
         dev.close()
         mem.close()

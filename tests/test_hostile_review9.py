@@ -4,8 +4,6 @@ guest, frontend or NBD server would."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import threading
 import time
@@ -46,7 +44,7 @@ def test_reset_with_a_write_at_a_silent_nbd_server_returns(tmp_path: Path) -> No
         with attached(dev) as drv:
             blk = BlkDriver.open(drv)
             assert blk.write(0, b"a" * 512) == S_OK
-            os.kill(srv.proc.pid, signal.SIGSTOP)
+            srv.freeze()
             blk.submit(T_OUT, 8, b"b" * 512)
             for _ in range(500):  # until the write is at the (silent) server
                 if dev.engines[0].outstanding:
@@ -59,11 +57,11 @@ def test_reset_with_a_write_at_a_silent_nbd_server_returns(tmp_path: Path) -> No
             resetter.start()
             resetter.join(BOUND_S)
             hung = resetter.is_alive()
-            os.kill(srv.proc.pid, signal.SIGCONT)  # let the stuck thread end
+            srv.thaw()  # let the stuck thread end
             resetter.join(BOUND_S)
             assert not hung, "device reset hangs while an NBD server holds a write"
     finally:
-        os.kill(srv.proc.pid, signal.SIGCONT)
+        srv.thaw()
         srv.stop()
 
 

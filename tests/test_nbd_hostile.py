@@ -5,8 +5,6 @@ in one command. Each test failed on the engine before the fix it covers."""
 from __future__ import annotations
 
 import errno
-import os
-import signal
 import socket
 import threading
 import time
@@ -36,15 +34,12 @@ def stopped(nbd_server: Server) -> Iterator[Callable[[Nbdkit], None]]:
 
     def stop(srv: Nbdkit) -> None:
         held.append(srv)
-        os.kill(srv.proc.pid, signal.SIGSTOP)
-        stat = Path(f"/proc/{srv.proc.pid}/stat")
-        while stat.read_text().rpartition(")")[2].split()[0] != "T":  # stopped for real
-            time.sleep(0.001)
+        srv.freeze()
 
     yield stop
     for srv in held:
         if srv.proc is not None:
-            os.kill(srv.proc.pid, signal.SIGCONT)
+            srv.thaw()
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -68,7 +63,7 @@ def in_thread(fn: Callable[[], object], release: Callable[[], None]) -> tuple[ob
 
 
 def resume(srv: Nbdkit) -> Callable[[], None]:
-    return lambda: os.kill(srv.proc.pid, signal.SIGCONT)
+    return srv.thaw
 
 
 def test_fence_on_a_silent_server_times_out_and_the_write_is_fate_unknown(
@@ -100,7 +95,7 @@ def test_fence_on_a_silent_server_times_out_and_the_write_is_fate_unknown(
     assert buf == b"\xee" * 4096
     assert not e.connected
     assert e.fence_py() == 0  # nothing left that could change the disk
-    os.kill(srv.proc.pid, signal.SIGCONT)
+    srv.thaw()
     deadline = time.monotonic() + BOUND_S
     got = bytearray(4096)
     while True:

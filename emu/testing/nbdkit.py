@@ -94,6 +94,24 @@ class Nbdkit:
     def stop(self) -> None:
         self._end(signal.SIGTERM)
 
+    def freeze(self, timeout: float = 5.0) -> None:
+        """SIGSTOP: a server that stops answering (a hang, a partition without a reset).
+
+        Returns once every thread of it is stopped: kill() returns before that, and a
+        worker still running could answer a request sent just after."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        deadline = time.monotonic() + timeout
+        while not all(_state(t) == "T" for t in tasks.iterdir()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nbdkit {self.proc.pid} did not stop")
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
     def _end(self, sig: int) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
@@ -115,3 +133,11 @@ class Nbdkit:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _state(task: Path) -> str:
+    """A thread's scheduler state from /proc (after the ")" that ends its name)."""
+    try:
+        return (task / "stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return "T"  # an exited thread answers nothing either
