@@ -288,10 +288,15 @@ def test_a_fwd_cnt_ahead_of_what_was_sent_gives_no_credit(rig):
     dev, g = rig.vsock()
     s, prog = connected(rig, g, 5000)
     send(g, header(g, op=OP_CREDIT_UPDATE, buf_alloc=65536, fwd_cnt=1 << 31, **of(s)))
+    conn = dev.conns.get(5000, s.local_port)
+    for _ in range(250):  # the lie is taken before the program's bytes can be sent
+        if conn.peer_fwd_cnt == 1 << 31:
+            break
+        g.pump(0.02)
+    assert conn.peer_fwd_cnt == 1 << 31
     prog.sendall(b"x" * 1000)
     for _ in range(20):
         g.pump(0.02)
-    conn = dev.conns.get(5000, s.local_port)
     assert conn.tx_cnt == 0 and conn.credit() == 0 and not s.rx
     s.credit_update()  # the truth: data flows again
     assert s.recv_exactly(1000) == b"x" * 1000
