@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,11 @@ def test_blk_report_stop_lands_between_requests_of_a_batch(tmp_path, mem):
 
     def write_then_stop(r):  # the stop arrives while the third request runs
         calls.append(r.sector)
-        if len(calls) == 3:
-            dev.request_stop("report")
+        if len(calls) == 3:  # from another thread, as a VMM's stop comes (from the device
+            # thread itself it would run inline and could report STOPPED before this write)
+            vmm = threading.Thread(target=dev.request_stop, args=("report",))
+            vmm.start()
+            vmm.join()
         return write(r)
 
     dev._handlers[T_OUT] = write_then_stop
