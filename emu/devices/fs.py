@@ -90,8 +90,6 @@ from emu.devices import fuse as f
 from emu.devices._chain import (
     Chain,
     ChainError,
-    ChainReader,
-    ChainWriter,
     Unpublished,
     abandoning,
     chains,
@@ -123,6 +121,10 @@ IOV_MAX = os.sysconf("SC_IOV_MAX")
 #: seconds the guest may cache names and attributes (as virtiofsd's cache=auto)
 TTL = 1
 BATCH = 64
+IN_HEADER_SIZE = f.IN_HEADER.size
+OUT_HEADER_SIZE = f.OUT_HEADER.size
+#: opcodes the request path compares with (plain ints: no enum lookup per request)
+_INIT, _READ, _WRITE = int(f.Op.INIT), int(f.Op.READ), int(f.Op.WRITE)
 
 OFFERED = (
     f.ASYNC_READ
@@ -258,7 +260,8 @@ class FsDevice(VirtioDevice):
         self.strict_restore = strict_restore
         self.session: Session | None = None
         #: per queue: chains whose reply was written but whose used entry may not be out
-        self._unpublished: dict[int, Unpublished[tuple[int, int]]] = {
+        #: ([(head, used length)] per batch pushed)
+        self._unpublished: dict[int, Unpublished[list[tuple[int, int]]]] = {
             q.index: Unpublished() for q in self.queues
         }
         #: per queue: head -> used length of chains answered before a stop, still in flight
@@ -325,42 +328,59 @@ class FsDevice(VirtioDevice):
     # -- the request path --
 
     def handle_queue(self, q: Virtqueue) -> None:
+        """Serve every chain the driver made available, a batch at a time.
+
+        A batch's used entries are pushed together, so they are published together or
+        (a report stop closing the gate) withheld together: one record per batch tells
+        ``forget_inflight`` what was answered. A batch shorter than asked emptied the
+        ring, so the next look is ``set_kicks(True)``, which says whether more came
+        meanwhile: one pop per wake-up when the guest sends one request at a time."""
         out, replied = self._unpublished[q.index], self._replied[q.index]
         while True:
             q.set_kicks(False)
-            while len(batch := q.pop(BATCH)):
-                out.popped(batch.heads.tolist())
-                heads: list[int] = []
+            while True:
+                batch = q.pop(BATCH)
+                heads = batch.heads.tolist()
+                if not heads:
+                    break
+                out.popped(heads)
                 lengths: list[int] = []
                 for c in chains(batch):
                     if abandoning(q):  # report stop: the rest stays in flight, not executed
+                        del heads[len(lengths) :]
                         break
-                    used = replied.pop(c.head, None)
+                    used = replied.pop(c.head, None) if replied else None
                     if used is None:  # not answered before a stop: serve it now
                         used = self._serve(c)
-                    out.record([c.head], (c.head, used))
-                    heads.append(c.head)
                     lengths.append(used)
+                out.record(heads, list(zip(heads, lengths, strict=True)))
                 q.push(heads, lengths)
+                if len(heads) < BATCH:
+                    break
             if not q.set_kicks(True):
                 return
 
     def _serve(self, c: Chain) -> int:
-        """Execute one request and write its reply; the chain's used length."""
-        r = ChainReader(self.mem, c)
-        if r.left < f.IN_HEADER.size:
-            log.info("fs: chain %d: %d readable bytes, no whole in header", c.head, r.left)
+        """Execute one request and write its reply; the chain's used length.
+
+        The chain's buffers are read and written through plain (gpa, length) lists
+        (``_gather`` / ``_scatter``), not a reader and writer object per request: a
+        metadata request is a few microseconds of host work, so the per-request Python
+        around it is what a guest waits for."""
+        sent = _length(c.readable)
+        if sent < IN_HEADER_SIZE:
+            log.info("fs: chain %d: %d readable bytes, no whole in header", c.head, sent)
             return self._answer_error(c, 0, errno.EIO)
-        h = Header._make(r.unpack(f.IN_HEADER))
+        h = Header._make(f.IN_HEADER.unpack(self._gather(c.readable, 0, IN_HEADER_SIZE)))
         if h.opcode in f.NO_REPLY:
-            self._no_reply(h, r)
+            self._no_reply(h, c, sent)
             return 0
-        if c.in_len < f.OUT_HEADER.size:
+        room = _length(c.writable) - OUT_HEADER_SIZE
+        if room < 0:
             log.info("fs: request %d (opcode %d) has no room for a reply", h.unique, h.opcode)
             return 0
-        w = ChainWriter(self.mem, c)
         try:
-            return self._dispatch(h, r, w, c.in_len - f.OUT_HEADER.size)
+            return self._dispatch(h, c, sent, room)
         except ChainError as e:  # a length the checks missed: still the guest's fault
             log.info("fs: request %d (opcode %d): %s", h.unique, h.opcode, e)
             err = errno.EINVAL
@@ -378,50 +398,68 @@ class FsDevice(VirtioDevice):
     def _answer_error(self, c: Chain, unique: int, err: int) -> int:
         """A bare out header with ``-err`` (written afresh: a failed READ may have taken
         room already); 0 when there is no room for it."""
-        if c.in_len < f.OUT_HEADER.size:
+        if _length(c.writable) < OUT_HEADER_SIZE:
             return 0
-        w = ChainWriter(self.mem, c)
-        w.pack(f.OUT_HEADER, f.OUT_HEADER.size, -err, unique)
-        return w.written
+        self._scatter(c.writable, f.OUT_HEADER.pack(OUT_HEADER_SIZE, -err, unique))
+        return OUT_HEADER_SIZE
 
-    def _dispatch(self, h: Header, r: ChainReader, w: ChainWriter, room: int) -> int:
+    def _dispatch(self, h: Header, c: Chain, sent: int, room: int) -> int:
         """Check the request against the session and the device, then run it."""
-        if not f.IN_HEADER.size <= h.len <= f.IN_HEADER.size + r.left:
-            raise f.Malformed(f"in.len {h.len} with {f.IN_HEADER.size + r.left} bytes sent")
+        if not IN_HEADER_SIZE <= h.len <= sent:
+            raise f.Malformed(f"in.len {h.len} with {sent} bytes sent")
         op = h.opcode
         served = self._ops.get(op)
-        if served is None and op not in (f.Op.READ, f.Op.WRITE):
+        if served is None and op != _READ and op != _WRITE:
             raise OSError(errno.ENOSYS, "not served")
-        if self.session is None and op != f.Op.INIT:
+        if self.session is None and op != _INIT:
             raise OSError(errno.EIO, "no INIT yet")
         if self.readonly and op in WRITE_OPS:
             raise OSError(errno.EROFS, "read-only")
-        arglen = h.len - f.IN_HEADER.size
-        if op == f.Op.WRITE:  # only the struct is copied; the data stays in guest RAM
+        arglen = h.len - IN_HEADER_SIZE
+        if op == _WRITE:  # only the struct is copied; the data stays in guest RAM
             if room < f.WRITE_OUT.size:
                 raise f.Malformed(f"{room} bytes of room for a WRITE reply")
             fixed = min(arglen, f.WRITE_IN.size)
-            return self._reply(w, h, self._write(f.Args(r.read(fixed)), r, arglen - fixed))
+            args = f.Args(self._gather(c.readable, IN_HEADER_SIZE, fixed))
+            return self._reply(c, h, self._write(args, c, IN_HEADER_SIZE + fixed, arglen - fixed))
         if arglen > MAX_ARGS:
             raise f.Malformed(f"{arglen} bytes of arguments")
-        args = f.Args(r.read(arglen))
+        args = f.Args(self._gather(c.readable, IN_HEADER_SIZE, arglen))
         if served is None:
-            return self._read(h, args, w, room)
+            return self._read(h, args, c, room)
         handler, size = served
         if size is not None and size > room:
             raise f.Malformed(f"{room} bytes of room for a {size}-byte reply")
-        return self._reply(w, h, handler(h, args, room))
+        return self._reply(c, h, handler(h, args, room))
 
-    def _reply(self, w: ChainWriter, h: Header, body: bytes) -> int:
-        w.write(f.OUT_HEADER.pack(f.OUT_HEADER.size + len(body), 0, h.unique) + body)
-        return w.written
+    def _reply(self, c: Chain, h: Header, body: bytes) -> int:
+        data = f.OUT_HEADER.pack(OUT_HEADER_SIZE + len(body), 0, h.unique) + body
+        self._scatter(c.writable, data)
+        return len(data)
 
-    def _no_reply(self, h: Header, r: ChainReader) -> None:
+    def _gather(self, segments: list[tuple[int, int]], start: int, n: int) -> bytes:
+        """Bytes ``start`` to ``start + n`` of the readable buffers (the caller checked
+        that they hold that many): one read when a buffer holds them all, as the in
+        header and each argument of a Linux request do."""
+        pieces = _pieces(segments, start, n)
+        if len(pieces) == 1:
+            return self.mem.read(*pieces[0])
+        return b"".join([self.mem.read(gpa, k) for gpa, k in pieces])
+
+    def _scatter(self, segments: list[tuple[int, int]], data: bytes) -> None:
+        """``data`` into the writable buffers, front to back (ChainError, nothing written,
+        when they hold less)."""
+        if len(data) > _length(segments):
+            raise ChainError(f"{len(data)} bytes of reply, {_length(segments)} of room")
+        self._put(_pieces(segments, 0, len(data)), data)
+
+    def _no_reply(self, h: Header, c: Chain, sent: int) -> None:
         """FORGET, BATCH_FORGET, INTERRUPT: nothing goes back, whatever is wrong."""
         try:
-            if not f.IN_HEADER.size <= h.len <= f.IN_HEADER.size + r.left:
+            if not IN_HEADER_SIZE <= h.len <= sent:
                 raise f.Malformed(f"in.len {h.len}")
-            args = f.Args(r.read(min(h.len - f.IN_HEADER.size, MAX_ARGS)))
+            arglen = min(h.len - IN_HEADER_SIZE, MAX_ARGS)
+            args = f.Args(self._gather(c.readable, IN_HEADER_SIZE, arglen))
             if h.opcode == f.Op.FORGET:
                 (nlookup,) = args.take(f.FORGET_IN)
                 self.dir.forget(h.nodeid, nlookup)
@@ -577,13 +615,13 @@ class FsDevice(VirtioDevice):
         node, st, fh = self.dir.create(h.nodeid, a.name(), mode, flags)
         return self._entry(node, st) + f.OPEN_OUT.pack(fh, 0, 0)
 
-    def _read(self, h: Header, a: f.Args, w: ChainWriter, room: int) -> int:
+    def _read(self, h: Header, a: f.Args, c: Chain, room: int) -> int:
         """preadv from the host file straight into the chain's buffers after the header."""
         fh, offset, size, *_ = a.take(f.READ_IN)
         fd = self.dir.fd(fh)
-        head = w.take(f.OUT_HEADER.size)
+        head = _pieces(c.writable, 0, OUT_HEADER_SIZE)
         views = []
-        for gpa, n in w.take(min(size, room, MAX_IO))[:IOV_MAX]:
+        for gpa, n in _pieces(c.writable, OUT_HEADER_SIZE, min(size, room, MAX_IO))[:IOV_MAX]:
             views.append(self.mem.view(gpa, n, write=True))
         try:
             done = os.preadv(fd, views, f.signed64(offset)) if views else 0
@@ -599,15 +637,16 @@ class FsDevice(VirtioDevice):
             self.mem.write(gpa, data[off : off + n])
             off += n
 
-    def _write(self, a: f.Args, r: ChainReader, sent: int) -> bytes:
-        """pwritev from the chain's buffers straight into the host file."""
+    def _write(self, a: f.Args, c: Chain, start: int, sent: int) -> bytes:
+        """pwritev from the chain's buffers (its data from byte ``start`` on, ``sent``
+        bytes of it) straight into the host file."""
         fh, offset, size, *_ = a.take(f.WRITE_IN)
         if size > sent:
             raise f.Malformed(f"WRITE of {size} bytes with {sent} sent")
         if size > self.session.max_write:
             raise f.Malformed(f"WRITE of {size} bytes, max_write {self.session.max_write}")
         fd = self.dir.fd(fh)
-        views = [self.mem.view(gpa, n) for gpa, n in r.take(size)]
+        views = [self.mem.view(gpa, n) for gpa, n in _pieces(c.readable, start, size)]
         done, pos = 0, f.signed64(offset)
         for i in range(0, len(views), IOV_MAX):
             part = views[i : i + IOV_MAX]
@@ -729,8 +768,8 @@ class FsDevice(VirtioDevice):
         """Remember the used lengths of answered chains a stop left in flight."""
         for q in self.queues:
             if q.started and q.index in queues:
-                done = self._unpublished[q.index].settle(inflight_heads(q))
-                self._replied[q.index].update(done)
+                for answered in self._unpublished[q.index].settle(inflight_heads(q)):
+                    self._replied[q.index].update(answered)
 
     def save_state(self) -> dict:
         return {
@@ -791,6 +830,30 @@ class FsDevice(VirtioDevice):
         self.session = session
         for i in self._replied:
             self._replied[i] = replied.get(i, {})
+
+
+def _length(segments: list[tuple[int, int]]) -> int:
+    n = 0
+    for _, k in segments:
+        n += k
+    return n
+
+
+def _pieces(segments: list[tuple[int, int]], start: int, n: int) -> list[tuple[int, int]]:
+    """Bytes ``start`` to ``start + n`` of a chain's buffers as (gpa, length) pieces;
+    the caller checked that the buffers hold them."""
+    out = []
+    for gpa, k in segments:
+        if start >= k:
+            start -= k
+            continue
+        if not n:
+            break
+        take = min(k - start, n)
+        out.append((gpa + start, take))
+        n -= take
+        start = 0
+    return out
 
 
 def _ns(sec: int, nsec: int) -> int:
