@@ -90,7 +90,6 @@ from emu.devices import fuse as f
 from emu.devices._chain import (
     Chain,
     ChainError,
-    Unpublished,
     abandoning,
     chains,
     inflight_heads,
@@ -259,11 +258,8 @@ class FsDevice(VirtioDevice):
         self.num_request_queues = num_request_queues
         self.strict_restore = strict_restore
         self.session: Session | None = None
-        #: per queue: chains whose reply was written but whose used entry may not be out
-        #: ([(head, used length)] per batch pushed)
-        self._unpublished: dict[int, Unpublished[list[tuple[int, int]]]] = {
-            q.index: Unpublished() for q in self.queues
-        }
+        #: per queue: head -> used length of chains answered whose push a stop withheld
+        self._withheld: dict[int, dict[int, int]] = {q.index: {} for q in self.queues}
         #: per queue: head -> used length of chains answered before a stop, still in flight
         self._replied: dict[int, dict[int, int]] = {q.index: {} for q in self.queues}
         Op = f.Op
@@ -318,7 +314,7 @@ class FsDevice(VirtioDevice):
         self.dir.forget_all()
         self.session = None
         for q in self.queues:
-            self._unpublished[q.index].clear()
+            self._withheld[q.index].clear()
             self._replied[q.index].clear()
 
     def close(self) -> None:
@@ -330,35 +326,45 @@ class FsDevice(VirtioDevice):
     def handle_queue(self, q: Virtqueue) -> None:
         """Serve every chain the driver made available, a batch at a time.
 
-        A batch's used entries are pushed together, so they are published together or
-        (a report stop closing the gate) withheld together: one record per batch tells
-        ``forget_inflight`` what was answered. A batch shorter than asked emptied the
-        ring, so the next look is ``set_kicks(True)``, which says whether more came
-        meanwhile: one pop per wake-up when the guest sends one request at a time."""
-        out, replied = self._unpublished[q.index], self._replied[q.index]
+        A batch shorter than asked emptied the ring, so the next look is
+        ``set_kicks(True)``, which says whether more came meanwhile: one pop per
+        wake-up when the guest sends one request at a time."""
+        replied = self._replied[q.index]
         while True:
             q.set_kicks(False)
             while True:
                 batch = q.pop(BATCH)
-                heads = batch.heads.tolist()
-                if not heads:
+                if not len(batch):
                     break
-                out.popped(heads)
+                heads: list[int] = []
                 lengths: list[int] = []
                 for c in chains(batch):
                     if abandoning(q):  # report stop: the rest stays in flight, not executed
-                        del heads[len(lengths) :]
                         break
                     used = replied.pop(c.head, None) if replied else None
                     if used is None:  # not answered before a stop: serve it now
                         used = self._serve(c)
+                    heads.append(c.head)
                     lengths.append(used)
-                out.record(heads, list(zip(heads, lengths, strict=True)))
                 q.push(heads, lengths)
+                if abandoning(q):
+                    self._withhold(q, heads, lengths)
                 if len(heads) < BATCH:
                     break
             if not q.set_kicks(True):
                 return
+
+    def _withhold(self, q: Virtqueue, heads: list[int], lengths: list[int]) -> None:
+        """A report stop closed the gate around a push: its used entries may not have been
+        published, and those chains must not run again. Their used lengths are kept
+        until the stop settles them (``forget_inflight``: the heads still in flight
+        are answered without running when handed out again) or a reset drops them.
+
+        Only a closed gate withholds a push, and a gate once closed is not opened again
+        before the stop settles or the device resets, so nothing popped later can meet
+        a stale entry here; an entry for a push that did get out (the gate closed just
+        after it) names a head no longer in flight, which the stop ignores."""
+        self._withheld[q.index].update(zip(heads, lengths, strict=True))
 
     def _serve(self, c: Chain) -> int:
         """Execute one request and write its reply; the chain's used length.
@@ -768,8 +774,12 @@ class FsDevice(VirtioDevice):
         """Remember the used lengths of answered chains a stop left in flight."""
         for q in self.queues:
             if q.started and q.index in queues:
-                for answered in self._unpublished[q.index].settle(inflight_heads(q)):
-                    self._replied[q.index].update(answered)
+                withheld = self._withheld[q.index]
+                replied = self._replied[q.index]
+                for head in inflight_heads(q):
+                    if head in withheld:
+                        replied[head] = withheld[head]
+                withheld.clear()
 
     def save_state(self) -> dict:
         return {
