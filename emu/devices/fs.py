@@ -122,6 +122,9 @@ TTL = 1
 BATCH = 64
 IN_HEADER_SIZE = f.IN_HEADER.size
 OUT_HEADER_SIZE = f.OUT_HEADER.size
+#: a request whose readable bytes are at most this many is copied whole in one pass (every
+#: request but a WRITE with data is: a header, a struct, one or two names)
+INLINE = 4096
 #: opcodes the request path compares with (plain ints: no enum lookup per request)
 _INIT, _READ, _WRITE = int(f.Op.INIT), int(f.Op.READ), int(f.Op.WRITE)
 
@@ -377,16 +380,22 @@ class FsDevice(VirtioDevice):
         if sent < IN_HEADER_SIZE:
             log.info("fs: chain %d: %d readable bytes, no whole in header", c.head, sent)
             return self._answer_error(c, 0, errno.EIO)
-        h = Header._make(f.IN_HEADER.unpack(self._gather(c.readable, 0, IN_HEADER_SIZE)))
+        # a request without data is read whole at once (header and arguments); a WRITE's
+        # data stays where it is
+        if sent <= INLINE:
+            raw = self._gather(c.readable, 0, sent)
+        else:
+            raw = self._gather(c.readable, 0, IN_HEADER_SIZE)
+        h = Header._make(f.IN_HEADER.unpack_from(raw))
         if h.opcode in f.NO_REPLY:
-            self._no_reply(h, c, sent)
+            self._no_reply(h, c, raw, sent)
             return 0
         room = _length(c.writable) - OUT_HEADER_SIZE
         if room < 0:
             log.info("fs: request %d (opcode %d) has no room for a reply", h.unique, h.opcode)
             return 0
         try:
-            return self._dispatch(h, c, sent, room)
+            return self._dispatch(h, c, raw, sent, room)
         except ChainError as e:  # a length the checks missed: still the guest's fault
             log.info("fs: request %d (opcode %d): %s", h.unique, h.opcode, e)
             err = errno.EINVAL
@@ -409,8 +418,9 @@ class FsDevice(VirtioDevice):
         self._scatter(c.writable, f.OUT_HEADER.pack(OUT_HEADER_SIZE, -err, unique))
         return OUT_HEADER_SIZE
 
-    def _dispatch(self, h: Header, c: Chain, sent: int, room: int) -> int:
-        """Check the request against the session and the device, then run it."""
+    def _dispatch(self, h: Header, c: Chain, raw: bytes, sent: int, room: int) -> int:
+        """Check the request against the session and the device, then run it (``raw``:
+        the request's first bytes, the in header at least)."""
         if not IN_HEADER_SIZE <= h.len <= sent:
             raise f.Malformed(f"in.len {h.len} with {sent} bytes sent")
         op = h.opcode
@@ -426,11 +436,11 @@ class FsDevice(VirtioDevice):
             if room < f.WRITE_OUT.size:
                 raise f.Malformed(f"{room} bytes of room for a WRITE reply")
             fixed = min(arglen, f.WRITE_IN.size)
-            args = f.Args(self._gather(c.readable, IN_HEADER_SIZE, fixed))
+            args = self._args(c, raw, fixed)
             return self._reply(c, h, self._write(args, c, IN_HEADER_SIZE + fixed, arglen - fixed))
         if arglen > MAX_ARGS:
             raise f.Malformed(f"{arglen} bytes of arguments")
-        args = f.Args(self._gather(c.readable, IN_HEADER_SIZE, arglen))
+        args = self._args(c, raw, arglen)
         if served is None:
             return self._read(h, args, c, room)
         handler, size = served
@@ -442,6 +452,14 @@ class FsDevice(VirtioDevice):
         data = f.OUT_HEADER.pack(OUT_HEADER_SIZE + len(body), 0, h.unique) + body
         self._scatter(c.writable, data)
         return len(data)
+
+    def _args(self, c: Chain, raw: bytes, n: int) -> f.Args:
+        """The ``n`` argument bytes after the in header (the caller checked that they were
+        sent), from ``raw`` when it holds them."""
+        end = IN_HEADER_SIZE + n
+        if len(raw) >= end:
+            return f.Args(raw[IN_HEADER_SIZE:end])
+        return f.Args(self._gather(c.readable, IN_HEADER_SIZE, n))
 
     def _gather(self, segments: list[tuple[int, int]], start: int, n: int) -> bytes:
         """Bytes ``start`` to ``start + n`` of the readable buffers (the caller checked
@@ -455,17 +473,22 @@ class FsDevice(VirtioDevice):
     def _scatter(self, segments: list[tuple[int, int]], data: bytes) -> None:
         """``data`` into the writable buffers, front to back (ChainError, nothing written,
         when they hold less)."""
-        if len(data) > _length(segments):
-            raise ChainError(f"{len(data)} bytes of reply, {_length(segments)} of room")
-        self._put(_pieces(segments, 0, len(data)), data)
+        n = len(data)
+        if n > _length(segments):
+            raise ChainError(f"{n} bytes of reply, {_length(segments)} of room")
+        off = 0
+        for gpa, k in segments:
+            if off >= n:
+                break
+            self.mem.write(gpa, data[off : off + k])
+            off += k
 
-    def _no_reply(self, h: Header, c: Chain, sent: int) -> None:
+    def _no_reply(self, h: Header, c: Chain, raw: bytes, sent: int) -> None:
         """FORGET, BATCH_FORGET, INTERRUPT: nothing goes back, whatever is wrong."""
         try:
             if not IN_HEADER_SIZE <= h.len <= sent:
                 raise f.Malformed(f"in.len {h.len}")
-            arglen = min(h.len - IN_HEADER_SIZE, MAX_ARGS)
-            args = f.Args(self._gather(c.readable, IN_HEADER_SIZE, arglen))
+            args = self._args(c, raw, min(h.len - IN_HEADER_SIZE, MAX_ARGS))
             if h.opcode == f.Op.FORGET:
                 (nlookup,) = args.take(f.FORGET_IN)
                 self.dir.forget(h.nodeid, nlookup)
