@@ -201,23 +201,19 @@ class Virtqueue:
         if self._resubmit:
             batch = self._take_resubmit(min(max_chains, self._chains_left))
             self._descs_left -= len(batch.addr)
-        else:
-            batch = self._pop_ring(min(max_chains, self._chains_left))
+        else:  # from the ring (inline: a device thread pops once per guest kick)
+            batch = self.ring.pop(min(max_chains, self._chains_left), self._descs_left)
             self._descs_left -= batch.walked
-        self._chains_left -= len(batch)
-        return batch
-
-    def _pop_ring(self, max_chains: int) -> Batch:
-        batch = self.ring.pop(max_chains, self._descs_left)
-        if len(batch):
-            self._remember(batch)
-            if self.tracker is not None:
-                self.tracker.fetched(batch)
+            if len(batch.heads):
+                self._remember(batch)
+                if self.tracker is not None:
+                    self.tracker.fetched(batch)
+        self._chains_left -= len(batch.heads)
         return batch
 
     def _remember(self, batch: Batch) -> None:
         self._batches.append(batch)
-        self._unused += len(batch)
+        self._unused += len(batch.heads)
         if len(self._batches) > KEEP_BATCHES:
             self._fold()
 
