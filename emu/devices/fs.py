@@ -82,6 +82,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 from emu.backends.hostdir import HostDir, HostDirStateError
@@ -90,14 +91,13 @@ from emu.devices import fuse as f
 from emu.devices._chain import (
     Chain,
     ChainError,
-    abandoning,
     chains,
     inflight_heads,
 )
 from emu.devices.base import DeviceError, VirtioDevice
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.memory import GuestMemoryError
-from emu.queue import Virtqueue
+from emu.queue import Gate, Virtqueue
 from emu.state.format import StateError
 from emu.state.schema import Bool, Field, Int, List, Map, Nullable, Obj, Schema, Str
 
@@ -127,6 +127,8 @@ OUT_HEADER_SIZE = f.OUT_HEADER.size
 INLINE = 4096
 #: opcodes the request path compares with (plain ints: no enum lookup per request)
 _INIT, _READ, _WRITE = int(f.Op.INIT), int(f.Op.READ), int(f.Op.WRITE)
+#: a report stop (or reset) closed the queue's gate (``_chain.abandoning``, inline)
+CLOSED = Gate.CLOSED
 
 OFFERED = (
     f.ASYNC_READ
@@ -170,6 +172,10 @@ class Header(NamedTuple):
     gid: int
     pid: int
     padding: int
+
+
+#: a Header from the unpacked in header, made in C (Header._make is a Python call)
+_header = partial(tuple.__new__, Header)
 
 
 @dataclass
@@ -337,12 +343,12 @@ class FsDevice(VirtioDevice):
             q.set_kicks(False)
             while True:
                 batch = q.pop(BATCH)
-                if not len(batch):
+                if not len(batch.heads):
                     break
                 heads: list[int] = []
                 lengths: list[int] = []
                 for c in chains(batch):
-                    if abandoning(q):  # report stop: the rest stays in flight, not executed
+                    if q.gate is CLOSED:  # report stop: the rest stays in flight, not run
                         break
                     used = replied.pop(c.head, None) if replied else None
                     if used is None:  # not answered before a stop: serve it now
@@ -350,7 +356,7 @@ class FsDevice(VirtioDevice):
                     heads.append(c.head)
                     lengths.append(used)
                 q.push(heads, lengths)
-                if abandoning(q):
+                if q.gate is CLOSED:
                     self._withhold(q, heads, lengths)
                 if len(heads) < BATCH:
                     break
@@ -383,10 +389,10 @@ class FsDevice(VirtioDevice):
         # a request without data is read whole at once (header and arguments); a WRITE's
         # data stays where it is
         if sent <= INLINE:
-            raw = self._gather(c.readable, 0, sent)
+            raw = self._read_all(c.readable)
         else:
             raw = self._gather(c.readable, 0, IN_HEADER_SIZE)
-        h = Header._make(f.IN_HEADER.unpack_from(raw))
+        h = _header(f.IN_HEADER.unpack_from(raw))
         if h.opcode in f.NO_REPLY:
             self._no_reply(h, c, raw, sent)
             return 0
@@ -437,21 +443,42 @@ class FsDevice(VirtioDevice):
                 raise f.Malformed(f"{room} bytes of room for a WRITE reply")
             fixed = min(arglen, f.WRITE_IN.size)
             args = self._args(c, raw, fixed)
-            return self._reply(c, h, self._write(args, c, IN_HEADER_SIZE + fixed, arglen - fixed))
+            body = self._write(args, c, IN_HEADER_SIZE + fixed, arglen - fixed)
+            return self._reply(c, h, body, room)
         if arglen > MAX_ARGS:
             raise f.Malformed(f"{arglen} bytes of arguments")
-        args = self._args(c, raw, arglen)
+        end = IN_HEADER_SIZE + arglen
+        args = f.Args(raw[IN_HEADER_SIZE:end]) if len(raw) >= end else self._args(c, raw, arglen)
         if served is None:
             return self._read(h, args, c, room)
         handler, size = served
         if size is not None and size > room:
             raise f.Malformed(f"{room} bytes of room for a {size}-byte reply")
-        return self._reply(c, h, handler(h, args, room))
+        return self._reply(c, h, handler(h, args, room), room)
 
-    def _reply(self, c: Chain, h: Header, body: bytes) -> int:
-        data = f.OUT_HEADER.pack(OUT_HEADER_SIZE + len(body), 0, h.unique) + body
-        self._scatter(c.writable, data)
-        return len(data)
+    def _reply(self, c: Chain, h: Header, body: bytes, room: int) -> int:
+        """The out header and ``body`` into the writable buffers (``room``: their bytes
+        after the header); the used length."""
+        n = len(body)
+        if n > room:
+            raise ChainError(f"{n} bytes of reply, {room} of room")
+        data = f.OUT_HEADER.pack(OUT_HEADER_SIZE + n, 0, h.unique) + body
+        write = self.mem.write
+        off, end = 0, OUT_HEADER_SIZE + n
+        for gpa, k in c.writable:
+            if off >= end:
+                break
+            write(gpa, data[off : off + k])
+            off += k
+        return end
+
+    def _read_all(self, segments: list[tuple[int, int]]) -> bytes:
+        """Every byte of the readable buffers (a request without data: a few hundred)."""
+        read = self.mem.read
+        raw = b""
+        for gpa, k in segments:
+            raw += read(gpa, k)
+        return raw
 
     def _args(self, c: Chain, raw: bytes, n: int) -> f.Args:
         """The ``n`` argument bytes after the in header (the caller checked that they were
