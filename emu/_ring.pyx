@@ -284,6 +284,25 @@ cdef cnp.ndarray as_1d(object values, int typenum):
     return a
 
 
+cdef int lists_in(list heads, list lengths, Py_ssize_t n, uint16_t *h, uint32_t *ln) except -1:
+    """Copy a push's heads and lengths out of lists of ints: 1, or 0 (the numpy path, as
+    before) when an item is not an int. A value out of range is the OverflowError numpy's
+    conversion would raise; nothing is taken before every item is checked."""
+    cdef Py_ssize_t i
+    cdef object x, y
+    for i in range(n):
+        x, y = heads[i], lengths[i]
+        if type(x) is not int or type(y) is not int:
+            return 0
+        if not 0 <= x <= 0xFFFF:
+            raise OverflowError(f"Python integer {x} out of bounds for uint16")
+        if not 0 <= y <= 0xFFFFFFFF:
+            raise OverflowError(f"Python integer {y} out of bounds for uint32")
+        h[i] = x
+        ln[i] = y
+    return 1
+
+
 # -- the split ring's hot path --
 
 
@@ -448,6 +467,9 @@ cdef class _Ring:
     cdef uint64_t *seq
     cdef uint64_t nfetched
     cdef uint32_t ninflight
+    # a push given as Python lists, copied out of them (no numpy conversion)
+    cdef uint16_t *p_heads
+    cdef uint32_t *p_lens
     # scratch output of one pop
     cdef uint16_t *o_heads
     cdef uint32_t *o_starts
@@ -467,6 +489,8 @@ cdef class _Ring:
         free(self.regions)
         free(self.nd)
         free(self.seq)
+        free(self.p_heads)
+        free(self.p_lens)
         free(self.o_heads)
         free(self.o_starts)
         free(self.o_addr)
@@ -508,14 +532,16 @@ cdef class _Ring:
         self.avail_wrap = self.used_wrap = True
         self.nd = <uint32_t *>malloc(self.size * sizeof(uint32_t))
         self.seq = <uint64_t *>malloc(self.size * sizeof(uint64_t))
+        self.p_heads = <uint16_t *>malloc(self.size * sizeof(uint16_t))
+        self.p_lens = <uint32_t *>malloc(self.size * sizeof(uint32_t))
         self.o_heads = <uint16_t *>malloc(self.size * sizeof(uint16_t))
         self.o_starts = <uint32_t *>malloc((self.size + 1) * sizeof(uint32_t))
         self.cap_segs = max(256, 2 * self.size)
         self.o_addr = <uint64_t *>malloc(self.cap_segs * sizeof(uint64_t))
         self.o_len = <uint32_t *>malloc(self.cap_segs * sizeof(uint32_t))
         self.o_wr = <uint8_t *>malloc(self.cap_segs)
-        if not (self.nd and self.seq and self.o_heads and self.o_starts and self.o_addr
-                and self.o_len and self.o_wr):
+        if not (self.nd and self.seq and self.p_heads and self.p_lens and self.o_heads
+                and self.o_starts and self.o_addr and self.o_len and self.o_wr):
             raise MemoryError()
         for k in range(self.size):
             self.nd[k] = 0
@@ -540,7 +566,20 @@ cdef class _Ring:
         return 0
 
     def push(self, heads, lengths):
-        """Mark chains used in this order and publish them; True: notify the driver."""
+        """Mark chains used in this order and publish them; True: notify the driver.
+
+        Lists of ints (what a device serving chains one by one builds) are read directly;
+        anything else goes through numpy, as do lists holding anything but ints."""
+        cdef Py_ssize_t k
+        if type(heads) is list and type(lengths) is list:
+            k = len(<list>heads)
+            if len(<list>lengths) != k:
+                raise ValueError("heads and lengths differ in length")
+            if k <= self.size and lists_in(heads, lengths, k, self.p_heads, self.p_lens):
+                if k == 0:
+                    return False
+                self.take(self.p_heads, k)
+                return self.publish(self.p_heads, self.p_lens, k)
         cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16)
         cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32)
         cdef Py_ssize_t n = cnp.PyArray_DIM(ha, 0)

@@ -237,10 +237,12 @@ class Virtqueue:
         self._unused = 0
 
     def push(self, heads: np.ndarray | list[int], lengths: np.ndarray | list[int]) -> None:
-        heads = np.asarray(heads, np.uint16)
-        lengths = np.asarray(lengths, np.uint32)
+        """Publish used entries (arrays, or lists of ints: the ring reads those directly)."""
         if self.gate is Gate.CLOSED:  # report stop: the chains stay in flight
             return
+        if self.deferred is not None or self.tracker is not None:
+            heads = np.asarray(heads, np.uint16)
+            lengths = np.asarray(lengths, np.uint32)
         if self.deferred is not None:
             self.deferred.defer(heads, lengths)
             return

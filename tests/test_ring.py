@@ -526,6 +526,38 @@ def test_in_order_requires_fetch_order(impl, mem, kind):
 
 
 @pytest.mark.parametrize("kind", ["split", "packed"])
+def test_push_takes_lists_as_it_takes_arrays(impl, mem, kind):
+    """Lists of ints are read without numpy by the Cython core: same used entries, the
+    same refusals (nothing taken), and numpy's OverflowError for a value out of range."""
+    make = split if kind == "split" else packed
+    b, ring = make(impl, mem)
+    if kind == "split":
+        for h in range(3):
+            b.chain(h, [(BUF + 0x100 * h, 64, W)])
+        b.offer(0, 1, 2)
+    else:
+        for h in range(3):
+            b.offer(h, [(BUF + 0x100 * h, 64, W)])
+    ring.pop(3)
+    for heads, lengths, error in (
+        ([0], [1 << 32], OverflowError),
+        ([1 << 16], [0], OverflowError),
+        ([-1], [0], OverflowError),
+        ([0, 1], [5], ValueError),
+        ([7], [0], ValueError),
+    ):
+        with pytest.raises(error):
+            ring.push(heads, lengths)
+    assert sorted(ring.inflight()) == [0, 1, 2]
+    ring.push([1], [11])
+    ring.push([np.uint16(0)], [np.uint32(22)])  # not ints: the numpy path
+    ring.push(np.array([2], np.uint16), np.array([33], np.uint32))
+    assert ring.inflight() == []
+    if kind == "split":
+        assert [b.used(i) for i in range(3)] == [(1, 11), (0, 22), (2, 33)]
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
 def test_push_refuses_heads_not_in_flight(impl, mem, kind):
     make = split if kind == "split" else packed
     b, ring = make(impl, mem)
