@@ -257,6 +257,30 @@ class _Ring:
         out.end(head)
         self._inflight[head] = ndesc
 
+    def gather(self, segments: list[tuple[int, int]], limit: int) -> tuple[bytes | None, int]:
+        """The bytes of ``segments`` ((gpa, length) pairs: a popped chain's readable
+        buffers) joined, and their count; (None, count) when that is over ``limit``,
+        nothing read. GuestMemoryError for a segment outside the guest's RAM."""
+        total = sum(n for _, n in segments)
+        if total > limit:
+            return None, total
+        return b"".join([self.mem.read(gpa, n) for gpa, n in segments]), total
+
+    def scatter(self, segments: list[tuple[int, int]], data: bytes) -> None:
+        """``data`` into ``segments`` ((gpa, length) pairs: a popped chain's writable
+        buffers) front to back, pages marked dirty; ValueError (nothing written) when they
+        hold less."""
+        room = sum(n for _, n in segments)
+        if len(data) > room:
+            raise ValueError(f"{len(data)} bytes for {room} of room")
+        off = 0
+        for gpa, n in segments:
+            if off >= len(data):
+                break
+            piece = data[off : off + n]
+            self.mem.write(gpa, piece)
+            off += len(piece)
+
     def inflight(self) -> list[int]:
         return list(self._inflight)
 

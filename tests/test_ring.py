@@ -7,10 +7,10 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from ringbuilder import BUF, PackedBuilder, SplitBuilder, make_memory
+from ringbuilder import BUF, RAM0, PackedBuilder, SplitBuilder, make_memory
 
 from emu import _ring, pyring
-from emu.memory import GuestMemory
+from emu.memory import GuestMemory, GuestMemoryError
 from emu.ringdefs import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_AVAIL,
@@ -523,6 +523,38 @@ def test_in_order_requires_fetch_order(impl, mem, kind):
     push(ring, [0, 1], [1, 1])
     push(ring, [2], [1])
     assert ring.inflight() == []
+
+
+def test_gather_and_scatter_copy_chain_buffers_through_the_region_table(impl, mem):
+    """A device's copy in and out of a popped chain's buffers: front to back across
+    buffers and regions, pages written marked dirty, nothing read over the limit, too
+    little room refused before writing, a buffer outside RAM a GuestMemoryError."""
+    _, ring = split(impl, mem)
+    mem.write(BUF, b"head" + bytes(60))
+    mem.write(0x1F000, b"tail-of-ram0")
+    segs = [(BUF, 4), (0x1F000, 12), (BUF + 0x4000, 0)]
+    assert ring.gather(segs, 16) == (b"headtail-of-ram0", 16)
+    assert ring.gather(segs, 15) == (None, 16)
+    assert ring.gather([], 0) == (b"", 0)
+    for r in mem.regions:
+        r.dirty[:] = 0
+    out = [(BUF + 0x0FFE, 4), (0x10, 3), (BUF + 0x3000, 100)]  # first one spans two pages
+    ring.scatter(out, b"abcdefghij")
+    assert mem.read(BUF + 0x0FFE, 4) == b"abcd" and mem.read(0x10, 3) == b"efg"
+    assert mem.read(BUF + 0x3000, 4) == b"hij\0"
+    dirty = {(r.gpa, int(p)) for r in mem.regions for p in np.flatnonzero(r.dirty)}
+    assert dirty == {(BUF, 0), (BUF, 1), (0, 0), (BUF, 3)}
+    before = bytes(mem.read(BUF, 0x100))
+    with pytest.raises(ValueError):
+        ring.scatter([(BUF, 2), (BUF + 8, 2)], b"12345")
+    assert bytes(mem.read(BUF, 0x100)) == before
+    gap = RAM0[1] + 0x100  # between the two regions
+    with pytest.raises(GuestMemoryError):
+        ring.gather([(BUF, 4), (gap, 4)], 100)
+    with pytest.raises(GuestMemoryError):
+        ring.scatter([(gap, 8)], b"x")
+    with pytest.raises(GuestMemoryError):  # straddles the end of a region
+        ring.gather([(RAM0[1] - 2, 4)], 100)
 
 
 @pytest.mark.parametrize("kind", ["split", "packed"])

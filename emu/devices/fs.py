@@ -267,6 +267,9 @@ class FsDevice(VirtioDevice):
         self.num_request_queues = num_request_queues
         self.strict_restore = strict_restore
         self.session: Session | None = None
+        #: the ring of the queue being served: it copies request and reply bytes in C
+        #: (gather / scatter) through its table of the guest's regions
+        self._io: Any = None
         #: per queue: head -> used length of chains answered whose push a stop withheld
         self._withheld: dict[int, dict[int, int]] = {q.index: {} for q in self.queues}
         #: per queue: head -> used length of chains answered before a stop, still in flight
@@ -339,6 +342,7 @@ class FsDevice(VirtioDevice):
         ``set_kicks(True)``, which says whether more came meanwhile: one pop per
         wake-up when the guest sends one request at a time."""
         replied = self._replied[q.index]
+        self._io = q.ring
         while True:
             q.set_kicks(False)
             while True:
@@ -382,15 +386,13 @@ class FsDevice(VirtioDevice):
         (``_gather`` / ``_scatter``), not a reader and writer object per request: a
         metadata request is a few microseconds of host work, so the per-request Python
         around it is what a guest waits for."""
-        sent = _length(c.readable)
+        # a request without data is read whole at once (header and arguments); a WRITE's
+        # data stays where it is
+        raw, sent = self._io.gather(c.readable, INLINE)
         if sent < IN_HEADER_SIZE:
             log.info("fs: chain %d: %d readable bytes, no whole in header", c.head, sent)
             return self._answer_error(c, 0, errno.EIO)
-        # a request without data is read whole at once (header and arguments); a WRITE's
-        # data stays where it is
-        if sent <= INLINE:
-            raw = self._read_all(c.readable)
-        else:
+        if raw is None:
             raw = self._gather(c.readable, 0, IN_HEADER_SIZE)
         h = _header(f.IN_HEADER.unpack_from(raw))
         if h.opcode in f.NO_REPLY:
@@ -462,23 +464,8 @@ class FsDevice(VirtioDevice):
         n = len(body)
         if n > room:
             raise ChainError(f"{n} bytes of reply, {room} of room")
-        data = f.OUT_HEADER.pack(OUT_HEADER_SIZE + n, 0, h.unique) + body
-        write = self.mem.write
-        off, end = 0, OUT_HEADER_SIZE + n
-        for gpa, k in c.writable:
-            if off >= end:
-                break
-            write(gpa, data[off : off + k])
-            off += k
-        return end
-
-    def _read_all(self, segments: list[tuple[int, int]]) -> bytes:
-        """Every byte of the readable buffers (a request without data: a few hundred)."""
-        read = self.mem.read
-        raw = b""
-        for gpa, k in segments:
-            raw += read(gpa, k)
-        return raw
+        self._io.scatter(c.writable, f.OUT_HEADER.pack(OUT_HEADER_SIZE + n, 0, h.unique) + body)
+        return OUT_HEADER_SIZE + n
 
     def _args(self, c: Chain, raw: bytes, n: int) -> f.Args:
         """The ``n`` argument bytes after the in header (the caller checked that they were
