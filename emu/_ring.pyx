@@ -287,6 +287,43 @@ cdef cnp.ndarray as_1d(object values, int typenum):
     return a
 
 
+def split_chains(batch, chain_type):
+    """``emu.devices._chain.chains`` in C: for each chain of ``batch`` a ``chain_type`` (a
+    tuple subclass) of its head, its readable (gpa, length) pairs and its writable ones,
+    in chain order. None when the arrays are not the ones a pop or Batch.from_chains
+    makes (the caller then splits in Python)."""
+    cdef cnp.ndarray hs = batch.heads, st = batch.chain_start, ad = batch.addr
+    cdef cnp.ndarray ln = batch.length, wr = batch.writable
+    if not (_plain(hs, cnp.NPY_UINT16) and _plain(st, cnp.NPY_UINT32)
+            and _plain(ad, cnp.NPY_UINT64) and _plain(ln, cnp.NPY_UINT32)
+            and _plain(wr, cnp.NPY_UINT8)):
+        return None
+    cdef Py_ssize_t n = cnp.PyArray_DIM(hs, 0), nseg = cnp.PyArray_DIM(ad, 0)
+    if (cnp.PyArray_DIM(st, 0) != n + 1 or cnp.PyArray_DIM(ln, 0) != nseg
+            or cnp.PyArray_DIM(wr, 0) != nseg):
+        return None
+    cdef const uint16_t *h = <const uint16_t *>cnp.PyArray_DATA(hs)
+    cdef const uint32_t *s = <const uint32_t *>cnp.PyArray_DATA(st)
+    cdef const uint64_t *a = <const uint64_t *>cnp.PyArray_DATA(ad)
+    cdef const uint32_t *l = <const uint32_t *>cnp.PyArray_DATA(ln)
+    cdef const uint8_t *w = <const uint8_t *>cnp.PyArray_DATA(wr)
+    cdef Py_ssize_t i, j
+    cdef list out = [], readable, writable
+    for i in range(n):
+        if s[i] > s[i + 1] or s[i + 1] > nseg:
+            return None
+        readable, writable = [], []
+        for j in range(s[i], s[i + 1]):
+            (writable if w[j] else readable).append((a[j], l[j]))
+        out.append(tuple.__new__(chain_type, (h[i], readable, writable)))
+    return out
+
+
+cdef bint _plain(cnp.ndarray x, int typenum):
+    return (cnp.PyArray_TYPE(x) == typenum and cnp.PyArray_NDIM(x) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(x) and not cnp.PyArray_ISBYTESWAPPED(x))
+
+
 cdef int lists_in(list heads, list lengths, Py_ssize_t n, uint16_t *h, uint32_t *ln) except -1:
     """Copy a push's heads and lengths out of lists of ints: 1, or 0 (the numpy path, as
     before) when an item is not an int. A value out of range is the OverflowError numpy's
