@@ -22,6 +22,7 @@ checks. What is different here is only how memory is reached:
   call before reading a descriptor.
 """
 
+import os
 import sys
 
 import numpy as np
@@ -31,6 +32,11 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.errno cimport EINTR, EINVAL, errno
+from libc.limits cimport INT_MAX
+from libc.stdint cimport int64_t
+from libc.string cimport strerror
+from posix.uio cimport iovec, preadv, pwritev
 
 from emu.ringdefs import (
     MAX_PACKED_SIZE,
@@ -51,6 +57,9 @@ from emu.ringdefs import (
 from emu.memory import GuestMemoryError
 
 cnp.import_array()
+
+#: buffers one preadv / pwritev takes (the kernel's UIO_MAXIOV)
+cdef int IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 cdef type _Batch = Batch
 
@@ -738,6 +747,105 @@ cdef class _Ring:
                 for page in range(at >> PAGE_SHIFT, ((at + length - 1) >> PAGE_SHIFT) + 1):
                     r.dirty[page] = 1
                 off += length
+
+    def readv(self, int fd, list segments, uint64_t start, uint64_t limit, int64_t offset):
+        """preadv(2) from ``fd`` at ``offset`` straight into ``segments`` ((gpa, length)
+        pairs: a chain's writable buffers) from their byte ``start`` on, at most ``limit``
+        bytes and IOV_MAX buffers (a shorter read is the answer); the count read. The
+        pages it may write are marked dirty first, as GuestMemory.view(write=True) does;
+        OSError as os.preadv raises it, EINVAL for a negative offset. pyring's ``readv`` is
+        the reference."""
+        cdef int count
+        cdef ssize_t n
+        if offset < 0:  # (os.preadv would take -1 as "the file position": refused here)
+            raise OSError(EINVAL, strerror(EINVAL))
+        cdef iovec *iov = self.iovecs(segments, start, limit, IOV_MAX, True, &count)
+        try:
+            if count == 0:
+                return 0
+            with nogil:
+                n = preadv(fd, iov, count, offset)
+                while n < 0 and errno == EINTR:
+                    n = preadv(fd, iov, count, offset)
+            if n < 0:
+                raise OSError(errno, strerror(errno))
+            return n
+        finally:
+            free(iov)
+
+    def writev(self, int fd, list segments, uint64_t start, uint64_t size, int64_t offset):
+        """pwritev(2) of ``size`` bytes of ``segments`` ((gpa, length) pairs: a chain's
+        readable buffers) from their byte ``start`` on to ``fd`` at ``offset``, IOV_MAX
+        buffers a call, until done or a short write; the count written. OSError as
+        os.pwritev raises it, EINVAL for a negative offset. pyring's ``writev`` is the
+        reference."""
+        cdef int count, k = 0, part, i
+        cdef ssize_t n
+        cdef uint64_t done = 0, want
+        if offset < 0:
+            raise OSError(EINVAL, strerror(EINVAL))
+        cdef iovec *iov = self.iovecs(segments, start, size, INT_MAX, False, &count)
+        try:
+            while k < count:
+                part = min(count - k, IOV_MAX)
+                want = 0
+                for i in range(k, k + part):
+                    want += iov[i].iov_len
+                with nogil:
+                    n = pwritev(fd, iov + k, part, offset + done)
+                    while n < 0 and errno == EINTR:
+                        n = pwritev(fd, iov + k, part, offset + done)
+                if n < 0:
+                    raise OSError(errno, strerror(errno))
+                done += n
+                if <uint64_t>n < want:
+                    break
+                k += part
+            return done
+        finally:
+            free(iov)
+
+    cdef iovec *iovecs(self, list segments, uint64_t start, uint64_t n, int most,
+                       bint dirty, int *count) except? NULL:
+        """Host iovecs for ``n`` bytes of ``segments`` from byte ``start`` on (fewer when
+        the segments hold fewer), at most ``most`` of them; ``dirty``: mark their pages.
+        The caller frees the array; GuestMemoryError for a segment outside RAM."""
+        cdef Py_ssize_t i
+        cdef uint64_t gpa, length, at, page
+        cdef int k
+        cdef Region *r
+        cdef iovec *iov = <iovec *>malloc(max(len(segments), 1) * sizeof(iovec))
+        if iov == NULL:
+            raise MemoryError()
+        count[0] = 0
+        try:
+            for i in range(len(segments)):
+                if n == 0 or count[0] == most:
+                    break
+                gpa, length = segments[i]
+                if start >= length:
+                    start -= length
+                    continue
+                gpa += start
+                length = min(length - start, n)
+                start = 0
+                k = find(self, gpa, length)
+                if k < 0:
+                    raise GuestMemoryError(
+                        f"access gpa {gpa:#x} len {length:#x} is outside guest RAM")
+                r = &self.regions[k]
+                at = gpa - r.gpa
+                if dirty:
+                    for page in range(at >> PAGE_SHIFT, ((at + length - 1) >> PAGE_SHIFT) + 1):
+                        r.dirty[page] = 1
+                iov[count[0]].iov_base = r.data + at
+                iov[count[0]].iov_len = length
+                count[0] += 1
+                n -= length
+        except BaseException:
+            free(iov)
+            raise
+        return iov
 
     def inflight(self):
         return [h for h, _ in self._inflight_pairs()]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -11,6 +13,7 @@ from ringbuilder import BUF, RAM0, PackedBuilder, SplitBuilder, make_memory
 
 from emu import _ring, pyring
 from emu.memory import GuestMemory, GuestMemoryError
+from emu.pyring import IOV_MAX
 from emu.ringdefs import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_AVAIL,
@@ -555,6 +558,49 @@ def test_gather_and_scatter_copy_chain_buffers_through_the_region_table(impl, me
         ring.scatter([(gap, 8)], b"x")
     with pytest.raises(GuestMemoryError):  # straddles the end of a region
         ring.gather([(RAM0[1] - 2, 4)], 100)
+
+
+def test_readv_and_writev_move_file_bytes_to_and_from_chain_buffers(impl, mem, tmp_path):
+    """preadv / pwritev between a host file and a chain's buffers, from a byte offset into
+    them: at most IOV_MAX buffers for a read (a short read), all of them for a write (a
+    call per IOV_MAX); read pages marked dirty; OSError and GuestMemoryError as raised."""
+    _, ring = split(impl, mem)
+    path = tmp_path / "f"
+    data = bytes(range(256)) * 32
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for r in mem.regions:
+            r.dirty[:] = 0
+        segs = [(BUF, 16), (BUF + 0x1000, 100), (0x100, 50), (BUF + 0x2FF0, 0x20)]
+        assert ring.readv(fd, segs, 16, 170, 7) == 170  # skips the first buffer (a header)
+        got = mem.read(BUF + 0x1000, 100) + mem.read(0x100, 50) + mem.read(BUF + 0x2FF0, 20)
+        assert got == data[7:177]
+        dirty = {(r.gpa, int(p)) for r in mem.regions for p in np.flatnonzero(r.dirty)}
+        assert dirty == {(BUF, 1), (0, 0), (BUF, 2), (BUF, 3)}  # written to, not the first
+        assert ring.readv(fd, segs, 16, 1000, len(data) - 5) == 5  # end of file
+        assert ring.readv(fd, segs, 1000, 10, 0) == 0  # nothing past the buffers
+        many = [(BUF + k, 1) for k in range(IOV_MAX + 10)]
+        assert ring.readv(fd, many, 0, 1 << 20, 0) == IOV_MAX
+        mem.write(BUF + 0x4000, b"written!")
+        assert ring.writev(fd, [(BUF, 3), (BUF + 0x4000, 8)], 3, 8, 100) == 8
+        assert os.pread(fd, 8, 100) == b"written!"
+        assert ring.writev(fd, many, 0, len(many), 0) == len(many)  # over two calls
+        assert os.pread(fd, len(many), 0) == bytes(mem.read(BUF, len(many)))
+        with pytest.raises(OSError) as e:
+            ring.readv(-1, segs, 0, 10, 0)
+        assert e.value.errno == errno.EBADF
+        for call in (ring.readv, ring.writev):  # not "the file position", as os.preadv's -1
+            with pytest.raises(OSError) as e:
+                call(fd, segs, 0, 10, -1)
+            assert e.value.errno == errno.EINVAL
+        gap = RAM0[1] + 0x100
+        with pytest.raises(GuestMemoryError):
+            ring.readv(fd, [(gap, 4)], 0, 4, 0)
+        with pytest.raises(GuestMemoryError):
+            ring.writev(fd, [(BUF, 4), (gap, 4)], 0, 8, 0)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("kind", ["split", "packed"])

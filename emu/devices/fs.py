@@ -116,7 +116,6 @@ MAX_IO = MAX_PAGES_LIMIT * PAGE
 MAX_ARGS = 128 << 10
 #: bytes one COPY_FILE_RANGE copies at most (a shorter count is a valid answer)
 MAX_COPY = 64 << 20
-IOV_MAX = os.sysconf("SC_IOV_MAX")
 #: seconds the guest may cache names and attributes (as virtiofsd's cache=auto)
 TTL = 1
 BATCH = 64
@@ -659,26 +658,19 @@ class FsDevice(VirtioDevice):
         return self._entry(node, st) + f.OPEN_OUT.pack(fh, 0, 0)
 
     def _read(self, h: Header, a: f.Args, c: Chain, room: int) -> int:
-        """preadv from the host file straight into the chain's buffers after the header."""
+        """preadv from the host file straight into the chain's buffers after the header
+        (by the ring, in C, with at most IOV_MAX buffers: a shorter read is an answer)."""
         fh, offset, size, *_ = a.take(f.READ_IN)
         fd = self.dir.fd(fh)
-        head = _pieces(c.writable, 0, OUT_HEADER_SIZE)
-        views = []
-        for gpa, n in _pieces(c.writable, OUT_HEADER_SIZE, min(size, room, MAX_IO))[:IOV_MAX]:
-            views.append(self.mem.view(gpa, n, write=True))
+        limit = min(size, room, MAX_IO)
         try:
-            done = os.preadv(fd, views, f.signed64(offset)) if views else 0
+            done = self._io.readv(fd, c.writable, OUT_HEADER_SIZE, limit, f.signed64(offset))
         except OSError as e:
-            self._put(head, f.OUT_HEADER.pack(f.OUT_HEADER.size, -(e.errno or errno.EIO), h.unique))
-            return f.OUT_HEADER.size
-        self._put(head, f.OUT_HEADER.pack(f.OUT_HEADER.size + done, 0, h.unique))
-        return f.OUT_HEADER.size + done
-
-    def _put(self, pieces: list[tuple[int, int]], data: bytes) -> None:
-        off = 0
-        for gpa, n in pieces:
-            self.mem.write(gpa, data[off : off + n])
-            off += n
+            header = f.OUT_HEADER.pack(OUT_HEADER_SIZE, -(e.errno or errno.EIO), h.unique)
+            self._io.scatter(c.writable, header)
+            return OUT_HEADER_SIZE
+        self._io.scatter(c.writable, f.OUT_HEADER.pack(OUT_HEADER_SIZE + done, 0, h.unique))
+        return OUT_HEADER_SIZE + done
 
     def _write(self, a: f.Args, c: Chain, start: int, sent: int) -> bytes:
         """pwritev from the chain's buffers (its data from byte ``start`` on, ``sent``
@@ -689,14 +681,7 @@ class FsDevice(VirtioDevice):
         if size > self.session.max_write:
             raise f.Malformed(f"WRITE of {size} bytes, max_write {self.session.max_write}")
         fd = self.dir.fd(fh)
-        views = [self.mem.view(gpa, n) for gpa, n in _pieces(c.readable, start, size)]
-        done, pos = 0, f.signed64(offset)
-        for i in range(0, len(views), IOV_MAX):
-            part = views[i : i + IOV_MAX]
-            n = os.pwritev(fd, part, pos + done)
-            done += n
-            if n < sum(len(v) for v in part):
-                break
+        done = self._io.writev(fd, c.readable, start, size, f.signed64(offset))
         return f.WRITE_OUT.pack(done, 0)
 
     def _release(self, h: Header, a: f.Args, room: int) -> bytes:
