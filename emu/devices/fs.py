@@ -397,7 +397,9 @@ class FsDevice(VirtioDevice):
         if h.opcode in f.NO_REPLY:
             self._no_reply(h, c, raw, sent)
             return 0
-        room = _length(c.writable) - OUT_HEADER_SIZE
+        room = -OUT_HEADER_SIZE  # the writable bytes after the out header
+        for _, k in c.writable:
+            room += k
         if room < 0:
             log.info("fs: request %d (opcode %d) has no room for a reply", h.unique, h.opcode)
             return 0
@@ -564,7 +566,8 @@ class FsDevice(VirtioDevice):
         return f.entry_out(node, st, TTL)
 
     def _lookup(self, h: Header, a: f.Args, room: int) -> bytes:
-        return self._entry(*self.dir.lookup(h.nodeid, a.name()))
+        node, st = self.dir.lookup(h.nodeid, a.name())
+        return f.entry_out(node, st, TTL)
 
     def _getattr(self, h: Header, a: f.Args, room: int) -> bytes:
         a.take(f.GETATTR_IN)  # a handle given (GETATTR_FH) names the same node

@@ -200,7 +200,7 @@ class Args:
         return len(self._data) - self._off
 
     def take(self, st: struct.Struct) -> tuple:
-        if self.left < st.size:
+        if len(self._data) - self._off < st.size:  # (self.left, inline: once per request)
             raise Malformed(f"argument of {st.size} bytes, {self.left} left")
         values = st.unpack_from(self._data, self._off)
         self._off += st.size
