@@ -13,6 +13,7 @@ COMMANDS = {
     "serve": "serve",
     "guest": "guest",
     "state": "state",
+    "balloon": "balloon",
 }
 
 

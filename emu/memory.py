@@ -16,6 +16,8 @@ import numpy as np
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
+#: the host's page: the unit in which memory can be given back to it (``discard``)
+HOST_PAGE = mmap.PAGESIZE
 _U64 = 1 << 64
 
 
@@ -41,6 +43,14 @@ class Region:
         self.array = np.frombuffer(self.mm, dtype=np.uint8, count=self.size)
         self.dirty = np.zeros((self.size + PAGE_SIZE - 1) // PAGE_SIZE, dtype=np.uint8)
         self.end = self.gpa + self.size
+
+    def discard(self, offset: int, length: int) -> None:
+        """Free the backing of [offset, offset + length) (host-page aligned): a hole is
+        punched in the memfd or file (MADV_REMOVE, as fallocate PUNCH_HOLE | KEEP_SIZE),
+        so every process mapping it loses those pages; they read as zeros and are
+        allocated again when written. OSError when the backing cannot (hugetlbfs in
+        pieces smaller than its pages, a file system without holes)."""
+        self.mm.madvise(mmap.MADV_REMOVE, offset, length)
 
     def close(self) -> None:
         del self.array
@@ -181,6 +191,33 @@ class GuestMemory:
 
     def write_int(self, gpa: int, size: int, value: int) -> None:
         self.write(gpa, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def discard(self, gpa: int, length: int) -> int:
+        """Give the host back the pages wholly inside [gpa, gpa + length) (a balloon):
+        the range may span regions; the parts outside guest RAM and host pages only
+        partly inside are left alone. Returns the bytes given back; OSError from a
+        backing that cannot release (``Region.discard``). Not marked dirty: the guest
+        gave their contents up."""
+        if gpa < 0 or length < 0:
+            raise ValueError(f"discard gpa {gpa:#x} len {length:#x}")
+        end = gpa + length
+        done = 0
+        for r in self.regions:
+            # offsets into the region, rounded inwards to whole host pages
+            lo = -(-(max(gpa, r.gpa) - r.gpa) // HOST_PAGE) * HOST_PAGE
+            hi = (min(end, r.end) - r.gpa) // HOST_PAGE * HOST_PAGE
+            if lo < hi:
+                r.discard(lo, hi - lo)
+                done += hi - lo
+        return done
+
+    def allocated(self) -> int | None:
+        """Bytes of the regions' backing files the host has allocated (st_blocks), each
+        file counted once; None without regions or when one has no file (anonymous)."""
+        if not self.regions or any(r.fd < 0 for r in self.regions):
+            return None
+        stats = [os.fstat(r.fd) for r in self.regions]
+        return 512 * sum({(st.st_dev, st.st_ino): st.st_blocks for st in stats}.values())
 
     def mark_dirty(self, gpa: int, length: int) -> None:
         r, off = self.translate(gpa, length)

@@ -122,3 +122,21 @@ def engines():
     yield make
     for e in made:
         e.close()
+
+
+@pytest.fixture
+def background_guest():
+    """Boots guests in the background (emu.guest.background.BackgroundGuest arguments)
+    and ends any still running at teardown, so a failed test leaves no guest behind."""
+    from emu.guest.background import BackgroundGuest
+
+    started = []
+
+    def start(*args, **kw):
+        guest = BackgroundGuest(*args, **kw)
+        started.append(guest)
+        return guest
+
+    yield start
+    for guest in started:
+        guest.stop()

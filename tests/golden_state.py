@@ -1,8 +1,8 @@
 """Golden snapshot files: how they were made, and how a test replays them.
 
-Each case under ``tests/golden/<set>/`` is one device (blk, net, console, rng, fs) on a split
-or a packed ring, saved by ``MmioTransport.save`` after a VMM ``report`` stop with
-requests in flight, and written by ``emu.state.file.save``:
+Each case under ``tests/golden/<set>/`` is one device (blk, net, console, rng, fs, balloon,
+vsock) on a split or a packed ring, saved by ``MmioTransport.save`` after a VMM ``report``
+stop with requests in flight, and written by ``emu.state.file.save``:
 
     CASE.state    the snapshot file itself
     CASE.ram.gz   guest RAM at the save (rings, buffers, the driver's requests)
@@ -10,7 +10,8 @@ requests in flight, and written by ``emu.state.file.save``:
     (fs shares a directory that ``make_device`` fills the same way for the save and every
     replay; its nodes other than the root come back stale, as on a host where the files
     were replaced: the requests in flight were answered before the save, so a restore
-    publishes their answers without running them again)
+    publishes their answers without running them again; vsock's connection does not come
+    back, so the packets in flight are answered with RST and TRANSPORT_RESET goes out)
     CASE.json     the rings at the save, the chains in flight, and what the code that
                   made the files did after restoring them: per queue the used entries
                   (head, length, sha256 of the bytes written into the chain) and what
@@ -41,6 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from emu.backends.chardev import BufferChar
 from emu.devices.base import VirtioDevice
@@ -64,7 +66,7 @@ IN_FLIGHT = 4
 QUIET = 0.5
 CASES = [
     f"{kind}-{ring}"
-    for kind in ("blk", "console", "net", "rng", "fs")
+    for kind in ("blk", "console", "net", "rng", "fs", "balloon", "vsock")
     for ring in ("split", "packed")
 ]
 FS_FILE = b"golden file contents\n" * 100
@@ -92,9 +94,11 @@ class Backend:
 
     disk: Path | None = None
     share: Path | None = None
+    vsock: Path | None = None  # the directory of the host's Unix sockets
     sink: Sink = field(default_factory=Sink)
     console: BufferChar = field(default_factory=BufferChar)
     port1: BufferChar = field(default_factory=BufferChar)
+    program: Any = None  # vsock: the host program's socket at the save
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -137,6 +141,17 @@ def make_device(kind: str, backend: Backend) -> VirtioDevice:
         backend.share.mkdir(exist_ok=True)
         (backend.share / "golden").write_bytes(FS_FILE)
         return FsDevice(backend.share, tag="golden")
+    if kind == "balloon":
+        from emu.devices.balloon import BalloonDevice
+
+        return BalloonDevice()
+    if kind == "vsock":
+        from emu.backends.hybrid_vsock import HybridVsock
+        from emu.devices.vsock import VsockDevice
+
+        assert backend.vsock is not None
+        backend.vsock.mkdir(exist_ok=True)
+        return VsockDevice(3, HybridVsock(backend.vsock / "v.sock"))
     raise ValueError(kind)
 
 
@@ -180,7 +195,9 @@ def outcome(mem: GuestMemory, queues: dict, random_data: bool) -> dict:
         chains = {c["head"]: c for c in q["inflight"]}
         entries = []
         for head, length in used_entries(mem, q):
-            data = None if random_data else written(mem, chains[head], length)
+            # a chain made available after the save (vsock's event) has no segments here
+            known = head in chains and not random_data
+            data = written(mem, chains[head], length) if known else None
             entries.append([head, length, data])
         out[i] = entries
     return out
@@ -199,6 +216,8 @@ def replay(case_dir: Path, case: str, work: Path, counts: dict | None = None) ->
             backend.disk.write_bytes(gzip.decompress((case_dir / f"{case}.disk.gz").read_bytes()))
         if meta["kind"] == "fs":
             backend.share = work / f"{case}.share"
+        if meta["kind"] == "vsock":
+            backend.vsock = work / f"{case}.vsock"
         dev = make_device(meta["kind"], backend)
         try:
             # the v1 set was saved by a transport that offered STOP at its usual bit (the
@@ -253,6 +272,8 @@ def _save(kind: str, packed: bool, work: Path) -> tuple[GuestMemory, Backend, Vi
         backend.disk.write_bytes(bytes(i % 251 for i in range(DISK)))
     if kind == "fs":
         backend.share = work / "share"
+    if kind == "vsock":
+        backend.vsock = work / "vsock"
     dev = make_device(kind, backend)
     tr = MmioTransport(dev, mem)
     drv = VirtioMmioDriver(tr, mem)
@@ -293,6 +314,22 @@ def _save(kind: str, packed: bool, work: Path) -> tuple[GuestMemory, Backend, Vi
             ):
                 hdr = in_header(op, node, 1000 + 2 * len(submit), len(args))
                 submit.append(lambda o=[hdr + args], r=room: drv.submit(1, o, [16, r]))
+    elif kind == "balloon":
+        from emu.testing.balloon import BalloonDriver
+
+        bal = BalloonDriver.open(drv, packed=packed, queue_size=16, initial_stats={4: 1 << 20})
+        dev.set_target(64)
+        bal.inflate(bal.take_pages(8))
+        bal.set_actual(8)
+        pages = bal.take_pages(3 * IN_FLIGHT)
+        for i in range(IN_FLIGHT):
+            pfn = struct.pack("<I", pages[i])
+            submit.append(lambda pfn=pfn: drv.submit(bal.q["inflate"], [pfn], []))
+            submit.append(lambda pfn=pfn: drv.submit(bal.q["deflate"], [pfn], []))
+            free = [(pages[IN_FLIGHT + 2 * i] << 12, 8192, True)]
+            submit.append(lambda free=free: bal.submit_raw("reporting", free))
+    elif kind == "vsock":
+        submit += _vsock_requests(drv, packed, backend)
     else:
         rng = RngDriver.open(drv, packed=packed, queue_size=16)
         assert len(rng.read(16)) == 16
@@ -310,6 +347,30 @@ def _save(kind: str, packed: bool, work: Path) -> tuple[GuestMemory, Backend, Vi
     return mem, backend, dev, encode(tr.save())
 
 
+def _vsock_requests(drv: object, packed: bool, backend: Backend) -> list:
+    """A connection to a host program, then per request one RW on it (the program gets
+    it) and one REQUEST to a port nobody listens on (answered with RST: an rx chain)."""
+    import socket
+
+    from emu.devices.vsock_defs import HOST_CID, OP_REQUEST, OP_RW, TYPE_STREAM, Header
+    from emu.testing.vsock import GuestVsock
+
+    assert backend.vsock is not None
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(backend.vsock / "v.sock_5000"))
+    server.listen()
+    g = GuestVsock(drv, packed=packed, queue_size=16, rx_buffers=8)
+    s = g.connect(5000)
+    backend.program, _ = server.accept()
+    server.close()
+    out = []
+    for i in range(IN_FLIGHT):
+        out.append(lambda i=i: g.send_packet(s, OP_RW, b"golden %d;" % i))
+        req = Header(g.cid, HOST_CID, 51000 + i, 6000 + i, 0, TYPE_STREAM, OP_REQUEST, 0, 4096, 0)
+        out.append(lambda req=req: g.send_raw([req.pack()]))
+    return out
+
+
 def _all_fetched(kind: str, dev: VirtioDevice, backend: Backend) -> bool:
     if kind == "blk":
         return len(dev.queues[0].inflight()) == 2 * IN_FLIGHT
@@ -321,6 +382,11 @@ def _all_fetched(kind: str, dev: VirtioDevice, backend: Backend) -> bool:
         return done and len(backend.port1.output) == 5 * IN_FLIGHT and not port.backlog
     if kind == "fs":
         return len(dev.queues[1].inflight()) == 3 * IN_FLIGHT
+    if kind == "balloon":  # inflate, deflate, the held stats buffer, reporting
+        counts = [len(q.inflight()) if q.started else 0 for q in dev.queues]
+        return counts == [IN_FLIGHT, IN_FLIGHT, 1, 0, IN_FLIGHT]
+    if kind == "vsock":  # every packet acted on, every RST written
+        return dev.queues[1].held() == 2 * IN_FLIGHT and dev.queues[0].held() == IN_FLIGHT
     return len(dev.queues[0].inflight()) == IN_FLIGHT
 
 

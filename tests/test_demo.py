@@ -17,6 +17,7 @@ def test_demo_drives_every_device(args):
     assert "host -> guest b'host says hi\\n'" in res.output
     assert "rng: 64 bytes" in res.output
     assert "host file matches" in res.output  # fs
+    assert "host CONNECT 1234 -> b'OK 1073741824\\n'" in res.output  # vsock
 
 
 def test_demo_offers_the_stop_bit_only_when_asked():

@@ -103,3 +103,28 @@ def test_remove_region(mem):
         mem.read(0x100000, 1)
     with pytest.raises(GuestMemoryError):
         mem.remove_region(0x100000, 0x4000)
+
+
+def test_discard_gives_back_whole_pages_inside_guest_ram_only():
+    m = GuestMemory()
+    try:
+        for gpa in (0, 0x10000, 0x40000):  # two regions back to back, a hole, a third
+            m.add_region(gpa, 0x10000).mm[:] = b"\x11" * 0x10000
+        blocks = lambda: [os.fstat(r.fd).st_blocks for r in m.regions]  # noqa: E731
+        before = blocks()
+        # from the last page of region 0 (less 1 byte) through region 1, into the hole
+        assert m.discard(0xF001, 0x31000) == 0x10000
+        assert [b - a for b, a in zip(before, blocks(), strict=True)] == [0, 0x80, 0]
+        assert m.read(0xF000, 0x1000) == b"\x11" * 0x1000  # a page only partly inside
+        assert m.discard(0x20000, 0x10000) == 0  # the hole
+        assert m.discard(0x40000, 0x1000) == 0x1000 and m.read(0x40000, 4) == bytes(4)
+        assert m.allocated() == 512 * sum(blocks())
+        with pytest.raises(ValueError):
+            m.discard(-1, 10)
+    finally:
+        m.close()
+    assert GuestMemory().allocated() is None
+    anon = GuestMemory.create(0x10000, backing="anon")
+    assert anon.allocated() is None
+    assert anon.discard(0, 0x10000) == 0x10000  # shared anonymous memory releases too
+    anon.close()

@@ -235,7 +235,9 @@ def test_builtin_types_declare_everything_in_their_module() -> None:
         "blk": 2,
         "console": 3,
         "rng": 4,
+        "balloon": 5,
         "fs": 26,
+        "vsock": 19,
     }
     for t in types.values():
         assert t.cls.__module__ == f"emu.devices.{t.name}"
@@ -270,3 +272,14 @@ def test_production_code_never_imports_the_driver_helpers() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["vsock:CID=\u00b2,uds={d}/v.sock", "fs:{d},queues=\u00b2", "blk:{d}/disk.img:queues=\u00b2"],
+)
+def test_a_number_in_unicode_digits_is_a_spec_error_not_a_traceback(spec, tmp_path):
+    """str.isdigit is true for '²', which int() refuses: each spec number is ASCII only."""
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    with pytest.raises(registry.SpecError, match="\u00b2"):
+        registry.make_devices([spec.format(d=tmp_path)])

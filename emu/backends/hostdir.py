@@ -19,10 +19,16 @@ Sandbox decisions
   symlink); open of a symlink node is ELOOP, and a lookup under it is ENOTDIR.
 - Only regular files are opened for I/O (EISDIR for a directory, ENXIO for FIFOs,
   sockets and devices): a Linux guest serves special files itself, and a host open
-  could block (FIFO) or reach a host device.
+  could block (FIFO) or reach a host device. Those opens are non-blocking, so a host
+  process's lease on the file (F_SETLEASE) answers EAGAIN rather than holding the
+  device thread until the lease breaks.
 - No host device nodes: mknod of a character or block device is EPERM (a device node
   the guest made would open a host device for any host user who can reach the tree),
-  and so is RENAME_WHITEOUT (EINVAL: it makes one).
+  and so is RENAME_WHITEOUT (EINVAL: it makes one). For the same reason no set-user-ID
+  files, nor set-group-ID ones but directories (where it only passes the group on):
+  the device's files belong to its own user (root, often), so such a file would run
+  as that user for whoever starts it. A mode adding those bits (CREATE, MKNOD,
+  SETATTR) is EPERM; bits the host gave a file stay through a chmod.
 - xattrs are read and listed in every namespace but written (set / remove) only in
   ``user.``: EPERM for the others, whose values the host acts on (``security.capability``
   grants capabilities, ``trusted.*``, ACLs).
@@ -31,9 +37,14 @@ Sandbox decisions
   file call and back): EBADF.
 - At most ``max_nodes`` nodes and ``max_handles`` handles at once (ENFILE beyond), so a
   guest cannot exhaust the host's fds: a node holds one fd, a file handle one, a
-  directory handle two while it is being listed. Keep ``max_nodes + 2 * max_handles``
-  under RLIMIT_NOFILE (the defaults, 16384 + 2 * 1024, fit the 20000 of the machines
-  here with room for the rest of the process); past it the host's EMFILE is the answer.
+  directory handle two while it is being listed. Whatever those bounds, no fd is kept
+  at a number within the top eighth of RLIMIT_NOFILE (at least ``FD_RESERVE``): ENFILE
+  there too, so the rest of the process (other devices, vhost-user's memory and
+  eventfds, state files) always has fds, however low the limit and however many
+  HostDirs share it.
+- FALLOCATE that would allocate more than the file system has free is ENOSPC before the
+  host is asked: ext4 allocates until the disk is full and keeps what it got (past EOF,
+  with KEEP_SIZE, where the file's size does not show it).
 - ``readonly``: every call that would change the tree or a file raises EROFS.
 - Open flags: only the access mode, O_APPEND, O_TRUNC, O_SYNC, O_DSYNC, O_NOATIME and
   O_NONBLOCK reach the host. The rest is dropped: O_DIRECT as the C virtiofsd does by
@@ -71,8 +82,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
+import resource
 import stat
+import struct
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -86,6 +100,10 @@ MAX_HANDLES = 1024
 
 _PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+#: added to every open of a regular file for I/O: a host process's lease on it then
+#: answers EAGAIN at once instead of holding the device thread for the lease break
+#: (lease-break-time, 45 s by default); local file I/O ignores the flag otherwise
+_IO = os.O_NONBLOCK | os.O_CLOEXEC
 #: open flags a guest may pass through (access mode and flags with a file meaning only)
 _OPEN_FLAGS = (
     os.O_ACCMODE | os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME | os.O_NONBLOCK
@@ -105,6 +123,12 @@ XATTR_REPLACE = 2
 _XATTR_WRITABLE = b"user."
 #: every fallocate mode Linux 6.1 knows (KEEP_SIZE .. UNSHARE_RANGE)
 _FALLOC_MODES = 0x7F
+#: modes that free or move blocks (PUNCH_HOLE, COLLAPSE_RANGE, INSERT_RANGE); the rest
+#: allocate up to ``length`` bytes
+_FALLOC_NO_ALLOC = 0x02 | 0x08 | 0x20
+#: fd numbers at the top of RLIMIT_NOFILE left to the rest of the process (at least
+#: this many, or an eighth of the limit)
+FD_RESERVE = 256
 _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
 _UTIME_NOW = (1 << 30) - 1
@@ -115,6 +139,9 @@ Key = tuple[int, int]
 #: the shape of ``save``'s dict (a change of shape is a new version)
 STATE_VERSION = 1
 _PATH_MAX = 4096
+#: JSON characters ``save`` spends on paths at most (a byte that is not UTF-8 takes six):
+#: the device part and the whole state file each take at most 64 MiB
+_PATHS_BUDGET = 32 << 20
 _U64 = (1 << 64) - 1
 #: node ids and handles in a state stay well inside FUSE's u64
 _ID_MAX = (1 << 63) - 1
@@ -157,6 +184,12 @@ _name_to_handle_at.argtypes = [
 ]
 
 
+_statx = _libc.statx
+_statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+_STATX_BTIME = 0x800
+_STATX = struct.Struct("<I76xqI")  # stx_mask ... stx_btime (tv_sec, tv_nsec) at offset 80
+
+
 class HostDirStateError(StateError, ValueError):
     """A saved state this directory cannot take back (names the node or handle)."""
 
@@ -191,6 +224,20 @@ def _check_off(value: int, low: int = 0) -> int:
     return value
 
 
+def _fd_ceiling() -> int:
+    """The fd number HostDir keeps no fd at or above (read each time: the limit may move)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 62
+    return soft - max(FD_RESERVE, soft // 8)
+
+
+def _check_mode(kind: int, mode: int) -> None:
+    """EPERM for a mode with set-user-ID, or set-group-ID on anything but a directory."""
+    if mode & stat.S_ISUID or (mode & stat.S_ISGID and kind != stat.S_IFDIR):
+        raise _error(errno.EPERM)
+
+
 def _timespec(ns: int | None, now: bool) -> tuple[int, int]:
     if now:
         return 0, _UTIME_NOW
@@ -214,6 +261,19 @@ def _file_handle(fd: int) -> str | None:
         raise _error(code)
     raw = fh.handle_type.to_bytes(4, "little", signed=True) + bytes(fh.f_handle)
     return raw[: 4 + fh.handle_bytes].hex()
+
+
+def _birth_ns(fd: int) -> int | None:
+    """The birth time of ``fd``'s inode in ns (None if the file system keeps none).
+
+    Where there is no file handle, it tells a new file from a deleted one whose inode
+    number it got (ext4 hands a freed number out again at once); unlike ctime it never
+    changes while the inode lives."""
+    buf = ctypes.create_string_buffer(256)
+    if _statx(fd, b"", _AT_EMPTY_PATH, _STATX_BTIME, buf):
+        raise _error(ctypes.get_errno())
+    mask, sec, nsec = _STATX.unpack_from(buf)
+    return sec * 1_000_000_000 + nsec if mask & _STATX_BTIME else None
 
 
 def _check_xattr_name(name: bytes) -> None:
@@ -450,9 +510,21 @@ class HostDir:
     def _node_room(self) -> None:
         if len(self._nodes) >= self.max_nodes:
             raise _error(errno.ENFILE)
+        self._fd_room(1)
 
-    def _handle_room(self) -> None:
+    def _handle_room(self, fds: int = 1) -> None:
         if len(self._handles) >= self.max_handles:
+            raise _error(errno.ENFILE)
+        self._fd_room(fds)
+
+    def _fd_room(self, fds: int) -> None:
+        """ENFILE unless ``fds`` more fds fit below ``_fd_ceiling``: new fds take the
+        lowest free numbers, so the top of the range stays free for the rest of the
+        process (other devices, the vhost-user fds, a state file), whatever else it has
+        open and however many HostDirs it runs."""
+        probe = os.dup(self._nodes[ROOT].fd)  # the lowest free fd number
+        os.close(probe)
+        if probe + fds > _fd_ceiling():
             raise _error(errno.ENFILE)
 
     def _inside(self, fd: int) -> bool:
@@ -584,6 +656,8 @@ class HostDir:
         if mode is None and uid is None and gid is None and size is None and not times:
             return os.fstat(n.fd)
         self._writable()
+        if mode is not None:  # bits the inode has already are the host's doing
+            _check_mode(n.kind, mode & ~os.fstat(n.fd).st_mode)
         path = self._proc(n)
         if mode is not None:
             if n.kind == stat.S_IFLNK:  # what Linux answers for a symlink's mode
@@ -598,8 +672,12 @@ class HostDir:
             _check_off(size)
             if fd is not None:
                 os.ftruncate(fd, size)
-            elif n.kind == stat.S_IFREG:
-                os.truncate(path, size)
+            elif n.kind == stat.S_IFREG:  # through an fd: truncate(2) waits out a lease
+                tfd = os.open(path, os.O_WRONLY | _IO)
+                try:
+                    os.ftruncate(tfd, size)
+                finally:
+                    os.close(tfd)
             else:
                 raise _error(errno.EISDIR if n.kind == stat.S_IFDIR else errno.EINVAL)
         if times:
@@ -642,6 +720,7 @@ class HostDir:
             raise _error(errno.EPERM)
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             raise _error(errno.EINVAL)
+        _check_mode(kind, mode)
         self._node_room()
         os.mknod(name, kind | (mode & 0o7777), dir_fd=p.fd)
         node, st = self._add(os.open(name, _PATH, dir_fd=p.fd))
@@ -712,7 +791,7 @@ class HostDir:
             )
         flags = self._open_flags(flags)
         self._handle_room()
-        fd = os.open(self._proc(n), flags | os.O_CLOEXEC)
+        fd = os.open(self._proc(n), flags | _IO)
         return self._new_handle(fd, node, flags & ~os.O_TRUNC, None)
 
     def create(
@@ -722,6 +801,7 @@ class HostDir:
         p = self._dir(parent)
         _check_entry(name)
         self._writable()
+        _check_mode(stat.S_IFREG, mode)
         exclusive = flags & os.O_EXCL
         flags = self._open_flags(flags)
         self._handle_room()
@@ -814,6 +894,10 @@ class HostDir:
         _check_off(offset)
         if not 0 < length <= _OFF_MAX - offset:
             raise _error(errno.EINVAL)
+        if not mode & _FALLOC_NO_ALLOC:  # see the module doc: never fill the host's disk
+            v = os.fstatvfs(fd)
+            if length > v.f_bavail * v.f_frsize:
+                raise _error(errno.ENOSPC)
         _libc_check(_fallocate(fd, mode, offset, length))
 
     def lseek(self, fh: int, offset: int, whence: int) -> int:
@@ -842,7 +926,7 @@ class HostDir:
 
     def opendir(self, node: int) -> int:
         n = self._dir(node)
-        self._handle_room()
+        self._handle_room(2)  # its own and, while listed, scandir's duplicate
         fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=n.fd)
         return self._new_handle(fd, node, os.O_RDONLY, _DirScan())
 
@@ -932,28 +1016,46 @@ class HostDir:
 
         A node is its path relative to ROOT now (read from /proc/self/fd), its identity
         to check on load ((st_dev, st_ino) and, where the file system gives one, its
-        name_to_handle_at handle, which also tells a reused inode number), and its
-        lookup count. A node with no path in the tree (an open but unlinked file, a
-        directory moved out of the tree on the host, a node already stale) is saved
-        with path None: nothing can reopen it by path, so ``load`` refuses it (or, not
-        strict, marks it stale). A handle is its node, its open flags (O_TRUNC dropped:
+        name_to_handle_at handle, which also tells a reused inode number; where it gives
+        none, the inode's birth time if it keeps one), and its lookup count. A node with
+        no path in the tree (an open but unlinked file, a directory moved out of the
+        tree on the host, a node already stale, one deeper than PATH_MAX, which FUSE's
+        one name at a time lets a guest build) is saved with path None: nothing can
+        reopen it by path, so ``load`` refuses it (or, not strict, marks it stale). So
+        are the nodes whose paths no longer fit ``_PATHS_BUDGET`` (nodes with open
+        handles come first), so the state always fits in a state file whatever names
+        the guest chose. A handle is its node, its open flags (O_TRUNC dropped:
         reopening must not truncate again) and whether it is a directory; a directory
         handle needs no position, since every READDIR carries its offset and the
         listing is read again in the same order.
         """
         root = os.readlink(os.fsencode(self._proc(self._node(ROOT))))
         prefix = root if root.endswith(b"/") else root + b"/"
-        nodes = [
-            {
+        paths: dict[int, str | None] = {ROOT: ""}
+        budget = _PATHS_BUDGET
+        for node, n in sorted(self._nodes.items(), key=lambda e: (e[1].nopen == 0, e[0])):
+            if node != ROOT:
+                path = self._saved_path(n, prefix)
+                cost = 0 if path is None else len(json.dumps(path))
+                if cost > budget:
+                    path = None
+                else:
+                    budget -= cost
+                paths[node] = path
+        nodes = []
+        for node, n in sorted(self._nodes.items()):
+            handle = None if n.fd < 0 else _file_handle(n.fd)
+            entry = {
                 "id": node,
-                "path": "" if node == ROOT else self._saved_path(n, prefix),
+                "path": paths[node],
                 "dev": n.key[0],
                 "ino": n.key[1],
-                "file_handle": None if n.fd < 0 else _file_handle(n.fd),
+                "file_handle": handle,
                 "nlookup": n.nlookup,
             }
-            for node, n in sorted(self._nodes.items())
-        ]
+            if handle is None and n.fd >= 0 and (birth := _birth_ns(n.fd)) is not None:
+                entry["birth_ns"] = birth
+            nodes.append(entry)
         handles = [
             {"fh": fh, "node": h.node, "flags": h.flags, "dir": h.scan is not None}
             for fh, h in sorted(self._handles.items())
@@ -969,10 +1071,15 @@ class HostDir:
     def _saved_path(self, n: _Node, prefix: bytes) -> str | None:
         if n.fd < 0 or os.fstat(n.fd).st_nlink == 0:
             return None
-        path = os.readlink(os.fsencode(self._proc(n)))
+        try:
+            path = os.readlink(os.fsencode(self._proc(n)))
+        except OSError:  # ENAMETOOLONG: deeper than a path can say
+            return None
         if not path.startswith(prefix):
             return None
         rel = os.fsdecode(path[len(prefix) :])
+        if len(rel) > _PATH_MAX:  # more than ``load`` takes
+            return None
         if path.endswith(b" (deleted)"):  # the name it was opened by is gone; or is it?
             try:
                 fd = self._walk(rel, "")
@@ -1027,16 +1134,15 @@ class HostDir:
         nodes: dict[int, _Node] = {}
         handles: dict[int, _Handle] = {}
         try:
-            for node, path, key, handle, nlookup in parsed.nodes:
+            for node, path, key, ident, nlookup in parsed.nodes:
                 if node == ROOT:
-                    same = key == root.key and handle in (None, _file_handle(root.fd))
-                    if not same and strict:
+                    if not _is(root.fd, key, ident) and strict:
                         raise HostDirStateError(
                             f"the shared directory is not the one saved (dev/ino {key}, "
                             f"here {root.key})"
                         )
                     continue
-                n = self._reopen_node(node, path, key, handle, strict)
+                n = self._reopen_node(node, path, key, ident, strict)
                 n.nlookup = nlookup
                 nodes[node] = n
             for fh, node, flags, directory in parsed.handles:
@@ -1059,7 +1165,7 @@ class HostDir:
         self._next_fh = parsed.next_fh
 
     def _reopen_node(
-        self, node: int, path: str | None, key: Key, handle: str | None, strict: bool
+        self, node: int, path: str | None, key: Key, ident: Ident, strict: bool
     ) -> _Node:
         what = f"node {node} ({path!r})"
         problem = "had no path in the shared directory at save time (unlinked, or moved out)"
@@ -1070,9 +1176,8 @@ class HostDir:
             except OSError as e:
                 problem = f"cannot be reopened: {e.strerror}"
             else:
-                st = os.fstat(fd)
-                if _key(st) == key and handle in (None, _file_handle(fd)):
-                    return _Node(fd, key, stat.S_IFMT(st.st_mode))
+                if _is(fd, key, ident):
+                    return _Node(fd, key, stat.S_IFMT(os.fstat(fd).st_mode))
                 os.close(fd)
                 fd = -1
                 problem = "is another inode now (replaced on the host?)"
@@ -1095,7 +1200,7 @@ class HostDir:
             if directory:
                 fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=n.fd)
             else:
-                fd = os.open(self._proc(n), self._open_flags(flags) | os.O_CLOEXEC)
+                fd = os.open(self._proc(n), self._open_flags(flags) | _IO)
         except OSError as e:
             if strict:
                 raise HostDirStateError(f"handle {fh} on node {node}: {e.strerror}") from e
@@ -1103,8 +1208,23 @@ class HostDir:
         return _Handle(fd, node, flags, scan)
 
 
+#: what tells an inode from a later one with its number: (file handle, birth time ns)
+Ident = tuple[str | None, int | None]
+
+
+def _is(fd: int, key: Key, ident: Ident) -> bool:
+    """Whether ``fd`` holds the inode saved as ``key`` and ``ident`` (each part of
+    ``ident`` checked when it was saved)."""
+    handle, birth = ident
+    return (
+        _key(os.fstat(fd)) == key
+        and handle in (None, _file_handle(fd))
+        and birth in (None, _birth_ns(fd))
+    )
+
+
 class _Parsed(NamedTuple):
-    nodes: list[tuple[int, str | None, Key, str | None, int]]  # id, path, key, handle, count
+    nodes: list[tuple[int, str | None, Key, Ident, int]]  # id, path, key, identity, count
     handles: list[tuple[int, int, int, bool]]  # fh, node, flags, directory
     next_node: int
     next_fh: int
@@ -1130,7 +1250,7 @@ def _parse_state(state: Any, max_nodes: int, max_handles: int) -> _Parsed:
             f"the state holds {len(entries)} nodes and {len(opened)} handles; this HostDir "
             f"takes at most {max_nodes} and {max_handles}"
         )
-    nodes: list[tuple[int, str | None, Key, str | None, int]] = []
+    nodes: list[tuple[int, str | None, Key, Ident, int]] = []
     ids: set[int] = set()
     keys: set[Key] = set()
     for i, e in enumerate(entries):
@@ -1146,12 +1266,13 @@ def _parse_state(state: Any, max_nodes: int, max_handles: int) -> _Parsed:
             isinstance(handle, str) and len(handle) <= 2 * (4 + _MAX_HANDLE_SZ)
         ):
             raise HostDirStateError(f"{what}: file_handle {str(handle)[:40]!r} is not hex text")
+        birth = None if e.get("birth_ns") is None else _int(e, "birth_ns", what, -_ID_MAX, _ID_MAX)
         if node in ids or (path is not None and key in keys):
             raise HostDirStateError(f"{what}: node {node} or its inode {key} comes twice")
         ids.add(node)
         if path is not None:
             keys.add(key)
-        nodes.append((node, path, key, handle, nlookup))
+        nodes.append((node, path, key, (handle, birth), nlookup))
     if ROOT not in ids:
         raise HostDirStateError("the HostDir state has no ROOT node")
     handles: list[tuple[int, int, int, bool]] = []

@@ -16,7 +16,7 @@ from emu.guest.backends import BackendError, emu_backends
 from emu.guest.devices import Device
 from emu.guest.images import KINDS, GuestImage, build_image, export_image
 from emu.guest.packages import PackageError
-from emu.guest.run import needs_fio, run_guest
+from emu.guest.run import image_layers, run_guest
 
 _kind = click.option(
     "--kind", type=click.Choice(KINDS), required=True, help="user-mode-linux or QEMU microvm."
@@ -32,10 +32,11 @@ def command() -> None:
 @_kind
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Copy here too.")
 @click.option("--fio", is_flag=True, help="With fio and its libraries (the fio workload).")
-def build(kind: str, out: Path | None, fio: bool) -> None:
+@click.option("--socat", is_flag=True, help="With socat and its libraries (the vsock workload).")
+def build(kind: str, out: Path | None, fio: bool, socat: bool) -> None:
     """Fetch the kernel and busybox packages and build the initramfs (cached)."""
     try:
-        image = build_image(kind, fio=fio)
+        image = build_image(kind, fio=fio, socat=socat)
     except PackageError as e:
         raise click.ClickException(str(e)) from None
     if out is not None:
@@ -69,7 +70,8 @@ def _echo(text: str) -> None:
     "workloads",
     default="devices",
     show_default=True,
-    help="Comma-separated /init workloads: devices blk blkbench fio fs hvc rng net script sh none.",
+    help="Comma-separated /init workloads: devices blk blkbench fio fs vsock balloon hvc rng "
+    "net script sh none.",
 )
 @click.option(
     "--device",
@@ -87,7 +89,8 @@ def _echo(text: str) -> None:
     help="One of emu's own devices, served by an `emu serve` this command starts: "
     "blk:FILE or blk:nbd://HOST:PORT/ or blk:nbd+unix:///?socket=PATH (then :ro, "
     ":queues=N), net:cable (pairs), net:tap:NAME, console (hvc0 to stdout), rng, "
-    "fs:DIR[,tag=NAME][,ro]; "
+    "fs:DIR[,tag=NAME][,ro], vsock:CID=N,uds=PATH (host side: Unix sockets PATH and "
+    "PATH_PORT), balloon[,control=PATH] (UML only: QEMU 7.2 has no vhost-user balloon); "
     "ring options as in emu serve, e.g. blk:FILE,packed=off.",
 )
 @click.option(
@@ -146,7 +149,7 @@ def run(
         if kernel and initrd:  # a guest built elsewhere: no packages needed
             image = GuestImage(kind, kernel, initrd, "", {})
         else:
-            built = build_image(kind, fio=needs_fio(run_list, params))
+            built = build_image(kind, **image_layers(run_list, params))
             image = replace(built, kernel=kernel or built.kernel, initrd=initrd or built.initrd)
     except (ValueError, PackageError) as e:
         raise click.ClickException(str(e)) from None

@@ -22,6 +22,11 @@ Each ``--socket`` pairs with the device spec in the same position. A spec is
 * ``fs:DIR[,tag=NAME][,ro][,queues=N]``: virtio-fs sharing the host directory DIR, which
   the guest mounts with ``mount -t virtiofs NAME /mnt`` (tag ``emu`` by default); ``ro``
   refuses every change (EROFS), ``queues=N`` gives it N request queues.
+* ``balloon[,control=PATH][,target=MIB][,stats=off][,reporting=off]``: virtio-balloon;
+  pages the guest gives up are punched out of its RAM's memfd or file. ``control=PATH``
+  listens on a Unix socket for the host's commands (``target MIB``, ``stats``, ``info``;
+  ``emu balloon --control PATH ...``); ``target=MIB`` is the target from the start;
+  ``stats=off``, ``reporting=off``, ``deflate_on_oom=off`` withhold those features.
 
 Ring features can be withheld per device with options after a comma, e.g.
 ``blk:disk.img,packed=off,event_idx=off,indirect=off`` (each ``on`` or ``off``; all are
@@ -95,7 +100,7 @@ def serve(
     "serve",
     epilog="DEVICE: NAME[:ARG][,packed|event_idx|indirect=on|off...], e.g. blk:disk.img, "
     "blk:disk.img:ro:queues=2, blk:nbd://HOST:PORT/, blk:nbd+unix:///?socket=PATH, rng, "
-    "console, net:tap:NAME, net:cable",
+    "console, net:tap:NAME, net:cable, fs:DIR, balloon,control=PATH, vsock:CID=3,uds=PATH",
 )
 @click.option(
     "--socket",

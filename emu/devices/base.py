@@ -351,6 +351,7 @@ class VirtioDevice:
         if reset:
             q.reset()
             q.clear_kick()
+            self.on_queue_reset(q.index)
         self._fate_unknown([q])
         return saved
 
@@ -657,6 +658,12 @@ class VirtioDevice:
     def wants_poll(self, q: Virtqueue) -> bool:
         """Serve ``q`` after a wake-up even without a kick (rx queues waiting for data)."""
         return False
+
+    def on_queue_reset(self, index: int) -> None:
+        """Queue ``index`` was reset (VIRTIO_F_RING_RESET), after ``forget_inflight``: its
+        chains in flight went back to the driver, which hands their heads out again for
+        new requests, so a head the device acted on before the reset means nothing now
+        (device thread)."""
 
     def forget_inflight(self, queues: set[int]) -> None:
         """At stop of ``queues``: drop chains the device holds itself on them (they are

@@ -622,7 +622,9 @@ def _parse_arg(arg: str) -> tuple[str, bool, int]:
             break
         if last == "ro" and not readonly:
             readonly = True
-        elif last.startswith("queues=") and last[7:].isdigit() and queues == 1:
+        elif (
+            last.startswith("queues=") and last[7:].isascii() and last[7:].isdigit() and queues == 1
+        ):
             queues = int(last[7:])
         else:
             break

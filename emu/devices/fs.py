@@ -50,6 +50,8 @@ What the guest gets wrong, and the answer (an error reply is a bare fuse_out_hea
 * fewer than 40 readable bytes (no whole in header): EIO, unique 0.
 * ``in.len`` below 40 or above the readable bytes: EINVAL. Readable bytes past ``in.len``
   are ignored (a request is what its header says it is).
+* a READ or WRITE offset negative as a loff_t: EINVAL (preadv2 would take -1 as "the
+  fd's own position").
 * an argument struct cut short, a name without its NUL, a WRITE whose ``size`` is more
   than the data sent or than ``max_write``, more than 128 KiB of arguments, writable room
   too small for a fixed-size reply, a time with nanoseconds >= 10^9: EINVAL.
@@ -72,6 +74,9 @@ that length without executing it. The snapshot holds HostDir's nodes and handles
 queue count and ``ro`` the guest saw (a restore onto a device that differs is refused).
 Nodes whose files were deleted or replaced on the host between save and restore come
 back stale: the guest gets ESTALE for them, never another file's data (``load_state``).
+A state's remembered lengths are taken only for chains its restore put in flight and
+that have room for them (checked on each queue's first pass); others are dropped, and
+the request is served.
 """
 
 from __future__ import annotations
@@ -114,8 +119,9 @@ CHAIN_OVERHEAD = 8
 MAX_IO = MAX_PAGES_LIMIT * PAGE
 #: arguments of any request but WRITE: a struct, two names, an xattr value (64 KiB)
 MAX_ARGS = 128 << 10
-#: bytes one COPY_FILE_RANGE copies at most (a shorter count is a valid answer)
-MAX_COPY = 64 << 20
+#: bytes one COPY_FILE_RANGE copies at most (a shorter count is a valid answer; the guest
+#: asks again): small enough that one request holds the device thread for milliseconds
+MAX_COPY = 8 << 20
 #: seconds the guest may cache names and attributes (as virtiofsd's cache=auto)
 TTL = 1
 BATCH = 64
@@ -256,6 +262,7 @@ class FsDevice(VirtioDevice):
         if not 1 <= num_request_queues <= 0xFFFF - 1:
             raise ValueError(f"num_request_queues {num_request_queues} not in 1..65534")
         self.dir = HostDir(root, readonly=readonly)  # first: fails before fds are made
+        self.root = os.path.abspath(root)  # a restore opens it again (load_state)
         try:
             super().__init__(1 + num_request_queues, 0, queue_max_size)
         except BaseException:
@@ -273,6 +280,9 @@ class FsDevice(VirtioDevice):
         self._withheld: dict[int, dict[int, int]] = {q.index: {} for q in self.queues}
         #: per queue: head -> used length of chains answered before a stop, still in flight
         self._replied: dict[int, dict[int, int]] = {q.index: {} for q in self.queues}
+        #: queues whose ``_replied`` a state gave and no pass has checked against the
+        #: chains that restore put in flight
+        self._unchecked: set[int] = set()
         Op = f.Op
         #: opcode -> (handler, reply size when fixed, else None); READ, WRITE and the
         #: no-reply requests are served apart
@@ -327,6 +337,7 @@ class FsDevice(VirtioDevice):
         for q in self.queues:
             self._withheld[q.index].clear()
             self._replied[q.index].clear()
+        self._unchecked.clear()
 
     def close(self) -> None:
         super().close()
@@ -339,8 +350,21 @@ class FsDevice(VirtioDevice):
 
         A batch shorter than asked emptied the ring, so the next look is
         ``set_kicks(True)``, which says whether more came meanwhile: one pop per
-        wake-up when the guest sends one request at a time."""
-        replied = self._replied[q.index]
+        wake-up when the guest sends one request at a time.
+
+        A chain answered must not run again, so the used lengths of a push that may not
+        reach the guest are kept in ``_withheld`` until a stop settles them
+        (``forget_inflight``: the heads still in flight are answered without running
+        when handed out again) or a reset drops them. A push is held back by a closed
+        gate (a report stop), and a closed gate stays closed until the stop settles, so
+        that check alone is needed after each push; an entry for a push that got out
+        just before the gate closed names a head no longer in flight, which the stop
+        ignores. A queue with a Deferred (a delay model) holds pushes past the moment:
+        there every push is kept, and a head handed out again drops its old entry."""
+        replied, withheld = self._replied[q.index], self._withheld[q.index]
+        if q.index in self._unchecked:
+            self._unchecked.discard(q.index)
+            self._drop_stray(q, replied)
         self._io = q.ring
         while True:
             q.set_kicks(False)
@@ -350,33 +374,42 @@ class FsDevice(VirtioDevice):
                     break
                 heads: list[int] = []
                 lengths: list[int] = []
-                for c in chains(batch):
+                batch_chains = chains(batch)
+                if q.deferred is not None:  # a head handed out again: its last use is out
+                    for c in batch_chains:
+                        withheld.pop(c.head, None)
+                for c in batch_chains:
                     if q.gate is CLOSED:  # report stop: the rest stays in flight, not run
                         break
                     used = replied.pop(c.head, None) if replied else None
+                    if used is not None and used > c.in_len:  # a state's lie: no reply fits
+                        log.warning("fs: head %d: state says %d bytes used, serving", c.head, used)
+                        used = None
                     if used is None:  # not answered before a stop: serve it now
                         used = self._serve(c)
                     heads.append(c.head)
                     lengths.append(used)
                 q.push(heads, lengths)
-                if q.gate is CLOSED:
-                    self._withhold(q, heads, lengths)
+                if q.gate is CLOSED or q.deferred is not None:
+                    withheld.update(zip(heads, lengths, strict=True))
                 if len(heads) < BATCH:
                     break
             if not q.set_kicks(True):
                 return
 
-    def _withhold(self, q: Virtqueue, heads: list[int], lengths: list[int]) -> None:
-        """A report stop closed the gate around a push: its used entries may not have been
-        published, and those chains must not run again. Their used lengths are kept
-        until the stop settles them (``forget_inflight``: the heads still in flight
-        are answered without running when handed out again) or a reset drops them.
-
-        Only a closed gate withholds a push, and a gate once closed is not opened again
-        before the stop settles or the device resets, so nothing popped later can meet
-        a stale entry here; an entry for a push that did get out (the gate closed just
-        after it) names a head no longer in flight, which the stop ignores."""
-        self._withheld[q.index].update(zip(heads, lengths, strict=True))
+    def _drop_stray(self, q: Virtqueue, replied: dict[int, int]) -> None:
+        """Only a chain the restore put in flight can have been answered before the
+        stop; a state naming other heads would make later requests on them look
+        answered, unexecuted, so those entries go."""
+        stray = set(replied) - set(inflight_heads(q))
+        if stray:
+            log.warning(
+                "fs: queue %d: the state answered heads %s, not in flight: ignored",
+                q.index,
+                sorted(stray)[:8],
+            )
+            for head in stray:
+                del replied[head]
 
     def _serve(self, c: Chain) -> int:
         """Execute one request and write its reply; the chain's used length.
@@ -667,7 +700,7 @@ class FsDevice(VirtioDevice):
         fd = self.dir.fd(fh)
         limit = min(size, room, MAX_IO)
         try:
-            done = self._io.readv(fd, c.writable, OUT_HEADER_SIZE, limit, f.signed64(offset))
+            done = self._io.readv(fd, c.writable, OUT_HEADER_SIZE, limit, _offset(offset))
         except OSError as e:
             header = f.OUT_HEADER.pack(OUT_HEADER_SIZE, -(e.errno or errno.EIO), h.unique)
             self._io.scatter(c.writable, header)
@@ -684,7 +717,7 @@ class FsDevice(VirtioDevice):
         if size > self.session.max_write:
             raise f.Malformed(f"WRITE of {size} bytes, max_write {self.session.max_write}")
         fd = self.dir.fd(fh)
-        done = self._io.writev(fd, c.readable, start, size, f.signed64(offset))
+        done = self._io.writev(fd, c.readable, start, size, _offset(offset))
         return f.WRITE_OUT.pack(done, 0)
 
     def _release(self, h: Header, a: f.Args, room: int) -> bytes:
@@ -822,8 +855,10 @@ class FsDevice(VirtioDevice):
 
     def load_state(self, state: dict) -> None:
         """Refuse a snapshot of another share (tag, queues, ``ro``), check every field,
-        then let HostDir reopen the nodes and handles by path and check their identity;
-        only then is anything of this device changed.
+        then let a new HostDir over the same directory reopen the nodes and handles by
+        path and check their identity; only then is anything of this device changed, and
+        then all of it: the nodes and handles it held go (a load may come again, as
+        ``emu serve --restore-dir`` loads at start and at the first ring start).
 
         A node whose file was deleted or replaced on the host since the save (or that had
         no path then: an open but unlinked file) cannot be reopened: it and its handles
@@ -839,7 +874,7 @@ class FsDevice(VirtioDevice):
                 raise StateError(f"fs: snapshot has {key} {s[key]!r}, this device {value!r}")
         replied: dict[int, dict[int, int]] = {}
         for key, pairs in s["replied"].items():
-            if not key.isdigit() or int(key) >= len(self.queues):
+            if not (key.isascii() and key.isdigit()) or int(key) >= len(self.queues):
                 raise StateError(f"fs state: replied names queue {key!r}")
             heads = {}
             for pair in pairs:
@@ -851,20 +886,36 @@ class FsDevice(VirtioDevice):
                 heads[head] = used
             replied[int(key)] = heads
         session = None if s["session"] is None else Session(**s["session"])
+        fresh = HostDir(self.root, readonly=self.readonly)
         try:
             try:
-                self.dir.load(s["dir"])
+                fresh.load(s["dir"])
             except HostDirStateError as e:
                 if self.strict_restore:
                     raise
                 # the issue's rule: a file deleted or replaced meanwhile answers ESTALE
                 log.warning("fs: restoring with stale nodes (the guest gets ESTALE): %s", e)
-                self.dir.load(s["dir"], strict=False)
-        except (ValueError, OSError) as e:
-            raise StateError(f"fs: the shared directory cannot be restored: {e}") from e
+                fresh.load(s["dir"], strict=False)
+        except BaseException as e:
+            fresh.close()
+            if isinstance(e, (ValueError, OSError)):
+                raise StateError(f"fs: the shared directory cannot be restored: {e}") from e
+            raise
+        self.dir.close()
+        self.dir = fresh
         self.session = session
         for i in self._replied:
             self._replied[i] = replied.get(i, {})
+        self._unchecked = set(replied)
+
+
+def _offset(value: int) -> int:
+    """A READ / WRITE offset: EINVAL when negative as a loff_t (-1 would not be refused
+    by preadv2 / pwritev2 but mean "at the fd's own position, and move it")."""
+    pos = f.signed64(value)
+    if pos < 0:
+        raise OSError(errno.EINVAL, f"offset {pos}")
+    return pos
 
 
 def _length(segments: list[tuple[int, int]]) -> int:
@@ -918,7 +969,7 @@ def _options(spec: Spec) -> tuple[str, bool, int]:
     if ro not in (None, "", "on", "off"):
         raise SpecError(f"ro={ro!r}: ro, ro=on or ro=off")
     queues = opts.get("queues", "1")
-    if not queues.isdigit() or not 1 <= int(queues) <= 0xFFFE:
+    if not (queues.isascii() and queues.isdigit()) or not 1 <= int(queues) <= 0xFFFE:
         raise SpecError(f"queues={queues!r}: a number of request queues, 1..65534")
     return tag, ro in ("", "on"), int(queues)
 

@@ -36,6 +36,8 @@ BUILTIN = (
     "emu.devices.console",
     "emu.devices.rng",
     "emu.devices.fs",
+    "emu.devices.balloon",
+    "emu.devices.vsock",
 )
 #: ring size limit for served devices: what frontends ask for (QEMU microvm: 1024)
 QUEUE_MAX = 1024

@@ -1,12 +1,13 @@
 """The devices a guest is started with: `TYPE:PATH` pairs.
 
 vhost-user types (PATH is the backend's listening unix socket): blk, net, console, rng,
-vsock, fs. For microvm, QEMU's own (in-process) devices are also available as a baseline:
-qemu-blk:IMAGE, qemu-net:user (slirp), qemu-rng:/dev/urandom, qemu-console:OUTFILE.
-Under microvm, `,key=value` after PATH are passed to QEMU's -device (e.g. `blk:S,packed=on`
-to have the guest use packed rings, `queue-size=256`). An fs device's `tag=NAME` is the
-tag the guest mounts: QEMU puts it in the device's config space; under UML the backend's
-config has it, so there it only tells the guest's `fs` workload what to mount.
+vsock, fs, balloon (UML only). For microvm, QEMU's own (in-process) devices are also
+available as a baseline: qemu-blk:IMAGE, qemu-net:user (slirp), qemu-rng:/dev/urandom,
+qemu-console:OUTFILE. Under microvm, `,key=value` after PATH are passed to QEMU's
+-device (e.g. `blk:S,packed=on` to have the guest use packed rings, `queue-size=256`).
+An fs device's `tag=NAME` is the tag the guest mounts: QEMU puts it in the device's
+config space; under UML the backend's config has it, so there it only tells the guest's
+`fs` workload what to mount.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from emu.devices import registry
 
 #: virtio device ids (virtio spec 5) of vhost-user types emu does not implement itself
 #: (another backend serves them); emu's own types come from its device registry
-OTHER_VIRTIO_ID = {"vsock": 19}
+OTHER_VIRTIO_ID: dict[str, int] = {}
 QEMU_BUILTIN = ("qemu-blk", "qemu-net", "qemu-rng", "qemu-console")
 
 

@@ -9,7 +9,8 @@ change to /init or to the builder gives a new image without a manual version bum
 `build_image(kind, fio=True)` appends a layer with Debian's fio, its shared libraries and
 the loader (84 MB, uncompressed: Debian's fio links every engine's library, Ceph's and
 GlusterFS's included); it is built once for both kinds and only the guests that run fio
-pay for it.
+pay for it. `socat=True` appends Debian's socat the same way (it speaks VSOCK-LISTEN /
+VSOCK-CONNECT, for the vsock workload).
 """
 
 from __future__ import annotations
@@ -36,10 +37,35 @@ KINDS = ("uml", "microvm")
 #: where the fio layer puts fio's libraries; /init runs fio with LD_LIBRARY_PATH set to it
 FIO_LIBDIR = "/usr/lib/emu-fio"
 FIO_BIN = "/usr/bin/fio"
+SOCAT_LIBDIR = "/usr/lib/emu-socat"
+SOCAT_BIN = "/usr/bin/socat"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A Debian program appended to the image with its libraries (in a directory of its
+    own, which /init puts in LD_LIBRARY_PATH when it runs the program) and the loader."""
+
+    package: str
+    program: str  # absolute path inside the package and in the guest
+    libdir: str
+
+
+LAYERS = {
+    "fio": Layer("fio", FIO_BIN, FIO_LIBDIR),
+    "socat": Layer("socat", SOCAT_BIN, SOCAT_LIBDIR),
+}
 
 #: modules each guest loads; their dependencies are added and ordered by modules.resolve
 WANTED = {
-    "uml": ["virtio_blk", "virtio_net", "virtio_console", "vmw_vsock_virtio_transport", "virtiofs"],
+    "uml": [
+        "virtio_blk",
+        "virtio_net",
+        "virtio_console",
+        "vmw_vsock_virtio_transport",
+        "virtiofs",
+        "virtio_balloon",
+    ],
     "microvm": [
         "virtio_mmio",
         "virtio_blk",
@@ -97,38 +123,48 @@ def _write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def fio_files() -> tuple[dict[str, Path], dict[str, str]]:
-    """({guest path: file} for fio, its libraries and loader, {package: version})."""
-    prog = libs.resolve("fio", FIO_BIN)
+def layer_files(layer: Layer) -> tuple[dict[str, Path], dict[str, str]]:
+    """({guest path: file} for the program, its libraries and loader, {package: version})."""
+    prog = libs.resolve(layer.package, layer.program)
     loader = Path(prog.interpreter).name
-    files = {FIO_BIN: prog.path, prog.interpreter: prog.libraries[loader]}
+    files = {layer.program: prog.path, prog.interpreter: prog.libraries[loader]}
     for soname, path in prog.libraries.items():
         if soname != loader:
-            files[f"{FIO_LIBDIR}/{soname}"] = path
+            files[f"{layer.libdir}/{soname}"] = path
     return files, prog.packages
 
 
-def _fio_layer() -> tuple[Path, dict[str, str]]:
-    """The cached fio layer and the packages it holds, keyed by fio's version.
+def fio_files() -> tuple[dict[str, Path], dict[str, str]]:
+    """layer_files of the fio layer."""
+    return layer_files(LAYERS["fio"])
 
-    Its libraries are those current when it was first built; a new fio version (or a
+
+def _layer(name: str) -> tuple[Path, dict[str, str]]:
+    """The cached layer `name` and the packages it holds, keyed by the program's version.
+
+    Its libraries are those current when it was first built; a new program version (or a
     change to the builder) builds it again.
     """
-    key = json.dumps([candidate_version("fio"), _builder_digest(initramfs, libs)])
-    layer = cache_dir() / "images" / f"fio-{hashlib.sha256(key.encode()).hexdigest()[:16]}.cpio"
-    manifest = layer.with_suffix(".json")
-    if layer.exists() and manifest.exists():
-        return layer, json.loads(manifest.read_text())
-    files, packages = fio_files()
-    _write(layer, initramfs.layer(files))
+    layer = LAYERS[name]
+    key = json.dumps([candidate_version(layer.package), _builder_digest(initramfs, libs)])
+    if name != "fio":  # the fio layer's key predates the others: cached layers stay valid
+        key = json.dumps([key, layer.program, layer.libdir])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = cache_dir() / "images" / f"{name}-{digest}.cpio"
+    manifest = path.with_suffix(".json")
+    if path.exists() and manifest.exists():
+        return path, json.loads(manifest.read_text())
+    files, packages = layer_files(layer)
+    _write(path, initramfs.layer(files))
     _write(manifest, json.dumps(packages, sort_keys=True).encode())
-    return layer, packages
+    return path, packages
 
 
-def build_image(kind: str, fio: bool = False) -> GuestImage:
+def build_image(kind: str, fio: bool = False, socat: bool = False) -> GuestImage:
     """The cached image for `kind`, downloading and building whatever is missing.
 
-    fio: with the fio layer appended (for the `fio` workload).
+    fio: with the fio layer appended (for the `fio` workload); socat: with the socat
+    layer (for the `vsock` workload).
     """
     kernel, moddir, packages = _kernel(kind)
     bb_root, bb_version = unpacked("busybox-static")
@@ -142,13 +178,20 @@ def build_image(kind: str, fio: bool = False) -> GuestImage:
     if not initrd.exists():
         mods = modules.resolve(moddir, WANTED[kind], modules.builtin_names(moddir))
         _write(initrd, initramfs.build(bb_root / "bin/busybox", mods, INIT))
-    if fio:
-        layer, fio_packages = _fio_layer()
-        packages.update(fio_packages)
-        combined = initrd.with_name(f"{kind}-{digest}-{layer.stem}.initrd")
+    layers = [name for name, wanted in (("fio", fio), ("socat", socat)) if wanted]
+    if layers:
+        parts = []
+        for name in layers:
+            path, layer_packages = _layer(name)
+            packages.update(layer_packages)
+            parts.append(path)
+        stems = "-".join(p.stem for p in parts)
+        combined = initrd.with_name(f"{kind}-{digest}-{stems}.initrd")
         if not combined.exists():
-            base = initrd.read_bytes()  # an uncompressed archive must start 4-byte aligned
-            _write(combined, base + b"\0" * (-len(base) % 4) + layer.read_bytes())
+            data = initrd.read_bytes()
+            for part in parts:  # an uncompressed archive must start 4-byte aligned
+                data += b"\0" * (-len(data) % 4) + part.read_bytes()
+            _write(combined, data)
         initrd = combined
     return GuestImage(kind, kernel, initrd, moddir.name, packages)
 

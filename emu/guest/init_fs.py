@@ -82,7 +82,8 @@ fs_check() {  # correctness: every operation in the share and in a tmpfs mirror,
   both 'mv a.txt sub/b.txt && echo old > r1 && echo new > r2 && mv r2 r1'
   both 'mkdir dirA && echo x > dirA/x && mv dirA dirB'
   both 'ln -s sub/b.txt sym && ln -s /nonexistent/target dangling && ln f4096 hard'
-  both 'chmod 640 f4096 && chmod 700 sub && chmod 4755 f1 && chown 1000:1000 f1'
+  # no set-id bits: emu refuses to make set-id files (docs/fs.md)
+  both 'chmod 640 f4096 && chmod 700 sub && chmod 751 f1 && chown 1000:1000 f1'
   both 'truncate -s 10000 f65536 && truncate -s 200000 f0 && fallocate -l 300000 f4095'
   both 'dd if=/tmp/src of=f131073 bs=1000 seek=7 count=3 conv=notrunc 2>/dev/null'
   both 'echo appended >> f4097 && touch -t 202001020304.05 f1048576 && mkfifo fifo'

@@ -5,11 +5,13 @@ line starting with a marker (see console.py): EMU-INIT-START, EMU-STEP <workload
 EMU-RESULT <key> <value>, EMU-DEV <name> k=v..., EMU-BENCH <name> <value> <unit>,
 EMU-WARN <text>, EMU-DONE rc=<n>; fio's JSON report comes as the lines between
 EMU-FIO-JSON-BEGIN and EMU-FIO-JSON-END. Workloads come from `emu.run=a,b` on the kernel command
-line; their knobs are `emu.<workload>.<knob>=` arguments (defaults below). The `fs`
-workload lives in init_fs.py.
+line; their knobs are `emu.<workload>.<knob>=` arguments (defaults below). The `fs`,
+`vsock` and `balloon` workloads live in init_fs.py, init_vsock.py and init_balloon.py.
 """
 
+from emu.guest.init_balloon import BALLOON_WORKLOAD
 from emu.guest.init_fs import FS_WORKLOAD
+from emu.guest.init_vsock import VSOCK_WORKLOAD
 
 _WORKLOADS = r"""#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -253,4 +255,4 @@ poweroff -f
 echo o > /proc/sysrq-trigger
 """
 
-INIT = _WORKLOADS + FS_WORKLOAD + _MAIN
+INIT = _WORKLOADS + FS_WORKLOAD + VSOCK_WORKLOAD + BALLOON_WORKLOAD + _MAIN

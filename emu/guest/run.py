@@ -86,6 +86,17 @@ def needs_fio(run: Iterable[str], params: Mapping[str, object]) -> bool:
     return "fio" in run or ("fs" in run and "rand" in passes)
 
 
+def needs_socat(run: Iterable[str]) -> bool:
+    """Whether the image needs the socat layer: the vsock workload speaks through it."""
+    return "vsock" in run
+
+
+def image_layers(run: Iterable[str], params: Mapping[str, object]) -> dict[str, bool]:
+    """build_image's layer arguments for these workloads."""
+    run = list(run)
+    return {"fio": needs_fio(run, params), "socat": needs_socat(run)}
+
+
 def with_fs_tag(devices: Iterable[Device], params: Mapping[str, object]) -> dict[str, object]:
     """`params` plus `fs.tag` from the first fs device's `tag=`, unless given: the guest
     mounts the tag its device was attached with."""
@@ -128,16 +139,18 @@ def run_guest(
     quiet: bool = True,
     interactive: bool = False,
     on_output: Callable[[str], None] | None = None,
+    on_start: Callable[[subprocess.Popen], None] | None = None,
 ) -> GuestResult:
     """Boots a `kind` ("uml" or "microvm") guest and waits for it to power off.
 
     devices: "blk:/path/sock", ("net", sock) or Device; the backends must already listen.
     run: workloads for /init (init_script.py), in order. params: their knobs, e.g.
     {"blk.mib": 8}. image: a prebuilt image (default: build/cached by build_image, with
-    the fio layer when `run` has fio or fs's rand pass).
+    the fio layer when `run` has fio or fs's rand pass, the socat layer for vsock).
     cpus: vCPUs (microvm only; a multi-queue disk uses as many queues as the guest has CPUs).
     interactive: give the guest this process's stdin (for the `sh` workload).
     on_output: called with console text as it arrives (e.g. to show it live).
+    on_start: called with the guest's process once started (proc.stop ends it early).
     """
     if kind not in _COMMAND:
         raise ValueError(f"unknown guest kind {kind!r}")
@@ -148,7 +161,7 @@ def run_guest(
     run = list(run)
     params = with_fs_tag(devs, params or {})
     append = kernel_args(run, params, quiet)
-    image = image or build_image(kind, fio=needs_fio(run, params))
+    image = image or build_image(kind, **image_layers(run, params))
     cmd = _COMMAND[kind](image, devs, append, mem_mib or _DEFAULT_MEM_MIB[kind], cpus)
 
     log, lines, marks = ConsoleLog(), [], {}
@@ -159,6 +172,8 @@ def run_guest(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    if on_start is not None:
+        on_start(proc)
     pump = threading.Thread(
         target=_pump, args=(proc.stdout, log, lines, on_output, marks), daemon=True
     )

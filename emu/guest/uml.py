@@ -8,6 +8,11 @@ UML opens no ptys or xterms.
 
 from __future__ import annotations
 
+import os
+import stat
+import time
+from pathlib import Path
+
 from emu.guest.devices import Device, virtio_ids
 from emu.guest.images import GuestImage
 
@@ -35,3 +40,41 @@ def command(
             raise ValueError(f"UML takes no device options ({','.join(others)})")
         args.append(f"virtio_uml.device={dev.path}:{ids[dev.type]}")
     return args + append
+
+
+def ram_file(attached: str | os.PathLike, timeout: float = 10.0) -> Path:
+    """The guest RAM file of the running UML guest whose command line attaches the
+    vhost-user socket `attached`, as a /proc/PID/fd/N path (stat() follows it).
+
+    UML keeps its physical memory in an unlinked file in $TMPDIR or /dev/shm (O_TMPFILE:
+    `/dev/shm/#INODE (deleted)`) and hands that file's fd to vhost-user backends in
+    SET_MEM_TABLE; its allocated blocks are the host memory the guest uses, and what a
+    balloon releases (fallocate PUNCH_HOLE on that fd) shows there. The largest unlinked
+    regular file among the guest's fds is taken.
+    """
+    want = f"virtio_uml.device={os.fspath(attached)}:".encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if want not in (proc / "cmdline").read_bytes():
+                    continue
+                best: tuple[int, Path] | None = None
+                for fd in (proc / "fd").iterdir():
+                    if not os.readlink(fd).endswith(" (deleted)"):
+                        continue
+                    st = os.stat(fd)
+                    if stat.S_ISREG(st.st_mode) and (best is None or st.st_size > best[0]):
+                        best = (st.st_size, fd)
+                if best is not None:
+                    return best[1]
+            except OSError:  # a process that ended meanwhile
+                continue
+        if time.monotonic() > deadline:
+            raise LookupError(f"no UML guest attached to {os.fspath(attached)} with a RAM file")
+        time.sleep(0.1)
+
+
+def allocated(path: str | os.PathLike) -> int:
+    """Bytes the file really holds (its allocated blocks, not its size)."""
+    return os.stat(path).st_blocks * 512

@@ -59,6 +59,7 @@ class _Request:
     descs: list[int]  # split: descriptor indices to free
     bufs: list[tuple[int, int]] = field(default_factory=list)  # (gpa, size class) to recycle
     ins: list[tuple[int, int]] = field(default_factory=list)  # writable (gpa, size)
+    indirect: bool = False  # the chain goes in an indirect table
 
 
 class DriverQueue:
@@ -109,6 +110,39 @@ class DriverQueue:
             self._avail_idx = self._last_used = 0
             mem.write(self.desc, bytes(total))
 
+    def start_at(self, index: int, wrap: bool = True) -> None:
+        """Take over a ring whose saved state has both indexes at ``index`` (and, packed,
+        both wrap counters at ``wrap``): nothing in flight, as after a drained stop. What
+        a driver restored from a snapshot hands a fresh device.
+
+        Split: the avail and used indexes in RAM and both event fields are ``index``, so
+        the first request made available needs a kick and the first used one an
+        interrupt. Packed: every descriptor looks used in the lap it was last used in
+        (the slots before ``index`` in this lap, the others in the one before), so none
+        is available to the device and none looks newly used to the driver."""
+        if self._inflight:
+            raise DriverError(f"queue {self.index}: start_at takes a ring with nothing in flight")
+        if self.packed:
+            if not 0 <= index < self.size:
+                raise DriverError(f"queue {self.index}: slot {index} beyond {self.size}")
+            this_lap = DESC_F_AVAIL | DESC_F_USED if wrap else 0
+            last_lap = this_lap ^ (DESC_F_AVAIL | DESC_F_USED)
+            for slot in range(self.size):
+                flags = this_lap if slot < index else last_lap
+                self.mem.write(self.desc + 16 * slot + 14, struct.pack("<H", flags))
+            self._next_avail = self._next_used = index
+            self._avail_wrap = self._used_wrap = int(wrap)
+            return
+        index &= 0xFFFF
+        self._avail_idx = self._last_used = index
+        for gpa in (
+            self.driver + 2,  # avail idx
+            self.driver + 4 + 2 * self.size,  # used_event
+            self.device + 2,  # used idx
+            self.device + 4 + 8 * self.size,  # avail_event
+        ):
+            self.mem.write(gpa, struct.pack("<H", index))
+
     # -- making buffers available --
 
     def free_slots(self) -> int:
@@ -117,17 +151,7 @@ class DriverQueue:
     def add(self, out: list[bytes], in_sizes: list[int], *, indirect: bool | None = None) -> int:
         """Queue one request; ``indirect`` forces (True) or forbids (False) an indirect table,
         None uses one for multi-descriptor chains when INDIRECT_DESC was negotiated."""
-        n = len(out) + len(in_sizes)
-        if n == 0:
-            raise ValueError("a request needs at least one buffer")
-        use_indirect = self.indirect and n > 1 if indirect is None else indirect
-        slots = 1 if use_indirect else n
-        if slots > self.free_slots():
-            raise QueueFullError(
-                f"queue {self.index}: {slots} descriptors wanted, {self.free_slots()} free"
-            )
-        req = _Request(self._tokens, slots, [])
-        self._tokens += 1
+        req = self._request(len(out) + len(in_sizes), indirect)
         segs: list[tuple[int, int, int]] = []
         for data in out:
             gpa = self._buffer(req, len(data))
@@ -138,7 +162,34 @@ class DriverQueue:
             self.mem.write(gpa, bytes(size))
             req.ins.append((gpa, size))
             segs.append((gpa, size, DESC_F_WRITE))
-        if use_indirect:
+        return self._offer(req, segs)
+
+    def add_segments(
+        self, segments: list[tuple[int, int, bool]], *, indirect: bool | None = None
+    ) -> int:
+        """Queue one chain of (gpa, length, writable) buffers the caller laid out in guest
+        RAM itself (a balloon's free pages), unchecked: nothing is copied or recycled,
+        and the completion's ``data`` is empty."""
+        req = self._request(len(segments), indirect)
+        segs = [(gpa, n, DESC_F_WRITE if w else 0) for gpa, n, w in segments]
+        return self._offer(req, segs)
+
+    def _request(self, n: int, indirect: bool | None) -> _Request:
+        if n == 0:
+            raise ValueError("a request needs at least one buffer")
+        use_indirect = self.indirect and n > 1 if indirect is None else indirect
+        slots = 1 if use_indirect else n
+        if slots > self.free_slots():
+            raise QueueFullError(
+                f"queue {self.index}: {slots} descriptors wanted, {self.free_slots()} free"
+            )
+        req = _Request(self._tokens, slots, [], indirect=use_indirect)
+        self._tokens += 1
+        return req
+
+    def _offer(self, req: _Request, segs: list[tuple[int, int, int]]) -> int:
+        n = len(segs)
+        if req.indirect:
             table = self._buffer(req, 16 * n)
             self.mem.write(table, ringlayout.indirect_table(segs, self.packed))
             segs = [(table, 16 * n, DESC_F_INDIRECT)]
@@ -146,7 +197,7 @@ class DriverQueue:
             self._add_packed(req, segs)
         else:
             self._add_split(req, segs)
-        self._added += slots
+        self._added += req.slots
         return req.token
 
     def _buffer(self, req: _Request, size: int) -> int:

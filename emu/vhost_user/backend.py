@@ -18,11 +18,11 @@ connection, since the frontend would carry on believing it worked. The device is
 every disconnect; the server itself never goes down because of what a frontend sent.
 
 BACKEND_REQ is offered because UML 6.1 needs it (without it virtio_uml puts the vring
-interrupts on irq 0 and fails to probe); the channel is kept but nothing is sent on it
-yet, so config changes are only logged. The session owns its extensions, each with its
-own handlers: DEVICE_STATE and state files (emu's snapshot format, ``StateKeeper`` in
-device_state.py), and LOG_SHMFD / LOG_ALL, without which QEMU 7.2 will not migrate
-(``DirtyLog`` in dirty_log.py; docs/stop.md).
+interrupts on irq 0 and fails to probe); the channel carries the device's config change
+notices (CONFIG_CHANGE_MSG: a balloon's new target), nothing else. The session owns its
+extensions, each with its own handlers: DEVICE_STATE and state files (emu's snapshot
+format, ``StateKeeper`` in device_state.py), and LOG_SHMFD / LOG_ALL, without which QEMU
+7.2 will not migrate (``DirtyLog`` in dirty_log.py; docs/stop.md).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ from emu.vhost_user.protocol import (
     VRING_IDX_MASK,
     VRING_NOFD,
     VRING_STATE,
+    BackendReq,
     Message,
     PeerClosed,
     ProtocolError,
@@ -117,7 +118,8 @@ class Session:
         self.status = 0
         self.inflight: InflightRegion | None = None
         self._later: list[Callable[[], None]] = []  # after_reply
-        self.backend_req: socket.socket | None = None  # kept; nothing is sent on it yet
+        self.backend_req: socket.socket | None = None  # config change notices go there
+        self._lost_notices = 0  # notices the frontend did not take (full or closed channel)
         self.device_state = StateKeeper(self, state_files)
         self.dirty_log = DirtyLog(self)
         self.handlers = {
@@ -255,9 +257,30 @@ class Session:
             vr.err.signal()
 
     def _config_changed(self) -> None:
-        log.info(
-            "vhost-user: %s config changed (no BACKEND_REQ channel to say so)", self.device.name
-        )
+        """Tell the frontend, so its guest reads the config again: CONFIG_CHANGE_MSG on the
+        backend request channel, without need_reply. Any thread may call this (a
+        balloon's control), so it never blocks: a frontend that does not read its channel
+        loses the notice (logged), it does not hold the caller."""
+        channel = self.backend_req
+        if channel is None or not self.protocol >> PF.BACKEND_REQ & 1:
+            log.info("vhost-user: %s config changed (no channel to say so)", self.device.name)
+            return
+        data = Message(BackendReq.CONFIG_CHANGE_MSG).pack()
+        try:
+            sent = channel.send(data, socket.MSG_DONTWAIT)
+        except OSError as e:  # full, closed by the frontend, or replaced meanwhile
+            sent, why = 0, str(e)
+        else:
+            why = "short write"
+        if sent != len(data):
+            self._lost_notices += 1
+            if self._lost_notices & (self._lost_notices - 1) == 0:  # 1st, 2nd, 4th, ...
+                log.warning(
+                    "vhost-user: %s config change notice not sent (%d so far): %s",
+                    self.device.name,
+                    self._lost_notices,
+                    why,
+                )
 
     # -- ring start and stop --
 
@@ -428,8 +451,9 @@ class Session:
             self.table.clear,
             self.sock.close,
         ]
-        if self.backend_req is not None:
-            steps.append(self.backend_req.close)
+        channel, self.backend_req = self.backend_req, None  # no config change notice after
+        if channel is not None:
+            steps.append(channel.close)
         for step in steps:
             try:
                 step()

@@ -40,6 +40,7 @@ from emu.vhost_user.protocol import (
     VRING_ADDR,
     VRING_NOFD,
     VRING_STATE,
+    BackendReq,
     Message,
     ProtocolError,
     Req,
@@ -103,11 +104,14 @@ class VhostUserFrontend:
         inflight: bool = False,
         timeout: float = 10.0,
         ram: str | os.PathLike = "memfd",
+        backend_req: bool = False,
     ) -> None:
         """``add_mem_reg`` shares RAM with ADD_MEM_REG (None: when the backend offers
         CONFIGURE_MEM_SLOTS) instead of SET_MEM_TABLE; ``inflight`` asks for an
         INFLIGHT_SHMFD region at start, as QEMU does when it is offered; ``ram`` is a
-        sealable memfd (as QEMU's memory-backend-memfd) or a file path (as UML's RAM)."""
+        sealable memfd (as QEMU's memory-backend-memfd) or a file path (as UML's RAM);
+        ``backend_req`` gives the backend a request channel (SET_BACKEND_REQ_FD, as UML
+        does), whose config change notices count as config interrupts."""
         self.sock = connect(path, timeout)
         self.mem = GuestMemory.create(mem_size, backing=ram)
         self.queues: dict[int, Ring] = {}
@@ -124,6 +128,8 @@ class VhostUserFrontend:
         self.inflight_payload = b""
         self._calls: dict[int, int] = {}
         self._kicks: dict[int, int] = {}
+        self.want_backend_req = backend_req
+        self.backend_req: socket.socket | None = None  # our end of the channel
 
     # -- messages --
 
@@ -170,9 +176,20 @@ class VhostUserFrontend:
         """Negotiate and share guest RAM; returns the virtio features accepted."""
         offered = self.get_u64(Req.GET_FEATURES)
         if offered >> F_PROTOCOL_FEATURES & 1:
-            self.protocol = self.get_u64(Req.GET_PROTOCOL_FEATURES) & WANTED_PROTOCOL
+            wanted = WANTED_PROTOCOL | (1 << PF.BACKEND_REQ if self.want_backend_req else 0)
+            self.protocol = self.get_u64(Req.GET_PROTOCOL_FEATURES) & wanted
             self.set_u64(Req.SET_PROTOCOL_FEATURES, self.protocol)
         self.request(Req.SET_OWNER)
+        if self.protocol >> PF.BACKEND_REQ & 1 and self.backend_req is None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.request(Req.SET_BACKEND_REQ_FD, b"", [theirs.fileno()])
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            self.backend_req = ours
         wanted = offered & ~(1 << F_IN_ORDER | 1 << F_PROTOCOL_FEATURES | 1 << F_LOG_ALL)
         if features is not None:
             wanted = features
@@ -361,6 +378,20 @@ class VhostUserFrontend:
         data = value.to_bytes(size, "little")
         self.request(Req.SET_CONFIG, CONFIG_HEAD.pack(offset, size, 0) + data)
 
+    def backend_requests(self, timeout: float = 0.0) -> list[Message]:
+        """What the backend sent on its request channel, waiting up to ``timeout`` for the
+        first; config change notices are counted in ``config_interrupts``."""
+        got: list[Message] = []
+        if self.backend_req is None:
+            return got
+        while select.select([self.backend_req], [], [], 0 if got else timeout)[0]:
+            msg = recv_message(self.backend_req)
+            msg.close_fds()
+            if msg.req == BackendReq.CONFIG_CHANGE_MSG:
+                self.config_interrupts += 1
+            got.append(msg)
+        return got
+
     # -- notifications --
 
     def kick(self, qidx: int) -> None:
@@ -379,6 +410,8 @@ class VhostUserFrontend:
 
     def close(self) -> None:
         self.sock.close()
+        if self.backend_req is not None:
+            self.backend_req.close()
         for fd in [*self._calls.values(), *self._kicks.values()]:
             os.close(fd)
         if self.inflight_fd >= 0:

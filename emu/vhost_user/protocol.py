@@ -103,6 +103,12 @@ OWN_REPLY = frozenset(
 )
 
 
+class BackendReq(IntEnum):
+    """Requests the backend sends on the backend request channel (SET_BACKEND_REQ_FD)."""
+
+    CONFIG_CHANGE_MSG = 2
+
+
 class PF(IntEnum):
     """Protocol feature bits."""
 
