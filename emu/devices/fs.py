@@ -13,7 +13,9 @@ there is never anything for an INTERRUPT to interrupt (INTERRUPT is read and dro
 The FUSE semantics are ``emu.backends.hostdir.HostDir``'s (node ids, lookup counts,
 handles, the sandbox); this module maps the wire format (``emu.devices.fuse``) onto it.
 READ and WRITE move the data between the host file and guest RAM with ``preadv`` /
-``pwritev`` over memoryviews of the chain's buffers: the payload is never copied in Python.
+``pwritev`` straight into and out of the chain's buffers (the ring core's ``readv`` /
+``writev``): the payload is never copied in Python. The request's header and arguments
+and the reply are copied by the ring core too (``gather`` / ``scatter``).
 
 INIT, negotiated honestly: the reply's minor is the lower of the guest's and 7.37; the
 flags are the guest's intersected with what this device does:
