@@ -22,6 +22,7 @@ checks. What is different here is only how memory is reached:
   call before reading a descriptor.
 """
 
+import os
 import sys
 
 import numpy as np
@@ -30,6 +31,12 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.errno cimport EINTR, EINVAL, errno
+from libc.limits cimport INT_MAX
+from libc.stdint cimport int64_t
+from libc.string cimport strerror
+from posix.uio cimport iovec, preadv, pwritev
 
 from emu.ringdefs import (
     MAX_PACKED_SIZE,
@@ -47,7 +54,12 @@ from emu.ringdefs import (
     RingState,
 )
 
+from emu.memory import GuestMemoryError
+
 cnp.import_array()
+
+#: buffers one preadv / pwritev takes (the kernel's UIO_MAXIOV)
+cdef int IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 cdef type _Batch = Batch
 
@@ -284,6 +296,62 @@ cdef cnp.ndarray as_1d(object values, int typenum):
     return a
 
 
+def split_chains(batch, chain_type):
+    """``emu.devices._chain.chains`` in C: for each chain of ``batch`` a ``chain_type`` (a
+    tuple subclass) of its head, its readable (gpa, length) pairs and its writable ones,
+    in chain order. None when the arrays are not the ones a pop or Batch.from_chains
+    makes (the caller then splits in Python)."""
+    cdef cnp.ndarray hs = batch.heads, st = batch.chain_start, ad = batch.addr
+    cdef cnp.ndarray ln = batch.length, wr = batch.writable
+    if not (_plain(hs, cnp.NPY_UINT16) and _plain(st, cnp.NPY_UINT32)
+            and _plain(ad, cnp.NPY_UINT64) and _plain(ln, cnp.NPY_UINT32)
+            and _plain(wr, cnp.NPY_UINT8)):
+        return None
+    cdef Py_ssize_t n = cnp.PyArray_DIM(hs, 0), nseg = cnp.PyArray_DIM(ad, 0)
+    if (cnp.PyArray_DIM(st, 0) != n + 1 or cnp.PyArray_DIM(ln, 0) != nseg
+            or cnp.PyArray_DIM(wr, 0) != nseg):
+        return None
+    cdef const uint16_t *h = <const uint16_t *>cnp.PyArray_DATA(hs)
+    cdef const uint32_t *s = <const uint32_t *>cnp.PyArray_DATA(st)
+    cdef const uint64_t *a = <const uint64_t *>cnp.PyArray_DATA(ad)
+    cdef const uint32_t *l = <const uint32_t *>cnp.PyArray_DATA(ln)
+    cdef const uint8_t *w = <const uint8_t *>cnp.PyArray_DATA(wr)
+    cdef Py_ssize_t i, j
+    cdef list out = [], readable, writable
+    for i in range(n):
+        if s[i] > s[i + 1] or s[i + 1] > nseg:
+            return None
+        readable, writable = [], []
+        for j in range(s[i], s[i + 1]):
+            (writable if w[j] else readable).append((a[j], l[j]))
+        out.append(tuple.__new__(chain_type, (h[i], readable, writable)))
+    return out
+
+
+cdef bint _plain(cnp.ndarray x, int typenum):
+    return (cnp.PyArray_TYPE(x) == typenum and cnp.PyArray_NDIM(x) == 1
+            and cnp.PyArray_IS_C_CONTIGUOUS(x) and not cnp.PyArray_ISBYTESWAPPED(x))
+
+
+cdef int lists_in(list heads, list lengths, Py_ssize_t n, uint16_t *h, uint32_t *ln) except -1:
+    """Copy a push's heads and lengths out of lists of ints: 1, or 0 (the numpy path, as
+    before) when an item is not an int. A value out of range is the OverflowError numpy's
+    conversion would raise; nothing is taken before every item is checked."""
+    cdef Py_ssize_t i
+    cdef object x, y
+    for i in range(n):
+        x, y = heads[i], lengths[i]
+        if type(x) is not int or type(y) is not int:
+            return 0
+        if not 0 <= x <= 0xFFFF:
+            raise OverflowError(f"Python integer {x} out of bounds for uint16")
+        if not 0 <= y <= 0xFFFFFFFF:
+            raise OverflowError(f"Python integer {y} out of bounds for uint32")
+        h[i] = x
+        ln[i] = y
+    return 1
+
+
 # -- the split ring's hot path --
 
 
@@ -448,6 +516,9 @@ cdef class _Ring:
     cdef uint64_t *seq
     cdef uint64_t nfetched
     cdef uint32_t ninflight
+    # a push given as Python lists, copied out of them (no numpy conversion)
+    cdef uint16_t *p_heads
+    cdef uint32_t *p_lens
     # scratch output of one pop
     cdef uint16_t *o_heads
     cdef uint32_t *o_starts
@@ -467,6 +538,8 @@ cdef class _Ring:
         free(self.regions)
         free(self.nd)
         free(self.seq)
+        free(self.p_heads)
+        free(self.p_lens)
         free(self.o_heads)
         free(self.o_starts)
         free(self.o_addr)
@@ -508,14 +581,16 @@ cdef class _Ring:
         self.avail_wrap = self.used_wrap = True
         self.nd = <uint32_t *>malloc(self.size * sizeof(uint32_t))
         self.seq = <uint64_t *>malloc(self.size * sizeof(uint64_t))
+        self.p_heads = <uint16_t *>malloc(self.size * sizeof(uint16_t))
+        self.p_lens = <uint32_t *>malloc(self.size * sizeof(uint32_t))
         self.o_heads = <uint16_t *>malloc(self.size * sizeof(uint16_t))
         self.o_starts = <uint32_t *>malloc((self.size + 1) * sizeof(uint32_t))
         self.cap_segs = max(256, 2 * self.size)
         self.o_addr = <uint64_t *>malloc(self.cap_segs * sizeof(uint64_t))
         self.o_len = <uint32_t *>malloc(self.cap_segs * sizeof(uint32_t))
         self.o_wr = <uint8_t *>malloc(self.cap_segs)
-        if not (self.nd and self.seq and self.o_heads and self.o_starts and self.o_addr
-                and self.o_len and self.o_wr):
+        if not (self.nd and self.seq and self.p_heads and self.p_lens and self.o_heads
+                and self.o_starts and self.o_addr and self.o_len and self.o_wr):
             raise MemoryError()
         for k in range(self.size):
             self.nd[k] = 0
@@ -540,7 +615,20 @@ cdef class _Ring:
         return 0
 
     def push(self, heads, lengths):
-        """Mark chains used in this order and publish them; True: notify the driver."""
+        """Mark chains used in this order and publish them; True: notify the driver.
+
+        Lists of ints (what a device serving chains one by one builds) are read directly;
+        anything else goes through numpy, as do lists holding anything but ints."""
+        cdef Py_ssize_t k
+        if type(heads) is list and type(lengths) is list:
+            k = len(<list>heads)
+            if len(<list>lengths) != k:
+                raise ValueError("heads and lengths differ in length")
+            if k <= self.size and lists_in(heads, lengths, k, self.p_heads, self.p_lens):
+                if k == 0:
+                    return False
+                self.take(self.p_heads, k)
+                return self.publish(self.p_heads, self.p_lens, k)
         cdef cnp.ndarray ha = as_1d(heads, cnp.NPY_UINT16)
         cdef cnp.ndarray la = as_1d(lengths, cnp.NPY_UINT32)
         cdef Py_ssize_t n = cnp.PyArray_DIM(ha, 0)
@@ -601,6 +689,163 @@ cdef class _Ring:
         self.nd[head] = 0
         self.ninflight -= 1
         return n
+
+    def gather(self, list segments, Py_ssize_t limit):
+        """The bytes of ``segments`` ((gpa, length) pairs: a popped chain's readable
+        buffers) joined, and their count; (None, count) when that is over ``limit``,
+        nothing read. GuestMemoryError for a segment outside the guest's RAM.
+
+        For a device that reads a small request whole: one C copy instead of a Python
+        read per buffer (pyring's ``gather`` is the reference)."""
+        cdef Py_ssize_t i, n = len(segments)
+        cdef uint64_t total = 0, gpa, length
+        cdef int k
+        cdef char *p
+        for i in range(n):
+            total += <uint64_t>segments[i][1]
+        if total > <uint64_t>limit:
+            return None, total
+        out = PyBytes_FromStringAndSize(NULL, total)
+        p = PyBytes_AS_STRING(out)
+        for i in range(n):
+            gpa, length = segments[i]
+            if length:
+                k = find(self, gpa, length)
+                if k < 0:
+                    raise GuestMemoryError(
+                        f"access gpa {gpa:#x} len {length:#x} is outside guest RAM")
+                memcpy(p, self.regions[k].data + (gpa - self.regions[k].gpa), length)
+                p += length
+        return out, total
+
+    def scatter(self, list segments, bytes data):
+        """``data`` into ``segments`` ((gpa, length) pairs: a popped chain's writable
+        buffers) front to back, marking the pages written dirty as GuestMemory.write does;
+        ValueError (nothing written) when they hold less. pyring's is the reference."""
+        cdef Py_ssize_t i, n = len(segments)
+        cdef uint64_t size = len(data), room = 0, off = 0, gpa, length, at, page
+        cdef const char *src = PyBytes_AS_STRING(data)
+        cdef Region *r
+        cdef int k
+        for i in range(n):
+            room += <uint64_t>segments[i][1]
+        if size > room:
+            raise ValueError(f"{size} bytes for {room} of room")
+        for i in range(n):
+            if off >= size:
+                break
+            gpa, length = segments[i]
+            length = min(length, size - off)
+            if length:
+                k = find(self, gpa, length)
+                if k < 0:
+                    raise GuestMemoryError(
+                        f"access gpa {gpa:#x} len {length:#x} is outside guest RAM")
+                r = &self.regions[k]
+                at = gpa - r.gpa
+                memcpy(r.data + at, src + off, length)
+                for page in range(at >> PAGE_SHIFT, ((at + length - 1) >> PAGE_SHIFT) + 1):
+                    r.dirty[page] = 1
+                off += length
+
+    def readv(self, int fd, list segments, uint64_t start, uint64_t limit, int64_t offset):
+        """preadv(2) from ``fd`` at ``offset`` straight into ``segments`` ((gpa, length)
+        pairs: a chain's writable buffers) from their byte ``start`` on, at most ``limit``
+        bytes and IOV_MAX buffers (a shorter read is the answer); the count read. The
+        pages it may write are marked dirty first, as GuestMemory.view(write=True) does;
+        OSError as os.preadv raises it, EINVAL for a negative offset. pyring's ``readv`` is
+        the reference."""
+        cdef int count
+        cdef ssize_t n
+        if offset < 0:  # (os.preadv would take -1 as "the file position": refused here)
+            raise OSError(EINVAL, strerror(EINVAL))
+        cdef iovec *iov = self.iovecs(segments, start, limit, IOV_MAX, True, &count)
+        try:
+            if count == 0:
+                return 0
+            with nogil:
+                n = preadv(fd, iov, count, offset)
+                while n < 0 and errno == EINTR:
+                    n = preadv(fd, iov, count, offset)
+            if n < 0:
+                raise OSError(errno, strerror(errno))
+            return n
+        finally:
+            free(iov)
+
+    def writev(self, int fd, list segments, uint64_t start, uint64_t size, int64_t offset):
+        """pwritev(2) of ``size`` bytes of ``segments`` ((gpa, length) pairs: a chain's
+        readable buffers) from their byte ``start`` on to ``fd`` at ``offset``, IOV_MAX
+        buffers a call, until done or a short write; the count written. OSError as
+        os.pwritev raises it, EINVAL for a negative offset. pyring's ``writev`` is the
+        reference."""
+        cdef int count, k = 0, part, i
+        cdef ssize_t n
+        cdef uint64_t done = 0, want
+        if offset < 0:
+            raise OSError(EINVAL, strerror(EINVAL))
+        cdef iovec *iov = self.iovecs(segments, start, size, INT_MAX, False, &count)
+        try:
+            while k < count:
+                part = min(count - k, IOV_MAX)
+                want = 0
+                for i in range(k, k + part):
+                    want += iov[i].iov_len
+                with nogil:
+                    n = pwritev(fd, iov + k, part, offset + done)
+                    while n < 0 and errno == EINTR:
+                        n = pwritev(fd, iov + k, part, offset + done)
+                if n < 0:
+                    raise OSError(errno, strerror(errno))
+                done += n
+                if <uint64_t>n < want:
+                    break
+                k += part
+            return done
+        finally:
+            free(iov)
+
+    cdef iovec *iovecs(self, list segments, uint64_t start, uint64_t n, int most,
+                       bint dirty, int *count) except? NULL:
+        """Host iovecs for ``n`` bytes of ``segments`` from byte ``start`` on (fewer when
+        the segments hold fewer), at most ``most`` of them; ``dirty``: mark their pages.
+        The caller frees the array; GuestMemoryError for a segment outside RAM."""
+        cdef Py_ssize_t i
+        cdef uint64_t gpa, length, at, page
+        cdef int k
+        cdef Region *r
+        cdef iovec *iov = <iovec *>malloc(max(len(segments), 1) * sizeof(iovec))
+        if iov == NULL:
+            raise MemoryError()
+        count[0] = 0
+        try:
+            for i in range(len(segments)):
+                if n == 0 or count[0] == most:
+                    break
+                gpa, length = segments[i]
+                if start >= length:
+                    start -= length
+                    continue
+                gpa += start
+                length = min(length - start, n)
+                start = 0
+                k = find(self, gpa, length)
+                if k < 0:
+                    raise GuestMemoryError(
+                        f"access gpa {gpa:#x} len {length:#x} is outside guest RAM")
+                r = &self.regions[k]
+                at = gpa - r.gpa
+                if dirty:
+                    for page in range(at >> PAGE_SHIFT, ((at + length - 1) >> PAGE_SHIFT) + 1):
+                        r.dirty[page] = 1
+                iov[count[0]].iov_base = r.data + at
+                iov[count[0]].iov_len = length
+                count[0] += 1
+                n -= length
+        except BaseException:
+            free(iov)
+            raise
+        return iov
 
     def inflight(self):
         return [h for h, _ in self._inflight_pairs()]

@@ -36,14 +36,13 @@ class Region:
     fd_offset: int = 0
     array: np.ndarray = field(init=False, repr=False)
     dirty: np.ndarray = field(init=False, repr=False)
+    #: gpa + size, kept as a plain attribute: ``translate`` reads it on every access
+    end: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.array = np.frombuffer(self.mm, dtype=np.uint8, count=self.size)
         self.dirty = np.zeros((self.size + PAGE_SIZE - 1) // PAGE_SIZE, dtype=np.uint8)
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
+        self.end = self.gpa + self.size
 
     def discard(self, offset: int, length: int) -> None:
         """Free the backing of [offset, offset + length) (host-page aligned): a hole is
@@ -247,4 +246,8 @@ class GuestMemory:
 
 def _mark(r: Region, off: int, length: int) -> None:
     if length:
-        r.dirty[off >> PAGE_SHIFT : ((off + length - 1) >> PAGE_SHIFT) + 1] = 1
+        first, last = off >> PAGE_SHIFT, (off + length - 1) >> PAGE_SHIFT
+        if first == last:  # the common small write: an item store costs a quarter of a slice's
+            r.dirty[first] = 1
+        else:
+            r.dirty[first : last + 1] = 1

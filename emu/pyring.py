@@ -62,6 +62,8 @@ acquire and release points, but nothing here guarantees the store -> load order 
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from itertools import islice
 
@@ -187,6 +189,27 @@ class _Segments:
         )
 
 
+#: buffers one preadv / pwritev takes
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+
+def _span(segments: list[tuple[int, int]], start: int, n: int) -> list[tuple[int, int]]:
+    """Bytes ``start`` to ``start + n`` of ``segments`` as (gpa, length) pieces (fewer
+    when the segments hold fewer)."""
+    out = []
+    for gpa, k in segments:
+        if not n:
+            break
+        if start >= k:
+            start -= k
+            continue
+        take = min(k - start, n)
+        out.append((gpa + start, take))
+        n -= take
+        start = 0
+    return out
+
+
 class _Ring:
     """Construction checks, in-flight bookkeeping and state, shared by both formats."""
 
@@ -256,6 +279,58 @@ class _Ring:
     def _fetched(self, out: _Segments, head: int, ndesc: int) -> None:
         out.end(head)
         self._inflight[head] = ndesc
+
+    def gather(self, segments: list[tuple[int, int]], limit: int) -> tuple[bytes | None, int]:
+        """The bytes of ``segments`` ((gpa, length) pairs: a popped chain's readable
+        buffers) joined, and their count; (None, count) when that is over ``limit``,
+        nothing read. GuestMemoryError for a segment outside the guest's RAM."""
+        total = sum(n for _, n in segments)
+        if total > limit:
+            return None, total
+        return b"".join([self.mem.read(gpa, n) for gpa, n in segments]), total
+
+    def scatter(self, segments: list[tuple[int, int]], data: bytes) -> None:
+        """``data`` into ``segments`` ((gpa, length) pairs: a popped chain's writable
+        buffers) front to back, pages marked dirty; ValueError (nothing written) when they
+        hold less."""
+        room = sum(n for _, n in segments)
+        if len(data) > room:
+            raise ValueError(f"{len(data)} bytes for {room} of room")
+        off = 0
+        for gpa, n in segments:
+            if off >= len(data):
+                break
+            piece = data[off : off + n]
+            self.mem.write(gpa, piece)
+            off += len(piece)
+
+    def readv(self, fd: int, segments: list[tuple[int, int]], start: int, limit: int,
+              offset: int) -> int:  # fmt: skip
+        """preadv(2) from ``fd`` at ``offset`` straight into ``segments`` ((gpa, length)
+        pairs: a chain's writable buffers) from their byte ``start`` on, at most ``limit``
+        bytes and IOV_MAX buffers; the count read (pages marked dirty first). EINVAL for a
+        negative offset (which os.preadv would take as "the file position")."""
+        if offset < 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        views = [self.mem.view(g, n, write=True) for g, n in _span(segments, start, limit)]
+        return os.preadv(fd, views[:IOV_MAX], offset) if views else 0
+
+    def writev(self, fd: int, segments: list[tuple[int, int]], start: int, size: int,
+               offset: int) -> int:  # fmt: skip
+        """pwritev(2) of ``size`` bytes of ``segments`` from their byte ``start`` on to
+        ``fd`` at ``offset``, IOV_MAX buffers a call, until done or a short write; EINVAL
+        for a negative offset."""
+        if offset < 0:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        views = [self.mem.view(g, n) for g, n in _span(segments, start, size)]
+        done = 0
+        for i in range(0, len(views), IOV_MAX):
+            part = views[i : i + IOV_MAX]
+            n = os.pwritev(fd, part, offset + done)
+            done += n
+            if n < sum(len(v) for v in part):
+                break
+        return done
 
     def inflight(self) -> list[int]:
         return list(self._inflight)

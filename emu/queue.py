@@ -201,23 +201,19 @@ class Virtqueue:
         if self._resubmit:
             batch = self._take_resubmit(min(max_chains, self._chains_left))
             self._descs_left -= len(batch.addr)
-        else:
-            batch = self._pop_ring(min(max_chains, self._chains_left))
+        else:  # from the ring (inline: a device thread pops once per guest kick)
+            batch = self.ring.pop(min(max_chains, self._chains_left), self._descs_left)
             self._descs_left -= batch.walked
-        self._chains_left -= len(batch)
-        return batch
-
-    def _pop_ring(self, max_chains: int) -> Batch:
-        batch = self.ring.pop(max_chains, self._descs_left)
-        if len(batch):
-            self._remember(batch)
-            if self.tracker is not None:
-                self.tracker.fetched(batch)
+            if len(batch.heads):
+                self._remember(batch)
+                if self.tracker is not None:
+                    self.tracker.fetched(batch)
+        self._chains_left -= len(batch.heads)
         return batch
 
     def _remember(self, batch: Batch) -> None:
         self._batches.append(batch)
-        self._unused += len(batch)
+        self._unused += len(batch.heads)
         if len(self._batches) > KEEP_BATCHES:
             self._fold()
 
@@ -241,10 +237,12 @@ class Virtqueue:
         self._unused = 0
 
     def push(self, heads: np.ndarray | list[int], lengths: np.ndarray | list[int]) -> None:
-        heads = np.asarray(heads, np.uint16)
-        lengths = np.asarray(lengths, np.uint32)
+        """Publish used entries (arrays, or lists of ints: the ring reads those directly)."""
         if self.gate is Gate.CLOSED:  # report stop: the chains stay in flight
             return
+        if self.deferred is not None or self.tracker is not None:
+            heads = np.asarray(heads, np.uint16)
+            lengths = np.asarray(lengths, np.uint32)
         if self.deferred is not None:
             self.deferred.defer(heads, lengths)
             return

@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 
-from emu.devices._chain import Chain, ChainError, ChainReader, ChainWriter, gather, scatter
+from emu.devices._chain import (
+    Chain,
+    ChainError,
+    ChainReader,
+    ChainWriter,
+    _chains,
+    chains,
+    gather,
+    scatter,
+)
 from emu.memory import GuestMemory, GuestMemoryError
+from emu.ringdefs import Batch
 
 
 @pytest.fixture
@@ -80,3 +91,26 @@ def test_a_segment_outside_guest_ram_fails_in_memory_not_beyond_it(mem):
         ChainReader(mem, c).read(4)
     with pytest.raises(GuestMemoryError):
         ChainWriter(mem, c).write(b"x")
+
+
+def test_chains_split_in_c_as_in_python():
+    """The ring core's split_chains gives exactly the Python split, for batches of every
+    shape a pop or a resubmission makes (empty chains, empty batches, mixed order)."""
+    rng = np.random.default_rng(10)
+    batches = [Batch.empty()]
+    for _ in range(200):
+        counts = rng.integers(0, 5, rng.integers(1, 6))
+        segs = [
+            [(int(rng.integers(0, 2**64, dtype=np.uint64)), int(rng.integers(0, 2**32)), bool(w))
+             for w in rng.integers(0, 2, k)]
+            for k in counts
+        ]  # fmt: skip
+        heads = rng.choice(1024, len(segs), replace=False).tolist()
+        batches.append(Batch.from_chains(list(zip(heads, segs, strict=True))))
+    for batch in batches:
+        got = chains(batch)
+        assert got == _chains(batch)
+        assert all(type(c) is Chain for c in got)
+    odd = Batch.empty()
+    odd.heads = odd.heads.astype(np.int64)  # not what a pop makes: split in Python
+    assert chains(odd) == []

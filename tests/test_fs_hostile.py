@@ -207,9 +207,10 @@ def test_huge_read_sizes_are_capped(fs, share):
     c = fs.raw([in_header(f.Op.READ, e.node, u, len(args)) + args], [OUT, 2 * MAX_IO])
     assert answer(c) == (OUT + MAX_IO, 0, u)  # at most MAX_IO, whatever the room
     assert c.data[OUT : OUT + MAX_IO] == data[:MAX_IO]
-    # an offset no file has (a u64 the host reads as negative)
-    args = f.READ_IN.pack(fh, 1 << 63, 10, 0, 0, 0, 0)
-    assert errno_of(fs, f.Op.READ, args, nodeid=e.node) == errno.EINVAL
+    # offsets no file has (u64s the host reads as negative; -1 is not "the file position")
+    for offset in (1 << 63, (1 << 64) - 1):
+        args = f.READ_IN.pack(fh, offset, 10, 0, 0, 0, 0)
+        assert errno_of(fs, f.Op.READ, args, nodeid=e.node) == errno.EINVAL
     still_serves(fs)
 
 
@@ -245,6 +246,10 @@ def test_write_sizes_must_match_the_data(fs, share):
     c = send(fs, f.Op.WRITE, args, nodeid=e.node)
     assert answer(c)[1] == 0 and f.WRITE_OUT.unpack_from(c.data, OUT)[0] == 3
     assert (share / "file").read_bytes()[:10] == b"ABC3456789"
+    for offset in (1 << 63, (1 << 64) - 1):  # negative on the host: not "the file position"
+        args = f.WRITE_IN.pack(fh, offset, 3, 0, 0, 0, 0) + b"XYZ"
+        assert errno_of(fs, f.Op.WRITE, args, nodeid=e.node) == errno.EINVAL
+    assert (share / "file").read_bytes() == b"ABC3456789" + b"0123456789" * 99
     fs.release(e.node, fh)
     still_serves(fs)
 

@@ -200,6 +200,35 @@ def test_create_new_existing_and_exclusive(hd: HostDir, tree: Path) -> None:
     hd.release(fh2)
 
 
+@pytest.mark.parametrize("swap", ["replaced", "removed"])
+def test_create_holds_the_inode_it_created_when_the_host_swaps_the_name(
+    hd: HostDir, tree: Path, monkeypatch: pytest.MonkeyPatch, swap: str
+) -> None:
+    """create reopens the new file by name for its node; a host that replaced (or
+    removed) the entry right after the creation must not make the node another file."""
+    real_open = os.open
+
+    def swapping_open(path, flags, *args, **kw):  # type: ignore[no-untyped-def]
+        if path == b"new" and flags & os.O_PATH:  # the reopen after the creation
+            if swap == "replaced":
+                (tree / "other").write_bytes(b"not the created file")
+                os.rename(tree / "other", tree / "new")
+            else:
+                os.unlink(tree / "new")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", swapping_open)
+    node, st, fh = hd.create(ROOT, b"new", 0o600, os.O_RDWR)
+    monkeypatch.setattr(os, "open", real_open)
+    created = os.fstat(hd.fd(fh))
+    assert (st.st_ino, hd.getattr(node).st_ino) == (created.st_ino, created.st_ino)
+    assert created.st_nlink == 0  # the created file is the one whose name went
+    if swap == "replaced":
+        assert os.stat(tree / "new").st_ino != created.st_ino
+    hd.release(fh)
+    hd.forget(node, 1)
+
+
 def test_a_node_outlives_its_forget_while_a_handle_is_open(hd: HostDir) -> None:
     node, _ = hd.lookup(ROOT, b"f")
     fh = hd.open(node, os.O_RDONLY)

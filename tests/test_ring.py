@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterator
 from types import ModuleType
 
 import numpy as np
 import pytest
-from ringbuilder import BUF, PackedBuilder, SplitBuilder, make_memory
+from ringbuilder import BUF, RAM0, PackedBuilder, SplitBuilder, make_memory
 
 from emu import _ring, pyring
-from emu.memory import GuestMemory
+from emu.memory import GuestMemory, GuestMemoryError
+from emu.pyring import IOV_MAX
 from emu.ringdefs import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_AVAIL,
@@ -523,6 +526,113 @@ def test_in_order_requires_fetch_order(impl, mem, kind):
     push(ring, [0, 1], [1, 1])
     push(ring, [2], [1])
     assert ring.inflight() == []
+
+
+def test_gather_and_scatter_copy_chain_buffers_through_the_region_table(impl, mem):
+    """A device's copy in and out of a popped chain's buffers: front to back across
+    buffers and regions, pages written marked dirty, nothing read over the limit, too
+    little room refused before writing, a buffer outside RAM a GuestMemoryError."""
+    _, ring = split(impl, mem)
+    mem.write(BUF, b"head" + bytes(60))
+    mem.write(0x1F000, b"tail-of-ram0")
+    segs = [(BUF, 4), (0x1F000, 12), (BUF + 0x4000, 0)]
+    assert ring.gather(segs, 16) == (b"headtail-of-ram0", 16)
+    assert ring.gather(segs, 15) == (None, 16)
+    assert ring.gather([], 0) == (b"", 0)
+    for r in mem.regions:
+        r.dirty[:] = 0
+    out = [(BUF + 0x0FFE, 4), (0x10, 3), (BUF + 0x3000, 100)]  # first one spans two pages
+    ring.scatter(out, b"abcdefghij")
+    assert mem.read(BUF + 0x0FFE, 4) == b"abcd" and mem.read(0x10, 3) == b"efg"
+    assert mem.read(BUF + 0x3000, 4) == b"hij\0"
+    dirty = {(r.gpa, int(p)) for r in mem.regions for p in np.flatnonzero(r.dirty)}
+    assert dirty == {(BUF, 0), (BUF, 1), (0, 0), (BUF, 3)}
+    before = bytes(mem.read(BUF, 0x100))
+    with pytest.raises(ValueError):
+        ring.scatter([(BUF, 2), (BUF + 8, 2)], b"12345")
+    assert bytes(mem.read(BUF, 0x100)) == before
+    gap = RAM0[1] + 0x100  # between the two regions
+    with pytest.raises(GuestMemoryError):
+        ring.gather([(BUF, 4), (gap, 4)], 100)
+    with pytest.raises(GuestMemoryError):
+        ring.scatter([(gap, 8)], b"x")
+    with pytest.raises(GuestMemoryError):  # straddles the end of a region
+        ring.gather([(RAM0[1] - 2, 4)], 100)
+
+
+def test_readv_and_writev_move_file_bytes_to_and_from_chain_buffers(impl, mem, tmp_path):
+    """preadv / pwritev between a host file and a chain's buffers, from a byte offset into
+    them: at most IOV_MAX buffers for a read (a short read), all of them for a write (a
+    call per IOV_MAX); read pages marked dirty; OSError and GuestMemoryError as raised."""
+    _, ring = split(impl, mem)
+    path = tmp_path / "f"
+    data = bytes(range(256)) * 32
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for r in mem.regions:
+            r.dirty[:] = 0
+        segs = [(BUF, 16), (BUF + 0x1000, 100), (0x100, 50), (BUF + 0x2FF0, 0x20)]
+        assert ring.readv(fd, segs, 16, 170, 7) == 170  # skips the first buffer (a header)
+        got = mem.read(BUF + 0x1000, 100) + mem.read(0x100, 50) + mem.read(BUF + 0x2FF0, 20)
+        assert got == data[7:177]
+        dirty = {(r.gpa, int(p)) for r in mem.regions for p in np.flatnonzero(r.dirty)}
+        assert dirty == {(BUF, 1), (0, 0), (BUF, 2), (BUF, 3)}  # written to, not the first
+        assert ring.readv(fd, segs, 16, 1000, len(data) - 5) == 5  # end of file
+        assert ring.readv(fd, segs, 1000, 10, 0) == 0  # nothing past the buffers
+        many = [(BUF + k, 1) for k in range(IOV_MAX + 10)]
+        assert ring.readv(fd, many, 0, 1 << 20, 0) == IOV_MAX
+        mem.write(BUF + 0x4000, b"written!")
+        assert ring.writev(fd, [(BUF, 3), (BUF + 0x4000, 8)], 3, 8, 100) == 8
+        assert os.pread(fd, 8, 100) == b"written!"
+        assert ring.writev(fd, many, 0, len(many), 0) == len(many)  # over two calls
+        assert os.pread(fd, len(many), 0) == bytes(mem.read(BUF, len(many)))
+        with pytest.raises(OSError) as e:
+            ring.readv(-1, segs, 0, 10, 0)
+        assert e.value.errno == errno.EBADF
+        for call in (ring.readv, ring.writev):  # not "the file position", as os.preadv's -1
+            with pytest.raises(OSError) as e:
+                call(fd, segs, 0, 10, -1)
+            assert e.value.errno == errno.EINVAL
+        gap = RAM0[1] + 0x100
+        with pytest.raises(GuestMemoryError):
+            ring.readv(fd, [(gap, 4)], 0, 4, 0)
+        with pytest.raises(GuestMemoryError):
+            ring.writev(fd, [(BUF, 4), (gap, 4)], 0, 8, 0)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["split", "packed"])
+def test_push_takes_lists_as_it_takes_arrays(impl, mem, kind):
+    """Lists of ints are read without numpy by the Cython core: same used entries, the
+    same refusals (nothing taken), and numpy's OverflowError for a value out of range."""
+    make = split if kind == "split" else packed
+    b, ring = make(impl, mem)
+    if kind == "split":
+        for h in range(3):
+            b.chain(h, [(BUF + 0x100 * h, 64, W)])
+        b.offer(0, 1, 2)
+    else:
+        for h in range(3):
+            b.offer(h, [(BUF + 0x100 * h, 64, W)])
+    ring.pop(3)
+    for heads, lengths, error in (
+        ([0], [1 << 32], OverflowError),
+        ([1 << 16], [0], OverflowError),
+        ([-1], [0], OverflowError),
+        ([0, 1], [5], ValueError),
+        ([7], [0], ValueError),
+    ):
+        with pytest.raises(error):
+            ring.push(heads, lengths)
+    assert sorted(ring.inflight()) == [0, 1, 2]
+    ring.push([1], [11])
+    ring.push([np.uint16(0)], [np.uint32(22)])  # not ints: the numpy path
+    ring.push(np.array([2], np.uint16), np.array([33], np.uint32))
+    assert ring.inflight() == []
+    if kind == "split":
+        assert [b.used(i) for i in range(3)] == [(1, 11), (0, 22), (2, 33)]
 
 
 @pytest.mark.parametrize("kind", ["split", "packed"])

@@ -460,11 +460,13 @@ class HostDir:
         if self.readonly:
             raise _error(errno.EROFS)
 
-    def _add(self, fd: int) -> tuple[int, os.stat_result]:
-        """The node of the inode ``fd`` holds (taking ``fd``), one lookup more."""
+    def _add(self, fd: int, st: os.stat_result | None = None) -> tuple[int, os.stat_result]:
+        """The node of the inode ``fd`` holds (taking ``fd``), one lookup more; ``st``:
+        that inode's fstat, when the caller has it already."""
         try:
-            st = os.fstat(fd)
-            key = _key(st)
+            if st is None:
+                st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)  # _key(st), inline: every lookup comes here
             node = self._inodes.get(key)
             if node is None:
                 self._node_room()
@@ -825,12 +827,36 @@ class HostDir:
             st = os.fstat(fd)
             if mode & 0o777 & ~st.st_mode:
                 os.fchmod(fd, (st.st_mode & 0o7777) | (mode & 0o777))
-            # the magic link followed (no O_NOFOLLOW) is the inode just created, race-free
-            node, st = self._add(os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC))
+            node, st = self._add(*self._path_fd_of(p, name, fd, _key(st)))
         except BaseException:
             os.close(fd)
             raise
         return node, st, self._new_handle(fd, node, flags & ~os.O_TRUNC, None)
+
+    def _path_fd_of(
+        self, p: _Node, name: bytes, fd: int, key: Key
+    ) -> tuple[int, os.stat_result | None]:
+        """An O_PATH fd of the inode ``fd`` holds, just created as ``name`` (and its
+        fstat when taken).
+
+        Reopening the name (as a lookup does) costs half of reopening the fd through
+        /proc, and is the same inode unless the host replaced the entry meanwhile: the
+        identity check sees that, and then the magic link of the fd (followed on
+        purpose: it is the created inode itself, never a path) is taken instead."""
+        try:
+            path_fd = os.open(name, _PATH, dir_fd=p.fd)
+        except OSError:
+            pass
+        else:
+            try:
+                st = os.fstat(path_fd)
+            except BaseException:
+                os.close(path_fd)
+                raise
+            if _key(st) == key:
+                return path_fd, st
+            os.close(path_fd)
+        return os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC), None
 
     def fd(self, fh: int) -> int:
         """The host fd of an open file, for the device's preadv / pwritev."""

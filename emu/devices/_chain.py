@@ -16,18 +16,26 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from emu.devices.base import DeviceError
 from emu.memory import GuestMemory
 from emu.queue import Gate, Virtqueue
 from emu.ringdefs import Batch
 
+try:
+    from emu._ring import split_chains as _split
+except ImportError:  # not built: the Python split below
+    _split = None
+
 T = TypeVar("T")
 
 
-@dataclass(slots=True)
-class Chain:
+class Chain(NamedTuple):
+    """One popped chain: its head and its buffers as (gpa, length) pairs.
+
+    A tuple, so that ``chains`` can make one in C for every request a device serves."""
+
     head: int
     readable: list[tuple[int, int]]  # (gpa, length), driver -> device
     writable: list[tuple[int, int]]  # (gpa, length), device -> driver
@@ -44,7 +52,15 @@ class Chain:
 
 
 def chains(batch: Batch) -> list[Chain]:
-    """Split a batch into chains (one ``tolist`` per array rather than numpy per segment)."""
+    """Split a batch into chains: in C by the ring core when it is built, else one
+    ``tolist`` per array rather than numpy per segment."""
+    if _split is not None and (out := _split(batch, Chain)) is not None:
+        return out
+    return _chains(batch)
+
+
+def _chains(batch: Batch) -> list[Chain]:
+    """``chains`` in Python (the reference of emu._ring.split_chains)."""
     starts = batch.chain_start.tolist()
     addr = batch.addr.tolist()
     length = batch.length.tolist()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-import selectors
+import select
 import threading
 import time
 from collections import deque
@@ -69,8 +69,12 @@ class RunState(Enum):
 POLICIES = ("drain", "report")
 
 
+#: what the wake eventfd is in the device thread's table of watched fds
+_WAKE = object()
+
+
 class _Completions:
-    """Selector key data of a queue's completion fd (emu.queue.Deferred.fd): only the
+    """What a queue's completion fd (emu.queue.Deferred.fd) is to the device thread: only the
     queues whose fd fired (or that have something due by time) are asked to publish."""
 
     __slots__ = ("q",)
@@ -154,7 +158,10 @@ class VirtioDevice:
         self._stop_deadline = 0.0  # while STOPPING: when the device gives the backend up
         #: queues with work for the next pass, in serving order (device thread only)
         self._pending: dict[int, Virtqueue] = {}
-        self._selector: selectors.BaseSelector | None = None
+        #: the device thread's epoll and what each fd in it is (the wake eventfd, a
+        #: queue for its kick fd, a queue's completions); set while the thread runs
+        self._epoll: select.epoll | None = None
+        self._watched: dict[int, Any] = {}
         #: held by the device thread except while it is parked in select (see _borrow)
         self._owner = threading.Lock()
         self._borrower: threading.Thread | None = None  # the thread holding it instead
@@ -361,9 +368,10 @@ class VirtioDevice:
 
     def _swap_kick_fd(self, q: Virtqueue, fd: int) -> None:
         old = q.swap_kick_fd(fd)
-        if self._selector is not None:
-            self._selector.unregister(old)
-            self._selector.register(fd, selectors.EVENT_READ, q)
+        if self._epoll is not None:
+            self._epoll.unregister(old)
+            del self._watched[old]
+            self._watch(fd, q)
         os.close(old)
 
     def _stop(self, policy: str, seq: int) -> None:
@@ -514,41 +522,53 @@ class VirtioDevice:
 
     def _run(self) -> None:
         self._owner.acquire()  # released only while parked in select
-        sel = self._selector = selectors.DefaultSelector()  # epoll: any fd number
-        sel.register(self._wake, selectors.EVENT_READ, None)
+        # epoll itself rather than a selectors wrapper: this loop turns once per guest
+        # kick, so its own cost is part of every request's latency
+        ep = self._epoll = select.epoll()
+        watched = self._watched = {}
+        self._watch(self._wake, _WAKE)
         for q in self.queues:
-            sel.register(q.kick_fd, selectors.EVENT_READ, q)
+            self._watch(q.kick_fd, q)
             if q.deferred is not None and q.deferred.fd is not None:
-                sel.register(q.deferred.fd, selectors.EVENT_READ, _Completions(q))
+                self._watch(q.deferred.fd, _Completions(q))
         try:
             while not self._closed:
-                self._run_commands()
-                if self._closed:
-                    break
-                self._serve_pass()
+                if self._commands:  # (checked here: the loop runs once per guest kick)
+                    self._run_commands()
+                    if self._closed:
+                        break
+                if self._pending:
+                    self._serve_pass()
                 busy = self._pending and self.run_state is RunState.RUNNING
                 timeout = 0 if busy else self._due_timeout()
                 self._owner.release()
                 try:
-                    events = sel.select(timeout)
+                    events = ep.poll(-1 if timeout is None else timeout)
                 finally:
                     self._owner.acquire()
                 fired = []
-                for key, _ in events:
-                    q = key.data
-                    if q is None:
+                for fd, _ in events:
+                    what = watched.get(fd)  # None: unwatched meanwhile (a kick fd swapped)
+                    if what is _WAKE:
                         self._woken()
-                    elif type(q) is _Completions:
-                        fired.append(q.q)  # published below
-                    elif q.kick_fd == key.fd:
-                        q.clear_kick()
-                        if q.started and q.open:
-                            self._pending[q.index] = q
+                    elif type(what) is _Completions:
+                        fired.append(what.q)  # published below
+                    elif what is not None and what.kick_fd == fd:
+                        what.clear_kick()
+                        if what.ring is not None and what.gate is Gate.OPEN:  # started, open
+                            self._pending[what.index] = what
                 self._publish_due(fired)
         finally:
-            self._selector = None
-            sel.close()
+            self._epoll = None
+            self._watched = {}
+            ep.close()
             self._owner.release()
+
+    def _watch(self, fd: int, what: Any) -> None:
+        """Wake the device thread when ``fd`` is readable; ``what`` says what it is."""
+        assert self._epoll is not None
+        self._epoll.register(fd, select.EPOLLIN)
+        self._watched[fd] = what
 
     def _run_commands(self) -> None:
         while self._commands:
@@ -576,7 +596,7 @@ class VirtioDevice:
             if self._commands or self.run_state is not RunState.RUNNING:
                 return
             del self._pending[q.index]
-            if not q.started or not q.open:
+            if q.ring is None or q.gate is not Gate.OPEN:  # not started, or not open
                 continue
             q.begin_pass()
             try:
@@ -586,14 +606,17 @@ class VirtioDevice:
             except Exception as e:  # last line of defence: the thread must not die
                 log.exception("%s: queue %d: unexpected error", self.name, q.index)
                 self._fail(f"queue {q.index}: internal error: {e!r}")
-            if q.more and q.started:  # budget spent: after the other queues
+            if q.more and q.ring is not None:  # budget spent: after the other queues
                 self._pending[q.index] = q
 
     def _due_timeout(self) -> float | None:
-        dues = [d for q in self.queues if q.started and (d := q.next_due()) is not None]
-        if self.run_state is RunState.STOPPING:
-            dues.append(self._stop_deadline)
-        return max(0.0, min(dues) - time.monotonic()) if dues else None
+        due = self._stop_deadline if self.run_state is RunState.STOPPING else None
+        for q in self.queues:  # a plain loop: runs before every wait, mostly finds nothing
+            if q.deferred is not None and q.started:
+                d = q.deferred.next_due()
+                if d is not None and (due is None or d < due):
+                    due = d
+        return None if due is None else max(0.0, due - time.monotonic())
 
     def _publish_due(self, fired: list[Virtqueue]) -> None:
         """Publish what is ready: queues whose completion fd fired, and those whose
@@ -603,11 +626,12 @@ class VirtioDevice:
         now = time.monotonic()
         for q in self.queues:
             d = q.deferred
-            if not q.started or d is None:
+            if d is None or q.ring is None:  # no deferred, or not started
                 continue
             if d.fd is None or q in fired:
                 q.publish_due(now)
-        self._finish_stop()
+        if self.run_state is RunState.STOPPING:
+            self._finish_stop()
 
     def _backend_events(self) -> None:
         try:

@@ -13,7 +13,9 @@ there is never anything for an INTERRUPT to interrupt (INTERRUPT is read and dro
 The FUSE semantics are ``emu.backends.hostdir.HostDir``'s (node ids, lookup counts,
 handles, the sandbox); this module maps the wire format (``emu.devices.fuse``) onto it.
 READ and WRITE move the data between the host file and guest RAM with ``preadv`` /
-``pwritev`` over memoryviews of the chain's buffers: the payload is never copied in Python.
+``pwritev`` straight into and out of the chain's buffers (the ring core's ``readv`` /
+``writev``): the payload is never copied in Python. The request's header and arguments
+and the reply are copied by the ring core too (``gather`` / ``scatter``).
 
 INIT, negotiated honestly: the reply's minor is the lower of the guest's and 7.37; the
 flags are the guest's intersected with what this device does:
@@ -87,6 +89,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 from emu.backends.hostdir import HostDir, HostDirStateError
@@ -95,17 +98,13 @@ from emu.devices import fuse as f
 from emu.devices._chain import (
     Chain,
     ChainError,
-    ChainReader,
-    ChainWriter,
-    Unpublished,
-    abandoning,
     chains,
     inflight_heads,
 )
 from emu.devices.base import DeviceError, VirtioDevice
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.memory import GuestMemoryError
-from emu.queue import Virtqueue
+from emu.queue import Gate, Virtqueue
 from emu.state.format import StateError
 from emu.state.schema import Bool, Field, Int, List, Map, Nullable, Obj, Schema, Str
 
@@ -125,10 +124,18 @@ MAX_ARGS = 128 << 10
 #: bytes one COPY_FILE_RANGE copies at most (a shorter count is a valid answer; the guest
 #: asks again): small enough that one request holds the device thread for milliseconds
 MAX_COPY = 8 << 20
-IOV_MAX = os.sysconf("SC_IOV_MAX")
 #: seconds the guest may cache names and attributes (as virtiofsd's cache=auto)
 TTL = 1
 BATCH = 64
+IN_HEADER_SIZE = f.IN_HEADER.size
+OUT_HEADER_SIZE = f.OUT_HEADER.size
+#: a request whose readable bytes are at most this many is copied whole in one pass (every
+#: request but a WRITE with data is: a header, a struct, one or two names)
+INLINE = 4096
+#: opcodes the request path compares with (plain ints: no enum lookup per request)
+_INIT, _READ, _WRITE = int(f.Op.INIT), int(f.Op.READ), int(f.Op.WRITE)
+#: a report stop (or reset) closed the queue's gate (``_chain.abandoning``, inline)
+CLOSED = Gate.CLOSED
 
 OFFERED = (
     f.ASYNC_READ
@@ -172,6 +179,10 @@ class Header(NamedTuple):
     gid: int
     pid: int
     padding: int
+
+
+#: a Header from the unpacked in header, made in C (Header._make is a Python call)
+_header = partial(tuple.__new__, Header)
 
 
 @dataclass
@@ -264,10 +275,11 @@ class FsDevice(VirtioDevice):
         self.num_request_queues = num_request_queues
         self.strict_restore = strict_restore
         self.session: Session | None = None
-        #: per queue: chains whose reply was written but whose used entry may not be out
-        self._unpublished: dict[int, Unpublished[tuple[int, int]]] = {
-            q.index: Unpublished() for q in self.queues
-        }
+        #: the ring of the queue being served: it copies request and reply bytes in C
+        #: (gather / scatter) through its table of the guest's regions
+        self._io: Any = None
+        #: per queue: head -> used length of chains answered whose push a stop withheld
+        self._withheld: dict[int, dict[int, int]] = {q.index: {} for q in self.queues}
         #: per queue: head -> used length of chains answered before a stop, still in flight
         self._replied: dict[int, dict[int, int]] = {q.index: {} for q in self.queues}
         #: queues whose ``_replied`` a state gave and no pass has checked against the
@@ -325,7 +337,7 @@ class FsDevice(VirtioDevice):
         self.dir.forget_all()
         self.session = None
         for q in self.queues:
-            self._unpublished[q.index].clear()
+            self._withheld[q.index].clear()
             self._replied[q.index].clear()
         self._unchecked.clear()
 
@@ -336,29 +348,54 @@ class FsDevice(VirtioDevice):
     # -- the request path --
 
     def handle_queue(self, q: Virtqueue) -> None:
-        out, replied = self._unpublished[q.index], self._replied[q.index]
+        """Serve every chain the driver made available, a batch at a time.
+
+        A batch shorter than asked emptied the ring, so the next look is
+        ``set_kicks(True)``, which says whether more came meanwhile: one pop per
+        wake-up when the guest sends one request at a time.
+
+        A chain answered must not run again, so the used lengths of a push that may not
+        reach the guest are kept in ``_withheld`` until a stop settles them
+        (``forget_inflight``: the heads still in flight are answered without running
+        when handed out again) or a reset drops them. A push is held back by a closed
+        gate (a report stop), and a closed gate stays closed until the stop settles, so
+        that check alone is needed after each push; an entry for a push that got out
+        just before the gate closed names a head no longer in flight, which the stop
+        ignores. A queue with a Deferred (a delay model) holds pushes past the moment:
+        there every push is kept, and a head handed out again drops its old entry."""
+        replied, withheld = self._replied[q.index], self._withheld[q.index]
         if q.index in self._unchecked:
             self._unchecked.discard(q.index)
             self._drop_stray(q, replied)
+        self._io = q.ring
         while True:
             q.set_kicks(False)
-            while len(batch := q.pop(BATCH)):
-                out.popped(batch.heads.tolist())
+            while True:
+                batch = q.pop(BATCH)
+                if not len(batch.heads):
+                    break
                 heads: list[int] = []
                 lengths: list[int] = []
-                for c in chains(batch):
-                    if abandoning(q):  # report stop: the rest stays in flight, not executed
+                batch_chains = chains(batch)
+                if q.deferred is not None:  # a head handed out again: its last use is out
+                    for c in batch_chains:
+                        withheld.pop(c.head, None)
+                for c in batch_chains:
+                    if q.gate is CLOSED:  # report stop: the rest stays in flight, not run
                         break
-                    used = replied.pop(c.head, None)
+                    used = replied.pop(c.head, None) if replied else None
                     if used is not None and used > c.in_len:  # a state's lie: no reply fits
                         log.warning("fs: head %d: state says %d bytes used, serving", c.head, used)
                         used = None
                     if used is None:  # not answered before a stop: serve it now
                         used = self._serve(c)
-                    out.record([c.head], (c.head, used))
                     heads.append(c.head)
                     lengths.append(used)
                 q.push(heads, lengths)
+                if q.gate is CLOSED or q.deferred is not None:
+                    withheld.update(zip(heads, lengths, strict=True))
+                if len(heads) < BATCH:
+                    break
             if not q.set_kicks(True):
                 return
 
@@ -377,21 +414,32 @@ class FsDevice(VirtioDevice):
                 del replied[head]
 
     def _serve(self, c: Chain) -> int:
-        """Execute one request and write its reply; the chain's used length."""
-        r = ChainReader(self.mem, c)
-        if r.left < f.IN_HEADER.size:
-            log.info("fs: chain %d: %d readable bytes, no whole in header", c.head, r.left)
+        """Execute one request and write its reply; the chain's used length.
+
+        The chain's buffers are read and written through plain (gpa, length) lists
+        (``_gather`` / ``_scatter``), not a reader and writer object per request: a
+        metadata request is a few microseconds of host work, so the per-request Python
+        around it is what a guest waits for."""
+        # a request without data is read whole at once (header and arguments); a WRITE's
+        # data stays where it is
+        raw, sent = self._io.gather(c.readable, INLINE)
+        if sent < IN_HEADER_SIZE:
+            log.info("fs: chain %d: %d readable bytes, no whole in header", c.head, sent)
             return self._answer_error(c, 0, errno.EIO)
-        h = Header._make(r.unpack(f.IN_HEADER))
+        if raw is None:
+            raw = self._gather(c.readable, 0, IN_HEADER_SIZE)
+        h = _header(f.IN_HEADER.unpack_from(raw))
         if h.opcode in f.NO_REPLY:
-            self._no_reply(h, r)
+            self._no_reply(h, c, raw, sent)
             return 0
-        if c.in_len < f.OUT_HEADER.size:
+        room = -OUT_HEADER_SIZE  # the writable bytes after the out header
+        for _, k in c.writable:
+            room += k
+        if room < 0:
             log.info("fs: request %d (opcode %d) has no room for a reply", h.unique, h.opcode)
             return 0
-        w = ChainWriter(self.mem, c)
         try:
-            return self._dispatch(h, r, w, c.in_len - f.OUT_HEADER.size)
+            return self._dispatch(h, c, raw, sent, room)
         except ChainError as e:  # a length the checks missed: still the guest's fault
             log.info("fs: request %d (opcode %d): %s", h.unique, h.opcode, e)
             err = errno.EINVAL
@@ -409,50 +457,88 @@ class FsDevice(VirtioDevice):
     def _answer_error(self, c: Chain, unique: int, err: int) -> int:
         """A bare out header with ``-err`` (written afresh: a failed READ may have taken
         room already); 0 when there is no room for it."""
-        if c.in_len < f.OUT_HEADER.size:
+        if _length(c.writable) < OUT_HEADER_SIZE:
             return 0
-        w = ChainWriter(self.mem, c)
-        w.pack(f.OUT_HEADER, f.OUT_HEADER.size, -err, unique)
-        return w.written
+        self._scatter(c.writable, f.OUT_HEADER.pack(OUT_HEADER_SIZE, -err, unique))
+        return OUT_HEADER_SIZE
 
-    def _dispatch(self, h: Header, r: ChainReader, w: ChainWriter, room: int) -> int:
-        """Check the request against the session and the device, then run it."""
-        if not f.IN_HEADER.size <= h.len <= f.IN_HEADER.size + r.left:
-            raise f.Malformed(f"in.len {h.len} with {f.IN_HEADER.size + r.left} bytes sent")
+    def _dispatch(self, h: Header, c: Chain, raw: bytes, sent: int, room: int) -> int:
+        """Check the request against the session and the device, then run it (``raw``:
+        the request's first bytes, the in header at least)."""
+        if not IN_HEADER_SIZE <= h.len <= sent:
+            raise f.Malformed(f"in.len {h.len} with {sent} bytes sent")
         op = h.opcode
         served = self._ops.get(op)
-        if served is None and op not in (f.Op.READ, f.Op.WRITE):
+        if served is None and op != _READ and op != _WRITE:
             raise OSError(errno.ENOSYS, "not served")
-        if self.session is None and op != f.Op.INIT:
+        if self.session is None and op != _INIT:
             raise OSError(errno.EIO, "no INIT yet")
         if self.readonly and op in WRITE_OPS:
             raise OSError(errno.EROFS, "read-only")
-        arglen = h.len - f.IN_HEADER.size
-        if op == f.Op.WRITE:  # only the struct is copied; the data stays in guest RAM
+        arglen = h.len - IN_HEADER_SIZE
+        if op == _WRITE:  # only the struct is copied; the data stays in guest RAM
             if room < f.WRITE_OUT.size:
                 raise f.Malformed(f"{room} bytes of room for a WRITE reply")
             fixed = min(arglen, f.WRITE_IN.size)
-            return self._reply(w, h, self._write(f.Args(r.read(fixed)), r, arglen - fixed))
+            args = self._args(c, raw, fixed)
+            body = self._write(args, c, IN_HEADER_SIZE + fixed, arglen - fixed)
+            return self._reply(c, h, body, room)
         if arglen > MAX_ARGS:
             raise f.Malformed(f"{arglen} bytes of arguments")
-        args = f.Args(r.read(arglen))
+        end = IN_HEADER_SIZE + arglen
+        args = f.Args(raw[IN_HEADER_SIZE:end]) if len(raw) >= end else self._args(c, raw, arglen)
         if served is None:
-            return self._read(h, args, w, room)
+            return self._read(h, args, c, room)
         handler, size = served
         if size is not None and size > room:
             raise f.Malformed(f"{room} bytes of room for a {size}-byte reply")
-        return self._reply(w, h, handler(h, args, room))
+        return self._reply(c, h, handler(h, args, room), room)
 
-    def _reply(self, w: ChainWriter, h: Header, body: bytes) -> int:
-        w.write(f.OUT_HEADER.pack(f.OUT_HEADER.size + len(body), 0, h.unique) + body)
-        return w.written
+    def _reply(self, c: Chain, h: Header, body: bytes, room: int) -> int:
+        """The out header and ``body`` into the writable buffers (``room``: their bytes
+        after the header); the used length."""
+        n = len(body)
+        if n > room:
+            raise ChainError(f"{n} bytes of reply, {room} of room")
+        self._io.scatter(c.writable, f.OUT_HEADER.pack(OUT_HEADER_SIZE + n, 0, h.unique) + body)
+        return OUT_HEADER_SIZE + n
 
-    def _no_reply(self, h: Header, r: ChainReader) -> None:
+    def _args(self, c: Chain, raw: bytes, n: int) -> f.Args:
+        """The ``n`` argument bytes after the in header (the caller checked that they were
+        sent), from ``raw`` when it holds them."""
+        end = IN_HEADER_SIZE + n
+        if len(raw) >= end:
+            return f.Args(raw[IN_HEADER_SIZE:end])
+        return f.Args(self._gather(c.readable, IN_HEADER_SIZE, n))
+
+    def _gather(self, segments: list[tuple[int, int]], start: int, n: int) -> bytes:
+        """Bytes ``start`` to ``start + n`` of the readable buffers (the caller checked
+        that they hold that many): one read when a buffer holds them all, as the in
+        header and each argument of a Linux request do."""
+        pieces = _pieces(segments, start, n)
+        if len(pieces) == 1:
+            return self.mem.read(*pieces[0])
+        return b"".join([self.mem.read(gpa, k) for gpa, k in pieces])
+
+    def _scatter(self, segments: list[tuple[int, int]], data: bytes) -> None:
+        """``data`` into the writable buffers, front to back (ChainError, nothing written,
+        when they hold less)."""
+        n = len(data)
+        if n > _length(segments):
+            raise ChainError(f"{n} bytes of reply, {_length(segments)} of room")
+        off = 0
+        for gpa, k in segments:
+            if off >= n:
+                break
+            self.mem.write(gpa, data[off : off + k])
+            off += k
+
+    def _no_reply(self, h: Header, c: Chain, raw: bytes, sent: int) -> None:
         """FORGET, BATCH_FORGET, INTERRUPT: nothing goes back, whatever is wrong."""
         try:
-            if not f.IN_HEADER.size <= h.len <= f.IN_HEADER.size + r.left:
+            if not IN_HEADER_SIZE <= h.len <= sent:
                 raise f.Malformed(f"in.len {h.len}")
-            args = f.Args(r.read(min(h.len - f.IN_HEADER.size, MAX_ARGS)))
+            args = self._args(c, raw, min(h.len - IN_HEADER_SIZE, MAX_ARGS))
             if h.opcode == f.Op.FORGET:
                 (nlookup,) = args.take(f.FORGET_IN)
                 self.dir.forget(h.nodeid, nlookup)
@@ -515,7 +601,8 @@ class FsDevice(VirtioDevice):
         return f.entry_out(node, st, TTL)
 
     def _lookup(self, h: Header, a: f.Args, room: int) -> bytes:
-        return self._entry(*self.dir.lookup(h.nodeid, a.name()))
+        node, st = self.dir.lookup(h.nodeid, a.name())
+        return f.entry_out(node, st, TTL)
 
     def _getattr(self, h: Header, a: f.Args, room: int) -> bytes:
         a.take(f.GETATTR_IN)  # a handle given (GETATTR_FH) names the same node
@@ -608,46 +695,31 @@ class FsDevice(VirtioDevice):
         node, st, fh = self.dir.create(h.nodeid, a.name(), mode, flags)
         return self._entry(node, st) + f.OPEN_OUT.pack(fh, 0, 0)
 
-    def _read(self, h: Header, a: f.Args, w: ChainWriter, room: int) -> int:
-        """preadv from the host file straight into the chain's buffers after the header."""
+    def _read(self, h: Header, a: f.Args, c: Chain, room: int) -> int:
+        """preadv from the host file straight into the chain's buffers after the header
+        (by the ring, in C, with at most IOV_MAX buffers: a shorter read is an answer)."""
         fh, offset, size, *_ = a.take(f.READ_IN)
         fd = self.dir.fd(fh)
-        pos = _offset(offset)
-        head = w.take(f.OUT_HEADER.size)
-        views = []
-        for gpa, n in w.take(min(size, room, MAX_IO))[:IOV_MAX]:
-            views.append(self.mem.view(gpa, n, write=True))
+        limit = min(size, room, MAX_IO)
         try:
-            done = os.preadv(fd, views, pos) if views else 0
+            done = self._io.readv(fd, c.writable, OUT_HEADER_SIZE, limit, _offset(offset))
         except OSError as e:
-            self._put(head, f.OUT_HEADER.pack(f.OUT_HEADER.size, -(e.errno or errno.EIO), h.unique))
-            return f.OUT_HEADER.size
-        self._put(head, f.OUT_HEADER.pack(f.OUT_HEADER.size + done, 0, h.unique))
-        return f.OUT_HEADER.size + done
+            header = f.OUT_HEADER.pack(OUT_HEADER_SIZE, -(e.errno or errno.EIO), h.unique)
+            self._io.scatter(c.writable, header)
+            return OUT_HEADER_SIZE
+        self._io.scatter(c.writable, f.OUT_HEADER.pack(OUT_HEADER_SIZE + done, 0, h.unique))
+        return OUT_HEADER_SIZE + done
 
-    def _put(self, pieces: list[tuple[int, int]], data: bytes) -> None:
-        off = 0
-        for gpa, n in pieces:
-            self.mem.write(gpa, data[off : off + n])
-            off += n
-
-    def _write(self, a: f.Args, r: ChainReader, sent: int) -> bytes:
-        """pwritev from the chain's buffers straight into the host file."""
+    def _write(self, a: f.Args, c: Chain, start: int, sent: int) -> bytes:
+        """pwritev from the chain's buffers (its data from byte ``start`` on, ``sent``
+        bytes of it) straight into the host file."""
         fh, offset, size, *_ = a.take(f.WRITE_IN)
         if size > sent:
             raise f.Malformed(f"WRITE of {size} bytes with {sent} sent")
         if size > self.session.max_write:
             raise f.Malformed(f"WRITE of {size} bytes, max_write {self.session.max_write}")
         fd = self.dir.fd(fh)
-        pos = _offset(offset)
-        views = [self.mem.view(gpa, n) for gpa, n in r.take(size)]
-        done = 0
-        for i in range(0, len(views), IOV_MAX):
-            part = views[i : i + IOV_MAX]
-            n = os.pwritev(fd, part, pos + done)
-            done += n
-            if n < sum(len(v) for v in part):
-                break
+        done = self._io.writev(fd, c.readable, start, size, _offset(offset))
         return f.WRITE_OUT.pack(done, 0)
 
     def _release(self, h: Header, a: f.Args, room: int) -> bytes:
@@ -762,8 +834,12 @@ class FsDevice(VirtioDevice):
         """Remember the used lengths of answered chains a stop left in flight."""
         for q in self.queues:
             if q.started and q.index in queues:
-                done = self._unpublished[q.index].settle(inflight_heads(q))
-                self._replied[q.index].update(done)
+                withheld = self._withheld[q.index]
+                replied = self._replied[q.index]
+                for head in inflight_heads(q):
+                    if head in withheld:
+                        replied[head] = withheld[head]
+                withheld.clear()
 
     def save_state(self) -> dict:
         return {
@@ -842,6 +918,30 @@ def _offset(value: int) -> int:
     if pos < 0:
         raise OSError(errno.EINVAL, f"offset {pos}")
     return pos
+
+
+def _length(segments: list[tuple[int, int]]) -> int:
+    n = 0
+    for _, k in segments:
+        n += k
+    return n
+
+
+def _pieces(segments: list[tuple[int, int]], start: int, n: int) -> list[tuple[int, int]]:
+    """Bytes ``start`` to ``start + n`` of a chain's buffers as (gpa, length) pieces;
+    the caller checked that the buffers hold them."""
+    out = []
+    for gpa, k in segments:
+        if start >= k:
+            start -= k
+            continue
+        if not n:
+            break
+        take = min(k - start, n)
+        out.append((gpa + start, take))
+        n -= take
+        start = 0
+    return out
 
 
 def _ns(sec: int, nsec: int) -> int:

@@ -170,6 +170,8 @@ COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")  # fh_in off_in nodeid_out fh_out
 
 NAME_MAX = 255
 NSEC = 1_000_000_000
+_U64 = (1 << 64) - 1
+_DEVICES = (stat.S_IFCHR, stat.S_IFBLK)
 
 
 class Malformed(OSError):
@@ -198,7 +200,7 @@ class Args:
         return len(self._data) - self._off
 
     def take(self, st: struct.Struct) -> tuple:
-        if self.left < st.size:
+        if len(self._data) - self._off < st.size:  # (self.left, inline: once per request)
             raise Malformed(f"argument of {st.size} bytes, {self.left} left")
         values = st.unpack_from(self._data, self._off)
         self._off += st.size
@@ -239,30 +241,26 @@ def decode_dev(value: int) -> int:
 
 
 def _attr_fields(st: os.stat_result) -> tuple:
-    def split(ns: int) -> tuple[int, int]:
-        sec, nsec = divmod(ns, NSEC)
-        return sec & 0xFFFFFFFFFFFFFFFF, nsec
-
-    (asec, ansec), (msec, mnsec), (csec, cnsec) = (
-        split(st.st_atime_ns),
-        split(st.st_mtime_ns),
-        split(st.st_ctime_ns),
-    )
+    """fuse_attr's fields of ``st`` (on every LOOKUP, GETATTR and CREATE: kept flat)."""
+    asec, ansec = divmod(st.st_atime_ns, NSEC)
+    msec, mnsec = divmod(st.st_mtime_ns, NSEC)
+    csec, cnsec = divmod(st.st_ctime_ns, NSEC)
+    mode = st.st_mode
     return (
         st.st_ino,
         st.st_size,
         st.st_blocks,
-        asec,
-        msec,
-        csec,
+        asec & _U64,
+        msec & _U64,
+        csec & _U64,
         ansec,
         mnsec,
         cnsec,
-        st.st_mode,
+        mode,
         min(st.st_nlink, 0xFFFFFFFF),
         st.st_uid,
         st.st_gid,
-        encode_dev(st.st_rdev) if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0,
+        encode_dev(st.st_rdev) if stat.S_IFMT(mode) in _DEVICES else 0,
         st.st_blksize,
         0,  # flags: no submounts, no DAX
     )
