@@ -19,7 +19,8 @@ NEEDS = {"liburing.h": "liburing-dev", "libnbd.h": "libnbd-dev"}
 
 def native(name: str, libraries: tuple[str, ...] = (), headers: tuple[str, ...] = ()) -> Extension:
     for header in headers:
-        if not any(os.path.exists(os.path.join(d, header)) for d in ("/usr/include", "/usr/local/include")):
+        roots = ("/usr/include", "/usr/local/include")
+        if not any(os.path.exists(os.path.join(d, header)) for d in roots):
             sys.exit(
                 f"emu: building {name} needs {header}; install it with "
                 f"`apt-get install {NEEDS[header]}` (./emu.sh does this)"
