@@ -32,6 +32,7 @@ from emu.state.format import StateError
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.fs import LINUX_6_1_FLAGS, FuseClient, FuseReplyError
 from emu.testing.vhost_user import VhostUserDriver
+from emu.queue import Gate
 from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 from emu.vhost_user.frontend import connect
@@ -554,6 +555,35 @@ def test_a_request_answered_before_a_report_stop_is_not_run_again(mount, mem, sh
         assert fs2.lookup(ROOT, "made").attr.ino == os.stat(share / "made").st_ino
     finally:
         fresh.close()
+
+
+def test_a_queue_reset_forgets_answers_its_heads_had(mount, share):
+    """A MKDIR answered while the driver resets its queue keeps its used entry back; the
+    reset ring hands the same head out again for a new request, which must run, not get
+    the old answer."""
+    fs, dev = mount()
+    mkdir, size = dev._ops[f.Op.MKDIR]
+    q_dev = dev.queues[1]
+    in_mkdir = threading.Event()
+
+    def mkdir_during_reset(h, a, room):
+        in_mkdir.set()
+        wait_until(lambda: q_dev.gate is not Gate.OPEN, 5)  # the reset is under way
+        return mkdir(h, a, room)
+
+    dev._ops[f.Op.MKDIR] = (mkdir_during_reset, size)
+    q = fs.drv.queues[1]
+    hdr = f.IN_HEADER.pack(40 + 8 + 6, f.Op.MKDIR, fs.next_unique(), ROOT, 0, 0, 0, 0)
+    q.add([hdr, f.MKDIR_IN.pack(0o755, 0), b"first\0"], [16, f.ENTRY_OUT.size])
+    fs.drv.kick(1)
+    assert in_mkdir.wait(5)
+    fs.drv._write(mmio_regs.QUEUE_SEL, 1)
+    fs.drv._write(mmio_regs.QUEUE_RESET, 1)  # returns once the device is off the queue
+    assert (share / "first").is_dir()
+    dev._ops[f.Op.MKDIR] = (mkdir, size)
+    fs.drv.setup_queue(1, 64)
+    second = fs.mkdir(ROOT, "second")  # the same head as the first, after the reset
+    assert second.attr.ino == os.stat(share / "second").st_ino
 
 
 def test_restore_onto_another_share_is_refused(mount, mem, share, tmp_path):

@@ -341,6 +341,12 @@ class FsDevice(VirtioDevice):
             self._replied[q.index].clear()
         self._unchecked.clear()
 
+    def on_queue_reset(self, index: int) -> None:
+        """The reset ring hands the heads out again for new requests: an answer kept for
+        one of them belongs to a request the driver gave up."""
+        self._withheld[index].clear()
+        self._replied[index].clear()
+
     def close(self) -> None:
         super().close()
         self.dir.close()
