@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,7 @@ from emu.devices.console import ConsoleDevice
 from emu.memory import GuestMemory
 from emu.testing.console import BAD_ID, ControlMsg, GuestConsole
 from emu.testing.driver import VirtioMmioDriver
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 
@@ -228,3 +230,28 @@ def test_socket_round_trip_and_port_open_follows_the_client(rig, tmp_path):
     assert g.recv_control() == [ControlMsg(1, con.PORT_OPEN, 0)]
     g.write(1, b"nobody listens")
     wait_until(lambda: sock.dropped == 14)
+
+
+def test_a_queue_reset_of_tx_does_not_swallow_later_writes(rig, monkeypatch):
+    """Output written while the driver resets the tx queue is owed only its completion;
+    the reset ring hands that head out again for new output, which must be written."""
+    b = BufferChar()
+    d, g = rig.console(b)
+    txq = d.queues[1]
+    in_write = threading.Event()
+    real_write = d._write_out
+
+    def write_during_reset(port, c):
+        in_write.set()
+        wait_until(lambda: txq.gate is not emu_queue.Gate.OPEN, 5)
+        real_write(port, c)
+
+    monkeypatch.setattr(d, "_write_out", write_during_reset)
+    g.drv.submit(1, [b"first "], [])
+    assert in_write.wait(5)
+    g.drv._write(mmio_regs.QUEUE_SEL, 1)
+    g.drv._write(mmio_regs.QUEUE_RESET, 1)  # returns once the device is off the queue
+    monkeypatch.setattr(d, "_write_out", real_write)
+    g.drv.setup_queue(1, 32)
+    g.write(0, b"second")
+    assert b.wait_output(12) == b"first second"

@@ -27,12 +27,12 @@ from emu.devices import registry
 from emu.devices.fs import MAX_PAGES_LIMIT, OFFERED, FsDevice
 from emu.devices.snapshot import restore_device
 from emu.memory import GuestMemory
+from emu.queue import Gate
 from emu.state import file as statefile
 from emu.state.format import StateError
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.fs import LINUX_6_1_FLAGS, FuseClient, FuseReplyError
 from emu.testing.vhost_user import VhostUserDriver
-from emu.queue import Gate
 from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 from emu.vhost_user.frontend import connect

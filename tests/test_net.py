@@ -6,6 +6,7 @@ import random
 import shutil
 import struct
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -19,6 +20,7 @@ from emu.devices.net import NetDevice, flow_hash
 from emu.memory import GuestMemory
 from emu.testing.driver import VirtioMmioDriver
 from emu.testing.net import GuestNet, ether, mac_tables
+from emu.transport import mmio_regs
 from emu.transport.mmio import MmioTransport
 
 MAC_A = "52:54:00:00:00:0a"
@@ -469,3 +471,30 @@ def test_tap_arp_and_ping_the_host(rig, tap):
         ether(host_mac, g.mac, ip + icmp, 0x0800),
     )
     assert echo[26:30] == host and echo[38:40] == b"\x12\x34" and echo[42:50] == b"emu ping"
+
+
+def test_a_queue_reset_of_tx_does_not_swallow_later_frames(rig, monkeypatch):
+    """A frame sent while the driver resets the tx queue is owed only its completion; the
+    reset ring hands that head out again for a new frame, which must go out."""
+    da, ga, db, gb = rig.cabled()
+    txq = da.queues[1]
+    in_send = threading.Event()
+    real_transmit = da._transmit
+
+    def transmit_during_reset(c):
+        in_send.set()
+        wait_until(lambda: txq.gate is not emu_queue.Gate.OPEN, 5)
+        real_transmit(c)
+
+    monkeypatch.setattr(da, "_transmit", transmit_during_reset)
+    first = ether(BCAST, mac(MAC_A), payload(1, 100))
+    ga.drv.submit(1, [bytes(ga.hdr_len), first], [])
+    assert in_send.wait(5)
+    ga.drv._write(mmio_regs.QUEUE_SEL, 1)
+    ga.drv._write(mmio_regs.QUEUE_RESET, 1)  # returns once the device is off the queue
+    monkeypatch.setattr(da, "_transmit", real_transmit)
+    ga.drv.setup_queue(1, 64)
+    second = ether(BCAST, mac(MAC_A), payload(2, 100))
+    ga.send(second)
+    assert gb.recv()[1] == first
+    assert gb.recv()[1] == second

@@ -322,6 +322,11 @@ class ConsoleDevice(VirtioDevice):
 
     # -- stop and snapshot --
 
+    def on_queue_reset(self, index: int) -> None:
+        port = queue_port(index)
+        if port is not None and index == rx_queue(port) + 1 and port in self._tx_sent:
+            self._tx_sent[port].clear()  # tx: the heads come back as new output
+
     def forget_inflight(self, queues: set[int]) -> None:
         """Settle what went into chains a stop left in flight (see the module docstring)."""
         for port in self.ports.values():

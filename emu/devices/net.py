@@ -410,6 +410,10 @@ class NetDevice(VirtioDevice):
 
     # -- stop and snapshot --
 
+    def on_queue_reset(self, index: int) -> None:
+        if index < 2 * self.max_pairs and index % 2:  # tx: the heads come back as new frames
+            self._tx_sent[index // 2].clear()
+
     def forget_inflight(self, queues: set[int]) -> None:
         """Hand held rx chains back; settle what went into chains left in flight."""
         for pair in range(self.max_pairs):
