@@ -24,6 +24,7 @@ from emu.cli import main
 from emu.commands.serve import make_devices, serve
 from emu.devices import fuse as f
 from emu.devices import registry
+from emu.devices.base import RunState
 from emu.devices.fs import MAX_PAGES_LIMIT, OFFERED, FsDevice
 from emu.devices.snapshot import restore_device
 from emu.memory import GuestMemory
@@ -555,6 +556,29 @@ def test_a_request_answered_before_a_report_stop_is_not_run_again(mount, mem, sh
         assert fs2.lookup(ROOT, "made").attr.ino == os.stat(share / "made").st_ino
     finally:
         fresh.close()
+
+
+def test_a_stop_asked_inside_a_request_waits_for_its_writes(mount, share):
+    """A stop asked from the device thread itself (a handler, a backend callback) runs
+    after the pass: STOPPED is never reported while the request still writes."""
+    fs, dev = mount()
+    mkdir, size = dev._ops[f.Op.MKDIR]
+    seen = []
+
+    def stop_then_mkdir(h, a, room):
+        dev.request_stop("report")
+        reply = mkdir(h, a, room)  # the host directory and the guest's reply buffer
+        seen.append(dev.run_state)
+        return reply
+
+    dev._ops[f.Op.MKDIR] = (stop_then_mkdir, size)
+    q = fs.drv.queues[1]
+    hdr = f.IN_HEADER.pack(40 + 8 + 5, f.Op.MKDIR, fs.next_unique(), ROOT, 0, 0, 0, 0)
+    q.add([hdr, f.MKDIR_IN.pack(0o755, 0), b"made\0"], [16, f.ENTRY_OUT.size])
+    fs.drv.kick(1)
+    assert dev.wait_stopped(10) and dev.stopped
+    assert seen and seen[0] is not RunState.STOPPED
+    assert (share / "made").is_dir() and len(dev.queues[1].inflight()) == 1
 
 
 def test_a_queue_reset_forgets_answers_its_heads_had(mount, share):

@@ -165,6 +165,7 @@ class VirtioDevice:
         #: held by the device thread except while it is parked in select (see _borrow)
         self._owner = threading.Lock()
         self._borrower: threading.Thread | None = None  # the thread holding it instead
+        self._in_pass = False  # the device thread is in handle_queue (see _post's later)
 
     # -- config space: subclasses override config_bytes / config_write --
 
@@ -249,7 +250,7 @@ class VirtioDevice:
         with self._lock:
             self._stops_asked += 1
             seq = self._stops_asked
-        self._post(lambda: self._stop(policy, seq), wait=False, borrow=True)
+        self._post(lambda: self._stop(policy, seq), wait=False, borrow=True, later=True)
 
     def wait_stopped(self, timeout: float | None = None) -> bool:
         """True once every stop asked so far is carried out and the device is not serving."""
@@ -477,10 +478,20 @@ class VirtioDevice:
     def wake(self) -> None:
         os.eventfd_write(self._wake, 1)
 
-    def _post(self, fn: Callable[[], Any], wait: bool = True, borrow: bool = False) -> Command:
+    def _post(
+        self, fn: Callable[[], Any], wait: bool = True, borrow: bool = False, later: bool = False
+    ) -> Command:
+        """``later``: asked from the device thread inside a pass, run it after the pass
+        instead of inline (a stop asked inside a request must not report STOPPED before
+        that request's own writes)."""
         cmd = Command(fn, self._changed)
-        if threading.current_thread() in (self._thread, self._borrower):
+        owner = threading.current_thread() in (self._thread, self._borrower)
+        if owner and not (later and self._in_pass):
             cmd.run()  # the owner itself (a device failing its own queue, a borrowed command)
+        elif owner:
+            with self._lock:
+                self._commands.append(cmd)
+            self.wake()
         elif not (borrow and self._borrow(cmd)):
             with self._lock:
                 if self._closed:
@@ -599,6 +610,7 @@ class VirtioDevice:
             if q.ring is None or q.gate is not Gate.OPEN:  # not started, or not open
                 continue
             q.begin_pass()
+            self._in_pass = True
             try:
                 self.handle_queue(q)
             except (RingError, GuestMemoryError, DeviceError) as e:
@@ -606,6 +618,8 @@ class VirtioDevice:
             except Exception as e:  # last line of defence: the thread must not die
                 log.exception("%s: queue %d: unexpected error", self.name, q.index)
                 self._fail(f"queue {q.index}: internal error: {e!r}")
+            finally:
+                self._in_pass = False
             if q.more and q.ring is not None:  # budget spent: after the other queues
                 self._pending[q.index] = q
 
