@@ -316,7 +316,10 @@ def test_server_killed_mid_io_then_back(
 ) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(pattern(11, MiB))
-    srv = nbd_server(["file", f"file={disk}"], filters=["delay"], params=["rdelay=500ms"])
+    # the write is delayed too: answered before the kill (a loaded machine), it is no
+    # longer of unknown fate
+    delays = ["rdelay=500ms", "wdelay=500ms"]
+    srv = nbd_server(["file", f"file={disk}"], filters=["delay"], params=delays)
     e = engines(srv.uri)
     caplog.set_level(logging.INFO, logger="emu.backends._nbd")
     bufs = [bytearray(b"\xee" * 4096) for _ in range(8)]
