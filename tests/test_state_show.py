@@ -225,3 +225,26 @@ def test_diff_refuses_corrupt_incompatible_and_other_devices(tmp_path: Path) -> 
             assert words in res.output and "Traceback" not in res.output
     res = run("show", str(corrupt))
     assert res.exit_code == 1 and "checksum" in res.output
+
+
+def test_the_summary_of_a_state_saved_over_vhost_user(tmp_path: Path) -> None:
+    """A blk backend stopped by emu's vhost-user frontend with requests in flight: the
+    transport part is vhost-user's, and the heads in flight are the ring's."""
+    from test_vhost_user_state import IMAGE, READS, WRITES, stop_with_inflight
+
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(IMAGE))
+    s = stop_with_inflight(disk, tmp_path / "blk.sock", packed=False)
+    s.fe.close()
+    path = tmp_path / "blk.state"
+    path.write_bytes(s.state)
+    res = run("show", str(path))
+    assert res.exit_code == 0, res.output
+    got = {r.split(":")[0]: r for r in rows(res.output)}
+    inflight = view(statefile.load(path), registry.schemas()).queues[0].inflight
+    heads = " ".join(str(c["head"]) for c in inflight)
+    assert len(inflight) == WRITES + READS
+    assert got["0"].endswith(f"{WRITES + READS} in flight: heads {heads}")
+    assert "status     0x00 (no bits set)" in res.output
+    assert any(r.startswith("vhost-user version 1, vhost-user features 0x") for r in got.values())
+    assert f"capacity {IMAGE // 512} sectors (1 MiB)" in res.output

@@ -46,7 +46,7 @@ def summary(v: View, device_names: Mapping[int, str] | None = None) -> list[str]
     ]
     out += _features(v)
     if v.status is not None:
-        words = " ".join(status_words(v.status)) or "(reset)"
+        words = " ".join(status_words(v.status)) or "(no bits set)"
         out += _row("status", f"{v.status:#04x} {words}")
     if isinstance(v.transport, dict):
         out += _row("transport", _transport(v.transport))
