@@ -248,3 +248,31 @@ def test_the_summary_of_a_state_saved_over_vhost_user(tmp_path: Path) -> None:
     assert "status     0x00 (no bits set)" in res.output
     assert any(r.startswith("vhost-user version 1, vhost-user features 0x") for r in got.values())
     assert f"capacity {IMAGE // 512} sectors (1 MiB)" in res.output
+
+
+def test_parts_no_schema_checks_are_shown_whatever_they_hold(tmp_path: Path) -> None:
+    """TRANSPORT is read without a schema (it is optional): any JSON in it is shown, cut
+    short, and compared; nothing in it can make show or diff fail."""
+    state = statefile.load(GOLDEN / "rng-split.state")
+    odd = {
+        "transport": ["x"] * 100,
+        "version": {"a": None},
+        "interrupt_status": "0x1",
+        "features": 1.5,
+        "protocol": True,
+        "vmm_stopped": "yes",
+        "bases": [1, 2],
+        "config_generation": "z" * 1000,
+    }
+    part = next(p for p in state.parts if p.type == 0xE003)
+    part.value = part.value[:4] + json.dumps(odd).encode()
+    path = tmp_path / "odd.state"
+    statefile.save(path, state)
+    res = run("show", str(path))
+    assert res.exit_code == 0, res.output
+    (transport,) = [r for r in rows(res.output) if r.startswith('["x", "x"')]
+    assert "interrupt status 0x1, config generation zzz" in transport
+    assert "vhost-user features 1.5, protocol true" in transport
+    assert "stopped" not in transport and len(transport) < 300
+    res = run("diff", str(GOLDEN / "rng-split.state"), str(path))
+    assert res.exit_code == 1 and "transport: interrupt_status 0 -> " in res.output

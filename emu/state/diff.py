@@ -150,7 +150,7 @@ def _tree(where: str, x: Any, y: Any) -> list[Change]:
     if x == y:
         return []
     if x is None or y is None:
-        return [Change(where, "(part)", x is not None, y is not None)]
+        return [Change(where, "present", x is not None, y is not None)]
     fa, fb = _flatten(x), _flatten(y)
     return [
         Change(where, k, fa.get(k, MISSING), fb.get(k, MISSING))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import textwrap
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,6 +32,8 @@ _LABEL = 11
 _HEADS = 16
 #: connections, ports listed before the rest is counted
 _ROWS = 8
+#: a value from a part without a schema is cut to this many characters
+_CELL = 40
 #: virtio-blk capacity and balloon page counts are in these units, whatever the device
 SECTOR = 512
 BALLOON_PAGE = 4096
@@ -95,18 +98,30 @@ def _features(v: View) -> list[str]:
     return []
 
 
+def _short(value: Any) -> str:
+    """A value from a part no schema checked (TRANSPORT, an unknown device): any JSON."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= _CELL else f"{text[: _CELL - 3]}..."
+
+
+def _hex(value: Any) -> str:
+    return (
+        f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) else _short(value)
+    )
+
+
 def _transport(t: dict) -> str:
-    text = f"{t.get('transport', '?')} version {t.get('version', '?')}"
-    if t.get("vmm_stopped"):
+    text = f"{_short(t.get('transport', '?'))} version {_short(t.get('version', '?'))}"
+    if t.get("vmm_stopped") is True:
         text += ", stopped by the VMM"
-    if t.get("guest_stop_pending"):
+    if t.get("guest_stop_pending") is True:
         text += ", a guest stop pending"
     if "interrupt_status" in t:
-        text += f", interrupt status {t['interrupt_status']:#x}"
+        text += f", interrupt status {_hex(t['interrupt_status'])}"
     if "config_generation" in t:
-        text += f", config generation {t['config_generation']}"
+        text += f", config generation {_short(t['config_generation'])}"
     if "features" in t:  # vhost-user: what the frontend negotiated on the socket
-        text += f", vhost-user features {t['features']:#x}, protocol {t.get('protocol', 0):#x}"
+        text += f", vhost-user features {_hex(t['features'])}, protocol {_hex(t.get('protocol'))}"
     if isinstance(t.get("bases"), dict):
         text += f", ring bases of {_plural(len(t['bases']), 'queue')}"
     return text
@@ -176,7 +191,7 @@ def _generic(d: Any) -> str:
         elif isinstance(v, dict):
             bits.append(f"{k}: {_plural(len(v), 'field')}")
         else:
-            bits.append(f"{k} {v}")
+            bits.append(f"{k} {_short(v)}")
     return ", ".join(bits)
 
 
