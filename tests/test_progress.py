@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def test_the_cli_flag_holds_for_the_command_only(monkeypatch: pytest.MonkeyPatch
 @pytest.fixture
 def fake_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """apt-get / apt-cache stand-ins serving one package, emu-fake 1.0, of about 64 KiB."""
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed (it unpacks every guest package)")
     root = tmp_path / "pkgroot"
     (root / "DEBIAN").mkdir(parents=True)
     (root / "DEBIAN" / "control").write_text(
@@ -132,7 +135,7 @@ def test_a_download_shows_its_progress_when_asked(
     ]
     assert got[0] == 0 and got[-1] == total, err
     assert any(0 < n < total for n in got), err  # seen half way, during the pause
-    assert re.search(r"^unpacking 1 packages: 1/1 \(100%\) done in ", err, re.M), err
+    assert re.search(r"^unpacking emu-fake: 1/1 \(100%\) done in ", err, re.M), err
 
 
 def test_a_download_is_silent_when_not_asked(

@@ -156,7 +156,7 @@ def _download(packages: dict[str, str]) -> None:
         # apt's _apt sandbox user cannot write to root-owned caches; the warning is harmless.
         cmd = ("apt-get", "download", "-q", *(f"{n}={v}" for n, v in packages.items()))
         _fetch(cmd, Path(tmp), packages)
-        bar = progress(f"unpacking {len(packages)} packages", len(packages))
+        bar = progress(f"unpacking {', '.join(packages)}", len(packages))
         with bar:
             _unpack_into(Path(tmp), packages, bar)
 
