@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from emu import progress
 from emu.devices.balloon import F_REPORTING, BalloonDevice
 from emu.guest import build_image, uml
 from emu.guest.background import BackgroundGuest
@@ -135,7 +136,9 @@ def main() -> int:
     ap.add_argument("--target", type=int, default=128, help="balloon MiB")
     ap.add_argument("--fill", type=int, default=128, help="MiB freed for reporting")
     ap.add_argument("--quick", action="store_true", help="one round")
+    progress.add_argument(ap)
     args = ap.parse_args()
+    progress.ask(args.progress)
     if args.quick:
         args.rounds = 1
     build_image("uml")  # fetched and cached once, outside the timings
@@ -148,9 +151,11 @@ def main() -> int:
         elif value < best[name] if name in lowest else value > best[name]:
             best[name] = value
 
-    with tempfile.TemporaryDirectory(prefix="emu-balloon-") as tmpdir:
+    bar = progress.progress("rounds (3 guest boots each)", args.rounds)
+    with tempfile.TemporaryDirectory(prefix="emu-balloon-") as tmpdir, bar:
         tmp = Path(tmpdir)
-        for _ in range(args.rounds):
+        for r in range(args.rounds):
+            bar.update(0, f"round {r + 1}")
             got = inflate_round(BalloonDevice, args.target, tmp)
             base = inflate_round(NoReleaseBalloon, args.target, tmp)
             rep = report_round(args.fill, tmp)
@@ -161,6 +166,7 @@ def main() -> int:
                 *rep.items(),
             ]:
                 keep(name, value)
+            bar.update(1, f"round {r + 1}")
     print(
         f"virtio-balloon, UML guest of {MEM_MIB} MiB, {args.target} MiB target, "
         f"{args.fill} MiB freed for reporting; best of {args.rounds}, shared machine"

@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from emu import progress
 from emu.devices import registry
 from emu.guest import build_image, run_guest, virtiofsd
 from emu.guest.backends import emu_backends
@@ -113,7 +114,9 @@ def main() -> None:
     ap.add_argument("--tree", default="50x20", help="tree pass DIRSxFILES")
     ap.add_argument("--rand-s", type=int, default=5, help="seconds of random reads")
     ap.add_argument("--no-uml", action="store_true")
+    progress.add_argument(ap)
     args = ap.parse_args()
+    progress.ask(args.progress)
     if args.quick:
         args.rounds, args.mib, args.files, args.tree, args.rand_s = 1, 32, 1000, "10x10", 1
     dirs, files = args.tree.split("x")
@@ -131,12 +134,14 @@ def main() -> None:
         build_image(kind, fio=True)  # fetched and cached once, outside the timings
 
     table: dict[tuple[str, str], dict[str, tuple]] = {}
-    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="emu-fsio-") as tmpdir:
-        for _ in range(args.rounds):
-            for config in configs:
-                if why[config] is not None:
-                    continue
+    runnable = [c for c in configs if why[c] is None]
+    bar = progress.progress("guest runs", args.rounds * len(runnable))
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="emu-fsio-") as tmpdir, bar:
+        for r in range(args.rounds):
+            for config in runnable:
+                bar.update(0, f"{'/'.join(config)} round {r + 1}")
                 got = measure(*config, params, Path(tmpdir))
+                bar.update(1, f"{'/'.join(config)} round {r + 1}")
                 best = table.setdefault(config, {})
                 for name, (value, unit) in got.items():
                     if name not in best or value > best[name][0]:

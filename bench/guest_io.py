@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+from emu import progress
 from emu.guest import qsd
 from emu.guest.fio import FioJob, FioResult, run_fio
 from emu.guest.images import build_image
@@ -161,7 +162,9 @@ def main() -> None:
     ap.add_argument("--disk-mib", type=int, default=256)
     ap.add_argument("--no-microvm", action="store_true", help="UML only (microvm is slow)")
     ap.add_argument("--no-nbd", action="store_true", help="skip the NBD rows")
+    progress.add_argument(ap)
     args = ap.parse_args()
+    progress.ask(args.progress)
     runtime, disk_mib = (1, 64) if args.quick else (args.runtime, args.disk_mib)
     kinds = ["uml"] if args.no_microvm else ["uml", "microvm"]
     for kind in kinds:
@@ -173,21 +176,26 @@ def main() -> None:
     table: dict[tuple[str, str], dict[str, float]] = {}
     cpu: dict[str, float] = {}
     nbd: dict[str, dict[str, float] | str] = {}
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmpdir:
+    bar = progress.progress("guest runs", len(configs) + 1)
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmpdir, bar:
         tmp = Path(tmpdir)
         image = tmp / "disk.img"
         for kind, backend in configs:
+            bar.update(0, f"{kind}/{backend}")
             with open(image, "wb") as f:  # a fresh sparse disk per configuration
                 f.truncate(disk_mib << 20)
             table[(kind, backend)], us = measure(kind, backend, image, tmp, runtime)
             if kind == "uml":
                 cpu[backend] = us
+            bar.update(1, f"{kind}/{backend}")
+        bar.update(0, "NBD")
         if args.no_nbd:
             nbd = {"emu": "--no-nbd", "qsd": "--no-nbd"}
         elif shutil.which("nbdkit") is None:
             nbd = {b: "nbdkit is not installed" for b in ("emu", "qsd")}
         else:
             nbd = measure_nbd(image, tmp, runtime)
+        bar.update(1, "NBD")
 
     mode = "quick: 1 s per job, 64 MiB disk" if args.quick else f"{runtime} s per job"
     print(f"fio, libaio, O_DIRECT, time based ({mode}); MiB/s for 1m, IOPS for 4k")

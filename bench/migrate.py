@@ -20,12 +20,13 @@ destination guest's data check and the host file check found nothing.
 Figures are medians over ``--runs`` runs per backend, run in turns (emu drain, emu
 report, qsd, emu drain, ...) so that a slow moment of the machine hits all of them.
 
-    .venv/bin/python bench/migrate.py [--runs 5]
+    .venv/bin/python bench/migrate.py [--runs 5] [--progress]
 
 Prints a table and ``name value unit`` lines; the headline ratios take the worse of
 emu's two policies: ``live_migration_final_pass_pages_emu_over_qsd`` (goal <= 1.0),
 ``live_migration_downtime_emu_over_qsd`` (goal <= 1.2), ``live_migration_runs_passed_emu``
-(goal: all of ``live_migration_runs_emu``).
+(goal: all of ``live_migration_runs_emu``). Progress over the runs goes to stderr when it
+is a terminal or with ``--progress`` (emu/progress.py); stdout is the same either way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from emu import progress
 from emu.guest import build_image, livemig, qsd, vm
 from emu.guest.images import GuestImage
 
@@ -113,27 +115,36 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per backend")
     ap.add_argument("--bandwidth", type=int, default=16 << 20, help="bytes/s, first pass")
+    progress.add_argument(ap)
     args = ap.parse_args()
+    progress.ask(args.progress)
     image = build_image("microvm")
     kinds = BACKENDS if qsd.available() else BACKENDS[:2]
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
-    for i in range(args.runs):
-        for kind in kinds:
-            with tempfile.TemporaryDirectory(prefix="emu-migrate-") as tmp:
-                try:
-                    r = one_run(kind, image, Path(tmp), args.bandwidth)
-                except (AssertionError, RuntimeError, TimeoutError) as e:
-                    print(f"# {kind} run {i + 1}: {str(e).splitlines()[0]}", flush=True)
-                    r = {"downtime_ms": float("nan"), "final_pass_pages": float("nan")}
-                    r.update(passes=0, total_s=float("nan"), stop_us=float("nan"), passed=False)
-            runs[kind].append(r)
-            print(
-                f"# {kind} run {i + 1}: downtime {r['downtime_ms']:.0f} ms, final pass "
-                f"{r['final_pass_pages']:.0f} pages, {r['passes']} passes, backend stop "
-                f"{r['stop_us']:.0f} us, "
-                f"{'passed' if r['passed'] else 'FAILED'}",
-                flush=True,
-            )
+    bar = progress.progress("live migrations", args.runs * len(kinds))
+    with bar:
+        for i in range(args.runs):
+            for kind in kinds:
+                bar.update(0, f"{kind} run {i + 1}")
+                with tempfile.TemporaryDirectory(prefix="emu-migrate-") as tmp:
+                    try:
+                        r = one_run(kind, image, Path(tmp), args.bandwidth)
+                    except (AssertionError, RuntimeError, TimeoutError) as e:
+                        bar.clear()
+                        print(f"# {kind} run {i + 1}: {str(e).splitlines()[0]}", flush=True)
+                        r = {"downtime_ms": float("nan"), "final_pass_pages": float("nan")}
+                        r.update(passes=0, total_s=float("nan"), stop_us=float("nan"))
+                        r["passed"] = False
+                runs[kind].append(r)
+                bar.clear()
+                print(
+                    f"# {kind} run {i + 1}: downtime {r['downtime_ms']:.0f} ms, final pass "
+                    f"{r['final_pass_pages']:.0f} pages, {r['passes']} passes, backend stop "
+                    f"{r['stop_us']:.0f} us, "
+                    f"{'passed' if r['passed'] else 'FAILED'}",
+                    flush=True,
+                )
+                bar.update(1, f"{kind} run {i + 1}")
 
     head = f"{'backend':<12} {'downtime ms':>12} {'(mean)':>7} {'final pass pages':>17}"
     print(f"\n{head} {'passes':>7} {'backend stop us':>16} {'total s':>8} {'passed':>7}")

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from emu import progress
 from emu.guest import build_image
 from emu.guest.backends import emu_backends
 from emu.guest.background import BackgroundGuest
@@ -189,7 +190,9 @@ def main() -> int:
     ap.add_argument("--connects", type=int, default=50)
     ap.add_argument("--kind", choices=KINDS, action="append", help="default: both")
     ap.add_argument("--quick", action="store_true", help="16 MiB, 10 connects, one round")
+    progress.add_argument(ap)
     args = ap.parse_args()
+    progress.ask(args.progress)
     if args.quick:
         args.rounds, args.mib, args.connects = 1, 16, 10
     kinds = args.kind or list(KINDS)
@@ -197,9 +200,11 @@ def main() -> int:
         build_image(kind, socat=True)  # fetched and cached once, outside the timings
     why_no_tap = tap_absent()
     best: dict[str, dict[str, float]] = {k: {} for k in kinds}
-    with tempfile.TemporaryDirectory(prefix="emu-vsockio-") as tmpdir:
-        for _ in range(args.rounds):
+    bar = progress.progress("guest boots", args.rounds * len(kinds))
+    with tempfile.TemporaryDirectory(prefix="emu-vsockio-") as tmpdir, bar:
+        for r in range(args.rounds):
             for kind in kinds:
+                bar.update(0, f"{kind} round {r + 1}")
                 tmp = Path(tempfile.mkdtemp(dir=tmpdir))
                 if why_no_tap is None:
                     with host_tap(f"emuvs{os.getpid() % 10000}") as tap:
@@ -211,6 +216,7 @@ def main() -> int:
                     old = best[kind].get(name)
                     if old is None or (value < old if low else value > old):
                         best[kind][name] = value
+                bar.update(1, f"{kind} round {r + 1}")
     print(
         f"vsock vs TCP over emu's virtio-net + TAP, same guest and run: {args.mib} MiB "
         f"streams, {args.connects} connects; best of {args.rounds}, shared machine"

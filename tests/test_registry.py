@@ -194,7 +194,7 @@ def test_toy_device_mmio_snapshot_shown_and_restored(toy, tmp_path: Path, mem) -
     tr.vmm_stop("report")
     path = tmp_path / "toy.state"
     statefile.save(path, tr.save())
-    shown = CliRunner().invoke(main, ["state", "show", str(path)])
+    shown = CliRunner().invoke(main, ["state", "show", "--json", str(path)])
     assert shown.exit_code == 0, shown.output
     assert '"name": "DEVICE_125"' in shown.output and '"version": "1.0"' in shown.output
     saved = drv.drv.save()

@@ -215,7 +215,7 @@ def test_state_show_prints_json_and_refuses_corrupt(tmp_path):
     path = tmp_path / "dev.state"
     save(path, sample())
     assert load(path).device_type == 2
-    res = CliRunner().invoke(main, ["state", "show", str(path)])
+    res = CliRunner().invoke(main, ["state", "show", "--json", str(path)])
     assert res.exit_code == 0, res.output
     shown = json.loads(res.output)
     assert shown["device_type"] == 2

@@ -293,5 +293,5 @@ def test_deep_json_in_a_good_file_shows_the_error_part(tmp_path: Path, mem: Gues
     res = CliRunner().invoke(main, ["state", "show", str(path)])
     assert res.exit_code == 1 and "DEVICE_4" in res.output
     statefile.save(path, rng_state(mem))
-    res = CliRunner().invoke(main, ["state", "show", str(path)])
+    res = CliRunner().invoke(main, ["state", "show", "--json", str(path)])
     assert res.exit_code == 0 and json.loads(res.output)["device_type"] == 4

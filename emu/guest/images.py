@@ -31,6 +31,7 @@ from emu.guest.packages import (
     first_dependency,
     unpacked,
 )
+from emu.progress import progress
 
 KINDS = ("uml", "microvm")
 
@@ -155,7 +156,8 @@ def _layer(name: str) -> tuple[Path, dict[str, str]]:
     if path.exists() and manifest.exists():
         return path, json.loads(manifest.read_text())
     files, packages = layer_files(layer)
-    _write(path, initramfs.layer(files))
+    with progress(f"building the {name} layer (files)", len(files)) as bar:
+        _write(path, initramfs.layer(files, lambda f: bar.update(1, f)))
     _write(manifest, json.dumps(packages, sort_keys=True).encode())
     return path, packages
 
@@ -177,7 +179,9 @@ def build_image(kind: str, fio: bool = False, socat: bool = False) -> GuestImage
     initrd = cache_dir() / "images" / f"{kind}-{digest}.cpio.gz"
     if not initrd.exists():
         mods = modules.resolve(moddir, WANTED[kind], modules.builtin_names(moddir))
-        _write(initrd, initramfs.build(bb_root / "bin/busybox", mods, INIT))
+        with progress(f"building the {kind} initramfs (files)", 3 + len(mods)) as bar:
+            busybox = bb_root / "bin/busybox"
+            _write(initrd, initramfs.build(busybox, mods, INIT, lambda f: bar.update(1, f)))
     layers = [name for name, wanted in (("fio", fio), ("socat", socat)) if wanted]
     if layers:
         parts = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import io
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from emu.guest.cpio import CpioWriter
@@ -35,8 +36,15 @@ def _parents(path: str) -> list[str]:
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def build(busybox: Path, modules: list[Module], init: str) -> bytes:
-    """A gzipped newc archive; `modules` must already be in load order."""
+def _nothing(name: str) -> None:
+    pass
+
+
+def build(
+    busybox: Path, modules: list[Module], init: str, on_file: Callable[[str], None] = _nothing
+) -> bytes:
+    """A gzipped newc archive; `modules` must already be in load order. `on_file` is
+    called with each file's name once it is in (3 + len(modules) files: progress)."""
     applets = busybox_applets(busybox)
     files = [BUSYBOX, *applets, "etc/emu/modules", *(f"lib/modules/{m.path.name}" for m in modules)]
     dirs = sorted({d for f in files for d in _parents(f)} | {"dev", "proc", "sys", "tmp", "root"})
@@ -49,17 +57,21 @@ def build(busybox: Path, modules: list[Module], init: str) -> bytes:
     w.chardev("dev/console", 5, 1)
     w.chardev("dev/null", 1, 3, 0o666)
     w.file("init", init.encode(), 0o755)
+    on_file("init")
     w.file(BUSYBOX, busybox.read_bytes(), 0o755)
+    on_file(BUSYBOX)
     for applet in applets:
         w.symlink(applet, "/" + BUSYBOX)
     w.file("etc/emu/modules", "".join(f"{m.path.name}\n" for m in modules).encode())
+    on_file("etc/emu/modules")
     for m in modules:
         w.file(f"lib/modules/{m.path.name}", m.path.read_bytes())
+        on_file(m.path.name)
     w.close()
     return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
 
 
-def layer(files: dict[str, Path]) -> bytes:
+def layer(files: dict[str, Path], on_file: Callable[[str], None] = _nothing) -> bytes:
     """An uncompressed newc archive of host `files` at the given guest paths, to append to
     `build`'s (after padding that to 4 bytes).
 
@@ -74,5 +86,6 @@ def layer(files: dict[str, Path]) -> bytes:
         w.dir(d, 0o755)
     for name in sorted(by_name):
         w.file(name, by_name[name].read_bytes(), 0o755)
+        on_file(name)
     w.close()
     return raw.getvalue()

@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from emu.progress import Progress, progress
+
 
 class PackageError(RuntimeError):
     """A package could not be found, downloaded or unpacked."""
@@ -152,17 +154,74 @@ def _download(packages: dict[str, str]) -> None:
     # see a half-unpacked tree, and a crash leaves only a stray temp dir.
     with tempfile.TemporaryDirectory(dir=parent, prefix=".dl-") as tmp:
         # apt's _apt sandbox user cannot write to root-owned caches; the warning is harmless.
-        _run("apt-get", "download", "-q", *(f"{n}={v}" for n, v in packages.items()), cwd=Path(tmp))
-        for name, version in packages.items():
-            debs = list(Path(tmp).glob(f"{name}_*.deb"))
-            if len(debs) != 1:
-                raise PackageError(f"apt-get download {name} gave {len(debs)} .deb files")
-            tree = Path(tmp) / f"root-{name}"
-            _run("dpkg-deb", "-x", str(debs[0]), str(tree))
-            root = _place(name, version)
+        cmd = ("apt-get", "download", "-q", *(f"{n}={v}" for n, v in packages.items()))
+        _fetch(cmd, Path(tmp), packages)
+        bar = progress(f"unpacking {', '.join(packages)}", len(packages))
+        with bar:
+            _unpack_into(Path(tmp), packages, bar)
+
+
+def _size_kib(name: str) -> int:
+    """The candidate's .deb size (apt-cache's Size:), 0 when the lists do not say."""
+    try:
+        return int(_field(_apt_show(name), "Size") or 0) >> 10
+    except ValueError:
+        return 0
+
+
+def _fetch(cmd: tuple[str, ...], into: Path, packages: dict[str, str]) -> None:
+    """``_run(*cmd, cwd=into)`` for apt-get download, watched: the progress is what has
+    reached the directory against the sizes the package lists give."""
+    total = sum(_size_kib(n) for n in packages)
+    with progress(f"downloading {', '.join(packages)} (KiB)", total) as bar:
+        with tempfile.TemporaryFile("w+") as err:
             try:
-                tree.rename(root)
-            except OSError:
-                if not root.is_dir():  # lost a race with another builder: theirs is as good
-                    raise
-                shutil.rmtree(tree, ignore_errors=True)
+                proc = subprocess.Popen(
+                    cmd, cwd=into, stdout=subprocess.DEVNULL, stderr=err, text=True
+                )
+            except FileNotFoundError as e:
+                raise PackageError(f"{cmd[0]} is not available: {e}") from None
+            done = 0
+            while True:
+                try:
+                    proc.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    now = min(total, _bytes_under(into) >> 10)
+                    bar.update(now - done)
+                    done = now
+            if proc.returncode:
+                err.seek(0)
+                raise PackageError(
+                    f"{' '.join(cmd)} failed ({proc.returncode}): {err.read().strip()}"
+                )
+            bar.update(total - done)
+
+
+def _bytes_under(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:  # renamed away under us: apt moves partial files into place
+                pass
+    return total
+
+
+def _unpack_into(tmp: Path, packages: dict[str, str], bar: Progress) -> None:
+    for name, version in packages.items():
+        bar.update(0, name)
+        debs = list(tmp.glob(f"{name}_*.deb"))
+        if len(debs) != 1:
+            raise PackageError(f"apt-get download {name} gave {len(debs)} .deb files")
+        tree = tmp / f"root-{name}"
+        _run("dpkg-deb", "-x", str(debs[0]), str(tree))
+        root = _place(name, version)
+        try:
+            tree.rename(root)
+        except OSError:
+            if not root.is_dir():  # lost a race with another builder: theirs is as good
+                raise
+            shutil.rmtree(tree, ignore_errors=True)
+        bar.update(1, name)

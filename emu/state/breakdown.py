@@ -17,17 +17,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from emu.ringdefs import (
-    F_EVENT_IDX,
-    F_IN_ORDER,
-    F_INDIRECT_DESC,
-    F_NOTIFICATION_DATA,
-    F_RING_PACKED,
-    F_RING_RESET,
-    F_VERSION_1,
-)
 from emu.state import parts
 from emu.state.format import DeviceState, Part
+from emu.state.names import feature_words, status_words
 from emu.state.schema import Schema
 
 #: the container around the parts: header (magic, version, type, flags, count, length)
@@ -38,26 +30,6 @@ PART_HEADER_BYTES = 16
 #: the part types virtio 1.4 defines (device-parts.tex); everything else here is emu's
 STANDARD = frozenset({parts.DEV_FEATURES, parts.DRV_FEATURES, parts.DEVICE_STATUS, parts.VQ_CFG})
 
-_FEATURES = {
-    F_INDIRECT_DESC: "INDIRECT_DESC",
-    F_EVENT_IDX: "EVENT_IDX",
-    F_VERSION_1: "VERSION_1",
-    F_RING_PACKED: "RING_PACKED",
-    F_IN_ORDER: "IN_ORDER",
-    F_NOTIFICATION_DATA: "NOTIFICATION_DATA",
-    F_RING_RESET: "RING_RESET",
-    43: "SUSPEND",
-}
-_STATUS = {
-    0x01: "ACKNOWLEDGE",
-    0x02: "DRIVER",
-    0x04: "DRIVER_OK",
-    0x08: "FEATURES_OK",
-    0x10: "SUSPEND",
-    0x20: "STOP",
-    0x40: "DEVICE_NEEDS_RESET",
-    0x80: "FAILED",
-}
 #: a string longer than this is shortened in a table (file handles, long paths)
 _CELL = 40
 
@@ -93,7 +65,11 @@ def breakdown(state: DeviceState, schemas: Mapping[int, Schema] | None = None) -
         vq = str(p.vq_index) if kind is not None and kind.per_queue else ""
         size = f"{PART_HEADER_BYTES}+{len(p.value)}"
         value = values.get(id(p))
-        summary = "(skipped: not understood)" if id(p) not in values else _summary(p, value)
+        summary = (
+            "(skipped: not understood)"
+            if id(p) not in values
+            else _summary(p, value, state.device_type)
+        )
         out.append(f"{p.type:#06x} {name:<15} {vq:>3}  {owner:<19} {size:>11}  {summary}")
         totals[standard][0] += 1
         totals[standard][1] += PART_HEADER_BYTES + len(p.value)
@@ -111,12 +87,11 @@ def breakdown(state: DeviceState, schemas: Mapping[int, Schema] | None = None) -
     return out + details
 
 
-def _summary(p: Part, value: Any) -> str:
+def _summary(p: Part, value: Any, device_type: int) -> str:
     if p.type in (parts.DEV_FEATURES, parts.DRV_FEATURES):
-        names = [_FEATURES.get(b, f"bit {b}") for b in range(value.bit_length()) if value >> b & 1]
-        return f"{value:#x} {' '.join(names)}"
+        return f"{value:#x} {' '.join(feature_words(value, device_type))}"
     if p.type == parts.DEVICE_STATUS:
-        return f"{value:#04x} {' '.join(n for b, n in _STATUS.items() if value & b)}"
+        return f"{value:#04x} {' '.join(status_words(value))}"
     if p.type == parts.VQ_CFG:
         return (
             f"size {value['size']}, {'enabled' if value['enabled'] else 'disabled'}, desc "
