@@ -699,7 +699,6 @@ cdef class _Ring:
         read per buffer (pyring's ``gather`` is the reference)."""
         cdef Py_ssize_t i, n = len(segments)
         cdef uint64_t total = 0, gpa, length
-        cdef int k
         cdef char *p
         for i in range(n):
             total += <uint64_t>segments[i][1]
@@ -710,11 +709,7 @@ cdef class _Ring:
         for i in range(n):
             gpa, length = segments[i]
             if length:
-                k = find(self, gpa, length)
-                if k < 0:
-                    raise GuestMemoryError(
-                        f"access gpa {gpa:#x} len {length:#x} is outside guest RAM")
-                memcpy(p, self.regions[k].data + (gpa - self.regions[k].gpa), length)
+                memcpy(p, self.host(gpa, length, False), length)
                 p += length
         return out, total
 
@@ -723,10 +718,8 @@ cdef class _Ring:
         buffers) front to back, marking the pages written dirty as GuestMemory.write does;
         ValueError (nothing written) when they hold less. pyring's is the reference."""
         cdef Py_ssize_t i, n = len(segments)
-        cdef uint64_t size = len(data), room = 0, off = 0, gpa, length, at, page
+        cdef uint64_t size = len(data), room = 0, off = 0, gpa, length
         cdef const char *src = PyBytes_AS_STRING(data)
-        cdef Region *r
-        cdef int k
         for i in range(n):
             room += <uint64_t>segments[i][1]
         if size > room:
@@ -737,15 +730,7 @@ cdef class _Ring:
             gpa, length = segments[i]
             length = min(length, size - off)
             if length:
-                k = find(self, gpa, length)
-                if k < 0:
-                    raise GuestMemoryError(
-                        f"access gpa {gpa:#x} len {length:#x} is outside guest RAM")
-                r = &self.regions[k]
-                at = gpa - r.gpa
-                memcpy(r.data + at, src + off, length)
-                for page in range(at >> PAGE_SHIFT, ((at + length - 1) >> PAGE_SHIFT) + 1):
-                    r.dirty[page] = 1
+                memcpy(self.host(gpa, length, True), src + off, length)
                 off += length
 
     def readv(self, int fd, list segments, uint64_t start, uint64_t limit, int64_t offset):
@@ -805,15 +790,29 @@ cdef class _Ring:
         finally:
             free(iov)
 
+    cdef uint8_t *host(self, uint64_t gpa, uint64_t length, bint dirty) except NULL:
+        """Where ``length`` (> 0) bytes of guest RAM at ``gpa`` are in this process;
+        ``dirty``: mark their pages, as GuestMemory.write does. GuestMemoryError when they
+        are not all inside one region of RAM."""
+        cdef uint64_t at, page
+        cdef Region *r
+        cdef int k = find(self, gpa, length)
+        if k < 0:
+            raise GuestMemoryError(f"access gpa {gpa:#x} len {length:#x} is outside guest RAM")
+        r = &self.regions[k]
+        at = gpa - r.gpa
+        if dirty:
+            for page in range(at >> PAGE_SHIFT, ((at + length - 1) >> PAGE_SHIFT) + 1):
+                r.dirty[page] = 1
+        return r.data + at
+
     cdef iovec *iovecs(self, list segments, uint64_t start, uint64_t n, int most,
                        bint dirty, int *count) except? NULL:
         """Host iovecs for ``n`` bytes of ``segments`` from byte ``start`` on (fewer when
         the segments hold fewer), at most ``most`` of them; ``dirty``: mark their pages.
         The caller frees the array; GuestMemoryError for a segment outside RAM."""
         cdef Py_ssize_t i
-        cdef uint64_t gpa, length, at, page
-        cdef int k
-        cdef Region *r
+        cdef uint64_t gpa, length
         cdef iovec *iov = <iovec *>malloc(max(len(segments), 1) * sizeof(iovec))
         if iov == NULL:
             raise MemoryError()
@@ -829,16 +828,7 @@ cdef class _Ring:
                 gpa += start
                 length = min(length - start, n)
                 start = 0
-                k = find(self, gpa, length)
-                if k < 0:
-                    raise GuestMemoryError(
-                        f"access gpa {gpa:#x} len {length:#x} is outside guest RAM")
-                r = &self.regions[k]
-                at = gpa - r.gpa
-                if dirty:
-                    for page in range(at >> PAGE_SHIFT, ((at + length - 1) >> PAGE_SHIFT) + 1):
-                        r.dirty[page] = 1
-                iov[count[0]].iov_base = r.data + at
+                iov[count[0]].iov_base = self.host(gpa, length, dirty)
                 iov[count[0]].iov_len = length
                 count[0] += 1
                 n -= length

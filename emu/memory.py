@@ -251,3 +251,20 @@ def _mark(r: Region, off: int, length: int) -> None:
             r.dirty[first] = 1
         else:
             r.dirty[first : last + 1] = 1
+
+
+def span(segments: list[tuple[int, int]], start: int, n: int) -> list[tuple[int, int]]:
+    """Bytes ``start`` to ``start + n`` of a chain's buffers (``segments``, as (gpa,
+    length)) as pieces of guest RAM: fewer bytes when the buffers hold fewer."""
+    out = []
+    for gpa, k in segments:
+        if not n:
+            break
+        if start >= k:
+            start -= k
+            continue
+        take = min(k - start, n)
+        out.append((gpa + start, take))
+        n -= take
+        start = 0
+    return out

@@ -69,7 +69,7 @@ from itertools import islice
 
 import numpy as np
 
-from emu.memory import GuestMemory, GuestMemoryError
+from emu.memory import GuestMemory, GuestMemoryError, span
 from emu.ringdefs import (
     AVAIL_F_NO_INTERRUPT,
     DESC_F_AVAIL,
@@ -193,23 +193,6 @@ class _Segments:
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
-def _span(segments: list[tuple[int, int]], start: int, n: int) -> list[tuple[int, int]]:
-    """Bytes ``start`` to ``start + n`` of ``segments`` as (gpa, length) pieces (fewer
-    when the segments hold fewer)."""
-    out = []
-    for gpa, k in segments:
-        if not n:
-            break
-        if start >= k:
-            start -= k
-            continue
-        take = min(k - start, n)
-        out.append((gpa + start, take))
-        n -= take
-        start = 0
-    return out
-
-
 class _Ring:
     """Construction checks, in-flight bookkeeping and state, shared by both formats."""
 
@@ -312,7 +295,7 @@ class _Ring:
         negative offset (which os.preadv would take as "the file position")."""
         if offset < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        views = [self.mem.view(g, n, write=True) for g, n in _span(segments, start, limit)]
+        views = [self.mem.view(g, n, write=True) for g, n in span(segments, start, limit)]
         return os.preadv(fd, views[:IOV_MAX], offset) if views else 0
 
     def writev(self, fd: int, segments: list[tuple[int, int]], start: int, size: int,
@@ -322,7 +305,7 @@ class _Ring:
         for a negative offset."""
         if offset < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        views = [self.mem.view(g, n) for g, n in _span(segments, start, size)]
+        views = [self.mem.view(g, n) for g, n in span(segments, start, size)]
         done = 0
         for i in range(0, len(views), IOV_MAX):
             part = views[i : i + IOV_MAX]

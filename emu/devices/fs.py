@@ -103,7 +103,7 @@ from emu.devices._chain import (
 )
 from emu.devices.base import DeviceError, VirtioDevice
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
-from emu.memory import GuestMemoryError
+from emu.memory import GuestMemoryError, span
 from emu.queue import Gate, Virtqueue
 from emu.state.format import StateError
 from emu.state.schema import Bool, Field, Int, List, Map, Nullable, Obj, Schema, Str
@@ -521,7 +521,7 @@ class FsDevice(VirtioDevice):
         """Bytes ``start`` to ``start + n`` of the readable buffers (the caller checked
         that they hold that many): one read when a buffer holds them all, as the in
         header and each argument of a Linux request do."""
-        pieces = _pieces(segments, start, n)
+        pieces = span(segments, start, n)
         if len(pieces) == 1:
             return self.mem.read(*pieces[0])
         return b"".join([self.mem.read(gpa, k) for gpa, k in pieces])
@@ -931,23 +931,6 @@ def _length(segments: list[tuple[int, int]]) -> int:
     for _, k in segments:
         n += k
     return n
-
-
-def _pieces(segments: list[tuple[int, int]], start: int, n: int) -> list[tuple[int, int]]:
-    """Bytes ``start`` to ``start + n`` of a chain's buffers as (gpa, length) pieces;
-    the caller checked that the buffers hold them."""
-    out = []
-    for gpa, k in segments:
-        if start >= k:
-            start -= k
-            continue
-        if not n:
-            break
-        take = min(k - start, n)
-        out.append((gpa + start, take))
-        n -= take
-        start = 0
-    return out
 
 
 def _ns(sec: int, nsec: int) -> int:
