@@ -226,16 +226,23 @@ def _console(d: dict) -> list[str]:
         f"{d['cols']}x{d['rows']}, {len(ports)} of {d['max_ports']} ports, "
         f"{len(d['ctrl_out'])} control messages waiting"
     ]
-    for p in ports[:_ROWS]:
-        waiting = len(base64.b64decode(p["input"]))
-        name = f" {p['name']!r}" if p["name"] else ""
-        out.append(
-            f"port {p['id']}{name}: {'open' if p['guest_open'] else 'closed'} in the guest, "
-            f"{'open' if p['host_open'] else 'closed'} on the host, "
-            f"{waiting} bytes of input waiting"
-        )
-    if len(ports) > _ROWS:
-        out.append(f"(+{len(ports) - _ROWS} more ports)")
+    return out + _rows(ports, _port, "ports")
+
+
+def _port(p: dict) -> str:
+    name = f" {p['name']!r}" if p["name"] else ""
+    return (
+        f"port {p['id']}{name}: {'open' if p['guest_open'] else 'closed'} in the guest, "
+        f"{'open' if p['host_open'] else 'closed'} on the host, "
+        f"{len(base64.b64decode(p['input']))} bytes of input waiting"
+    )
+
+
+def _rows(items: list[dict], line: Callable[[dict], str], what: str) -> list[str]:
+    """A line per item, the first ``_ROWS`` of them: a summary stays a screen long."""
+    out = [line(x) for x in items[:_ROWS]]
+    if len(items) > _ROWS:
+        out.append(f"(+{len(items) - _ROWS} more {what})")
     return out
 
 
@@ -254,14 +261,14 @@ def _vsock(d: dict) -> list[str]:
         f"bytes; {_plural(len(conns), 'connection')} at the save"
         + (" (they do not move: the guest sees them reset)" if conns else "")
     ]
-    for c in conns[:_ROWS]:
-        out.append(
-            f"{c['type']} port {c['local_port']} <-> {c['peer_port']}, {c['state']}, opened "
-            f"by the {'guest' if c['by_guest'] else 'host'}, {c['held_bytes']} bytes held"
-        )
-    if len(conns) > _ROWS:
-        out.append(f"(+{len(conns) - _ROWS} more connections)")
-    return out
+    return out + _rows(conns, _conn, "connections")
+
+
+def _conn(c: dict) -> str:
+    return (
+        f"{c['type']} port {c['local_port']} <-> {c['peer_port']}, {c['state']}, opened "
+        f"by the {'guest' if c['by_guest'] else 'host'}, {c['held_bytes']} bytes held"
+    )
 
 
 def _fs(d: dict) -> list[str]:
