@@ -15,6 +15,7 @@ The ring core already refused segments outside guest RAM; these helpers still go
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, NamedTuple, TypeVar
 
@@ -248,6 +249,35 @@ class Unpublished(Generic[T]):
             for h in old.heads:
                 if self._by_head.get(h) is old:
                     del self._by_head[h]
+
+
+def serve_output(
+    q: Virtqueue,
+    batch_size: int,
+    out: Unpublished[int],
+    sent: set[int],
+    act: Callable[[Chain], None],
+) -> None:
+    """Serve a queue of output chains (net tx, console tx) until the driver has no more,
+    ``act`` on each once. A chain acted on whose used entry a report stop kept back is in
+    ``sent`` (``out`` settled at the stop): handed out again, it is only completed."""
+    while True:
+        q.set_kicks(False)
+        while len(batch := q.pop(batch_size)):
+            out.popped(batch.heads.tolist())
+            done = 0
+            for c in chains(batch):
+                if abandoning(q):  # report stop: the rest stays in flight, not acted on
+                    break
+                if c.head in sent:
+                    sent.discard(c.head)
+                else:
+                    act(c)
+                out.record([c.head], c.head)
+                done += 1
+            q.push(batch.heads[:done], [0] * done)
+        if not q.set_kicks(True):
+            return
 
 
 def inflight_heads(q: Virtqueue) -> list[int]:

@@ -34,11 +34,11 @@ from emu.devices import _persist
 from emu.devices._chain import (
     Chain,
     Unpublished,
-    abandoning,
     chains,
     gather,
     inflight_heads,
     scatter,
+    serve_output,
 )
 from emu.devices.base import VirtioDevice
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
@@ -295,23 +295,7 @@ class ConsoleDevice(VirtioDevice):
 
     def _serve_tx(self, q: Virtqueue, port: Port) -> None:
         out, sent = self._tx_out[port.id], self._tx_sent[port.id]
-        while True:
-            q.set_kicks(False)
-            while len(batch := q.pop(BATCH)):
-                out.popped(batch.heads.tolist())
-                done = 0
-                for c in chains(batch):
-                    if abandoning(q):  # report stop: the rest stays in flight, unwritten
-                        break
-                    if c.head in sent:  # written before a stop; only the completion is owed
-                        sent.discard(c.head)
-                    else:
-                        self._write_out(port, c)
-                    out.record([c.head], c.head)
-                    done += 1
-                q.push(batch.heads[:done], [0] * done)
-            if not q.set_kicks(True):
-                return
+        serve_output(q, BATCH, out, sent, lambda c: self._write_out(port, c))
 
     def _write_out(self, port: Port, c: Chain) -> None:
         data = gather(self.mem, c, TX_MAX)

@@ -34,11 +34,11 @@ from emu.devices import _persist, net_ctrl
 from emu.devices._chain import (
     Chain,
     Unpublished,
-    abandoning,
     chains,
     gather,
     inflight_heads,
     scatter,
+    serve_output,
 )
 from emu.devices.base import VirtioDevice
 from emu.devices.net_ctrl import MAC_TABLE_ENTRIES, RX_MODE, RxFilter
@@ -379,24 +379,7 @@ class NetDevice(VirtioDevice):
 
     def _serve_tx(self, q: Virtqueue) -> None:
         pair = q.index // 2
-        out, sent = self._tx_out[pair], self._tx_sent[pair]
-        while True:
-            q.set_kicks(False)
-            while len(batch := q.pop(BATCH)):
-                out.popped(batch.heads.tolist())
-                done = 0
-                for c in chains(batch):
-                    if abandoning(q):  # report stop: the rest stays in flight, unsent
-                        break
-                    if c.head in sent:  # sent before a stop; only the completion is owed
-                        sent.discard(c.head)
-                    else:
-                        self._transmit(c)
-                    out.record([c.head], c.head)
-                    done += 1
-                q.push(batch.heads[:done], [0] * done)
-            if not q.set_kicks(True):
-                return
+        serve_output(q, BATCH, self._tx_out[pair], self._tx_sent[pair], self._transmit)
 
     def _transmit(self, chain: Chain) -> None:
         # the header is not looked at: no CSUM/HOST_TSO is offered, and a legacy GSO
