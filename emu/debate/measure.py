@@ -278,7 +278,7 @@ class VhostCase(Case):
         self.dev.close()
 
 
-def _wait_in_flight(case: Case, start_used: int, depth: int) -> None:
+def wait_in_flight(case: Case, start_used: int, depth: int) -> None:
     """Until each of the ``depth`` requests is published or held by the queue's deferred
     (a real backend: outstanding at the engine, or answered and not yet published)."""
     q = case.dev.queues[0]
@@ -304,7 +304,7 @@ def measure(
                     be.cold()
                 start = case.dev.queues[0].state().next_used
                 tokens = case.submit(depth, op, rep)
-                _wait_in_flight(case, start, depth)
+                wait_in_flight(case, start, depth)
                 held.append(case.at_engine())
                 samples.append(case.stop(iface))
                 case.resume(iface)
