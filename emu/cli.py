@@ -14,6 +14,7 @@ COMMANDS = {
     "guest": "guest",
     "state": "state",
     "balloon": "balloon",
+    "bench": "bench",
 }
 
 

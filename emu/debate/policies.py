@@ -3,7 +3,8 @@
 The thread's question: must a device finish its in-flight requests before it says
 "stopped" (drain; what virtio 1.4 SUSPEND does), or may it stop at once and report them
 (the STOP bit's idea)? Measured on real backends: io_uring on a file in /dev/shm
-(``tmpfs``, latency ~0) and NBD on nbdkit with its delay filter at each latency of
+(``tmpfs``, latency ~0; the full run adds a disk-backed file with reads made cold,
+``disk``) and NBD on nbdkit with its delay filter at each latency of
 ``Plan.latencies_ms``. ``depth`` requests are outstanding at the backend when the stop
 comes. Interfaces: the VMM-side stop (what a migration uses) and, in the full run,
 vhost-user GET_VRING_BASE.
@@ -25,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from emu.debate.measure import QUEUE, make_disk
+from emu.debate.measure import QUEUE, disk_dir, make_disk
 from emu.debate.stops import Cell, run_cells
 from emu.devices.blk import BlkDevice
 from emu.memory import GuestMemory
@@ -41,16 +42,21 @@ class Plan:
     depth: int
     reps: int
     interfaces: tuple[str, ...]
+    files: tuple[str, ...]  # io_uring backends beside tmpfs ("disk": cold reads from a disk)
 
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls((0, 2, 10), 64, 5, ("vmm",))
-        return cls((0, 1, 2, 5, 10), 128, 25, ("vmm", "vhost-user"))
+            return cls((0, 1, 2, 5, 10), 128, 10, ("vmm", "vhost-user"), ())
+        return cls(
+            (0, 1, 2, 5, 10), 128, 25, ("vmm", "vhost-user"), ("disk",) if disk_dir() else ()
+        )
 
     def backends(self) -> list[tuple[str, float]]:
-        """(backend name, its latency in ms): tmpfs first, then NBD at each latency."""
-        return [("tmpfs", 0.0)] + [(f"nbd{ms:g}ms", float(ms)) for ms in self.latencies_ms]
+        """(backend name, its added latency in ms): io_uring files (none added: the
+        disk's own), then NBD at each latency."""
+        files = [("tmpfs", 0.0)] + [(name, 0.0) for name in self.files]
+        return files + [(f"nbd{ms:g}ms", float(ms)) for ms in self.latencies_ms]
 
 
 def cells(plan: Plan) -> list[Cell]:

@@ -7,7 +7,9 @@ blk device with requests in flight (``report``: executed, their used entries hel
 so they are in flight at the stop) or drained (``drain``), saves it, restores it into a
 device of the other kind, and checks what the guest sees: every request completes once
 with status OK, reads return what was written, the disk holds the writes, and a new
-request goes through afterwards. The pairs:
+request goes through afterwards.
+
+The pairs:
 
 * ring core: the native one (``emu._ring``, Cython) and the pure-Python one
   (``emu.pyring``), both ways, split and packed rings;

@@ -106,7 +106,7 @@ class Plan:
     @classmethod
     def make(cls, quick: bool) -> Plan:
         if quick:
-            return cls("nbd1ms", (0, 32, 128), 5, 4, 32)
+            return cls("nbd1ms", (0, 16, 64, 128), 10, 4, 32)
         return cls("nbd1ms", (0, 8, 32, 64, 128), 25, 8, 32)
 
 
