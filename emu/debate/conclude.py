@@ -125,8 +125,12 @@ def policies(b: dict) -> list[str]:
         f"At {top:g} ms backend latency with reads outstanding, a report stop took {us(rr)}: "
         f"{compare(rr, rd)} drain's {us(rd)}.",
         f"With writes outstanding report took {us(wr)} against drain's {us(wd)}: the write "
-        f"fence cost {us(f)}, {100 * f / (top * 1000):.0f}% of the backend's latency, so for "
-        f"writes report saved {us(wd - wr)}.",
+        f"fence cost {us(f)}, {100 * f / (top * 1000):.0f}% of the backend's latency, so "
+        + (
+            f"for writes report saved {us(wd - wr)}."
+            if not compare(wr, wd).startswith("about")
+            else f"for writes report saved nothing worth the name ({us(wd - wr)})."
+        ),
     ]
     lo = f"nbd{min(nbd):g}ms"
     out.append(

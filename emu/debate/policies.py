@@ -48,9 +48,8 @@ class Plan:
     def make(cls, quick: bool) -> Plan:
         if quick:
             return cls((0, 1, 2, 5, 10), 128, 10, ("vmm", "vhost-user"), ())
-        return cls(
-            (0, 1, 2, 5, 10), 128, 25, ("vmm", "vhost-user"), ("disk",) if disk_dir() else ()
-        )
+        files = ("disk",) if disk_dir() else ()
+        return cls((0, 1, 2, 3, 5, 7, 10), 128, 50, ("vmm", "vhost-user"), files)
 
     def backends(self) -> list[tuple[str, float]]:
         """(backend name, its added latency in ms): io_uring files (none added: the
@@ -142,6 +141,6 @@ def run(quick: bool) -> dict:
     latency = {name: ms for name, ms in plan.backends()}
     for r in rows:
         r["latency_ms"] = latency[r["backend"]]
-    state = save_restore(5 if quick else 25)
+    state = save_restore(5 if quick else 50)
     fences, downtime = derive(plan, rows, state)
     return dict(plan=asdict(plan), stops=rows, state_cost=state, fence=fences, downtime=downtime)

@@ -107,7 +107,7 @@ class Plan:
     def make(cls, quick: bool) -> Plan:
         if quick:
             return cls("nbd1ms", (0, 16, 64, 128), 10, 4, 32)
-        return cls("nbd1ms", (0, 8, 32, 64, 128), 25, 8, 32)
+        return cls("nbd1ms", (0, 4, 16, 32, 64, 96, 128), 50, 8, 32)
 
 
 def cells(plan: Plan) -> list[Cell]:
