@@ -17,6 +17,7 @@ COMMANDS = {
     "guest": "guest",
     "state": "state",
     "balloon": "balloon",
+    "bench": "bench",
 }
 
 
