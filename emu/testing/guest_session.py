@@ -69,7 +69,7 @@ class GuestParam:
         if self.policy not in ("drain", "report"):
             raise ValueError(f"policy {self.policy!r} (drain or report)")
         for spec in self.extra:
-            registry.parse_spec(spec)  # a SpecError names what is wrong
+            registry.get(registry.parse_spec(spec).kind)  # a SpecError names what is wrong
 
     @classmethod
     def parse(cls, spec: str | GuestParam | dict | None) -> GuestParam:
