@@ -290,25 +290,20 @@ class EmuGuest:
             raise GuestError(f"emu serve exited with status {proc.returncode}:\n{text}")
 
     def _boot(self, restore: Path | None = None) -> None:
-        p = self.param
-        devices = self._devices(restore)
-        script = base64.b64encode(SHELL.encode()).decode()
-        append = kernel_args(["script"], {"script": script}, True)
-        if p.kind == "uml":
-            cmd = uml.command(self.image, devices, append, p.mem_mib)
-        else:
-            self._qmp_path.unlink(missing_ok=True)
-            incoming = None if restore is None else f"exec:cat {restore / 'vm.mig'}"
-            cmd = vm.qemu_command(
-                self.image, devices, self._qmp_path, append, p.mem_mib, incoming=incoming
-            )
-        proc = start(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        """Backends, then the guest; up to its shell's READY, or (``restore``) running on
+        from the snapshot."""
+        proc = start(
+            self._command(self._devices(restore), restore),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self._proc = proc
         self._stack.callback(self._reap, proc)
         assert proc.stdin is not None and proc.stdout is not None
         self._console = Console(proc.stdin, proc.stdout)
-        if p.kind == "microvm":
-            self._qmp = vm.Qmp(self._qmp_path)
+        if self.param.kind == "microvm":
+            self._qmp = self._connect_qmp(proc)
         if restore is None:
             self._console.wait_for(_READY, 0, BOOT_TIMEOUT)
             return
@@ -319,6 +314,34 @@ class EmuGuest:
             BOOT_TIMEOUT,
         )
         qmp.execute("cont")
+
+    def _command(self, devices: list[Device], restore: Path | None) -> list[str]:
+        p = self.param
+        script = base64.b64encode(SHELL.encode()).decode()
+        append = kernel_args(["script"], {"script": script}, True)
+        if p.kind == "uml":
+            return uml.command(self.image, devices, append, p.mem_mib)
+        self._qmp_path.unlink(missing_ok=True)
+        incoming = None if restore is None else f"exec:cat {restore / 'vm.mig'}"
+        return vm.qemu_command(
+            self.image, devices, self._qmp_path, append, p.mem_mib, incoming=incoming
+        )
+
+    def _connect_qmp(self, proc: subprocess.Popen) -> vm.Qmp:
+        """QMP, or a GuestError at once with QEMU's complaint if QEMU ends (a refused
+        argument ends it right after it opened the QMP socket)."""
+        vm.wait_until(
+            lambda: self._qmp_path.exists() or proc.poll() is not None, "QMP", BOOT_TIMEOUT
+        )
+        try:
+            if proc.poll() is not None:
+                raise ConnectionError("no QMP socket")
+            return vm.Qmp(self._qmp_path)
+        except OSError as e:  # ConnectionError included
+            assert self._console is not None
+            self._console.close()  # every line QEMU printed is in
+            status = proc.wait(10)
+            raise GuestError(f"QEMU failed ({e}), status {status}:\n{self._tail()}") from None
 
     def _reap(self, proc: subprocess.Popen) -> None:
         if self._qmp is not None:
