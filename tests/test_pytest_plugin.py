@@ -9,7 +9,6 @@ and a restore).
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -124,11 +123,9 @@ def test_fixture_param(emu_guest):
 '''
 
 
-def plugin_args() -> list[str]:
-    """``-p`` the plugin when this environment's emu was installed without its entry
-    point (an older install of this tree); with it, ``-p`` would register it twice."""
-    eps = importlib.metadata.entry_points(group="pytest11", name="emu")
-    return [] if eps else ["-p", "emu.testing.pytest_plugin"]
+#: the plugin from this tree, whether or not this environment's emu was installed with its
+#: entry point (with it, a bare -p of the module would register the plugin twice)
+PLUGIN = ["-p", "no:emu", "-p", "emu.testing.pytest_plugin"]
 
 
 def run_suite(
@@ -170,7 +167,7 @@ def test_fixtures_do_io_and_markers_skip_with_the_reason(suite: Path, tmp_path: 
     """With no QEMU on PATH and no usable TMPDIR, the guest tests skip and say why;
     every device type does I/O in every ring format on every ring core."""
     env = source_env(PATH=str(tmp_path), TMPDIR=str(tmp_path / "missing"))
-    outcomes, out = run_suite(suite, tmp_path, env, *plugin_args())
+    outcomes, out = run_suite(suite, tmp_path, env, *PLUGIN)
     devices = {n: o for n, o in outcomes.items() if n.startswith("test_every_device")}
     assert len(devices) == 28, out
     assert all(o == ("passed", "") for o in devices.values()), out
@@ -185,7 +182,7 @@ def test_fixtures_do_io_and_markers_skip_with_the_reason(suite: Path, tmp_path: 
 def test_emu_guests_option_skips_all_or_requires(suite: Path, tmp_path: Path):
     env = source_env(PATH=str(tmp_path))
     names = ["test_marker_microvm", "test_marker_uml", "test_fixture_param[microvm]"]
-    select = ["-k", "marker or fixture_param", *plugin_args()]
+    select = ["-k", "marker or fixture_param", *PLUGIN]
     outcomes, out = run_suite(suite, tmp_path, env, "--emu-guests=skip", *select)
     for name in names:
         assert outcomes[name] == ("skipped", "guest tests are off (--emu-guests=skip)"), out
