@@ -154,12 +154,33 @@ def source_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
+CLEANUP = """
+import json, os, pathlib
+import pytest
+
+SEEN = pathlib.Path(__file__).with_name("seen.json")
+
+
+@pytest.mark.emu_guest(kind="uml")
+def test_a_guest_test_fails(emu_guest):
+    SEEN.write_text(json.dumps([emu_guest.pid, str(emu_guest.dir)]))
+    assert emu_guest.run("echo in the guest") == (0, "in the guest\\n")
+    raise AssertionError("the test fails")
+
+
+def test_its_guest_is_gone():
+    pid, workdir = json.loads(SEEN.read_text())
+    assert not os.path.exists(f"/proc/{pid}") and not os.path.exists(workdir)
+"""
+
+
 @pytest.fixture
 def suite(tmp_path: Path) -> Path:
     d = tmp_path / "suite"
     d.mkdir()
     (d / "pytest.ini").write_text("[pytest]\n")
     (d / "test_suite.py").write_text(textwrap.dedent(SUITE))
+    (d / "test_cleanup.py").write_text(textwrap.dedent(CLEANUP))
     return d
 
 
@@ -189,6 +210,17 @@ def test_emu_guests_option_skips_all_or_requires(suite: Path, tmp_path: Path):
     outcomes, out = run_suite(suite, tmp_path, env, "--emu-guests=require", *select)
     assert outcomes["test_marker_microvm"][0] == "error", out  # failed in setup
     assert "--emu-guests=require, but qemu-system-x86_64" in out, out
+
+
+def test_a_failing_guest_test_leaves_no_guest(suite: Path, tmp_path: Path):
+    """One UML boot: the test fails, its guest is ended at teardown all the same (the
+    next test sees neither its process nor its directory), and its console is shown."""
+    if (why := unavailable(GuestParam("uml"))) is not None:
+        pytest.skip(why)
+    outcomes, out = run_suite(suite / "test_cleanup.py", tmp_path, source_env(), *PLUGIN)
+    assert outcomes["test_a_guest_test_fails"] == ("failure", "AssertionError: the test fails")
+    assert outcomes["test_its_guest_is_gone"] == ("passed", ""), out
+    assert "--- emu uml-emu guest console" in out and "EMU-SHELL-READY" in out, out
 
 
 def test_uml_has_no_snapshot():

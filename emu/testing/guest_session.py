@@ -146,6 +146,11 @@ class EmuGuest:
     # -- what a test does --
 
     @property
+    def pid(self) -> int | None:
+        """The guest's process (its reaper: ending it ends everything the guest started)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
