@@ -21,6 +21,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -188,9 +189,10 @@ class EmuGuest:
         for old in self.state_dir.glob("*.state"):
             old.unlink()
         qmp.execute("stop")
-        qmp.execute("migrate", uri=f"exec:cat > {out / 'vm.mig'}")
+        qmp.execute("migrate", uri=f"exec:cat > {shlex.quote(str(out / 'vm.mig'))}")
         info = self._wait_migration(qmp)
         if info.get("status") != "completed":
+            qmp.execute("cont")  # the guest runs on as it was
             raise GuestError(f"snapshot failed: {info}\n{self._tail()}")
         for sock in self._sockets:  # written by emu serve at the stop
             saved = self.state_dir / f"{sock.name}.state"
@@ -327,7 +329,7 @@ class EmuGuest:
         if p.kind == "uml":
             return uml.command(self.image, devices, append, p.mem_mib)
         self._qmp_path.unlink(missing_ok=True)
-        incoming = None if restore is None else f"exec:cat {restore / 'vm.mig'}"
+        incoming = None if restore is None else f"exec:cat {shlex.quote(str(restore / 'vm.mig'))}"
         return vm.qemu_command(
             self.image, devices, self._qmp_path, append, p.mem_mib, incoming=incoming
         )
