@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,15 @@ from modes import wait_until
 
 from emu.devices.blk import CONFIG_WRITEBACK, S_OK, SECTOR, T_IN, T_OUT, BlkDevice
 from emu.devices.rng import RngDevice
+from emu.memory import GuestMemory
 from emu.state import parts
-from emu.state.format import Part, decode, encode
+from emu.state.format import DeviceState, Part, StateError, decode, encode
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.delay import hold_completions
+from emu.testing.driver import VirtioMmioDriver
 from emu.testing.vhost_user import VhostUserDriver
+from emu.transport.mmio import MmioTransport
+from emu.vhost_user import device_state
 from emu.vhost_user.backend import VhostUserServer
 from emu.vhost_user.device_state import StateFiles
 from emu.vhost_user.frontend import FrontendError, connect
@@ -489,3 +493,31 @@ def test_hostile_dirty_log_closes_the_connection(disk: Path, tmp_path: Path, bad
         finally:
             fe2.close()
         assert server.connections == 2
+
+
+def test_a_state_saved_behind_virtio_mmio_loads_behind_vhost_user(disk: Path) -> None:
+    """virtio-mmio's TRANSPORT part (its registers, optional) is another transport's to
+    the vhost-user loader: skipped, so a device moves between transports as saved. A
+    TRANSPORT part marked required is still refused: it says the state needs it."""
+    mem = GuestMemory.create(IMAGE)
+    src, dst = BlkDevice(str(disk)), BlkDevice(str(disk))
+    try:
+        tr = MmioTransport(src, mem)
+        blk = BlkDriver.open(VirtioMmioDriver(tr, mem))
+        blk.submit(T_OUT, 0, block(1))
+        blk.wait(0, 1)
+        tr.vmm_stop("report")
+        state = tr.save()
+        assert [p.optional for p in state.find(parts.TRANSPORT)] == [True]
+        loaded = device_state.check(dst, state)
+        assert 0 in loaded.rings and loaded.rings[0][0].next_used == 1
+        required = DeviceState(
+            state.device_type,
+            [replace(p, flags=0) if p.type == parts.TRANSPORT else p for p in state.parts],
+        )
+        with pytest.raises(StateError, match="TRANSPORT"):
+            device_state.check(dst, required)
+    finally:
+        src.close()
+        dst.close()
+        mem.close()

@@ -14,6 +14,7 @@ the restorer applies.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,9 @@ from emu.memory import GuestMemory, GuestMemoryError
 from emu.ringdefs import F_RING_PACKED, MAX_PACKED_SIZE, MAX_SPLIT_SIZE, InflightChain, RingState
 from emu.state import parts
 from emu.state.format import DeviceState, StateError
-from emu.state.schema import Schema
+from emu.state.schema import Const, Schema
+
+log = logging.getLogger(__name__)
 
 Ring = tuple[RingState, list[InflightChain]]
 
@@ -70,6 +73,7 @@ def check(state: DeviceState, target: Target) -> Checked:
     schemas = {dev_part: target.schema}
     if target.transport is not None:
         schemas[parts.TRANSPORT] = target.transport
+        state = _own_transport(state, target.transport)
     single: dict[int, Any] = {}
     per_queue: dict[int, dict[int, Any]] = {t: {} for t in _PER_QUEUE}
     for p, value in parts.parse(state, schemas):
@@ -115,6 +119,29 @@ def check(state: DeviceState, target: Target) -> Checked:
         device=single[dev_part],
         transport=single.get(parts.TRANSPORT),
     )
+
+
+def _own_transport(state: DeviceState, schema: Schema) -> DeviceState:
+    """``state`` without an optional TRANSPORT part that another transport wrote: a device
+    saved behind virtio-mmio and restored behind vhost-user (or back) carries the other
+    side's registers, which this transport has no use for; a required one is refused by
+    the check as any part it cannot read."""
+    own = schema.fields.get("transport")
+    if not isinstance(own, Const):
+        return state
+    kept = []
+    for p in state.parts:
+        if p.type == parts.TRANSPORT and p.optional:
+            try:
+                ((_, value),) = parts.parse(DeviceState(state.device_type, [p], state.flags))
+            except StateError:
+                value = None  # the check reports what is wrong with it
+            other = value.get("transport") if isinstance(value, dict) else None
+            if isinstance(other, str) and other != own.value:
+                log.info("state: the TRANSPORT part of %r is not read by %r", other, own.value)
+                continue
+        kept.append(p)
+    return DeviceState(state.device_type, kept, state.flags)
 
 
 #: ring areas (descriptors, driver, device): alignment and size for a ring of n
