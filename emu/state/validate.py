@@ -132,10 +132,11 @@ def _own_transport(state: DeviceState, schema: Schema) -> DeviceState:
     kept = []
     for p in state.parts:
         if p.type == parts.TRANSPORT and p.optional:
-            try:
-                ((_, value),) = parts.parse(DeviceState(state.device_type, [p], state.flags))
+            try:  # (an optional part of a version not read here decodes to nothing)
+                found = parts.parse(DeviceState(state.device_type, [p], state.flags))
             except StateError:
-                value = None  # the check reports what is wrong with it
+                found = []  # the check reports what is wrong with it
+            value = found[0][1] if found else None
             other = value.get("transport") if isinstance(value, dict) else None
             if isinstance(other, str) and other != own.value:
                 log.info("state: the TRANSPORT part of %r is not read by %r", other, own.value)
