@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from modes import wait_until
 
 from emu.backends import balloon_control
 from emu.backends.balloon_control import MAX_CLIENTS, MAX_LINE, ControlServer
@@ -69,6 +70,9 @@ def controlled(tmp_path: Path) -> Iterator[tuple[BalloonDevice, BalloonDriver, s
     dev = BalloonDevice(control=ControlServer(path))
     try:
         bd = BalloonDriver.open(VirtioMmioDriver(MmioTransport(dev, mem), mem))
+        # the first figures are in before a test asks (under load they could arrive
+        # after a stats command and be taken as its fresh answer)
+        wait_until(lambda: dev.stats()["age_s"] is not None, BOUND_S)
         yield dev, bd, path
     finally:
         dev.close()
