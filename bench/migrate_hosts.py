@@ -3,7 +3,7 @@
 The hosts are network namespaces on one switch (emu/guest/netns.py): a storage host with
 nbdkit's file plugin serving the disk image over NBD on TCP, a source and a destination
 host each with a vhost-user-blk backend on that NBD export and a QEMU 7.2 microvm (TCG)
-on it (emu/guest/hostmig.py). The guest runs the ``livemig`` workload and moves from the
+on it (emu/testing/hostmig.py). The guest runs the ``livemig`` workload and moves from the
 source to the destination over TCP, as tests/test_guest_hosts.py does: the first pass
 over RAM at ``--bandwidth``, held while the guest fills its page cache, then QEMU's
 default 300 ms downtime limit until it converges. Backends, on both hosts: ``emu serve
@@ -17,9 +17,11 @@ total time; and the backend's part of the downtime from QEMU's own vhost-user tr
 which under drain waits for the requests still at the storage host). A run passes when
 the migration completed, every process ran on its host and the destination guest's and
 the image's data checks found nothing. Figures are medians over the passed runs, the
-backends in turns (emu drain, emu report, qsd, emu drain, ...).
+backends in turns (emu drain, emu report, qsd, emu drain, ...). ``--storage-delay MS``
+puts nbdkit's delay filter in front of the file: every NBD read and write waits MS on the
+storage host, a slower storage network than the switch's (which adds next to nothing).
 
-    .venv/bin/python bench/migrate_hosts.py [--runs 5]
+    .venv/bin/python bench/migrate_hosts.py [--runs 5] [--storage-delay 5]
 
 Prints a table and ``name value unit`` lines; the headline ratio takes the worse of
 emu's two policies: ``hosts_migration_downtime_emu_over_qsd``.
@@ -35,8 +37,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from emu.guest import build_image, hostmig, qsd
+from emu.guest import build_image, qsd
 from emu.guest.netns import Network, netns_missing
+from emu.testing import hostmig
 from emu.testing.nbdkit import nbdkit_missing
 
 FAILED = {
@@ -60,14 +63,14 @@ def ratio(values: list[float], base: float) -> float:
     return max(values) / base
 
 
-def one(kind: str, image, bandwidth: int) -> dict:
+def one(kind: str, image, bandwidth: int, delay_ms: float) -> dict:
     """One run on fresh hosts; a failure is a failed run, with its first line printed."""
     try:
         with (
             Network(hostmig.HOSTS) as net,
             tempfile.TemporaryDirectory(prefix="emu-hosts-") as tmp,
         ):
-            r = hostmig.one_run(kind, image, net, Path(tmp), bandwidth)
+            r = hostmig.one_run(kind, image, net, Path(tmp), bandwidth, delay_ms)
     except (AssertionError, RuntimeError, TimeoutError, OSError) as e:
         print(f"# {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         return dict(FAILED)
@@ -80,6 +83,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5, help="runs per backend")
     ap.add_argument("--bandwidth", type=int, default=16 << 20, help="bytes/s, first pass")
+    ap.add_argument(
+        "--storage-delay",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="each NBD read and write waits MS first (nbdkit's delay filter)",
+    )
     args = ap.parse_args()
     for why in (netns_missing(), nbdkit_missing()):
         if why is not None:
@@ -89,7 +99,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(args.runs):
         for kind in kinds:
-            r = one(kind, image, args.bandwidth)
+            r = one(kind, image, args.bandwidth, args.storage_delay)
             runs[kind].append(r)
             print(
                 f"# {kind} run {i + 1}/{args.runs}: downtime {r['downtime_ms']:.0f} ms, "
@@ -126,6 +136,7 @@ def main() -> None:
             base = median(ok["qsd"], key)
             print(f"hosts_migration_{label}_emu_over_qsd {ratio(emu, base):.2f} ratio")
     print(f"hosts_migration_runs {args.runs} runs")
+    print(f"hosts_migration_storage_delay {args.storage_delay:g} ms")
 
 
 if __name__ == "__main__":

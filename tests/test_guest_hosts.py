@@ -1,4 +1,4 @@
-"""Live migration between hosts with the disk on network storage (emu/guest/hostmig.py).
+"""Live migration between hosts with the disk on network storage (emu/testing/hostmig.py).
 
 The hosts are network namespaces on one switch (emu/guest/netns.py): a storage host runs
 nbdkit over the disk image, a source and a destination host each run ``emu serve`` on
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from emu.guest import GuestImage, hostmig, livemig
+from emu.guest import GuestImage, livemig
 from emu.guest.netns import PREFIX, Network, in_host, netns_missing, sweep_stale
+from emu.testing import hostmig
 
 #: as tests/test_guest_live.py: QEMU's first pass over 256 MiB takes a few seconds
 BANDWIDTH = 16 << 20

@@ -41,9 +41,18 @@ def nbd_uri(storage: Host) -> str:
 
 
 @contextmanager
-def nbd_server(storage: Host, disk: Path, tmp: Path) -> Iterator[Nbdkit]:
-    """nbdkit on the storage host: the image over NBD on its address."""
-    srv = Nbdkit(tmp / "nbd", ["file", f"file={disk}"], port=NBD_PORT, address=storage.address)
+def nbd_server(storage: Host, disk: Path, tmp: Path, delay_ms: float = 0) -> Iterator[Nbdkit]:
+    """nbdkit on the storage host: the image over NBD on its address; ``delay_ms``: each
+    read and write waits that long first (nbdkit's delay filter: a slower storage host,
+    since the switch itself adds next to nothing)."""
+    delay = {"filters": ["delay"], "params": [f"rdelay={delay_ms}ms", f"wdelay={delay_ms}ms"]}
+    srv = Nbdkit(
+        tmp / "nbd",
+        ["file", f"file={disk}"],
+        port=NBD_PORT,
+        address=storage.address,
+        **(delay if delay_ms else {}),
+    )
     with storage.entered():
         srv.start()
     try:
@@ -105,7 +114,14 @@ def problems(results: dict[str, str], disk: Path) -> list[str]:
     return found
 
 
-def one_run(kind: str, image: GuestImage, net: Network, tmp: Path, bandwidth: int) -> dict:
+def one_run(
+    kind: str,
+    image: GuestImage,
+    net: Network,
+    tmp: Path,
+    bandwidth: int,
+    storage_delay_ms: float = 0,
+) -> dict:
     """One live migration src -> dst with ``kind``'s backends; its figures and checks.
 
     ``downtime_ms``, ``final_pass_pages``, ``passes``, ``total_s`` from QEMU's last
@@ -122,7 +138,7 @@ def one_run(kind: str, image: GuestImage, net: Network, tmp: Path, bandwidth: in
     transcript: list[str] = []
     out: dict = {"passed": False, "problems": ["the migration did not complete"]}
     with ExitStack() as stack:
-        storage = stack.enter_context(nbd_server(net["storage"], disk, tmp))
+        storage = stack.enter_context(nbd_server(net["storage"], disk, tmp, storage_delay_ms))
         pids = {"src": backend(stack, kind, net["src"], src, uri, state, dest=False)}
         with net["src"].entered():
             guest = src.guest(transcript, trace=True)
