@@ -24,9 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from emu.backends import _nbd
 from emu.guest import GuestImage, livemig
 from emu.guest.netns import PREFIX, Network, in_host, netns_missing, sweep_stale
 from emu.testing import hostmig
+from emu.testing.nbdkit import nbdkit_missing
 
 #: as tests/test_guest_live.py: QEMU's first pass over 256 MiB takes a few seconds
 BANDWIDTH = 16 << 20
@@ -89,10 +91,38 @@ def test_a_failed_run_leaves_no_namespace_and_a_crashed_one_is_swept(hosts_possi
         subprocess.run(["ip", "netns", "delete", stale], capture_output=True)
 
 
+def test_storage_host_serves_the_file_as_it_is_now(hosts_possible: None, tmp_path: Path) -> None:
+    """What the migration relies on to raise the guest's flags: a write to the image file
+    on the storage host is what the next NBD read from another host returns (nbdkit's
+    file plugin keeps no cache), and an NBD write is in the file at once."""
+    if (why := nbdkit_missing()) is not None:
+        pytest.skip(why)
+    disk = tmp_path / "disk.img"
+    livemig.make_disk(disk)
+    flag_at = (livemig.DISK_MIB << 20) - livemig.BLOCK
+    with Network(hostmig.HOSTS) as net, hostmig.nbd_server(net["storage"], disk, tmp_path):
+        with net["src"].entered():
+            engine = _nbd.NbdEngine(hostmig.nbd_uri(net["storage"]))
+        try:
+            block = bytearray(livemig.BLOCK)
+            assert engine.preadv([block], flag_at) == livemig.BLOCK and block == bytes(4096)
+            for word in (b"EMU-FILL", b"EMU-STOP"):
+                livemig.raise_flag(disk, word)
+                engine.preadv([block], flag_at)
+                assert block.startswith(word + b"\0")
+            engine.pwritev([b"from src".ljust(livemig.BLOCK, b"\0")], 0)
+            engine.flush()
+            assert disk.read_bytes()[:9] == b"from src\0"
+        finally:
+            engine.close()
+
+
 @pytest.mark.parametrize("policy", ["drain", "report"])
 def test_live_migration_between_hosts_over_nbd(
     hosts_possible: None, microvm_image: GuestImage, tmp_path: Path, policy: str
 ) -> None:
+    if (why := nbdkit_missing()) is not None:
+        pytest.skip(why)
     with Network(hostmig.HOSTS) as net:
         run = hostmig.one_run(f"emu-{policy}", microvm_image, net, tmp_path, BANDWIDTH)
         src, dst = net["src"].address, net["dst"].address

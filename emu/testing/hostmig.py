@@ -84,6 +84,16 @@ def backend(
     return serve.proc.pid
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def placed(pid: int, host: Host) -> bool:
+    """Whether ``pid`` and its children (QEMU under its reaper) live on ``host``."""
+    return all(in_host(p, host) for p in [pid, *_children(pid)])
+
+
 def tcp_peers(pid: int, port: int) -> set[str]:
     """IPv4 addresses with an established TCP connection to ``port`` of the namespace
     process ``pid`` lives in (its /proc/PID/net/tcp)."""
@@ -151,10 +161,10 @@ def one_run(
         assert storage.proc is not None
         out["nbd_peers"] = tcp_peers(storage.proc.pid, NBD_PORT)
         out["placed"] = (
-            in_host(storage.proc.pid, net["storage"])
-            and all(in_host(pids[h], net[h]) for h in ("src", "dst"))
-            and in_host(guest.proc.pid, net["src"])
-            and in_host(target.proc.pid, net["dst"])
+            placed(storage.proc.pid, net["storage"])
+            and all(placed(pids[h], net[h]) for h in ("src", "dst"))
+            and placed(guest.proc.pid, net["src"])
+            and placed(target.proc.pid, net["dst"])
         )
         info = livemig.migrate(guest, uri=incoming, disk=disk, bandwidth=bandwidth)
         ram = info.get("ram", {})
