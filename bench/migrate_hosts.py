@@ -21,7 +21,7 @@ backends in turns (emu drain, emu report, qsd, emu drain, ...). ``--storage-dela
 puts nbdkit's delay filter in front of the file: every NBD read and write waits MS on the
 storage host, a slower storage network than the switch's (which adds next to nothing).
 
-    .venv/bin/python bench/migrate_hosts.py [--runs 5] [--storage-delay 5]
+    .venv/bin/python bench/migrate_hosts.py [--runs 5] [--storage-delay 5] [--backends qsd]
 
 Prints a table and ``name value unit`` lines; the headline ratio takes the worse of
 emu's two policies: ``hosts_migration_downtime_emu_over_qsd``.
@@ -72,7 +72,10 @@ def one(kind: str, image, bandwidth: int, delay_ms: float) -> dict:
         ):
             r = hostmig.one_run(kind, image, net, Path(tmp), bandwidth, delay_ms)
     except (AssertionError, RuntimeError, TimeoutError, OSError) as e:
-        print(f"# {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        lines = str(e).splitlines() or [type(e).__name__]
+        print(f"# {kind}: {lines[0]}")
+        for line in lines[1:][-12:]:  # the guest console's end and its ring, where there are
+            print(f"#   {line}")
         return dict(FAILED)
     if r["problems"] and r.get("status") == "completed":
         print(f"# {kind}: {'; '.join(r['problems'])}")
@@ -90,12 +93,19 @@ def main() -> None:
         metavar="MS",
         help="each NBD read and write waits MS first (nbdkit's delay filter)",
     )
+    ap.add_argument(
+        "--backends",
+        default=",".join(hostmig.BACKENDS),
+        help=f"comma-separated, of {','.join(hostmig.BACKENDS)}",
+    )
     args = ap.parse_args()
+    if unknown := set(args.backends.split(",")) - set(hostmig.BACKENDS):
+        ap.error(f"unknown backends: {', '.join(sorted(unknown))}")
     for why in (netns_missing(), nbdkit_missing()):
         if why is not None:
             sys.exit(f"bench/migrate_hosts.py: {why}")
     image = build_image("microvm")
-    kinds = hostmig.BACKENDS if qsd.available() else hostmig.BACKENDS[:2]
+    kinds = [k for k in args.backends.split(",") if k != "qsd" or qsd.available()]
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(args.runs):
         for kind in kinds:
@@ -130,7 +140,7 @@ def main() -> None:
             f"{median(ok[kind], 'final_pass_pages'):.0f} pages"
         )
         print(f"hosts_migration_runs_passed_{name} {len(ok[kind])} runs")
-    if "qsd" in runs:
+    if "qsd" in runs and len(runs) > 1:
         for key, label in (("downtime_ms", "downtime"), ("stop_us", "backend_stop")):
             emu = [median(ok[k], key) for k in kinds if k != "qsd"]
             base = median(ok["qsd"], key)

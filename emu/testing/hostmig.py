@@ -108,6 +108,34 @@ def tcp_peers(pid: int, port: int) -> set[str]:
     return peers
 
 
+def ring_indexes(guest: vm.Vm) -> tuple[int, int]:
+    """The blk ring's avail and used index as they are in the guest's memory (read with
+    QEMU's monitor): a guest that waits for its disk with avail ahead of used for long
+    has a request that no backend is going to answer."""
+    path = guest.qmp.execute("x-query-virtio")[0]["path"]  # type: ignore[index]
+    ring = guest.qmp.execute("x-query-virtio-vhost-queue-status", path=path, queue=0)
+
+    def idx(at: int) -> int:  # a split ring's idx: the u16 after its flags
+        shown = guest.qmp.execute("human-monitor-command", **{"command-line": f"xp /1hx {at + 2}"})
+        return int(str(shown).split(":")[1].split()[0], 16)
+
+    return idx(ring["avail-phys"]), idx(ring["used-phys"])  # type: ignore[index]
+
+
+@contextmanager
+def stuck_means(guest: vm.Vm, where: str) -> Iterator[None]:
+    """A guest that stops making progress in the block fails with its ring's indexes."""
+    try:
+        yield
+    except (AssertionError, TimeoutError) as e:
+        try:
+            avail, used = ring_indexes(guest)
+            ring = f"its blk ring: avail idx {avail}, used idx {used}"
+        except (RuntimeError, OSError, IndexError, ValueError) as why:
+            ring = f"its ring could not be read: {why}"
+        raise AssertionError(f"{e}\n(the {where} guest; {ring})") from None
+
+
 def problems(results: dict[str, str], disk: Path) -> list[str]:
     """What is wrong with the guest's end-of-run report and the image file (none: every
     acknowledged write and the page cache survived the migration)."""
@@ -166,7 +194,8 @@ def one_run(
             and placed(guest.proc.pid, net["src"])
             and placed(target.proc.pid, net["dst"])
         )
-        info = livemig.migrate(guest, uri=incoming, disk=disk, bandwidth=bandwidth)
+        with stuck_means(guest, "source"):
+            info = livemig.migrate(guest, uri=incoming, disk=disk, bandwidth=bandwidth)
         ram = info.get("ram", {})
         out.update(
             status=info["status"],
@@ -180,7 +209,8 @@ def one_run(
             return out
         out["stop_us"] = livemig.stop_us(src.trace)
         guest.quit()
-        target.progress(2)  # I/O on the destination, over its own NBD connection
+        with stuck_means(target, "destination"):
+            target.progress(2)  # I/O on the destination, over its own NBD connection
         livemig.raise_flag(disk, b"EMU-STOP")
         out["results"] = results = target.finish(ok=False)
         out["problems"] = problems(results, disk)
