@@ -17,6 +17,7 @@ Everything skips, with the reason, where namespaces cannot be made (not root, no
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import threading
@@ -26,7 +27,7 @@ import pytest
 
 from emu.backends import _nbd
 from emu.guest import GuestImage, livemig
-from emu.guest.netns import PREFIX, Network, in_host, netns_missing, sweep_stale
+from emu.guest.netns import PREFIX, Host, Network, in_host, netns_missing, sweep_stale
 from emu.testing import hostmig
 from emu.testing.nbdkit import nbdkit_missing
 
@@ -84,11 +85,18 @@ def test_a_failed_run_leaves_no_namespace_and_a_crashed_one_is_swept(hosts_possi
     gone.wait()
     stale = f"{PREFIX}{gone.pid}-0-src"
     subprocess.run(["ip", "netns", "add", stale], check=True)
+    left: subprocess.Popen | None = None
     try:
+        with Host("src", stale, "").entered():  # what that run left serving
+            left = subprocess.Popen(["sleep", "60"])
         assert stale in sweep_stale()
         assert stale not in namespaces()
+        assert left.wait(10) == -signal.SIGKILL
     finally:
         subprocess.run(["ip", "netns", "delete", stale], capture_output=True)
+        if left is not None and left.poll() is None:
+            left.kill()
+            left.wait()
 
 
 def test_storage_host_serves_the_file_as_it_is_now(hosts_possible: None, tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ each under its usual launcher) is born there; the thread goes back on exit. Unix
 (vhost-user, QMP) are paths in the one filesystem and work across namespaces.
 
 Names are unique per run (``emu-<pid>-<n>-<host>``); ``Network`` first deletes namespaces
-left by runs whose process is gone, so a crashed run does not hold anything for long.
+left by runs whose process is gone, and ends what still runs in them, so a crashed run
+does not hold anything for long.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import ctypes
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -97,12 +99,23 @@ def _owner_alive(netns: str) -> bool:
     return not pid.isdigit() or Path(f"/proc/{pid}").exists()
 
 
+def _pids_in(netns: str) -> list[int]:
+    res = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=10)
+    return [int(p) for p in res.stdout.split()]
+
+
 def sweep_stale() -> list[str]:
-    """Deletes the namespaces of runs whose process is gone; their names."""
+    """Deletes the namespaces of runs whose process is gone, and ends what still runs in
+    them (started by that run: a backend a killed test left serving); their names."""
     gone = []
     if NETNS_DIR.is_dir():
         for entry in sorted(NETNS_DIR.iterdir()):
             if entry.name.startswith(PREFIX) and not _owner_alive(entry.name):
+                for pid in _pids_in(entry.name):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 try:
                     _ip("netns", "delete", entry.name)
                     gone.append(entry.name)
