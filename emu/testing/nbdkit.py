@@ -29,7 +29,7 @@ def nbdkit_missing() -> str | None:
 class Nbdkit:
     """One nbdkit process: ``plugin`` is the plugin and its arguments (``["memory",
     "64M"]``, ``["file", "file=PATH"]``), ``params`` the filters' ones (``rdelay=1ms``).
-    It listens on the Unix ``socket``, or on TCP 127.0.0.1:``port`` when that is given
+    It listens on the Unix ``socket``, or on TCP ``address``:``port`` when a port is given
     (``socket`` then only names the pid file)."""
 
     def __init__(
@@ -42,11 +42,12 @@ class Nbdkit:
         readonly: bool = False,
         threads: int = 64,
         port: int | None = None,
+        address: str = "127.0.0.1",
     ) -> None:
         self.socket = Path(socket)
         self.pidfile = self.socket.with_suffix(".pid")
-        self.port = port
-        listen = ["-U", str(self.socket)] if port is None else ["-i", "127.0.0.1", "-p", str(port)]
+        self.port, self.address = port, address
+        listen = ["-U", str(self.socket)] if port is None else ["-i", address, "-p", str(port)]
         self.argv = [
             "nbdkit",
             "-f",
@@ -66,7 +67,7 @@ class Nbdkit:
     @property
     def uri(self) -> str:
         if self.port is not None:
-            return f"nbd://127.0.0.1:{self.port}/"
+            return f"nbd://{self.address}:{self.port}/"
         return f"nbd+unix:///?socket={self.socket}"
 
     def start(self, timeout: float = 10.0) -> Nbdkit:
