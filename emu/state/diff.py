@@ -19,6 +19,7 @@ from typing import Any
 
 from emu.state.format import StateError
 from emu.state.names import feature_words, status_words
+from emu.state.text import cut
 from emu.state.view import PartInfo, View
 
 
@@ -31,6 +32,8 @@ class _Missing:
 MISSING: Any = _Missing()
 #: a value longer than this is cut in the text output (JSON output keeps it whole)
 _CELL = 60
+#: a field's path longer than this is cut in the text output (a JSON key can be huge)
+_FIELD = 120
 #: queue config fields shown as addresses
 _ADDRESSES = ("desc", "driver", "device")
 
@@ -53,9 +56,10 @@ class Change:
         return out
 
     def text(self) -> str:
+        field = cut(self.field, _FIELD)
         if self.a is MISSING and self.b is MISSING:
-            return f"{self.where}: {self.field}: {self.note}"
-        line = f"{self.where}: {self.field} {_cell(self.a, self.field)} -> "
+            return f"{self.where}: {field}: {self.note}"
+        line = f"{self.where}: {field} {_cell(self.a, self.field)} -> "
         line += _cell(self.b, self.field)
         return line + (f" ({self.note})" if self.note else "")
 
