@@ -66,6 +66,10 @@ class DeviceParam:
             return spec
         if isinstance(spec, dict):
             return cls(**spec)
+        if not isinstance(spec, str):
+            raise TypeError(
+                f"device param {spec!r}: a string such as 'blk-packed', a dict or a DeviceParam"
+            )
         fields: dict[str, str] = {}
         for token in spec.replace("/", "-").split("-"):
             field = "ring" if token in RINGS else "core" if token in CORES else "type"
