@@ -448,3 +448,51 @@ def test_debate_progress_obeys_progress_in_a_log(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("EMU_PROGRESS", "1")
     assert list(steps([1, 2], "the label")) == [1, 2]
     assert "the label" in log.getvalue()
+
+
+# -- emu_guest's run(), against its guest shell run by the host's sh --
+
+
+@pytest.fixture
+def console(tmp_path: Path):
+    """emu.testing.guest_shell's loop as the guest runs it, here in the host's sh (its
+    /tmp and /root moved into tmp_path), behind the Console that ``emu_guest.run`` uses."""
+    import re
+
+    from emu.testing.guest_shell import SHELL, Console
+
+    script = SHELL.replace("/tmp/", f"{tmp_path}/").replace("cd /root", f"cd {tmp_path}")
+    sh = subprocess.Popen(
+        ["sh", "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert sh.stdin is not None and sh.stdout is not None
+    con = Console(sh.stdin, sh.stdout)
+    try:
+        con.wait_for(re.compile("EMU-SHELL-READY"), 0, 10)
+        yield con
+    finally:
+        sh.kill()
+        sh.wait()
+        con.close()
+
+
+def test_guest_run_does_not_keep_a_copy_of_each_output(console) -> None:
+    """Every output's base64 lines stayed in the console's lines for the guest's life: a
+    test running chatty commands held 1.5 times their output, each time."""
+    rc, out = console.run("head -c 2000000 /dev/zero | tr '\\0' x", 60)
+    assert (rc, len(out)) == (0, 2_000_000)
+    assert sum(len(line) for line in console.lines) < 10_000
+    assert console.run("echo after", 10) == (0, "after\n")
+
+
+def test_guest_run_after_a_timeout_says_the_shell_is_busy(console) -> None:
+    from emu.testing.guest_shell import GuestError
+
+    with pytest.raises(GuestError):
+        console.run("sleep 3", 0.5)
+    with pytest.raises(GuestError, match="command 1, which timed out before, may still be"):
+        console.run("echo next", 0.5)
+    assert console.run("echo later", 10) == (0, "later\n")  # queued behind it, as before
