@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import click
@@ -32,6 +33,21 @@ def debate(quick: bool, out: Path) -> None:
 
     if (why := nbdkit_missing()) is not None:
         raise click.ClickException(why)
-    files = report.write(report.collect(quick), out)
+    _writable(out)  # before the run, not after it: a bad --out must not cost its results
+    results = report.collect(quick)
+    try:
+        files = report.write(results, out)
+    except OSError as e:
+        raise click.ClickException(f"cannot write the report into {out}: {e}") from None
     for role, path in files.items():
         click.echo(f"{role:<9} {path}")
+
+
+def _writable(out: Path) -> None:
+    """``out`` made, and a file written and removed in it; a ClickException if not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise click.ClickException(f"--out {out}: cannot write there: {e}") from None

@@ -13,6 +13,7 @@ from emu.state.file import load
 from emu.state.format import StateError
 from emu.state.parts import to_json
 from emu.state.summary import summary
+from emu.state.text import printable
 from emu.state.view import view
 
 
@@ -51,13 +52,13 @@ def show(path: str, as_json: bool, as_breakdown: bool) -> None:
     try:
         state = load(path)
         if as_breakdown:
-            click.echo("\n".join(breakdown(state, registry.schemas())))
-        elif as_json:
+            click.echo(printable("\n".join(breakdown(state, registry.schemas()))))
+        elif as_json:  # JSON escapes every control character itself
             click.echo(json.dumps(to_json(state, registry.schemas()), indent=2))
         else:
-            click.echo("\n".join(summary(view(state, registry.schemas()), _names())))
+            click.echo(printable("\n".join(summary(view(state, registry.schemas()), _names()))))
     except StateError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(printable(str(e))) from None
 
 
 @command.command("diff")
@@ -73,11 +74,12 @@ def diff(a: str, b: str, as_json: bool) -> None:
         schemas = registry.schemas()
         changes = statediff.diff(view(load(a), schemas), view(load(b), schemas), _names())
     except StateError as e:
-        raise _Trouble(str(e)) from None
+        raise _Trouble(printable(str(e))) from None
     if as_json:
         click.echo(json.dumps(statediff.to_json(a, b, changes), indent=2))
     elif changes:
-        click.echo(f"--- {a}\n+++ {b}")
-        click.echo("\n".join(c.text() for c in changes))
+        # a file's strings and keys are its writer's: nothing in them may drive the terminal
+        click.echo(printable(f"--- {a}\n+++ {b}"))
+        click.echo(printable("\n".join(c.text() for c in changes)))
     if changes:
         click.get_current_context().exit(1)

@@ -91,8 +91,11 @@ def stops(a: dict) -> list[str]:
         seq = _cell(a["many_devices"], policy=policy, order="one after another")
         tog = _cell(a["many_devices"], policy=policy, order="all at once")
         ratio = seq["p50_us"] / tog["p50_us"]
+        how = compare(seq["p50_us"], tog["p50_us"])
         if ratio >= SAME:
             verdict = "stopping them in turn stretched the stop"
+        elif not how.startswith("about"):  # in turn was the faster: say so, not "as much"
+            verdict = f"stopping them in turn was {how} all at once"
         elif policy == "drain":
             verdict = (
                 "stopping them in turn cost about as much as all at once: their requests were "
@@ -121,22 +124,26 @@ def policies(b: dict) -> list[str]:
     rr, rd = p50(name, "read", "report"), p50(name, "read", "drain")
     wr, wd = p50(name, "write", "report"), p50(name, "write", "drain")
     f = _cell(fence, backend=name, interface=iface)["fence_us"]
+    share = f", {100 * f / (top * 1000):.0f}% of the backend's latency" if top > 0 else ""
+    if compare(wr, wd).startswith("about"):
+        writes = f"for writes report and drain came out about the same ({us(abs(wr - wd))} apart)."
+    elif wr < wd:
+        writes = f"for writes report saved {us(wd - wr)}."
+    else:
+        writes = f"for writes report took {us(wr - wd)} longer than drain."
     out = [
         f"At {top:g} ms backend latency with reads outstanding, a report stop took {us(rr)}: "
         f"{compare(rr, rd)} drain's {us(rd)}.",
         f"With writes outstanding report took {us(wr)} against drain's {us(wd)}: the write "
-        f"fence cost {us(f)}, {100 * f / (top * 1000):.0f}% of the backend's latency, so "
-        + (
-            f"for writes report saved {us(wd - wr)}."
-            if not compare(wr, wd).startswith("about")
-            else f"for writes report saved nothing worth the name ({us(wd - wr)})."
-        ),
+        f"fence cost {us(f)}{share}, so {writes}",
     ]
-    lo = f"nbd{min(nbd):g}ms"
+    lo = min(nbd)
+    low = f"nbd{lo:g}ms"
     out.append(
-        f"A drain stop with reads outstanding grew from {us(p50(lo, 'read', 'drain'))} at "
-        f"{min(nbd):g} ms to {us(rd)} at {top:g} ms; a report stop from "
-        f"{us(p50(lo, 'read', 'report'))} to {us(rr)}."
+        _trend("A drain stop with reads outstanding", p50(low, "read", "drain"), rd, lo, top)
+        + "; "
+        + _trend("a report stop", p50(low, "read", "report"), rr, lo, top)
+        + "."
     )
     tr, td = p50("tmpfs", "read", "report"), p50("tmpfs", "read", "drain")
     out.append(
@@ -154,6 +161,17 @@ def policies(b: dict) -> list[str]:
         f" ({cost['bytes']} bytes) either way."
     )
     return out
+
+
+def _trend(what: str, a: float, b: float, lo: float, top: float) -> str:
+    """How ``what`` went from ``a`` at ``lo`` ms of backend latency to ``b`` at ``top``."""
+    if b >= a * SAME:
+        verb = "grew"
+    elif a >= b * SAME:
+        verb = "shrank"
+    else:
+        return f"{what} stayed about the same: {us(a)} at {lo:g} ms, {us(b)} at {top:g} ms"
+    return f"{what} {verb} from {us(a)} at {lo:g} ms to {us(b)} at {top:g} ms"
 
 
 def state(c: dict) -> list[str]:

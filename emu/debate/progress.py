@@ -1,27 +1,22 @@
-"""Progress of the long steps on stderr, as click's progress bar, when stderr is a
-terminal (a CI log or a pipe gets nothing: its readers want the report, not the bar)."""
+"""Progress of the long steps on stderr, as emu's other long work shows it
+(``emu.progress``): click's bar on a terminal, lines in a log when asked for with
+``emu --progress``, nothing with ``--no-progress`` (EMU_PROGRESS) or in a log by default."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
-import click
+from emu.progress import progress
 
 T = TypeVar("T")
 
 
 def steps(items: Sequence[T], label: str, show: Callable[[T], str] | None = None) -> Iterator[T]:
-    """Each of ``items`` in turn; a bar labelled ``label`` while they run (``show`` names
-    the one under way)."""
-    if not sys.stderr.isatty():
-        yield from items
-        return
-    with click.progressbar(
-        items,
-        label=label,
-        file=sys.stderr,
-        item_show_func=(lambda x: None if x is None else show(x)) if show else None,
-    ) as bar:
-        yield from bar
+    """Each of ``items`` in turn; progress labelled ``label`` while they run (``show``
+    names the one under way)."""
+    with progress(label, len(items)) as bar:
+        for item in items:
+            bar.update(0, show(item) if show else None)
+            yield item
+            bar.update(1)

@@ -13,12 +13,14 @@ is compared by its bytes).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from emu.state.format import StateError
 from emu.state.names import feature_words, status_words
+from emu.state.text import cut
 from emu.state.view import PartInfo, View
 
 
@@ -31,6 +33,10 @@ class _Missing:
 MISSING: Any = _Missing()
 #: a value longer than this is cut in the text output (JSON output keeps it whole)
 _CELL = 60
+#: a field's path longer than this is cut in the text output (a JSON key can be huge)
+_FIELD = 120
+#: a JSON key written as is in a path (others are quoted: ``nodes["a.b"]``)
+_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 #: queue config fields shown as addresses
 _ADDRESSES = ("desc", "driver", "device")
 
@@ -53,9 +59,10 @@ class Change:
         return out
 
     def text(self) -> str:
+        field = cut(self.field, _FIELD)
         if self.a is MISSING and self.b is MISSING:
-            return f"{self.where}: {self.field}: {self.note}"
-        line = f"{self.where}: {self.field} {_cell(self.a, self.field)} -> "
+            return f"{self.where}: {field}: {self.note}"
+        line = f"{self.where}: {field} {_cell(self.a, self.field)} -> "
         line += _cell(self.b, self.field)
         return line + (f" ({self.note})" if self.note else "")
 
@@ -132,11 +139,16 @@ def _queue(i: int, a: View, b: View) -> list[Change]:
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Leaves of a JSON value by path: ``a.b``, ``a[2].c``; lists of scalars stay whole."""
+    """Leaves of a JSON value by path: ``a.b``, ``a[2].c``, ``a["x.y"]``; lists of scalars
+    stay whole. A key that could read as a path of its own is quoted, so two leaves never
+    share a path (and one never hides the other's change)."""
     if isinstance(value, dict) and value:
         out: dict[str, Any] = {}
         for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+            if not _PLAIN.fullmatch(k):
+                out.update(_flatten(v, f"{prefix}[{json.dumps(k)}]"))
+            else:
+                out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
         return out
     if isinstance(value, list) and any(isinstance(x, dict | list) for x in value):
         out = {}
@@ -146,8 +158,15 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix or "(value)": value}
 
 
+def _same(x: Any, y: Any) -> bool:
+    """Equal as JSON: Python calls ``true`` and ``1`` equal, a snapshot does not."""
+    if x is MISSING or y is MISSING:
+        return x is y
+    return json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)
+
+
 def _tree(where: str, x: Any, y: Any) -> list[Change]:
-    if x == y:
+    if _same(x, y):
         return []
     if x is None or y is None:
         return [Change(where, "present", x is not None, y is not None)]
@@ -155,7 +174,7 @@ def _tree(where: str, x: Any, y: Any) -> list[Change]:
     return [
         Change(where, k, fa.get(k, MISSING), fb.get(k, MISSING))
         for k in dict.fromkeys([*fa, *fb])
-        if fa.get(k, MISSING) != fb.get(k, MISSING)
+        if not _same(fa.get(k, MISSING), fb.get(k, MISSING))
     ]
 
 

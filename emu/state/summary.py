@@ -24,6 +24,7 @@ from typing import Any
 from emu.state.breakdown import DIGEST_BYTES, HEADER_BYTES
 from emu.state.format import FORMAT_VERSION
 from emu.state.names import feature_words, status_words
+from emu.state.text import cut, printable
 from emu.state.view import PartInfo, Queue, View
 
 WIDTH = 100
@@ -34,6 +35,8 @@ _HEADS = 16
 _ROWS = 8
 #: a value from a part without a schema is cut to this many characters
 _CELL = 40
+#: a name or path (port name, socket path, tag) is cut to this many characters
+_NAME = 100
 #: virtio-blk capacity and balloon page counts are in these units, whatever the device
 SECTOR = 512
 BALLOON_PAGE = 4096
@@ -62,7 +65,7 @@ def summary(v: View, device_names: Mapping[int, str] | None = None) -> list[str]
 
 def _row(label: str, text: str) -> list[str]:
     return textwrap.wrap(
-        text,
+        printable(text),
         WIDTH,
         initial_indent=f"{label:<{_LABEL}}",
         subsequent_indent=" " * (_LABEL + 2),
@@ -104,10 +107,15 @@ def _short(value: Any) -> str:
     return text if len(text) <= _CELL else f"{text[: _CELL - 3]}..."
 
 
+def _quoted(text: str) -> str:
+    """A name or path from the file, quoted and cut: a schema lets some be 64 KiB long."""
+    return cut(repr(text), _NAME)
+
+
 def _hex(value: Any) -> str:
-    return (
-        f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) else _short(value)
-    )
+    if isinstance(value, int) and not isinstance(value, bool):
+        return cut(f"{value:#x}", _CELL)
+    return _short(value)
 
 
 def _transport(t: dict) -> str:
@@ -200,13 +208,13 @@ def _blk(d: dict) -> list[str]:
     return [
         f"capacity {d['capacity']} sectors ({_size(d['capacity'] * SECTOR)}), block size "
         f"{d['block_size']}, {'read-only' if d['readonly'] else 'read-write'}, "
-        f"{_plural(d['num_queues'], 'queue')}, seg_max {d['seg_max']}, serial {serial!r}, "
+        f"{_plural(d['num_queues'], 'queue')}, seg_max {d['seg_max']}, serial {_quoted(serial)}, "
         f"{'write-back' if d['writeback'] else 'write-through'} cache"
     ]
 
 
 def _net(d: dict) -> list[str]:
-    mac = ":".join(d["mac"][i : i + 2] for i in range(0, 12, 2))
+    mac = ":".join(_short(d["mac"][i : i + 2]) for i in range(0, 12, 2))
     modes = [k for k, on in d["rx_mode"].items() if on] or ["default"]
     vlans = "no VLAN filter" if d["vlans"] is None else f"{_plural(len(d['vlans']), 'VLAN')}"
     waiting = sum(len(frames) for frames in d["backlog"])
@@ -230,7 +238,7 @@ def _console(d: dict) -> list[str]:
 
 
 def _port(p: dict) -> str:
-    name = f" {p['name']!r}" if p["name"] else ""
+    name = f" {_quoted(p['name'])}" if p["name"] else ""
     return (
         f"port {p['id']}{name}: {'open' if p['guest_open'] else 'closed'} in the guest, "
         f"{'open' if p['host_open'] else 'closed'} on the host, "
@@ -257,7 +265,7 @@ def _balloon(d: dict) -> list[str]:
 def _vsock(d: dict) -> list[str]:
     conns = d["dropped"]
     out = [
-        f"guest cid {d['guest_cid']}, host sockets {d['uds']!r}, buffer {d['buf_alloc']} "
+        f"guest cid {d['guest_cid']}, host sockets {_quoted(d['uds'])}, buffer {d['buf_alloc']} "
         f"bytes; {_plural(len(conns), 'connection')} at the save"
         + (" (they do not move: the guest sees them reset)" if conns else "")
     ]
@@ -266,8 +274,9 @@ def _vsock(d: dict) -> list[str]:
 
 def _conn(c: dict) -> str:
     return (
-        f"{c['type']} port {c['local_port']} <-> {c['peer_port']}, {c['state']}, opened "
-        f"by the {'guest' if c['by_guest'] else 'host'}, {c['held_bytes']} bytes held"
+        f"{_short(c['type'])} port {c['local_port']} <-> {c['peer_port']}, "
+        f"{_short(c['state'])}, opened by the {'guest' if c['by_guest'] else 'host'}, "
+        f"{c['held_bytes']} bytes held"
     )
 
 
@@ -281,7 +290,7 @@ def _fs(d: dict) -> list[str]:
     directory = d["dir"]
     withheld = sum(len(v) for v in d["replied"].values())
     return [
-        f"tag {d['tag']!r}, {_plural(d['num_request_queues'], 'request queue')}, "
+        f"tag {_quoted(d['tag'])}, {_plural(d['num_request_queues'], 'request queue')}, "
         f"{'read-only' if d['readonly'] else 'read-write'}, {session}",
         f"{_plural(len(directory.get('nodes', [])), 'node')}, "
         f"{_plural(len(directory.get('handles', [])), 'open handle')}, "

@@ -3,7 +3,8 @@
 ``emu state show`` summarises a ``View`` and ``emu state diff`` compares two. The state
 is decoded exactly as ``emu state show --json`` decodes it (``parts.parse`` with the
 device schemas): a part that is required but not understood, or malformed, raises
-StateError; an optional part that is not understood is kept only as its raw bytes.
+StateError, and so do two parts of one kind (for one queue), which a restore refuses;
+an optional part that is not understood is kept only as its raw bytes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from emu.ringdefs import F_RING_PACKED
 from emu.state import parts
 from emu.state.breakdown import PART_HEADER_BYTES, STANDARD, file_bytes
-from emu.state.format import DeviceState
+from emu.state.format import DeviceState, StateError
 from emu.state.schema import Schema
 
 
@@ -70,6 +71,7 @@ def view(state: DeviceState, schemas: Mapping[int, Schema] | None = None) -> Vie
     values = {id(p): v for p, v in parts.parse(state, schemas)}
     out = View(state.device_type, state.flags, file_bytes(state))
     own = parts.device_part(state.device_type)
+    seen: set[tuple[int, int | None]] = set()
     for p in state.parts:
         kind = parts.kind_of(p.type)
         understood = id(p) in values
@@ -93,6 +95,13 @@ def view(state: DeviceState, schemas: Mapping[int, Schema] | None = None) -> Vie
         )
         if not understood:
             continue
+        # one of each, as a restore insists: a second would be shown (and compared) in
+        # place of the first, so two files differing in the first would read the same
+        key = (p.type, p.vq_index if per_queue else None)
+        if key in seen:
+            where = f" for queue {key[1]}" if per_queue else ""
+            raise StateError(f"two {out.parts[-1].name} parts{where}: a restore refuses it")
+        seen.add(key)
         value = values[id(p)]
         if p.type == parts.DEV_FEATURES:
             out.offered = value

@@ -36,6 +36,8 @@ CORES = ("cython", "python")
 CORE_MODULES = {"cython": "emu._ring", "python": "emu.pyring"}
 DEFAULT_TYPE = "rng"
 BLK_DISK_BYTES = 8 << 20
+#: bytes a Unix socket's path may have (sun_path, less its terminating NUL)
+SUN_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class DeviceParam:
             return spec
         if isinstance(spec, dict):
             return cls(**spec)
+        if not isinstance(spec, str):
+            raise TypeError(
+                f"device param {spec!r}: a string such as 'blk-packed', a dict or a DeviceParam"
+            )
         fields: dict[str, str] = {}
         for token in spec.replace("/", "-").split("-"):
             field = "ring" if token in RINGS else "core" if token in CORES else "type"
@@ -154,8 +160,9 @@ class EmuDevice:
 Opened = tuple[VirtioDevice, Callable[[VirtioMmioDriver, dict], Any], Any]
 
 
-def _build(kind: str, param: DeviceParam, tmp: Path) -> Opened:
-    """The device of ``kind``, a function that opens its helper on a driver, its host side."""
+def _build(kind: str, param: DeviceParam, tmp: Path, undo: ExitStack) -> Opened:
+    """The device of ``kind``, a function that opens its helper on a driver, its host side
+    (anything it needs removed at the end goes on ``undo``)."""
     if kind == "rng":
         from emu.devices.rng import RngDevice
         from emu.testing.rng import RngDriver
@@ -199,6 +206,8 @@ def _build(kind: str, param: DeviceParam, tmp: Path) -> Opened:
         from emu.testing.vsock import GuestVsock
 
         path = tmp / "v.sock"
+        if len(os.fsencode(path)) > SUN_PATH_MAX:  # pytest's tmp_path under a long basetemp
+            path = Path(undo.enter_context(_tempdir())) / "v.sock"
         return VsockDevice(3, HybridVsock(path)), lambda d, o: GuestVsock(d, **o), path
     if kind == "balloon":
         from emu.devices.balloon import BalloonDevice
@@ -221,7 +230,7 @@ def open_device(
         tmp = Path(workdir) if workdir is not None else Path(undo.enter_context(_tempdir()))
         mem = GuestMemory.create(GUEST_RAM)
         undo.callback(mem.close)
-        device, open_helper, host = _build(param.type, param, tmp)
+        device, open_helper, host = _build(param.type, param, tmp, undo)
         undo.callback(device.close)
         for q in device.queues:
             q.impl = param.core

@@ -60,7 +60,13 @@ class GuestParam:
     policy: str = "drain"
 
     def __post_init__(self) -> None:
+        if isinstance(self.extra, str):  # tuple("rng") would be the specs r, n and g
+            raise ValueError(f"extra is a list of device specs, e.g. [{self.extra!r}]")
         object.__setattr__(self, "extra", tuple(self.extra))
+        for name in ("disk_mib", "mem_mib"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} {value!r} (a whole number of MiB, at least 1)")
         if self.kind not in KINDS:
             raise ValueError(f"guest kind {self.kind!r} (one of {', '.join(KINDS)})")
         if self.blk not in BLK_BACKENDS:
@@ -82,6 +88,10 @@ class GuestParam:
             return spec
         if isinstance(spec, dict):
             return cls(**spec)
+        if not isinstance(spec, str):
+            raise TypeError(
+                f"guest param {spec!r}: a string such as 'microvm-qsd', a dict or a GuestParam"
+            )
         kind, _, blk = spec.partition("-")
         return cls(kind, blk or "emu")
 

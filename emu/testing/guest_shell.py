@@ -46,7 +46,8 @@ while read -r line; do
 done
 """
 
-_OUT = re.compile(r"EMU-OUT (\d+) ([A-Za-z0-9+/=]*)")
+_OUT = re.compile(r"EMU-OUT (\d+) ([A-Za-z0-9+/=]*)$")
+_RC = re.compile(r"EMU-RC (\d+) ")
 
 
 class GuestError(RuntimeError):
@@ -63,6 +64,7 @@ class Console:
         self._changed = threading.Condition()
         self._eof = False
         self._ids = 0
+        self._late: set[int] = set()  # commands that timed out, maybe still running
         self._reader = threading.Thread(target=self._read, args=(stdout,), daemon=True)
         self._reader.start()
 
@@ -108,20 +110,34 @@ class Console:
 
     def run(self, cmd: str, timeout: float) -> tuple[int, str]:
         """(rc, stdout and stderr) of ``cmd`` run by ``sh`` in the guest."""
-        self._ids += 1
-        ident = self._ids
         with self._changed:
+            self._ids += 1
+            ident = self._ids
             start = len(self.lines)
         b64 = base64.encodebytes(cmd.encode()).decode()  # lines of 76 characters
         self.send(f"EMU-CMD {ident}\n{b64}EMU-GO\n")
-        m = self.wait_for(re.compile(rf"EMU-RC {ident} (-?\d+) (\d+)"), start, timeout)
+        try:
+            m = self.wait_for(re.compile(rf"EMU-RC {ident} (-?\d+) (\d+)"), start, timeout)
+        except GuestError as e:
+            busy = self._still_running()
+            self._late.add(ident)
+            if busy:
+                raise GuestError(
+                    f"{e}\n(command {busy[0]}, which timed out before, may still be running:"
+                    " the guest's shell runs one command at a time)"
+                ) from None
+            raise
         rc, size = int(m.group(1)), int(m.group(2))
         with self._changed:
-            chunks = [
-                o.group(2)
-                for line in self.lines[start:]
-                if (o := _OUT.search(line)) and int(o.group(1)) == ident
+            taken = [
+                (i, o.group(2))
+                for i in range(start, len(self.lines))
+                if (o := _OUT.search(self.lines[i])) and int(o.group(1)) == ident
             ]
+            # the output is the caller's now: keep a line saying so, not a second copy
+            for n, (i, _) in enumerate(taken):
+                self.lines[i] = f"EMU-OUT {ident} ({size} bytes, taken by run)" if n == 0 else ""
+        chunks = [chunk for _, chunk in taken]
         try:
             out = base64.b64decode("".join(chunks), validate=True)
         except binascii.Error as e:
@@ -131,6 +147,13 @@ class Console:
                 f"command {ident}: {len(out)} output bytes arrived of {size}:\n{self.tail()}"
             )
         return rc, out.decode(errors="replace")
+
+    def _still_running(self) -> list[int]:
+        """Commands that timed out and have not answered since, oldest first."""
+        with self._changed:
+            done = {int(m.group(1)) for line in self.lines if (m := _RC.search(line)) is not None}
+        self._late -= done
+        return sorted(self._late)
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.lines[-n:])

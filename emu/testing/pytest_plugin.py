@@ -75,10 +75,23 @@ def _guest_param(request: pytest.FixtureRequest) -> GuestParam:
 
 
 def _marker_spec(marker: pytest.Mark | None) -> Any:
-    """``emu_guest("microvm-qsd")`` or ``emu_guest(kind="microvm", blk="qsd")``."""
+    """``emu_guest("microvm-qsd")``, ``emu_guest(kind="microvm", blk="qsd")`` or both:
+    ``emu_guest("microvm", blk="qsd")`` (the keywords change the spec's fields)."""
     if marker is None:
         return None
-    return dict(marker.kwargs) if marker.kwargs else (marker.args[0] if marker.args else None)
+    if len(marker.args) > 1:
+        raise ValueError(
+            f"emu_guest marker: one spec such as 'microvm-qsd' at most, got {marker.args!r}"
+        )
+    if not marker.args:
+        return dict(marker.kwargs) or None
+    if not marker.kwargs:
+        return marker.args[0]
+    from dataclasses import asdict
+
+    from emu.testing.guest_session import GuestParam
+
+    return {**asdict(GuestParam.parse(marker.args[0])), **marker.kwargs}
 
 
 def _cannot_run(config: pytest.Config, why: str) -> None:
