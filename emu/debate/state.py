@@ -79,8 +79,9 @@ OUTSIDE = {
     "net": "the host side (TAP or socket): a new one at the destination",
     "console": "the character device (pty, socket): a new one at the destination",
     "rng": "the entropy source: a new one (it keeps no state)",
-    "fs": "open host files: carried as paths and file handles, which reopen only on the "
-    "same host file system",
+    "fs": "open host files: reopened by their paths below the shared directory and checked "
+    "against their saved identity (inode, file handle): the same files must be there; an "
+    "open file unlinked has no path and comes back stale",
     "vsock": "connections to host programs: host sockets cannot leave the process; the "
     "state lists them as dropped and the guest is sent TRANSPORT_RESET",
     "balloon": "nothing beyond guest RAM",
@@ -176,7 +177,7 @@ def analyse(saved: scenarios.Saved) -> dict:
         host["connections dropped"] = len(device.get("dropped", []))
     if kind == "fs":
         d = device.get("dir", {})
-        host["host files open (reopened by handle)"] = len(d.get("handles", []))
+        host["host files open (reopened by path)"] = len(d.get("handles", []))
         host["host inodes referenced"] = len(d.get("nodes", []))
     total = sum(bytes_by.values())
     return dict(
