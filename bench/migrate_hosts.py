@@ -37,6 +37,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from emu import progress
 from emu.guest import build_image, qsd
 from emu.guest.netns import Network, netns_missing
 from emu.testing import hostmig
@@ -98,7 +99,9 @@ def main() -> None:
         default=",".join(hostmig.BACKENDS),
         help=f"comma-separated, of {','.join(hostmig.BACKENDS)}",
     )
+    progress.add_argument(ap)  # each migration's RAM sent (emu/guest/livemig.py)
     args = ap.parse_args()
+    progress.ask(args.progress)
     if unknown := set(args.backends.split(",")) - set(hostmig.BACKENDS):
         ap.error(f"unknown backends: {', '.join(sorted(unknown))}")
     for why in (netns_missing(), nbdkit_missing()):

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from emu import progress
 from emu.cli import main
-from emu.guest import packages
+from emu.guest import livemig, packages, vm
 
 GOLDEN = Path(__file__).parent / "golden" / "v1" / "rng-split.state"
 
@@ -156,3 +156,34 @@ def test_a_failed_download_says_why(
     )
     with pytest.raises(packages.PackageError, match="failed \\(100\\): E: no such archive"):
         packages.unpacked("emu-fake")
+
+
+class _Qmp:
+    """QEMU's answers to a live migration's commands: query-migrate as a first pass goes."""
+
+    def __init__(self) -> None:
+        self.sent = [0, 40 << 20, 200 << 20, 256 << 20, 300 << 20]
+
+    def execute(self, cmd: str, **args: object) -> dict:
+        if cmd != "query-migrate":
+            return {}
+        sent = self.sent.pop(0) if len(self.sent) > 1 else self.sent[0]
+        syncs = 1 if sent < 256 << 20 else 2
+        return {"status": "active", "ram": {"transferred": sent, "dirty-sync-count": syncs}}
+
+
+def test_a_live_migration_shows_ram_sent_and_its_pass(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv(progress.ENV, "1")
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    src = object.__new__(vm.Vm)  # the real Vm.migration over a scripted QMP
+    src.qmp, src.on_migration = _Qmp(), None
+    assert livemig.migrate(src, "tcp:x", None, 1 << 20)["status"] == "active"
+    out, err = capsys.readouterr()
+    assert out == "" and src.on_migration is None
+    lines = err.splitlines()
+    assert lines[0].startswith("live migration, MiB of RAM sent: 0/256 (0%) started")
+    assert "live migration, MiB of RAM sent: 40/256 (15%) pass 1, active" in lines
+    assert "live migration, MiB of RAM sent: 300/256 (100%) pass 2, active" in lines
+    assert "done in" in lines[-1]

@@ -22,6 +22,7 @@ import os
 import re
 from pathlib import Path
 
+from emu import progress
 from emu.guest.devices import Device
 from emu.guest.images import GuestImage
 from emu.guest.run import kernel_args
@@ -124,8 +125,29 @@ def migrate(src: Vm, uri: str, disk: Path | None, bandwidth: int) -> dict:
     QEMU copies all of RAM once at ``bandwidth``; then the migration is held (bandwidth
     and downtime limit too low to converge) while the guest fills its page cache, with
     ``disk``; then the limits go back up and it converges in a few live passes. Without
-    ``disk`` it returns while held (to cancel it, or to fail it).
+    ``disk`` it returns while held (to cancel it, or to fail it). Shows its progress
+    (MiB of RAM sent, the pass, the phase) where progress is wanted (emu.progress).
     """
+    with progress.progress("live migration, MiB of RAM sent", MEM_MIB) as bar:
+        sent = 0
+
+        def show(answer: dict) -> None:
+            nonlocal sent
+            ram = answer.get("ram", {})
+            now = int(ram.get("transferred", 0)) >> 20
+            if now > sent:
+                item = f"pass {ram.get('dirty-sync-count', '?')}, {answer.get('status')}"
+                bar.update(now - sent, item)
+                sent = now
+
+        src.on_migration = show
+        try:
+            return _migrate(src, uri, disk, bandwidth)
+        finally:
+            src.on_migration = None
+
+
+def _migrate(src: Vm, uri: str, disk: Path | None, bandwidth: int) -> dict:
     qmp = src.qmp
     qmp.execute("migrate-set-parameters", **{"max-bandwidth": bandwidth, "downtime-limit": 1})
     qmp.execute("migrate", uri=uri)

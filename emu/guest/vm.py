@@ -126,6 +126,8 @@ class Vm:
 
     def __init__(self, cmd: list[str], qmp: Path, transcript: list[str]) -> None:
         self.lines = transcript  # shared by the QEMUs of one guest (migrations)
+        #: called with each query-migrate answer (livemig's progress display)
+        self.on_migration: Callable[[dict], None] | None = None
         self.proc = start(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -195,7 +197,10 @@ class Vm:
         wait_until(lambda: self.status() == status, f"VM {status}")
 
     def migration(self) -> dict:
-        return self.qmp.execute("query-migrate")  # type: ignore[return-value]
+        answer: dict = self.qmp.execute("query-migrate")  # type: ignore[assignment]
+        if self.on_migration is not None:
+            self.on_migration(answer)
+        return answer
 
     def wait_migration(self, *done: str, timeout: float = WAIT) -> dict:
         """Poll query-migrate until its status is one of ``done``; the last answer."""
