@@ -162,17 +162,17 @@ class _Qmp:
     """QEMU's answers to a live migration's commands: query-migrate as a first pass goes."""
 
     def __init__(self) -> None:
-        self.sent = [0, 40 << 20, 200 << 20, 256 << 20, 300 << 20]
+        self.left = [256, 216, 56, 0, 0]  # MiB of RAM still to send
 
     def execute(self, cmd: str, **args: object) -> dict:
         if cmd != "query-migrate":
             return {}
-        sent = self.sent.pop(0) if len(self.sent) > 1 else self.sent[0]
-        syncs = 1 if sent < 256 << 20 else 2
-        return {"status": "active", "ram": {"transferred": sent, "dirty-sync-count": syncs}}
+        left = self.left.pop(0) if len(self.left) > 1 else self.left[0]
+        ram = {"total": 256 << 20, "remaining": left << 20, "dirty-sync-count": 2 - bool(left)}
+        return {"status": "active", "ram": ram}
 
 
-def test_a_live_migration_shows_ram_sent_and_its_pass(
+def test_a_live_migration_shows_ram_done_and_its_pass(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     monkeypatch.setenv(progress.ENV, "1")
@@ -183,7 +183,7 @@ def test_a_live_migration_shows_ram_sent_and_its_pass(
     out, err = capsys.readouterr()
     assert out == "" and src.on_migration is None
     lines = err.splitlines()
-    assert lines[0].startswith("live migration, MiB of RAM sent: 0/256 (0%) started")
-    assert "live migration, MiB of RAM sent: 40/256 (15%) pass 1, active" in lines
-    assert "live migration, MiB of RAM sent: 300/256 (100%) pass 2, active" in lines
+    assert lines[0].startswith("live migration, MiB of RAM done: 0/256 (0%) started")
+    assert "live migration, MiB of RAM done: 40/256 (15%) pass 1, active" in lines
+    assert "live migration, MiB of RAM done: 256/256 (100%) pass 2, active" in lines
     assert "done in" in lines[-1]

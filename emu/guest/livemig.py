@@ -126,19 +126,21 @@ def migrate(src: Vm, uri: str, disk: Path | None, bandwidth: int) -> dict:
     and downtime limit too low to converge) while the guest fills its page cache, with
     ``disk``; then the limits go back up and it converges in a few live passes. Without
     ``disk`` it returns while held (to cancel it, or to fail it). Shows its progress
-    (MiB of RAM sent, the pass, the phase) where progress is wanted (emu.progress).
+    (MiB of RAM done, the pass, the phase) where progress is wanted (emu.progress).
     """
-    with progress.progress("live migration, MiB of RAM sent", MEM_MIB) as bar:
-        sent = 0
+    with progress.progress("live migration, MiB of RAM done", MEM_MIB) as bar:
+        done = 0
 
-        def show(answer: dict) -> None:
-            nonlocal sent
+        def show(answer: dict) -> None:  # RAM not (or no longer) waiting to be sent
+            nonlocal done
             ram = answer.get("ram", {})
-            now = int(ram.get("transferred", 0)) >> 20
-            if now > sent:
+            now = max(0, int(ram.get("total", 0)) - int(ram.get("remaining", 0))) >> 20
+            if answer.get("status") == "completed":
+                now = MEM_MIB
+            if now > done:
                 item = f"pass {ram.get('dirty-sync-count', '?')}, {answer.get('status')}"
-                bar.update(now - sent, item)
-                sent = now
+                bar.update(now - done, item)
+                done = now
 
         src.on_migration = show
         try:
