@@ -600,14 +600,17 @@ class HostDir:
         return self._add(os.open(name, _PATH, dir_fd=p.fd))
 
     def readdirplus_entry(self, parent: int, name: bytes) -> tuple[int, os.stat_result] | None:
-        """A lookup for READDIRPLUS: None for ``.``/``..`` and for an entry gone meanwhile."""
-        self._node(parent)
+        """A lookup for READDIRPLUS: None for ``.``/``..`` and for an entry gone meanwhile.
+        (``lookup``'s steps for a name, inline: this runs for every entry listed.)"""
+        p = self._node(parent)
         if name in _DOTS:
             return None
+        _check_name(name)
         try:
-            return self.lookup(parent, name)
+            fd = os.open(name, _PATH, dir_fd=p.fd)
         except FileNotFoundError:
             return None
+        return self._add(fd)
 
     def forget(self, node: int, nlookup: int) -> None:
         """Drop ``nlookup`` lookups; harmless for ROOT, unknown nodes and too large counts."""

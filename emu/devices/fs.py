@@ -806,10 +806,11 @@ class FsDevice(VirtioDevice):
         fh, offset, size, *_ = a.take(f.READ_IN)
         left = min(size, room, MAX_IO)
         out = bytearray()
+        fixed = f.DIRENT.size + (f.ENTRY_OUT.size if plus else 0)  # f.dirent_size, inline
         entries = self.dir.readdir(fh, offset)
         try:
             for ino, next_off, dtype, name in entries:
-                need = f.dirent_size(name, plus)
+                need = (fixed + len(name) + 7) & ~7
                 if need > left:
                     break
                 if plus:
