@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import stat
 import threading
@@ -413,6 +414,31 @@ def test_destroy_ends_the_session(mount, share):
             call()
         assert err.value.errno in (errno.ESTALE, errno.EBADF)
     assert fs.lookup(ROOT, "f").attr.size == 3
+
+
+def test_requests_are_counted_by_opcode_and_logged_at_destroy(mount, share, caplog):
+    """The round trips a workload costs, to set beside virtiofsd's -d log: every request
+    read is counted by opcode (a value that is no opcode under one key, however many a
+    guest sends) and, at debug level, logged, with the counts at DESTROY."""
+    caplog.set_level(logging.DEBUG, logger="emu.devices.fs")  # as at INIT: seen then
+    fs, dev = mount()
+    (share / "f").write_bytes(b"abc")
+    e = fs.lookup(ROOT, "f")
+    raises(errno.ENOENT, fs.lookup, ROOT, "missing")
+    fs.getattr(e.node)
+    fs.forget(e.node, 1)
+    for op in (7, 99, 2**32 - 1):  # 7: a gap among the opcodes
+        raises(errno.ENOSYS, fs.call, op, ROOT, [bytes(64)], 64)
+    want = {"INIT": 1, "LOOKUP": 2, "GETATTR": 1, "FORGET": 1, "other": 3}
+    assert dev.requests() == want
+    fs.destroy()
+    assert dev.requests() == {}  # counted afresh from the next INIT
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("fs: request ") and "LOOKUP node 1" in m for m in logged)
+    assert any(m.endswith(f"error {errno.ENOENT}") for m in logged)
+    (summary,) = [m for m in logged if m.startswith("fs: requests: ")]
+    assert summary.startswith("fs: requests: other 3, LOOKUP 2, ")
+    assert all(k in summary for k in ("INIT 1", "GETATTR 1", "FORGET 1", "DESTROY 1"))
 
 
 @pytest.mark.parametrize(

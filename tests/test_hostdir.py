@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import stat
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from emu.backends.hostdir import (
+    FD_RESERVE,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     ROOT,
@@ -1213,6 +1215,45 @@ def test_the_node_limit_is_enfile(tree: Path) -> None:
     assert fds_open() == before + 3
     hd.close()
     assert fds_open() == before
+
+
+def test_no_fd_is_kept_at_the_ceiling(tree: Path) -> None:
+    """Lookups, opens and listings are checked after their open (no probe), calls that
+    make an entry before it: either way ENFILE at the ceiling, nothing made, no fd left."""
+    hd = HostDir(tree)
+    f, _ = hd.lookup(ROOT, b"f")
+    probe = os.dup(0)  # the lowest free fd: the next open's number
+    os.close(probe)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(x) for x in os.listdir("/proc/self/fd"))
+    assert probe + FD_RESERVE > highest and (probe + FD_RESERVE) // 8 <= FD_RESERVE
+    before = fds_open()
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe + FD_RESERVE, hard))  # at probe
+        for call in (
+            lambda: hd.lookup(ROOT, b"d"),
+            lambda: hd.readdirplus_entry(ROOT, b"d"),
+            lambda: hd.open(f, os.O_RDONLY),
+            lambda: hd.open(f, os.O_RDWR | os.O_TRUNC),
+            lambda: hd.opendir(ROOT),
+            lambda: hd.create(ROOT, b"new", 0o644, os.O_RDWR),
+            lambda: hd.mkdir(ROOT, b"new", 0o755),
+        ):
+            with err(errno.ENFILE):
+                call()
+        assert fds_open() == before
+        assert not os.path.lexists(tree / "new") and (tree / "f").read_bytes() == b"hello\n"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe + 1 + FD_RESERVE, hard))
+        with err(errno.ENFILE):
+            hd.opendir(ROOT)  # two fds: its own and scandir's while listed
+        hd.release(hd.open(f, os.O_RDONLY))
+        d, _ = hd.lookup(ROOT, b"d")
+        assert fds_open() == before + 1
+        hd.forget(d, 1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    hd.releasedir(hd.opendir(ROOT))
+    hd.close()
 
 
 def test_the_handle_limit_is_enfile(hd: HostDir, tree: Path) -> None:

@@ -232,6 +232,14 @@ def _fd_ceiling() -> int:
     return soft - max(FD_RESERVE, soft // 8)
 
 
+def _kept(fd: int, fds: int = 1) -> None:
+    """ENFILE unless ``fd``, just opened, leaves room for ``fds`` fds below the ceiling:
+    an open takes the lowest free number, so this is ``_fd_room``'s check made after an
+    open that changed nothing on the host, without its probe (the caller closes ``fd``)."""
+    if fd + fds > _fd_ceiling():
+        raise _error(errno.ENFILE)
+
+
 def _check_mode(kind: int, mode: int) -> None:
     """EPERM for a mode with set-user-ID, or set-group-ID on anything but a directory."""
     if mode & stat.S_ISUID or (mode & stat.S_ISGID and kind != stat.S_IFDIR):
@@ -469,7 +477,8 @@ class HostDir:
             key = (st.st_dev, st.st_ino)  # _key(st), inline: every lookup comes here
             node = self._inodes.get(key)
             if node is None:
-                self._node_room()
+                self._node_count()
+                _kept(fd)
                 node = self._next_node
                 self._next_node += 1
                 self._nodes[node] = _Node(fd, key, stat.S_IFMT(st.st_mode))
@@ -507,21 +516,26 @@ class HostDir:
             raise _error(errno.ESTALE)
         return h
 
-    def _node_room(self) -> None:
+    def _node_count(self) -> None:
         if len(self._nodes) >= self.max_nodes:
             raise _error(errno.ENFILE)
-        self._fd_room(1)
 
-    def _handle_room(self, fds: int = 1) -> None:
+    def _handle_count(self) -> None:
         if len(self._handles) >= self.max_handles:
             raise _error(errno.ENFILE)
-        self._fd_room(fds)
+
+    def _node_room(self) -> None:
+        """Room for a node whose entry is about to be made: checked before it is."""
+        self._node_count()
+        self._fd_room(1)
 
     def _fd_room(self, fds: int) -> None:
         """ENFILE unless ``fds`` more fds fit below ``_fd_ceiling``: new fds take the
         lowest free numbers, so the top of the range stays free for the rest of the
         process (other devices, the vhost-user fds, a state file), whatever else it has
-        open and however many HostDirs it runs."""
+        open and however many HostDirs it runs. A probe (two syscalls): only before a
+        call that makes something on the host; an fd merely opened is checked after
+        (``_kept``)."""
         probe = os.dup(self._nodes[ROOT].fd)  # the lowest free fd number
         os.close(probe)
         if probe + fds > _fd_ceiling():
@@ -586,14 +600,17 @@ class HostDir:
         return self._add(os.open(name, _PATH, dir_fd=p.fd))
 
     def readdirplus_entry(self, parent: int, name: bytes) -> tuple[int, os.stat_result] | None:
-        """A lookup for READDIRPLUS: None for ``.``/``..`` and for an entry gone meanwhile."""
-        self._node(parent)
+        """A lookup for READDIRPLUS: None for ``.``/``..`` and for an entry gone meanwhile.
+        (``lookup``'s steps for a name, inline: this runs for every entry listed.)"""
+        p = self._node(parent)
         if name in _DOTS:
             return None
+        _check_name(name)
         try:
-            return self.lookup(parent, name)
+            fd = os.open(name, _PATH, dir_fd=p.fd)
         except FileNotFoundError:
             return None
+        return self._add(fd)
 
     def forget(self, node: int, nlookup: int) -> None:
         """Drop ``nlookup`` lookups; harmless for ROOT, unknown nodes and too large counts."""
@@ -790,8 +807,15 @@ class HostDir:
                 {stat.S_IFDIR: errno.EISDIR, stat.S_IFLNK: errno.ELOOP}.get(n.kind, errno.ENXIO)
             )
         flags = self._open_flags(flags)
-        self._handle_room()
+        self._handle_count()
+        if flags & os.O_TRUNC:  # the open changes the file: room first
+            self._fd_room(1)
         fd = os.open(self._proc(n), flags | _IO)
+        try:
+            _kept(fd)
+        except OSError:
+            os.close(fd)
+            raise
         return self._new_handle(fd, node, flags & ~os.O_TRUNC, None)
 
     def create(
@@ -804,8 +828,9 @@ class HostDir:
         _check_mode(stat.S_IFREG, mode)
         exclusive = flags & os.O_EXCL
         flags = self._open_flags(flags)
-        self._handle_room()
-        self._node_room()
+        self._handle_count()
+        self._node_count()
+        self._fd_room(2)  # the handle's fd and the node's
         try:
             fd = os.open(
                 name,
@@ -926,8 +951,13 @@ class HostDir:
 
     def opendir(self, node: int) -> int:
         n = self._dir(node)
-        self._handle_room(2)  # its own and, while listed, scandir's duplicate
+        self._handle_count()
         fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=n.fd)
+        try:
+            _kept(fd, 2)  # its own and, while listed, scandir's duplicate
+        except OSError:
+            os.close(fd)
+            raise
         return self._new_handle(fd, node, os.O_RDONLY, _DirScan())
 
     def readdir(self, fh: int, offset: int) -> Iterator[tuple[int, int, int, bytes]]:

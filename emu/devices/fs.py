@@ -134,6 +134,7 @@ OUT_HEADER_SIZE = f.OUT_HEADER.size
 INLINE = 4096
 #: opcodes the request path compares with (plain ints: no enum lookup per request)
 _INIT, _READ, _WRITE = int(f.Op.INIT), int(f.Op.READ), int(f.Op.WRITE)
+_IN_HEADER, _NO_REPLY = f.IN_HEADER, f.NO_REPLY
 #: a report stop (or reset) closed the queue's gate (``_chain.abandoning``, inline)
 CLOSED = Gate.CLOSED
 
@@ -285,6 +286,13 @@ class FsDevice(VirtioDevice):
         #: queues whose ``_replied`` a state gave and no pass has checked against the
         #: chains that restore put in flight
         self._unchecked: set[int] = set()
+        #: requests read since INIT, by opcode (slot 0: a value that is none): what a
+        #: guest's workload costs in round trips, beside virtiofsd's ``-d`` log (logged at
+        #: DESTROY with -vv, as every request is; ``requests`` has them by name)
+        self._counts = [0] * _SLOTS
+        #: debug logging on, as seen at INIT (a look per request would cost one in 60
+        #: of a request's instructions)
+        self._debug = log.isEnabledFor(logging.DEBUG)
         Op = f.Op
         #: opcode -> (handler, reply size when fixed, else None); READ, WRITE and the
         #: no-reply requests are served apart
@@ -324,6 +332,15 @@ class FsDevice(VirtioDevice):
             Op.COPY_FILE_RANGE: (self._copy_file_range, f.WRITE_OUT.size),
         }
 
+    def requests(self) -> dict[str, int]:
+        """Requests read since INIT by opcode name ("other": values that are none)."""
+        out: dict[str, int] = {}
+        for op, n in enumerate(self._counts):
+            if n:
+                name = _op_name(op)
+                out[name] = out.get(name, 0) + n
+        return out
+
     # -- config space --
 
     def config_bytes(self) -> bytes:
@@ -336,6 +353,7 @@ class FsDevice(VirtioDevice):
         """A reset ends the FUSE session: every node but the root and every handle goes."""
         self.dir.forget_all()
         self.session = None
+        self._counts = [0] * _SLOTS
         for q in self.queues:
             self._withheld[q.index].clear()
             self._replied[q.index].clear()
@@ -434,8 +452,12 @@ class FsDevice(VirtioDevice):
             return self._answer_error(c, 0, errno.EIO)
         if raw is None:
             raw = self._gather(c.readable, 0, IN_HEADER_SIZE)
-        h = _header(f.IN_HEADER.unpack_from(raw))
-        if h.opcode in f.NO_REPLY:
+        h = _header(_IN_HEADER.unpack_from(raw))
+        op = h.opcode
+        self._counts[op if op < _SLOTS else 0] += 1  # 0: no opcode
+        if self._debug:
+            log.debug("fs: request %d: %s node %d", h.unique, _op_name(op), h.nodeid)
+        if op in _NO_REPLY:
             self._no_reply(h, c, raw, sent)
             return 0
         room = -OUT_HEADER_SIZE  # the writable bytes after the out header
@@ -458,6 +480,8 @@ class FsDevice(VirtioDevice):
         except Exception:
             log.exception("fs: request %d (opcode %d) failed", h.unique, h.opcode)
             err = errno.EIO
+        if self._debug:
+            log.debug("fs: request %d: error %d", h.unique, err)
         return self._answer_error(c, h.unique, err)
 
     def _answer_error(self, c: Chain, unique: int, err: int) -> int:
@@ -563,6 +587,7 @@ class FsDevice(VirtioDevice):
     def _init(self, h: Header, a: f.Args, room: int) -> bytes:
         if self.session is not None:
             raise OSError(errno.EIO, "second INIT")
+        self._debug = log.isEnabledFor(logging.DEBUG)
         major, minor, max_readahead, flags = a.take(f.INIT_IN_OLD)
         if major > f.KERNEL_VERSION:  # the guest will send INIT again with our major
             return f.INIT_OUT.pack(f.KERNEL_VERSION, f.KERNEL_MINOR, *([0] * 9))
@@ -597,6 +622,10 @@ class FsDevice(VirtioDevice):
 
     def _destroy(self, h: Header, a: f.Args, room: int) -> bytes:
         """The guest unmounted: forget its nodes and handles; the next mount INITs again."""
+        if self._debug:
+            counts = sorted(self.requests().items(), key=lambda kv: -kv[1])
+            log.debug("fs: requests: %s", ", ".join(f"{k} {n}" for k, n in counts))
+        self._counts = [0] * _SLOTS
         self.dir.forget_all()
         self.session = None
         return b""
@@ -777,10 +806,11 @@ class FsDevice(VirtioDevice):
         fh, offset, size, *_ = a.take(f.READ_IN)
         left = min(size, room, MAX_IO)
         out = bytearray()
+        fixed = f.DIRENT.size + (f.ENTRY_OUT.size if plus else 0)  # f.dirent_size, inline
         entries = self.dir.readdir(fh, offset)
         try:
             for ino, next_off, dtype, name in entries:
-                need = f.dirent_size(name, plus)
+                need = (fixed + len(name) + 7) & ~7
                 if need > left:
                     break
                 if plus:
@@ -915,6 +945,15 @@ class FsDevice(VirtioDevice):
         for i in self._replied:
             self._replied[i] = replied.get(i, {})
         self._unchecked = set(replied)
+
+
+_OPS = frozenset(f.Op)
+#: opcode slots counted (FUSE opcodes are small; 0 is none and counts the rest)
+_SLOTS = max(f.Op) + 1
+
+
+def _op_name(op: int) -> str:
+    return f.Op(op).name if op in _OPS else "other"
 
 
 def _offset(value: int) -> int:
