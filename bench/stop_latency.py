@@ -40,20 +40,26 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from emu.backends.cable import Cable
 from emu.backends.chardev import BufferChar
-from emu.debate.measure import QUEUE, disk_dir, fs_type, measure, open_backend, pct
+from emu.debate.measure import (
+    QUEUE,
+    disk_dir,
+    fs_type,
+    measure,
+    open_backend,
+    pct,
+    time_save_restore,
+)
 from emu.debate.measure import make_disk as _disk
 from emu.devices.blk import BlkDevice
 from emu.devices.console import ConsoleDevice
 from emu.devices.net import NetDevice
 from emu.devices.rng import RngDevice
 from emu.memory import GuestMemory
-from emu.state.format import decode, encode
 from emu.testing.blk import BlkDriver
 from emu.testing.console import GuestConsole
 from emu.testing.driver import VirtioMmioDriver
@@ -104,28 +110,15 @@ SETUPS = {"blk": _setup_blk, "net": _setup_net, "console": _setup_console, "rng"
 
 
 def save_restore(kind: str, reps: int) -> tuple[list[float], list[float], int]:
-    saves, restores = [], []
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         mem = GuestMemory.create(64 << 20)
         tr, fresh = SETUPS[kind](tmp, mem)
         tr.vmm_stop()
-        size = 0
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            data = encode(tr.save())
-            t1 = time.perf_counter()
-            dev = fresh()
-            tr2 = MmioTransport(dev, mem)
-            t2 = time.perf_counter()
-            tr2.restore(decode(data))
-            t3 = time.perf_counter()
-            dev.close()
-            saves.append(t1 - t0)
-            restores.append(t3 - t2)
-            size = len(data)
-        tr.device.close()
-        mem.close()
-    return saves, restores, size
+        try:
+            return time_save_restore(tr, fresh, mem, reps)
+        finally:
+            tr.device.close()
+            mem.close()
 
 
 @dataclass

@@ -33,9 +33,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from emu.devices.blk import S_OK, T_IN, T_OUT, BlkDevice
 from emu.memory import GuestMemory
+from emu.state.format import decode, encode
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
@@ -321,3 +323,26 @@ def pct(samples: list[float], p: float) -> float:
     """The ``p``-th percentile (nearest rank) of ``samples``."""
     s = sorted(samples)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def time_save_restore(
+    tr: MmioTransport, fresh: Callable[[], Any], mem: GuestMemory, reps: int
+) -> tuple[list[float], list[float], int]:
+    """Seconds of each of ``reps`` saves of the stopped ``tr`` (``save`` + encode) and
+    restores (decode + ``restore`` onto a fresh transport over ``fresh()``), and the
+    state's bytes."""
+    saves, restores, size = [], [], 0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        data = encode(tr.save())
+        t1 = time.perf_counter()
+        dev = fresh()
+        tr2 = MmioTransport(dev, mem)
+        t2 = time.perf_counter()
+        tr2.restore(decode(data))
+        t3 = time.perf_counter()
+        dev.close()
+        saves.append(t1 - t0)
+        restores.append(t3 - t2)
+        size = len(data)
+    return saves, restores, size

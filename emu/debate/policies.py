@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 
-from emu.debate.measure import QUEUE, disk_dir, make_disk
+from emu.debate.measure import QUEUE, disk_dir, make_disk, time_save_restore
 from emu.debate.stops import Cell, run_cells
 from emu.devices.blk import BlkDevice
 from emu.memory import GuestMemory
-from emu.state.format import decode, encode
 from emu.testing.blk import BlkDriver
 from emu.testing.driver import VirtioMmioDriver
 from emu.transport.mmio import MmioTransport
@@ -71,7 +69,6 @@ def cells(plan: Plan) -> list[Cell]:
 def save_restore(reps: int) -> dict:
     """Median seconds of saving a stopped blk device (``save`` + encode) and restoring it
     (decode + ``restore`` on a fresh transport and device), and the state's bytes."""
-    saves, restores = [], []
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         path = make_disk(tmp)
         mem = GuestMemory.create(16 << 20)
@@ -79,25 +76,14 @@ def save_restore(reps: int) -> dict:
         try:
             BlkDriver.open(VirtioMmioDriver(tr, mem), queue_size=QUEUE).write(0, b"x" * 4096)
             tr.vmm_stop()
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                data = encode(tr.save())
-                t1 = time.perf_counter()
-                dev = BlkDevice(path)
-                tr2 = MmioTransport(dev, mem)
-                t2 = time.perf_counter()
-                tr2.restore(decode(data))
-                t3 = time.perf_counter()
-                dev.close()
-                saves.append(t1 - t0)
-                restores.append(t3 - t2)
+            saves, restores, size = time_save_restore(tr, lambda: BlkDevice(path), mem, reps)
         finally:
             tr.device.close()
             mem.close()
     return dict(
         save_us=statistics.median(saves) * 1e6,
         restore_us=statistics.median(restores) * 1e6,
-        bytes=len(data),
+        bytes=size,
     )
 
 
