@@ -257,10 +257,13 @@ def serve_output(
     out: Unpublished[int],
     sent: set[int],
     act: Callable[[Chain], None],
-) -> None:
-    """Serve a queue of output chains (net tx, console tx) until the driver has no more,
-    ``act`` on each once. A chain acted on whose used entry a report stop kept back is in
-    ``sent`` (``out`` settled at the stop): handed out again, it is only completed."""
+    full: Callable[[], bool] | None = None,
+) -> bool:
+    """Serve a queue of output chains (net, console and vsock tx) until the driver has no
+    more, ``act`` on each once. A chain acted on whose used entry a report stop kept back
+    is in ``sent`` (``out`` settled at the stop): handed out again, it is only completed.
+    ``full``, asked after each batch: True ends serving early, kicks left off, until the
+    device has made room (vsock's replies); what this returns."""
     while True:
         q.set_kicks(False)
         while len(batch := q.pop(batch_size)):
@@ -276,8 +279,10 @@ def serve_output(
                 out.record([c.head], c.head)
                 done += 1
             q.push(batch.heads[:done], [0] * done)
+            if full is not None and full():
+                return True
         if not q.set_kicks(True):
-            return
+            return False
 
 
 def inflight_heads(q: Virtqueue) -> list[int]:

@@ -82,6 +82,7 @@ from emu.devices._chain import (
     abandoning,
     chains,
     inflight_heads,
+    serve_output,
 )
 from emu.devices.base import DeviceError, RunState, VirtioDevice
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
@@ -553,32 +554,17 @@ class VsockDevice(VirtioDevice):
             self._serve_event(q)
 
     def _serve_tx(self, q: Virtqueue) -> None:
-        self._tx_paused = len(self._replies) >= REPLY_LIMIT
+        self._tx_paused = self._replies_full()
         if self._tx_paused:
             return  # a kick changes nothing: the guest must take replies first
-        out, sent = self._tx_out, self._tx_sent
-        while True:
-            q.set_kicks(False)
-            while len(batch := q.pop(BATCH)):
-                out.popped(batch.heads.tolist())
-                done = 0
-                for c in chains(batch):
-                    if abandoning(q):  # report stop: the rest stays in flight, not acted on
-                        break
-                    if c.head in sent:  # acted on before a stop; only the completion is owed
-                        sent.discard(c.head)
-                    else:
-                        self._transmit(c)
-                    out.record([c.head], c.head)
-                    done += 1
-                q.push(batch.heads[:done], [0] * done)
-                if len(self._replies) >= REPLY_LIMIT:
-                    self._tx_paused = True  # the guest takes replies first (wants_poll)
-                    break
-            if self._tx_paused or not q.set_kicks(True):
-                break
+        self._tx_paused = serve_output(  # paused: the guest takes replies first (wants_poll)
+            q, BATCH, self._tx_out, self._tx_sent, self._transmit, self._replies_full
+        )
         if self._replies or self._ready:
             self.wake()  # the rx queue has something to send
+
+    def _replies_full(self) -> bool:
+        return len(self._replies) >= REPLY_LIMIT
 
     def _transmit(self, c: Chain) -> None:
         if c.writable:
