@@ -336,26 +336,9 @@ def run(quick: bool) -> dict:
             where = Path(tmp) / str(i)
             where.mkdir()
             try:
-                checked, notes = _run_one(c, where)
-                rows.append(
-                    dict(
-                        check=c.name,
-                        ring=c.ring,
-                        kind=c.kind,
-                        passed=True,
-                        checked=checked,
-                        notes=notes,
-                    )
-                )
+                passed, (checked, notes) = True, _run_one(c, where)
             except (CheckFailed, StateError, TimeoutError, RuntimeError) as e:
-                rows.append(
-                    dict(
-                        check=c.name,
-                        ring=c.ring,
-                        kind=c.kind,
-                        passed=False,
-                        checked=f"failed: {e}",
-                        notes=[],
-                    )
-                )
+                passed, checked, notes = False, f"failed: {e}", []
+            row = dict(check=c.name, ring=c.ring, kind=c.kind, passed=passed, checked=checked)
+            rows.append(row | {"notes": notes})
     return dict(checks=rows)
