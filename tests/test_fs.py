@@ -118,6 +118,10 @@ def test_spec_options(share):
         dev.close()
     (dev,) = registry.make_devices([f"fs:{share}"])
     assert (dev.tag, dev.readonly, dev.num_request_queues) == ("emu", False, 1)
+    assert not dev.strict_restore
+    dev.close()
+    (dev,) = registry.make_devices([f"fs:{share},strict"])
+    assert dev.strict_restore
     dev.close()
     spec = registry.parse_spec(f"fs:{share},tag=x,queues=4")
     assert registry.get("fs").frontend(spec) == {"tag": "x", "num-request-queues": "4"}
@@ -126,6 +130,7 @@ def test_spec_options(share):
         (f"fs:{share},tag=", "tag"),
         (f"fs:{share},queues=0", "queues"),
         (f"fs:{share},ro=maybe", "ro"),
+        (f"fs:{share},strict=yes", "strict"),
         (f"fs:{share},colour=red", "colour"),
         (f"fs:{share},tag=a,tag=b", "twice"),
         (f"fs:{share / 'missing'}", "missing"),
@@ -668,7 +673,7 @@ def test_files_deleted_or_replaced_before_the_restore_answer_estale(mount, mem, 
     (share / "gone").unlink()
     (share / "swapped").unlink()
     (share / "swapped").write_bytes(b"NEW DATA, another inode")
-    strict = FsDevice(share, strict_restore=True)
+    (strict,) = registry.make_devices([f"fs:{share},strict"])  # as emu serve makes it
     try:
         with pytest.raises(StateError, match="gone|swapped"):
             restore_device(strict, statefile.load(tmp_path / "strict.state"))

@@ -19,9 +19,11 @@ Each ``--socket`` pairs with the device spec in the same position. A spec is
 * Net devices get MAC 52:54:00:12:34:NN, NN = the spec's position (from 01).
 * ``net:cable``: virtio-net on one end of an in-process cable; cable specs pair up in
   order (the 1st with the 2nd, the 3rd with the 4th), joining two guests' NICs.
-* ``fs:DIR[,tag=NAME][,ro][,queues=N]``: virtio-fs sharing the host directory DIR, which
-  the guest mounts with ``mount -t virtiofs NAME /mnt`` (tag ``emu`` by default); ``ro``
-  refuses every change (EROFS), ``queues=N`` gives it N request queues.
+* ``fs:DIR[,tag=NAME][,ro][,queues=N][,strict]``: virtio-fs sharing the host directory
+  DIR, which the guest mounts with ``mount -t virtiofs NAME /mnt`` (tag ``emu`` by
+  default); ``ro`` refuses every change (EROFS), ``queues=N`` gives it N request queues;
+  ``strict`` refuses a restore whose open files cannot all be reopened (default: they
+  come back stale, ESTALE).
 * ``balloon[,control=PATH][,target=MIB][,stats=off][,reporting=off]``: virtio-balloon;
   pages the guest gives up are punched out of its RAM's memfd or file. ``control=PATH``
   listens on a Unix socket for the host's commands (``target MIB``, ``stats``, ``info``;

@@ -989,25 +989,29 @@ def _sized(value: bytes, size: int, room: int) -> bytes:
     return value
 
 
-# -- the device type: ``fs:DIR[,tag=NAME][,ro][,queues=N]`` --
+# -- the device type: ``fs:DIR[,tag=NAME][,ro][,queues=N][,strict]`` --
 
 
-def _options(spec: Spec) -> tuple[str, bool, int]:
+def _flag(opts: dict[str, str], name: str) -> bool:
+    value = opts.get(name)
+    if value not in (None, "", "on", "off"):
+        raise SpecError(f"{name}={value!r}: {name}, {name}=on or {name}=off")
+    return value in ("", "on")
+
+
+def _options(spec: Spec) -> tuple[str, bool, int, bool]:
     opts = spec.options
     tag = opts.get("tag", "emu")
-    ro = opts.get("ro")
-    if ro not in (None, "", "on", "off"):
-        raise SpecError(f"ro={ro!r}: ro, ro=on or ro=off")
     queues = opts.get("queues", "1")
     if not (queues.isascii() and queues.isdigit()) or not 1 <= int(queues) <= 0xFFFE:
         raise SpecError(f"queues={queues!r}: a number of request queues, 1..65534")
-    return tag, ro in ("", "on"), int(queues)
+    return tag, _flag(opts, "ro"), int(queues), _flag(opts, "strict")
 
 
 def _from_spec(spec: Spec, build: Build) -> FsDevice:
     if not spec.arg:
         raise SpecError("the host directory to share")
-    tag, ro, queues = _options(spec)
+    tag, ro, queues, strict = _options(spec)
     try:
         return FsDevice(
             spec.arg,
@@ -1015,6 +1019,7 @@ def _from_spec(spec: Spec, build: Build) -> FsDevice:
             readonly=ro,
             num_request_queues=queues,
             queue_max_size=build.queue_max,
+            strict_restore=strict,
         )
     except ValueError as e:
         raise SpecError(str(e)) from e
@@ -1022,7 +1027,7 @@ def _from_spec(spec: Spec, build: Build) -> FsDevice:
 
 def _frontend(spec: Spec) -> dict[str, str]:
     """QEMU's vhost-user-fs-device must be told the tag and the request queue count."""
-    tag, _, queues = _options(spec)
+    tag, _, queues, _ = _options(spec)
     props = {"tag": tag}
     if queues > 1:
         props["num-request-queues"] = str(queues)
@@ -1032,10 +1037,10 @@ def _frontend(spec: Spec) -> dict[str, str]:
 register(
     DeviceType(
         FsDevice,
-        "fs:DIR[,tag=NAME][,ro][,queues=N]",
+        "fs:DIR[,tag=NAME][,ro][,queues=N][,strict]",
         _from_spec,
         "emu.testing.fs",
         frontend=_frontend,
-        options=("tag", "ro", "queues"),
+        options=("tag", "ro", "queues", "strict"),
     )
 )
