@@ -126,10 +126,13 @@ def test_microvm_guest_uses_two_queues(tmp_path: Path) -> None:
             cpus=2,
             timeout=120,
         )
+        # where a guest that never reaches /init stopped: before or after emu's part (a
+        # 2-vCPU TCG boot hung once in CI with nothing on the console)
+        seen = f"device {dev.run_state.name}, queues started {[q.started for q in dev.queues]}"
     finally:
         server.close()
         dev.close()
-    assert res.ok, res.console[-3000:]
+    assert res.ok, f"{seen}, popped {popped}\n{res.console[-3000:]}"
     assert res.results["mq.cpus"] == "2" and res.results["mq.queues"] == "2"
     (r,) = jobs_of(parse_report(res.console)).values()
     assert r.error == 0 and r.read.ios > 0
