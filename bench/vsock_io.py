@@ -27,15 +27,13 @@ import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from emu import progress
+from emu.backends.tap import host_tap
 from emu.guest import build_image
 from emu.guest.backends import emu_backends
 from emu.guest.background import BackgroundGuest
@@ -55,21 +53,6 @@ def tap_absent() -> str | None:
     if not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
         return "no /dev/net/tun or ip(8)"
     return None
-
-
-@contextmanager
-def host_tap(name: str) -> Iterator[str]:
-    subprocess.run(["ip", "link", "del", name], capture_output=True)  # a leftover
-    for cmd in (
-        ["ip", "tuntap", "add", "dev", name, "mode", "tap"],
-        ["ip", "addr", "add", f"{HOST_IP}/24", "dev", name],
-        ["ip", "link", "set", name, "up"],
-    ):
-        subprocess.run(cmd, check=True, capture_output=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "link", "del", name], capture_output=True)
 
 
 def drain(conn: socket.socket) -> int:
@@ -207,7 +190,7 @@ def main() -> int:
                 bar.update(0, f"{kind} round {r + 1}")
                 tmp = Path(tempfile.mkdtemp(dir=tmpdir))
                 if why_no_tap is None:
-                    with host_tap(f"emuvs{os.getpid() % 10000}") as tap:
+                    with host_tap(f"emuvs{os.getpid() % 10000}", f"{HOST_IP}/24") as tap:
                         got = one_boot(kind, args.mib, args.connects, tap, tmp)
                 else:
                     got = one_boot(kind, args.mib, args.connects, None, tmp)

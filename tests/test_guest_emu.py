@@ -32,6 +32,7 @@ import click
 import pytest
 
 from emu.backends.chardev import BufferChar
+from emu.backends.tap import host_tap as tap_interface
 from emu.commands.serve import make_devices
 from emu.devices.base import VirtioDevice
 from emu.devices.console import ConsoleDevice
@@ -257,17 +258,8 @@ def host_tap(name: str, address: str) -> Iterator[str]:
     """A TAP interface on the host with `address` (root only); removed afterwards."""
     if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
         pytest.skip("creating a TAP interface needs root, /dev/net/tun and ip(8)")
-    subprocess.run(["ip", "link", "del", name], capture_output=True)  # a leftover
-    for cmd in (
-        ["ip", "tuntap", "add", "dev", name, "mode", "tap"],
-        ["ip", "addr", "add", address, "dev", name],
-        ["ip", "link", "set", name, "up"],
-    ):
-        subprocess.run(cmd, check=True, capture_output=True)
-    try:
+    with tap_interface(name, address):
         yield name
-    finally:
-        subprocess.run(["ip", "link", "del", name], capture_output=True)
 
 
 def test_emu_guest_run_starts_emu_backends(image: GuestImage, tmp_path: Path) -> None:

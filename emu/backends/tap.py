@@ -16,7 +16,10 @@ import fcntl
 import os
 import select
 import struct
+import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -91,3 +94,20 @@ class Tap:
             os.close(self.fd)
             os.close(self._stop)
             self.fd = -1
+
+
+@contextmanager
+def host_tap(name: str, address: str) -> Iterator[str]:
+    """A TAP interface ``name`` on the host with ``address`` (CIDR), up; deleted afterwards
+    (one left by an earlier run is deleted first). Needs root and ip(8)."""
+    subprocess.run(["ip", "link", "del", name], capture_output=True)  # a leftover
+    for cmd in (
+        ["ip", "tuntap", "add", "dev", name, "mode", "tap"],
+        ["ip", "addr", "add", address, "dev", name],
+        ["ip", "link", "set", name, "up"],
+    ):
+        subprocess.run(cmd, check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
