@@ -89,7 +89,7 @@ def test_host_connect_churn_with_no_rx_buffers_stays_bounded(tmp_path):
             # Each program ends refused (by the backend or the device) or reset once it
             # left; waiting for that count, not for empty tables, also covers a program
             # still in the listen backlog, which no table shows yet
-            wait_for(lambda: dev.host.refused + dev.stats.refused + dev.stats.resets >= n)
+            wait_for(lambda n=n: dev.host.refused + dev.stats.refused + dev.stats.resets >= n)
             wait_for(lambda: not dev.conns.by_fd)
         assert len(dev._replies) <= 2 * REPLY_LIMIT
         # the guest that comes back takes a bounded number of packets, and a later host
