@@ -16,6 +16,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +26,7 @@ from emu.devices.blk import SECTOR, T_OUT, BlkDevice
 from emu.memory import GuestMemory
 from emu.ringdefs import F_RING_PACKED, F_VERSION_1
 from emu.state import file as state_file
+from emu.state.format import StateError
 from emu.testing.blk import BlkDriver, status_of
 from emu.testing.delay import hold_completions
 from emu.testing.driver import VirtioMmioDriver
@@ -252,17 +255,19 @@ def test_stop_refused_without_the_feature_or_before_driver_ok(tmp_path, packed, 
     try:
         features = 1 << F_VERSION_1 | (1 << F_RING_PACKED if packed else 0)
         rig.drv.init(features | 1 << mmio_regs.F_EMU_STOP, packed=packed)
+        before = rig.t.status
         rig.t.write(mmio_regs.STATUS, 4, rig.drv.status | mmio_regs.S_STOP)  # before DRIVER_OK
-        assert not rig.t.status & mmio_regs.S_STOP
+        assert rig.t.status == before and rig.dev.run_state is RunState.IDLE
         rig.drv.init(features, packed=packed)
         rig.drv.setup_queue(0, 8)
         rig.drv.driver_ok()
         rig.blk = BlkDriver(rig.drv)
+        before = rig.t.status
         rig.t.write(mmio_regs.STATUS, 4, rig.drv.status | mmio_regs.S_STOP)  # not negotiated
         msgs = warnings(caplog)
         assert any("STOP ignored: DRIVER_OK is not set" in m for m in msgs)
         assert any("STOP ignored: its feature was not negotiated" in m for m in msgs)
-        assert not rig.t.status & mmio_regs.S_STOP
+        assert rig.t.status == before
         assert rig.dev.run_state is RunState.RUNNING
         collect(rig.drv, [rig.write(1, 1)])
     finally:
@@ -317,6 +322,140 @@ def test_stop_feature_bit_is_configurable(tmp_path, packed, mem):
         rig.close()
     with pytest.raises(ValueError):
         MmioTransport(rig.dev, mem, stop_feature_bit=mmio_regs.F_SUSPEND)
+
+
+@pytest.fixture
+def blk(tmp_path: Path) -> Iterator[BlkDevice]:
+    disk = tmp_path / "bits.img"
+    disk.write_bytes(bytes(DISK))
+    dev = BlkDevice(disk)
+    yield dev
+    dev.close()
+
+
+def test_stop_feature_bit_refused_where_taken_or_out_of_range(
+    blk: BlkDevice, mem: GuestMemory
+) -> None:
+    """The bit is the transport's: it must not shadow a device feature or SUSPEND, and
+    must fit the 64 feature bits; the free bits around the refused ones are accepted."""
+    device_bits = [b for b in range(64) if blk.features >> b & 1]
+    assert F_VERSION_1 in device_bits and min(device_bits) < 32  # a device bit of each word
+    for bit in [min(device_bits), F_VERSION_1, mmio_regs.F_SUSPEND, 64, 65, -1]:
+        with pytest.raises(ValueError, match=f"stop feature bit {bit} is taken or out of range"):
+            MmioTransport(blk, mem, stop_feature_bit=bit)
+    for bit in (44, mmio_regs.F_EMU_STOP, 49, 63):
+        assert bit not in device_bits
+        t = MmioTransport(blk, mem, stop_feature_bit=bit)
+        assert t.offered_features >> bit & 1
+
+
+@pytest.mark.parametrize("other", [None, 45], ids=["no-bit", "bit45"])
+def test_snapshot_with_stop_restores_only_where_the_same_bit_is_offered(
+    rig: Rig, other: int | None
+) -> None:
+    """A driver that negotiated STOP at bit 47 would otherwise find its feature gone, or
+    moved, under it after a restore."""
+    rig.open()
+    assert rig.drv.features >> mmio_regs.F_EMU_STOP & 1
+    rig.latency(PARKED)
+    tokens = [rig.write(i, 30 + i) for i in range(2)]
+    rig.wait_fetched(2)
+    rig.drv.stop()
+    state, guest = rig.t.save(), rig.drv.save()
+    rig.close()
+    rig.dev, rig.t = rig.make_transport(stop_feature_bit=mmio_regs.F_EMU_STOP)
+
+    dev, t = rig.make_transport(stop_feature_bit=other)
+    try:
+        with pytest.raises(StateError, match="driver_features .* are not all offered here"):
+            t.restore(state)
+        assert dev.run_state is RunState.IDLE and t.status == 0  # nothing applied
+    finally:
+        dev.close()
+
+    rig.t.restore(state)
+    rig.drv = VirtioMmioDriver.load(rig.t, rig.mem, guest)
+    rig.blk = BlkDriver(rig.drv)
+    assert rig.dev.stopped and rig.drv.status & mmio_regs.S_STOP
+    assert rig.drv.inflight(0) == 2
+    rig.latency(LATENCY)
+    rig.drv.resume()
+    collect(rig.drv, tokens)
+    assert all(on_disk(rig, i) == pattern(30 + i) for i in range(2))
+
+
+@pytest.mark.parametrize(
+    "asked, holder",
+    [("STOP", "stop"), ("STOP", "suspend"), ("STOP", "needs-reset"), ("SUSPEND", "needs-reset")],
+)
+def test_stop_or_suspend_ignored_while_held_or_broken(
+    rig: Rig, caplog: pytest.LogCaptureFixture, asked: str, holder: str
+) -> None:
+    """A second stop request must not stack on one the device holds (STOP still stopping
+    under a VMM stop, or SUSPEND), and a device that needs a reset cannot stop at all (it
+    keeps presenting DEVICE_NEEDS_RESET, as a failed SUSPEND must)."""
+    rig.open()
+    if holder == "stop":  # the guest's STOP waits behind the VMM's: STOP still reads 0
+        rig.t.vmm_stop()
+        rig.t.write(mmio_regs.STATUS, 4, rig.drv.status | mmio_regs.S_STOP)
+        assert rig.t.status & mmio_regs.S_STOP and not rig.drv.status & mmio_regs.S_STOP
+    elif holder == "suspend":
+        rig.drv.suspend()
+    else:
+        rig.dev.fail("test: the guest broke its ring")
+        assert rig.drv.status & mmio_regs.S_DEVICE_NEEDS_RESET
+    held, seen, run_state = rig.t.status, rig.drv.status, rig.dev.run_state
+    caplog.clear()
+    bit = mmio_regs.S_STOP if asked == "STOP" else mmio_regs.S_SUSPEND
+    rig.t.write(mmio_regs.STATUS, 4, seen | bit)
+    assert (rig.t.status, rig.drv.status) == (held, seen)
+    assert rig.dev.run_state is run_state
+    assert f"virtio-mmio: {asked} ignored: the device is stopped, stopping or needs a reset" in (
+        warnings(caplog)
+    )
+    if holder == "needs-reset":
+        assert rig.drv.status & mmio_regs.S_DRIVER_OK  # not suspended, not stopped
+        return  # only a reset (rig.close) brings it back
+    if holder == "stop":
+        rig.t.vmm_resume()  # now the guest gets the one stop it asked for
+        rig.drv.stop()
+    rig.drv.resume()
+    collect(rig.drv, [rig.write(5, 5)])
+
+
+@pytest.mark.parametrize("how", ["stop", "vmm"])
+def test_config_change_while_stopped_is_announced_on_resume(rig: Rig, how: str) -> None:
+    """Held back, not lost: the driver learns of the change once the device runs again."""
+    rig.open()
+    if how == "stop":
+        rig.drv.stop()
+    else:
+        rig.t.vmm_stop()
+    levels = list(rig.levels)
+    rig.dev.on_config_change()  # e.g. a backend resize
+    assert not rig.t.interrupt_status & mmio_regs.INT_CONFIG and rig.levels == levels
+    if how == "stop":
+        rig.drv.resume()
+    else:
+        rig.t.vmm_resume()
+    assert rig.t.interrupt_status & mmio_regs.INT_CONFIG
+
+
+def test_config_writes_ignored_while_stop_is_held(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopped device's config is frozen, as under SUSPEND: the snapshot taken now is
+    the config the device stopped with."""
+    rig.open()
+    assert rig.t.read(mmio_regs.CONFIG + CONFIG_WRITEBACK, 1) == 1
+    rig.drv.stop()
+    caplog.clear()
+    rig.t.write(mmio_regs.CONFIG + CONFIG_WRITEBACK, 1, 0)
+    assert rig.t.read(mmio_regs.CONFIG + CONFIG_WRITEBACK, 1) == 1
+    assert any("config write" in m and "while stopped ignored" in m for m in warnings(caplog))
+    rig.drv.resume()
+    rig.t.write(mmio_regs.CONFIG + CONFIG_WRITEBACK, 1, 0)
+    assert rig.t.read(mmio_regs.CONFIG + CONFIG_WRITEBACK, 1) == 0
 
 
 # -- virtio 1.4 SUSPEND --

@@ -10,6 +10,7 @@ and a restore).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -221,6 +222,44 @@ def test_a_failing_guest_test_leaves_no_guest(suite: Path, tmp_path: Path):
     assert outcomes["test_a_guest_test_fails"] == ("failure", "AssertionError: the test fails")
     assert outcomes["test_its_guest_is_gone"] == ("passed", ""), out
     assert "--- emu uml-emu guest console" in out and "EMU-SHELL-READY" in out, out
+
+
+#: a suite that uses none of the plugin's fixtures: what of emu its test finds imported
+UNUSED = """
+import json, pathlib, sys
+
+def test_nothing_of_emu():
+    mods = sorted(m for m in sys.modules if m == "emu" or m.startswith("emu."))
+    out = pathlib.Path(__file__).with_name("modules.json")
+    out.write_text(json.dumps({"emu": mods, "numpy": "numpy" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize(
+    "verbosity",
+    [
+        "-q",
+        pytest.param(
+            "-v",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="docs/pytest.md says a suite that uses no fixture pays nothing, but "
+                "the report header (shown unless -q) imports emu.queue, numpy and the ring core",
+            ),
+        ),
+    ],
+)
+def test_a_suite_without_the_fixtures_imports_only_the_plugin(tmp_path: Path, verbosity: str):
+    """docs/pytest.md: the plugin loads for every suite once emu is installed, so it must
+    not import emu's devices, rings or numpy where no fixture asks for them."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_unused.py").write_text(textwrap.dedent(UNUSED))
+    outcomes, out = run_suite(
+        tmp_path / "test_unused.py", tmp_path, source_env(), verbosity, *PLUGIN
+    )
+    assert outcomes == {"test_nothing_of_emu": ("passed", "")}, out
+    seen = json.loads((tmp_path / "modules.json").read_text())
+    assert seen == {"emu": ["emu", "emu.testing", "emu.testing.pytest_plugin"], "numpy": False}
 
 
 def test_uml_has_no_snapshot():
