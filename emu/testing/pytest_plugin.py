@@ -17,6 +17,7 @@ test suite that does not use it nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -56,13 +57,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    """Which emu the run uses: a test suite can tell an installed emu from a source tree."""
+    """Which emu the run uses: a test suite can tell an installed emu from a source tree.
+    The ring core is looked for, not imported: the header shows in every run, and a suite
+    that uses no fixture must not pay for numpy and the rings (docs/pytest.md)."""
     try:
         import emu
-        from emu.queue import _cring
     except ImportError as e:  # a broken install is the suite's problem, not the header's
         return f"emu: cannot import ({e})"
-    core = "cython (emu._ring)" if _cring is not None else "python only (emu._ring not built)"
+    built = importlib.util.find_spec("emu._ring") is not None
+    core = "cython (emu._ring)" if built else "python only (emu._ring not built)"
     return f"emu: {Path(emu.__file__).resolve().parent}, ring core {core}"
 
 
