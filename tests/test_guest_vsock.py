@@ -44,6 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from qemu_blockers import assert_no_migration_or_reconnect
 
 from emu.devices.registry import make_devices
 from emu.devices.vsock import BUF_ALLOC, VsockDevice
@@ -52,7 +53,6 @@ from emu.guest import GuestImage, build_image, images, vm
 from emu.guest.devices import Device
 from emu.guest.libs import _read_elf
 from emu.guest.packages import PackageError
-from emu.guest.run import kernel_args
 from emu.guest.vsock import EchoServer, accept, connect, listen, read_all
 from emu.vhost_user.backend import VhostUserServer
 
@@ -322,23 +322,9 @@ def test_qemu_vhost_user_vsock_cannot_migrate_or_reconnect(tmp_path: Path) -> No
         image = build_image("microvm")
     except PackageError as e:
         pytest.skip(f"guest packages unavailable: {e}")
-    qmp = tmp_path / "qmp.sock"
     with served_vsock(tmp_path) as (dev, sock, uds):
         devices = [Device("vsock", str(sock))]
-        append = kernel_args(["none"], {}, True)
-        cmd = vm.qemu_command(image, devices, qmp, append, 256)
-        cmd.insert(1, "-S")  # paused before the first instruction: QMP only
-        guest = vm.Vm(cmd, qmp, [])
-        try:
-            with pytest.raises(RuntimeError, match="non-migratable device.*vhost-user-vsock"):
-                guest.qmp.execute("migrate", uri=f"exec:cat > {tmp_path / 'vm.mig'}")
-        finally:
-            guest.stop()
-        cmd = vm.qemu_command(image, devices, qmp, append, 256, reconnect=True)
-        cmd.insert(1, "-S")
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0
-    assert "vhost-user-vsock-device" in out.stderr and "Failed to set msg fds" in out.stderr
+        assert_no_migration_or_reconnect(image, devices, "vhost-user-vsock", tmp_path)
 
 
 # -- emu guest run --
