@@ -17,8 +17,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Protocol, TextIO
+from typing import Protocol, TextIO, TypeVar
 
 import click
 
@@ -156,6 +157,19 @@ def progress(label: str, length: int, stream: TextIO | None = None) -> Progress:
     except (AttributeError, ValueError):
         tty = False
     return _Bar(label, length, stream) if tty else _Lines(label, length, stream)
+
+
+T = TypeVar("T")
+
+
+def steps(items: Sequence[T], label: str, show: Callable[[T], str] | None = None) -> Iterator[T]:
+    """Each of ``items`` in turn; progress labelled ``label`` while they run (``show``
+    names the one under way)."""
+    with progress(label, len(items)) as bar:
+        for item in items:
+            bar.update(0, show(item) if show else None)
+            yield item
+            bar.update(1)
 
 
 def add_argument(parser: argparse.ArgumentParser) -> None:

@@ -429,7 +429,7 @@ class _Tty(io.StringIO):
 
 def test_debate_progress_obeys_no_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     """``emu --no-progress bench debate`` on a terminal: no bar (EMU_PROGRESS=0)."""
-    from emu.debate.progress import steps
+    from emu.progress import steps
 
     tty = _Tty()
     monkeypatch.setattr(sys, "stderr", tty)
@@ -441,7 +441,7 @@ def test_debate_progress_obeys_no_progress(monkeypatch: pytest.MonkeyPatch) -> N
 def test_debate_progress_obeys_progress_in_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
     """``emu --progress bench debate 2>log``: progress lines in the log, as other long
     work gives them."""
-    from emu.debate.progress import steps
+    from emu.progress import steps
 
     log = io.StringIO()
     monkeypatch.setattr(sys, "stderr", log)

@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from emu.debate.progress import steps
 from emu.devices.blk import S_OK, SECTOR, T_IN, T_OUT, BlkDevice
 from emu.memory import GuestMemory
+from emu.progress import steps
 from emu.queue import ring_module
 from emu.ringdefs import F_EVENT_IDX, F_INDIRECT_DESC, RingState
 from emu.state import parts

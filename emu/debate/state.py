@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.debate import scenarios
-from emu.debate.progress import steps
+from emu.progress import steps
 from emu.state import parts
 from emu.state.breakdown import DIGEST_BYTES, HEADER_BYTES, PART_HEADER_BYTES, STANDARD
 

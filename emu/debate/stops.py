@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from emu.debate.measure import Backend, MmioCase, measure, open_backend, pct, wait_in_flight
-from emu.debate.progress import steps
+from emu.progress import steps
 from emu.transport import mmio_regs
 
 #: interface -> the policies it can stop under
