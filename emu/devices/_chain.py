@@ -21,7 +21,7 @@ from typing import Generic, NamedTuple, TypeVar
 
 from emu.devices.base import DeviceError
 from emu.memory import GuestMemory
-from emu.queue import Gate, Virtqueue
+from emu.queue import CLOSED, Virtqueue
 from emu.ringdefs import Batch
 
 try:
@@ -197,7 +197,7 @@ def abandoning(q: Virtqueue) -> bool:
     """A report stop (or a reset) is under way: leave the rest of a batch in flight, not
     executed. A drain stop halts the queue too, but finishes every chain already fetched.
     """
-    return q.gate is Gate.CLOSED
+    return q.gate is CLOSED
 
 
 @dataclass(slots=True)

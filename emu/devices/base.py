@@ -27,7 +27,7 @@ from enum import Enum
 from typing import Any
 
 from emu.memory import GuestMemory, GuestMemoryError
-from emu.queue import Gate, Virtqueue
+from emu.queue import OPEN, Gate, Virtqueue
 from emu.ringdefs import (
     F_EVENT_IDX,
     F_INDIRECT_DESC,
@@ -63,6 +63,9 @@ class RunState(Enum):
     STOPPED = "stopped"  # no guest memory written, no interrupt raised until resume
     BROKEN = "broken"  # needs reset: no ring is touched until then
 
+
+#: the states the device loop checks on every turn, as plain names (see emu.queue.OPEN)
+RUNNING, STOPPING = RunState.RUNNING, RunState.STOPPING
 
 #: quiesce policies: finish and publish everything started, or publish nothing more and
 #: report what was fetched as in flight
@@ -550,7 +553,7 @@ class VirtioDevice:
                         break
                 if self._pending:
                     self._serve_pass()
-                busy = self._pending and self.run_state is RunState.RUNNING
+                busy = self._pending and self.run_state is RUNNING
                 timeout = 0 if busy else self._due_timeout()
                 self._owner.release()
                 try:
@@ -566,7 +569,7 @@ class VirtioDevice:
                         fired.append(what.q)  # published below
                     elif what is not None and what.kick_fd == fd:
                         what.clear_kick()
-                        if what.ring is not None and what.gate is Gate.OPEN:  # started, open
+                        if what.ring is not None and what.gate is OPEN:  # started, open
                             self._pending[what.index] = what
                 self._publish_due(fired)
         finally:
@@ -596,7 +599,7 @@ class VirtioDevice:
             os.eventfd_read(self._wake)
         except BlockingIOError:
             pass
-        if self.run_state is not RunState.RUNNING:
+        if self.run_state is not RUNNING:
             return  # a stopped device leaves backend input with the backend
         self._backend_events()
         self._pending.update((q.index, q) for q in self.queues if q.started and self.wants_poll(q))
@@ -604,7 +607,7 @@ class VirtioDevice:
     def _serve_pass(self) -> None:
         """One budgeted pass per pending queue; commands waiting end the round early."""
         for q in list(self._pending.values()):
-            if self._commands or self.run_state is not RunState.RUNNING:
+            if self._commands or self.run_state is not RUNNING:
                 return
             del self._pending[q.index]
             if q.ring is None or q.gate is not Gate.OPEN:  # not started, or not open
@@ -624,7 +627,7 @@ class VirtioDevice:
                 self._pending[q.index] = q
 
     def _due_timeout(self) -> float | None:
-        due = self._stop_deadline if self.run_state is RunState.STOPPING else None
+        due = self._stop_deadline if self.run_state is STOPPING else None
         for q in self.queues:  # a plain loop: runs before every wait, mostly finds nothing
             if q.deferred is not None and q.started:
                 d = q.deferred.next_due()
@@ -635,7 +638,7 @@ class VirtioDevice:
     def _publish_due(self, fired: list[Virtqueue]) -> None:
         """Publish what is ready: queues whose completion fd fired, and those whose
         deferred is due by time (no fd: ``take_due`` looks at the clock)."""
-        if self.run_state not in (RunState.RUNNING, RunState.STOPPING):
+        if self.run_state is not RUNNING and self.run_state is not STOPPING:
             return
         now = time.monotonic()
         for q in self.queues:
@@ -644,7 +647,7 @@ class VirtioDevice:
                 continue
             if d.fd is None or q in fired:
                 q.publish_due(now)
-        if self.run_state is RunState.STOPPING:
+        if self.run_state is STOPPING:
             self._finish_stop()
 
     def _backend_events(self) -> None:

@@ -104,7 +104,7 @@ from emu.devices._chain import (
 from emu.devices.base import DeviceError, VirtioDevice
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.memory import GuestMemoryError, span
-from emu.queue import Gate, Virtqueue
+from emu.queue import CLOSED, Virtqueue
 from emu.state.format import StateError
 from emu.state.schema import Bool, Field, Int, List, Map, Nullable, Obj, Schema, Str
 
@@ -135,8 +135,6 @@ INLINE = 4096
 #: opcodes the request path compares with (plain ints: no enum lookup per request)
 _INIT, _READ, _WRITE = int(f.Op.INIT), int(f.Op.READ), int(f.Op.WRITE)
 _IN_HEADER, _NO_REPLY = f.IN_HEADER, f.NO_REPLY
-#: a report stop (or reset) closed the queue's gate (``_chain.abandoning``, inline)
-CLOSED = Gate.CLOSED
 
 OFFERED = (
     f.ASYNC_READ

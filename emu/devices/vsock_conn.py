@@ -41,6 +41,10 @@ class State(Enum):
     ESTABLISHED = "established"
 
 
+#: checked per packet (``Conn.established``): a plain name, not an Enum member lookup
+_ESTABLISHED = State.ESTABLISHED
+
+
 class Conn:
     """A connection: ``local_port`` is the host side's (the port the guest connected to,
     or the one the device chose), ``peer_port`` the guest socket's."""
@@ -101,7 +105,7 @@ class Conn:
 
     @property
     def established(self) -> bool:
-        return self.state is State.ESTABLISHED
+        return self.state is _ESTABLISHED
 
     def peer_credit(self, hdr: Header) -> None:
         """Every packet from the guest carries its current buffer space."""
