@@ -111,6 +111,9 @@ _OPEN_FLAGS = (
 #: how far ``..`` may walk up looking for ROOT before giving up
 _MAX_DEPTH = 4096
 _DOTS = (b".", b"..")
+#: byte values a name may not hold, tested as ints: ``b"/" in name`` makes bytes try the
+#: operand as an int first and format a TypeError it then drops, on every lookup
+_SLASH, _NUL = ord("/"), 0
 _OFF_MAX = (1 << 63) - 1
 #: the most one read/write/copy moves in Linux (MAX_RW_COUNT)
 _RW_MAX = 0x7FFFF000
@@ -206,7 +209,7 @@ def _check_name(name: bytes) -> None:
     """One path component the host may resolve: no separator, no NUL, not too long."""
     if not isinstance(name, bytes):
         raise TypeError(f"names are bytes, not {type(name).__name__}")
-    if not name or b"/" in name or b"\0" in name:
+    if not name or _SLASH in name or _NUL in name:
         raise _error(errno.EINVAL)
     if len(name) > NAME_MAX:
         raise _error(errno.ENAMETOOLONG)
@@ -287,7 +290,7 @@ def _birth_ns(fd: int) -> int | None:
 def _check_xattr_name(name: bytes) -> None:
     if not isinstance(name, bytes):
         raise TypeError(f"xattr names are bytes, not {type(name).__name__}")
-    if b"\0" in name:
+    if _NUL in name:
         raise _error(errno.EINVAL)
     if not name or len(name) > NAME_MAX:  # the kernel's XATTR_NAME_MAX answer
         raise _error(errno.ERANGE)
@@ -720,7 +723,7 @@ class HostDir:
         _check_entry(name)
         if not isinstance(target, bytes):
             raise TypeError(f"a symlink target is bytes, not {type(target).__name__}")
-        if b"\0" in target:
+        if _NUL in target:
             raise _error(errno.EINVAL)
         self._writable()
         self._node_room()
@@ -1127,7 +1130,7 @@ class HostDir:
         except UnicodeError:
             parts = [b""]
         if len(path) > _PATH_MAX or any(
-            not p or p in _DOTS or b"\0" in p or len(p) > NAME_MAX for p in parts
+            not p or p in _DOTS or _NUL in p or len(p) > NAME_MAX for p in parts
         ):
             raise HostDirStateError(f"{what}: {path!r} is not a plain path below the root")
         fd = os.open(b".", _DIR_PATH, dir_fd=self._nodes[ROOT].fd)
