@@ -148,6 +148,9 @@ MAX_PIECES = 8
 #: a Unix SOCK_SEQPACKET send takes at most its send buffer less this (EMSGSIZE beyond):
 #: a seqpacket connection advertises no more, so a Linux guest refuses bigger messages
 SEQPACKET_SLACK = 64
+#: recv flags that size the next message without taking it (an int once: OR-ing the
+#: socket module's IntFlag members runs Python code, per message)
+_PEEK_SIZE = int(socket.MSG_PEEK | socket.MSG_TRUNC)
 
 
 @dataclass(slots=True)
@@ -904,7 +907,7 @@ class VsockDevice(VirtioDevice):
     def _next_message(self, conn: Conn) -> bool:
         """SEQPACKET: read the host's next message whole; False when there is none (EOF
         and a message the guest could never hold are dealt with here)."""
-        size = conn.sock.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+        size = conn.sock.recv_into(bytearray(1), 1, _PEEK_SIZE)
         if size == 0:  # an empty message reads as EOF too; Linux guests cannot send one
             self._host_eof(conn)
             return False
