@@ -501,10 +501,7 @@ def _from_spec(spec: Spec, build: Build) -> BalloonDevice:
         raise SpecError("balloon takes no argument")
     withheld = 0
     for name, bit in FEATURE_OPTIONS.items():
-        value = spec.options.get(name, "on")
-        if value not in ("on", "off"):
-            raise SpecError(f"{name}={value}: on or off")
-        withheld |= (value == "off") << bit
+        withheld |= (not spec.switch(name, True)) << bit
     target = spec.options.get("target", "0")
     if not (target.isascii() and target.isdigit()) or int(target) * 256 > U32_MAX:
         raise SpecError(f"target={target}: a whole number of MiB up to {U32_MAX // 256}")

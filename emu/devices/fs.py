@@ -990,20 +990,13 @@ def _sized(value: bytes, size: int, room: int) -> bytes:
 # -- the device type: ``fs:DIR[,tag=NAME][,ro][,queues=N][,strict]`` --
 
 
-def _flag(opts: dict[str, str], name: str) -> bool:
-    value = opts.get(name)
-    if value not in (None, "", "on", "off"):
-        raise SpecError(f"{name}={value!r}: {name}, {name}=on or {name}=off")
-    return value in ("", "on")
-
-
 def _options(spec: Spec) -> tuple[str, bool, int, bool]:
     opts = spec.options
     tag = opts.get("tag", "emu")
     queues = opts.get("queues", "1")
     if not (queues.isascii() and queues.isdigit()) or not 1 <= int(queues) <= 0xFFFE:
         raise SpecError(f"queues={queues!r}: a number of request queues, 1..65534")
-    return tag, _flag(opts, "ro"), int(queues), _flag(opts, "strict")
+    return tag, spec.switch("ro", False), int(queues), spec.switch("strict", False)
 
 
 def _from_spec(spec: Spec, build: Build) -> FsDevice:

@@ -62,6 +62,16 @@ class Spec:
     #: the device type says which it accepts (``DeviceType.options``)
     options: dict[str, str] = field(default_factory=dict)
 
+    def switch(self, name: str, default: bool) -> bool:
+        """Option ``name`` as a switch: ``name`` or ``name=on`` is on, ``name=off`` off,
+        absent ``default``; anything else is a SpecError."""
+        value = self.options.get(name)
+        if value is None:
+            return default
+        if value not in ("", "on", "off"):
+            raise SpecError(f"{name}={value!r}: on or off (a bare {name} is on)")
+        return value != "off"
+
 
 @dataclass
 class Build:
