@@ -339,6 +339,14 @@ def run(quick: bool) -> dict:
                 passed, (checked, notes) = True, _run_one(c, where)
             except (CheckFailed, StateError, TimeoutError, RuntimeError) as e:
                 passed, checked, notes = False, f"failed: {e}", []
-            row = dict(check=c.name, ring=c.ring, kind=c.kind, passed=passed, checked=checked)
-            rows.append(row | {"notes": notes})
+            rows.append(
+                dict(
+                    check=c.name,
+                    ring=c.ring,
+                    kind=c.kind,
+                    passed=passed,
+                    checked=checked,
+                    notes=notes,
+                )
+            )
     return dict(checks=rows)

@@ -610,7 +610,7 @@ class VirtioDevice:
             if self._commands or self.run_state is not RUNNING:
                 return
             del self._pending[q.index]
-            if q.ring is None or q.gate is not Gate.OPEN:  # not started, or not open
+            if q.ring is None or q.gate is not OPEN:  # not started, or not open
                 continue
             q.begin_pass()
             self._in_pass = True
