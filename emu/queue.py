@@ -52,7 +52,7 @@ class Gate(Enum):
 
 #: the gates as plain names: an Enum member lookup costs ten times a global's, and the
 #: request path checks the gate several times per request
-OPEN, HALT, CLOSED = Gate.OPEN, Gate.HALT, Gate.CLOSED
+OPEN, CLOSED = Gate.OPEN, Gate.CLOSED
 
 #: a pass serves at most a queue size of chains and this many descriptors per chain slot,
 #: so a stop or reset waits one bounded pass and no queue starves the others
