@@ -557,6 +557,8 @@ class VirtioDevice:
                 timeout = 0 if busy else self._due_timeout()
                 self._owner.release()
                 try:
+                    if timeout is None and self.run_state is RUNNING and self.serve_parked(ep):
+                        timeout = 0  # it came back: what it left to this loop is ready
                     events = ep.poll(-1 if timeout is None else timeout)
                 finally:
                     self._owner.acquire()
@@ -616,15 +618,21 @@ class VirtioDevice:
             self._in_pass = True
             try:
                 self.handle_queue(q)
-            except (RingError, GuestMemoryError, DeviceError) as e:
-                self._fail(f"queue {q.index}: {e}")
-            except Exception as e:  # last line of defence: the thread must not die
-                log.exception("%s: queue %d: unexpected error", self.name, q.index)
-                self._fail(f"queue {q.index}: internal error: {e!r}")
+            except Exception as e:  # the thread must not die
+                self.queue_failed(q, e)
             finally:
                 self._in_pass = False
             if q.more and q.ring is not None:  # budget spent: after the other queues
                 self._pending[q.index] = q
+
+    def queue_failed(self, q: Virtqueue, e: Exception) -> None:
+        """A pass over ``q`` raised ``e``: a bad ring, buffer or request makes the device
+        need a reset; so does anything else, logged as emu's own error."""
+        if isinstance(e, (RingError, GuestMemoryError, DeviceError)):
+            self._fail(f"queue {q.index}: {e}")
+            return
+        log.error("%s: queue %d: unexpected error", self.name, q.index, exc_info=e)
+        self._fail(f"queue {q.index}: internal error: {e!r}")
 
     def _due_timeout(self) -> float | None:
         due = self._stop_deadline if self.run_state is STOPPING else None
@@ -671,6 +679,13 @@ class VirtioDevice:
 
     def on_reset(self) -> None:
         """Device reset: drop guest-side state (device thread)."""
+
+    def serve_parked(self, ep: select.epoll) -> bool:
+        """Instead of parking in ``ep.poll`` (nothing pending, nothing due, RUNNING): a
+        device may wait in native code itself, serving the kicks and completions it can
+        there, until an fd it leaves to this loop is ready. Called and returns with the
+        ownership token released. True: it waited (poll at once for what it left)."""
+        return False
 
     def wants_poll(self, q: Virtqueue) -> bool:
         """Serve ``q`` after a wake-up even without a kick (rx queues waiting for data)."""

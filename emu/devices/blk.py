@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import struct
 from dataclasses import dataclass
 
@@ -71,7 +72,7 @@ from emu.backends.storage import open_engine, open_sync
 from emu.devices._chain import abandoning
 from emu.devices.base import DeviceError, VirtioDevice
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
-from emu.memory import GuestMemory, GuestMemoryError
+from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import Batch
 from emu.state.format import StateError
@@ -253,7 +254,7 @@ class BlkDevice(VirtioDevice):
         self.seg_max = seg_max
         self.size_max = size_max
         self.serial = serial.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
-        self.writeback = 1
+        self._writeback = 1
         self._planes = {}
         for q, engine in zip(self.queues, self.engines, strict=False):
             q.deferred = self._planes[q.index] = _blkplane.BlkPlane(
@@ -311,8 +312,31 @@ class BlkDevice(VirtioDevice):
             super().write_config(offset, size, value)
 
     @property
+    def writeback(self) -> int:
+        return self._writeback
+
+    @writeback.setter
+    def writeback(self, value: int) -> None:
+        self._writeback = value
+        self._set_modes()
+
+    @property
     def writethrough(self) -> bool:
         return not self.writeback or not self.has(F_FLUSH)
+
+    def _set_modes(self) -> None:
+        """Tell the native planes what the features and the cache mode make of requests;
+        whenever either changes (activation, a config write, reset, restore)."""
+        mode = (
+            (_blkplane.MODE_WRITETHROUGH if self.writethrough else 0)
+            | (_blkplane.MODE_DISCARD if self.has(F_DISCARD) else 0)
+            | (_blkplane.MODE_WRITE_ZEROES if self.has(F_WRITE_ZEROES) else 0)
+        )
+        for plane in self._planes.values():
+            plane.mode = mode
+
+    def on_activate(self, features: int) -> None:
+        self._set_modes()
 
     def on_reset(self) -> None:
         self.writeback = 1
@@ -373,7 +397,7 @@ class BlkDevice(VirtioDevice):
     def handle_queue(self, q: Virtqueue) -> None:
         plane = self._planes.get(q.index)
         if plane is not None and q.deferred is plane:
-            self._handle_native(q, plane)
+            plane.serve_queue(self.mem)
             return
         # the Python path; also under the delay model (emu.testing.delay), which
         # replaces the queue's deferred
@@ -384,34 +408,19 @@ class BlkDevice(VirtioDevice):
             if not q.set_kicks(True):
                 break
 
-    def _handle_native(self, q: Virtqueue, plane) -> None:
-        """Pop while the engine has room, serve each batch in C, publish what is done."""
-        plane.mode = (
-            (_blkplane.MODE_WRITETHROUGH if self.writethrough else 0)
-            | (_blkplane.MODE_DISCARD if self.has(F_DISCARD) else 0)
-            | (_blkplane.MODE_WRITE_ZEROES if self.has(F_WRITE_ZEROES) else 0)
-        )
-        mem = self.mem
-        while True:
-            q.set_kicks(False)
-            while room := plane.room():
-                want = min(BATCH, room)
-                batch = q.pop(want)
-                if not len(batch):
-                    break
-                try:
-                    plane.serve(batch, mem)
-                except (DeviceError, GuestMemoryError):
-                    q.publish_all_due()  # what earlier batches did reaches the guest first
-                    raise
-                if len(batch) < want:
-                    break  # the ring ran dry (or the pass budget ran out): set_kicks tells
-            if not room:  # the engine is full: the plane kicks the queue when it is not
-                plane.starve()
-                break
-            if not q.set_kicks(True):
-                break
-        q.publish_due(0.0)
+
+    def serve_parked(self, ep: select.epoll) -> bool:
+        """Wait in the native plane's own loop while every started queue is on it."""
+        fds = {}
+        for q in self.queues:
+            plane = self._planes.get(q.index)
+            if q.started and plane is not None and q.deferred is plane:
+                fds[q.kick_fd] = (plane, True)
+                fds[plane.fd] = (plane, False)
+        if not fds:
+            return False
+        _blkplane.serve_parked(self, ep.fileno(), self._owner, fds)
+        return True
 
     def _serve_batch(self, q: Virtqueue, batch: Batch) -> None:
         reqs = _parse_batch(self.mem, batch)  # DeviceError before any of the batch runs
