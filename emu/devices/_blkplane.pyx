@@ -58,7 +58,7 @@ from emu.backends.engine cimport (
 
 from emu.devices.base import RUNNING, DeviceError
 from emu.memory import GuestMemoryError
-from emu.queue import OPEN
+from emu.queue import CLOSED, KEEP_BATCHES, OPEN, PASS_DESCS_PER_SLOT
 
 cdef extern from "<sys/epoll.h>" nogil:
     ctypedef union epoll_data_t:
@@ -765,16 +765,18 @@ cdef class BlkPlane:
 
     def serve_queue(self, mem) -> None:
         """Pop while the engine has room, serve each batch, publish what is done: the
-        native plane's pass (blk.BlkDevice._serve_batch is the Python path's)."""
+        native plane's pass (blk.BlkDevice._serve_batch is the Python path's). The queue's
+        own steps (Virtqueue.set_kicks, pop, publish_due) run inline: ``set_kicks``,
+        ``pop`` and ``publish`` below are theirs, line for line."""
         q = self.q
         cdef Py_ssize_t room, want, got
         while True:
-            q.set_kicks(False)
+            self.set_kicks(q, False)
             room = self.room()
             while room:
                 want = min(BATCH, room)
-                batch = q.pop(want)
-                got = len(batch.heads)
+                batch = self.pop(q, want)
+                got = 0 if batch is None else cnp.PyArray_DIM(batch.heads, 0)
                 if not got:
                     break
                 try:
@@ -788,9 +790,75 @@ cdef class BlkPlane:
             if not room:  # the engine is full: ``starve`` kicks the queue when it is not
                 self.starve()
                 break
-            if not q.set_kicks(True):
+            if not self.set_kicks(q, True):
                 break
-        q.publish_due(0.0)
+        self.publish_ready(q)
+
+    cdef bint set_kicks(self, q, bint enabled) except -1:
+        """Virtqueue.set_kicks."""
+        if q.gate is not OPEN:
+            return False
+        if enabled and q.more:
+            return False
+        return bool(q._resubmit) or q._requeue or q.ring.set_notify(enabled)
+
+    cdef object pop(self, q, Py_ssize_t want):
+        """Virtqueue.pop (None for its empty Batch); chains handed out again after a
+        resume or restore come from Virtqueue.pop itself."""
+        cdef Py_ssize_t chains_left, descs_left, n
+        if q.gate is not OPEN:
+            return None
+        chains_left, descs_left = q._chains_left, q._descs_left
+        if chains_left <= 0 or descs_left <= 0:
+            q.more = True
+            return None
+        if q._requeue or q._resubmit:
+            return q.pop(want)
+        batch = q.ring.pop(min(want, chains_left), descs_left)
+        q._descs_left = descs_left - batch.walked
+        n = cnp.PyArray_DIM(batch.heads, 0)
+        if n:
+            batches = q._batches  # Virtqueue._remember
+            batches.append(batch)
+            q._unused += n
+            if len(batches) > KEEP_BATCHES:
+                q._fold()
+            tracker = q.tracker
+            if tracker is not None:
+                tracker.fetched(batch)
+        q._chains_left = chains_left - n
+        return batch
+
+    cdef int publish_ready(self, q) except -1:
+        """Virtqueue.publish_due."""
+        for heads, lengths in self.take_due(0.0):
+            if q.gate is not CLOSED:
+                self.publish(q, heads, lengths)
+        return 0
+
+    cdef int publish(self, q, heads, lengths) except -1:
+        """Virtqueue._publish."""
+        cdef Py_ssize_t n = cnp.PyArray_DIM(heads, 0)
+        tracker, log = q.tracker, q.log
+        if log is not None:
+            log.before_publish()
+        if tracker is not None:
+            tracker.using(heads)
+        notify = q.ring.push(heads, lengths)
+        if log is not None:
+            log.published(q, n)
+        if tracker is not None:
+            tracker.used(heads)
+        unused = q._unused - n
+        if unused <= 0:  # Virtqueue._forget_batches
+            q._batches = []
+            q._held = {}
+            q._unused = 0
+        else:
+            q._unused = unused
+        if notify:
+            q.notify()
+        return 0
 
     cdef bint may_serve(self, dev):
         """What VirtioDevice._run checks before it serves a kick or publishes completions,
@@ -802,7 +870,9 @@ cdef class BlkPlane:
     cdef bint turn(self, dev):
         """VirtioDevice._serve_pass for this queue alone; False: back to the Python loop."""
         q = self.q
-        q.begin_pass()
+        q.more = False  # Virtqueue.begin_pass
+        q._chains_left = q.size
+        q._descs_left = PASS_DESCS_PER_SLOT * q.size
         dev._in_pass = True
         try:
             self.serve_queue(dev.mem)
@@ -927,6 +997,6 @@ def serve_parked(dev, int ep_fd, owner, dict fds) -> None:
                     if not plane.turn(dev):
                         return
                 else:
-                    plane.q.publish_due(0.0)
+                    plane.publish_ready(plane.q)
         finally:
             owner.release()
