@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -433,3 +434,28 @@ def test_random_requests_on_random_rings_do_not_crash(tmp_path):
         drv.reset()
         dev.close()
         mem.close()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(work=rounds(), packed=st.booleans())
+def test_an_image_on_tmpfs_is_read_and_written_in_thread_with_the_same_results(
+    tmp_path_factory, work, packed
+):
+    """tmpfs has no non-blocking I/O, so the io_uring engine does its reads and writes in
+    ``submit`` instead of through io-wq workers; guest-visible results stay the same."""
+    from emu.backends._uring import UringEngine
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no tmpfs at /dev/shm")
+    lbs, todo = work
+    image = os.urandom(IMAGE_SIZE)
+    ref = tmp_path_factory.mktemp("python") / "disk.img"
+    ref.write_bytes(image)
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        path = Path(shm) / "disk.img"
+        path.write_bytes(image)
+        engine = UringEngine(path)
+        assert engine.sync_rw
+        engine.close()
+        native = run_rounds(path, "native", packed, lbs, todo), path.read_bytes()
+    assert native == (run_rounds(ref, "python", packed, lbs, todo), ref.read_bytes())

@@ -14,9 +14,28 @@ same result (tmpfs has no ZERO_RANGE). A discard nothing can punch is a no-op.
 
 The eventfd is registered with the ring, so it turns readable when a completion is
 posted; ``reap`` clears it and sets it again when it leaves Dones behind.
+
+A file on tmpfs has no non-blocking read or write (FMODE_NOWAIT: preadv2 with RWF_NOWAIT
+says EOPNOTSUPP), so io_uring hands every read and write of it to an io-wq worker thread:
+a thread wake-up there and one back per request, and the caller's first reap usually
+comes too early, so each request also costs the device thread a second trip through its
+poll loop. Its pages are memory, so ``sync_rw`` engines (tmpfs) do reads and writes with
+preadv2 / pwritev2 in ``submit`` itself instead, done before it returns (a page swapped
+out is the one wait); everything else still goes through the ring.
 """
 
-from libc.errno cimport EAGAIN, EBADF, EINTR, EINVAL, EIO, ENODEV, ENOMEM, ENOSYS, EOPNOTSUPP
+from libc.errno cimport (
+    EAGAIN,
+    EBADF,
+    EINTR,
+    EINVAL,
+    EIO,
+    ENODEV,
+    ENOMEM,
+    ENOSYS,
+    EOPNOTSUPP,
+    errno,
+)
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from posix.uio cimport iovec
@@ -75,6 +94,17 @@ cdef extern from "<liburing.h>" nogil:
 cdef extern from "<linux/fs.h>" nogil:
     int RWF_DSYNC
 
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, long offset, int flags)
+    ssize_t pwritev2(int fd, const iovec *iov, int iovcnt, long offset, int flags)
+
+cdef extern from "<sys/vfs.h>" nogil:
+    struct statfs:
+        long f_type
+    int fstatfs(int fd, statfs *buf)
+
+cdef long TMPFS_MAGIC = 0x01021994
+
 cdef enum:
     FL_KEEP_SIZE = 0x01
     FL_PUNCH_HOLE = 0x02
@@ -103,6 +133,11 @@ cdef struct Req:
     bint cancel_sent
 
 
+cdef bint on_tmpfs(int fd):
+    cdef statfs st
+    return fstatfs(fd, &st) == 0 and st.f_type == TMPFS_MAGIC
+
+
 cdef inline bint is_write(int op) noexcept nogil:
     return op != OP_READ
 
@@ -128,6 +163,8 @@ cdef class UringEngine(Engine):
     cdef bint prepped  # SQEs prepared while reaping: submit before returning
     cdef void *zeros
     cdef readonly str path
+    #: reads and writes done in ``submit`` (a tmpfs file: see the module docstring)
+    cdef readonly bint sync_rw
 
     def __cinit__(self, *args, **kwargs):
         self.file_fd = -1
@@ -145,6 +182,7 @@ cdef class UringEngine(Engine):
         self.file_fd = os.open(self.path, flags)
         # not st_size: a host block device reports 0 there, lseek finds its end
         self.size = os.lseek(self.file_fd, 0, os.SEEK_END)
+        self.sync_rw = on_tmpfs(self.file_fd)
         self.reqs = <Req *>calloc(depth, sizeof(Req))
         self.free_idx = <int *>malloc(depth * sizeof(int))
         self.buf = <Done *>malloc(depth * sizeof(Done))
@@ -389,8 +427,12 @@ cdef class UringEngine(Engine):
 
     cdef void start(self, int i) noexcept nogil:
         cdef Req *r = &self.reqs[i]
-        cdef io_uring_sqe *sqe = self.get_sqe()
+        cdef io_uring_sqe *sqe
         cdef uint64_t n
+        if self.sync_rw and r.stage == ST_NONE and (r.op == OP_READ or r.op == OP_WRITE):
+            self.finish(i, self.rw_now(r))
+            return
+        sqe = self.get_sqe()
         if sqe == NULL:
             self.finish(i, -EAGAIN)
             return
@@ -413,6 +455,20 @@ cdef class UringEngine(Engine):
         else:  # OP_FLUSH
             io_uring_prep_fsync(sqe, self.file_fd, IORING_FSYNC_DATASYNC)
         io_uring_sqe_set_data64(sqe, i)
+
+    cdef int64_t rw_now(self, Req *r) noexcept nogil:
+        """A read or write done here and now (``sync_rw``): bytes moved, or -errno."""
+        cdef ssize_t n
+        while True:
+            if r.op == OP_READ:
+                n = preadv2(self.file_fd, r.iov, r.niov, r.offset, 0)
+            else:
+                n = pwritev2(self.file_fd, r.iov, r.niov, r.offset,
+                             RWF_DSYNC if r.flags & F_FUA else 0)
+            if n >= 0:
+                return n
+            if errno != EINTR:
+                return -errno
 
     cdef void finish(self, int i, int64_t res) noexcept nogil:
         cdef Req *r = &self.reqs[i]
