@@ -252,36 +252,42 @@ def test_net_accepts_qemus_features_without_the_control_queue(tmp_path: Path) ->
         assert server.negotiated == [qemu]
 
 
-def test_split_inflight_small_batches_write_what_the_batch_path_writes() -> None:
-    """A batch of up to SMALL heads is recorded head by head, a bigger one through the
-    numpy view: the region's bytes are the same either way, refusals too."""
+def test_split_inflight_writes_the_spec_layout_and_refuses_a_batch_whole() -> None:
+    """The request path's writes (C) against the split layout read back with struct:
+    counters then flags at fetch, ``next`` links and ``last_batch_head`` before the used
+    entries go out, flags cleared and ``used_idx`` advanced after; a batch naming a head
+    beyond the area writes nothing."""
+    import struct
+    from types import SimpleNamespace
+
     import numpy as np
 
     from emu.memory import GuestMemoryError
     from emu.ringdefs import Batch
     from emu.vhost_user.inflight import InflightRegion
 
-    regions = [InflightRegion.create(1, 64, False) for _ in range(2)]
+    region = InflightRegion.create(1, 64, False)
+    t = region.queues[0]
     try:
-        small, batched = regions[0].queues[0], regions[1].queues[0]
-        batched.SMALL = -1  # always the numpy path
-        for heads in ([5], [9, 2, 63], [1, 2, 3, 4], [7, 0, 8, 33, 12, 40], []):
-            hs = np.array(heads, np.uint16)
-            segs = [(0x1000, 16, False), (0x2000, 1, True)]
-            batch = Batch.from_chains([(h, segs) for h in heads])
-            for t in (small, batched):
-                t.fetched(batch)
-            assert regions[0].mm[:] == regions[1].mm[:]
-            for t in (small, batched):
-                t.using(hs)
-            assert regions[0].mm[:] == regions[1].mm[:]
-            for t in (small, batched):
-                t.used(hs[:2])
-            assert regions[0].mm[:] == regions[1].mm[:]
-        for t in (small, batched):
-            with pytest.raises(GuestMemoryError):
-                t.using(np.array([3, 64], np.uint16))
-        assert regions[0].mm[:] == regions[1].mm[:]  # nothing written by a refused batch
+        assert t.recover(7) == []  # a new area: version 1, used_idx = the ring's
+        desc = lambda h: struct.unpack_from("<B5xHQ", region.mm, 16 + 16 * h)  # noqa: E731
+        head = lambda: struct.unpack_from("<QHHHH", region.mm, 0)  # noqa: E731
+        segs = [(0x1000, 16, False), (0x2000, 1, True)]
+        t.fetched(Batch.from_chains([(h, segs) for h in (9, 2, 63)]))
+        assert [desc(h) for h in (9, 2, 63)] == [(1, 0, 0), (1, 0, 1), (1, 0, 2)]
+        assert t.counter == 3
+        t.using(np.array([2, 63], np.uint16))
+        assert desc(2)[:2] == (1, 2) and desc(63)[:2] == (1, 2)  # 63 follows 2; 2 is first
+        assert head()[3] == 63
+        t.used([2, 63])  # a list works as well as an array
+        assert desc(2)[0] == desc(63)[0] == 0 and desc(9)[0] == 1
+        assert head()[4] == 9
+        before = bytes(region.mm)
+        fetch = lambda hs: t.fetched(SimpleNamespace(heads=np.array(hs)))  # noqa: E731
+        for bad in ([3, 64], [70000], [-1]):
+            for step in (fetch, t.using, t.used):
+                with pytest.raises(GuestMemoryError):
+                    step(bad)
+        assert bytes(region.mm) == before
     finally:
-        for r in regions:
-            r.close()
+        region.close()

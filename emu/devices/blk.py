@@ -408,7 +408,6 @@ class BlkDevice(VirtioDevice):
             if not q.set_kicks(True):
                 break
 
-
     def serve_parked(self, ep: select.epoll) -> bool:
         """Wait in the native plane's own loop while every started queue is on it."""
         fds = {}

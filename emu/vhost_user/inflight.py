@@ -35,8 +35,6 @@ import os
 import struct
 from collections.abc import Callable
 
-import numpy as np
-
 from emu import ringlayout
 from emu.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 from emu.queue import ring_module
@@ -49,15 +47,13 @@ from emu.ringdefs import (
     RingError,
     RingState,
 )
+from emu.vhost_user._split_inflight import SplitArea
 from emu.vhost_user.sealing import seal_shrink
 
 log = logging.getLogger(__name__)
 
 SPLIT_HEAD = struct.Struct("<QHHHH")
 SPLIT_DESC = struct.Struct("<B5xHQ")
-#: SPLIT_DESC as numpy sees it: the request path updates a whole batch per call
-SPLIT_DTYPE = np.dtype([("inflight", "u1"), ("pad", "u1", 5), ("next", "<u2"), ("counter", "<u8")])
-_U16, _U64 = struct.Struct("<H"), struct.Struct("<Q")
 PACKED_HEAD = struct.Struct("<QHHHHHHBB10x")  # 7 pad bytes, then C aligns desc[] to 8
 PACKED_DESC = struct.Struct("<BxHHHQHHIQ")
 #: PACKED_HEAD field offsets the request path updates in place
@@ -148,36 +144,23 @@ class QueueInflight:
 
 
 class SplitInflight(QueueInflight):
-    """Per batch, not per head: the descriptors are a numpy view over the area. A batch
-    of up to ``SMALL`` heads (a queue depth of one, the latency case) is written head by
-    head with struct instead: a dozen numpy calls cost more than a few packs there."""
-
-    #: largest batch written head by head
-    SMALL = 4
+    """The request path's writes are emu.vhost_user._split_inflight's, in C."""
 
     def __init__(self, area: memoryview, desc_num: int) -> None:
+        self._c = SplitArea(area, desc_num)
         super().__init__(area, desc_num)
-        self._d = np.frombuffer(area, SPLIT_DTYPE, desc_num, SPLIT_HEAD.size)
-        self._counter = self._d["counter"]
-        self._inflight = self._d["inflight"]
-        self._next = self._d["next"]
+
+    @property
+    def counter(self) -> int:
+        return self._c.counter
+
+    @counter.setter
+    def counter(self, value: int) -> None:
+        self._c.counter = value
 
     def release(self) -> None:
-        self._d = self._counter = self._inflight = self._next = None  # they hold the area
+        self._c.close()  # it holds the area
         super().release()
-
-    def _heads(self, heads: np.ndarray) -> np.ndarray:
-        """``heads`` as indexes, refused if one is beyond the area (as ``_desc``)."""
-        heads = np.asarray(heads, np.intp)
-        if len(heads) and int(heads.max()) >= self.desc_num:
-            raise GuestMemoryError(f"inflight head {int(heads.max())} >= desc_num {self.desc_num}")
-        return heads
-
-    def _small(self, heads: object) -> list[int] | None:
-        """``heads`` as a list of ints when there are at most SMALL of them, else None."""
-        if len(heads) > self.SMALL:  # type: ignore[arg-type]
-            return None
-        return heads.tolist() if isinstance(heads, np.ndarray) else [int(h) for h in heads]  # type: ignore[attr-defined]
 
     def _desc(self, head: int) -> int:
         if not 0 <= head < self.desc_num:
@@ -188,54 +171,14 @@ class SplitInflight(QueueInflight):
         return SPLIT_HEAD.unpack_from(self.area)
 
     def fetched(self, batch: Batch) -> None:
-        small = self._small(batch.heads)
-        if small is not None:
-            offs = [self._desc(h) for h in small]  # all checked before any is written
-            for off in offs:
-                _U64.pack_into(self.area, off + 8, self.counter)
-                self.counter += 1
-            for off in offs:
-                self.area[off] = 1  # after the counters
-            return
-        heads = self._heads(batch.heads)
-        n = len(heads)
-        self._counter[heads] = np.arange(self.counter, self.counter + n, dtype=np.uint64)
-        self.counter += n
-        self._inflight[heads] = 1  # after the counters
+        self._c.fetched(batch.heads)
 
     def using(self, heads: object) -> None:
         """Link the batch: each head's ``next`` is the head before it (the first: itself)."""
-        small = self._small(heads)
-        if small is not None:
-            if not small:
-                return
-            offs = [self._desc(h) for h in small]
-            prev = small[0]
-            for head, off in zip(small, offs, strict=True):
-                _U16.pack_into(self.area, off + 6, prev)
-                prev = head
-            _U16.pack_into(self.area, 12, prev)
-            return
-        heads = self._heads(heads)  # type: ignore[arg-type]
-        if not len(heads):
-            return
-        prev = np.empty_like(heads)
-        prev[0], prev[1:] = heads[0], heads[:-1]
-        self._next[heads] = prev
-        _U16.pack_into(self.area, 12, int(heads[-1]))
+        self._c.using(heads)
 
     def used(self, heads: object) -> None:
-        small = self._small(heads)
-        if small is not None:
-            for off in [self._desc(h) for h in small]:
-                self.area[off] = 0
-            n = len(small)
-        else:
-            idx = self._heads(heads)  # type: ignore[arg-type]
-            self._inflight[idx] = 0
-            n = len(idx)
-        used_idx = _U16.unpack_from(self.area, 14)[0]
-        _U16.pack_into(self.area, 14, (used_idx + n) & 0xFFFF)
+        self._c.used(heads)
 
     def recover(self, ring_used_idx: int) -> list[int]:
         """Heads still in flight, oldest first; initialises an area never used before."""
