@@ -118,10 +118,13 @@ def rounds(draw) -> tuple[int, list[list[tuple[list[bytes], list[int]]]]]:
     return lbs, todo
 
 
-def run_rounds(path: Path, plane: str, packed: bool, lbs: int, todo) -> list:
-    """Each round: all its requests added, one kick, every completion (or a reset)."""
+def run_rounds(path: Path, plane: str, packed: bool, lbs: int, todo, loop: bool = True) -> list:
+    """Each round: all its requests added, one kick, every completion (or a reset).
+    ``loop=False``: the native plane without its own loop (the Python device loop)."""
     mem = GuestMemory.create(8 << 20)
     dev = BlkDevice(path, plane=plane, seg_max=SEG_MAX, logical_block_size=lbs)
+    if not loop:
+        dev.serve_parked = lambda ep: False
     drv = VirtioMmioDriver(MmioTransport(dev, mem), mem)
     results = []
     try:
@@ -147,16 +150,17 @@ def run_rounds(path: Path, plane: str, packed: bool, lbs: int, todo) -> list:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(work=rounds(), packed=st.booleans())
-def test_both_planes_give_the_same_results(tmp_path_factory, work, packed):
+def test_both_planes_and_both_loops_give_the_same_results(tmp_path_factory, work, packed):
     lbs, todo = work
     image = os.urandom(IMAGE_SIZE)
     outcome = {}
-    for plane in ("python", "native"):
+    for plane, loop in (("python", True), ("native", True), ("native", False)):
         path = tmp_path_factory.mktemp(plane) / "disk.img"
         path.write_bytes(image)
-        outcome[plane] = run_rounds(path, plane, packed, lbs, todo), path.read_bytes()
-    assert outcome["native"][0] == outcome["python"][0]
-    assert outcome["native"][1] == outcome["python"][1]
+        outcome[plane, loop] = run_rounds(path, plane, packed, lbs, todo, loop), path.read_bytes()
+    for key in (("native", True), ("native", False)):
+        assert outcome[key][0] == outcome["python", True][0]
+        assert outcome[key][1] == outcome["python", True][1]
 
 
 # -- the plane on its own: batches built by hand --
