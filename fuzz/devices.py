@@ -130,6 +130,25 @@ class Driver:
         MEM.write_int(q.desc + 16 * head + 14, 2, head_flags)
 
 
+class _Recording:
+    """A ring seen through: each pop and push reported first, everything else the ring's."""
+
+    def __init__(self, ring, popped, pushing) -> None:
+        self._ring, self._popped, self._pushing = ring, popped, pushing
+
+    def pop(self, *args, **kwargs) -> Batch:
+        batch = self._ring.pop(*args, **kwargs)
+        self._popped(batch)
+        return batch
+
+    def push(self, heads, lengths) -> bool:
+        self._pushing(heads, lengths)
+        return self._ring.push(heads, lengths)
+
+    def __getattr__(self, name: str):
+        return getattr(self._ring, name)
+
+
 class Harness:
     def __init__(self, d: Draw) -> None:
         how = d.u8()
@@ -168,25 +187,30 @@ class Harness:
                 mask[lo - r.gpa : hi - r.gpa] = True
 
     def _watch(self, q: Virtqueue) -> None:
-        """Record what each pop hands out and check what each push claims."""
-        pop, push = q.pop, q.push
+        """Record what each pop from the ring hands out and check what each push claims,
+        whoever pops and pushes (the queue, or blk's native plane straight from the ring):
+        every ring the queue starts is seen through ``_Recording``."""
+        start = q.start
 
-        def popped(max_chains: int = 64) -> Batch:
-            batch = pop(max_chains)
-            given = self.given.setdefault(q.index, {})
-            for i, head in enumerate(batch.heads.tolist()):
-                addrs, lengths, writable = batch.segments(i)
-                room = 0
-                for a, n, w in zip(
-                    addrs.tolist(), lengths.tolist(), writable.tolist(), strict=True
-                ):
-                    if w:
-                        self._allow(a, n)
-                        room += n
-                given[head] = room
-            return batch
+        def started(*args, **kwargs) -> None:
+            start(*args, **kwargs)
+            q.ring = _Recording(q.ring, lambda batch: self._popped(q, batch), self._pushed(q))
 
-        def pushed(heads, lengths) -> None:
+        q.start = started
+
+    def _popped(self, q: Virtqueue, batch: Batch) -> None:
+        given = self.given.setdefault(q.index, {})
+        for i, head in enumerate(batch.heads.tolist()):
+            addrs, lengths, writable = batch.segments(i)
+            room = 0
+            for a, n, w in zip(addrs.tolist(), lengths.tolist(), writable.tolist(), strict=True):
+                if w:
+                    self._allow(a, n)
+                    room += n
+            given[head] = room
+
+    def _pushed(self, q: Virtqueue):
+        def check(heads, lengths) -> None:
             given = self.given.get(q.index, {})
             for h, n in zip(np.asarray(heads).tolist(), np.asarray(lengths).tolist(), strict=True):
                 if n > given.get(h, 0):
@@ -194,9 +218,8 @@ class Harness:
                         f"queue {q.index}: used length {n} for head {h}, "
                         f"which has {given.get(h, 0)} writable bytes"
                     )
-            push(heads, lengths)
 
-        q.pop, q.push = popped, pushed
+        return check
 
     def serve(self, q: Virtqueue) -> None:
         """What the device thread does for a kick (VirtioDevice._serve), here."""
