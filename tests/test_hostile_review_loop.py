@@ -5,7 +5,8 @@ area's writes in C (``_split_inflight.SplitArea``).
 The first tests are defects found in review (each failed before its fix); the rest are
 attacks that found nothing, kept because they can fail: a borrowed report stop while the
 device thread waits in the native loop, a short read of a truncated tmpfs image, a
-hostile chain served in the loop, a stop racing a kick, and the inflight region closed
+hostile chain served in the loop, a stop racing a kick, kick fds swapped while the loop
+waits, and the inflight region closed
 after a run.
 """
 
@@ -304,3 +305,39 @@ def test_inflight_region_closes_after_a_run() -> None:
     region.close()
     with pytest.raises(ValueError):
         q.used(B.heads)
+
+
+def test_kick_fds_swapped_while_the_loop_waits(shm_image: Path, tmp_path: Path) -> None:
+    """SET_VRING_KICK on running rings, both queues, again and again (old fds closed, so
+    their numbers come back for the new ones): the native loop builds its fd map afresh
+    each time it parks, so every kick on a new fd is served, by the right queue."""
+    from emu.vhost_user.protocol import Req
+
+    entered = []
+    real = _blkplane.serve_parked
+
+    def counting(*args):
+        entered.append(1)
+        return real(*args)
+
+    dev = BlkDevice(shm_image, num_queues=2, plane="native")
+    srv = VhostUserServer(dev, tmp_path / "blk.sock").start()
+    fe = VhostUserDriver(srv.path)
+    try:
+        _blkplane.serve_parked = counting
+        blk = BlkDriver.open(fe)
+        block = bytes(range(256)) * 16
+        for r in range(16):
+            for qi in (0, 1):
+                new = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                fe.set_u64(Req.SET_VRING_KICK, qi, [new])
+                old, fe._kicks[qi] = fe._kicks[qi], new
+                os.close(old)
+            for qi in (0, 1):
+                assert blk.read(8 * (r % 8), 8, qidx=qi) == block, (r, qi)
+        assert entered, "the device thread never waited in the native loop"
+    finally:
+        _blkplane.serve_parked = real
+        fe.close()
+        srv.close()
+        dev.close()
