@@ -6,8 +6,7 @@ The first tests are defects found in review (each failed before its fix); the re
 attacks that found nothing, kept because they can fail: a borrowed report stop while the
 device thread waits in the native loop, a short read of a truncated tmpfs image, a
 hostile chain served in the loop, a stop racing a kick, kick fds swapped while the loop
-waits, and the inflight region closed
-after a run.
+waits, and the inflight region closed after a run.
 """
 
 from __future__ import annotations
