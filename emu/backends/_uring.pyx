@@ -54,6 +54,7 @@ from emu.backends.engine cimport (
 )
 
 import os
+import stat
 
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned initval, int flags)
@@ -134,7 +135,12 @@ cdef struct Req:
 
 
 cdef bint on_tmpfs(int fd):
+    """A regular file on tmpfs. Not a device node: /dev is a tmpfs (devtmpfs reports the
+    same magic), so a host block device's node would pass the fstatfs test while its
+    reads and writes go to a real (or network) disk and block."""
     cdef statfs st
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return False
     return fstatfs(fd, &st) == 0 and st.f_type == TMPFS_MAGIC
 
 

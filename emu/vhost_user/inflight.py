@@ -204,6 +204,8 @@ class SplitInflight(QueueInflight):
             if flag == 1:
                 live.append((counter, h))
         live.sort()
+        if live and live[-1][0] == 2**64 - 1:  # the frontend's memory: no next counter
+            raise GuestMemoryError("inflight area: a head's counter is at its limit")
         self.counter = live[-1][0] + 1 if live else 0
         return [h for _, h in live]
 
