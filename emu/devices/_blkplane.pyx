@@ -56,21 +56,10 @@ from emu.backends.engine cimport (
     OP_WRITE_ZEROES,
 )
 
-from emu.devices.base import RUNNING, DeviceError
+from emu.devices.base import DeviceError
 from emu.memory import GuestMemoryError
-from emu.queue import CLOSED, KEEP_BATCHES, OPEN, PASS_DESCS_PER_SLOT
+from emu.queue import CLOSED, KEEP_BATCHES, OPEN
 
-cdef extern from "<sys/epoll.h>" nogil:
-    ctypedef union epoll_data_t:
-        int fd
-        uint64_t u64
-    struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-
-cdef extern from "<unistd.h>" nogil:
-    ssize_t read(int fd, void *buf, size_t count)
 
 cnp.import_array()
 
@@ -860,31 +849,10 @@ cdef class BlkPlane:
             q.notify()
         return 0
 
-    cdef bint may_serve(self, dev):
-        """What VirtioDevice._run checks before it serves a kick or publishes completions,
-        and that nothing waits for its Python loop (a command, a queue no longer ours)."""
-        q = self.q
-        return (dev.run_state is RUNNING and not dev._commands and q.ring is not None
-                and q.gate is OPEN and q.deferred is self)
-
-    cdef bint turn(self, dev):
-        """VirtioDevice._serve_pass for this queue alone; False: back to the Python loop."""
-        q = self.q
-        q.more = False  # Virtqueue.begin_pass
-        q._chains_left = q.size
-        q._descs_left = PASS_DESCS_PER_SLOT * q.size
-        dev._in_pass = True
-        try:
-            self.serve_queue(dev.mem)
-        except Exception as e:
-            dev.queue_failed(q, e)
-            return False
-        finally:
-            dev._in_pass = False
-        if q.more and q.ring is not None:  # budget spent: the Python loop serves it next
-            dev._pending[q.index] = q
-            return False
-        return True
+    def publish_done(self) -> None:
+        """The queue's completions, published (the device loop's wait in C calls this when
+        ``fd`` turns readable)."""
+        self.publish_ready(self.q)
 
     # -- emu.queue.Deferred --
 
@@ -965,38 +933,3 @@ cdef class BlkPlane:
 #: chains popped at once (blk.BATCH)
 cdef Py_ssize_t BATCH = 64
 
-
-def serve_parked(dev, int ep_fd, owner, dict fds) -> None:
-    """VirtioDevice._run's wait, pass and publish for queues on the native plane, in one C
-    loop: ``fds`` maps each queue's kick fd to (plane, True) and its completion fd to
-    (plane, False). Entered and left with ``owner`` (the device thread's token) released,
-    as _run's poll is; it holds it while serving. Returns, leaving the event to _run's
-    poll (level-triggered), as soon as an fd not in ``fds`` is ready (the wake eventfd:
-    commands) or a queue may not be served here (see ``may_serve``, ``turn``)."""
-    cdef epoll_event evs[16]
-    cdef int n, k, fd
-    cdef uint64_t junk
-    cdef BlkPlane plane
-    while True:
-        with nogil:
-            n = epoll_wait(ep_fd, evs, 16, -1)
-        if n < 0:
-            return  # EINTR: _run polls again
-        for k in range(n):
-            if evs[k].data.fd not in fds:
-                return
-        owner.acquire()
-        try:
-            for k in range(n):
-                fd = evs[k].data.fd
-                plane, kick = fds[fd]
-                if not plane.may_serve(dev):
-                    return
-                if kick:
-                    read(fd, &junk, 8)  # Virtqueue.clear_kick
-                    if not plane.turn(dev):
-                        return
-                else:
-                    plane.publish_ready(plane.q)
-        finally:
-            owner.release()

@@ -40,6 +40,11 @@ from emu.ringdefs import (
 )
 from emu.state.schema import Schema
 
+try:
+    from emu.devices import _loop
+except ImportError:  # not built: the Python loop does it all
+    _loop = None
+
 log = logging.getLogger(__name__)
 
 #: ring features every emu device offers; a device may mask some off
@@ -681,11 +686,27 @@ class VirtioDevice:
         """Device reset: drop guest-side state (device thread)."""
 
     def serve_parked(self, ep: select.epoll) -> bool:
-        """Instead of parking in ``ep.poll`` (nothing pending, nothing due, RUNNING): a
-        device may wait in native code itself, serving the kicks and completions it can
-        there, until an fd it leaves to this loop is ready. Called and returns with the
-        ownership token released. True: it waited (poll at once for what it left)."""
-        return False
+        """Instead of parking in ``ep.poll`` (nothing pending, nothing due, RUNNING): wait
+        in emu.devices._loop, which serves kicks and native completions in C until an fd
+        it leaves to this loop is ready. Called and returns with the ownership token
+        released. True: it waited (poll at once for what it left); False: it cannot (not
+        built, or a deferred only this loop publishes, as the delay model's)."""
+        if _loop is None:
+            return False
+        fds: dict[int, tuple[Virtqueue, Any, bool]] = {}
+        for q in self.queues:
+            if not q.started:
+                continue
+            d = q.deferred
+            if d is not None and not hasattr(d, "publish_done"):
+                return False
+            fds[q.kick_fd] = (q, d, True)
+            if d is not None:
+                fds[d.fd] = (q, d, False)
+        if not fds:
+            return False
+        _loop.serve_parked(self, ep.fileno(), self._owner, fds, RUNNING, OPEN)
+        return True
 
     def wants_poll(self, q: Virtqueue) -> bool:
         """Serve ``q`` after a wake-up even without a kick (rx queues waiting for data)."""

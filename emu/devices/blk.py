@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import struct
 from dataclasses import dataclass
 
@@ -407,19 +406,6 @@ class BlkDevice(VirtioDevice):
                 self._serve_batch(q, batch)
             if not q.set_kicks(True):
                 break
-
-    def serve_parked(self, ep: select.epoll) -> bool:
-        """Wait in the native plane's own loop while every started queue is on it."""
-        fds = {}
-        for q in self.queues:
-            plane = self._planes.get(q.index)
-            if q.started and plane is not None and q.deferred is plane:
-                fds[q.kick_fd] = (plane, True)
-                fds[plane.fd] = (plane, False)
-        if not fds:
-            return False
-        _blkplane.serve_parked(self, ep.fileno(), self._owner, fds)
-        return True
 
     def _serve_batch(self, q: Virtqueue, batch: Batch) -> None:
         reqs = _parse_batch(self.mem, batch)  # DeviceError before any of the batch runs

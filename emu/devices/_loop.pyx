@@ -1,0 +1,73 @@
+# cython: language_level=3
+"""The device thread's wait, in C (VirtioDevice.serve_parked).
+
+While a device is RUNNING with nothing pending and nothing due by time, VirtioDevice._run
+would park in epoll, and come back to its Python loop for every kick and every batch of
+completions. This waits in the same epoll instead and, for the fds it is given, does
+what that loop would: a queue's kick is a pass (``begin_pass``, ``handle_queue``, the
+failure handling of ``_serve_pass``), a deferred's completion fd is its
+``publish_done()``. It holds the device's ownership token only while serving, as the
+Python loop does, and returns, leaving the event to the Python loop's poll (epoll is
+level-triggered), as soon as any other fd is ready (the wake eventfd: commands, backend
+input, a borrowed stop still STOPPING) or a queue may not be served here (not RUNNING, a
+command queued, the queue stopped or its gate not OPEN, its deferred replaced, its pass
+budget spent).
+"""
+
+from libc.stdint cimport uint32_t, uint64_t
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        int fd
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t read(int fd, void *buf, size_t count)
+
+
+def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
+    """``fds``: a queue's kick fd -> (queue, its deferred or None, True), a deferred's
+    completion fd -> (queue, deferred, False). ``running`` / ``open_gate``: RunState.RUNNING
+    and Gate.OPEN. Entered and left with ``owner`` released."""
+    cdef epoll_event evs[16]
+    cdef int n, k, fd
+    cdef uint64_t junk
+    while True:
+        with nogil:
+            n = epoll_wait(ep_fd, evs, 16, -1)
+        if n < 0:
+            return  # EINTR: the Python loop polls again
+        for k in range(n):
+            if evs[k].data.fd not in fds:
+                return
+        owner.acquire()
+        try:
+            for k in range(n):
+                fd = evs[k].data.fd
+                q, deferred, kick = fds[fd]
+                if (dev.run_state is not running or dev._commands or q.ring is None
+                        or q.gate is not open_gate or q.deferred is not deferred):
+                    return
+                if not kick:
+                    deferred.publish_done()
+                    continue
+                read(fd, &junk, 8)  # Virtqueue.clear_kick
+                q.begin_pass()
+                dev._in_pass = True
+                try:
+                    dev.handle_queue(q)
+                except Exception as e:
+                    dev.queue_failed(q, e)
+                    return
+                finally:
+                    dev._in_pass = False
+                if q.more and q.ring is not None:  # budget spent: the Python loop goes on
+                    dev._pending[q.index] = q
+                    return
+        finally:
+            owner.release()
