@@ -1,4 +1,4 @@
-"""Hostile review of issue 9's blk native device loop (``_blkplane.serve_parked``), the
+"""Hostile review of issue 9's blk native device loop (``_loop.serve_parked``), the
 tmpfs reads and writes done in the io_uring engine's ``submit``, and the split inflight
 area's writes in C (``_split_inflight.SplitArea``).
 
@@ -38,6 +38,7 @@ from emu.vhost_user.protocol import INFLIGHT
 
 _uring = pytest.importorskip("emu.backends._uring")
 _blkplane = pytest.importorskip("emu.devices._blkplane")
+_loop = pytest.importorskip("emu.devices._loop")
 
 TMPFS_MAGIC = 0x01021994
 SHM = Path("/dev/shm")
@@ -313,7 +314,7 @@ def test_kick_fds_swapped_while_the_loop_waits(shm_image: Path, tmp_path: Path) 
     from emu.vhost_user.protocol import Req
 
     entered = []
-    real = _blkplane.serve_parked
+    real = _loop.serve_parked
 
     def counting(*args):
         entered.append(1)
@@ -323,7 +324,7 @@ def test_kick_fds_swapped_while_the_loop_waits(shm_image: Path, tmp_path: Path) 
     srv = VhostUserServer(dev, tmp_path / "blk.sock").start()
     fe = VhostUserDriver(srv.path)
     try:
-        _blkplane.serve_parked = counting
+        _loop.serve_parked = counting
         blk = BlkDriver.open(fe)
         block = bytes(range(256)) * 16
         for r in range(16):
@@ -336,7 +337,7 @@ def test_kick_fds_swapped_while_the_loop_waits(shm_image: Path, tmp_path: Path) 
                 assert blk.read(8 * (r % 8), 8, qidx=qi) == block, (r, qi)
         assert entered, "the device thread never waited in the native loop"
     finally:
-        _blkplane.serve_parked = real
+        _loop.serve_parked = real
         fe.close()
         srv.close()
         dev.close()
