@@ -735,6 +735,9 @@ def test_reset_in_the_middle_of_traffic_closes_every_host_socket(tmp_path):
         waiting = socket.socket(socket.AF_UNIX)
         waiting.connect(path)
         waiting.send(b"CONN")  # mid-handshake
+        # taken by the host watcher before the reset (under load it could come after the
+        # check below, one fd over the count, as in a CI run)
+        wait_for(lambda: len(dev.host._handshakes) == 1, 10, "handshake taken")
         for _ in range(10):
             for s, p in zip(socks, progs, strict=True):
                 with contextlib.suppress(BlockingIOError):
