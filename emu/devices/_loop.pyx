@@ -56,7 +56,8 @@ def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
                 if not kick:
                     deferred.publish_done()
                     continue
-                read(fd, &junk, 8)  # Virtqueue.clear_kick
+                with nogil:  # Virtqueue.clear_kick (a frontend can make its fd block)
+                    read(fd, &junk, 8)
                 q.begin_pass()
                 dev._in_pass = True
                 try:
