@@ -12,6 +12,7 @@ is a command the device thread carries out between passes (emu.devices.base).
 from __future__ import annotations
 
 import os
+import select
 from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any, Protocol
@@ -366,6 +367,13 @@ class Virtqueue:
     # -- kicks --
 
     def clear_kick(self) -> None:
+        """Take the kick count if there is one, never waiting for it: a frontend's kick
+        eventfd can block (it can clear O_NONBLOCK on its side, which the backend's fd
+        shares) and may be another ring's as well, whose read took the count."""
+        ready = select.poll()
+        ready.register(self.kick_fd, select.POLLIN)
+        if not ready.poll(0):
+            return
         try:
             os.eventfd_read(self.kick_fd)
         except BlockingIOError:

@@ -29,6 +29,14 @@ cdef extern from "<sys/epoll.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
 
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
 
 def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
     """``fds``: a queue's kick fd -> (queue, its deferred or None, True), a deferred's
@@ -37,6 +45,7 @@ def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
     cdef epoll_event evs[16]
     cdef int n, k, fd
     cdef uint64_t junk
+    cdef pollfd pfd
     while True:
         with nogil:
             n = epoll_wait(ep_fd, evs, 16, -1)
@@ -56,7 +65,11 @@ def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
                 if not kick:
                     deferred.publish_done()
                     continue
-                read(fd, &junk, 8)  # Virtqueue.clear_kick
+                with nogil:  # Virtqueue.clear_kick: never block, never with the GIL
+                    pfd.fd = fd
+                    pfd.events = POLLIN
+                    if poll(&pfd, 1, 0) > 0:
+                        read(fd, &junk, 8)
                 q.begin_pass()
                 dev._in_pass = True
                 try:
