@@ -11,6 +11,8 @@ is a command the device thread carries out between passes (emu.devices.base).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import select
 from collections.abc import Callable, Iterator
@@ -368,16 +370,21 @@ class Virtqueue:
 
     def clear_kick(self) -> None:
         """Take the kick count if there is one, never waiting for it: a frontend's kick
-        eventfd can block (it can clear O_NONBLOCK on its side, which the backend's fd
-        shares) and may be another ring's as well, whose read took the count."""
-        ready = select.poll()
-        ready.register(self.kick_fd, select.POLLIN)
-        if not ready.poll(0):
-            return
+        eventfd can be blocking (it can clear O_NONBLOCK on its side, which ours shares)
+        and may be another ring's as well, whose read took the count. RWF_NOWAIT makes
+        the read non-blocking whatever the file's flags (emu.devices._loop's is the same)."""
         try:
-            os.eventfd_read(self.kick_fd)
+            os.preadv(self.kick_fd, [bytearray(8)], -1, os.RWF_NOWAIT)
         except BlockingIOError:
             pass
+        except OSError as e:  # a kernel without RWF_NOWAIT for eventfds: look, then read
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            ready = select.poll()
+            ready.register(self.kick_fd, select.POLLIN)
+            if ready.poll(0):
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.kick_fd)
 
     def kick(self) -> None:
         os.eventfd_write(self.kick_fd, 1)

@@ -29,6 +29,15 @@ cdef extern from "<sys/epoll.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
 
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, long offset, int flags)
+
+cdef extern from "<linux/fs.h>" nogil:
+    int RWF_NOWAIT
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -37,6 +46,27 @@ cdef extern from "<poll.h>" nogil:
     int poll(pollfd *fds, unsigned long nfds, int timeout)
     enum: POLLIN
 
+from libc.errno cimport EOPNOTSUPP, errno
+
+
+cdef void clear_kick(int fd) noexcept nogil:
+    """Virtqueue.clear_kick: take the count if there is one, never wait for it. The
+    frontend's kick eventfd may be blocking (it can clear O_NONBLOCK on its side, which
+    ours shares) and may be another ring's too, whose read took the count: RWF_NOWAIT
+    makes this read non-blocking whatever the file's flags (a kernel without it for
+    eventfds: look first, then read)."""
+    cdef uint64_t junk
+    cdef iovec iov
+    cdef pollfd pfd
+    iov.iov_base = &junk
+    iov.iov_len = 8
+    if preadv2(fd, &iov, 1, -1, RWF_NOWAIT) >= 0 or errno != EOPNOTSUPP:
+        return
+    pfd.fd = fd
+    pfd.events = POLLIN
+    if poll(&pfd, 1, 0) > 0:
+        read(fd, &junk, 8)
+
 
 def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
     """``fds``: a queue's kick fd -> (queue, its deferred or None, True), a deferred's
@@ -44,8 +74,6 @@ def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
     and Gate.OPEN. Entered and left with ``owner`` released."""
     cdef epoll_event evs[16]
     cdef int n, k, fd
-    cdef uint64_t junk
-    cdef pollfd pfd
     while True:
         with nogil:
             n = epoll_wait(ep_fd, evs, 16, -1)
@@ -65,11 +93,8 @@ def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
                 if not kick:
                     deferred.publish_done()
                     continue
-                with nogil:  # Virtqueue.clear_kick: never block, never with the GIL
-                    pfd.fd = fd
-                    pfd.events = POLLIN
-                    if poll(&pfd, 1, 0) > 0:
-                        read(fd, &junk, 8)
+                with nogil:
+                    clear_kick(fd)
                 q.begin_pass()
                 dev._in_pass = True
                 try:
