@@ -9,6 +9,7 @@ native plane with and without this loop; these tests look at the loop itself.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -181,3 +182,33 @@ def test_the_cache_mode_the_guest_writes_reaches_the_plane(rig):
     no_flush = rig.dev.features & ~(1 << blk.F_FLUSH | 1 << blk.F_DISCARD)
     BlkDriver.open(rig.drv, no_flush)
     assert plane.mode & blk_native.MODE_WRITETHROUGH and not plane.mode & blk_native.MODE_DISCARD
+
+
+def test_a_stop_asked_from_the_interrupt_keeps_its_deadline(nbd_server, tmp_path):
+    """A VMM that asks for a report stop from its interrupt callback (so on the device
+    thread, inline, while the C wait publishes a read) with a write still at storage that
+    answers in 3 s: the stop's deadline (stop_timeout 0.3 s) fails the device in time,
+    rather than the wait sleeping until the write comes back."""
+    uri = nbd_server(filters=["delay"], params=["wdelay=3000ms"]).uri
+    dev = BlkDevice(uri, plane="native", stop_timeout=0.3)
+    armed = threading.Event()
+
+    def irq(level: int) -> None:
+        if level and armed.is_set():
+            armed.clear()
+            dev.request_stop("report")
+
+    mem = GuestMemory.create(8 << 20)
+    try:
+        drv = VirtioMmioDriver(MmioTransport(dev, mem, irq=irq), mem)
+        b = BlkDriver.open(drv)
+        b.submit(blk.T_OUT, 0, b"w" * 4096)
+        wait_until(lambda: dev.queues[0].held() == 1)
+        armed.set()
+        b.submit(blk.T_IN, 8, in_size=4096)
+        wait_until(lambda: dev.run_state is not RunState.RUNNING)
+        wait_until(lambda: dev.run_state is RunState.BROKEN, timeout=2.0)
+        assert "unanswered" in dev.broken
+    finally:
+        dev.close()
+        mem.close()

@@ -107,5 +107,9 @@ def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
                 if q.more and q.ring is not None:  # budget spent: the Python loop goes on
                     dev._pending[q.index] = q
                     return
+            if dev.run_state is not running:
+                # what the pass or the publish set off (a stop the VMM asked for from its
+                # interrupt callback runs inline): the Python loop keeps its deadline
+                return
         finally:
             owner.release()
