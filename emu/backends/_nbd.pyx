@@ -58,6 +58,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
 from posix.unistd cimport close, read, write
 
+from emu._poll cimport POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT, poll, pollfd
 from emu.backends.engine cimport (Done, Engine, F_FUA, F_MAY_UNMAP, OP_DISCARD, OP_FLUSH,
                                   OP_READ, OP_WRITE, OP_WRITE_ZEROES)
 
@@ -113,14 +114,6 @@ cdef extern from "<errno.h>" nogil:
 cdef extern from "<sys/eventfd.h>" nogil:
     int eventfd(unsigned int initval, int flags)
     int EFD_NONBLOCK, EFD_CLOEXEC
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    short POLLIN, POLLOUT, POLLERR, POLLHUP, POLLNVAL
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t

@@ -14,7 +14,12 @@ command queued, the queue stopped or its gate not OPEN, its deferred replaced, i
 budget spent).
 """
 
+from libc.errno cimport EOPNOTSUPP, errno
 from libc.stdint cimport uint32_t, uint64_t
+from posix.uio cimport iovec
+from posix.unistd cimport read
+
+from emu._poll cimport POLLIN, poll, pollfd
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -26,27 +31,11 @@ cdef extern from "<sys/epoll.h>" nogil:
         epoll_data_t data
     int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
 
-cdef extern from "<unistd.h>" nogil:
-    ssize_t read(int fd, void *buf, size_t count)
-
 cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
     ssize_t preadv2(int fd, const iovec *iov, int iovcnt, long offset, int flags)
 
 cdef extern from "<linux/fs.h>" nogil:
     int RWF_NOWAIT
-
-cdef extern from "<poll.h>" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum: POLLIN
-
-from libc.errno cimport EOPNOTSUPP, errno
 
 
 cdef void clear_kick(int fd) noexcept nogil:
