@@ -76,6 +76,10 @@ class Deferred(Protocol):
     (``take_all``); a report stop ``cancel``s them (nothing more is published, reads stop
     writing guest memory) and then waits until ``count`` is 0: writes already handed to a
     backend are fenced before the device says STOPPED. Their chains stay in flight.
+
+    A deferred with an ``fd`` may also publish by itself, ``publish_done()`` (blk's native
+    plane): the device thread's wait in C (emu.devices._loop) calls it when ``fd`` turns
+    readable; one without it keeps the device in its Python loop.
     """
 
     fd: int | None  # readable while completions wait (None: due by time, ``next_due``)

@@ -60,7 +60,6 @@ from emu.devices.base import DeviceError
 from emu.memory import GuestMemoryError
 from emu.queue import CLOSED, KEEP_BATCHES, OPEN
 
-
 cnp.import_array()
 
 log = logging.getLogger("emu.devices.blk")
@@ -84,6 +83,8 @@ cdef enum:
     PAGE_SHIFT = 12
 
 cdef uint64_t MAX_DWZ_SECTORS = 0x3FFFFF
+#: chains popped at once (blk.BATCH)
+cdef Py_ssize_t BATCH = 64
 
 #: ``mode`` bits the device sets before each pass
 MODE_WRITETHROUGH = 1
@@ -928,8 +929,3 @@ cdef class BlkPlane:
     def count(self) -> int:
         """Outstanding at the engine, waiting for room, or answered and not yet taken."""
         return self.engine.outstanding + self.n_out + self.bl_n
-
-
-#: chains popped at once (blk.BATCH)
-cdef Py_ssize_t BATCH = 64
-
