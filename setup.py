@@ -43,6 +43,7 @@ setup(
             native("emu.backends._nbd", ("nbd",), ("libnbd.h",)),
             native("emu.devices._blkplane"),
             native("emu.devices._loop"),
+            native("emu.vhost_user._notifier"),
             native("emu.vhost_user._split_inflight"),
         ],
         compiler_directives={"language_level": "3", "boundscheck": False,

@@ -7,65 +7,10 @@ device thread signals. The base encodings are the spec's (GET/SET_VRING_BASE).
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
-import threading
 from dataclasses import dataclass, field
 
 from emu.ringdefs import InflightChain, RingState
-from emu.vhost_user.protocol import U64
-
-log = logging.getLogger(__name__)
-
-
-class Notifier:
-    """An interrupt fd: the frontend's eventfd, or (UML) a socket we write a u64 to.
-
-    ``signal`` runs on the device thread while ``set`` runs on the connection's thread, so
-    both hold a lock: an fd is never written after it was closed (its number reused).
-    Writes never block: a full socket means the frontend has a notification pending anyway.
-    """
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self._lock = threading.Lock()
-        self._fd = -1
-        self._sock: socket.socket | None = None
-
-    def set(self, fd: int, kind: str = "eventfd") -> None:
-        """Signal ``fd`` from now on (-1: nothing); takes the fd and closes the old one."""
-        sock = socket.socket(fileno=fd) if kind == "socket" else None
-        with self._lock:
-            self._close()
-            self._fd, self._sock = fd, sock
-
-    def _close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-        elif self._fd >= 0:
-            os.close(self._fd)
-        self._fd, self._sock = -1, None
-
-    def close(self) -> None:
-        with self._lock:
-            self._close()
-
-    @property
-    def active(self) -> bool:
-        return self._fd >= 0
-
-    def signal(self) -> None:
-        with self._lock:
-            try:
-                if self._sock is not None:
-                    self._sock.send(U64.pack(1), socket.MSG_DONTWAIT)
-                elif self._fd >= 0:
-                    os.eventfd_write(self._fd, 1)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                log.warning("vhost-user: %s fd write failed: %s", self.what, e)
+from emu.vhost_user._notifier import Notifier
 
 
 @dataclass
