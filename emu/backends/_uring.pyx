@@ -79,6 +79,7 @@ cdef extern from "<liburing.h>" nogil:
     int io_uring_peek_cqe(io_uring *ring, io_uring_cqe **cqe)
     void io_uring_cqe_seen(io_uring *ring, io_uring_cqe *cqe)
     unsigned io_uring_sq_ready(const io_uring *ring)
+    unsigned io_uring_cq_ready(const io_uring *ring)
     void io_uring_prep_readv(io_uring_sqe *sqe, int fd, const iovec *iov, unsigned nr,
                              uint64_t offset)
     void io_uring_prep_writev2(io_uring_sqe *sqe, int fd, const iovec *iov, unsigned nr,
@@ -167,6 +168,8 @@ cdef class UringEngine(Engine):
     cdef unsigned reads_out, writes_out  # at the backend (not in buf)
     cdef bint punch_ok, zero_ok
     cdef bint prepped  # SQEs prepared while reaping: submit before returning
+    cdef unsigned in_ring  # SQEs taken whose CQE is not drained yet: each may set fd
+    cdef bint armed  # ``signal`` wrote fd since ``reap`` last cleared it
     cdef void *zeros
     cdef readonly str path
     #: reads and writes done in ``submit`` (a tmpfs file: see the module docstring)
@@ -266,9 +269,7 @@ cdef class UringEngine(Engine):
             self.next_stage(i)
         else:
             self.start(i)
-        if not r.active:
-            self.signal()  # finished at once (nothing to do, or no SQE): say so
-        return 0
+        return 0  # finished at once (tmpfs, nothing to do, no SQE): ``ready`` says so
 
     cdef int kick(self) noexcept nogil:
         cdef int rc
@@ -280,12 +281,21 @@ cdef class UringEngine(Engine):
         rc = io_uring_submit(&self.ring)
         return rc if rc < 0 else 0
 
+    cdef unsigned ready(self) noexcept nogil:
+        return self.buf_n
+
     cdef int reap(self, Done *out, int max) noexcept nogil:
         cdef uint64_t junk
         cdef int n = 0
         if not self.ring_ok:
             return 0
-        c_read(self.fd, &junk, 8)  # clear first: a completion posted later sets it again
+        # Clear fd first (a completion posted later sets it again) when it may be set: by
+        # ``signal``, by a CQE still to drain, or when there is nothing to take (a wake-up
+        # for nothing: a CQE drained before its eventfd write landed). A tmpfs pass
+        # (done in ``submit``, nothing in the ring) reaps with no system call.
+        if self.armed or self.in_ring or not (self.buf_n or io_uring_cq_ready(&self.ring)):
+            c_read(self.fd, &junk, 8)
+            self.armed = False
         self.drain_cq()
         while n < max and self.buf_n:
             out[n] = self.buf[self.buf_head]
@@ -359,6 +369,7 @@ cdef class UringEngine(Engine):
 
     cdef void signal(self) noexcept nogil:
         cdef uint64_t one = 1
+        self.armed = True
         c_write(self.fd, &one, 8)
 
     cdef io_uring_sqe *get_sqe(self) noexcept nogil:
@@ -366,6 +377,8 @@ cdef class UringEngine(Engine):
         if sqe == NULL:  # SQ full of prepared entries: hand them over, then there is room
             io_uring_submit(&self.ring)
             sqe = io_uring_get_sqe(&self.ring)
+        if sqe != NULL:
+            self.in_ring += 1
         return sqe
 
     cdef void drain_cq(self) noexcept nogil:
@@ -375,6 +388,7 @@ cdef class UringEngine(Engine):
         while io_uring_peek_cqe(&self.ring, &cqe) == 0:
             ud, res = cqe.user_data, cqe.res
             io_uring_cqe_seen(&self.ring, cqe)
+            self.in_ring -= 1
             if ud < self.depth and self.reqs[ud].active:
                 self.completed(<int>ud, res)
         if self.prepped:

@@ -22,7 +22,10 @@ Rules every engine keeps:
   it held ``-ENOTCONN``) and returns (fence: ``-ETIMEDOUT``). Local kernel I/O (io_uring)
   cannot be given up and is waited for.
 * ``fd`` is readable while Dones wait to be reaped (eventfd semantics: ``reap`` clears it
-  when it empties the queue).
+  when it empties the queue), except the Dones of requests ``submit`` finished at once
+  (a tmpfs file's reads and writes, done in ``submit`` itself): ``ready`` counts those,
+  and whoever submits reaps them before it waits on ``fd``. That saves the eventfd's
+  write and read per request on a path with no other system call than the I/O.
 * ``cancel_reads`` (a report stop): from its return on, no read still outstanding writes
   to its ``iov`` (io_uring: IORING_OP_ASYNC_CANCEL, then the read completes with -ECANCELED
   or in full before ``abandon`` returns; NBD: the read lands in an engine-owned bounce
@@ -65,6 +68,8 @@ cdef class Engine:
                     uint64_t offset, uint64_t length, int flags) noexcept nogil
     # Hand everything submitted since the last call to the backend; 0 or -errno.
     cdef int kick(self) noexcept nogil
+    # Dones waiting that ``fd`` may not show (finished in ``submit``): reap them.
+    cdef unsigned ready(self) noexcept nogil
     # Up to ``max`` Dones without blocking; how many.
     cdef int reap(self, Done *out, int max) noexcept nogil
     # At least one Done (blocks), unless nothing is outstanding (returns 0); how many.

@@ -27,6 +27,9 @@ cdef class Engine:
     cdef int kick(self) noexcept nogil:
         return 0
 
+    cdef unsigned ready(self) noexcept nogil:
+        return 0
+
     cdef int reap(self, Done *out, int max) noexcept nogil:
         return 0
 

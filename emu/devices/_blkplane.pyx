@@ -686,16 +686,19 @@ cdef class BlkPlane:
             self.submit_next(<uint16_t>tag)
 
     cdef void collect(self) noexcept nogil:
-        """Everything the engine finished, without blocking; then refill it."""
+        """Everything the engine finished, without blocking; then refill it, and again
+        while the refill's requests finished at once (``Engine.ready``)."""
         cdef int n, k
         cdef int depth = self.engine.depth
         while True:
             n = self.engine.reap(self.dones, depth)
             for k in range(n):
                 self.on_done(self.dones[k].tag, self.dones[k].result)
-            if n < depth:
+            if n == depth:
+                continue
+            self.refill()
+            if not self.engine.ready():
                 break
-        self.refill()
 
     cdef void refill(self) noexcept nogil:
         if self.cancelled:
