@@ -29,7 +29,7 @@ import numpy as np
 
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, UINT64_MAX
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.errno cimport EINTR, EINVAL, errno
@@ -104,18 +104,9 @@ cdef enum:
     PAGE_SHIFT = 12
     PUSHING = 1 << 31  # temporary mark on nd[head] while a push is being validated
 
+#: held_n of a chain restored in flight whose segments were not given (``remember``)
+cdef uint32_t UNKNOWN = 0xFFFFFFFF
 cdef uint64_t MAX_CHAIN_LEN = 0xFFFFFFFF  # typed: a bare literal would be compared as a Python int
-
-cdef struct Region:
-    uint64_t gpa
-    uint64_t size
-    uint8_t *data
-    uint8_t *dirty
-
-cdef struct Area:
-    uint8_t *p  # host address of the ring area
-    uint8_t *dirty  # dirty map of its region
-    uint64_t off  # offset of the area inside its region
 
 
 cdef enum Err:
@@ -265,7 +256,11 @@ cdef inline void begin_chain(_Ring r) noexcept:
     r.c_wrote = False
 
 
-cdef inline void fetched(_Ring r, uint16_t head, uint32_t ndesc) noexcept:
+cdef inline int fetched(_Ring r, uint16_t head, uint32_t ndesc) noexcept:
+    """The chain just walked is in flight: in the batch, and held with its segments."""
+    cdef uint32_t first = r.o_starts[r.nchains]
+    if r.keep(head, first, r.nseg - first) < 0:
+        return E_NOMEM
     r.o_heads[r.nchains] = head
     r.nchains += 1
     r.o_starts[r.nchains] = r.nseg
@@ -273,6 +268,7 @@ cdef inline void fetched(_Ring r, uint16_t head, uint32_t ndesc) noexcept:
     r.seq[head] = r.nfetched
     r.nfetched += 1
     r.ninflight += 1
+    return E_OK
 
 
 cdef cnp.ndarray copy_out(const void *src, cnp.npy_intp n, int typenum, size_t item):
@@ -387,8 +383,7 @@ cdef int split_walk(_Ring r, uint16_t head) noexcept:
         if err:
             return err
         if not flags & F_NEXT:
-            fetched(r, head, ndesc)
-            return E_OK
+            return fetched(r, head, ndesc)
         i = ring_ld16(d + 14)
         if i >= limit:
             return fail(r, E_NEXT, i, limit)
@@ -482,7 +477,9 @@ cdef int packed_walk(_Ring r) noexcept:
         return fail(r, E_ID, buf_id, 0)
     if r.nd[buf_id]:
         return fail(r, E_ID_INFLIGHT, buf_id, 0)
-    fetched(r, buf_id, steps)
+    err = fetched(r, buf_id, steps)
+    if err:
+        return err
     r.next_avail, r.avail_wrap = slot, wrap
     return E_OK
 
@@ -503,38 +500,14 @@ cdef int packed_pop(_Ring r, Py_ssize_t max_chains) noexcept:
 cdef class _Ring:
     """Construction, in-flight bookkeeping, scratch output and state for both formats."""
 
-    cdef Region *regions
-    cdef int nregions
-    cdef object _keep  # the region arrays: keeps the mappings alive while we hold pointers
-    cdef Area desc, drv, dev
-    cdef uint32_t size
-    cdef bint indirect, event_idx, in_order
-    cdef uint16_t next_avail, next_used, signalled_used
-    cdef bint avail_wrap, used_wrap
-    # in flight: nd[head] = descriptors it took (0 = not in flight), seq[head] = fetch number
-    cdef uint32_t *nd
-    cdef uint64_t *seq
-    cdef uint64_t nfetched
-    cdef uint32_t ninflight
-    # a push given as Python lists, copied out of them (no numpy conversion)
-    cdef uint16_t *p_heads
-    cdef uint32_t *p_lens
-    # scratch output of one pop
-    cdef uint16_t *o_heads
-    cdef uint32_t *o_starts
-    cdef uint64_t *o_addr
-    cdef uint32_t *o_len
-    cdef uint8_t *o_wr
-    cdef size_t cap_segs
-    cdef uint32_t nchains, nseg
-    # descriptors read by this pop, and how many it may read once it holds a chain
-    cdef uint64_t walked, budget
-    # the chain being walked, and what the last error was about
-    cdef uint64_t c_total
-    cdef bint c_wrote
-    cdef uint64_t err_a, err_b
-
     def __dealloc__(self):
+        cdef uint32_t k
+        if self.held != NULL:
+            for k in range(self.size):
+                free(self.held[k])
+        free(self.held)
+        free(self.held_n)
+        free(self.held_cap)
         free(self.regions)
         free(self.nd)
         free(self.seq)
@@ -589,8 +562,12 @@ cdef class _Ring:
         self.o_addr = <uint64_t *>malloc(self.cap_segs * sizeof(uint64_t))
         self.o_len = <uint32_t *>malloc(self.cap_segs * sizeof(uint32_t))
         self.o_wr = <uint8_t *>malloc(self.cap_segs)
+        self.held = <HeldSeg **>calloc(self.size, sizeof(HeldSeg *))
+        self.held_n = <uint32_t *>calloc(self.size, sizeof(uint32_t))
+        self.held_cap = <uint32_t *>calloc(self.size, sizeof(uint32_t))
         if not (self.nd and self.seq and self.p_heads and self.p_lens and self.o_heads
-                and self.o_starts and self.o_addr and self.o_len and self.o_wr):
+                and self.o_starts and self.o_addr and self.o_len and self.o_wr
+                and self.held and self.held_n and self.held_cap):
             raise MemoryError()
         for k in range(self.size):
             self.nd[k] = 0
@@ -613,6 +590,67 @@ cdef class _Ring:
         self.o_wr = <uint8_t *>p
         self.cap_segs = cap
         return 0
+
+    cdef int keep(self, uint16_t head, uint32_t first, uint32_t n) noexcept:
+        """Hold scratch segments ``first:first+n`` as the chain at ``head``; -1: no memory."""
+        cdef HeldSeg *p = self.held[head]
+        cdef uint32_t k
+        if n > self.held_cap[head]:
+            p = <HeldSeg *>realloc(p, n * sizeof(HeldSeg))
+            if p == NULL:
+                return -1
+            self.held[head], self.held_cap[head] = p, n
+        for k in range(n):
+            p[k].addr = self.o_addr[first + k]
+            p[k].length = self.o_len[first + k]
+            p[k].writable = self.o_wr[first + k]
+        self.held_n[head] = n
+        return 0
+
+    def segments(self, uint32_t head):
+        """The (gpa, length, writable) segments of the chain in flight at ``head`` as it
+        was popped; None when nothing is in flight there, or a restored chain's are not
+        known (``remember``)."""
+        cdef HeldSeg *p
+        cdef uint32_t k
+        if head >= self.size or not self.nd[head] or self.held_n[head] == UNKNOWN:
+            return None
+        p = self.held[head]
+        return [(p[k].addr, p[k].length, p[k].writable) for k in range(self.held_n[head])]
+
+    def remember(self, uint32_t head, list segments):
+        """The segments of a chain restored in flight (``set_state``) at ``head``."""
+        cdef Py_ssize_t k, n = len(segments)
+        if head >= self.size or not self.nd[head]:
+            raise ValueError(f"head {head} is not in flight")
+        if n >= UNKNOWN:
+            raise ValueError(f"chain at head {head} has too many segments")
+        if <size_t>n > self.cap_segs:
+            raise ValueError(f"chain at head {head} has more segments than a pop holds")
+        for k, (addr, length, writable) in enumerate(segments):
+            self.o_addr[k], self.o_len[k], self.o_wr[k] = addr, length, bool(writable)
+        if self.keep(head, 0, <uint32_t>n) < 0:
+            raise MemoryError()
+
+    cdef int pop_into(self, Py_ssize_t max_chains) noexcept:
+        """The format's pop into the scratch arrays: an error code (Err)."""
+        return E_OK
+
+    cdef int pop_c(self, Py_ssize_t max_chains, uint64_t max_descs) except -1:
+        self.budget = max_descs
+        self.nchains = self.nseg = 0
+        self.walked = 0
+        if max_chains > 0:
+            err = self.pop_into(max_chains)
+            if err:
+                raise_error(self, err)
+        return 0
+
+    cdef bint push_c(self, const uint16_t *h, const uint32_t *ln, Py_ssize_t n) except -1:
+        if n == 0:
+            return False
+        self.take(h, n)
+        return self.publish(h, ln, n)
 
     def push(self, heads, lengths):
         """Mark chains used in this order and publish them; True: notify the driver.
@@ -684,7 +722,7 @@ cdef class _Ring:
             self.nd[x] |= PUSHING
         return 0
 
-    cdef inline uint32_t release(self, uint16_t head) noexcept:
+    cdef uint32_t release(self, uint16_t head) noexcept:
         cdef uint32_t n = self.nd[head] & ~PUSHING
         self.nd[head] = 0
         self.ninflight -= 1
@@ -880,6 +918,7 @@ cdef class _Ring:
         for k, (h, n) in enumerate(state.inflight):
             self.nd[h] = n
             self.seq[h] = k
+            self.held_n[h] = UNKNOWN
         self.nfetched = self.ninflight = len(state.inflight)
 
 
@@ -903,6 +942,9 @@ cdef class SplitRing(_Ring):
         if err:
             raise_error(self, err)
         return self.batch()
+
+    cdef int pop_into(self, Py_ssize_t max_chains) noexcept:
+        return split_pop(self, max_chains)
 
     cdef bint publish(self, const uint16_t *h, const uint32_t *ln, Py_ssize_t n) except -1:
         cdef Py_ssize_t i
@@ -958,6 +1000,9 @@ cdef class PackedRing(_Ring):
         if err:
             raise_error(self, err)
         return self.batch()
+
+    cdef int pop_into(self, Py_ssize_t max_chains) noexcept:
+        return packed_pop(self, max_chains)
 
     cdef bint publish(self, const uint16_t *h, const uint32_t *ln, Py_ssize_t n) except -1:
         cdef Py_ssize_t i

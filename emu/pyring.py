@@ -221,6 +221,8 @@ class _Ring:
         self.next_avail = self.next_used = self.signalled_used = 0
         self.avail_wrap = self.used_wrap = True
         self._inflight: dict[int, int] = {}  # head -> ndesc, insertion order = fetch order
+        #: head -> the segments of the chain in flight there, as popped (``segments``)
+        self._held: dict[int, list[tuple[int, int, int]]] = {}
 
     def _size_ok(self, size: int) -> bool:
         return 1 <= size <= self._MAX_SIZE
@@ -260,8 +262,25 @@ class _Ring:
         return [(h, n, self._inflight.pop(h)) for h, n in zip(hs, ls, strict=True)]
 
     def _fetched(self, out: _Segments, head: int, ndesc: int) -> None:
+        first = out.starts[-1]
+        segs = zip(out.addr[first:], out.length[first:], out.writable[first:], strict=True)
+        self._held[head] = [(a, n, int(w)) for a, n, w in segs]
         out.end(head)
         self._inflight[head] = ndesc
+
+    def segments(self, head: int) -> list[tuple[int, int, int]] | None:
+        """The (gpa, length, writable) segments of the chain in flight at ``head`` as it
+        was popped; None when nothing is in flight there, or a restored chain's are not
+        known (``remember``)."""
+        if head not in self._inflight or head not in self._held:
+            return None
+        return list(self._held[head])
+
+    def remember(self, head: int, segments: list[tuple[int, int, int]]) -> None:
+        """The segments of a chain restored in flight (``set_state``) at ``head``."""
+        if head not in self._inflight:
+            raise ValueError(f"head {head} is not in flight")
+        self._held[head] = [(a, n, int(bool(w))) for a, n, w in segments]
 
     def gather(self, segments: list[tuple[int, int]], limit: int) -> tuple[bytes | None, int]:
         """The bytes of ``segments`` ((gpa, length) pairs: a popped chain's readable
@@ -347,6 +366,7 @@ class _Ring:
         self.avail_wrap, self.used_wrap = bool(state.avail_wrap), bool(state.used_wrap)
         self.signalled_used = state.signalled_used
         self._inflight = dict(state.inflight)
+        self._held = {}
 
 
 class SplitRing(_Ring):

@@ -61,10 +61,6 @@ OPEN, CLOSED = Gate.OPEN, Gate.CLOSED
 #: so a stop or reset waits one bounded pass and no queue starves the others
 PASS_DESCS_PER_SLOT = 4
 
-#: batches kept whole for ``inflight`` before the chains still in flight in them are
-#: indexed one by one (so a chain a device holds for long does not pin every later batch)
-KEEP_BATCHES = 64
-
 
 class Deferred(Protocol):
     """Completions a backend finishes after the pass that started them.
@@ -102,13 +98,9 @@ class Deferred(Protocol):
 class Virtqueue:
     """Queue configuration plus the ring, and what a stop needs to keep track of.
 
-    Every chain popped is remembered (its Batch and index, not a copy) until it is pushed,
-    so a stopped queue can report its in-flight chains with their segments, and a resumed
-    or restored one hands them to the device again, ahead of anything new, through ``pop``.
-    The request path keeps whole batches (no work per chain): the batches popped since
-    nothing was last in flight, newest last; a chain's Batch is the newest holding its
-    head, since a head is in flight once at a time. ``_fold`` indexes the survivors when
-    the list grows long.
+    The ring holds every chain popped, with its segments, until it is pushed (``segments``),
+    so a stopped queue can report its in-flight chains, and a resumed or restored one hands
+    them to the device again, ahead of anything new, through ``pop``.
     """
 
     def __init__(self, index: int, max_size: int) -> None:
@@ -142,10 +134,6 @@ class Virtqueue:
         #: the pass budget ran out with chains still available: serve again next pass
         self.more = False
         self._chains_left = self._descs_left = 0
-        self._batches: list[Batch] = []
-        #: chains of batches folded out of ``_batches`` (may name heads used since)
-        self._held: dict[int, tuple[Batch, int]] = {}
-        self._unused = 0  # chains in ``_batches`` / ``_held`` popped and not yet pushed
         self._resubmit: list[InflightChain] = []
         self._requeue = False
         if self.deferred is not None:
@@ -174,15 +162,15 @@ class Virtqueue:
         ring = cls(mem, self.size, self.desc, self.driver, self.device, features)
         if state is not None:
             ring.set_state(state)
+        for chain in inflight or []:
+            ring.remember(chain.head, list(chain.segments))
         self.ring = ring
-        self._forget_batches()
         self.drop_due()
         self._resubmit = list(inflight or [])
         self._requeue = False
 
     def stop(self) -> None:
         self.ring = None
-        self._forget_batches()
         self.drop_due()
         self._resubmit = []
         self._requeue = False
@@ -207,7 +195,6 @@ class Virtqueue:
             return Batch.empty()
         if self._requeue:
             self._resubmit = self.inflight()
-            self._forget_batches()
             self._requeue = False
         if self._resubmit:
             batch = self._take_resubmit(min(max_chains, self._chains_left))
@@ -215,37 +202,10 @@ class Virtqueue:
         else:  # from the ring (inline: a device thread pops once per guest kick)
             batch = self.ring.pop(min(max_chains, self._chains_left), self._descs_left)
             self._descs_left -= batch.walked
-            if len(batch.heads):
-                self._remember(batch)
-                if self.tracker is not None:
-                    self.tracker.fetched(batch)
+            if self.tracker is not None and len(batch.heads):
+                self.tracker.fetched(batch)
         self._chains_left -= len(batch.heads)
         return batch
-
-    def _remember(self, batch: Batch) -> None:
-        self._batches.append(batch)
-        self._unused += len(batch.heads)
-        if len(self._batches) > KEEP_BATCHES:
-            self._fold()
-
-    def _fold(self) -> None:
-        """Index the chains of ``_batches`` still in flight into ``_held``; drop the rest."""
-        owners = self._owners()
-        self._held = {h: owners[h] for h, _ in self.ring.state().inflight if h in owners}
-        self._batches = []
-
-    def _owners(self) -> dict[int, tuple[Batch, int]]:
-        """Head -> (Batch, index) of the chain popped last with that head."""
-        owners = dict(self._held)
-        for batch in self._batches:
-            for i, head in enumerate(batch.heads.tolist()):
-                owners[head] = (batch, i)
-        return owners
-
-    def _forget_batches(self) -> None:
-        self._batches = []
-        self._held = {}
-        self._unused = 0
 
     def push(self, heads: np.ndarray | list[int], lengths: np.ndarray | list[int]) -> None:
         """Publish used entries (arrays, or lists of ints: the ring reads those directly)."""
@@ -270,9 +230,6 @@ class Virtqueue:
             log.published(self, len(heads))
         if tracker is not None:
             tracker.used(heads)
-        self._unused -= len(heads)
-        if self._unused <= 0:  # nothing popped is in flight: no batch is needed any more
-            self._forget_batches()
         if notify:
             self.notify()
 
@@ -334,28 +291,10 @@ class Virtqueue:
         return self.ring.state()
 
     def inflight(self) -> list[InflightChain]:
-        """Chains fetched and not used, in fetch order, with their segments."""
-        chains = []
-        waiting = {c.head: c.segments for c in self._resubmit}
-        owners = self._owners()
-        as_lists: dict[int, tuple[list, list]] = {}  # per batch: converted once, not per chain
-        for head, ndesc in self.ring.state().inflight:
-            if head in owners:
-                batch, i = owners[head]
-                if id(batch) not in as_lists:
-                    segs_all = zip(
-                        batch.addr.tolist(),
-                        batch.length.tolist(),
-                        batch.writable.tolist(),
-                        strict=True,
-                    )
-                    as_lists[id(batch)] = (list(segs_all), batch.chain_start.tolist())
-                all_segs, starts = as_lists[id(batch)]
-                segs = all_segs[starts[i] : starts[i + 1]]
-            else:  # restored and not handed out again yet
-                segs = waiting[head]
-            chains.append(InflightChain(head, ndesc, segs))
-        return chains
+        """Chains fetched and not used, in fetch order, with their segments (none known
+        for a head restored in flight without its chain)."""
+        ring = self.ring
+        return [InflightChain(h, n, ring.segments(h) or []) for h, n in ring.state().inflight]
 
     def requeue_inflight(self) -> None:
         """After a stop: the next pops hand every in-flight chain to the device again.
@@ -366,9 +305,7 @@ class Virtqueue:
 
     def _take_resubmit(self, max_chains: int) -> Batch:
         take, self._resubmit = self._resubmit[:max_chains], self._resubmit[max_chains:]
-        batch = Batch.from_chains([(c.head, c.segments) for c in take])
-        self._remember(batch)
-        return batch
+        return Batch.from_chains([(c.head, c.segments) for c in take])
 
     # -- kicks --
 

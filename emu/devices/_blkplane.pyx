@@ -58,7 +58,8 @@ from emu.backends.engine cimport (
 
 from emu.devices.base import DeviceError
 from emu.memory import GuestMemoryError
-from emu.queue import CLOSED, KEEP_BATCHES, OPEN
+from emu._ring cimport _Ring
+from emu.queue import CLOSED, OPEN
 
 cnp.import_array()
 
@@ -269,28 +270,33 @@ cdef class BlkPlane:
         return self.engine.depth - self.engine.outstanding
 
     def serve(self, batch, mem) -> None:
-        """Answer or submit every chain of ``batch``; DeviceError (nothing of the batch
-        run) for a chain without a status byte or with readable after writable."""
+        """Answer or submit every chain of ``batch`` (a Batch: chains handed out again,
+        or popped from emu.pyring's ring)."""
         cdef cnp.ndarray heads = as_c(batch.heads, cnp.NPY_UINT16)
         cdef cnp.ndarray starts = as_c(batch.chain_start, cnp.NPY_UINT32)
         cdef cnp.ndarray addr = as_c(batch.addr, cnp.NPY_UINT64)
         cdef cnp.ndarray length = as_c(batch.length, cnp.NPY_UINT32)
         cdef cnp.ndarray writable = as_c(batch.writable, cnp.NPY_UINT8)
-        cdef Py_ssize_t n = cnp.PyArray_DIM(heads, 0)
+        self.serve_chains(
+            <uint16_t *>cnp.PyArray_DATA(heads), <uint32_t *>cnp.PyArray_DATA(starts),
+            <uint64_t *>cnp.PyArray_DATA(addr), <uint32_t *>cnp.PyArray_DATA(length),
+            <uint8_t *>cnp.PyArray_DATA(writable), cnp.PyArray_DIM(heads, 0), mem)
+
+    cdef int serve_chains(self, const uint16_t *h, const uint32_t *st, const uint64_t *ad,
+                          const uint32_t *ln, const uint8_t *wr, Py_ssize_t n,
+                          mem) except -1:
+        """Answer or submit ``n`` chains (a Batch's arrays, or the ring's scratch after
+        ``_Ring.pop_c``); DeviceError (nothing of them run) for a chain without a status
+        byte or with readable after writable."""
         cdef Py_ssize_t bad = -1
         cdef int err = P_OK
+        cdef Py_ssize_t i
         if n == 0:
-            return
+            return 0
         if self.q.ring is not self._ring:
             self._refresh(mem)
         if self.cancelled and not self.count():
             self.cancelled = False
-        cdef uint16_t *h = <uint16_t *>cnp.PyArray_DATA(heads)
-        cdef uint32_t *st = <uint32_t *>cnp.PyArray_DATA(starts)
-        cdef uint64_t *ad = <uint64_t *>cnp.PyArray_DATA(addr)
-        cdef uint32_t *ln = <uint32_t *>cnp.PyArray_DATA(length)
-        cdef uint8_t *wr = <uint8_t *>cnp.PyArray_DATA(writable)
-        cdef Py_ssize_t i
         with nogil:
             for i in range(n):
                 err = self.parse(h[i], ad, ln, wr, st[i], st[i + 1])
@@ -315,6 +321,7 @@ cdef class BlkPlane:
                 raise MemoryError()
             raise DeviceError(f"blk: chain {head}: already in flight")
         self._log_errors()
+        return 0
 
     def _refresh(self, mem) -> None:
         """Copy the guest regions into the C table (as emu._ring does)."""
@@ -760,7 +767,9 @@ cdef class BlkPlane:
         """Pop while the engine has room, serve each batch, publish what is done: the
         native plane's pass (blk.BlkDevice._serve_batch is the Python path's). The queue's
         own steps (Virtqueue.set_kicks, pop, publish_due) run inline: ``set_kicks``,
-        ``pop`` and ``publish`` below are theirs, line for line."""
+        ``pop`` and ``publish`` below are theirs, line for line, except that chains come
+        from the ring's scratch arrays and used entries go to it from ours, with no
+        Batch or array in between (emu._ring's ``pop_c`` / ``push_c``)."""
         q = self.q
         cdef Py_ssize_t room, want, got
         while True:
@@ -768,15 +777,13 @@ cdef class BlkPlane:
             room = self.room()
             while room:
                 want = min(BATCH, room)
-                batch = self.pop(q, want)
-                got = 0 if batch is None else cnp.PyArray_DIM(batch.heads, 0)
-                if not got:
-                    break
                 try:
-                    self.serve(batch, mem)
+                    got = self.pop_serve(q, want, mem)
                 except (DeviceError, GuestMemoryError):
                     q.publish_all_due()  # what earlier batches did reaches the guest first
                     raise
+                if not got:
+                    break
                 if got < want:
                     break  # the ring ran dry (or the pass budget ran out): set_kicks tells
                 room = self.room()
@@ -795,38 +802,51 @@ cdef class BlkPlane:
             return False
         return bool(q._resubmit) or q._requeue or q.ring.set_notify(enabled)
 
-    cdef object pop(self, q, Py_ssize_t want):
-        """Virtqueue.pop (None for its empty Batch); chains handed out again after a
-        resume or restore come from Virtqueue.pop itself."""
+    cdef Py_ssize_t pop_serve(self, q, Py_ssize_t want, mem) except -1:
+        """Virtqueue.pop, then ``serve``: the chains popped (0: none). Chains handed out
+        again after a resume or restore come from Virtqueue.pop itself, as do the
+        chains of a ring that is not emu._ring's (EMU_RING=python)."""
         cdef Py_ssize_t chains_left, descs_left, n
+        cdef _Ring ring
         if q.gate is not OPEN:
-            return None
+            return 0
         chains_left, descs_left = q._chains_left, q._descs_left
         if chains_left <= 0 or descs_left <= 0:
             q.more = True
-            return None
-        if q._requeue or q._resubmit:
-            return q.pop(want)
-        batch = q.ring.pop(min(want, chains_left), descs_left)
-        q._descs_left = descs_left - batch.walked
-        n = cnp.PyArray_DIM(batch.heads, 0)
-        if n:
-            batches = q._batches  # Virtqueue._remember
-            batches.append(batch)
-            q._unused += n
-            if len(batches) > KEEP_BATCHES:
-                q._fold()
-            tracker = q.tracker
-            if tracker is not None:
-                tracker.fetched(batch)
+            return 0
+        if q._requeue or q._resubmit or not isinstance(q.ring, _Ring):
+            batch = q.pop(want)
+            self.serve(batch, mem)
+            return cnp.PyArray_DIM(batch.heads, 0)
+        ring = <_Ring>q.ring
+        ring.pop_c(min(want, chains_left), descs_left)
+        q._descs_left = descs_left - <Py_ssize_t>ring.walked
+        n = ring.nchains
         q._chains_left = chains_left - n
-        return batch
+        if n and q.tracker is not None:
+            q.tracker.fetched(ring.batch())
+        self.serve_chains(ring.o_heads, ring.o_starts, ring.o_addr, ring.o_len, ring.o_wr, n,
+                          mem)
+        return n
 
     cdef int publish_ready(self, q) except -1:
-        """Virtqueue.publish_due."""
-        for heads, lengths in self.take_due(0.0):
-            if q.gate is not CLOSED:
-                self.publish(q, heads, lengths)
+        """Virtqueue.publish_due; without an observer (the vhost-user inflight region,
+        the dirty log), straight from our arrays into the ring."""
+        cdef Py_ssize_t n
+        with nogil:
+            self.collect()
+        self._after()
+        if q.gate is CLOSED:
+            self.n_out = 0
+            return 0
+        ring = q.ring
+        if self.n_out and q.tracker is None and q.log is None and isinstance(ring, _Ring):
+            n, self.n_out = self.n_out, 0
+            if (<_Ring>ring).push_c(self.out_heads, self.out_lens, n):
+                q.notify()
+            return 0
+        for heads, lengths in self._emit():
+            self.publish(q, heads, lengths)
         return 0
 
     cdef int publish(self, q, heads, lengths) except -1:
@@ -842,13 +862,6 @@ cdef class BlkPlane:
             log.published(q, n)
         if tracker is not None:
             tracker.used(heads)
-        unused = q._unused - n
-        if unused <= 0:  # Virtqueue._forget_batches
-            q._batches = []
-            q._held = {}
-            q._unused = 0
-        else:
-            q._unused = unused
         if notify:
             q.notify()
         return 0
