@@ -58,9 +58,10 @@ cdef void clear_kick(int fd) noexcept nogil:
 
 
 def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
-    """``fds``: a queue's kick fd -> (queue, its deferred or None, True), a deferred's
-    completion fd -> (queue, deferred, False). ``running`` / ``open_gate``: RunState.RUNNING
-    and Gate.OPEN. Entered and left with ``owner`` released."""
+    """``fds``: a queue's kick fd -> (queue, its deferred or None, True, its
+    ``native_pass`` or None), a deferred's completion fd -> (queue, deferred, False, None).
+    ``running`` / ``open_gate``: RunState.RUNNING and Gate.OPEN. Entered and left with
+    ``owner`` released."""
     cdef epoll_event evs[16]
     cdef int n, k, fd
     while True:
@@ -75,7 +76,7 @@ def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
         try:
             for k in range(n):
                 fd = evs[k].data.fd
-                q, deferred, kick = fds[fd]
+                q, deferred, kick, native = fds[fd]
                 if (dev.run_state is not running or dev._commands or q.ring is None
                         or q.gate is not open_gate or q.deferred is not deferred):
                     return
@@ -87,7 +88,10 @@ def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
                 q.begin_pass()
                 dev._in_pass = True
                 try:
-                    dev.handle_queue(q)
+                    if native is None:
+                        dev.handle_queue(q)
+                    else:
+                        native()
                 except Exception as e:
                     dev.queue_failed(q, e)
                     return

@@ -676,6 +676,12 @@ class VirtioDevice:
         """Process what the driver made available on ``q`` (device thread)."""
         raise NotImplementedError
 
+    def native_pass(self, q: Virtqueue) -> Callable[[], None] | None:
+        """What ``handle_queue(q)`` does, as a call the wait in C (emu.devices._loop) makes
+        without a Python frame of the device's (blk's native plane), while ``q.deferred``
+        stays what it is now; None: it calls ``handle_queue``."""
+        return None
+
     def on_wake(self) -> None:
         """A backend event woke the thread (e.g. rx data arrived)."""
 
@@ -693,16 +699,16 @@ class VirtioDevice:
         built, or a deferred only this loop publishes, as the delay model's)."""
         if _loop is None:
             return False
-        fds: dict[int, tuple[Virtqueue, Any, bool]] = {}
+        fds: dict[int, tuple[Virtqueue, Any, bool, Callable[[], None] | None]] = {}
         for q in self.queues:
             if not q.started:
                 continue
             d = q.deferred
             if d is not None and not hasattr(d, "publish_done"):
                 return False
-            fds[q.kick_fd] = (q, d, True)
+            fds[q.kick_fd] = (q, d, True, self.native_pass(q))
             if d is not None:
-                fds[d.fd] = (q, d, False)
+                fds[d.fd] = (q, d, False, None)
         if not fds:
             return False
         _loop.serve_parked(self, ep.fileno(), self._owner, fds, RUNNING, OPEN)

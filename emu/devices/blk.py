@@ -65,7 +65,9 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from emu.backends.storage import open_engine, open_sync
 from emu.devices._chain import abandoning
@@ -392,6 +394,12 @@ class BlkDevice(VirtioDevice):
             plane.set_serial(serial)
 
     # -- the request path --
+
+    def native_pass(self, q: Virtqueue) -> Callable[[], None] | None:
+        plane = self._planes.get(q.index)
+        if plane is None or q.deferred is not plane:
+            return None  # the delay model (emu.testing.delay) replaced it: the Python path
+        return partial(plane.serve_queue, self.mem)
 
     def handle_queue(self, q: Virtqueue) -> None:
         plane = self._planes.get(q.index)
