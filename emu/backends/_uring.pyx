@@ -21,7 +21,10 @@ a thread wake-up there and one back per request, and the caller's first reap usu
 comes too early, so each request also costs the device thread a second trip through its
 poll loop. Its pages are memory, so ``sync_rw`` engines (tmpfs) do reads and writes with
 preadv2 / pwritev2 in ``submit`` itself instead, done before it returns (a page swapped
-out is the one wait); everything else still goes through the ring.
+out is the one wait); everything else still goes through the ring. Their Dones do not
+set the eventfd (``ready`` counts them; the plane reaps them in the same pass), and
+``reap`` reads the eventfd only when it may be set, so such a request costs no system
+call besides its own read or write.
 """
 
 from libc.errno cimport (
