@@ -10,7 +10,8 @@ Defects found in review (each test failed on the reviewed commit):
 * ``emu._ring``'s ``remember`` copied a restored chain's segments through the pop's
   scratch arrays and refused a chain longer than those (``max(256, 2 * size)``), where
   ``emu.pyring`` takes any length: a snapshot the validator accepts restored on the
-  Python core and left the device needing a reset on the Cython one.
+  Python core and left the device needing a reset on the Cython one. Fixed: ``remember``
+  now holds the segments in a buffer of their own.
 
 The rest are attacks that found nothing, kept because they can fail: a model of the
 queue against which ``Virtqueue.inflight()`` must report exactly the segments popped
