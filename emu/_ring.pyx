@@ -621,16 +621,26 @@ cdef class _Ring:
     def remember(self, uint32_t head, list segments):
         """The segments of a chain restored in flight (``set_state``) at ``head``."""
         cdef Py_ssize_t k, n = len(segments)
+        cdef HeldSeg *p
         if head >= self.size or not self.nd[head]:
             raise ValueError(f"head {head} is not in flight")
         if n >= UNKNOWN:
             raise ValueError(f"chain at head {head} has too many segments")
-        if <size_t>n > self.cap_segs:
-            raise ValueError(f"chain at head {head} has more segments than a pop holds")
-        for k, (addr, length, writable) in enumerate(segments):
-            self.o_addr[k], self.o_len[k], self.o_wr[k] = addr, length, bool(writable)
-        if self.keep(head, 0, <uint32_t>n) < 0:
+        # straight into a buffer of its own, not through the pop's scratch (which holds
+        # what one pop walks, and may hold fewer than a restored chain has, any length
+        # as for emu.pyring); the chain's old segments stay until every item converted
+        p = <HeldSeg *>malloc(max(n, 1) * sizeof(HeldSeg))
+        if p == NULL:
             raise MemoryError()
+        try:
+            for k in range(n):  # indexed: the list cannot grow past ``p`` meanwhile
+                addr, length, writable = segments[k]
+                p[k].addr, p[k].length, p[k].writable = addr, length, bool(writable)
+        except BaseException:
+            free(p)
+            raise
+        free(self.held[head])
+        self.held[head], self.held_cap[head], self.held_n[head] = p, <uint32_t>n, <uint32_t>n
 
     cdef int pop_into(self, Py_ssize_t max_chains) noexcept:
         """The format's pop into the scratch arrays: an error code (Err)."""
