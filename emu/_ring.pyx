@@ -635,6 +635,10 @@ cdef class _Ring:
         try:
             for k in range(n):  # indexed: the list cannot grow past ``p`` meanwhile
                 addr, length, writable = segments[k]
+                if not (0 <= addr < 2**64 and 0 <= length < 2**32):
+                    raise ValueError(
+                        f"chain at head {head}: segment ({addr:#x}, {length:#x}) out of range"
+                    )
                 p[k].addr, p[k].length, p[k].writable = addr, length, bool(writable)
         except BaseException:
             free(p)

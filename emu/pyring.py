@@ -259,6 +259,8 @@ class _Ring:
                 raise ValueError("IN_ORDER: chains must be pushed in fetch order")
         elif len(set(hs)) != len(hs) or not all(h in self._inflight for h in hs):
             raise ValueError("pushing a head that is not in flight")
+        for h in hs:
+            self._held.pop(h, None)
         return [(h, n, self._inflight.pop(h)) for h, n in zip(hs, ls, strict=True)]
 
     def _fetched(self, out: _Segments, head: int, ndesc: int) -> None:
@@ -280,7 +282,11 @@ class _Ring:
         """The segments of a chain restored in flight (``set_state``) at ``head``."""
         if head not in self._inflight:
             raise ValueError(f"head {head} is not in flight")
-        self._held[head] = [(a, n, int(bool(w))) for a, n, w in segments]
+        held = [(a, n, int(bool(w))) for a, n, w in segments]
+        for a, n, _ in held:
+            if not (0 <= a < 2**64 and 0 <= n < 2**32):
+                raise ValueError(f"chain at head {head}: segment ({a:#x}, {n:#x}) out of range")
+        self._held[head] = held
 
     def gather(self, segments: list[tuple[int, int]], limit: int) -> tuple[bytes | None, int]:
         """The bytes of ``segments`` ((gpa, length) pairs: a popped chain's readable

@@ -124,7 +124,17 @@ def test_a_full_blocking_call_eventfd_does_not_freeze_the_process() -> None:
         fe.submit(0, [b"x"], [1])
         assert fe.wait(0)[0].data == b"x"
         print("served", flush=True)
-        os.eventfd_write(call, 0xFFFFFFFFFFFFFFFE)  # the counter at its maximum
+        # the counter at its maximum; the first request's interrupt may land after its
+        # used entry was seen, so take that one first (non-blocking: this thread must
+        # not be the one that waits), then make the fd blocking again
+        os.set_blocking(call, False)
+        while True:
+            try:
+                os.eventfd_write(call, 0xFFFFFFFFFFFFFFFE)
+                break
+            except BlockingIOError:
+                os.eventfd_read(call)
+        os.set_blocking(call, True)
         fe.submit(0, [b"y"], [1])  # this interrupt cannot be added: the write blocks
         time.sleep(0.5)
         print("alive", flush=True)
@@ -248,6 +258,7 @@ class QueueModel:
         return q
 
     def close(self) -> None:
+        self.q.close()
         self.mem.close()
 
     def free(self) -> list[int]:
@@ -318,6 +329,7 @@ class QueueModel:
         """The queue's state and in-flight list into a fresh queue (a fresh device)."""
         self.check()
         state, chains = self.q.state(), self.q.inflight()
+        self.q.close()  # its kick eventfd
         self.q = self._queue()
         self.q.start(self.mem, self.features, state, chains)
         self.held.clear()

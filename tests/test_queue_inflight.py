@@ -77,3 +77,19 @@ def test_restored_chains_report_their_segments(impl: str) -> None:
         q.start(mem, 1 << F_VERSION_1, RingState(2, 0, True, True, 0, [(3, 2)]), chains)
     q.close()
     mem.close()
+
+
+@pytest.mark.parametrize("impl", ["python", "cython"])
+@pytest.mark.parametrize("bad", [(-1, 16, 0), (BUF, 2**32, 1), (2**64, 1, 0)])
+def test_a_restored_segment_out_of_range_is_refused(impl: str, bad: tuple) -> None:
+    mem: GuestMemory = make_memory()
+    ring = SplitBuilder(mem, SIZE)
+    q = Virtqueue(0, SIZE)
+    q.impl = impl
+    q.desc, q.driver, q.device = ring.areas()
+    state = RingState(1, 0, True, True, 0, [(3, 1)])
+    with pytest.raises(ValueError, match="out of range"):  # the device fails the queue
+        q.start(mem, 1 << F_VERSION_1, state, [InflightChain(3, 1, [bad])])
+    assert not q.started
+    q.close()
+    mem.close()
