@@ -24,13 +24,20 @@ def offer(ring: SplitBuilder, head: int, n: int) -> list[tuple[int, int, bool]]:
     return [(a, ln, bool(f)) for a, ln, f in bufs]
 
 
-@pytest.mark.parametrize("impl", ["python", "cython"])
-def test_inflight_after_many_batches(impl: str) -> None:
-    mem: GuestMemory = make_memory()
+def queue(impl: str) -> tuple[GuestMemory, SplitBuilder, Virtqueue]:
+    """Guest memory, the driver's side of a split ring in it, and a queue over it (not
+    started) on the ring core ``impl``."""
+    mem = make_memory()
     ring = SplitBuilder(mem, SIZE)
     q = Virtqueue(0, SIZE)
     q.impl = impl
     q.desc, q.driver, q.device = ring.areas()
+    return mem, ring, q
+
+
+@pytest.mark.parametrize("impl", ["python", "cython"])
+def test_inflight_after_many_batches(impl: str) -> None:
+    mem, ring, q = queue(impl)
     q.start(mem, 1 << F_VERSION_1)
     held = offer(ring, 0, 0)  # the chain a device keeps all along (a net rx buffer, say)
     q.begin_pass()
@@ -57,11 +64,7 @@ def test_inflight_after_many_batches(impl: str) -> None:
 
 @pytest.mark.parametrize("impl", ["python", "cython"])
 def test_restored_chains_report_their_segments(impl: str) -> None:
-    mem: GuestMemory = make_memory()
-    ring = SplitBuilder(mem, SIZE)
-    q = Virtqueue(0, SIZE)
-    q.impl = impl
-    q.desc, q.driver, q.device = ring.areas()
+    mem, ring, q = queue(impl)
     segs = {3: [(BUF, 16, 0), (BUF + 0x100, 8, 1)], 5: [(BUF + 0x200, 1, 1)]}
     chains = [InflightChain(h, len(s), s) for h, s in segs.items()]
     state = RingState(2, 0, True, True, 0, [(3, 2), (5, 1)])
@@ -82,11 +85,7 @@ def test_restored_chains_report_their_segments(impl: str) -> None:
 @pytest.mark.parametrize("impl", ["python", "cython"])
 @pytest.mark.parametrize("bad", [(-1, 16, 0), (BUF, 2**32, 1), (2**64, 1, 0)])
 def test_a_restored_segment_out_of_range_is_refused(impl: str, bad: tuple) -> None:
-    mem: GuestMemory = make_memory()
-    ring = SplitBuilder(mem, SIZE)
-    q = Virtqueue(0, SIZE)
-    q.impl = impl
-    q.desc, q.driver, q.device = ring.areas()
+    mem, ring, q = queue(impl)
     state = RingState(1, 0, True, True, 0, [(3, 1)])
     with pytest.raises(ValueError, match="out of range"):  # the device fails the queue
         q.start(mem, 1 << F_VERSION_1, state, [InflightChain(3, 1, [bad])])
