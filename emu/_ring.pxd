@@ -65,6 +65,7 @@ cdef class _Ring:
     cdef int pop_into(self, Py_ssize_t max_chains) noexcept
     # pop without a Batch: the chains are in the scratch arrays (o_*, nchains, walked)
     cdef int pop_c(self, Py_ssize_t max_chains, uint64_t max_descs) except -1
+    cdef int fill(self, Py_ssize_t max_chains) except -1
     # push without arrays; True: notify the driver
     cdef bint push_c(self, const uint16_t *h, const uint32_t *ln, Py_ssize_t n) except -1
     cdef bint publish(self, const uint16_t *h, const uint32_t *ln, Py_ssize_t n) except -1

@@ -650,8 +650,18 @@ cdef class _Ring:
         """The format's pop into the scratch arrays: an error code (Err)."""
         return E_OK
 
+    def pop(self, Py_ssize_t max_chains, max_descs=None):
+        self.begin_pop(max_descs)
+        self.fill(max_chains)
+        return self.batch()
+
     cdef int pop_c(self, Py_ssize_t max_chains, uint64_t max_descs) except -1:
         self.budget = max_descs
+        return self.fill(max_chains)
+
+    cdef int fill(self, Py_ssize_t max_chains) except -1:
+        """Empty scratch, then this pop's chains into it (the budget is set)."""
+        cdef int err
         self.nchains = self.nseg = 0
         self.walked = 0
         if max_chains > 0:
@@ -708,15 +718,13 @@ cdef class _Ring:
         return b
 
     cdef int begin_pop(self, object max_descs) except -1:
-        """Empty scratch, and the budget of this pop (pyring._budget)."""
+        """The budget of this pop (pyring._budget)."""
         if max_descs is None:
             self.budget = UINT64_MAX
         elif max_descs < 0:
             raise ValueError(f"max_descs {max_descs} is negative")
         else:
             self.budget = min(max_descs, UINT64_MAX)
-        self.nchains = self.nseg = 0
-        self.walked = 0
         return 0
 
     cdef int take(self, const uint16_t *h, Py_ssize_t n) except -1:
@@ -948,15 +956,6 @@ cdef class SplitRing(_Ring):
     def pending(self):
         return ring_ld16(self.drv.p + 2) != self.next_avail
 
-    def pop(self, Py_ssize_t max_chains, max_descs=None):
-        self.begin_pop(max_descs)
-        if max_chains <= 0:
-            return Batch.empty()
-        err = split_pop(self, max_chains)
-        if err:
-            raise_error(self, err)
-        return self.batch()
-
     cdef int pop_into(self, Py_ssize_t max_chains) noexcept:
         return split_pop(self, max_chains)
 
@@ -1007,13 +1006,6 @@ cdef class PackedRing(_Ring):
 
     def pending(self):
         return packed_avail(self)
-
-    def pop(self, Py_ssize_t max_chains, max_descs=None):
-        self.begin_pop(max_descs)
-        err = packed_pop(self, max_chains)
-        if err:
-            raise_error(self, err)
-        return self.batch()
 
     cdef int pop_into(self, Py_ssize_t max_chains) noexcept:
         return packed_pop(self, max_chains)
