@@ -18,6 +18,15 @@ utime + stime (/proc, the process and its children) over the 4 KiB boot, divided
 requests are counted in the CPU time but not in the divisor: a few dozen against
 thousands). `--quick`: 1 s per job on a 64 MiB disk, for a check that everything runs.
 
+Under UML (the NBD rows too) the backend, nbdkit included, runs on one CPU and the guest on
+the other, for every backend alike (`--no-pin`: wherever the scheduler puts them). UML is
+two host processes that hand the CPU to each other on every guest system call (the
+kernel and the ptraced process of fio); left to the scheduler, they are sometimes placed
+on two CPUs, and a wake-up across CPUs costs tens of microseconds on this VM
+(bench/blk_plane.py's two columns). At QD32 that placement, not the backend, then decides
+the figure: unpinned, a backend that keeps the other CPU busy makes UML faster. microvm
+runs unpinned: QEMU's built-in disk has no process of its own to place.
+
 `--rounds N` runs every configuration N times, the configurations in turn each round,
 and keeps each figure's best round (the highest MiB/s or IOPS, the lowest CPU per
 request): this machine's speed drifts by a fifth over minutes, and a TCG guest feels it
@@ -93,6 +102,20 @@ def _listening(cmd: list[str], sock: Path, what: str) -> Iterator[subprocess.Pop
         sock.unlink(missing_ok=True)
 
 
+@contextmanager
+def on_cpu(cpu: int | None) -> Iterator[None]:
+    """Processes started in the block run on ``cpu`` (None: wherever they are put)."""
+    if cpu is None:
+        yield
+        return
+    was = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, was)
+
+
 def emu_serve(spec: str, sock: Path) -> AbstractContextManager[subprocess.Popen]:
     """`emu serve` as its own process (so its CPU time is its own)."""
     cmd = [sys.executable, "-m", "emu.cli", "serve", "--socket", str(sock), spec]
@@ -124,14 +147,21 @@ def _ios_4k(res: FioResult) -> int:
     return sum(j.read.ios + j.write.ios for n, j in res.jobs.items() if "_4k_" in n)
 
 
-def measure(kind: str, backend: str, image: Path, tmp: Path, runtime: int) -> tuple[dict, float]:
+Pin = tuple[int | None, int | None]  # (the backend's CPU, the guest's)
+UNPINNED: Pin = (None, None)
+
+
+def measure(
+    kind: str, backend: str, image: Path, tmp: Path, runtime: int, pin: Pin
+) -> tuple[dict, float]:
     """(figures per phase, backend CPU us per 4 KiB request or nan) for one configuration."""
     if backend == "qemu":
         res = _run(kind, f"qemu-blk:{image}", SEQ + RAND, runtime)
         return _figures(res), float("nan")
     sock = tmp / f"{backend}.sock"
     serve = emu_serve(f"blk:{image}", sock) if backend == "emu" else qsd.blk_export(image, sock)
-    with serve as proc:
+    backend_cpu, guest_cpu = pin if kind == "uml" else UNPINNED
+    with on_cpu(backend_cpu), serve as proc, on_cpu(guest_cpu):
         if kind != "uml":
             return _figures(_run(kind, f"blk:{sock}", SEQ + RAND, runtime)), float("nan")
         figures = _figures(_run(kind, f"blk:{sock}", SEQ, runtime))
@@ -141,18 +171,21 @@ def measure(kind: str, backend: str, image: Path, tmp: Path, runtime: int) -> tu
     return figures | _figures(res), cpu / _ios_4k(res) * 1e6
 
 
-def measure_nbd(image: Path, tmp: Path, runtime: int) -> dict[str, dict[str, float] | str]:
+def measure_nbd(
+    image: Path, tmp: Path, runtime: int, pin: Pin
+) -> dict[str, dict[str, float] | str]:
     """QD1 and QD32 random reads through one delayed nbdkit, per backend (or why skipped)."""
     nbd_sock = tmp / "nbd.sock"
     out: dict[str, dict[str, float] | str] = {}
-    with nbdkit(image, nbd_sock):
+    backend_cpu, guest_cpu = pin
+    with on_cpu(backend_cpu), nbdkit(image, nbd_sock):
         sock = tmp / "nbd-vu.sock"
         if importlib.util.find_spec("emu.backends._nbd") is None:
             out["emu"] = "emu.backends._nbd is not built (the NBD engine)"
         else:
-            with emu_serve(f"blk:nbd+unix:///?socket={nbd_sock}", sock):
+            with emu_serve(f"blk:nbd+unix:///?socket={nbd_sock}", sock), on_cpu(guest_cpu):
                 out["emu"] = _figures(_run("uml", f"blk:{sock}", NBD, runtime))
-        with qsd.nbd_export(nbd_sock, sock):
+        with qsd.nbd_export(nbd_sock, sock), on_cpu(guest_cpu):
             out["qsd"] = _figures(_run("uml", f"blk:{sock}", NBD, runtime))
     return out
 
@@ -169,10 +202,13 @@ def main() -> None:
     ap.add_argument("--no-microvm", action="store_true", help="UML only (microvm is slow)")
     ap.add_argument("--no-nbd", action="store_true", help="skip the NBD rows")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved runs; the best of each")
+    ap.add_argument("--no-pin", action="store_true", help="UML and its backend on any CPU")
     progress.add_argument(ap)
     args = ap.parse_args()
     progress.ask(args.progress)
     runtime, disk_mib = (1, 64) if args.quick else (args.runtime, args.disk_mib)
+    cpus = sorted(os.sched_getaffinity(0))
+    pin: Pin = UNPINNED if args.no_pin or len(cpus) < 2 else (cpus[0], cpus[1])
     kinds = ["uml"] if args.no_microvm else ["uml", "microvm"]
     for kind in kinds:
         build_image(kind, fio=True)  # fetched and cached once, outside the timings
@@ -192,7 +228,7 @@ def main() -> None:
                 bar.update(0, f"{kind}/{backend}")
                 with open(image, "wb") as f:  # a fresh sparse disk per configuration
                     f.truncate(disk_mib << 20)
-                figures, us = measure(kind, backend, image, tmp, runtime)
+                figures, us = measure(kind, backend, image, tmp, runtime, pin)
                 best = table.setdefault((kind, backend), figures)
                 for phase, value in figures.items():
                     best[phase] = max(best[phase], value)
@@ -205,12 +241,16 @@ def main() -> None:
         elif shutil.which("nbdkit") is None:
             nbd = {b: "nbdkit is not installed" for b in ("emu", "qsd")}
         else:
-            nbd = measure_nbd(image, tmp, runtime)
+            nbd = measure_nbd(image, tmp, runtime, pin)
         bar.update(1, "NBD")
 
     mode = "quick: 1 s per job, 64 MiB disk" if args.quick else f"{runtime} s per job"
     if args.rounds > 1:
         mode += f", best of {args.rounds} interleaved rounds"
+    if pin == UNPINNED:
+        mode += "; UML unpinned"
+    else:
+        mode += f"; UML on CPU {pin[1]}, its backend on CPU {pin[0]}"
     print(f"fio, libaio, O_DIRECT, time based ({mode}); MiB/s for 1m, IOPS for 4k")
     print(f"{'guest':<9}{'backend':<9}" + "".join(f"{p:>18}" for p in PHASES))
     rows = [(kind, backend, row) for (kind, backend), row in table.items()]
