@@ -15,6 +15,7 @@ import contextlib
 import errno
 import os
 import select
+import time
 from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any, Protocol
@@ -60,6 +61,10 @@ OPEN, CLOSED = Gate.OPEN, Gate.CLOSED
 #: a pass serves at most a queue size of chains and this many descriptors per chain slot,
 #: so a stop or reset waits one bounded pass and no queue starves the others
 PASS_DESCS_PER_SLOT = 4
+#: a hold no kick came into is not tried again for this many interrupts, doubling per
+#: such hold up to this bound (a driver that waits for each interrupt pays one hold in
+#: 64 at most)
+HOLD_BACKOFF_MAX = 64
 
 
 class Deferred(Protocol):
@@ -108,6 +113,10 @@ class Virtqueue:
         self.max_size = max_size
         self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.notify: Callable[[], None] = lambda: None
+        #: how long an interrupt may be held (seconds; 0: never), and the device loop's
+        #: alarm for held ones (``arm(deadline)``; None: no loop to fire it, never hold)
+        self.hold = 0.0
+        self.arm_hold: Callable[[float], None] | None = None
         #: optional observer of the request path (the vhost-user inflight region):
         #: ``fetched(batch)`` after a pop from the ring, ``using(heads)`` / ``used(heads)``
         #: just before and just after used entries are published
@@ -136,6 +145,9 @@ class Virtqueue:
         self._chains_left = self._descs_left = 0
         self._resubmit: list[InflightChain] = []
         self._requeue = False
+        self._owed_at: float | None = None  # an interrupt held since then (None: none)
+        self._kicked = False  # a kick came while it was held
+        self._backoff = self._skip = 0
         if self.deferred is not None:
             self.deferred.drop()
 
@@ -170,6 +182,7 @@ class Virtqueue:
         self._requeue = False
 
     def stop(self) -> None:
+        self.flush_interrupt()
         self.ring = None
         self.drop_due()
         self._resubmit = []
@@ -186,6 +199,8 @@ class Virtqueue:
         self.more = False
         self._chains_left = self.size
         self._descs_left = PASS_DESCS_PER_SLOT * self.size
+        if self._owed_at is not None:
+            self._kicked = True
 
     def pop(self, max_chains: int = 64) -> Batch:
         if self.gate is not OPEN:
@@ -231,7 +246,48 @@ class Virtqueue:
         if tracker is not None:
             tracker.used(heads)
         if notify:
+            self.interrupt()
+
+    # -- interrupts --
+
+    def interrupt(self) -> None:
+        """The driver asked to hear of the used entries just published: tell it now, or
+        hold the interrupt for up to ``hold`` so that what it submits meanwhile is answered
+        by the same one (docs/architecture.md, "Held interrupts": UML at QD32 completes a
+        third more 4 KiB reads).
+
+        A driver that waits for the interrupt before it submits again gains nothing from
+        a hold and pays it in latency: a hold that no kick came into is not tried again
+        for the next 1, 2, 4 ... HOLD_BACKOFF_MAX interrupts, and one that a kick came into
+        ends that. Only an OPEN queue holds: a stopping or stopped one tells at once."""
+        if self._owed_at is not None:
+            return  # the held one covers these entries too
+        if not self.hold or self.arm_hold is None or self.gate is not OPEN:
             self.notify()
+            return
+        if self._skip:
+            self._skip -= 1
+            self.notify()
+            return
+        self._owed_at = now = time.monotonic()
+        self._kicked = False
+        self.arm_hold(now + self.hold)
+
+    def interrupt_due(self) -> float | None:
+        """When the held interrupt must go out (time.monotonic()), None if none is held."""
+        return None if self._owed_at is None else self._owed_at + self.hold
+
+    def flush_interrupt(self) -> None:
+        """Send the held interrupt, if there is one (the hold ran out, or a stop)."""
+        if self._owed_at is None:
+            return
+        self._owed_at = None
+        if self._kicked:
+            self._backoff = 0
+        else:
+            self._backoff = min(HOLD_BACKOFF_MAX, 2 * self._backoff or 1)
+            self._skip = self._backoff
+        self.notify()
 
     def set_kicks(self, enabled: bool) -> bool:
         """Ask the driver to kick (or not); True when chains are waiting already.

@@ -843,7 +843,7 @@ cdef class BlkPlane:
         if self.n_out and q.tracker is None and q.log is None and isinstance(ring, _Ring):
             n, self.n_out = self.n_out, 0
             if (<_Ring>ring).push_c(self.out_heads, self.out_lens, n):
-                q.notify()
+                q.interrupt()
             return 0
         for heads, lengths in self._emit():
             self.publish(q, heads, lengths)
@@ -863,7 +863,7 @@ cdef class BlkPlane:
         if tracker is not None:
             tracker.used(heads)
         if notify:
-            q.notify()
+            q.interrupt()
         return 0
 
     def publish_done(self) -> None:

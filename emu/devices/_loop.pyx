@@ -17,7 +17,7 @@ budget spent).
 from libc.errno cimport EOPNOTSUPP, errno
 from libc.stdint cimport uint32_t, uint64_t
 from posix.uio cimport iovec
-from posix.unistd cimport read
+from posix.unistd cimport close, read
 
 from emu._poll cimport POLLIN, poll, pollfd
 
@@ -106,3 +106,60 @@ def serve_parked(dev, int ep_fd, owner, dict fds, running, open_gate) -> None:
                 return
         finally:
             owner.release()
+
+
+cdef extern from "<sys/timerfd.h>" nogil:
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    struct itimerspec:
+        timespec it_interval
+        timespec it_value
+    int timerfd_create(int clockid, int flags)
+    int timerfd_settime(int fd, int flags, const itimerspec *new_value, itimerspec *old_value)
+    int TFD_NONBLOCK, TFD_CLOEXEC, TFD_TIMER_ABSTIME
+
+cdef extern from "<time.h>" nogil:
+    int CLOCK_MONOTONIC
+
+
+cdef class HoldTimer:
+    """The device loop's alarm for held interrupts (Virtqueue.interrupt): a timerfd on
+    CLOCK_MONOTONIC, time.monotonic()'s clock, so a deadline taken there is one here; it
+    needs microseconds, which an epoll timeout (milliseconds) cannot say."""
+
+    cdef readonly int fd
+    cdef double armed_at  # 0: not armed
+
+    def __cinit__(self):
+        self.fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(errno, "timerfd_create failed")
+        self.armed_at = 0
+
+    def arm(self, double deadline) -> None:
+        """Fire at ``deadline`` (time.monotonic() seconds), unless already due sooner."""
+        cdef itimerspec t
+        if self.armed_at and self.armed_at <= deadline:
+            return
+        t.it_interval.tv_sec = t.it_interval.tv_nsec = 0
+        t.it_value.tv_sec = <long>deadline
+        t.it_value.tv_nsec = max(1, <long>((deadline - t.it_value.tv_sec) * 1e9))
+        if timerfd_settime(self.fd, TFD_TIMER_ABSTIME, &t, NULL) < 0:
+            raise OSError(errno, "timerfd_settime failed")
+        self.armed_at = deadline
+
+    def clear(self) -> None:
+        """After it fired: take the expiry count, and forget the deadline."""
+        cdef uint64_t junk
+        read(self.fd, &junk, 8)
+        self.armed_at = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)

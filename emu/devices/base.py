@@ -75,10 +75,14 @@ RUNNING, STOPPING = RunState.RUNNING, RunState.STOPPING
 #: quiesce policies: finish and publish everything started, or publish nothing more and
 #: report what was fetched as in flight
 POLICIES = ("drain", "report")
+#: the longest an interrupt may be held (VirtioDevice.hold_interrupts)
+MAX_HOLD = 0.01
 
 
-#: what the wake eventfd is in the device thread's table of watched fds
+#: what the wake eventfd and the held-interrupt alarm are in the device thread's table of
+#: watched fds
 _WAKE = object()
+_HOLD = object()
 
 
 class _Completions:
@@ -174,6 +178,16 @@ class VirtioDevice:
         self._owner = threading.Lock()
         self._borrower: threading.Thread | None = None  # the thread holding it instead
         self._in_pass = False  # the device thread is in handle_queue (see _post's later)
+
+    def hold_interrupts(self, seconds: float) -> None:
+        """Let every queue hold an interrupt for up to ``seconds`` so that requests the
+        driver submits meanwhile are answered by the same one (Virtqueue.interrupt, which
+        says when it pays); 0, the default, tells the driver at once. Needs the device
+        loop's wait in C (emu.devices._loop): without it nothing is held."""
+        if not 0.0 <= seconds <= MAX_HOLD:
+            raise ValueError(f"interrupt hold {seconds} s not in 0..{MAX_HOLD} s")
+        for q in self.queues:
+            q.hold = seconds
 
     # -- config space: subclasses override config_bytes / config_write --
 
@@ -415,6 +429,7 @@ class VirtioDevice:
         if self._fate_unknown(started):
             return
         for q in started:
+            q.flush_interrupt()  # what it published reaches the driver before STOPPED
             q.drop_due()
             q.gate = Gate.CLOSED
             q.requeue_inflight()
@@ -550,6 +565,11 @@ class VirtioDevice:
             self._watch(q.kick_fd, q)
             if q.deferred is not None and q.deferred.fd is not None:
                 self._watch(q.deferred.fd, _Completions(q))
+        alarm = _loop.HoldTimer() if _loop is not None else None
+        if alarm is not None:
+            self._watch(alarm.fd, _HOLD)
+            for q in self.queues:
+                q.arm_hold = alarm.arm
         try:
             while not self._closed:
                 if self._commands:  # (checked here: the loop runs once per guest kick)
@@ -572,6 +592,8 @@ class VirtioDevice:
                     what = watched.get(fd)  # None: unwatched meanwhile (a kick fd swapped)
                     if what is _WAKE:
                         self._woken()
+                    elif what is _HOLD:
+                        self._hold_ran_out(alarm)
                     elif type(what) is _Completions:
                         fired.append(what.q)  # published below
                     elif what is not None and what.kick_fd == fd:
@@ -580,6 +602,11 @@ class VirtioDevice:
                             self._pending[what.index] = what
                 self._publish_due(fired)
         finally:
+            for q in self.queues:
+                q.arm_hold = None
+                q.flush_interrupt()
+            if alarm is not None:
+                alarm.close()
             self._epoll = None
             self._watched = {}
             ep.close()
@@ -590,6 +617,19 @@ class VirtioDevice:
         assert self._epoll is not None
         self._epoll.register(fd, select.EPOLLIN)
         self._watched[fd] = what
+
+    def _hold_ran_out(self, alarm: Any) -> None:
+        """Send the held interrupts that are due; the alarm is set again for the rest."""
+        alarm.clear()
+        now = time.monotonic()
+        for q in self.queues:
+            due = q.interrupt_due()
+            if due is None:
+                continue
+            if due <= now:
+                q.flush_interrupt()
+            else:
+                alarm.arm(due)
 
     def _run_commands(self) -> None:
         while self._commands:

@@ -71,7 +71,7 @@ from functools import partial
 
 from emu.backends.storage import open_engine, open_sync
 from emu.devices._chain import abandoning
-from emu.devices.base import DeviceError, VirtioDevice
+from emu.devices.base import MAX_HOLD, DeviceError, VirtioDevice
 from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
 from emu.memory import GuestMemory
 from emu.queue import Virtqueue
@@ -608,7 +608,11 @@ def _split(
     return head, []
 
 
-# -- the device type: ``blk:TARGET[:ro][:queues=N]`` --
+# -- the device type: ``blk:TARGET[:ro][:queues=N][,hold=US]`` --
+
+#: how long a served blk holds an interrupt by default, us (VirtioDevice.hold_interrupts;
+#: docs/architecture.md, "Held interrupts", has the figures)
+SERVED_HOLD_US = 100
 
 
 def _parse_arg(arg: str) -> tuple[str, bool, int]:
@@ -639,14 +643,25 @@ def _parse_arg(arg: str) -> tuple[str, bool, int]:
     return target, readonly, queues
 
 
+def _hold_us(spec: Spec) -> int:
+    text = spec.options.get("hold", str(SERVED_HOLD_US))
+    limit = int(MAX_HOLD * 1e6)
+    if not (text.isascii() and text.isdigit()) or int(text) > limit:
+        raise SpecError(f"hold={text!r}: microseconds an interrupt may be held, 0..{limit}")
+    return int(text)
+
+
 def _from_spec(spec: Spec, build: Build) -> BlkDevice:
     target, readonly, queues = _parse_arg(spec.arg)
+    hold = _hold_us(spec)
     try:
-        return BlkDevice(
+        dev = BlkDevice(
             target, readonly=readonly, num_queues=queues, queue_max_size=build.queue_max
         )
     except RuntimeError as e:  # a native part not built
         raise SpecError(str(e)) from e
+    dev.hold_interrupts(hold * 1e-6)
+    return dev
 
 
 def _frontend(spec: Spec) -> dict[str, str]:
@@ -658,9 +673,10 @@ def _frontend(spec: Spec) -> dict[str, str]:
 register(
     DeviceType(
         BlkDevice,
-        "blk:TARGET[:ro][:queues=N]",
+        "blk:TARGET[:ro][:queues=N][,hold=US]",
         _from_spec,
         "emu.testing.blk",
         frontend=_frontend,
+        options=("hold",),
     )
 )
