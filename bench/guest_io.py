@@ -27,6 +27,12 @@ on two CPUs, and a wake-up across CPUs costs tens of microseconds on this VM
 the figure: unpinned, a backend that keeps the other CPU busy makes UML faster. microvm
 runs unpinned: QEMU's built-in disk has no process of its own to place.
 
+UML's QD1 columns measure a race in UML more than the backend: an interrupt that comes
+within some 30 us of UML's kick is often noticed only at UML's next timer tick. At QD1,
+pinned, emu answers in about 10 us and fio sees a p99 of 5-8 ms (mean 230-380 us), while
+qemu-storage-daemon answers later and sees 75 us; a scratch build of emu that waited
+30 us before each interrupt saw a p99 of 175 us and a mean of 133 us.
+
 `--rounds N` runs every configuration N times, the configurations in turn each round,
 and keeps each figure's best round (the highest MiB/s or IOPS, the lowest CPU per
 request): this machine's speed drifts by a fifth over minutes, and a TCG guest feels it
