@@ -565,7 +565,12 @@ class VirtioDevice:
             self._watch(q.kick_fd, q)
             if q.deferred is not None and q.deferred.fd is not None:
                 self._watch(q.deferred.fd, _Completions(q))
-        alarm = _loop.HoldTimer() if _loop is not None else None
+        alarm = None
+        if _loop is not None:
+            try:
+                alarm = _loop.HoldTimer()
+            except OSError as e:  # out of fds: serve all the same, holding nothing
+                log.warning("%s: no alarm for held interrupts: %s; none are held", self.name, e)
         if alarm is not None:
             self._watch(alarm.fd, _HOLD)
             for q in self.queues:
