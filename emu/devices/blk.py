@@ -646,9 +646,10 @@ def _parse_arg(arg: str) -> tuple[str, bool, int]:
 def _hold_us(spec: Spec) -> int:
     text = spec.options.get("hold", str(SERVED_HOLD_US))
     limit = int(MAX_HOLD * 1e6)
-    if not (text.isascii() and text.isdigit()) or int(text) > limit:
-        raise SpecError(f"hold={text!r}: microseconds an interrupt may be held, 0..{limit}")
-    return int(text)
+    digits = text.lstrip("0") or "0"  # (int() refuses strings of more than 4300 digits)
+    if not (text.isascii() and text.isdigit()) or len(digits) > 6 or int(digits) > limit:
+        raise SpecError(f"hold={text[:20]!r}: microseconds an interrupt may be held, 0..{limit}")
+    return int(digits)
 
 
 def _from_spec(spec: Spec, build: Build) -> BlkDevice:
