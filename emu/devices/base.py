@@ -363,6 +363,10 @@ class VirtioDevice:
     ) -> tuple[RingState, list[InflightChain]] | None:
         saved = None
         if q.started:
+            # a drain or a write fence below may keep this thread waiting for the
+            # backend: what any queue holds goes now (the others keep running)
+            for other in self.queues:
+                other.flush_interrupt()
             if drain:
                 q.gate = Gate.HALT
                 q.publish_all_due()
