@@ -537,10 +537,13 @@ class VirtioDevice:
     def _borrow(self, cmd: Command) -> bool:
         """Run ``cmd`` in the caller's thread if the device thread is parked in select with
         nothing queued: ownership passes to the caller for the call, so a stop costs no
-        thread hand-off. Only for commands that never call out to another thread (no
-        interrupt), so no lock is ever waited for while the token is held; a report stop
-        cancels outstanding reads (``Deferred.cancel``), a kernel call that waits at most for
-        local reads already under way, and leaves the write fence to the device thread."""
+        thread hand-off. Only for commands that never wait for another thread, so no
+        lock held elsewhere is waited for while the token is held: the only interrupt a
+        stop sends is one a hold kept back, through a lock the waiting thread never holds
+        while it waits for the device (the in-process transport's lock, reentrant for the
+        vCPU that asked; vhost-user's Notifier's own); a report stop cancels outstanding
+        reads (``Deferred.cancel``), a kernel call that waits at most for local reads
+        already under way, and leaves the write fence to the device thread."""
         if not self._owner.acquire(blocking=False):
             return False
         try:
