@@ -283,3 +283,19 @@ def test_a_number_in_unicode_digits_is_a_spec_error_not_a_traceback(spec, tmp_pa
     (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
     with pytest.raises(registry.SpecError, match="\u00b2"):
         registry.make_devices([spec.format(d=tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "blk:{d}/disk.img:queues=1{big}",
+        "blk:{d}/disk.img,hold=1{big}",
+        "fs:{d},queues=1{big}",
+        "balloon,target=1{big}",
+    ],
+)
+def test_a_number_of_thousands_of_digits_is_a_spec_error_not_a_traceback(spec, tmp_path):
+    """int() raises ValueError for more than 4300 digits: a spec number is checked first."""
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    with pytest.raises(registry.SpecError):
+        registry.make_devices([spec.format(d=tmp_path, big="0" * 5000)])

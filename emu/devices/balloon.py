@@ -65,7 +65,7 @@ import numpy as np
 
 from emu.devices._chain import Chain, ChainReader, abandoning, chains
 from emu.devices.base import DeviceError, VirtioDevice
-from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register, spec_number
 from emu.memory import PAGE_SHIFT, PAGE_SIZE
 from emu.queue import Virtqueue
 from emu.ringdefs import F_VERSION_1
@@ -502,9 +502,10 @@ def _from_spec(spec: Spec, build: Build) -> BalloonDevice:
     withheld = 0
     for name, bit in FEATURE_OPTIONS.items():
         withheld |= (not spec.switch(name, True)) << bit
-    target = spec.options.get("target", "0")
-    if not (target.isascii() and target.isdigit()) or int(target) * 256 > U32_MAX:
-        raise SpecError(f"target={target}: a whole number of MiB up to {U32_MAX // 256}")
+    text = spec.options.get("target", "0")
+    target = spec_number(text, U32_MAX // 256)
+    if target is None:
+        raise SpecError(f"target={text[:20]}: a whole number of MiB up to {U32_MAX // 256}")
     control = None
     path = spec.options.get("control")
     if path is not None:
@@ -516,7 +517,7 @@ def _from_spec(spec: Spec, build: Build) -> BalloonDevice:
         build.say(f"balloon: control socket {path}")
     try:
         dev = BalloonDevice(
-            target_pages=int(target) * 256, control=control, queue_max_size=build.queue_max
+            target_pages=target * 256, control=control, queue_max_size=build.queue_max
         )
     except BaseException:
         if control is not None:

@@ -72,7 +72,7 @@ from functools import partial
 from emu.backends.storage import open_engine, open_sync
 from emu.devices._chain import abandoning
 from emu.devices.base import MAX_HOLD, DeviceError, VirtioDevice
-from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register, spec_number
 from emu.memory import GuestMemory
 from emu.queue import Virtqueue
 from emu.ringdefs import Batch
@@ -626,12 +626,11 @@ def _parse_arg(arg: str) -> tuple[str, bool, int]:
         rest, _, last = target.rpartition(":")
         if not rest:
             break
+        number = spec_number(last[7:], 0xFFFF) if last.startswith("queues=") else None
         if last == "ro" and not readonly:
             readonly = True
-        elif (
-            last.startswith("queues=") and last[7:].isascii() and last[7:].isdigit() and queues == 1
-        ):
-            queues = int(last[7:])
+        elif number is not None and queues == 1:
+            queues = number  # 0 is refused below
         else:
             break
         target = rest
@@ -646,10 +645,10 @@ def _parse_arg(arg: str) -> tuple[str, bool, int]:
 def _hold_us(spec: Spec) -> int:
     text = spec.options.get("hold", str(SERVED_HOLD_US))
     limit = int(MAX_HOLD * 1e6)
-    digits = text.lstrip("0") or "0"  # (int() refuses strings of more than 4300 digits)
-    if not (text.isascii() and text.isdigit()) or len(digits) > 6 or int(digits) > limit:
+    hold = spec_number(text, limit)
+    if hold is None:
         raise SpecError(f"hold={text[:20]!r}: microseconds an interrupt may be held, 0..{limit}")
-    return int(digits)
+    return hold
 
 
 def _from_spec(spec: Spec, build: Build) -> BlkDevice:

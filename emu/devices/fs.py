@@ -102,7 +102,7 @@ from emu.devices._chain import (
     inflight_heads,
 )
 from emu.devices.base import DeviceError, VirtioDevice
-from emu.devices.registry import Build, DeviceType, Spec, SpecError, register
+from emu.devices.registry import Build, DeviceType, Spec, SpecError, register, spec_number
 from emu.memory import GuestMemoryError, span
 from emu.queue import CLOSED, Virtqueue
 from emu.state.format import StateError
@@ -993,10 +993,11 @@ def _sized(value: bytes, size: int, room: int) -> bytes:
 def _options(spec: Spec) -> tuple[str, bool, int, bool]:
     opts = spec.options
     tag = opts.get("tag", "emu")
-    queues = opts.get("queues", "1")
-    if not (queues.isascii() and queues.isdigit()) or not 1 <= int(queues) <= 0xFFFE:
-        raise SpecError(f"queues={queues!r}: a number of request queues, 1..65534")
-    return tag, spec.switch("ro", False), int(queues), spec.switch("strict", False)
+    text = opts.get("queues", "1")
+    queues = spec_number(text, 0xFFFE)
+    if not queues:
+        raise SpecError(f"queues={text[:20]!r}: a number of request queues, 1..65534")
+    return tag, spec.switch("ro", False), queues, spec.switch("strict", False)
 
 
 def _from_spec(spec: Spec, build: Build) -> FsDevice:

@@ -73,6 +73,16 @@ class Spec:
         return value != "off"
 
 
+def spec_number(text: str, limit: int) -> int | None:
+    """``text`` as a whole decimal number in 0..``limit``, None if it is not one: int()
+    alone takes signs, spaces and underscores, and raises for more than 4300 digits."""
+    digits = text.lstrip("0") or "0"
+    if not (text.isascii() and text.isdigit()) or len(digits) > len(str(limit)):
+        return None
+    value = int(digits)
+    return value if value <= limit else None
+
+
 @dataclass
 class Build:
     """What the devices made from one list of specs share while they are made."""
