@@ -626,11 +626,11 @@ def _parse_arg(arg: str) -> tuple[str, bool, int]:
         rest, _, last = target.rpartition(":")
         if not rest:
             break
-        number = spec_number(last[7:], 0xFFFF) if last.startswith("queues=") else None
+        count = last[7:] if last.startswith("queues=") else ""
         if last == "ro" and not readonly:
             readonly = True
-        elif number is not None and queues == 1:
-            queues = number  # 0 is refused below
+        elif count.isascii() and count.isdigit() and queues == 1:
+            queues = spec_number(count, 0xFFFF) or 0  # 0, or out of range: refused below
         else:
             break
         target = rest
