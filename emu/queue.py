@@ -253,8 +253,8 @@ class Virtqueue:
     def interrupt(self) -> None:
         """The driver asked to hear of the used entries just published: tell it now, or
         hold the interrupt for up to ``hold`` so that what it submits meanwhile is answered
-        by the same one (docs/architecture.md, "Held interrupts": UML at QD32 completes a
-        third more 4 KiB reads).
+        by the same one (docs/architecture.md, "Held interrupts"; bench/guest_io.py
+        measures what it does to UML and microvm under fio).
 
         A driver that waits for the interrupt before it submits again gains nothing from
         a hold and pays it in latency: a hold that no kick came into is not tried again

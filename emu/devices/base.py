@@ -365,8 +365,7 @@ class VirtioDevice:
         if q.started:
             # a drain or a write fence below may keep this thread waiting for the
             # backend: what any queue holds goes now (the others keep running)
-            for other in self.queues:
-                other.flush_interrupt()
+            self._send_held()
             if drain:
                 q.gate = Gate.HALT
                 q.publish_all_due()
@@ -432,8 +431,8 @@ class VirtioDevice:
             return
         if self._fate_unknown(started):
             return
+        self._send_held()  # what was published reaches the driver before STOPPED
         for q in started:
-            q.flush_interrupt()  # what it published reaches the driver before STOPPED
             q.drop_due()
             q.gate = Gate.CLOSED
             q.requeue_inflight()
@@ -616,7 +615,7 @@ class VirtioDevice:
         finally:
             for q in self.queues:
                 q.arm_hold = None
-                q.flush_interrupt()
+            self._send_held()
             if alarm is not None:
                 alarm.close()
             self._epoll = None
@@ -629,6 +628,11 @@ class VirtioDevice:
         assert self._epoll is not None
         self._epoll.register(fd, select.EPOLLIN)
         self._watched[fd] = what
+
+    def _send_held(self) -> None:
+        """Every queue's held interrupt, sent now (Virtqueue.interrupt)."""
+        for q in self.queues:
+            q.flush_interrupt()
 
     def _hold_ran_out(self, alarm: Any) -> None:
         """Send the held interrupts that are due; the alarm is set again for the rest."""

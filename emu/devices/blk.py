@@ -611,7 +611,7 @@ def _split(
 # -- the device type: ``blk:TARGET[:ro][:queues=N][,hold=US]`` --
 
 #: how long a served blk holds an interrupt by default, us (VirtioDevice.hold_interrupts;
-#: docs/architecture.md, "Held interrupts", has the figures)
+#: docs/architecture.md, "Held interrupts"; bench/guest_io.py measures what it does)
 SERVED_HOLD_US = 100
 
 
