@@ -46,9 +46,11 @@ import argparse
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -75,18 +77,23 @@ PHASES = [j.name for j in SEQ + RAND]
 NBD_DELAY = "1ms"
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` and everything below it (backends run under a reaper)."""
-    total = 0.0
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
     except FileNotFoundError:
-        return total
-    return total + sum(_cpu_seconds(c) for c in children)
+        return 0.0
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total + sum(_cpu_seconds(c) for c in _children(pid))
 
 
 @contextmanager
@@ -135,9 +142,27 @@ def nbdkit(image: Path, sock: Path) -> AbstractContextManager[subprocess.Popen]:
     return _listening(cmd, sock, "nbdkit")
 
 
-def _run(kind: str, device: str, jobs: list[FioJob], runtime: int) -> FioResult:
+def _ask_status(serve: subprocess.Popen) -> None:
+    """``emu serve`` (under its reaper) prints where its queues stand, to stderr."""
+    for pid in _children(serve.pid):
+        os.kill(pid, signal.SIGUSR1)
+
+
+def _run(
+    kind: str, device: str, jobs: list[FioJob], runtime: int, serve: subprocess.Popen | None = None
+) -> FioResult:
+    """fio's results; a guest that overruns is killed, and an ``emu serve`` (``serve``,
+    under its reaper) first prints where its queues stand (SIGUSR1) to stderr."""
     jobs = [FioJob(**{**vars(j), "runtime": runtime}) for j in jobs]
-    return run_fio(kind, [device], jobs, timeout=120 + 3 * runtime * len(jobs))
+    timeout = 120 + 3 * runtime * len(jobs)
+    if serve is None:
+        return run_fio(kind, [device], jobs, timeout=timeout)
+    report = threading.Timer(timeout - 10, _ask_status, (serve,))
+    report.start()
+    try:
+        return run_fio(kind, [device], jobs, timeout=timeout)
+    finally:
+        report.cancel()
 
 
 def _figures(res: FioResult) -> dict[str, float]:
@@ -168,11 +193,12 @@ def measure(
     serve = emu_serve(f"blk:{image}", sock) if backend == "emu" else qsd.blk_export(image, sock)
     backend_cpu, guest_cpu = pin if kind == "uml" else UNPINNED
     with on_cpu(backend_cpu), serve as proc, on_cpu(guest_cpu):
+        ours = proc if backend == "emu" else None
         if kind != "uml":
-            return _figures(_run(kind, f"blk:{sock}", SEQ + RAND, runtime)), float("nan")
-        figures = _figures(_run(kind, f"blk:{sock}", SEQ, runtime))
+            return _figures(_run(kind, f"blk:{sock}", SEQ + RAND, runtime, ours)), float("nan")
+        figures = _figures(_run(kind, f"blk:{sock}", SEQ, runtime, ours))
         before = _cpu_seconds(proc.pid)
-        res = _run(kind, f"blk:{sock}", RAND, runtime)
+        res = _run(kind, f"blk:{sock}", RAND, runtime, ours)
         cpu = _cpu_seconds(proc.pid) - before
     return figures | _figures(res), cpu / _ios_4k(res) * 1e6
 
@@ -189,8 +215,9 @@ def measure_nbd(
         if importlib.util.find_spec("emu.backends._nbd") is None:
             out["emu"] = "emu.backends._nbd is not built (the NBD engine)"
         else:
-            with emu_serve(f"blk:nbd+unix:///?socket={nbd_sock}", sock), on_cpu(guest_cpu):
-                out["emu"] = _figures(_run("uml", f"blk:{sock}", NBD, runtime))
+            serve = emu_serve(f"blk:nbd+unix:///?socket={nbd_sock}", sock)
+            with serve as proc, on_cpu(guest_cpu):
+                out["emu"] = _figures(_run("uml", f"blk:{sock}", NBD, runtime, proc))
         with qsd.nbd_export(nbd_sock, sock), on_cpu(guest_cpu):
             out["qsd"] = _figures(_run("uml", f"blk:{sock}", NBD, runtime))
     return out

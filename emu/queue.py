@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from emu import pyring
-from emu.memory import GuestMemory
+from emu.memory import GuestMemory, GuestMemoryError
 from emu.ringdefs import F_RING_PACKED, Batch, InflightChain, RingState
 
 try:
@@ -44,6 +44,12 @@ def ring_module(impl: str | None = None) -> Any:
             )
         return _cring
     raise ValueError(f"unknown ring implementation {impl!r}")
+
+
+def _readable(fd: int) -> bool:
+    ready = select.poll()
+    ready.register(fd, select.POLLIN)
+    return bool(ready.poll(0))
 
 
 class Gate(Enum):
@@ -341,6 +347,60 @@ class Virtqueue:
         be working on (a report stop waits for writes among them to be fenced)."""
         return self.deferred.count() if self.deferred is not None else 0
 
+    # -- what a stuck queue needs read (VirtioDevice.status) --
+
+    def status(self, mem: GuestMemory | None) -> str:
+        """The device's side of the ring beside the driver's, one line. Device thread
+        only: the ring core's own state changes under a pass."""
+        if self.ring is None:
+            return f"queue {self.index}: not started, gate {self.gate.value}"
+        st = self.ring.state()
+        now = time.monotonic()
+        parts = [
+            f"queue {self.index}: {'packed' if self.packed else 'split'} size {self.size}",
+            f"gate {self.gate.value}",
+            f"next_avail {st.next_avail}",
+            f"next_used {st.next_used}",
+            f"signalled_used {st.signalled_used}",
+            f"in_flight {len(st.inflight)}",
+            f"at_backend {self.held()}",
+            f"kick_waiting {'yes' if _readable(self.kick_fd) else 'no'}",
+            "interrupt_held "
+            + ("no" if self._owed_at is None else f"{(now - self._owed_at) * 1e6:.0f}us"),
+        ]
+        if self.packed:
+            parts[2:4] = [
+                f"next_avail {st.next_avail} wrap {int(st.avail_wrap)}",
+                f"next_used {st.next_used} wrap {int(st.used_wrap)}",
+            ]
+        if self.more:
+            parts.append("budget_spent")
+        return ", ".join(parts) + "; driver: " + self.driver_status(mem)
+
+    def driver_status(self, mem: GuestMemory | None) -> str:
+        """The ring's indexes and flags as guest memory has them now; any thread (the
+        driver may be writing them meanwhile: a view, not a state)."""
+        if mem is None or not (self.driver and self.device):
+            return "no rings in guest memory"
+
+        def u16(gpa: int) -> str:
+            try:
+                return str(mem.read_int(gpa, 2))
+            except GuestMemoryError:
+                return "outside RAM"
+
+        if self.packed:  # event suppression areas: off_wrap, then flags
+            return (
+                f"driver_event off_wrap {u16(self.driver)} flags {u16(self.driver + 2)}, "
+                f"device_event off_wrap {u16(self.device)} flags {u16(self.device + 2)}"
+            )
+        return (
+            f"avail idx {u16(self.driver + 2)} flags {u16(self.driver)}, "
+            f"used idx {u16(self.device + 2)} flags {u16(self.device)}, "
+            f"used_event {u16(self.driver + 4 + 2 * self.size)}, "
+            f"avail_event {u16(self.device + 4 + 8 * self.size)}"
+        )
+
     # -- stop / state --
 
     def state(self) -> RingState:
@@ -377,9 +437,7 @@ class Virtqueue:
         except OSError as e:  # a kernel without RWF_NOWAIT for eventfds: look, then read
             if e.errno != errno.EOPNOTSUPP:
                 raise
-            ready = select.poll()
-            ready.register(self.kick_fd, select.POLLIN)
-            if ready.poll(0):
+            if _readable(self.kick_fd):
                 with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self.kick_fd)
 

@@ -38,17 +38,29 @@ split and packed rings with and without event suppression and indirect tables.
 Every device accepts rings of up to 1024 entries (QEMU on virtio-mmio uses 1024). A
 socket serves one frontend at a time and accepts the next one after a disconnect (the
 device is reset in between: a reconnecting QEMU sets it up again).
+
+``kill -USR1`` makes it print, to stderr, each socket's frontend and each queue's state:
+the device's next_avail / next_used beside the indexes and event fields the driver left
+in guest memory, requests in flight and at the backend, a kick not taken, an interrupt
+held. A guest waiting for its disk shows there what it waits for: a request the device
+never saw, one the backend still holds, or a used entry whose interrupt did not reach it.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 
 from emu.devices import registry
 from emu.devices.base import VirtioDevice
+
+if TYPE_CHECKING:
+    from emu.vhost_user.backend import VhostUserServer
 
 
 def make_devices(specs: list[str]) -> list[VirtioDevice]:
@@ -90,12 +102,34 @@ def serve(
         for d, s, f in zip(devices, sockets, files, strict=True):
             servers.append(VhostUserServer(d, s, f).start())
             click.echo(f"{d.name}: listening on {s}")
-        done.wait()
+        with _status_on_sigusr1(servers):
+            done.wait()
     finally:
         for server in servers:
             server.close()
         for d in devices:
             d.close()
+
+
+@contextmanager
+def _status_on_sigusr1(servers: list[VhostUserServer]) -> Iterator[None]:
+    """``kill -USR1`` prints where every device and queue stands (VirtioDevice.status) to
+    stderr: what a guest that waits for its disk is waiting for. Only a main thread can
+    take signals; elsewhere (tests serving from a thread) there is no report."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def report(*_: object) -> None:
+        for server in servers:
+            lines = [server.status(), *server.device.status()]
+            click.echo("\n".join(f"emu serve: {line}" for line in lines), err=True)
+
+    was = signal.signal(signal.SIGUSR1, report)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, was)
 
 
 @click.command(

@@ -19,8 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import select
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from enum import Enum
@@ -83,6 +85,16 @@ MAX_HOLD = 0.01
 #: watched fds
 _WAKE = object()
 _HOLD = object()
+
+
+def _thread_stacks() -> list[str]:
+    """Every thread's Python stack (a thread inside a C call shows the call's frame)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    lines = []
+    for ident, frame in sys._current_frames().items():
+        lines.append(f"thread {names.get(ident, ident)}:")
+        lines += "".join(traceback.format_stack(frame)).splitlines()
+    return lines
 
 
 class _Completions:
@@ -188,6 +200,30 @@ class VirtioDevice:
             raise ValueError(f"interrupt hold {seconds} s not in 0..{MAX_HOLD} s")
         for q in self.queues:
             q.hold = seconds
+
+    def status(self, timeout: float = 1.0) -> list[str]:
+        """Where the device and each of its queues stand, for someone looking at a guest
+        that waits (``emu serve`` prints it on SIGUSR1). Read between passes; a device
+        thread that does not come back within ``timeout`` is the news itself: then the
+        lines say so, with what guest memory holds and where each thread is."""
+        head = f"{self.name}: {self.run_state.value}"
+        if self.broken:
+            head += f" (needs reset: {self.broken})"
+        if self._closed:
+            return [f"{head}, closed"]
+        try:
+            lines = self._post(self._status, wait=False, borrow=True).wait(timeout)
+        except TimeoutError:
+            lines = [f"the device thread has not come back for {timeout:g} s; guest memory:"]
+            lines += [f"queue {q.index}: {q.driver_status(self.mem)}" for q in self.queues]
+            lines += _thread_stacks()
+        return [head, *lines]
+
+    def _status(self) -> list[str]:
+        lines = [q.status(self.mem) for q in self.queues]
+        if self._pending:
+            lines.append(f"queues waiting for a pass: {sorted(self._pending)}")
+        return lines
 
     # -- config space: subclasses override config_bytes / config_write --
 

@@ -749,6 +749,12 @@ class VhostUserServer:
         self._thread.start()
         return self
 
+    def status(self) -> str:
+        """Whom the socket serves, one line (``emu serve``'s SIGUSR1 report)."""
+        if self._conn is not None:
+            return f"{self.path}: frontend connected (connection {self.connections})"
+        return f"{self.path}: no frontend ({self.connections} connections so far)"
+
     def serve_forever(self) -> None:
         """Serve connections one after another until ``close``. Nothing that goes wrong
         with one connection, nor a failed accept (a process out of fds), ends the loop."""
