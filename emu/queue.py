@@ -347,9 +347,9 @@ class Virtqueue:
         be working on (a report stop waits for writes among them to be fenced)."""
         return self.deferred.count() if self.deferred is not None else 0
 
-    # -- what a stuck queue needs read (VirtioDevice.status) --
+    # -- what a stuck queue needs read (VirtioDevice.describe) --
 
-    def status(self, mem: GuestMemory | None) -> str:
+    def describe(self, mem: GuestMemory | None) -> str:
         """The device's side of the ring beside the driver's, one line. Device thread
         only: the ring core's own state changes under a pass."""
         if self.ring is None:
@@ -375,19 +375,22 @@ class Virtqueue:
             ]
         if self.more:
             parts.append("budget_spent")
-        return ", ".join(parts) + "; driver: " + self.driver_status(mem)
+        return ", ".join(parts) + "; driver: " + self.describe_driver(mem)
 
-    def driver_status(self, mem: GuestMemory | None) -> str:
+    def describe_driver(self, mem: GuestMemory | None) -> str:
         """The ring's indexes and flags as guest memory has them now; any thread (the
-        driver may be writing them meanwhile: a view, not a state)."""
-        if mem is None or not (self.driver and self.device):
-            return "no rings in guest memory"
+        driver may be writing them meanwhile: a view, not a state; a frontend may be
+        replacing the memory: then they are unreadable, never a crash)."""
+        if mem is None or not self.ready:
+            return "no ring set up"
 
         def u16(gpa: int) -> str:
             try:
                 return str(mem.read_int(gpa, 2))
             except GuestMemoryError:
                 return "outside RAM"
+            except ValueError:  # its mmap was closed meanwhile (a new memory table)
+                return "unmapped"
 
         if self.packed:  # event suppression areas: off_wrap, then flags
             return (

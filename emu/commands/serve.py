@@ -48,10 +48,11 @@ never saw, one the backend still holds, or a used entry whose interrupt did not 
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import click
@@ -61,6 +62,8 @@ from emu.devices.base import VirtioDevice
 
 if TYPE_CHECKING:
     from emu.vhost_user.backend import VhostUserServer
+
+log = logging.getLogger(__name__)
 
 
 def make_devices(specs: list[str]) -> list[VirtioDevice]:
@@ -80,8 +83,10 @@ def serve(
     state_dir: str | None = None,
     restore_dir: str | None = None,
     restore_timeout: float = 60.0,
+    reports: Reports | None = None,
 ) -> None:
     """Serve ``devices`` on ``sockets`` until ``done`` is set; then close them all.
+    ``reports``: SIGUSR1 prints their state.
 
     A state file that does not fit its device is a click.ClickException before anything
     listens.
@@ -102,8 +107,9 @@ def serve(
         for d, s, f in zip(devices, sockets, files, strict=True):
             servers.append(VhostUserServer(d, s, f).start())
             click.echo(f"{d.name}: listening on {s}")
-        with _status_on_sigusr1(servers):
-            done.wait()
+        if reports is not None:
+            reports.start(servers)
+        done.wait()
     finally:
         for server in servers:
             server.close()
@@ -111,25 +117,41 @@ def serve(
             d.close()
 
 
-@contextmanager
-def _status_on_sigusr1(servers: list[VhostUserServer]) -> Iterator[None]:
-    """``kill -USR1`` prints where every device and queue stands (VirtioDevice.status) to
-    stderr: what a guest that waits for its disk is waiting for. Only a main thread can
-    take signals; elsewhere (tests serving from a thread) there is no report."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class Reports:
+    """SIGUSR1 -> where every device and queue stand (VirtioDevice.describe), on stderr.
 
-    def report(*_: object) -> None:
-        for server in servers:
-            lines = [server.status(), *server.device.status()]
-            click.echo("\n".join(f"emu serve: {line}" for line in lines), err=True)
+    The handler only writes a byte to a pipe; a thread of its own builds and prints the
+    report. So a burst of signals cannot nest handlers into one another, and a stuck device
+    or a stderr nobody reads costs the report, never a thread that serves. Made before
+    the devices, so a signal during start-up waits for the first report instead of
+    killing the process."""
 
-    was = signal.signal(signal.SIGUSR1, report)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGUSR1, was)
+    def __init__(self) -> None:
+        self._asked, self._ask = os.pipe()
+        os.set_blocking(self._ask, False)
+        signal.signal(signal.SIGUSR1, self._signalled)
+
+    def _signalled(self, *_: object) -> None:
+        try:
+            os.write(self._ask, b"!")
+        except BlockingIOError:  # the pipe is full: a report is due already
+            pass
+
+    def start(self, servers: list[VhostUserServer]) -> None:
+        threading.Thread(
+            target=self._run, args=(servers,), name="emu-serve-reports", daemon=True
+        ).start()
+
+    def _run(self, servers: list[VhostUserServer]) -> None:
+        while os.read(self._asked, 4096):  # every signal since the last report: one more
+            try:
+                lines = []
+                for server in servers:
+                    lines += [server.describe(), *server.device.describe()]
+                sys.stderr.write("".join(f"emu serve: {line}\n" for line in lines))
+                sys.stderr.flush()
+            except Exception:  # a closed stderr, a device torn down meanwhile
+                log.warning("the SIGUSR1 report failed", exc_info=True)
 
 
 @click.command(
@@ -184,6 +206,7 @@ def command(
     if len(sockets) != len(specs):
         raise click.UsageError(f"{len(sockets)} --socket for {len(specs)} devices")
     done = threading.Event()
+    reports = Reports()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     serve(
@@ -194,4 +217,5 @@ def command(
         state_dir=state_dir,
         restore_dir=restore_dir,
         restore_timeout=restore_timeout,
+        reports=reports,
     )

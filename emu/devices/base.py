@@ -190,6 +190,7 @@ class VirtioDevice:
         self._owner = threading.Lock()
         self._borrower: threading.Thread | None = None  # the thread holding it instead
         self._in_pass = False  # the device thread is in handle_queue (see _post's later)
+        self._describing: Command | None = None  # the last ``describe`` asked
 
     def hold_interrupts(self, seconds: float) -> None:
         """Let every queue hold an interrupt for up to ``seconds`` so that requests the
@@ -201,7 +202,7 @@ class VirtioDevice:
         for q in self.queues:
             q.hold = seconds
 
-    def status(self, timeout: float = 1.0) -> list[str]:
+    def describe(self, timeout: float = 1.0) -> list[str]:
         """Where the device and each of its queues stand, for someone looking at a guest
         that waits (``emu serve`` prints it on SIGUSR1). Read between passes; a device
         thread that does not come back within ``timeout`` is the news itself: then the
@@ -211,16 +212,21 @@ class VirtioDevice:
             head += f" (needs reset: {self.broken})"
         if self._closed:
             return [f"{head}, closed"]
+        asked = self._describing
         try:
-            lines = self._post(self._status, wait=False, borrow=True).wait(timeout)
+            if asked is None or asked.done():  # one at a time: a stuck thread gets one
+                asked = self._describing = self._post(self._describe, wait=False, borrow=True)
+            lines = asked.wait(timeout)
+        except RuntimeError:  # closed meanwhile
+            return [f"{head}, closed"]
         except TimeoutError:
             lines = [f"the device thread has not come back for {timeout:g} s; guest memory:"]
-            lines += [f"queue {q.index}: {q.driver_status(self.mem)}" for q in self.queues]
+            lines += [f"queue {q.index}: {q.describe_driver(self.mem)}" for q in self.queues]
             lines += _thread_stacks()
         return [head, *lines]
 
-    def _status(self) -> list[str]:
-        lines = [q.status(self.mem) for q in self.queues]
+    def _describe(self) -> list[str]:
+        lines = [q.describe(self.mem) for q in self.queues]
         if self._pending:
             lines.append(f"queues waiting for a pass: {sorted(self._pending)}")
         return lines

@@ -749,7 +749,7 @@ class VhostUserServer:
         self._thread.start()
         return self
 
-    def status(self) -> str:
+    def describe(self) -> str:
         """Whom the socket serves, one line (``emu serve``'s SIGUSR1 report)."""
         if self._conn is not None:
             return f"{self.path}: frontend connected (connection {self.connections})"
