@@ -50,7 +50,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -60,7 +59,7 @@ from emu import progress
 from emu.guest import qsd
 from emu.guest.fio import FioJob, FioResult, run_fio
 from emu.guest.images import build_image
-from emu.guest.proc import start, stop
+from emu.guest.proc import children, start, stop
 
 SEQ = [
     FioJob("seq_write_1m", rw="write", bs="1m", iodepth=1),
@@ -77,14 +76,6 @@ PHASES = [j.name for j in SEQ + RAND]
 NBD_DELAY = "1ms"
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(c) for c in f.read().split()]
-    except FileNotFoundError:
-        return []
-
-
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` and everything below it (backends run under a reaper)."""
     try:
@@ -93,14 +84,17 @@ def _cpu_seconds(pid: int) -> float:
     except FileNotFoundError:
         return 0.0
     total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total + sum(_cpu_seconds(c) for c in _children(pid))
+    return total + sum(_cpu_seconds(c) for c in children(pid))
 
 
 @contextmanager
-def _listening(cmd: list[str], sock: Path, what: str) -> Iterator[subprocess.Popen]:
-    """Runs `cmd` (which listens on unix socket `sock`) while the block runs."""
+def _listening(
+    cmd: list[str], sock: Path, what: str, report: int | None = None
+) -> Iterator[subprocess.Popen]:
+    """Runs `cmd` (which listens on unix socket `sock`) while the block runs; ``report``:
+    the signal on which it prints its state if a guest overruns (emu.guest.proc)."""
     sock.unlink(missing_ok=True)
-    proc = start(cmd)
+    proc = start(cmd, report=report)
     try:
         deadline = time.monotonic() + 20.0
         while not qsd.listening(sock):
@@ -130,9 +124,10 @@ def on_cpu(cpu: int | None) -> Iterator[None]:
 
 
 def emu_serve(spec: str, sock: Path) -> AbstractContextManager[subprocess.Popen]:
-    """`emu serve` as its own process (so its CPU time is its own)."""
+    """`emu serve` as its own process (so its CPU time is its own); a guest that overruns
+    gets its queues' state printed (SIGUSR1) before it is killed."""
     cmd = [sys.executable, "-m", "emu.cli", "serve", "--socket", str(sock), spec]
-    return _listening(cmd, sock, "emu serve")
+    return _listening(cmd, sock, "emu serve", signal.SIGUSR1)
 
 
 def nbdkit(image: Path, sock: Path) -> AbstractContextManager[subprocess.Popen]:
@@ -142,27 +137,9 @@ def nbdkit(image: Path, sock: Path) -> AbstractContextManager[subprocess.Popen]:
     return _listening(cmd, sock, "nbdkit")
 
 
-def _ask_status(serve: subprocess.Popen) -> None:
-    """``emu serve`` (under its reaper) prints where its queues stand, to stderr."""
-    for pid in _children(serve.pid):
-        os.kill(pid, signal.SIGUSR1)
-
-
-def _run(
-    kind: str, device: str, jobs: list[FioJob], runtime: int, serve: subprocess.Popen | None = None
-) -> FioResult:
-    """fio's results; a guest that overruns is killed, and an ``emu serve`` (``serve``,
-    under its reaper) first prints where its queues stand (SIGUSR1) to stderr."""
+def _run(kind: str, device: str, jobs: list[FioJob], runtime: int) -> FioResult:
     jobs = [FioJob(**{**vars(j), "runtime": runtime}) for j in jobs]
-    timeout = 120 + 3 * runtime * len(jobs)
-    if serve is None:
-        return run_fio(kind, [device], jobs, timeout=timeout)
-    report = threading.Timer(timeout - 10, _ask_status, (serve,))
-    report.start()
-    try:
-        return run_fio(kind, [device], jobs, timeout=timeout)
-    finally:
-        report.cancel()
+    return run_fio(kind, [device], jobs, timeout=120 + 3 * runtime * len(jobs))
 
 
 def _figures(res: FioResult) -> dict[str, float]:
@@ -193,12 +170,11 @@ def measure(
     serve = emu_serve(f"blk:{image}", sock) if backend == "emu" else qsd.blk_export(image, sock)
     backend_cpu, guest_cpu = pin if kind == "uml" else UNPINNED
     with on_cpu(backend_cpu), serve as proc, on_cpu(guest_cpu):
-        ours = proc if backend == "emu" else None
         if kind != "uml":
-            return _figures(_run(kind, f"blk:{sock}", SEQ + RAND, runtime, ours)), float("nan")
-        figures = _figures(_run(kind, f"blk:{sock}", SEQ, runtime, ours))
+            return _figures(_run(kind, f"blk:{sock}", SEQ + RAND, runtime)), float("nan")
+        figures = _figures(_run(kind, f"blk:{sock}", SEQ, runtime))
         before = _cpu_seconds(proc.pid)
-        res = _run(kind, f"blk:{sock}", RAND, runtime, ours)
+        res = _run(kind, f"blk:{sock}", RAND, runtime)
         cpu = _cpu_seconds(proc.pid) - before
     return figures | _figures(res), cpu / _ios_4k(res) * 1e6
 
@@ -215,9 +191,8 @@ def measure_nbd(
         if importlib.util.find_spec("emu.backends._nbd") is None:
             out["emu"] = "emu.backends._nbd is not built (the NBD engine)"
         else:
-            serve = emu_serve(f"blk:nbd+unix:///?socket={nbd_sock}", sock)
-            with serve as proc, on_cpu(guest_cpu):
-                out["emu"] = _figures(_run("uml", f"blk:{sock}", NBD, runtime, proc))
+            with emu_serve(f"blk:nbd+unix:///?socket={nbd_sock}", sock), on_cpu(guest_cpu):
+                out["emu"] = _figures(_run("uml", f"blk:{sock}", NBD, runtime))
         with qsd.nbd_export(nbd_sock, sock), on_cpu(guest_cpu):
             out["qsd"] = _figures(_run("uml", f"blk:{sock}", NBD, runtime))
     return out

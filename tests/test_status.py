@@ -242,3 +242,22 @@ def test_a_stderr_nobody_reads_costs_the_report_only(serve, disk):
     finally:
         fe.close()
     assert s.end() == 0
+
+
+def test_a_guest_that_overruns_has_emu_serve_report_before_it_is_killed(
+    tmp_path, monkeypatch, capfd
+):
+    """run_guest's timeout asks every emu serve started with a report signal (the
+    backends of `emu guest run --emu`, the benches' backends) for its report."""
+    from emu.guest import proc, run
+    from emu.guest.backends import emu_backends
+
+    monkeypatch.setitem(run._COMMAND, "uml", lambda *_: ["sleep", "60"])  # never powers off
+    monkeypatch.setattr(run, "build_image", lambda *_, **__: None)
+    with emu_backends("uml", ["rng"], tmp_path) as devices:
+        res = run.run_guest("uml", devices, [], timeout=1.0)
+        assert res.timed_out
+        err = capfd.readouterr().err
+        assert "emu serve: rng: idle" in err
+        assert re.search(r"emu serve: \S+rng\.sock: no frontend", err)
+    assert proc.ask_reports() == 0  # stopped children are not asked

@@ -12,6 +12,7 @@ the config space itself, and under both kinds tells the guest's fs workload what
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -66,7 +67,8 @@ def emu_backends(
         cmd += ["--socket", str(sock)]
     for sock in sockets:  # a socket file left by an earlier serve would pass for ready
         sock.unlink(missing_ok=True)
-    proc = start([*cmd, *specs], stdin=subprocess.DEVNULL)
+    # a guest that overruns gets its queues' state printed first (run_guest)
+    proc = start([*cmd, *specs], stdin=subprocess.DEVNULL, report=signal.SIGUSR1)
     try:
         deadline = time.monotonic() + timeout
         while not all(s.exists() for s in sockets):

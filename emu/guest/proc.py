@@ -24,21 +24,51 @@ _REAPER = Path(__file__).with_name("reaper.py")
 #: the environment variable that tags a child started here and all it starts
 TAG = "EMU_REAPER_TAG"
 _serial = itertools.count()
+#: running children that print their state on a signal (``start(report=...)``), and the
+#: signal: a guest that overran asks them before it is killed (``ask_reports``)
+_REPORTING: dict[subprocess.Popen, int] = {}
 
 
-def start(cmd: list[str], **popen_args) -> subprocess.Popen:
-    """Popen(cmd) under the reaper, in a session of its own, tagged for ``stop``."""
+def start(cmd: list[str], report: int | None = None, **popen_args) -> subprocess.Popen:
+    """Popen(cmd) under the reaper, in a session of its own, tagged for ``stop``.
+    ``report``: the signal on which ``cmd`` prints its state (emu serve: SIGUSR1)."""
     wrapped = [sys.executable, "-S", str(_REAPER), str(os.getpid()), *cmd]
     tag = f"{os.getpid()}.{next(_serial)}.{os.urandom(4).hex()}"
     env = dict(popen_args.pop("env", None) or os.environ)
     env[TAG] = tag
     proc = subprocess.Popen(wrapped, start_new_session=True, env=env, **popen_args)
     proc.emu_tag = tag  # type: ignore[attr-defined]
+    if report is not None:
+        _REPORTING[proc] = report
     return proc
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (for a child of ``start``: its command)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def ask_reports() -> int:
+    """Every running child started with ``report`` gets its signal (its command does,
+    not the reaper); how many were asked. They print to their own stderr."""
+    asked = 0
+    for proc, sig in list(_REPORTING.items()):
+        for pid in children(proc.pid) if proc.poll() is None else []:
+            try:
+                os.kill(pid, sig)
+                asked += 1
+            except ProcessLookupError:
+                pass
+    return asked
 
 
 def stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """Ends a child started by `start` and everything it spawned."""
+    _REPORTING.pop(proc, None)
     if proc.poll() is None:
         proc.terminate()  # the reaper kills its descendants, then itself
         try:

@@ -20,11 +20,14 @@ from emu.guest import microvm, uml
 from emu.guest.console import ConsoleLog
 from emu.guest.devices import Device
 from emu.guest.images import GuestImage, build_image
-from emu.guest.proc import start, stop
+from emu.guest.proc import ask_reports, start, stop
 
 DeviceSpec = str | tuple[str, str] | Device
 _COMMAND = {"uml": uml.command, "microvm": microvm.command}
 _DEFAULT_MEM_MIB = {"uml": 256, "microvm": 512}
+#: seconds a guest that overran is left alive while emu serve reports (it waits up to 1 s
+#: for a device thread)
+REPORT_WAIT = 1.5
 
 
 @dataclass
@@ -183,6 +186,8 @@ def run_guest(
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
+        if ask_reports():  # emu serve says what the guest waits for (stderr), then it goes
+            time.sleep(REPORT_WAIT)
     finally:
         stop(proc)
         pump.join(10.0)  # the reaper leaves nothing behind that holds the pipe open
