@@ -4,6 +4,18 @@ Guest RAM is a shared memfd because vhost-user backends map it; the modern (v2) 
 transport is forced because QEMU 7.2 microvm defaults to legacy, which vhost-user
 backends refuse. `tsc_early_khz`/`tsc=reliable` avoid the TCG boot hang in PIT-based TSC
 calibration (shared/reference/qemu-microvm-facts.md, "the TSC calibration trap").
+
+A guest always has room for a second vCPU (`maxcpus` of at least 2), even when it runs
+one: QEMU 7.2's TCG translates a machine that can only ever have one vCPU without the
+guest's memory barriers and with its locked instructions as plain loads and stores
+(CF_PARALLEL is set only when max_cpus > 1; QEMU 8.1 keeps the barriers, commit
+"tcg: Do not elide memory barriers for !CF_PARALLEL in system mode"). A vhost-user
+backend is another host thread on the same rings, so virtio's event-index handshake
+(the driver writes used_event, fences, reads used->idx; the device the other way round)
+then loses a notification now and then: a guest waits for good for requests the device
+answered and signalled. Seen here as fio runs on emu that stopped dead (three in about a
+hundred microvm boots; emu serve's SIGUSR1 report: used->idx 32 ahead of used_event, every
+entry signalled, and QEMU's own view: no interrupt pending, the vCPU halted).
 """
 
 from __future__ import annotations
@@ -94,7 +106,8 @@ def command(
         QEMU,
         *("-M", "microvm,acpi=on,memory-backend=mem"),
         *("-object", f"memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
-        *("-m", f"{mem_mib}M", "-accel", "tcg", "-cpu", "max", "-smp", str(cpus)),
+        *("-m", f"{mem_mib}M", "-accel", "tcg", "-cpu", "max"),
+        *("-smp", f"{cpus},maxcpus={max(cpus, 2)}"),  # keeps TCG's barriers (docstring)
         *("-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"),
         *("-no-reboot", "-serial", "stdio"),
         *("-global", "virtio-mmio.force-legacy=false"),
