@@ -355,24 +355,21 @@ class Virtqueue:
         if self.ring is None:
             return f"queue {self.index}: not started, gate {self.gate.value}"
         st = self.ring.state()
-        now = time.monotonic()
+        aw = f" wrap {int(st.avail_wrap)}" if self.packed else ""
+        uw = f" wrap {int(st.used_wrap)}" if self.packed else ""
+        held = self._owed_at
         parts = [
             f"queue {self.index}: {'packed' if self.packed else 'split'} size {self.size}",
             f"gate {self.gate.value}",
-            f"next_avail {st.next_avail}",
-            f"next_used {st.next_used}",
+            f"next_avail {st.next_avail}{aw}",
+            f"next_used {st.next_used}{uw}",
             f"signalled_used {st.signalled_used}",
             f"in_flight {len(st.inflight)}",
             f"at_backend {self.held()}",
             f"kick_waiting {'yes' if _readable(self.kick_fd) else 'no'}",
             "interrupt_held "
-            + ("no" if self._owed_at is None else f"{(now - self._owed_at) * 1e6:.0f}us"),
+            + ("no" if held is None else f"{(time.monotonic() - held) * 1e6:.0f}us"),
         ]
-        if self.packed:
-            parts[2:4] = [
-                f"next_avail {st.next_avail} wrap {int(st.avail_wrap)}",
-                f"next_used {st.next_used} wrap {int(st.used_wrap)}",
-            ]
         if self.more:
             parts.append("budget_spent")
         return ", ".join(parts) + "; driver: " + self.describe_driver(mem)

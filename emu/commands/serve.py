@@ -42,8 +42,8 @@ device is reset in between: a reconnecting QEMU sets it up again).
 ``kill -USR1`` makes it print, to stderr, each socket's frontend and each queue's state:
 the device's next_avail / next_used beside the indexes and event fields the driver left
 in guest memory, requests in flight and at the backend, a kick not taken, an interrupt
-held. A guest waiting for its disk shows there what it waits for: a request the device
-never saw, one the backend still holds, or a used entry whose interrupt did not reach it.
+held: what a guest waiting for its disk is waiting for (docs/vhost-user.md, "When a
+guest waits").
 """
 
 from __future__ import annotations

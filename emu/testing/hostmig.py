@@ -27,6 +27,7 @@ from pathlib import Path
 from emu.guest import livemig, qsd, vm
 from emu.guest.images import GuestImage
 from emu.guest.netns import Host, Network, in_host
+from emu.guest.proc import children
 from emu.testing.nbdkit import Nbdkit
 
 HOSTS = ("storage", "src", "dst")
@@ -84,14 +85,9 @@ def backend(
     return serve.proc.pid
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(c) for c in f.read().split()]
-
-
 def placed(pid: int, host: Host) -> bool:
     """Whether ``pid`` and its children (QEMU under its reaper) live on ``host``."""
-    return all(in_host(p, host) for p in [pid, *_children(pid)])
+    return all(in_host(p, host) for p in [pid, *children(pid)])
 
 
 def tcp_peers(pid: int, port: int) -> set[str]:
